@@ -1,0 +1,95 @@
+//! Protobuf ↔ domain conversions, one per type. Requests are validated here on entry.
+
+use hlstore_proto::replica as pb;
+use tonic::Status;
+
+use crate::replica::{ChunkData, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord};
+
+pub fn record_from_pb(r: Option<pb::VolumeRecord>) -> Result<VolumeRecord, Status> {
+    let r = r.ok_or_else(|| Status::invalid_argument("record is required"))?;
+    if r.volume_id.is_empty() {
+        return Err(Status::invalid_argument("record.volume_id is required"));
+    }
+    Ok(VolumeRecord {
+        volume_id: r.volume_id,
+        size: r.size,
+        block_size: r.block_size,
+        epoch: r.epoch,
+        replica_set: r.replica_set,
+        write_quorum: r.write_quorum,
+        labels: r.labels.into_iter().collect(),
+    })
+}
+
+pub fn record_to_pb(r: &VolumeRecord) -> pb::VolumeRecord {
+    pb::VolumeRecord {
+        volume_id: r.volume_id.clone(),
+        size: r.size,
+        block_size: r.block_size,
+        epoch: r.epoch,
+        replica_set: r.replica_set.clone(),
+        write_quorum: r.write_quorum,
+        labels: r.labels.clone().into_iter().collect(),
+    }
+}
+
+pub fn state_to_pb(volume_id: &str, s: &ReplicaState) -> pb::ReplicaState {
+    pb::ReplicaState {
+        volume_id: volume_id.to_string(),
+        epoch: s.epoch,
+        last_seq: s.last_seq,
+        durable_seq: s.durable_seq,
+        size: s.size,
+        allocated_bytes: s.allocated_bytes,
+        resync_from: s.resync_from,
+    }
+}
+
+pub fn state_from_pb(s: &pb::ReplicaState) -> ReplicaState {
+    ReplicaState {
+        epoch: s.epoch,
+        last_seq: s.last_seq,
+        durable_seq: s.durable_seq,
+        size: s.size,
+        allocated_bytes: s.allocated_bytes,
+        resync_from: s.resync_from,
+    }
+}
+
+pub fn info_to_pb(i: &ReplicaInfo) -> pb::ReplicaInfo {
+    pb::ReplicaInfo {
+        record: Some(record_to_pb(&i.record)),
+        allocated_bytes: i.state.allocated_bytes,
+        last_seq: i.state.last_seq,
+        durable_seq: i.state.durable_seq,
+    }
+}
+
+pub fn chunk_from_pb(c: pb::ResyncChunk) -> ResyncChunk {
+    let data = if c.trim_length > 0 {
+        ChunkData::Trim(c.trim_length)
+    } else if c.data.is_empty() {
+        ChunkData::Zero
+    } else {
+        ChunkData::Data(c.data)
+    };
+    ResyncChunk { offset: c.offset, seq: c.seq, data }
+}
+
+pub fn chunk_to_pb(c: ResyncChunk) -> pb::ResyncChunk {
+    let (data, trim_length) = match c.data {
+        ChunkData::Data(d) => (d, 0),
+        ChunkData::Zero => (Vec::new(), 0),
+        ChunkData::Trim(len) => (Vec::new(), len),
+    };
+    pb::ResyncChunk { offset: c.offset, data, seq: c.seq, trim_length }
+}
+
+/// Checks a volume id argument is present.
+pub fn volume_id(v: &str) -> Result<&str, Status> {
+    if v.is_empty() {
+        Err(Status::invalid_argument("volume_id is required"))
+    } else {
+        Ok(v)
+    }
+}

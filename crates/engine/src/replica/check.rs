@@ -1,0 +1,76 @@
+//! Request validation shared by every store implementation.
+
+use crate::error::{Error, Result};
+
+use super::record::{VolumeRecord, BLOCK_SIZE};
+
+/// Longest accepted volume id.
+const MAX_VOLUME_ID: usize = 128;
+
+/// Checks that `[offset, offset + len)` is block-aligned and inside a volume of `size`.
+pub(crate) fn range(volume: &str, size: u64, offset: u64, len: u64) -> Result<()> {
+    if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "volume {volume}: offset {offset} and length {len} must be multiples of {BLOCK_SIZE}"
+        )));
+    }
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::OutOfRange { volume: volume.to_string(), offset, length: len, size }),
+    }
+}
+
+/// Checks the caller's epoch against the stored one (see `ReplicaStore` for the rules).
+pub(crate) fn epoch(volume: &str, stored: u64, got: u64) -> Result<()> {
+    if got < stored {
+        return Err(Error::StaleEpoch { volume: volume.to_string(), got, current: stored });
+    }
+    if got > stored {
+        return Err(Error::InvalidArgument(format!(
+            "volume {volume}: epoch {got} is newer than the replica's epoch {stored}; open the replica with it first"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a new volume record.
+pub(crate) fn record(rec: &VolumeRecord) -> Result<()> {
+    let id = &rec.volume_id;
+    let id_ok = !id.is_empty()
+        && id.len() <= MAX_VOLUME_ID
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !id.starts_with('.');
+    if !id_ok {
+        return Err(Error::InvalidArgument(format!(
+            "volume id {id:?} must be 1-{MAX_VOLUME_ID} characters of [A-Za-z0-9._-], not starting with '.'"
+        )));
+    }
+    if u64::from(rec.block_size) != BLOCK_SIZE {
+        return Err(Error::InvalidArgument(format!(
+            "volume {id}: block size {} is not supported (only {BLOCK_SIZE})",
+            rec.block_size
+        )));
+    }
+    if rec.size == 0 || rec.size % BLOCK_SIZE != 0 {
+        return Err(Error::InvalidArgument(format!(
+            "volume {id}: size {} must be a positive multiple of {BLOCK_SIZE}",
+            rec.size
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a new size for `expand`.
+pub(crate) fn new_size(volume: &str, old: u64, new: u64) -> Result<()> {
+    if new % BLOCK_SIZE != 0 || new < old {
+        return Err(Error::InvalidArgument(format!(
+            "volume {volume}: new size {new} must be a multiple of {BLOCK_SIZE} and at least the current size {old} (shrinking is not supported)"
+        )));
+    }
+    Ok(())
+}
+
+/// crc32 of one block.
+pub(crate) fn crc(data: &[u8]) -> u32 {
+    crc32fast::hash(data)
+}

@@ -1,0 +1,179 @@
+//! RocksDB key and value encodings of the disk store. All integers big-endian so that keys
+//! sort numerically.
+//!
+//! | key                                  | value                               |
+//! |--------------------------------------|-------------------------------------|
+//! | `N`                                  | next volume number (u32)            |
+//! | `V` name                             | `StoredVolume` (JSON)               |
+//! | `S` vid                              | `PersistState` (40 bytes)           |
+//! | `M` vid block                        | `Entry` (slot, crc, seq; 20 bytes)  |
+//! | `Q` vid seq block                    | previous `Entry` or empty           |
+//! | `T` vid seq offset                   | trim length (u64)                   |
+//! | `F` vid slot                         | empty: slot is free                 |
+//!
+//! `M` is the allocation map (a missing entry reads as zeroes). `Q` indexes each block's
+//! current content by the seq that wrote it: it drives incremental resync and, for seqs
+//! above the durable point, crash recovery (the value is the entry it replaced).
+
+use serde::{Deserialize, Serialize};
+
+use super::super::record::VolumeRecord;
+
+pub const NEXT_VID: &[u8] = b"N";
+pub const VOLUME: u8 = b'V';
+pub const STATE: u8 = b'S';
+pub const MAP: u8 = b'M';
+pub const SEQ: u8 = b'Q';
+pub const TRIM: u8 = b'T';
+pub const FREE: u8 = b'F';
+
+/// Prefixes that hold per-volume keys (deleted with the volume).
+pub const PER_VOLUME: [u8; 5] = [STATE, MAP, SEQ, TRIM, FREE];
+
+pub fn volume(name: &str) -> Vec<u8> {
+    let mut k = vec![VOLUME];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+pub fn vid_prefix(tag: u8, vid: u32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(21);
+    k.push(tag);
+    k.extend_from_slice(&vid.to_be_bytes());
+    k
+}
+
+/// The first key after every key starting with `prefix` (prefix is never all 0xff here).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0xff; prefix.len() + 1]
+}
+
+pub fn with_u64(tag: u8, vid: u32, a: u64) -> Vec<u8> {
+    let mut k = vid_prefix(tag, vid);
+    k.extend_from_slice(&a.to_be_bytes());
+    k
+}
+
+pub fn with_u64s(tag: u8, vid: u32, a: u64, b: u64) -> Vec<u8> {
+    let mut k = with_u64(tag, vid, a);
+    k.extend_from_slice(&b.to_be_bytes());
+    k
+}
+
+pub fn map(vid: u32, block: u64) -> Vec<u8> {
+    with_u64(MAP, vid, block)
+}
+
+pub fn seq(vid: u32, seq: u64, block: u64) -> Vec<u8> {
+    with_u64s(SEQ, vid, seq, block)
+}
+
+pub fn trim(vid: u32, seq: u64, offset: u64) -> Vec<u8> {
+    with_u64s(TRIM, vid, seq, offset)
+}
+
+pub fn free(vid: u32, slot: u64) -> Vec<u8> {
+    with_u64(FREE, vid, slot)
+}
+
+pub fn state(vid: u32) -> Vec<u8> {
+    vid_prefix(STATE, vid)
+}
+
+/// Reads the u64 at `at` of a key (for keys built above; short keys yield None).
+pub fn u64_at(key: &[u8], at: usize) -> Option<u64> {
+    key.get(at..at + 8).map(|b| u64::from_be_bytes(b.try_into().unwrap_or([0; 8])))
+}
+
+/// Offset of the first u64 after `tag + vid`.
+pub const FIELD0: usize = 5;
+/// Offset of the second u64.
+pub const FIELD1: usize = 13;
+
+/// Where a block's current content lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub slot: u64,
+    pub crc: u32,
+    pub seq: u64,
+}
+
+impl Entry {
+    pub const LEN: usize = 20;
+
+    pub fn encode(&self) -> [u8; Self::LEN] {
+        let mut b = [0u8; Self::LEN];
+        b[0..8].copy_from_slice(&self.slot.to_be_bytes());
+        b[8..12].copy_from_slice(&self.crc.to_be_bytes());
+        b[12..20].copy_from_slice(&self.seq.to_be_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != Self::LEN {
+            return None;
+        }
+        Some(Self {
+            slot: u64::from_be_bytes(b[0..8].try_into().ok()?),
+            crc: u32::from_be_bytes(b[8..12].try_into().ok()?),
+            seq: u64::from_be_bytes(b[12..20].try_into().ok()?),
+        })
+    }
+}
+
+/// Per-volume counters, rewritten in every metadata batch of the volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PersistState {
+    pub last_seq: u64,
+    pub durable_seq: u64,
+    /// Slots [0, hwm) exist in the data file; each is mapped, free or pending.
+    pub hwm: u64,
+    pub allocated_blocks: u64,
+    pub resync_from: Option<u64>,
+}
+
+impl PersistState {
+    pub fn encode(&self) -> [u8; 40] {
+        let mut b = [0u8; 40];
+        let fields = [
+            self.last_seq,
+            self.durable_seq,
+            self.hwm,
+            self.allocated_blocks,
+            self.resync_from.unwrap_or(u64::MAX),
+        ];
+        for (i, f) in fields.iter().enumerate() {
+            b[i * 8..i * 8 + 8].copy_from_slice(&f.to_be_bytes());
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() != 40 {
+            return None;
+        }
+        let f = |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
+        Some(Self {
+            last_seq: f(0),
+            durable_seq: f(1),
+            hwm: f(2),
+            allocated_blocks: f(3),
+            resync_from: Some(f(4)).filter(|&v| v != u64::MAX),
+        })
+    }
+}
+
+/// The `V` value: the volume record plus the store-local volume number.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredVolume {
+    pub vid: u32,
+    pub record: VolumeRecord,
+}

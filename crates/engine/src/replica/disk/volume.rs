@@ -1,0 +1,80 @@
+//! In-memory state of one volume replica in the disk store.
+
+use std::collections::BTreeSet;
+use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use super::super::record::{ReplicaState, VolumeRecord, BLOCK_SIZE};
+use super::file::SlotFile;
+use super::keys::PersistState;
+
+pub struct Volume {
+    pub vid: u32,
+    pub file: SlotFile,
+    pub inner: RwLock<VolInner>,
+    /// Serialises flushes of this volume (a flush is: sync data, persist durable mark,
+    /// sync WAL, release slots).
+    pub flush_lock: Mutex<()>,
+}
+
+pub struct VolInner {
+    pub record: VolumeRecord,
+    pub st: PersistState,
+    /// Slots free for reuse now.
+    pub free: BTreeSet<u64>,
+    /// Slots freed by the write/trim with the given seq; reusable once that seq is durable.
+    pub pending: Vec<(u64, u64)>,
+}
+
+/// A slot handed out by the allocator.
+#[derive(Debug, Clone, Copy)]
+pub struct Alloc {
+    pub slot: u64,
+    /// Whether it came from the free list (its `F` key must be deleted).
+    pub from_free: bool,
+}
+
+impl VolInner {
+    /// Takes `n` slots, lowest free first, then from the end of the file.
+    pub fn alloc(&mut self, n: usize) -> Vec<Alloc> {
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            match self.free.pop_first() {
+                Some(slot) => out.push(Alloc { slot, from_free: true }),
+                None => {
+                    out.push(Alloc { slot: self.st.hwm, from_free: false });
+                    self.st.hwm += 1;
+                }
+            }
+        }
+        out
+    }
+
+    /// Gives back slots taken by `alloc` for a write that did not commit.
+    pub fn unalloc(&mut self, allocs: &[Alloc], hwm_before: u64) {
+        for a in allocs.iter().filter(|a| a.from_free) {
+            self.free.insert(a.slot);
+        }
+        self.st.hwm = hwm_before;
+    }
+
+    pub fn state(&self) -> ReplicaState {
+        ReplicaState {
+            epoch: self.record.epoch,
+            last_seq: self.st.last_seq,
+            durable_seq: self.st.durable_seq,
+            size: self.record.size,
+            allocated_bytes: self.st.allocated_blocks * BLOCK_SIZE,
+            resync_from: self.st.resync_from,
+        }
+    }
+}
+
+/// Lock helpers: a poisoned lock means a panic mid-update of in-memory state only (the
+/// durable state is in RocksDB batches, which are atomic), so we keep going.
+pub fn read(v: &Volume) -> RwLockReadGuard<'_, VolInner> {
+    v.inner.read().unwrap_or_else(|p| p.into_inner())
+}
+
+pub fn write(v: &Volume) -> RwLockWriteGuard<'_, VolInner> {
+    v.inner.write().unwrap_or_else(|p| p.into_inner())
+}

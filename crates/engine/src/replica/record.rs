@@ -1,0 +1,109 @@
+//! Domain types of the replica store.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The block size of every replica: the unit of checksums, allocation and I/O alignment.
+pub const BLOCK_SIZE: u64 = 4096;
+
+/// The self-describing record of a volume, stored with every replica of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VolumeRecord {
+    pub volume_id: String,
+    /// Size in bytes, a multiple of `block_size`.
+    pub size: u64,
+    pub block_size: u32,
+    /// The fencing epoch; only requests carrying exactly this epoch may do I/O.
+    pub epoch: u64,
+    /// Node ids holding the replicas of this volume.
+    pub replica_set: Vec<String>,
+    /// Writes are acknowledged once this many replicas have them (0 = majority).
+    pub write_quorum: u32,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+impl VolumeRecord {
+    /// A record with the defaults used for a new volume: 4 KiB blocks, epoch 0.
+    pub fn new(volume_id: impl Into<String>, size: u64) -> Self {
+        Self {
+            volume_id: volume_id.into(),
+            size,
+            block_size: BLOCK_SIZE as u32,
+            epoch: 0,
+            replica_set: Vec::new(),
+            write_quorum: 0,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Whether two records describe the same volume (ignoring the epoch, which moves).
+    pub fn same_definition(&self, other: &VolumeRecord) -> bool {
+        self.volume_id == other.volume_id
+            && self.size == other.size
+            && self.block_size == other.block_size
+            && self.replica_set == other.replica_set
+            && self.write_quorum == other.write_quorum
+            && self.labels == other.labels
+    }
+}
+
+/// The replication-relevant state of one replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReplicaState {
+    pub epoch: u64,
+    /// Highest sequence number applied.
+    pub last_seq: u64,
+    /// Every write with seq <= durable_seq that this replica applied is on stable storage.
+    pub durable_seq: u64,
+    pub size: u64,
+    /// Bytes of blocks that hold data (thin provisioning: unwritten/trimmed blocks cost 0).
+    pub allocated_bytes: u64,
+    /// Set while a resync into this replica runs: it is only complete up to this seq.
+    pub resync_from: Option<u64>,
+}
+
+/// A replica's record plus its state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaInfo {
+    pub record: VolumeRecord,
+    pub state: ReplicaState,
+}
+
+/// One change reported by `changes_since`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The block at `offset` holds content written at `seq`.
+    Block { offset: u64, seq: u64 },
+    /// `[offset, offset + len)` was trimmed at `seq`.
+    Trim { offset: u64, len: u64, seq: u64 },
+}
+
+/// The payload of a resync chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkData {
+    /// One block of data.
+    Data(Vec<u8>),
+    /// One block that reads as zeroes.
+    Zero,
+    /// A trim of `len` bytes starting at the chunk's offset.
+    Trim(u64),
+}
+
+/// A unit of resync: what the source sends and the target applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncChunk {
+    pub offset: u64,
+    pub seq: u64,
+    pub data: ChunkData,
+}
+
+/// What `apply_resync` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ApplyStats {
+    pub applied: u64,
+    /// Chunks not applied because the target already had newer content.
+    pub skipped_newer: u64,
+}

@@ -1,0 +1,58 @@
+//! The `ReplicaStore` trait: the contract every store implementation keeps.
+
+use crate::error::Result;
+
+use super::record::{ApplyStats, Change, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord, BLOCK_SIZE};
+
+/// A node's store of volume replicas. Methods are blocking (disk I/O); async callers use
+/// `spawn_blocking`. See the module docs of [`crate::replica`] for the invariants.
+///
+/// Epoch rules: `create` stores the record's epoch; `open(e)` raises it to `e` (durably) or
+/// fails with `StaleEpoch` if `e` is older. Every other call that carries an epoch fails
+/// with `StaleEpoch` if it is older than the stored one, and with `InvalidArgument` if it is
+/// newer (the caller must `open` first).
+pub trait ReplicaStore: Send + Sync + 'static {
+    /// Creates a replica. Idempotent: an existing replica with the same definition is
+    /// returned as is; a different one is `AlreadyExists`.
+    fn create(&self, record: VolumeRecord) -> Result<ReplicaInfo>;
+    /// Deletes a replica and frees its space. Returns whether it existed.
+    fn delete(&self, volume: &str) -> Result<bool>;
+    fn list(&self) -> Result<Vec<ReplicaInfo>>;
+    fn info(&self, volume: &str) -> Result<ReplicaInfo>;
+    fn open(&self, volume: &str, epoch: u64) -> Result<ReplicaState>;
+    fn state(&self, volume: &str) -> Result<ReplicaState>;
+    /// Writes whole blocks at `offset`. Returns the durable seq after the write (with
+    /// `fua`, at least `seq`).
+    fn write(&self, volume: &str, epoch: u64, seq: u64, offset: u64, data: &[u8], fua: bool) -> Result<u64>;
+    fn read(&self, volume: &str, epoch: u64, offset: u64, len: u64) -> Result<Vec<u8>>;
+    /// Makes every write applied before the call durable; returns the durable seq.
+    fn flush(&self, volume: &str, epoch: u64) -> Result<u64>;
+    /// Deallocates a range: it reads as zeroes and its space is freed (on disk, once the
+    /// trim is durable).
+    fn trim(&self, volume: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()>;
+    /// Grows the replica to `new_size` bytes.
+    fn expand(&self, volume: &str, epoch: u64, new_size: u64) -> Result<ReplicaInfo>;
+    /// Every trim and block whose current content was written after `since`: trims first
+    /// (in seq order), then blocks in offset order.
+    fn changes_since(&self, volume: &str, epoch: u64, since: u64) -> Result<Vec<Change>>;
+    /// Marks a resync into this replica as started from `from_seq` (durably).
+    fn begin_resync(&self, volume: &str, epoch: u64, from_seq: u64) -> Result<ReplicaState>;
+    /// Applies resync chunks; a chunk never replaces a block written at a newer seq.
+    fn apply_resync(&self, volume: &str, epoch: u64, chunks: &[ResyncChunk]) -> Result<ApplyStats>;
+    /// Flushes and clears the resync mark.
+    fn end_resync(&self, volume: &str, epoch: u64) -> Result<ReplicaState>;
+
+    /// Writes zeroes to a range keeping it allocated (NBD WRITE_ZEROES with NO_HOLE).
+    fn write_zeroes(&self, volume: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()> {
+        const STEP: u64 = 256 * BLOCK_SIZE;
+        let zeroes = vec![0u8; STEP.min(len) as usize];
+        let mut at = offset;
+        let end = offset.checked_add(len).ok_or_else(|| crate::Error::InvalidArgument("length overflows".into()))?;
+        while at < end {
+            let n = STEP.min(end - at);
+            self.write(volume, epoch, seq, at, &zeroes[..n as usize], false)?;
+            at += n;
+        }
+        Ok(())
+    }
+}

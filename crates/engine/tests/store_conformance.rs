@@ -1,0 +1,300 @@
+//! One conformance suite for every `ReplicaStore` implementation (in-memory and on-disk).
+//! Each test is instantiated for both stores by the `suite!` macro at the bottom.
+
+mod common;
+
+use common::{DiskHarness, Harness, MemHarness};
+use hlstore_engine::replica::{ChunkData, ReplicaStore, ResyncChunk, VolumeRecord, BLOCK_SIZE};
+use hlstore_engine::{Change, ErrorKind};
+
+const BS: u64 = BLOCK_SIZE;
+
+fn block(fill: u8) -> Vec<u8> {
+    vec![fill; BS as usize]
+}
+
+/// Creates `name` with `blocks` blocks and opens it at epoch 1.
+fn make<H: Harness>(h: &H, name: &str, blocks: u64) {
+    h.store().create(VolumeRecord::new(name, blocks * BS)).unwrap();
+    h.store().open(name, 1).unwrap();
+}
+
+fn create_list_delete<H: Harness>(h: H) {
+    let s = h.store();
+    let info = s.create(VolumeRecord::new("v1", 16 * BS)).unwrap();
+    assert_eq!(info.state.allocated_bytes, 0);
+    // Idempotent for the same definition; AlreadyExists for another.
+    s.create(VolumeRecord::new("v1", 16 * BS)).unwrap();
+    let err = s.create(VolumeRecord::new("v1", 32 * BS)).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::AlreadyExists);
+    s.create(VolumeRecord::new("v2", 8 * BS)).unwrap();
+    let names: Vec<String> = s.list().unwrap().into_iter().map(|i| i.record.volume_id).collect();
+    assert_eq!(names, ["v1", "v2"]);
+    assert!(s.delete("v1").unwrap());
+    assert!(!s.delete("v1").unwrap());
+    assert_eq!(s.info("v1").unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(s.list().unwrap().len(), 1);
+    for bad in ["", ".hidden", "a/b", "sp ace"] {
+        assert_eq!(s.create(VolumeRecord::new(bad, BS)).unwrap_err().kind(), ErrorKind::InvalidArgument, "{bad:?}");
+    }
+    assert_eq!(s.create(VolumeRecord::new("odd", 1000)).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.create(VolumeRecord::new("zero", 0)).unwrap_err().kind(), ErrorKind::InvalidArgument);
+}
+
+fn write_read_roundtrip<H: Harness>(h: H) {
+    make(&h, "v", 64);
+    let s = h.store();
+    assert_eq!(s.read("v", 1, 0, 4 * BS).unwrap(), vec![0; 4 * BS as usize], "unwritten blocks read as zeroes");
+    let mut data = Vec::new();
+    for i in 0..8u8 {
+        data.extend_from_slice(&block(i + 1));
+    }
+    s.write("v", 1, 1, 4 * BS, &data, false).unwrap();
+    assert_eq!(s.read("v", 1, 4 * BS, 8 * BS).unwrap(), data);
+    // A read spanning written and unwritten blocks.
+    let r = s.read("v", 1, 2 * BS, 4 * BS).unwrap();
+    assert_eq!(&r[..2 * BS as usize], &vec![0; 2 * BS as usize][..]);
+    assert_eq!(&r[2 * BS as usize..], &data[..2 * BS as usize]);
+    // Overwrite part of it.
+    s.write("v", 1, 2, 5 * BS, &block(0xee), false).unwrap();
+    let r = s.read("v", 1, 4 * BS, 3 * BS).unwrap();
+    assert_eq!(&r[BS as usize..2 * BS as usize], &block(0xee)[..]);
+    assert_eq!(&r[2 * BS as usize..], &block(3)[..]);
+    assert_eq!(s.state("v").unwrap().allocated_bytes, 8 * BS);
+    assert_eq!(s.state("v").unwrap().last_seq, 2);
+}
+
+fn rejects_bad_ranges<H: Harness>(h: H) {
+    make(&h, "v", 16);
+    let s = h.store();
+    s.write("v", 1, 1, 0, &block(7), false).unwrap();
+    let unaligned = s.write("v", 1, 2, 100, &block(1), false).unwrap_err();
+    assert_eq!(unaligned.kind(), ErrorKind::InvalidArgument);
+    assert!(unaligned.to_string().contains("multiples of 4096"), "{unaligned}");
+    assert_eq!(s.write("v", 1, 2, 0, &[1u8; 100], false).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    let oor = s.write("v", 1, 2, 16 * BS, &block(1), false).unwrap_err();
+    assert_eq!(oor.kind(), ErrorKind::OutOfRange);
+    assert!(oor.to_string().contains("volume v"), "{oor}");
+    assert_eq!(s.read("v", 1, 15 * BS, 2 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(s.read("v", 1, u64::MAX - BS + 1, BS).unwrap_err().kind(), ErrorKind::OutOfRange, "offset+len overflows");
+    assert_eq!(s.read("v", 1, (u64::MAX / BS) * BS, 2 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(s.trim("v", 1, 2, 8 * BS, 9 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
+    // Nothing changed.
+    assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(7));
+    assert_eq!(s.state("v").unwrap().last_seq, 1);
+    assert_eq!(s.read("nope", 1, 0, BS).unwrap_err().kind(), ErrorKind::NotFound);
+}
+
+fn epoch_fencing<H: Harness>(h: H) {
+    make(&h, "v", 16);
+    let s = h.store();
+    s.write("v", 1, 1, 0, &block(1), false).unwrap();
+    assert_eq!(s.open("v", 3).unwrap().epoch, 3);
+    for err in [
+        s.write("v", 1, 2, 0, &block(2), false).unwrap_err(),
+        s.read("v", 1, 0, BS).unwrap_err(),
+        s.flush("v", 1).unwrap_err(),
+        s.trim("v", 1, 2, 0, BS).unwrap_err(),
+        s.open("v", 2).unwrap_err(),
+    ] {
+        assert_eq!(err.kind(), ErrorKind::StaleEpoch, "{err}");
+    }
+    // A newer epoch than the opened one must be opened first.
+    assert_eq!(s.write("v", 4, 2, 0, &block(2), false).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.read("v", 3, 0, BS).unwrap(), block(1));
+    // The epoch is durable.
+    drop(s);
+    let mut h = h;
+    h.crash();
+    assert_eq!(h.store().state("v").unwrap().epoch, 3);
+    assert_eq!(h.store().write("v", 2, 2, 0, &block(2), false).unwrap_err().kind(), ErrorKind::StaleEpoch);
+}
+
+fn trim_frees_space<H: Harness>(h: H) {
+    make(&h, "v", 256);
+    let s = h.store();
+    let data: Vec<u8> = (0..64 * BS).map(|i| (i % 251) as u8).collect();
+    s.write("v", 1, 1, 0, &data, false).unwrap();
+    s.flush("v", 1).unwrap();
+    assert_eq!(s.state("v").unwrap().allocated_bytes, 64 * BS);
+    s.trim("v", 1, 2, 16 * BS, 32 * BS).unwrap();
+    assert_eq!(s.state("v").unwrap().allocated_bytes, 32 * BS);
+    assert_eq!(s.read("v", 1, 16 * BS, 32 * BS).unwrap(), vec![0; 32 * BS as usize]);
+    assert_eq!(s.read("v", 1, 0, 16 * BS).unwrap(), &data[..16 * BS as usize]);
+    // Trim of a range with nothing allocated is fine and changes nothing.
+    s.trim("v", 1, 3, 128 * BS, 128 * BS).unwrap();
+    assert_eq!(s.state("v").unwrap().allocated_bytes, 32 * BS);
+    // write_zeroes without a hole keeps the blocks allocated.
+    s.write_zeroes("v", 1, 4, 16 * BS, 4 * BS).unwrap();
+    assert_eq!(s.state("v").unwrap().allocated_bytes, 36 * BS);
+    assert_eq!(s.read("v", 1, 16 * BS, 4 * BS).unwrap(), vec![0; 4 * BS as usize]);
+    h.after_flush_space_check("v", 36 * BS);
+}
+
+fn thin_provisioning<H: Harness>(h: H) {
+    let s = h.store();
+    s.create(VolumeRecord::new("big", 1 << 40)).unwrap();
+    s.open("big", 1).unwrap();
+    assert_eq!(s.state("big").unwrap().allocated_bytes, 0);
+    s.write("big", 1, 1, (1 << 40) - BS, &block(9), false).unwrap();
+    s.write("big", 1, 2, 1 << 39, &block(8), false).unwrap();
+    s.flush("big", 1).unwrap();
+    assert_eq!(s.state("big").unwrap().allocated_bytes, 2 * BS);
+    assert_eq!(s.read("big", 1, (1 << 40) - BS, BS).unwrap(), block(9));
+    h.after_flush_space_check("big", 2 * BS);
+}
+
+fn flush_survives_crash<H: Harness>(mut h: H) {
+    make(&h, "v", 64);
+    let s = h.store();
+    for seq in 1..=10u64 {
+        s.write("v", 1, seq, seq * BS, &block(seq as u8), false).unwrap();
+    }
+    assert_eq!(s.flush("v", 1).unwrap(), 10);
+    s.write("v", 1, 11, 11 * BS, &block(11), true).unwrap();
+    s.write("v", 1, 12, 12 * BS, &block(12), false).unwrap();
+    s.write("v", 1, 13, 1 * BS, &block(13), false).unwrap();
+    drop(s);
+    h.crash();
+    let s = h.store();
+    for seq in 2..=11u64 {
+        assert_eq!(s.read("v", 1, seq * BS, BS).unwrap(), block(seq as u8), "flushed block {seq}");
+    }
+    let b1 = s.read("v", 1, BS, BS).unwrap();
+    assert!(b1 == block(1) || b1 == block(13), "block 1 holds its old or new content");
+    let b12 = s.read("v", 1, 12 * BS, BS).unwrap();
+    assert!(b12 == block(0) || b12 == block(12));
+    let st = s.state("v").unwrap();
+    assert!(st.durable_seq >= 11);
+}
+
+fn expand_grows<H: Harness>(h: H) {
+    make(&h, "v", 16);
+    let s = h.store();
+    s.write("v", 1, 1, 15 * BS, &block(5), false).unwrap();
+    let info = s.expand("v", 1, 32 * BS).unwrap();
+    assert_eq!(info.record.size, 32 * BS);
+    s.write("v", 1, 2, 31 * BS, &block(6), false).unwrap();
+    assert_eq!(s.read("v", 1, 15 * BS, 17 * BS).unwrap()[..BS as usize], block(5)[..]);
+    assert_eq!(s.read("v", 1, 31 * BS, BS).unwrap(), block(6));
+    assert_eq!(s.expand("v", 1, 8 * BS).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.expand("v", 1, 40 * BS + 1).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.info("v").unwrap().record.size, 32 * BS);
+}
+
+fn changes_since_lists_exactly<H: Harness>(h: H) {
+    make(&h, "v", 64);
+    let s = h.store();
+    s.write("v", 1, 1, 0, &block(1), false).unwrap();
+    s.write("v", 1, 2, 10 * BS, &[block(2), block(2)].concat(), false).unwrap();
+    s.write("v", 1, 3, 20 * BS, &block(3), false).unwrap();
+    s.write("v", 1, 4, 0, &block(4), false).unwrap(); // overwrites seq 1
+    s.trim("v", 1, 5, 20 * BS, 4 * BS).unwrap(); // removes seq 3
+    s.write("v", 1, 6, 30 * BS, &block(6), false).unwrap();
+    let c = s.changes_since("v", 1, 2).unwrap();
+    assert_eq!(
+        c,
+        vec![
+            Change::Trim { offset: 20 * BS, len: 4 * BS, seq: 5 },
+            Change::Block { offset: 0, seq: 4 },
+            Change::Block { offset: 30 * BS, seq: 6 },
+        ]
+    );
+    let all = s.changes_since("v", 1, 0).unwrap();
+    let blocks: Vec<u64> = all
+        .iter()
+        .filter_map(|c| match c {
+            Change::Block { offset, .. } => Some(offset / BS),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(blocks, [0, 10, 11, 30]);
+    assert!(s.changes_since("v", 1, 6).unwrap().is_empty());
+}
+
+fn resync_never_overwrites_newer<H: Harness>(h: H) {
+    make(&h, "v", 64);
+    let s = h.store();
+    s.begin_resync("v", 1, 0).unwrap();
+    assert_eq!(s.state("v").unwrap().resync_from, Some(0));
+    s.write("v", 1, 10, 0, &block(10), false).unwrap(); // foreground write during resync
+    let chunks = vec![
+        ResyncChunk { offset: 0, seq: 5, data: ChunkData::Data(block(5)) }, // older: skipped
+        ResyncChunk { offset: BS, seq: 6, data: ChunkData::Data(block(6)) },
+        ResyncChunk { offset: 2 * BS, seq: 7, data: ChunkData::Data(block(7)) },
+        ResyncChunk { offset: 3 * BS, seq: 8, data: ChunkData::Zero },
+    ];
+    let stats = s.apply_resync("v", 1, &chunks).unwrap();
+    assert_eq!((stats.applied, stats.skipped_newer), (3, 1));
+    assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(10));
+    assert_eq!(s.read("v", 1, BS, BS).unwrap(), block(6));
+    // A trim chunk removes only blocks older than itself.
+    s.write("v", 1, 11, 4 * BS, &block(11), false).unwrap();
+    let trim = ResyncChunk { offset: 0, seq: 9, data: ChunkData::Trim(8 * BS) };
+    s.apply_resync("v", 1, &[trim]).unwrap();
+    assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(10), "seq 10 is newer than the trim");
+    assert_eq!(s.read("v", 1, BS, BS).unwrap(), block(0), "seq 6 is older than the trim");
+    assert_eq!(s.read("v", 1, 4 * BS, BS).unwrap(), block(11));
+    let bad = ResyncChunk { offset: 0, seq: 12, data: ChunkData::Data(vec![1; 10]) };
+    assert_eq!(s.apply_resync("v", 1, &[bad]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    let st = s.end_resync("v", 1).unwrap();
+    assert_eq!(st.resync_from, None);
+    assert_eq!(st.durable_seq, st.last_seq);
+}
+
+fn corruption_is_reported<H: Harness>(h: H) {
+    make(&h, "v", 16);
+    let s = h.store();
+    s.write("v", 1, 1, 0, &[block(1), block(2), block(3)].concat(), false).unwrap();
+    s.flush("v", 1).unwrap();
+    h.corrupt("v", BS + 17);
+    let err = s.read("v", 1, 0, 3 * BS).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Corruption);
+    let msg = err.to_string();
+    assert!(msg.contains("volume v") && msg.contains(&format!("offset {BS}")), "{msg}");
+    // Healthy neighbours still read; the damaged block keeps failing until rewritten.
+    assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(1));
+    assert_eq!(s.read("v", 1, 2 * BS, BS).unwrap(), block(3));
+    assert_eq!(s.read("v", 1, BS, BS).unwrap_err().kind(), ErrorKind::Corruption);
+    s.write("v", 1, 2, BS, &block(4), false).unwrap();
+    assert_eq!(s.read("v", 1, BS, BS).unwrap(), block(4));
+}
+
+fn delete_and_recreate<H: Harness>(mut h: H) {
+    make(&h, "v", 16);
+    h.store().write("v", 1, 1, 0, &block(1), true).unwrap();
+    assert!(h.store().delete("v").unwrap());
+    h.crash();
+    assert_eq!(h.store().state("v").unwrap_err().kind(), ErrorKind::NotFound);
+    make(&h, "v", 16);
+    assert_eq!(h.store().read("v", 1, 0, BS).unwrap(), block(0));
+    assert_eq!(h.store().state("v").unwrap().allocated_bytes, 0);
+}
+
+macro_rules! suite {
+    ($($name:ident),* $(,)?) => {
+        mod mem {
+            use super::*;
+            $( #[test] fn $name() { super::$name(MemHarness::new()); } )*
+        }
+        mod disk {
+            use super::*;
+            $( #[test] fn $name() { super::$name(DiskHarness::new()); } )*
+        }
+    };
+}
+
+suite!(
+    create_list_delete,
+    write_read_roundtrip,
+    rejects_bad_ranges,
+    epoch_fencing,
+    trim_frees_space,
+    thin_provisioning,
+    flush_survives_crash,
+    expand_grows,
+    changes_since_lists_exactly,
+    resync_never_overwrites_newer,
+    corruption_is_reported,
+    delete_and_recreate,
+);

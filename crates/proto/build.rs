@@ -1,0 +1,15 @@
+//! Generates Rust code for every .proto file under the workspace's `proto/` directory.
+//! protoc comes from the `protoc-bin-vendored` crate so no system protoc is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protoc = protoc_bin_vendored::protoc_bin_path()?;
+    // SAFETY: build scripts are single-threaded; nothing else reads the environment here.
+    unsafe { std::env::set_var("PROTOC", protoc) };
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let files = ["replica.proto"].map(|f| root.join(f));
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+    tonic_prost_build::configure().compile_protos(&files, &[root])?;
+    Ok(())
+}

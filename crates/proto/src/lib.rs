@@ -1,0 +1,10 @@
+//! Generated protobuf and gRPC code. Nothing else lives here: generated types stay at the
+//! edge of the other crates, which convert them to domain types on entry (see
+//! `hlstore_engine::grpc`).
+
+#![allow(clippy::all, clippy::pedantic, missing_docs)]
+
+/// The replica service (`proto/replica.proto`).
+pub mod replica {
+    tonic::include_proto!("hlstore.replica.v1");
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Runs everything CI runs: setup (idempotent), format check, clippy, the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export CARGO_TERM_COLOR=never
+# nbdsh must run with Debian's Python (python3-libnbd lives there).
+export PATH="/usr/bin:$PATH"
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
+summary=$(grep -E '^test result:' target/test.log | awk '{p+=$4; f+=$6; i+=$8} END {printf "%d passed, %d failed, %d skipped", p, f, i}')
+echo "$summary"

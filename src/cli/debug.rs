@@ -1,0 +1,72 @@
+//! `hlstore debug ...`: hidden tools for crash tests and diagnostics.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::Subcommand;
+use hlstore_engine::replica::{DiskStore, ReplicaStore, VolumeRecord, BLOCK_SIZE};
+
+/// Hidden diagnostic subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Write self-describing blocks into a store forever, flushing every N writes and
+    /// printing `flushed SEQ` after each flush (used by the kill -9 test).
+    StoreWriteLoop {
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value = "crash")]
+        volume: String,
+        /// Volume size in 4 KiB blocks.
+        #[arg(long, default_value_t = 1024)]
+        blocks: u64,
+        #[arg(long, default_value_t = 16)]
+        flush_every: u64,
+        /// Blocks per write (1 = 4 KiB writes).
+        #[arg(long, default_value_t = 1)]
+        write_blocks: u64,
+    },
+}
+
+/// The block written by write `seq` in the crash pattern.
+pub fn pattern_block(seq: u64, blocks: u64) -> u64 {
+    seq.wrapping_mul(7919) % blocks
+}
+
+/// The content of a block written at `seq` (16-byte records of seq and block).
+pub fn pattern_data(seq: u64, block: u64) -> Vec<u8> {
+    let mut d = Vec::with_capacity(BLOCK_SIZE as usize);
+    while d.len() < BLOCK_SIZE as usize {
+        d.extend_from_slice(&seq.to_le_bytes());
+        d.extend_from_slice(&block.to_le_bytes());
+    }
+    d
+}
+
+pub fn run(cmd: DebugCommand) -> anyhow::Result<()> {
+    match cmd {
+        DebugCommand::StoreWriteLoop { data_dir, volume, blocks, flush_every, write_blocks } => {
+            let store = DiskStore::open(&data_dir)?;
+            let mut rec = VolumeRecord::new(volume.clone(), blocks * BLOCK_SIZE);
+            rec.epoch = 1;
+            store.create(rec)?;
+            let mut seq = store.state(&volume)?.last_seq;
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "ready {seq}")?;
+            loop {
+                seq += 1;
+                let first = pattern_block(seq, blocks);
+                let n = write_blocks.min(blocks - first);
+                let mut data = Vec::with_capacity((n * BLOCK_SIZE) as usize);
+                for b in first..first + n {
+                    data.extend_from_slice(&pattern_data(seq, b));
+                }
+                store.write(&volume, 1, seq, first * BLOCK_SIZE, &data, false)?;
+                if seq % flush_every == 0 {
+                    let durable = store.flush(&volume, 1)?;
+                    writeln!(out, "flushed {durable}")?;
+                    out.flush()?;
+                }
+            }
+        }
+    }
+}

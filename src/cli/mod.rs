@@ -1,0 +1,7 @@
+//! Command-line subcommands. One module per command family.
+
+pub mod backup;
+pub mod debug;
+pub mod node;
+pub mod replica;
+pub mod size;

@@ -1,0 +1,65 @@
+//! `hlstore`: one binary for the node agent, the CLI, backups and the CSI driver.
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+
+/// hlstore — replicated block storage and deduplicating backups for homelab Kubernetes.
+///
+/// Every node runs `hlstore node`; volumes are replicated across nodes with a write quorum
+/// and served over NBD; backups go to a deduplicating, encrypted repository on S3 or a
+/// directory. Run `hlstore <command> --help` for each command.
+#[derive(Debug, Parser)]
+#[command(name = "hlstore", version, about, long_about)]
+struct Cli {
+    /// Log as JSON lines (for Loki and friends) instead of text.
+    #[arg(long, global = true, env = "HLSTORE_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node agent (replica store + replica gRPC service + metrics).
+    Node(cli::node::NodeArgs),
+    /// Inspect and use the replicas of one node agent directly.
+    Replica {
+        #[command(flatten)]
+        endpoint: cli::replica::Endpoint,
+        #[command(subcommand)]
+        command: cli::replica::ReplicaCommand,
+    },
+    /// Back up files, block devices or volumes to a deduplicating repository.
+    #[command(subcommand)]
+    Backup(cli::backup::BackupCommand),
+    /// Restore a backup to a file or block device.
+    Restore(cli::backup::RestoreArgs),
+    /// Diagnostic tools (for tests).
+    #[command(subcommand, hide = true)]
+    Debug(cli::debug::DebugCommand),
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("HLSTORE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    match cli.command {
+        Command::Node(args) => cli::node::run(args).await,
+        Command::Replica { endpoint, command } => cli::replica::run(endpoint, command).await,
+        Command::Backup(cmd) => cli::backup::run_backup(cmd).await,
+        Command::Restore(args) => cli::backup::run_restore(args).await,
+        Command::Debug(cmd) => tokio::task::spawn_blocking(move || cli::debug::run(cmd)).await?,
+    }
+}
