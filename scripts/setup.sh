@@ -12,7 +12,7 @@ APT_PACKAGES=(
   qemu-utils libnbd-bin fio nbdkit
   fuse3 libfuse3-dev e2fsprogs util-linux
   restic borgbackup
-  python3-pip
+  python3-pip python3-libnbd
 )
 
 missing=()

@@ -30,6 +30,17 @@ enum Command {
         #[command(subcommand)]
         command: cli::replica::ReplicaCommand,
     },
+    /// Create, list, attach and delete replicated volumes.
+    Volume {
+        /// Node agent gRPC endpoint (any node of the cluster).
+        #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "http://127.0.0.1:7400", global = true)]
+        endpoint: String,
+        #[command(subcommand)]
+        command: cli::volume::VolumeCommand,
+    },
+    /// Run a local cluster of node agents on loopback (for trying hlstore out and tests).
+    #[command(subcommand)]
+    Dev(cli::dev::DevCommand),
     /// Back up files, block devices or volumes to a deduplicating repository.
     #[command(subcommand)]
     Backup(cli::backup::BackupCommand),
@@ -58,6 +69,8 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Node(args) => cli::node::run(args).await,
         Command::Replica { endpoint, command } => cli::replica::run(endpoint, command).await,
+        Command::Volume { endpoint, command } => cli::volume::run(&endpoint, command).await,
+        Command::Dev(cmd) => cli::dev::run(cmd).await,
         Command::Backup(cmd) => cli::backup::run_backup(cmd).await,
         Command::Restore(args) => cli::backup::run_restore(args).await,
         Command::Debug(cmd) => tokio::task::spawn_blocking(move || cli::debug::run(cmd)).await?,

@@ -2,6 +2,8 @@
 
 pub mod backup;
 pub mod debug;
+pub mod dev;
 pub mod node;
 pub mod replica;
 pub mod size;
+pub mod volume;

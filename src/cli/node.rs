@@ -4,15 +4,22 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
+use hlstore_engine::node::cluster::parse_peers;
+use hlstore_engine::node::volumes::EngineTimeouts;
 use hlstore_engine::node::{self, NodeConfig};
 
-/// Run a node agent: the replica store of this node and its gRPC and metrics endpoints.
+/// Run a node agent: this node's replica store, the replica and volume gRPC services, the
+/// engines of the volumes attached here (exported over NBD), and Prometheus metrics.
 ///
 /// One agent runs per node. It keeps the replicas of volumes in DATA_DIR (block data in
-/// sparse slot files, metadata in RocksDB) and serves the replica service that volume
-/// engines replicate to. Stop it with SIGTERM or Ctrl-C; kill -9 loses nothing that was
-/// flushed.
+/// sparse slot files, metadata in RocksDB). Stop it with SIGTERM or Ctrl-C; kill -9 loses
+/// nothing that was flushed.
+///
+/// Example (node n1 of three):
+///   hlstore node --id n1 --data-dir /var/lib/hlstore --listen 0.0.0.0:7400 \
+///     --peers n1=10.0.0.1:7400,n2=10.0.0.2:7400,n3=10.0.0.3:7400
 #[derive(Debug, Args)]
+#[command(verbatim_doc_comment)]
 pub struct NodeArgs {
     /// Node id (stable; recorded in the data directory at first start).
     #[arg(long, env = "HLSTORE_NODE_ID")]
@@ -20,20 +27,54 @@ pub struct NodeArgs {
     /// Directory for this node's replicas.
     #[arg(long, env = "HLSTORE_DATA_DIR")]
     pub data_dir: PathBuf,
-    /// gRPC listen address.
+    /// gRPC listen address (replica and volume services).
     #[arg(long, env = "HLSTORE_LISTEN", default_value = "127.0.0.1:7400")]
     pub listen: SocketAddr,
     /// Prometheus metrics listen address (GET /metrics, /healthz).
     #[arg(long, env = "HLSTORE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
+    /// Default NBD listen address for volumes attached on this node.
+    #[arg(long, env = "HLSTORE_NBD_LISTEN", default_value = "127.0.0.1:10809")]
+    pub nbd_listen: SocketAddr,
+    /// Cluster members as ID=HOST:PORT,... (this node may be included).
+    #[arg(long, env = "HLSTORE_PEERS", default_value = "")]
+    pub peers: String,
+    /// A replica slower than this (ms) is left behind; the quorum acks without it.
+    #[arg(long, env = "HLSTORE_ACK_TIMEOUT_MS")]
+    pub ack_timeout_ms: Option<u64>,
+    /// A replica silent for this long (ms) is marked failed and resynced when back.
+    #[arg(long, env = "HLSTORE_FAILURE_TIMEOUT_MS")]
+    pub failure_timeout_ms: Option<u64>,
+    /// A write or flush not acknowledged by a quorum within this time (ms) fails with EIO.
+    #[arg(long, env = "HLSTORE_IO_TIMEOUT_MS")]
+    pub io_timeout_ms: Option<u64>,
+    /// How often (ms) a failed replica is retried.
+    #[arg(long, env = "HLSTORE_RETRY_INTERVAL_MS")]
+    pub retry_interval_ms: Option<u64>,
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
+    let mut timeouts = EngineTimeouts::default();
+    if let Some(v) = args.ack_timeout_ms {
+        timeouts.ack_ms = v;
+    }
+    if let Some(v) = args.failure_timeout_ms {
+        timeouts.failure_ms = v;
+    }
+    if let Some(v) = args.io_timeout_ms {
+        timeouts.io_ms = v;
+    }
+    if let Some(v) = args.retry_interval_ms {
+        timeouts.retry_ms = v;
+    }
     let config = NodeConfig {
         id: args.id,
         data_dir: args.data_dir,
         listen: args.listen,
         metrics_listen: args.metrics_listen,
+        nbd_listen: args.nbd_listen,
+        peers: parse_peers(&args.peers)?,
+        timeouts,
     };
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -45,9 +86,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    node::run(config, shutdown, |grpc, metrics| {
+    node::run(config, shutdown, |b| {
         // One machine-readable line for scripts and tests that wait for readiness.
-        println!("listening grpc={grpc} metrics={}", metrics.map(|m| m.to_string()).unwrap_or_else(|| "-".into()));
+        let metrics = b.metrics.map(|m| m.to_string()).unwrap_or_else(|| "-".into());
+        println!("listening grpc={} metrics={metrics} nbd={}", b.grpc, b.nbd);
     })
     .await?;
     Ok(())

@@ -21,7 +21,7 @@ impl NodeProc {
 
     pub fn start_on(id: &str, data_dir: &Path, listen: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hlstore"))
-            .args(["node", "--id", id, "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--data-dir"])
+            .args(["node", "--id", id, "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

@@ -15,9 +15,11 @@
 
 pub mod device;
 pub mod error;
+pub mod fuse;
 pub mod grpc;
 pub mod metrics;
 pub mod nbd;
+pub mod nbd_client;
 pub mod node;
 pub mod replica;
 pub mod replication;

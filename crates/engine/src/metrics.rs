@@ -56,12 +56,12 @@ impl Page {
     }
 }
 
+/// Builds the metrics page on each scrape.
+pub type Render = Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
 /// Serves `GET /metrics` (the page from `render`) and `GET /healthz` on `listener` until
 /// `shutdown` resolves.
-pub async fn serve<F>(listener: TcpListener, render: Arc<F>, shutdown: impl Future<Output = ()>)
-where
-    F: Fn() -> String + Send + Sync + 'static,
-{
+pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
     loop {
         let (mut sock, _) = tokio::select! {
@@ -84,7 +84,7 @@ where
             let req = String::from_utf8_lossy(&buf[..n]);
             let path = req.split_whitespace().nth(1).unwrap_or("");
             let (status, body) = match path {
-                "/metrics" => ("200 OK", render()),
+                "/metrics" => ("200 OK", render().await),
                 "/healthz" => ("200 OK", "ok\n".to_string()),
                 _ => ("404 Not Found", "not found: try /metrics or /healthz\n".to_string()),
             };

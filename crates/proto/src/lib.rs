@@ -8,3 +8,8 @@
 pub mod replica {
     tonic::include_proto!("hlstore.replica.v1");
 }
+
+/// The volume service (`proto/volume.proto`).
+pub mod volume {
+    tonic::include_proto!("hlstore.volume.v1");
+}

@@ -7,5 +7,7 @@
 pub mod convert;
 mod service;
 pub mod status;
+mod volume_service;
 
 pub use service::{ReplicaService, ServiceStats};
+pub use volume_service::VolumeService;

@@ -1,23 +1,32 @@
-//! The node agent: one process per node. Owns the node's replica store and serves the
-//! replica gRPC service and the metrics endpoint.
+//! The node agent: one process per node. Owns the node's replica store, serves the replica
+//! and volume gRPC services, runs the engines of the volumes attached here (exported over
+//! NBD), and serves metrics.
 //!
 //! Invariant: a data directory belongs to one node id (recorded in `node.json` at first
 //! start); starting a different id on it is refused, so replicas cannot change owner.
 
+pub mod cluster;
+mod metrics_page;
+pub mod volumes;
+
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use hlstore_proto::replica::replica_server::ReplicaServer;
+use hlstore_proto::volume::volumes_server::VolumesServer;
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::error::{Error, Result};
-use crate::grpc::{ReplicaService, ServiceStats};
-use crate::metrics::{self, Page};
-use crate::replica::{DiskStore, ReplicaStore};
+use crate::grpc::{ReplicaService, VolumeService};
+use crate::metrics;
+use crate::nbd::{ExportRegistry, NbdServer};
+use crate::replica::DiskStore;
+use cluster::Cluster;
+use volumes::{EngineTimeouts, VolumeManager};
 
 /// Largest gRPC message (a 32 MiB NBD request plus framing).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
@@ -29,6 +38,11 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub listen: SocketAddr,
     pub metrics_listen: Option<SocketAddr>,
+    /// Default NBD listener for attached volumes.
+    pub nbd_listen: SocketAddr,
+    /// Cluster members (id → gRPC endpoint). This node is added if missing.
+    pub peers: BTreeMap<String, String>,
+    pub timeouts: EngineTimeouts,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -65,96 +79,75 @@ fn claim_data_dir(data_dir: &Path, id: &str) -> Result<()> {
     }
 }
 
-/// A running node agent's handles.
-pub struct Node {
-    pub id: String,
-    pub store: Arc<DiskStore>,
-    pub stats: Arc<ServiceStats>,
+/// Bound addresses of a running node agent.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    pub nbd: SocketAddr,
 }
 
-impl Node {
-    /// Opens the node's store (recovering every replica).
-    pub async fn open(config: &NodeConfig) -> Result<Self> {
-        claim_data_dir(&config.data_dir, &config.id)?;
-        let dir = config.data_dir.clone();
-        let store = tokio::task::spawn_blocking(move || DiskStore::open(dir))
-            .await
-            .map_err(|e| Error::Internal(format!("store open task: {e}")))??;
-        Ok(Self { id: config.id.clone(), store: Arc::new(store), stats: Arc::default() })
-    }
-
-    /// Renders the node's metrics page.
-    pub fn render_metrics(id: &str, store: &DiskStore, stats: &ServiceStats) -> String {
-        let mut p = Page::new();
-        let c = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
-        p.family("hlstore_node_info", "gauge", "Node agent identity").sample("hlstore_node_info", &[("node", id)], 1.0);
-        p.single("hlstore_replica_writes_total", "counter", "Writes applied", c(&stats.writes));
-        p.single("hlstore_replica_write_bytes_total", "counter", "Bytes written", c(&stats.write_bytes));
-        p.single("hlstore_replica_reads_total", "counter", "Reads served", c(&stats.reads));
-        p.single("hlstore_replica_read_bytes_total", "counter", "Bytes read", c(&stats.read_bytes));
-        p.single("hlstore_replica_flushes_total", "counter", "Flushes", c(&stats.flushes));
-        p.single("hlstore_replica_trims_total", "counter", "Trims", c(&stats.trims));
-        p.single(
-            "hlstore_replica_stale_epoch_rejections_total",
-            "counter",
-            "Requests rejected for a stale epoch (fenced)",
-            c(&stats.stale_epoch_rejections),
-        );
-        p.single("hlstore_replica_corruptions_total", "counter", "Checksum mismatches on read", c(&stats.corruptions));
-        p.single(
-            "hlstore_replica_resync_blocks_sent_total",
-            "counter",
-            "Blocks sent to resyncing peers",
-            c(&stats.resync_blocks_sent),
-        );
-        p.single(
-            "hlstore_replica_resync_chunks_applied_total",
-            "counter",
-            "Resync chunks applied to local replicas",
-            c(&stats.resync_chunks_applied),
-        );
-        let replicas = store.list().unwrap_or_default();
-        p.family("hlstore_replica_size_bytes", "gauge", "Replica size");
-        for r in &replicas {
-            p.sample("hlstore_replica_size_bytes", &[("volume", &r.record.volume_id)], r.state.size as f64);
-        }
-        p.family("hlstore_replica_allocated_bytes", "gauge", "Bytes allocated to a replica (thin provisioning)");
-        for r in &replicas {
-            p.sample("hlstore_replica_allocated_bytes", &[("volume", &r.record.volume_id)], r.state.allocated_bytes as f64);
-        }
-        p.family("hlstore_replica_epoch", "gauge", "Replica fencing epoch");
-        for r in &replicas {
-            p.sample("hlstore_replica_epoch", &[("volume", &r.record.volume_id)], r.state.epoch as f64);
-        }
-        p.family("hlstore_replica_durable_seq", "gauge", "Highest durable write sequence number");
-        for r in &replicas {
-            p.sample("hlstore_replica_durable_seq", &[("volume", &r.record.volume_id)], r.state.durable_seq as f64);
-        }
-        p.finish()
+fn advertised(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
     }
 }
 
-/// Runs a node agent until `shutdown` resolves. Prints nothing; logs through tracing.
-/// `on_ready` is called with the bound gRPC and metrics addresses once both listen.
+/// Runs a node agent until `shutdown` resolves. `on_ready` gets the bound addresses once
+/// every listener is up.
 pub async fn run(
     config: NodeConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
-    on_ready: impl FnOnce(SocketAddr, Option<SocketAddr>),
+    on_ready: impl FnOnce(Bound),
 ) -> Result<()> {
-    let node = Node::open(&config).await?;
-    let svc = ReplicaService::new(node.store.clone());
-    let stats = svc.stats();
+    claim_data_dir(&config.data_dir, &config.id)?;
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || DiskStore::open(dir))
+        .await
+        .map_err(|e| Error::Internal(format!("store open task: {e}")))??;
+    let store = Arc::new(store);
+    let replica_svc = ReplicaService::new(store.clone());
+    let stats = replica_svc.stats();
+
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| Error::io(format!("binding gRPC listener {}", config.listen), e))?;
     let grpc_addr = listener.local_addr().map_err(|e| Error::io("gRPC listener address", e))?;
+    let nbd_listener = tokio::net::TcpListener::bind(config.nbd_listen)
+        .await
+        .map_err(|e| Error::io(format!("binding NBD listener {}", config.nbd_listen), e))?;
+    let nbd_addr = nbd_listener.local_addr().map_err(|e| Error::io("NBD listener address", e))?;
+
+    let mut peers = config.peers.clone();
+    peers.entry(config.id.clone()).or_insert_with(|| format!("http://{}", advertised(grpc_addr)));
+    let cluster = Arc::new(Cluster::new(config.id.clone(), peers));
+    let nbd = NbdServer::new(ExportRegistry::new());
+    let mgr = Arc::new(VolumeManager::new(
+        cluster,
+        nbd.clone(),
+        advertised(nbd_addr),
+        config.data_dir.join("attachments.json"),
+        config.timeouts,
+    ));
+    let nbd_shutdown = nbd.shutdown_handle();
+    tokio::spawn(async move {
+        if let Err(e) = nbd.serve_tcp(nbd_listener).await {
+            tracing::error!(error = %e, "NBD listener failed");
+        }
+    });
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let metrics_addr = match config.metrics_listen {
         Some(addr) => {
             let l = metrics::bind(addr).await.map_err(|e| Error::io(format!("binding metrics listener {addr}"), e))?;
             let bound = l.local_addr().map_err(|e| Error::io("metrics listener address", e))?;
-            let (id, store, stats) = (node.id.clone(), node.store.clone(), stats.clone());
-            let render = Arc::new(move || Node::render_metrics(&id, &store, &stats));
+            let (id, store, stats, mgr) = (config.id.clone(), store.clone(), stats.clone(), mgr.clone());
+            let render: metrics::Render = Arc::new(move || {
+                let (id, store, stats, mgr) = (id.clone(), store.clone(), stats.clone(), mgr.clone());
+                Box::pin(async move { metrics_page::render(&id, &store, &stats, &mgr).await })
+            });
             let mut rx = stop_rx.clone();
             tokio::spawn(metrics::serve(l, render, async move {
                 let _ = rx.wait_for(|s| *s).await;
@@ -163,14 +156,20 @@ pub async fn run(
         }
         None => None,
     };
-    tracing::info!(node.id = %config.id, grpc = %grpc_addr, metrics = ?metrics_addr, "node agent ready");
-    on_ready(grpc_addr, metrics_addr);
-    let server = ReplicaServer::new(svc)
+    tracing::info!(node.id = %config.id, grpc = %grpc_addr, nbd = %nbd_addr, metrics = ?metrics_addr, "node agent ready");
+    on_ready(Bound { grpc: grpc_addr, metrics: metrics_addr, nbd: nbd_addr });
+
+    let restorer = mgr.clone();
+    tokio::spawn(async move { restorer.restore_attachments().await });
+
+    let server_replica = ReplicaServer::new(replica_svc)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let server_volumes = VolumesServer::new(VolumeService::new(mgr.clone()));
     let mut rx = stop_rx;
     let result = tonic::transport::Server::builder()
-        .add_service(server)
+        .add_service(server_replica)
+        .add_service(server_volumes)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             tokio::select! {
                 _ = shutdown => {}
@@ -179,5 +178,6 @@ pub async fn run(
         })
         .await;
     let _ = stop_tx.send(true);
+    nbd_shutdown.shutdown();
     result.map_err(|e| Error::Unavailable(format!("gRPC server: {e}")))
 }

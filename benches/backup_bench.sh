@@ -1,0 +1,125 @@
+#!/usr/bin/env bash
+# Whole-system backup benchmark: hlstore vs restic vs borg on the same mixed image.
+#
+# Usage: benches/backup_bench.sh [--size-mib N] [--workdir DIR] [--keep]
+#   --size-mib  image size (default 1024)
+#   --workdir   scratch directory (default: a fresh temp dir, removed unless --keep)
+# Env: HLSTORE_BIN (default: builds `cargo build --release --bin hlstore`).
+#
+# Measures, per tool: full backup time, backup time after changing 1 % of the image in
+# scattered 64 KiB runs, restore time, repository size, repository growth after the
+# change (and growth / changed bytes), peak RSS. All tools encrypt (hlstore:
+# XChaCha20-Poly1305; restic: AES-256; borg: repokey-blake2) and compress
+# (hlstore zstd 1, restic auto, borg lz4). Page cache is warm for everyone.
+set -euo pipefail
+
+SIZE_MIB=1024
+WORK=""
+KEEP=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --size-mib) SIZE_MIB="$2"; shift 2 ;;
+    --workdir) WORK="$2"; shift 2 ;;
+    --keep) KEEP=1; shift ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    *) echo "unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+if [ -z "${HLSTORE_BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release --bin hlstore >&2)
+  HLSTORE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/hlstore"
+fi
+for t in restic borg python3 /usr/bin/time; do
+  command -v "$t" >/dev/null || { echo "missing $t" >&2; exit 1; }
+done
+if [ -z "$WORK" ]; then WORK="$(mktemp -d /tmp/hlstore-bench.XXXXXX)"; fi
+mkdir -p "$WORK"
+cleanup() { if [ "$KEEP" = 0 ]; then rm -rf "$WORK"; fi; }
+trap cleanup EXIT
+
+export HLSTORE_REPO_PASSWORD=bench-password RESTIC_PASSWORD=bench-password BORG_PASSPHRASE=bench-password
+export BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK=yes BORG_RELOCATED_REPO_ACCESS_IS_OK=yes
+export BORG_BASE_DIR="$WORK/borg-home" RESTIC_CACHE_DIR="$WORK/restic-cache"
+
+IMG="$WORK/image.img"
+echo "building ${SIZE_MIB} MiB mixed image..." >&2
+python3 "$ROOT/benches/backup_mkimage.py" mkimage "$IMG" "$SIZE_MIB"
+cp --sparse=always "$IMG" "$WORK/orig.img"
+
+# timed NAME CMD...: runs CMD, records "<seconds> <peak RSS KiB>" in $WORK/NAME.time.
+timed() {
+  local name="$1"; shift
+  /usr/bin/time -f "%e %M" -o "$WORK/$name.time" "$@" >"$WORK/$name.out" 2>"$WORK/$name.err" || {
+    echo "$name failed:" >&2; cat "$WORK/$name.err" >&2; exit 1; }
+}
+secs() { cut -d' ' -f1 "$WORK/$1.time"; }
+rss() { cut -d' ' -f2 "$WORK/$1.time"; }
+size() { du -sb "$1" | cut -f1; }
+same() { cmp -s "$1" "$IMG" && echo ok || echo MISMATCH; }
+
+reset_image() { cp --sparse=always "$WORK/orig.img" "$IMG"; }
+
+declare -A FULL INCR REST SZ GROW RSS CHECK
+CHANGED=0
+
+run_tool() {
+  local tool="$1" repo="$WORK/repo-$1"
+  reset_image
+  case "$tool" in
+    hlstore)
+      "$HLSTORE_BIN" backup init --repo "$repo" >/dev/null
+      timed hlstore-full "$HLSTORE_BIN" backup create --repo "$repo" --source "$IMG" --json ;;
+    restic)
+      restic init -r "$repo" --repository-version 2 >/dev/null 2>&1
+      timed restic-full restic -r "$repo" backup --no-scan "$IMG" ;;
+    borg)
+      borg init -e repokey-blake2 "$repo" >/dev/null 2>&1
+      timed borg-full borg create --compression lz4 "$repo::full" "$IMG" ;;
+  esac
+  local s1; s1=$(size "$repo")
+  CHANGED=$(python3 "$ROOT/benches/backup_mkimage.py" change "$IMG" 1 64 7)
+  case "$tool" in
+    hlstore) timed hlstore-incr "$HLSTORE_BIN" backup create --repo "$repo" --source "$IMG" --json ;;
+    restic) timed restic-incr restic -r "$repo" backup --no-scan "$IMG" ;;
+    borg) timed borg-incr borg create --compression lz4 "$repo::incr" "$IMG" ;;
+  esac
+  local s2; s2=$(size "$repo")
+  local out="$WORK/restore-$tool"
+  rm -rf "$out"; mkdir -p "$out"
+  case "$tool" in
+    hlstore)
+      local id; id=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/hlstore-incr.out")
+      timed hlstore-restore "$HLSTORE_BIN" restore "$id" --repo "$repo" --to-file "$out/image.img"
+      CHECK[$tool]=$(same "$out/image.img") ;;
+    restic)
+      timed restic-restore restic -r "$repo" restore latest --target "$out"
+      CHECK[$tool]=$(same "$out$IMG") ;;
+    borg)
+      (cd "$out" && timed borg-restore borg extract --sparse "$repo::incr")
+      CHECK[$tool]=$(same "$out$IMG") ;;
+  esac
+  rm -rf "$out"
+  FULL[$tool]=$(secs "$tool-full"); INCR[$tool]=$(secs "$tool-incr"); REST[$tool]=$(secs "$tool-restore")
+  SZ[$tool]=$s1; GROW[$tool]=$((s2 - s1))
+  local m1 m2 m3; m1=$(rss "$tool-full"); m2=$(rss "$tool-incr"); m3=$(rss "$tool-restore")
+  RSS[$tool]=$(printf '%s\n' "$m1" "$m2" "$m3" | sort -n | tail -1)
+}
+
+for tool in hlstore restic borg; do
+  echo "running $tool..." >&2
+  run_tool "$tool"
+done
+
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+echo
+echo "image: ${SIZE_MIB} MiB mixed (random, zeros, text, system libraries); change: $(mib "$CHANGED") MiB in scattered 64 KiB runs"
+printf '| %-8s | %11s | %11s | %10s | %13s | %13s | %13s | %13s | %7s |\n' tool "full backup s" "1% backup s" "restore s" "repo MiB" "growth MiB" "growth/change" "peak RSS MiB" restore
+printf '|%s|\n' "----------|-------------|-------------|------------|---------------|---------------|---------------|---------------|---------"
+for tool in hlstore restic borg; do
+  printf '| %-8s | %11s | %11s | %10s | %13s | %13s | %13s | %13s | %7s |\n' "$tool" "${FULL[$tool]}" "${INCR[$tool]}" "${REST[$tool]}" \
+    "$(mib "${SZ[$tool]}")" "$(mib "${GROW[$tool]}")" \
+    "$(awk -v g="${GROW[$tool]}" -v c="$CHANGED" 'BEGIN { printf "%.2fx", g / c }')" \
+    "$(awk -v k="${RSS[$tool]}" 'BEGIN { printf "%.0f", k / 1024 }')" "${CHECK[$tool]}"
+done

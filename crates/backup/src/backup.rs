@@ -1,0 +1,416 @@
+//! The backup pipeline: read → chunk → hash → compress → encrypt → pack → upload.
+//!
+//! Threads: one reader, N workers (zero check, keyed hash, dedup, zstd, seal), the calling
+//! thread as packer, M uploaders. Every hand-off is a bounded channel, so memory stays
+//! near `(2N + 2) × batch + (M + 2) × pack size` whatever the source size.
+//! Order of writes: pack, then index (every [`INDEX_BATCH`] packs), then the snapshot. A
+//! run killed at any point leaves packs the next run finds (their trailers) and reuses.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+
+use crate::chunk::{cdc, is_zero, ChunkId, ChunkerConfig};
+use crate::error::{Error, Result};
+use crate::index::{IndexedPack, MasterIndex};
+use crate::pack::{encode_blob, pack_key, FinishedPack, PackWriter};
+use crate::progress::Progress;
+use crate::repo::{Lease, Repository};
+use crate::snapshot::{hostname, now_precise, BackupStats, ChunkRef, Snapshot, SnapshotMeta};
+use crate::source::Source;
+
+/// Bytes the reader hands to a worker at a time.
+pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Packs per index file written during a backup.
+pub const INDEX_BATCH: usize = 16;
+
+/// Options of one backup run.
+#[derive(Clone)]
+pub struct BackupOptions {
+    pub labels: BTreeMap<String, String>,
+    /// Parent snapshot; by default the newest snapshot of the same source.
+    pub parent: Option<String>,
+    pub progress: Progress,
+    /// Hash/compress/encrypt threads (0: one per CPU).
+    pub workers: usize,
+    /// Parallel pack uploads.
+    pub uploaders: usize,
+}
+
+impl Default for BackupOptions {
+    fn default() -> Self {
+        BackupOptions { labels: BTreeMap::new(), parent: None, progress: Progress::hidden(), workers: 0, uploaders: 3 }
+    }
+}
+
+struct Batch {
+    base: u64,
+    data: Vec<u8>,
+    /// End offsets (in `data`) of each chunk.
+    ends: Vec<usize>,
+}
+
+struct NewBlob {
+    id: ChunkId,
+    blob: Vec<u8>,
+    raw_len: u32,
+    flags: u8,
+}
+
+#[derive(Default)]
+struct Processed {
+    refs: Vec<ChunkRef>,
+    zeros: u64,
+    read: u64,
+    new: Vec<NewBlob>,
+}
+
+/// Shared state of one run.
+struct Run<'a> {
+    repo: &'a Repository,
+    index: MasterIndex,
+    inflight: Mutex<HashSet<ChunkId>>,
+    abort: AtomicBool,
+    pending_index: Mutex<Vec<IndexedPack>>,
+    progress: Progress,
+}
+
+/// Backs up `source`; returns the stored snapshot.
+pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Result<Snapshot> {
+    // The lease goes first: prune must see it before we look at what exists.
+    let _lease = Lease::acquire(repo.backend().clone(), "backup")?;
+    let load = repo.load_index()?;
+    if !load.unindexed.is_empty() {
+        // Packs from an interrupted run: index them so later runs need not read trailers.
+        repo.write_index(&load.unindexed)?;
+    }
+    let condemned = repo.condemned_packs()?;
+    let index = if condemned.is_empty() { load.index } else { load.index.without_packs(&condemned) };
+    let chunker = repo.config().chunker;
+    let size = source.size();
+    let name = source.name();
+    let parent = match &opts.parent {
+        Some(p) => Some(repo.load_snapshot(&repo.resolve_snapshot(p)?)?),
+        None => match repo.list_snapshots()?.into_iter().rev().find(|m| m.source == name) {
+            Some(m) => Some(repo.load_snapshot(&m.id)?),
+            None => None,
+        },
+    };
+    // With a changed-range hint and a compatible parent, read only what changed.
+    let read_ranges: Vec<Range<u64>> = match (&parent, source.changed_ranges(), chunker) {
+        (Some(p), Some(changed), ChunkerConfig::Fixed { size: cs })
+            if p.meta.chunker == chunker && p.meta.size == size =>
+        {
+            align_ranges(&changed, cs as u64, size)
+        }
+        _ => vec![0..size],
+    };
+
+    let workers =
+        if opts.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { opts.workers };
+    let run = Run {
+        repo,
+        index,
+        inflight: Mutex::new(HashSet::new()),
+        abort: AtomicBool::new(false),
+        pending_index: Mutex::new(Vec::new()),
+        progress: opts.progress.clone(),
+    };
+    let mut stats = BackupStats::default();
+    let mut refs: Vec<ChunkRef> = Vec::new();
+
+    std::thread::scope(|s| -> Result<()> {
+        let (batch_tx, batch_rx) = sync_channel::<Batch>(workers * 2);
+        let (proc_tx, proc_rx) = sync_channel::<Processed>(workers * 2);
+        let (pack_tx, pack_rx) = sync_channel::<FinishedPack>(1);
+        let batch_rx = Arc::new(Mutex::new(batch_rx));
+        let pack_rx = Arc::new(Mutex::new(pack_rx));
+        let run = &run;
+        let ranges = &read_ranges;
+
+        let reader = s.spawn(move || read_source(run, source, chunker, ranges, batch_tx));
+        let mut hs = Vec::new();
+        for _ in 0..workers {
+            let rx = batch_rx.clone();
+            let tx = proc_tx.clone();
+            hs.push(s.spawn(move || work(run, rx, tx)));
+        }
+        drop(proc_tx);
+        // Only the threads hold the receivers: when they all stop, senders see it.
+        drop(batch_rx);
+        let mut ups = Vec::new();
+        for _ in 0..opts.uploaders.max(1) {
+            let rx = pack_rx.clone();
+            ups.push(s.spawn(move || upload(run, rx)));
+        }
+        drop(pack_rx);
+        let packed = pack_loop(run, proc_rx, pack_tx, &mut refs, &mut stats);
+        if packed.is_err() {
+            run.abort.store(true, Ordering::Relaxed);
+        }
+        let mut first: Option<Error> = packed.err();
+        let mut note = |r: std::thread::Result<Result<()>>| {
+            let r = r.unwrap_or_else(|_| Err(Error::Invalid("backup thread panicked".into())));
+            if let Err(e) = r {
+                run.abort.store(true, Ordering::Relaxed);
+                if first.is_none() {
+                    first = Some(e);
+                }
+            }
+        };
+        note(reader.join());
+        for h in hs {
+            note(h.join());
+        }
+        for h in ups {
+            note(h.join());
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    })?;
+
+    let rest = std::mem::take(&mut *run.pending_index.lock().unwrap_or_else(|p| p.into_inner()));
+    if !rest.is_empty() {
+        repo.write_index(&rest)?;
+    }
+    stats.bytes_read = read_ranges.iter().map(|r| r.end - r.start).sum();
+    if let Some(p) = &parent {
+        if read_ranges != [0..size] {
+            // Take unchanged chunks over from the parent.
+            let mut i = 0;
+            for c in &p.chunks {
+                while i < read_ranges.len() && read_ranges[i].end <= c.offset {
+                    i += 1;
+                }
+                let inside = i < read_ranges.len() && read_ranges[i].start <= c.offset;
+                if !inside {
+                    refs.push(*c);
+                    stats.bytes_skipped += c.len as u64;
+                }
+            }
+        }
+    }
+    refs.sort_by_key(|c| c.offset);
+    stats.chunks = refs.len() as u64;
+    let (time, nanos) = now_precise();
+    let meta = SnapshotMeta {
+        id: Snapshot::new_id(),
+        time,
+        nanos,
+        source: name,
+        size,
+        host: hostname(),
+        labels: opts.labels,
+        parent: parent.map(|p| p.meta.id),
+        chunker,
+        stats,
+    };
+    let snap = Snapshot { meta, chunks: refs };
+    repo.save_snapshot(&snap)?;
+    opts.progress.finish();
+    Ok(snap)
+}
+
+/// Widens ranges to whole chunks, sorts and merges them, clips to `size`.
+fn align_ranges(changed: &[Range<u64>], cs: u64, size: u64) -> Vec<Range<u64>> {
+    let mut v: Vec<Range<u64>> = changed
+        .iter()
+        .filter(|r| r.start < r.end)
+        .map(|r| (r.start / cs * cs)..(r.end.div_ceil(cs) * cs).min(size))
+        .collect();
+    v.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for r in v {
+        match out.last_mut() {
+            Some(l) if r.start <= l.end => l.end = l.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+fn read_source(
+    run: &Run<'_>,
+    source: &dyn Source,
+    chunker: ChunkerConfig,
+    ranges: &[Range<u64>],
+    tx: SyncSender<Batch>,
+) -> Result<()> {
+    match chunker {
+        ChunkerConfig::Fixed { size: cs } => {
+            let cs = cs as usize;
+            let step = (BATCH_BYTES / cs).max(1) * cs;
+            for r in ranges {
+                let mut off = r.start;
+                while off < r.end {
+                    if run.abort.load(Ordering::Relaxed) {
+                        return Ok(());
+                    }
+                    let n = step.min((r.end - off) as usize);
+                    let mut data = vec![0u8; n];
+                    source.read_at(off, &mut data)?;
+                    let ends = (1..=n.div_ceil(cs)).map(|k| (k * cs).min(n)).collect();
+                    if tx.send(Batch { base: off, data, ends }).is_err() {
+                        return Ok(());
+                    }
+                    off += n as u64;
+                }
+            }
+        }
+        ChunkerConfig::Cdc { min, avg, max } => {
+            let (min, avg, max) = (min as usize, avg as usize, max as usize);
+            let size = source.size();
+            let mut buf: Vec<u8> = Vec::new();
+            let mut buf_base = 0u64; // source offset of buf[0]
+            let mut read_to = 0u64;
+            loop {
+                if run.abort.load(Ordering::Relaxed) {
+                    return Ok(());
+                }
+                let want = BATCH_BYTES + max;
+                if buf.len() < want && read_to < size {
+                    let n = ((want - buf.len()) as u64).min(size - read_to) as usize;
+                    let old = buf.len();
+                    buf.resize(old + n, 0);
+                    source.read_at(read_to, &mut buf[old..])?;
+                    read_to += n as u64;
+                }
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                let eof = read_to >= size;
+                let mut ends = Vec::new();
+                let mut pos = 0;
+                while pos < buf.len() && (eof || buf.len() - pos >= max) && pos < BATCH_BYTES {
+                    pos += cdc::cut(&buf[pos..], min, avg, max);
+                    ends.push(pos);
+                }
+                let data: Vec<u8> = buf.drain(..pos).collect();
+                if tx.send(Batch { base: buf_base, data, ends }).is_err() {
+                    return Ok(());
+                }
+                buf_base += pos as u64;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn work(run: &Run<'_>, rx: Arc<Mutex<Receiver<Batch>>>, tx: SyncSender<Processed>) -> Result<()> {
+    let key = run.repo.key();
+    let level = run.repo.config().zstd_level;
+    loop {
+        let batch = {
+            let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
+            guard.recv()
+        };
+        let Ok(batch) = batch else { return Ok(()) };
+        if run.abort.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let mut out = Processed { read: batch.data.len() as u64, ..Default::default() };
+        let mut start = 0;
+        for &end in &batch.ends {
+            let data = &batch.data[start..end];
+            let offset = batch.base + start as u64;
+            start = end;
+            if is_zero(data) {
+                out.zeros += 1;
+                continue;
+            }
+            let id = key.chunk_id(data);
+            out.refs.push(ChunkRef { offset, len: data.len() as u32, id });
+            if run.index.contains(&id) {
+                continue;
+            }
+            let fresh = run.inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
+            if fresh {
+                let (blob, flags) = encode_blob(key, &id, data, level);
+                out.new.push(NewBlob { id, blob, raw_len: data.len() as u32, flags });
+            }
+        }
+        if tx.send(out).is_err() {
+            return Ok(());
+        }
+    }
+}
+
+fn pack_loop(
+    run: &Run<'_>,
+    rx: Receiver<Processed>,
+    tx: SyncSender<FinishedPack>,
+    refs: &mut Vec<ChunkRef>,
+    stats: &mut BackupStats,
+) -> Result<()> {
+    let pack_size = run.repo.config().pack_size as usize;
+    let key = run.repo.key();
+    let mut w = PackWriter::new();
+    for p in rx {
+        run.progress.inc(p.read);
+        stats.zero_chunks += p.zeros;
+        refs.extend_from_slice(&p.refs);
+        for b in p.new {
+            stats.new_chunks += 1;
+            stats.new_bytes += b.raw_len as u64;
+            stats.stored_bytes += b.blob.len() as u64;
+            w.add(b.id, &b.blob, b.raw_len, b.flags);
+            if w.len() >= pack_size {
+                let full = std::mem::take(&mut w).finish(key);
+                stats.packs += 1;
+                if tx.send(full).is_err() {
+                    return Err(Error::Invalid("pack upload stopped".into()));
+                }
+            }
+        }
+    }
+    if !w.is_empty() {
+        stats.packs += 1;
+        if tx.send(w.finish(key)).is_err() {
+            return Err(Error::Invalid("pack upload stopped".into()));
+        }
+    }
+    Ok(())
+}
+
+fn upload(run: &Run<'_>, rx: Arc<Mutex<Receiver<FinishedPack>>>) -> Result<()> {
+    loop {
+        let p = {
+            let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
+            guard.recv()
+        };
+        let Ok(p) = p else { return Ok(()) };
+        if run.abort.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        run.repo.backend().put(&pack_key(&p.id), &p.bytes)?;
+        let batch = {
+            let mut pending = run.pending_index.lock().unwrap_or_else(|e| e.into_inner());
+            pending.push(IndexedPack { id: p.id, len: p.bytes.len() as u64, entries: p.entries });
+            if pending.len() >= INDEX_BATCH {
+                std::mem::take(&mut *pending)
+            } else {
+                Vec::new()
+            }
+        };
+        if !batch.is_empty() {
+            run.repo.write_index(&batch)?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_align_and_merge() {
+        let r = align_ranges(&[10..20, 5000..5001, 4096..4100, 9000..9000], 4096, 10000);
+        assert_eq!(r, vec![0..8192]);
+        let r = align_ranges(&[9000..9999], 4096, 10000);
+        assert_eq!(r, vec![8192..10000]);
+    }
+}

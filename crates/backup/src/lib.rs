@@ -1,0 +1,51 @@
+//! hlstore-backup: a deduplicating, encrypted, content-addressed backup repository on S3 or
+//! a filesystem directory. The bytes are documented in `FORMAT.md`.
+//!
+//! Design — which module owns what:
+//! - `backend/` — flat object stores (filesystem, S3) behind [`backend::Backend`]; the only
+//!   place that does storage IO. One conformance suite covers every backend.
+//! - `crypto/` — master key, password key files (argon2id), keyed-BLAKE3 chunk ids,
+//!   XChaCha20-Poly1305 envelopes.
+//! - `chunk/` — fixed-size (block images, default 64 KiB) and content-defined chunking,
+//!   zero detection.
+//! - `pack/` — packs of sealed chunks with their own trailer index; `index/` — index files
+//!   and the in-memory master index.
+//! - `repo/` — object layout, init/open, index loading (recovering unindexed packs from
+//!   their trailers), writer leases.
+//! - `snapshot.rs` manifests; `backup.rs` the parallel pipeline; `restore.rs` parallel,
+//!   out-of-order, resumable restore; `verify.rs` damage reports; `prune.rs` retention and
+//!   two-phase garbage collection; `source.rs` what can be backed up; `progress.rs` bars.
+//!
+//! Invariants: objects are immutable once written (packs and index files named by hash,
+//! snapshots by random id); writes go pack → index → snapshot; nothing takes an exclusive
+//! lock; decoding repository data never panics — damage is `Error::Corrupt` naming the
+//! object. New storage kinds go in `backend/`; new source kinds (volumes with a
+//! changed-block record) implement [`source::Source`].
+
+pub mod backend;
+pub mod backup;
+pub mod chunk;
+pub mod crypto;
+pub mod error;
+pub mod index;
+pub mod pack;
+pub mod progress;
+pub mod prune;
+pub mod repo;
+pub mod restore;
+pub mod snapshot;
+pub mod source;
+pub mod verify;
+
+pub use backend::{open_url, Backend, FsBackend, ObjectInfo, S3Backend, S3Options};
+pub use backup::{backup, BackupOptions};
+pub use chunk::{ChunkId, ChunkerConfig};
+pub use crypto::KdfParams;
+pub use error::{Error, Result};
+pub use progress::Progress;
+pub use prune::{prune, KeepPolicy, PruneOptions, PruneReport};
+pub use repo::{RepoConfig, Repository};
+pub use restore::{restore, RestoreOptions, RestoreStats, RestoreTarget};
+pub use snapshot::{Snapshot, SnapshotMeta};
+pub use source::{FileSource, Source};
+pub use verify::{verify, VerifyReport};

@@ -1,0 +1,81 @@
+//! The tonic implementation of `hlstore.volume.v1.Volumes` over a [`VolumeManager`].
+
+use std::sync::Arc;
+
+use hlstore_proto::volume as vpb;
+use hlstore_proto::volume::volumes_server::Volumes;
+use tonic::{Request, Response, Status};
+
+use super::status::to_status;
+use crate::node::volumes::VolumeManager;
+
+#[derive(Clone)]
+pub struct VolumeService {
+    mgr: Arc<VolumeManager>,
+}
+
+impl VolumeService {
+    pub fn new(mgr: Arc<VolumeManager>) -> Self {
+        Self { mgr }
+    }
+}
+
+fn name(n: &str) -> Result<&str, Status> {
+    if n.is_empty() {
+        Err(Status::invalid_argument("name is required"))
+    } else {
+        Ok(n)
+    }
+}
+
+#[tonic::async_trait]
+impl Volumes for VolumeService {
+    async fn list_nodes(&self, _r: Request<vpb::ListNodesRequest>) -> Result<Response<vpb::ListNodesResponse>, Status> {
+        Ok(Response::new(vpb::ListNodesResponse { nodes: self.mgr.nodes_view() }))
+    }
+
+    async fn create_volume(&self, r: Request<vpb::CreateVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        if r.size == 0 {
+            return Err(Status::invalid_argument("size is required"));
+        }
+        self.mgr.create(r).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn delete_volume(
+        &self,
+        r: Request<vpb::DeleteVolumeRequest>,
+    ) -> Result<Response<vpb::DeleteVolumeResponse>, Status> {
+        let existed = self.mgr.delete(name(&r.get_ref().name)?).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(vpb::DeleteVolumeResponse { existed }))
+    }
+
+    async fn list_volumes(
+        &self,
+        _r: Request<vpb::ListVolumesRequest>,
+    ) -> Result<Response<vpb::ListVolumesResponse>, Status> {
+        Ok(Response::new(vpb::ListVolumesResponse { volumes: self.mgr.list().await }))
+    }
+
+    async fn get_volume(&self, r: Request<vpb::GetVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        self.mgr.get(name(&r.get_ref().name)?).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn attach_volume(&self, r: Request<vpb::AttachVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        self.mgr.attach(&r.name, &r.node, &r.nbd_listen).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn detach_volume(&self, r: Request<vpb::DetachVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        self.mgr.detach(name(&r.get_ref().name)?).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn list_attachments(
+        &self,
+        _r: Request<vpb::ListAttachmentsRequest>,
+    ) -> Result<Response<vpb::ListAttachmentsResponse>, Status> {
+        Ok(Response::new(vpb::ListAttachmentsResponse { volumes: self.mgr.local_attachments().await }))
+    }
+}

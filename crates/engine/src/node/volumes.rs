@@ -1,0 +1,557 @@
+//! `VolumeManager`: the cluster-wide volume operations of a node agent, and the engines
+//! (replicated volumes exported over NBD) that run on this node.
+//!
+//! Invariants:
+//! - A volume is described only by its replicas (`VolumeRecord` on each); nothing else
+//!   holds cluster state. Listing asks every node.
+//! - One engine per volume per node. Attaching elsewhere first asks the current holder to
+//!   detach (best effort); the epoch bump of the new engine fences the old one anyway.
+//! - Attachments survive an agent restart (`attachments.json`), but only while the volume's
+//!   epoch is still the one this node attached under: a volume taken over by another node
+//!   is never taken back.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use hlstore_proto::replica as rpb;
+use hlstore_proto::volume as vpb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::cluster::{bounded, Cluster};
+use crate::error::{Error, Result};
+use crate::grpc::convert;
+use crate::nbd::{NbdServer, ShutdownHandle};
+use crate::replica::VolumeRecord;
+use crate::replication::{GrpcReplica, MachineConfig, ReplicaSpec, ReplicatedVolume, VolumeConfig};
+
+/// Timeouts handed to every engine this node starts.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineTimeouts {
+    pub ack_ms: u64,
+    pub failure_ms: u64,
+    pub io_ms: u64,
+    pub retry_ms: u64,
+}
+
+impl Default for EngineTimeouts {
+    fn default() -> Self {
+        let d = MachineConfig::new(1);
+        Self { ack_ms: d.ack_timeout_ms, failure_ms: d.failure_timeout_ms, io_ms: d.io_timeout_ms, retry_ms: d.retry_interval_ms }
+    }
+}
+
+struct Attached {
+    engine: Arc<ReplicatedVolume>,
+    record: VolumeRecord,
+    nbd_uri: String,
+    nbd_listen: String,
+    listener: Option<ShutdownHandle>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SavedAttachment {
+    name: String,
+    nbd_listen: String,
+    epoch: u64,
+}
+
+pub struct VolumeManager {
+    pub cluster: Arc<Cluster>,
+    nbd: NbdServer<ReplicatedVolume>,
+    /// URI prefix of the default NBD listener, e.g. `nbd://127.0.0.1:10809`.
+    default_nbd: String,
+    attached: Mutex<BTreeMap<String, Attached>>,
+    state_path: PathBuf,
+    timeouts: EngineTimeouts,
+}
+
+/// What every node reported about one volume.
+struct Gathered {
+    record: VolumeRecord,
+    /// node → replica info.
+    replicas: BTreeMap<String, rpb::ReplicaInfo>,
+}
+
+fn nbd_uri_for(listen: &str, name: &str) -> String {
+    match listen.strip_prefix("unix:") {
+        Some(path) => format!("nbd+unix:///{name}?socket={path}"),
+        None => format!("nbd://{listen}/{name}"),
+    }
+}
+
+impl VolumeManager {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        nbd: NbdServer<ReplicatedVolume>,
+        default_nbd_addr: String,
+        state_path: PathBuf,
+        timeouts: EngineTimeouts,
+    ) -> Self {
+        Self { cluster, nbd, default_nbd: default_nbd_addr, attached: Mutex::new(BTreeMap::new()), state_path, timeouts }
+    }
+
+    pub fn nbd_stats(&self) -> Arc<crate::nbd::NbdStats> {
+        self.nbd.stats()
+    }
+
+    // ----- cluster-wide queries -----
+
+    /// Every replica on every reachable node, grouped by volume.
+    async fn gather(&self) -> BTreeMap<String, Gathered> {
+        let mut out: BTreeMap<String, Gathered> = BTreeMap::new();
+        let calls = self.cluster.nodes().into_iter().map(|n| async move {
+            let res = match self.cluster.replica(&n) {
+                Ok(mut c) => bounded(&n, async move { c.list_replicas(rpb::ListReplicasRequest {}).await }).await,
+                Err(e) => Err(e),
+            };
+            (n, res)
+        });
+        for (node, res) in futures::future::join_all(calls).await {
+            let Ok(list) = res else { continue };
+            for info in list.into_inner().replicas {
+                let Ok(record) = convert::record_from_pb(info.record.clone()) else { continue };
+                let g = out
+                    .entry(record.volume_id.clone())
+                    .or_insert_with(|| Gathered { record: record.clone(), replicas: BTreeMap::new() });
+                if record.epoch > g.record.epoch {
+                    g.record = record;
+                }
+                g.replicas.insert(node.clone(), info);
+            }
+        }
+        out
+    }
+
+    /// Attachments reported by every reachable node: volume → (node, volume view).
+    async fn attachments(&self) -> BTreeMap<String, (String, vpb::Volume)> {
+        let mut out = BTreeMap::new();
+        let calls = self.cluster.nodes().into_iter().map(|n| async move {
+            if n == self.cluster.self_id {
+                return (n, Ok(self.local_attachments().await));
+            }
+            let res = match self.cluster.volumes(&n) {
+                Ok(mut c) => bounded(&n, async move { c.list_attachments(vpb::ListAttachmentsRequest {}).await })
+                    .await
+                    .map(|r| r.into_inner().volumes),
+                Err(e) => Err(e),
+            };
+            (n, res)
+        });
+        for (node, res) in futures::future::join_all(calls).await {
+            for v in res.unwrap_or_default() {
+                out.insert(v.name.clone(), (node.clone(), v));
+            }
+        }
+        out
+    }
+
+    /// The engines on this node.
+    pub async fn local_attachments(&self) -> Vec<vpb::Volume> {
+        let att = self.attached.lock().await;
+        att.iter().map(|(name, a)| self.attached_view(name, a)).collect()
+    }
+
+    fn attached_view(&self, name: &str, a: &Attached) -> vpb::Volume {
+        vpb::Volume {
+            name: name.to_string(),
+            size: a.record.size,
+            replica_set: a.record.replica_set.clone(),
+            write_quorum: a.record.write_quorum,
+            epoch: a.engine.epoch(),
+            attached_node: self.cluster.self_id.clone(),
+            nbd_uri: a.nbd_uri.clone(),
+            replicas: a
+                .engine
+                .replicas()
+                .into_iter()
+                .map(|h| vpb::ReplicaStatus {
+                    node: h.name,
+                    state: h.status.as_cli_str().to_string(),
+                    last_seq: h.acked_seq,
+                    durable_seq: h.durable_seq,
+                    allocated_bytes: 0,
+                    resync_chunks: h.resync_chunks,
+                })
+                .collect(),
+            labels: a.record.labels.clone().into_iter().collect(),
+        }
+    }
+
+    fn detached_view(g: &Gathered) -> vpb::Volume {
+        let newest = g.replicas.values().map(|i| i.last_seq).max().unwrap_or(0);
+        vpb::Volume {
+            name: g.record.volume_id.clone(),
+            size: g.record.size,
+            replica_set: g.record.replica_set.clone(),
+            write_quorum: g.record.write_quorum,
+            epoch: g.record.epoch,
+            attached_node: String::new(),
+            nbd_uri: String::new(),
+            replicas: g
+                .record
+                .replica_set
+                .iter()
+                .map(|node| match g.replicas.get(node) {
+                    Some(i) => vpb::ReplicaStatus {
+                        node: node.clone(),
+                        state: if i.last_seq >= newest { "healthy" } else { "resyncing" }.to_string(),
+                        last_seq: i.last_seq,
+                        durable_seq: i.durable_seq,
+                        allocated_bytes: i.allocated_bytes,
+                        resync_chunks: 0,
+                    },
+                    None => vpb::ReplicaStatus { node: node.clone(), state: "failed".into(), ..Default::default() },
+                })
+                .collect(),
+            labels: g.record.labels.clone().into_iter().collect(),
+        }
+    }
+
+    pub async fn list(&self) -> Vec<vpb::Volume> {
+        let gathered = self.gather().await;
+        let mut att = self.attachments().await;
+        gathered
+            .values()
+            .map(|g| {
+                let mut v = match att.remove(&g.record.volume_id) {
+                    Some((_, v)) => v,
+                    None => Self::detached_view(g),
+                };
+                // Allocation comes from the replicas themselves.
+                for r in &mut v.replicas {
+                    if let Some(i) = g.replicas.get(&r.node) {
+                        r.allocated_bytes = i.allocated_bytes;
+                    }
+                }
+                v
+            })
+            .collect()
+    }
+
+    pub async fn get(&self, name: &str) -> Result<vpb::Volume> {
+        self.list().await.into_iter().find(|v| v.name == name).ok_or_else(|| not_found(name))
+    }
+
+    pub fn nodes_view(&self) -> Vec<vpb::Node> {
+        self.cluster
+            .nodes()
+            .into_iter()
+            .map(|n| vpb::Node { endpoint: self.cluster.endpoint(&n).unwrap_or_default().to_string(), id: n, reachable: true })
+            .collect()
+    }
+
+    // ----- create / delete -----
+
+    pub async fn create(&self, req: vpb::CreateVolumeRequest) -> Result<vpb::Volume> {
+        let gathered = self.gather().await;
+        if let Some(g) = gathered.get(&req.name) {
+            if g.record.size == req.size {
+                return Ok(Self::detached_view(g));
+            }
+            return Err(Error::AlreadyExists(format!(
+                "volume {} exists with size {} (asked for {}); pick another name or delete it first",
+                req.name, g.record.size, req.size
+            )));
+        }
+        let n = if req.replicas == 0 { 3.min(self.cluster.nodes().len()) } else { req.replicas as usize };
+        let nodes = if req.nodes.is_empty() {
+            // Least-used nodes first (fewest replicas), then by id.
+            let mut load: BTreeMap<String, usize> = self.cluster.nodes().into_iter().map(|n| (n, 0)).collect();
+            for g in gathered.values() {
+                for node in g.replicas.keys() {
+                    *load.entry(node.clone()).or_default() += 1;
+                }
+            }
+            let mut by_load: Vec<(usize, String)> = load.into_iter().map(|(n, l)| (l, n)).collect();
+            by_load.sort();
+            by_load.into_iter().map(|(_, n)| n).take(n).collect::<Vec<_>>()
+        } else {
+            req.nodes.clone()
+        };
+        if nodes.len() != n {
+            return Err(Error::InvalidArgument(format!(
+                "volume {} needs {n} replicas on distinct nodes but {} node(s) are available ({}); use --replicas {} or start more nodes",
+                req.name,
+                nodes.len(),
+                nodes.join(", "),
+                nodes.len()
+            )));
+        }
+        let mut distinct = nodes.clone();
+        distinct.sort();
+        distinct.dedup();
+        if distinct.len() != nodes.len() {
+            return Err(Error::InvalidArgument(format!("--nodes {} names a node twice", nodes.join(","))));
+        }
+        for node in &nodes {
+            self.cluster.endpoint(node)?;
+        }
+        let mut record = VolumeRecord::new(req.name.clone(), req.size);
+        record.replica_set = nodes.clone();
+        record.write_quorum = req.write_quorum;
+        record.labels = req.labels.clone().into_iter().collect();
+        MachineConfig { replicas: specs(&record.replica_set, ""), write_quorum: quorum(&record), ..MachineConfig::new(n) }
+            .quorum()?;
+        let mut created = Vec::new();
+        for node in &nodes {
+            let mut c = self.cluster.replica(node)?;
+            let rec = convert::record_to_pb(&record);
+            let res = bounded(node, async move {
+                c.create_replica(rpb::CreateReplicaRequest { record: Some(rec) }).await
+            })
+            .await;
+            match res {
+                Ok(_) => created.push(node.clone()),
+                Err(e) => {
+                    for done in &created {
+                        if let Ok(mut c) = self.cluster.replica(done) {
+                            let v = req.name.clone();
+                            let _ = bounded(done, async move {
+                                c.delete_replica(rpb::DeleteReplicaRequest { volume_id: v, epoch: 0 }).await
+                            })
+                            .await;
+                        }
+                    }
+                    return Err(Error::Unavailable(format!(
+                        "creating the replica of {} on node {node} failed ({e}); nothing was created",
+                        req.name
+                    )));
+                }
+            }
+        }
+        self.get(&req.name).await
+    }
+
+    pub async fn delete(&self, name: &str) -> Result<bool> {
+        if let Some((node, _)) = self.attachments().await.remove(name) {
+            return Err(Error::InvalidArgument(format!(
+                "volume {name} is attached on node {node}; detach it first (hlstore volume detach {name})"
+            )));
+        }
+        let gathered = self.gather().await;
+        let Some(g) = gathered.get(name) else { return Ok(false) };
+        let mut failed = Vec::new();
+        for node in g.replicas.keys() {
+            let res = match self.cluster.replica(node) {
+                Ok(mut c) => {
+                    let (v, epoch) = (name.to_string(), g.record.epoch);
+                    bounded(node, async move { c.delete_replica(rpb::DeleteReplicaRequest { volume_id: v, epoch }).await })
+                        .await
+                        .map(|_| ())
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = res {
+                failed.push(format!("{node}: {e}"));
+            }
+        }
+        if !failed.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "volume {name}: some replicas could not be deleted ({}); run the delete again when those nodes are up",
+                failed.join("; ")
+            )));
+        }
+        Ok(true)
+    }
+
+    // ----- attach / detach -----
+
+    /// Attaches `name` on this node (see the module docs).
+    pub async fn attach_local(&self, name: &str, nbd_listen: &str) -> Result<vpb::Volume> {
+        {
+            let att = self.attached.lock().await;
+            if let Some(a) = att.get(name) {
+                return Ok(self.attached_view(name, a));
+            }
+        }
+        // Ask any other holder to let go; if it is dead, the epoch bump fences it.
+        if let Some((node, _)) = self.attachments().await.remove(name) {
+            if node != self.cluster.self_id {
+                if let Ok(mut c) = self.cluster.volumes(&node) {
+                    let v = name.to_string();
+                    let res = bounded(&node, async move { c.detach_volume(vpb::DetachVolumeRequest { name: v }).await }).await;
+                    if let Err(e) = res {
+                        tracing::warn!(volume.id = name, node = %node, error = %e, "previous engine did not detach; it will be fenced");
+                    }
+                }
+            }
+        }
+        let gathered = self.gather().await;
+        let g = gathered.get(name).ok_or_else(|| not_found(name))?;
+        let record = g.record.clone();
+        let engine = Arc::new(self.start_engine(&record).await?);
+        let epoch = engine.epoch();
+        let listen = if nbd_listen.is_empty() { self.default_nbd.clone() } else { nbd_listen.to_string() };
+        let mut listener = None;
+        let mut att = self.attached.lock().await;
+        self.nbd.registry().insert(name, engine.clone());
+        if !nbd_listen.is_empty() {
+            match self.listen_dedicated(nbd_listen).await {
+                Ok(h) => listener = Some(h),
+                Err(e) => {
+                    self.nbd.registry().remove(name);
+                    drop(att);
+                    if let Ok(engine) = Arc::try_unwrap(engine) {
+                        engine.close().await;
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        let nbd_uri = nbd_uri_for(&listen, name);
+        let a = Attached { engine, record, nbd_uri, nbd_listen: nbd_listen.to_string(), listener };
+        let view = self.attached_view(name, &a);
+        att.insert(name.to_string(), a);
+        self.save(&att, Some((name, epoch)))?;
+        tracing::info!(volume.id = name, epoch, uri = %view.nbd_uri, "volume attached");
+        Ok(view)
+    }
+
+    async fn start_engine(&self, record: &VolumeRecord) -> Result<ReplicatedVolume> {
+        let n = record.replica_set.len();
+        let t = self.timeouts;
+        let machine = MachineConfig {
+            replicas: specs(&record.replica_set, &self.cluster.self_id),
+            write_quorum: quorum(record),
+            ack_timeout_ms: t.ack_ms,
+            failure_timeout_ms: t.failure_ms,
+            io_timeout_ms: t.io_ms,
+            retry_interval_ms: t.retry_ms,
+            ..MachineConfig::new(n)
+        };
+        let transports = record
+            .replica_set
+            .iter()
+            .map(|node| GrpcReplica::connect_lazy(node.clone(), record.volume_id.clone(), self.cluster.endpoint(node)?))
+            .collect::<Result<Vec<_>>>()?;
+        let cfg = VolumeConfig::new(record.volume_id.clone(), record.size, machine);
+        ReplicatedVolume::attach(cfg, transports).await
+    }
+
+    async fn listen_dedicated(&self, listen: &str) -> Result<ShutdownHandle> {
+        let server = NbdServer::new(self.nbd.registry().clone());
+        let handle = server.shutdown_handle();
+        if let Some(path) = listen.strip_prefix("unix:") {
+            let _ = std::fs::remove_file(path);
+            let l = tokio::net::UnixListener::bind(path).map_err(|e| Error::io(format!("binding NBD socket {path}"), e))?;
+            tokio::spawn(async move { server.serve_unix(l).await });
+        } else {
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .map_err(|e| Error::io(format!("binding NBD listener {listen}"), e))?;
+            tokio::spawn(async move { server.serve_tcp(l).await });
+        }
+        Ok(handle)
+    }
+
+    /// Detaches `name` from this node: stops exporting it, flushes and stops the engine.
+    pub async fn detach_local(&self, name: &str) -> Result<Option<vpb::Volume>> {
+        let mut att = self.attached.lock().await;
+        let Some(a) = att.remove(name) else { return Ok(None) };
+        let view = self.attached_view(name, &a);
+        self.nbd.registry().remove(name);
+        if let Some(h) = &a.listener {
+            h.shutdown();
+        }
+        self.save(&att, None)?;
+        drop(att);
+        if let Err(e) = crate::device::BlockDevice::flush(&*a.engine).await {
+            tracing::warn!(volume.id = name, error = %e, "flush at detach failed");
+        }
+        match Arc::try_unwrap(a.engine) {
+            Ok(engine) => engine.close().await,
+            Err(engine) => drop(engine), // open NBD connections hold it; it stops when they close
+        }
+        tracing::info!(volume.id = name, "volume detached");
+        Ok(Some(view))
+    }
+
+    /// Attach on `node`, forwarding when it is another agent.
+    pub async fn attach(&self, name: &str, node: &str, nbd_listen: &str) -> Result<vpb::Volume> {
+        let node = if node.is_empty() { self.cluster.self_id.as_str() } else { node };
+        if node == self.cluster.self_id {
+            return self.attach_local(name, nbd_listen).await;
+        }
+        let mut c = self.cluster.volumes(node)?;
+        let req = vpb::AttachVolumeRequest { name: name.into(), node: node.into(), nbd_listen: nbd_listen.into() };
+        let res = tokio::time::timeout(std::time::Duration::from_secs(60), c.attach_volume(req)).await;
+        match res {
+            Ok(Ok(v)) => Ok(v.into_inner()),
+            Ok(Err(s)) => Err(crate::grpc::status::from_status(&s)),
+            Err(_) => Err(Error::Unavailable(format!("node {node} did not finish attaching {name} within 60s"))),
+        }
+    }
+
+    /// Detach wherever the volume is attached.
+    pub async fn detach(&self, name: &str) -> Result<vpb::Volume> {
+        if let Some(v) = self.detach_local(name).await? {
+            return Ok(v);
+        }
+        match self.attachments().await.remove(name) {
+            Some((node, _)) => {
+                let mut c = self.cluster.volumes(&node)?;
+                let v = name.to_string();
+                Ok(bounded(&node, async move { c.detach_volume(vpb::DetachVolumeRequest { name: v }).await })
+                    .await?
+                    .into_inner())
+            }
+            None => self.get(name).await,
+        }
+    }
+
+    /// Re-attaches what this node had attached before a restart (see the module docs).
+    pub async fn restore_attachments(&self) {
+        let saved: Vec<SavedAttachment> = match std::fs::read(&self.state_path) {
+            Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "ignoring unreadable attachments.json");
+                Vec::new()
+            }),
+            Err(_) => return,
+        };
+        for s in saved {
+            let gathered = self.gather().await;
+            match gathered.get(&s.name) {
+                Some(g) if g.record.epoch <= s.epoch => {
+                    if let Err(e) = self.attach_local(&s.name, &s.nbd_listen).await {
+                        tracing::warn!(volume.id = %s.name, error = %e, "could not re-attach after restart");
+                    }
+                }
+                Some(_) => tracing::info!(volume.id = %s.name, "volume was attached elsewhere meanwhile; not re-attaching"),
+                None => tracing::warn!(volume.id = %s.name, "volume not found; dropping its attachment"),
+            }
+        }
+    }
+
+    fn save(&self, att: &BTreeMap<String, Attached>, fresh: Option<(&str, u64)>) -> Result<()> {
+        let list: Vec<SavedAttachment> = att
+            .iter()
+            .map(|(name, a)| SavedAttachment {
+                name: name.clone(),
+                nbd_listen: a.nbd_listen.clone(),
+                epoch: match fresh {
+                    Some((n, e)) if n == name => e,
+                    _ => a.engine.epoch(),
+                },
+            })
+            .collect();
+        let tmp = self.state_path.with_extension("json.tmp");
+        let body = serde_json::to_vec_pretty(&list).map_err(|e| Error::Internal(e.to_string()))?;
+        std::fs::write(&tmp, body).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
+        std::fs::rename(&tmp, &self.state_path).map_err(|e| Error::io(format!("writing {}", self.state_path.display()), e))
+    }
+}
+
+fn specs(nodes: &[String], local: &str) -> Vec<ReplicaSpec> {
+    nodes.iter().map(|n| ReplicaSpec { name: n.clone(), local: n == local }).collect()
+}
+
+fn quorum(record: &VolumeRecord) -> Option<usize> {
+    (record.write_quorum > 0).then_some(record.write_quorum as usize)
+}
+
+fn not_found(name: &str) -> Error {
+    Error::NotFound(format!("volume {name} does not exist on any reachable node (see: hlstore volume list)"))
+}

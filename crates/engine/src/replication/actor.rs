@@ -1,0 +1,498 @@
+//! The actor of a [`super::ReplicatedVolume`]: the only place that touches the machine.
+//!
+//! It owns the machine, one link per connected replica (`link.rs`), the resync tasks
+//! (`resync.rs`) and one-shot RPC tasks, all in one `JoinSet` aborted when it ends. Replies
+//! come back on unbounded channels from tasks it owns; replies from connections or resyncs
+//! the machine already dropped are filtered out by generation numbers before they reach
+//! it, so every decision is made in one order.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::Instant;
+
+use super::event::{Command, Event};
+use super::link::{self, LinkEvent, LinkOp, Permit};
+use super::machine::Machine;
+use super::resync::{ResyncJob, ResyncMsg, ResyncReports};
+use super::runtime::{ReplicaHealth, VolumeConfig};
+use super::transport::{ChunkData, ReplicaTransport, ResyncChunk};
+use super::types::{FailReason, OpId, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq};
+use crate::error::{Error, Result};
+
+#[derive(Debug, Default)]
+pub(super) struct Shared {
+    pub epoch: u64,
+    pub replicas: Vec<ReplicaHealth>,
+}
+
+pub(super) enum Request {
+    Change { payload: Payload, fua: bool, reply: oneshot::Sender<Result<()>> },
+    Flush { reply: oneshot::Sender<Result<()>> },
+    Read { offset: u64, len: u64, reply: oneshot::Sender<Result<Vec<u8>>> },
+}
+
+#[derive(Debug, Clone)]
+pub(super) enum Payload {
+    Data { offset: u64, data: Bytes },
+    Trim { offset: u64, len: u64 },
+}
+
+impl Payload {
+    fn range(&self) -> (u64, u64) {
+        match self {
+            Payload::Data { offset, data } => (*offset, data.len() as u64),
+            Payload::Trim { offset, len } => (*offset, *len),
+        }
+    }
+}
+
+enum Reply {
+    Done(oneshot::Sender<Result<()>>),
+    Read { offset: u64, len: u64, reply: oneshot::Sender<Result<Vec<u8>>> },
+}
+
+enum Internal {
+    State(ReplicaId, Result<ReplicaSeqs>),
+    Open(ReplicaId, Result<ReplicaSeqs>),
+    Read { op: OpId, replica: ReplicaId, res: Result<Vec<u8>> },
+}
+
+struct LinkHandle {
+    gen: u64,
+    ops: mpsc::UnboundedSender<LinkOp>,
+    abort: AbortHandle,
+}
+
+pub(super) struct Actor<T> {
+    cfg: VolumeConfig,
+    machine: Machine,
+    replicas: Vec<Arc<T>>,
+    shared: Arc<Mutex<Shared>>,
+    attached: Option<oneshot::Sender<Result<u64>>>,
+    start: Instant,
+    timeout: Duration,
+    next_op: OpId,
+    ops: HashMap<OpId, Reply>,
+    /// The payload of the client write being stepped, and payloads sequenced in this step.
+    current: Option<Payload>,
+    payloads: HashMap<Seq, Payload>,
+    statuses: Vec<ReplicaStatus>,
+    links: Vec<Option<LinkHandle>>,
+    /// Running resync per target: (generation, task, source).
+    resyncs: Vec<Option<(u64, AbortHandle, ReplicaId)>>,
+    gens: u64,
+    /// Blocks written directly to a resyncing replica since its resync began.
+    overwritten: Vec<HashSet<u64>>,
+    resync_chunks: Vec<u64>,
+    tasks: JoinSet<()>,
+    internal: (mpsc::UnboundedSender<Internal>, mpsc::UnboundedReceiver<Internal>),
+    link_reports: (link::Reports, mpsc::UnboundedReceiver<(ReplicaId, u64, LinkEvent)>),
+    resync_reports: (ResyncReports, mpsc::UnboundedReceiver<(ReplicaId, u64, ResyncMsg)>),
+}
+
+impl<T: ReplicaTransport> Actor<T> {
+    pub(super) fn new(
+        cfg: VolumeConfig,
+        machine: Machine,
+        replicas: Vec<Arc<T>>,
+        shared: Arc<Mutex<Shared>>,
+        attached: oneshot::Sender<Result<u64>>,
+    ) -> Self {
+        let n = replicas.len();
+        let timeout = Duration::from_millis(cfg.machine.failure_timeout_ms.max(1));
+        Self {
+            cfg,
+            machine,
+            replicas,
+            shared,
+            attached: Some(attached),
+            start: Instant::now(),
+            timeout,
+            next_op: 1,
+            ops: HashMap::new(),
+            current: None,
+            payloads: HashMap::new(),
+            statuses: vec![ReplicaStatus::Unknown; n],
+            links: (0..n).map(|_| None).collect(),
+            resyncs: (0..n).map(|_| None).collect(),
+            gens: 0,
+            overwritten: vec![HashSet::new(); n],
+            resync_chunks: vec![0; n],
+            tasks: JoinSet::new(),
+            internal: mpsc::unbounded_channel(),
+            link_reports: mpsc::unbounded_channel(),
+            resync_reports: mpsc::unbounded_channel(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    pub(super) async fn run(mut self, mut requests: mpsc::Receiver<Request>) {
+        let now = self.now();
+        self.step(Event::Attach { now });
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                req = requests.recv() => match req {
+                    Some(req) => self.on_request(req),
+                    None => break,
+                },
+                Some(msg) = self.internal.1.recv() => self.on_internal(msg),
+                Some((r, gen, ev)) = self.link_reports.1.recv() => self.on_link(r, gen, ev),
+                Some((r, gen, msg)) = self.resync_reports.1.recv() => self.on_resync(r, gen, msg),
+                Some(_) = self.tasks.join_next(), if !self.tasks.is_empty() => {}
+                _ = tick.tick() => {
+                    let now = self.now();
+                    self.step(Event::Tick { now });
+                }
+            }
+        }
+        let closed = || Error::Unavailable(format!("volume {}: closed", self.cfg.name));
+        for (_, reply) in self.ops.drain() {
+            match reply {
+                Reply::Done(tx) => {
+                    let _ = tx.send(Err(closed()));
+                }
+                Reply::Read { reply, .. } => {
+                    let _ = reply.send(Err(closed()));
+                }
+            }
+        }
+        self.tasks.shutdown().await;
+    }
+
+    fn on_request(&mut self, req: Request) {
+        let op = self.next_op;
+        self.next_op += 1;
+        let now = self.now();
+        match req {
+            Request::Change { payload, fua, reply } => {
+                self.ops.insert(op, Reply::Done(reply));
+                self.current = Some(payload);
+                self.step(Event::ClientWrite { op, fua, now });
+                self.current = None;
+            }
+            Request::Flush { reply } => {
+                self.ops.insert(op, Reply::Done(reply));
+                self.step(Event::ClientFlush { op, now });
+            }
+            Request::Read { offset, len, reply } => {
+                self.ops.insert(op, Reply::Read { offset, len, reply });
+                self.step(Event::ClientRead { op, now });
+            }
+        }
+    }
+
+    fn on_internal(&mut self, msg: Internal) {
+        let now = self.now();
+        match msg {
+            Internal::State(replica, Ok(state)) => self.step(Event::StateReplied { replica, state, now }),
+            Internal::Open(replica, Ok(state)) => self.step(Event::OpenReplied { replica, state, now }),
+            Internal::State(replica, Err(e)) | Internal::Open(replica, Err(e)) => {
+                tracing::warn!(volume.id = %self.cfg.name, replica.id = %self.replicas[replica].name(), error = %e, "replica open failed");
+                self.step(Event::OpenFailed { replica, error: ReplicaError::from_error(&e), now })
+            }
+            Internal::Read { op, res: Ok(data), .. } => {
+                if let Some(Reply::Read { reply, .. }) = self.ops.remove(&op) {
+                    let _ = reply.send(Ok(data));
+                }
+            }
+            Internal::Read { op, replica, res: Err(e) } => {
+                if self.ops.contains_key(&op) {
+                    tracing::warn!(volume.id = %self.cfg.name, replica.id = %self.replicas[replica].name(), error = %e, "read failed");
+                    self.step(Event::ReadFailed { op, replica, error: ReplicaError::from_error(&e), now });
+                }
+            }
+        }
+    }
+
+    fn on_link(&mut self, r: ReplicaId, gen: u64, ev: LinkEvent) {
+        if self.links[r].as_ref().is_none_or(|l| l.gen != gen) {
+            return;
+        }
+        let now = self.now();
+        match ev {
+            LinkEvent::Acked { seq, durable_seq } => self.step(Event::WriteAcked { replica: r, seq, durable_seq, now }),
+            LinkEvent::Flushed { durable_seq } => self.step(Event::FlushDone { replica: r, durable_seq, now }),
+            LinkEvent::ResyncEnded { durable_seq } => self.step(Event::ResyncDone { replica: r, durable_seq, now }),
+            LinkEvent::Failed(e) => {
+                tracing::warn!(volume.id = %self.cfg.name, replica.id = %self.replicas[r].name(), error = %e, "replica link failed");
+                self.drop_link(r);
+                self.step(Event::WriteFailed { replica: r, error: ReplicaError::from_error(&e), now });
+            }
+        }
+    }
+
+    fn on_resync(&mut self, r: ReplicaId, gen: u64, msg: ResyncMsg) {
+        if self.resyncs[r].as_ref().is_none_or(|&(g, ..)| g != gen) {
+            return;
+        }
+        match msg {
+            ResyncMsg::Chunk(chunk, permit) => self.queue_chunk(r, chunk, permit),
+            ResyncMsg::Copied => {
+                self.resyncs[r] = None;
+                if let Some(l) = &self.links[r] {
+                    let _ = l.ops.send(LinkOp::EndResync);
+                }
+            }
+            ResyncMsg::Failed { error, source_failed } => {
+                let source = self.resyncs[r].take().map_or(r, |(_, _, source)| source);
+                let culprit = if source_failed { source } else { r };
+                let name = self.replicas[culprit].name();
+                tracing::warn!(volume.id = %self.cfg.name, replica.id = %name, %error, "resync failed");
+                let now = self.now();
+                let error = ReplicaError::from_error(&error);
+                if source_failed {
+                    // The source is dropped and the resync restarts from another one.
+                    self.drop_link(source);
+                    self.step(Event::WriteFailed { replica: source, error, now });
+                } else {
+                    self.step(Event::ResyncFailed { replica: r, error, now });
+                }
+            }
+        }
+    }
+
+    /// Queues a copied chunk on the target's link, minus the blocks a direct write already
+    /// replaced since the resync began (those writes are newer and already queued).
+    fn queue_chunk(&mut self, r: ReplicaId, chunk: ResyncChunk, permit: Permit) {
+        let Some(link) = &self.links[r] else { return };
+        let bs = u64::from(self.cfg.block_size);
+        let (len, data) = match &chunk.data {
+            ChunkData::Data(d) => (d.len() as u64, Some(d)),
+            ChunkData::Zero => (bs, None),
+            ChunkData::Trim(len) => (*len, None),
+        };
+        let first = chunk.offset / bs;
+        let blocks = len.div_ceil(bs);
+        let skip = &self.overwritten[r];
+        let mut b = first;
+        while b < first + blocks {
+            if skip.contains(&b) {
+                b += 1;
+                continue;
+            }
+            let start = b;
+            while b < first + blocks && !skip.contains(&b) {
+                b += 1;
+            }
+            let (offset, run) = (start * bs, (b - start) * bs);
+            let piece = match data {
+                Some(d) => {
+                    let at = ((start - first) * bs) as usize;
+                    let end = (at + run as usize).min(d.len());
+                    ChunkData::Data(d.slice(at..end))
+                }
+                None if matches!(chunk.data, ChunkData::Zero) => ChunkData::Zero,
+                None => ChunkData::Trim(run),
+            };
+            let op =
+                LinkOp::Resync { chunk: ResyncChunk { offset, seq: chunk.seq, data: piece }, permit: permit.clone() };
+            self.resync_chunks[r] += 1;
+            let _ = link.ops.send(op);
+        }
+    }
+
+    fn step(&mut self, ev: Event) {
+        for cmd in self.machine.step(ev) {
+            self.apply(cmd);
+        }
+        self.payloads.clear();
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        for (r, info) in shared.replicas.iter_mut().enumerate() {
+            let v = self.machine.view(r);
+            info.status = v.status;
+            info.acked_seq = v.acked_seq;
+            info.durable_seq = v.durable_seq;
+            info.resync_chunks = self.resync_chunks[r];
+        }
+    }
+
+    fn epoch_error(&self, reason: FailReason) -> Error {
+        reason.to_error(&self.cfg.name, self.machine.epoch())
+    }
+
+    fn apply(&mut self, cmd: Command) {
+        match cmd {
+            Command::SendState { replica } => {
+                let (t, tx, timeout) = (self.replicas[replica].clone(), self.internal.0.clone(), self.timeout);
+                self.tasks.spawn(async move {
+                    let res = link::with_timeout(timeout, "state", t.state()).await;
+                    let _ = tx.send(Internal::State(replica, res));
+                });
+            }
+            Command::SendOpen { replica, epoch } => {
+                let (t, tx, timeout) = (self.replicas[replica].clone(), self.internal.0.clone(), self.timeout);
+                self.tasks.spawn(async move {
+                    let res = link::with_timeout(timeout, "open", t.open(epoch)).await;
+                    let _ = tx.send(Internal::Open(replica, res));
+                });
+            }
+            Command::Attached { epoch, source } => {
+                tracing::info!(volume.id = %self.cfg.name, epoch, source = %self.replicas[source].name(), "attached");
+                self.shared.lock().unwrap_or_else(|e| e.into_inner()).epoch = epoch;
+                if let Some(tx) = self.attached.take() {
+                    let _ = tx.send(Ok(epoch));
+                }
+            }
+            Command::AttachFailed { reason } => {
+                let err = self.epoch_error(reason);
+                if let Some(tx) = self.attached.take() {
+                    let _ = tx.send(Err(err));
+                }
+            }
+            Command::Fenced { current } => {
+                tracing::error!(volume.id = %self.cfg.name, epoch = self.machine.epoch(), current, "fenced by a newer engine");
+                if let Some(tx) = self.attached.take() {
+                    let _ = tx.send(Err(Error::StaleEpoch {
+                        volume: self.cfg.name.clone(),
+                        got: self.machine.epoch(),
+                        current,
+                    }));
+                }
+            }
+            Command::Sequenced { seq, .. } => {
+                if let Some(p) = self.current.take() {
+                    self.payloads.insert(seq, p);
+                }
+            }
+            Command::SendWrite { replica, seq, fua } => self.send_write(replica, seq, fua),
+            Command::SendFlush { replica } => {
+                let _ = self.link(replica).ops.send(LinkOp::Flush);
+            }
+            Command::SendRead { op, replica } => {
+                let Some(Reply::Read { offset, len, .. }) = self.ops.get(&op) else { return };
+                let (offset, len) = (*offset, *len);
+                let (t, tx, timeout, epoch) =
+                    (self.replicas[replica].clone(), self.internal.0.clone(), self.timeout, self.machine.epoch());
+                self.tasks.spawn(async move {
+                    let res = link::with_timeout(timeout, "read", t.read(epoch, offset, len)).await;
+                    let _ = tx.send(Internal::Read { op, replica, res });
+                });
+            }
+            Command::AckClient { op } => match self.ops.remove(&op) {
+                Some(Reply::Done(tx)) => {
+                    let _ = tx.send(Ok(()));
+                }
+                Some(Reply::Read { reply, .. }) => {
+                    let _ = reply.send(Err(Error::Internal("read acknowledged without data".into())));
+                }
+                None => {}
+            },
+            Command::FailClient { op, reason } => {
+                let err = self.epoch_error(reason);
+                match self.ops.remove(&op) {
+                    Some(Reply::Done(tx)) => {
+                        let _ = tx.send(Err(err));
+                    }
+                    Some(Reply::Read { reply, .. }) => {
+                        let _ = reply.send(Err(err));
+                    }
+                    None => {}
+                }
+            }
+            Command::SetStatus { replica, status } => {
+                tracing::info!(volume.id = %self.cfg.name, replica.id = %self.replicas[replica].name(), %status, "replica status");
+                if status != ReplicaStatus::Resyncing {
+                    self.overwritten[replica].clear();
+                    self.abort_resync(replica);
+                }
+                self.statuses[replica] = status;
+            }
+            Command::Disconnect { replica } => {
+                self.drop_link(replica);
+                self.abort_resync(replica);
+                self.overwritten[replica].clear();
+            }
+            Command::StartResync { replica, source, since, upto, two_sided, consistent } => {
+                self.start_resync(replica, source, (since, upto, consistent), two_sided)
+            }
+            Command::AbortResync { replica } => self.abort_resync(replica),
+        }
+    }
+
+    fn send_write(&mut self, replica: ReplicaId, seq: Seq, fua: bool) {
+        let Some(p) = self.payloads.get(&seq).cloned() else {
+            tracing::error!(volume.id = %self.cfg.name, seq, "write without a payload");
+            return;
+        };
+        if self.statuses[replica] == ReplicaStatus::Resyncing {
+            let bs = u64::from(self.cfg.block_size);
+            let (offset, len) = p.range();
+            self.overwritten[replica].extend(offset / bs..(offset + len).div_ceil(bs));
+        }
+        let op = match p {
+            Payload::Data { offset, data } => LinkOp::Write { seq, offset, data, fua },
+            Payload::Trim { offset, len } => LinkOp::Trim { seq, offset, len },
+        };
+        let _ = self.link(replica).ops.send(op);
+    }
+
+    /// The replica's link, started on first use.
+    fn link(&mut self, r: ReplicaId) -> &LinkHandle {
+        if self.links[r].is_none() {
+            self.gens += 1;
+            let gen = self.gens;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let fut = link::run(
+                self.replicas[r].clone(),
+                self.machine.epoch(),
+                r,
+                gen,
+                rx,
+                self.link_reports.0.clone(),
+                self.timeout,
+            );
+            let abort = self.tasks.spawn(fut);
+            self.links[r] = Some(LinkHandle { gen, ops: tx, abort });
+        }
+        self.links[r].as_ref().expect("link was just created")
+    }
+
+    fn drop_link(&mut self, r: ReplicaId) {
+        if let Some(l) = self.links[r].take() {
+            l.abort.abort();
+        }
+    }
+
+    fn abort_resync(&mut self, r: ReplicaId) {
+        if let Some((_, abort, _)) = self.resyncs[r].take() {
+            abort.abort();
+        }
+    }
+
+    /// `range` is (since, upto, consistent) of the plan.
+    fn start_resync(&mut self, r: ReplicaId, source: ReplicaId, range: (Seq, Seq, Seq), lift_seq: Option<Seq>) {
+        let (since, upto, consistent) = range;
+        self.abort_resync(r);
+        self.link(r);
+        self.gens += 1;
+        let epoch = self.machine.epoch();
+        tracing::info!(volume.id = %self.cfg.name, replica.id = %self.replicas[r].name(), source = %self.replicas[source].name(), since, upto, two_sided = lift_seq.is_some(), "resync started");
+        let job = ResyncJob {
+            source: self.replicas[source].clone(),
+            target: self.replicas[r].clone(),
+            epoch,
+            since,
+            consistent,
+            lift_seq,
+            two_sided: lift_seq.is_some(),
+            block_size: u64::from(self.cfg.block_size),
+            window: self.cfg.resync_window,
+            timeout: self.timeout,
+            replica: r,
+            gen: self.gens,
+            reports: self.resync_reports.0.clone(),
+        };
+        let abort = self.tasks.spawn(job.run());
+        self.resyncs[r] = Some((self.gens, abort, source));
+    }
+}

@@ -1,0 +1,522 @@
+//! [`Machine`]: the quorum replicator of one volume as a pure state machine.
+//!
+//! No I/O, no clocks, no tasks: [`Machine::step`] takes an [`Event`] (with the time in it)
+//! and returns the [`Command`]s to carry out, in order. The contract it enforces is stated
+//! in the module docs of [`crate::replication`]; this file keeps the write/flush/read
+//! paths and deadlines, `attach.rs` the attach and resync planning.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::event::{Command, Event};
+use super::types::{
+    FailReason, MachineConfig, Millis, OpId, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq, SEQ_EPOCH_SHIFT,
+};
+use crate::error::Result;
+
+/// Where the machine is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Detached,
+    /// `State` sent to every replica; waiting for a majority of replies.
+    Probing,
+    /// `Open(epoch)` sent; waiting for a majority to accept it.
+    Opening,
+    Active,
+    AttachFailed,
+    /// A replica reported a newer epoch. Terminal: every request fails.
+    Fenced {
+        current: u64,
+    },
+}
+
+/// A resync planned or running into a replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct ResyncPlan {
+    pub since: Seq,
+    pub upto: Seq,
+    /// `Some(lift)` for a two-sided resync (see [`Command::StartResync`]).
+    pub two_sided: Option<Seq>,
+    /// Until the resync is done the target holds the history only up to here.
+    pub consistent: Seq,
+    /// The replica copied from, once started.
+    pub source: Option<ReplicaId>,
+}
+
+/// What the machine tracks per replica.
+#[derive(Debug, Clone)]
+pub(super) struct Rep {
+    pub status: ReplicaStatus,
+    /// The last `State`/`Open` reply.
+    pub reported: Option<ReplicaSeqs>,
+    /// Highest seq this replica acknowledged on its current connection (acks are in order).
+    pub acked_seq: Seq,
+    pub durable_seq: Seq,
+    /// Writes sent and not acked: (seq, sent at).
+    pub inflight: VecDeque<(Seq, Millis)>,
+    /// Flushes sent and not answered: (last seq sent before it, sent at).
+    pub flushes: VecDeque<(Seq, Millis)>,
+    /// Highest seq sent on the current connection.
+    pub last_sent: Seq,
+    pub open_pending: bool,
+    pub retry_at: Millis,
+    pub resync: Option<ResyncPlan>,
+    /// How far this replica holds the volume's history as a prefix, as this engine last
+    /// established it (`None`: never established). For a replica that was in sync: the
+    /// last seq sent to it (it applied a prefix of that; its own report caps it).
+    pub known_cp: Option<Seq>,
+}
+
+impl Rep {
+    fn new() -> Self {
+        Self {
+            status: ReplicaStatus::Unknown,
+            reported: None,
+            acked_seq: 0,
+            durable_seq: 0,
+            inflight: VecDeque::new(),
+            flushes: VecDeque::new(),
+            last_sent: 0,
+            open_pending: false,
+            retry_at: 0,
+            resync: None,
+            known_cp: None,
+        }
+    }
+
+    /// When the oldest unanswered request was sent.
+    fn oldest_request(&self) -> Option<Millis> {
+        let w = self.inflight.front().map(|&(_, t)| t);
+        let f = self.flushes.front().map(|&(_, t)| t);
+        match (w, f) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn oldest_request_age(&self, now: Millis) -> Option<Millis> {
+        self.oldest_request().map(|t| now.saturating_sub(t))
+    }
+
+    fn connected(&self) -> bool {
+        matches!(self.status, ReplicaStatus::Healthy | ReplicaStatus::Lagging | ReplicaStatus::Resyncing)
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingWrite {
+    op: OpId,
+    fua: bool,
+    deadline: Millis,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PendingFlush {
+    op: OpId,
+    barrier: Seq,
+    deadline: Millis,
+}
+
+/// A read-only view of one replica, for operators and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaView {
+    pub status: ReplicaStatus,
+    pub acked_seq: Seq,
+    pub durable_seq: Seq,
+}
+
+/// The quorum replicator of one volume. See [`crate::replication`] for the contract.
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub(super) cfg: MachineConfig,
+    pub(super) w: usize,
+    pub(super) phase: Phase,
+    pub(super) epoch: u64,
+    pub(super) reps: Vec<Rep>,
+    /// The end of the volume's history: the highest seq assigned, or the attach base.
+    pub(super) last_seq: Seq,
+    /// Highest seq ever assigned or reported by a replica: new seqs go above it (a
+    /// re-attach may cut the history back, seqs are never reused).
+    pub(super) max_seq: Seq,
+    /// The source's `last_seq` when attach completed.
+    pub(super) attach_base: Seq,
+    /// Highest seq acknowledged to a client: reads must see it.
+    acked_client_seq: Seq,
+    writes: BTreeMap<Seq, PendingWrite>,
+    flushes: Vec<PendingFlush>,
+    pub(super) attach_deadline: Millis,
+    /// Set once the first attach completed: a later `Opening` is a re-attach after the
+    /// in-sync set emptied, and requests then fail with `NoQuorum`, not `NotAttached`.
+    pub(super) was_active: bool,
+    /// The attach source holds data beyond the adopted history (`attach_base`): no other
+    /// replica is taken as healthy on equal seqs alone.
+    pub(super) dirty_source: bool,
+}
+
+impl Machine {
+    /// A detached machine. Fails on an invalid configuration (see [`MachineConfig::quorum`]).
+    pub fn new(cfg: MachineConfig) -> Result<Self> {
+        let w = cfg.quorum()?;
+        let n = cfg.replicas.len();
+        Ok(Self {
+            cfg,
+            w,
+            phase: Phase::Detached,
+            epoch: 0,
+            reps: (0..n).map(|_| Rep::new()).collect(),
+            last_seq: 0,
+            max_seq: 0,
+            attach_base: 0,
+            acked_client_seq: 0,
+            writes: BTreeMap::new(),
+            flushes: Vec::new(),
+            attach_deadline: 0,
+            was_active: false,
+            dirty_source: false,
+        })
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+    pub fn write_quorum(&self) -> usize {
+        self.w
+    }
+    pub fn replica_count(&self) -> usize {
+        self.reps.len()
+    }
+    /// Highest sequence number assigned so far.
+    pub fn last_seq(&self) -> Seq {
+        self.last_seq
+    }
+    pub fn status(&self, replica: ReplicaId) -> ReplicaStatus {
+        self.reps[replica].status
+    }
+    pub fn view(&self, replica: ReplicaId) -> ReplicaView {
+        let r = &self.reps[replica];
+        ReplicaView { status: r.status, acked_seq: r.acked_seq, durable_seq: r.durable_seq }
+    }
+    /// Client writes and flushes not answered yet.
+    pub fn pending_ops(&self) -> usize {
+        self.writes.len() + self.flushes.len()
+    }
+
+    /// Feeds one event; returns the commands to carry out, in order.
+    pub fn step(&mut self, event: Event) -> Vec<Command> {
+        let mut out = Vec::new();
+        if let Phase::Fenced { current } = self.phase {
+            match event {
+                Event::ClientWrite { op, .. } | Event::ClientFlush { op, .. } | Event::ClientRead { op, .. } => {
+                    out.push(Command::FailClient { op, reason: FailReason::Fenced { current } })
+                }
+                Event::ReadFailed { op, .. } => {
+                    out.push(Command::FailClient { op, reason: FailReason::Fenced { current } })
+                }
+                _ => {}
+            }
+            return out;
+        }
+        match event {
+            Event::Attach { now } => self.on_attach(now, &mut out),
+            Event::StateReplied { replica, state, now } => self.on_state(replica, state, now, &mut out),
+            Event::OpenReplied { replica, state, now } => self.on_opened(replica, state, now, &mut out),
+            Event::OpenFailed { replica, error, now } => self.on_open_failed(replica, error, now, &mut out),
+            Event::ClientWrite { op, fua, now } => self.on_write(op, fua, now, &mut out),
+            Event::ClientFlush { op, now } => self.on_flush(op, now, &mut out),
+            Event::ClientRead { op, .. } => self.route_read(op, &mut out),
+            Event::WriteAcked { replica, seq, durable_seq, now } => {
+                self.on_acked(replica, seq, durable_seq, now, &mut out)
+            }
+            Event::FlushDone { replica, durable_seq, now } => self.on_flushed(replica, durable_seq, now, &mut out),
+            Event::WriteFailed { replica, error, now } => self.on_replica_error(replica, error, now, &mut out),
+            Event::ReadFailed { op, replica, error, now } => {
+                self.on_replica_error(replica, error, now, &mut out);
+                if let Phase::Fenced { current } = self.phase {
+                    out.push(Command::FailClient { op, reason: FailReason::Fenced { current } });
+                } else {
+                    self.route_read(op, &mut out);
+                }
+            }
+            Event::ResyncDone { replica, durable_seq, now } => self.on_resync_done(replica, durable_seq, now, &mut out),
+            Event::ResyncFailed { replica, error, now } => self.on_replica_error(replica, error, now, &mut out),
+            Event::Tick { now } => self.on_tick(now, &mut out),
+        }
+        out
+    }
+
+    /// The next sequence number: above everything seen, and in this epoch's range.
+    fn assign_seq(&mut self) -> Seq {
+        let seq = (self.max_seq + 1).max(self.epoch << SEQ_EPOCH_SHIFT);
+        self.max_seq = seq;
+        self.last_seq = seq;
+        seq
+    }
+
+    /// Why a request fails while the volume is not active.
+    fn inactive_reason(&self) -> FailReason {
+        if self.was_active {
+            FailReason::NoQuorum
+        } else {
+            FailReason::NotAttached
+        }
+    }
+
+    fn in_sync_count(&self) -> usize {
+        self.reps.iter().filter(|r| r.status.in_sync()).count()
+    }
+
+    /// In-sync replicas that applied `seq`.
+    fn votes(&self, seq: Seq) -> usize {
+        self.reps.iter().filter(|r| r.status.in_sync() && r.acked_seq >= seq).count()
+    }
+
+    /// In-sync replicas on which everything up to `seq` is durable.
+    fn durable_votes(&self, seq: Seq) -> usize {
+        self.reps.iter().filter(|r| r.status.in_sync() && r.durable_seq >= seq).count()
+    }
+
+    fn on_write(&mut self, op: OpId, fua: bool, now: Millis, out: &mut Vec<Command>) {
+        if self.phase != Phase::Active {
+            out.push(Command::FailClient { op, reason: self.inactive_reason() });
+            return;
+        }
+        let seq = self.assign_seq();
+        out.push(Command::Sequenced { op, seq });
+        for (id, r) in self.reps.iter_mut().enumerate() {
+            if r.connected() {
+                out.push(Command::SendWrite { replica: id, seq, fua });
+                r.inflight.push_back((seq, now));
+                r.last_sent = seq;
+            }
+        }
+        self.writes.insert(seq, PendingWrite { op, fua, deadline: now + self.cfg.io_timeout_ms });
+    }
+
+    fn on_flush(&mut self, op: OpId, now: Millis, out: &mut Vec<Command>) {
+        if self.phase != Phase::Active {
+            out.push(Command::FailClient { op, reason: self.inactive_reason() });
+            return;
+        }
+        let barrier = self.last_seq;
+        if self.durable_votes(barrier) >= self.w {
+            out.push(Command::AckClient { op });
+            return;
+        }
+        for (id, r) in self.reps.iter_mut().enumerate() {
+            let covered = r.flushes.back().is_some_and(|&(covers, _)| covers >= barrier);
+            if r.status.in_sync() && r.durable_seq < barrier && !covered {
+                out.push(Command::SendFlush { replica: id });
+                r.flushes.push_back((r.last_sent, now));
+            }
+        }
+        self.flushes.push(PendingFlush { op, barrier, deadline: now + self.cfg.io_timeout_ms });
+    }
+
+    /// Picks a replica holding every acknowledged write: in sync, caught up to the highest
+    /// acknowledged seq; the local one first, healthy before lagging.
+    fn route_read(&mut self, op: OpId, out: &mut Vec<Command>) {
+        if self.phase != Phase::Active {
+            out.push(Command::FailClient { op, reason: self.inactive_reason() });
+            return;
+        }
+        let best = self
+            .reps
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.status.in_sync() && r.acked_seq >= self.acked_client_seq)
+            .min_by_key(|&(id, r)| (r.status != ReplicaStatus::Healthy, !self.cfg.replicas[id].local, id));
+        match best {
+            Some((replica, _)) => out.push(Command::SendRead { op, replica }),
+            None => out.push(Command::FailClient { op, reason: FailReason::NoReplica }),
+        }
+    }
+
+    fn on_acked(&mut self, id: ReplicaId, seq: Seq, durable: Seq, now: Millis, out: &mut Vec<Command>) {
+        let r = &mut self.reps[id];
+        if !r.connected() {
+            return;
+        }
+        while r.inflight.front().is_some_and(|&(s, _)| s <= seq) {
+            r.inflight.pop_front();
+        }
+        r.acked_seq = r.acked_seq.max(seq);
+        r.durable_seq = r.durable_seq.max(durable);
+        self.maybe_recovered(id, now, out);
+        self.settle(out);
+    }
+
+    fn on_flushed(&mut self, id: ReplicaId, durable: Seq, now: Millis, out: &mut Vec<Command>) {
+        let r = &mut self.reps[id];
+        if !r.connected() {
+            return;
+        }
+        r.flushes.pop_front();
+        r.durable_seq = r.durable_seq.max(durable);
+        self.maybe_recovered(id, now, out);
+        self.settle(out);
+    }
+
+    /// A lagging replica whose oldest request is young again is healthy.
+    fn maybe_recovered(&mut self, id: ReplicaId, now: Millis, out: &mut Vec<Command>) {
+        let r = &mut self.reps[id];
+        let young = r.oldest_request().is_none_or(|t| now.saturating_sub(t) < self.cfg.ack_timeout_ms);
+        if r.status == ReplicaStatus::Lagging && young {
+            r.status = ReplicaStatus::Healthy;
+            out.push(Command::SetStatus { replica: id, status: ReplicaStatus::Healthy });
+        }
+    }
+
+    fn on_replica_error(&mut self, id: ReplicaId, error: ReplicaError, now: Millis, out: &mut Vec<Command>) {
+        match error {
+            ReplicaError::StaleEpoch { current } => self.fence(current, out),
+            ReplicaError::Failed(_) => {
+                self.fail_replica(id, now, out);
+                self.settle(out);
+            }
+        }
+    }
+
+    /// Stops using a replica: in-flight requests are forgotten (it will be resynced from
+    /// its durable seq when it comes back), resyncs it was the source of are restarted.
+    pub(super) fn fail_replica(&mut self, id: ReplicaId, now: Millis, out: &mut Vec<Command>) {
+        let retry_at = now + self.cfg.retry_interval_ms;
+        let r = &mut self.reps[id];
+        if r.status == ReplicaStatus::Failed {
+            return;
+        }
+        r.resync = None;
+        let was_connected = r.connected();
+        if r.status.in_sync() {
+            // It applied a prefix of what was sent to it; its report will cap this.
+            r.known_cp = Some(r.last_sent.max(r.acked_seq));
+        }
+        r.status = ReplicaStatus::Failed;
+        r.inflight.clear();
+        r.flushes.clear();
+        r.retry_at = retry_at;
+        if was_connected {
+            out.push(Command::Disconnect { replica: id });
+        }
+        out.push(Command::SetStatus { replica: id, status: ReplicaStatus::Failed });
+        if self.phase == Phase::Active && self.in_sync_count() == 0 {
+            self.reattach(now, out);
+            return;
+        }
+        for (t, r) in self.reps.iter_mut().enumerate() {
+            if let Some(plan) = r.resync.as_mut() {
+                if plan.source == Some(id) {
+                    plan.source = None;
+                    out.push(Command::AbortResync { replica: t });
+                }
+            }
+        }
+        self.start_resyncs(out);
+    }
+
+    pub(super) fn fence(&mut self, current: u64, out: &mut Vec<Command>) {
+        let current = current.max(self.epoch + 1);
+        self.phase = Phase::Fenced { current };
+        out.push(Command::Fenced { current });
+        let reason = FailReason::Fenced { current };
+        for (id, r) in self.reps.iter().enumerate() {
+            if r.connected() {
+                out.push(Command::Disconnect { replica: id });
+            }
+        }
+        for (_, w) in std::mem::take(&mut self.writes) {
+            out.push(Command::FailClient { op: w.op, reason });
+        }
+        for f in std::mem::take(&mut self.flushes) {
+            out.push(Command::FailClient { op: f.op, reason });
+        }
+    }
+
+    /// Fails the pending writes sequenced after `seq` (a re-attach adopted a history that
+    /// ends at `seq`: they are on no replica the volume trusts).
+    pub(super) fn fail_writes_after(&mut self, seq: Seq, reason: FailReason, out: &mut Vec<Command>) {
+        for (_, w) in self.writes.split_off(&(seq + 1)) {
+            out.push(Command::FailClient { op: w.op, reason });
+        }
+    }
+
+    /// Acknowledges every client write and flush that reached its quorum, in seq order,
+    /// then starts resyncs whose source became ready.
+    pub(super) fn settle(&mut self, out: &mut Vec<Command>) {
+        let ready: Vec<Seq> = self
+            .writes
+            .iter()
+            .filter(|(&seq, w)| {
+                let votes = if w.fua { self.durable_votes(seq) } else { self.votes(seq) };
+                votes >= self.w
+            })
+            .map(|(&seq, _)| seq)
+            .collect();
+        for seq in ready {
+            if let Some(w) = self.writes.remove(&seq) {
+                self.acked_client_seq = self.acked_client_seq.max(seq);
+                out.push(Command::AckClient { op: w.op });
+            }
+        }
+        let mut i = 0;
+        while i < self.flushes.len() {
+            if self.durable_votes(self.flushes[i].barrier) >= self.w {
+                let f = self.flushes.remove(i);
+                out.push(Command::AckClient { op: f.op });
+            } else {
+                i += 1;
+            }
+        }
+        self.start_resyncs(out);
+    }
+
+    fn on_tick(&mut self, now: Millis, out: &mut Vec<Command>) {
+        match self.phase {
+            Phase::Probing | Phase::Opening if now >= self.attach_deadline => {
+                self.phase = Phase::AttachFailed;
+                out.push(Command::AttachFailed { reason: FailReason::NoQuorum });
+                return;
+            }
+            Phase::Opening | Phase::Active => {}
+            _ => return,
+        }
+        for id in 0..self.reps.len() {
+            let r = &self.reps[id];
+            let age = r.oldest_request().map(|t| now.saturating_sub(t));
+            if r.connected() && age.is_some_and(|a| a >= self.cfg.failure_timeout_ms) {
+                self.fail_replica(id, now, out);
+            } else if r.status == ReplicaStatus::Healthy && age.is_some_and(|a| a >= self.cfg.ack_timeout_ms) {
+                self.reps[id].status = ReplicaStatus::Lagging;
+                out.push(Command::SetStatus { replica: id, status: ReplicaStatus::Lagging });
+            } else if r.status == ReplicaStatus::Failed && !r.open_pending && now >= r.retry_at {
+                let epoch = self.epoch;
+                let r = &mut self.reps[id];
+                r.open_pending = true;
+                r.retry_at = now + self.cfg.retry_interval_ms;
+                out.push(Command::SendOpen { replica: id, epoch });
+            }
+        }
+        match self.phase {
+            Phase::Active => self.settle(out),
+            Phase::Opening if self.was_active => {}
+            _ => return,
+        }
+        let reason = if self.in_sync_count() < self.w { FailReason::NoQuorum } else { FailReason::Timeout };
+        let expired: Vec<Seq> = self.writes.iter().filter(|(_, w)| w.deadline <= now).map(|(&s, _)| s).collect();
+        for seq in expired {
+            if let Some(w) = self.writes.remove(&seq) {
+                out.push(Command::FailClient { op: w.op, reason });
+            }
+        }
+        let mut i = 0;
+        while i < self.flushes.len() {
+            if self.flushes[i].deadline <= now {
+                let f = self.flushes.remove(i);
+                out.push(Command::FailClient { op: f.op, reason });
+            } else {
+                i += 1;
+            }
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! [`ReplicatedVolume`]: a replicated volume served by one actor task (`actor.rs`) that
+//! drives the [`super::Machine`] and does its I/O through a [`ReplicaTransport`] per
+//! replica.
+//!
+//! Boundary: frontends see only [`BlockDevice`]. Requests reach the actor through a bounded
+//! channel (backpressure) and are validated (alignment, range) before they are queued.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::actor::{Actor, Payload, Request, Shared};
+use super::machine::Machine;
+use super::transport::ReplicaTransport;
+use super::types::{MachineConfig, ReplicaStatus, Seq};
+use crate::device::BlockDevice;
+use crate::error::{Error, Result};
+
+/// Configuration of a replicated volume.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub machine: MachineConfig,
+    /// How often deadlines are checked.
+    pub tick: Duration,
+    /// Client requests queued before callers wait.
+    pub queue_depth: usize,
+    /// Resync chunks in flight per resync.
+    pub resync_window: usize,
+}
+
+impl VolumeConfig {
+    pub fn new(name: impl Into<String>, size: u64, machine: MachineConfig) -> Self {
+        Self {
+            name: name.into(),
+            size,
+            block_size: 4096,
+            machine,
+            tick: Duration::from_millis(50),
+            queue_depth: 256,
+            resync_window: 64,
+        }
+    }
+}
+
+/// One replica as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaHealth {
+    pub name: String,
+    pub status: ReplicaStatus,
+    pub acked_seq: Seq,
+    pub durable_seq: Seq,
+    /// Resync blocks/ranges queued to this replica since the volume attached.
+    pub resync_chunks: u64,
+}
+
+/// A replicated volume. Dropping it (or [`ReplicatedVolume::close`]) stops its actor;
+/// pending requests then fail with `Unavailable`.
+pub struct ReplicatedVolume {
+    name: String,
+    size: u64,
+    block_size: u32,
+    tx: mpsc::Sender<Request>,
+    shared: Arc<Mutex<Shared>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReplicatedVolume {
+    /// Attaches the volume: bumps the epoch on a majority of `replicas` (in replica-set
+    /// order, matching `cfg.machine.replicas`) and starts serving. Fails with `StaleEpoch`
+    /// if another engine owns it, `Unavailable` if no majority answered in time.
+    pub async fn attach<T: ReplicaTransport>(cfg: VolumeConfig, replicas: Vec<T>) -> Result<Self> {
+        if replicas.len() != cfg.machine.replicas.len() {
+            return Err(Error::InvalidArgument(format!(
+                "volume {}: {} transports for {} replicas",
+                cfg.name,
+                replicas.len(),
+                cfg.machine.replicas.len()
+            )));
+        }
+        if cfg.block_size == 0 || !cfg.size.is_multiple_of(u64::from(cfg.block_size)) {
+            return Err(Error::InvalidArgument(format!(
+                "volume {}: size {} is not a multiple of the block size",
+                cfg.name, cfg.size
+            )));
+        }
+        let machine = Machine::new(cfg.machine.clone())?;
+        let shared = Arc::new(Mutex::new(Shared {
+            epoch: 0,
+            replicas: cfg
+                .machine
+                .replicas
+                .iter()
+                .map(|s| ReplicaHealth {
+                    name: s.name.clone(),
+                    status: ReplicaStatus::Unknown,
+                    acked_seq: 0,
+                    durable_seq: 0,
+                    resync_chunks: 0,
+                })
+                .collect(),
+        }));
+        let (tx, rx) = mpsc::channel(cfg.queue_depth.max(1));
+        let (attached_tx, attached_rx) = oneshot::channel();
+        let actor =
+            Actor::new(cfg.clone(), machine, replicas.into_iter().map(Arc::new).collect(), shared.clone(), attached_tx);
+        let task = tokio::spawn(actor.run(rx));
+        let res = attached_rx
+            .await
+            .unwrap_or_else(|_| Err(Error::Internal(format!("volume {}: actor ended during attach", cfg.name))));
+        let vol = Self { name: cfg.name, size: cfg.size, block_size: cfg.block_size, tx, shared, task };
+        res.map(|_| vol)
+    }
+
+    /// The epoch this engine attached under.
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// Replica states (for the CLI and metrics).
+    pub fn replicas(&self) -> Vec<ReplicaHealth> {
+        self.lock().replicas.clone()
+    }
+
+    /// Stops the actor and waits for it.
+    pub async fn close(self) {
+        let Self { tx, task, .. } = self;
+        drop(tx);
+        let _ = task.await;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn check(&self, offset: u64, len: u64) -> Result<()> {
+        let bs = u64::from(self.block_size);
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Err(Error::InvalidArgument(format!(
+                "volume {}: unaligned request offset={offset} length={len}",
+                self.name
+            )));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > self.size) {
+            return Err(Error::OutOfRange { volume: self.name.clone(), offset, length: len, size: self.size });
+        }
+        Ok(())
+    }
+
+    async fn call<R>(&self, make: impl FnOnce(oneshot::Sender<Result<R>>) -> Request) -> Result<R> {
+        let (reply, rx) = oneshot::channel();
+        let closed = || Error::Unavailable(format!("volume {}: closed", self.name));
+        self.tx.send(make(reply)).await.map_err(|_| closed())?;
+        rx.await.map_err(|_| closed())?
+    }
+}
+
+impl BlockDevice for ReplicatedVolume {
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn block_size(&self) -> u32 {
+        self.block_size
+    }
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn read(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        self.call(|reply| Request::Read { offset, len, reply }).await
+    }
+
+    async fn write(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+        self.check(offset, data.len() as u64)?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        let payload = Payload::Data { offset, data: data.into() };
+        self.call(|reply| Request::Change { payload, fua, reply }).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.call(|reply| Request::Flush { reply }).await
+    }
+
+    async fn trim(&self, offset: u64, len: u64) -> Result<()> {
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.call(|reply| Request::Change { payload: Payload::Trim { offset, len }, fua: false, reply }).await
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
+        if may_trim {
+            return self.trim(offset, len).await;
+        }
+        self.check(offset, len)?;
+        let len = usize::try_from(len)
+            .map_err(|_| Error::InvalidArgument(format!("volume {}: zero range too large", self.name)))?;
+        self.write(offset, vec![0u8; len], false).await
+    }
+}

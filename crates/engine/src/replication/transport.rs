@@ -1,0 +1,93 @@
+//! `ReplicaTransport`: how the runtime talks to one replica of a volume.
+//!
+//! Two implementations: [`GrpcReplica`] (the replica service over tonic; the real one) and
+//! [`MemReplica`] (a replica in memory with knobs to delay, fail, kill and crash it; for
+//! tests of the replication runtime).
+//!
+//! Ordering contract: requests sent on one [`WriteStream`] are applied in order and
+//! answered in order. Unary calls (`trim`, `flush`, `apply_resync`, `end_resync`) are not
+//! ordered against the stream; the runtime issues them only when the stream has nothing in
+//! flight.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use tokio::sync::mpsc;
+
+pub use super::grpc_replica::GrpcReplica;
+pub use super::mem_replica::{MemReplica, MemStats};
+use super::types::{ReplicaSeqs, Seq};
+use crate::error::Result;
+
+/// One request on a replica's write stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteReq {
+    pub seq: Seq,
+    pub offset: u64,
+    pub data: Bytes,
+    /// Durable before the ack.
+    pub fua: bool,
+}
+
+/// A replica's answer to one write: it applied everything up to `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteAck {
+    pub seq: Seq,
+    pub durable_seq: Seq,
+}
+
+/// An open write stream: requests in, one ack per request out, in order. Dropping the
+/// sender ends the stream.
+pub struct WriteStream {
+    pub requests: mpsc::Sender<WriteReq>,
+    pub acks: BoxStream<'static, Result<WriteAck>>,
+}
+
+/// The payload of a resync chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkData {
+    /// One block of data.
+    Data(Bytes),
+    /// One block that reads as zeroes (unallocated).
+    Zero,
+    /// A deallocated range of this many bytes.
+    Trim(u64),
+}
+
+/// One unit of a resync stream: the current content of a block (or a trimmed range) and
+/// the seq that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncChunk {
+    pub offset: u64,
+    pub seq: Seq,
+    pub data: ChunkData,
+}
+
+/// The operations the replication runtime needs from one replica of one volume.
+pub trait ReplicaTransport: Send + Sync + 'static {
+    /// The replica's node name, for logs.
+    fn name(&self) -> &str;
+    fn state(&self) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
+    /// Records `epoch` if newer; fails with `StaleEpoch` if older.
+    fn open(&self, epoch: u64) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
+    fn write_stream(&self, epoch: u64) -> impl Future<Output = Result<WriteStream>> + Send;
+    fn read(&self, epoch: u64, offset: u64, len: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    /// Makes everything applied durable; returns the durable seq.
+    fn flush(&self, epoch: u64) -> impl Future<Output = Result<Seq>> + Send;
+    /// Deallocates a range.
+    fn trim(&self, epoch: u64, seq: Seq, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send;
+    /// Every trim and block whose content was written after `since`.
+    fn resync_stream(
+        &self,
+        epoch: u64,
+        since: Seq,
+    ) -> impl Future<Output = Result<BoxStream<'static, Result<ResyncChunk>>>> + Send;
+    /// Marks the replica incomplete from `from_seq` (durably) until `end_resync`.
+    fn begin_resync(&self, epoch: u64, from_seq: Seq) -> impl Future<Output = Result<()>> + Send;
+    /// Applies copied chunks; a chunk never replaces a block written at a newer seq (see
+    /// [`crate::replication`], "Resync ordering"). Returns how many were applied.
+    fn apply_resync(&self, epoch: u64, chunks: Vec<ResyncChunk>) -> impl Future<Output = Result<u64>> + Send;
+    /// Flushes and clears the resync mark; returns the durable seq.
+    fn end_resync(&self, epoch: u64) -> impl Future<Output = Result<Seq>> + Send;
+}

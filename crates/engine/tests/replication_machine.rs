@@ -1,0 +1,560 @@
+//! The replication state machine: exact commands for each event sequence.
+
+use hlstore_engine::replication::{
+    Command as C, Event as E, FailReason, Machine, MachineConfig, Phase, ReplicaError, ReplicaSeqs, ReplicaStatus as St,
+};
+
+/// The first seq of epoch 1.
+const S: u64 = 1 << 40;
+
+fn cfg(n: usize, w: Option<usize>) -> MachineConfig {
+    let mut c = MachineConfig::new(n);
+    c.write_quorum = w;
+    c.ack_timeout_ms = 100;
+    c.failure_timeout_ms = 1_000;
+    c.io_timeout_ms = 5_000;
+    c.attach_timeout_ms = 2_000;
+    c.retry_interval_ms = 500;
+    c
+}
+
+fn seqs(epoch: u64, last: u64, durable: u64) -> ReplicaSeqs {
+    ReplicaSeqs { epoch, last_seq: last, durable_seq: durable, resync_from: None }
+}
+
+/// A machine with every replica opened at seq 0 under epoch 1.
+fn active(n: usize, w: Option<usize>) -> Machine {
+    let mut m = Machine::new(cfg(n, w)).unwrap();
+    m.step(E::Attach { now: 0 });
+    for r in 0..n {
+        m.step(E::StateReplied { replica: r, state: seqs(0, 0, 0), now: 0 });
+    }
+    for r in 0..n {
+        m.step(E::OpenReplied { replica: r, state: seqs(1, 0, 0), now: 0 });
+    }
+    assert_eq!(m.phase(), Phase::Active);
+    assert!((0..n).all(|r| m.status(r) == St::Healthy));
+    m
+}
+
+fn sends(seq: u64, replicas: &[usize], fua: bool) -> Vec<C> {
+    replicas.iter().map(|&replica| C::SendWrite { replica, seq, fua }).collect()
+}
+
+fn write(m: &mut Machine, op: u64, seq: u64, replicas: &[usize], now: u64) {
+    let mut want = vec![C::Sequenced { op, seq }];
+    want.extend(sends(seq, replicas, false));
+    assert_eq!(m.step(E::ClientWrite { op, fua: false, now }), want);
+}
+
+fn ack(m: &mut Machine, replica: usize, seq: u64, durable: u64, now: u64) -> Vec<C> {
+    m.step(E::WriteAcked { replica, seq, durable_seq: durable, now })
+}
+
+#[test]
+fn config_rejects_non_majority_quorums() {
+    assert!(Machine::new(cfg(0, None)).is_err());
+    assert!(Machine::new(cfg(6, None)).is_err());
+    assert!(Machine::new(cfg(3, Some(1))).is_err());
+    assert!(Machine::new(cfg(2, Some(1))).is_err());
+    assert!(Machine::new(cfg(4, Some(2))).is_err());
+    assert!(Machine::new(cfg(3, Some(4))).is_err());
+    assert_eq!(Machine::new(cfg(1, None)).unwrap().write_quorum(), 1);
+    assert_eq!(Machine::new(cfg(2, None)).unwrap().write_quorum(), 2);
+    assert_eq!(Machine::new(cfg(3, None)).unwrap().write_quorum(), 2);
+    assert_eq!(Machine::new(cfg(4, None)).unwrap().write_quorum(), 3);
+    assert_eq!(Machine::new(cfg(5, Some(5))).unwrap().write_quorum(), 5);
+}
+
+#[test]
+fn attach_bumps_the_epoch_and_picks_the_most_advanced_replica() {
+    let mut m = Machine::new(cfg(3, None)).unwrap();
+    assert_eq!(
+        m.step(E::Attach { now: 0 }),
+        vec![C::SendState { replica: 0 }, C::SendState { replica: 1 }, C::SendState { replica: 2 }]
+    );
+    assert_eq!(m.step(E::StateReplied { replica: 1, state: seqs(4, 10, 10), now: 1 }), vec![]);
+    assert_eq!(
+        m.step(E::StateReplied { replica: 2, state: seqs(2, 7, 5), now: 1 }),
+        vec![
+            C::SendOpen { replica: 0, epoch: 5 },
+            C::SendOpen { replica: 1, epoch: 5 },
+            C::SendOpen { replica: 2, epoch: 5 },
+        ]
+    );
+    assert_eq!(m.step(E::OpenReplied { replica: 2, state: seqs(5, 7, 5), now: 2 }), vec![]);
+    // Majority accepted: replica 1 (last_seq 10) is the source, replica 2 resyncs from its
+    // durable seq 5 (one-sided: it is a clean prefix of the same history).
+    assert_eq!(
+        m.step(E::OpenReplied { replica: 1, state: seqs(5, 10, 10), now: 2 }),
+        vec![
+            C::Attached { epoch: 5, source: 1 },
+            C::SetStatus { replica: 1, status: St::Healthy },
+            C::SetStatus { replica: 2, status: St::Resyncing },
+            C::StartResync { replica: 2, source: 1, since: 5, upto: 10, two_sided: None, consistent: 7 },
+        ]
+    );
+    assert_eq!(m.epoch(), 5);
+    // The straggler answers later with the source's seq: healthy without resync.
+    assert_eq!(
+        m.step(E::OpenReplied { replica: 0, state: seqs(5, 10, 8), now: 3 }),
+        vec![C::SetStatus { replica: 0, status: St::Healthy }]
+    );
+    // Reads never go to the resyncing replica.
+    assert_eq!(m.step(E::ClientRead { op: 9, now: 3 }), vec![C::SendRead { op: 9, replica: 0 }]);
+    // New writes are in epoch 5's seq range and also go to the resyncing replica.
+    write(&mut m, 1, 5 << 40, &[0, 1, 2], 4);
+    // The resyncing replica's ack does not count.
+    assert_eq!(ack(&mut m, 2, 5 << 40, 0, 5), vec![]);
+    assert_eq!(ack(&mut m, 0, 5 << 40, 0, 5), vec![]);
+    assert_eq!(ack(&mut m, 1, 5 << 40, 0, 5), vec![C::AckClient { op: 1 }]);
+    assert_eq!(
+        m.step(E::ResyncDone { replica: 2, durable_seq: 5 << 40, now: 6 }),
+        vec![C::SetStatus { replica: 2, status: St::Healthy }]
+    );
+    assert_eq!(m.view(2).acked_seq, 5 << 40);
+}
+
+#[test]
+fn an_incomplete_replica_is_never_the_source() {
+    // (Its copied chunks carry S + 51: one above the highest seq any replica reported.)
+    let mut m = Machine::new(cfg(3, None)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: seqs(1, 0, 0), now: 0 });
+    m.step(E::StateReplied { replica: 1, state: seqs(1, 0, 0), now: 0 });
+    let incomplete = ReplicaSeqs { epoch: 2, last_seq: S + 50, durable_seq: S + 50, resync_from: Some(S + 3) };
+    m.step(E::OpenReplied { replica: 0, state: incomplete, now: 0 });
+    assert_eq!(
+        m.step(E::OpenReplied { replica: 1, state: seqs(2, S + 40, S + 40), now: 0 }),
+        vec![
+            C::Attached { epoch: 2, source: 1 },
+            C::SetStatus { replica: 0, status: St::Resyncing },
+            C::SetStatus { replica: 1, status: St::Healthy },
+            C::StartResync {
+                replica: 0,
+                source: 1,
+                since: S + 3,
+                upto: S + 40,
+                two_sided: Some(S + 51),
+                consistent: S + 3
+            },
+        ]
+    );
+}
+
+#[test]
+fn attach_fails_without_a_majority_before_the_deadline() {
+    let mut m = Machine::new(cfg(3, None)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: seqs(0, 0, 0), now: 0 });
+    assert_eq!(m.step(E::Tick { now: 1_999 }), vec![]);
+    assert_eq!(m.step(E::Tick { now: 2_000 }), vec![C::AttachFailed { reason: FailReason::NoQuorum }]);
+    assert_eq!(
+        m.step(E::ClientWrite { op: 1, fua: false, now: 2_001 }),
+        vec![C::FailClient { op: 1, reason: FailReason::NotAttached }]
+    );
+}
+
+#[test]
+fn a_newer_epoch_at_open_fences_the_attach() {
+    let mut m = Machine::new(cfg(3, None)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: seqs(3, 0, 0), now: 0 });
+    m.step(E::StateReplied { replica: 1, state: seqs(3, 0, 0), now: 0 });
+    let err = ReplicaError::StaleEpoch { current: 7 };
+    assert_eq!(m.step(E::OpenFailed { replica: 2, error: err, now: 1 }), vec![C::Fenced { current: 7 }]);
+    assert_eq!(m.phase(), Phase::Fenced { current: 7 });
+}
+
+#[test]
+fn writes_are_acked_on_the_quorum_and_in_order() {
+    let mut m = active(3, None);
+    write(&mut m, 1, S, &[0, 1, 2], 10);
+    write(&mut m, 2, S + 1, &[0, 1, 2], 11);
+    assert_eq!(ack(&mut m, 1, S, 0, 12), vec![]);
+    assert_eq!(ack(&mut m, 1, S + 1, 0, 12), vec![]);
+    // Replica 2 acks both at once: both writes reach W = 2, acked in seq order.
+    assert_eq!(ack(&mut m, 2, S + 1, 0, 13), vec![C::AckClient { op: 1 }, C::AckClient { op: 2 }]);
+    assert_eq!(ack(&mut m, 0, S + 1, 0, 14), vec![]);
+}
+
+#[test]
+fn a_slow_replica_lags_and_recovers_without_blocking_the_quorum() {
+    let mut m = active(3, None);
+    write(&mut m, 1, S, &[0, 1, 2], 0);
+    ack(&mut m, 0, S, 0, 10);
+    assert_eq!(ack(&mut m, 1, S, 0, 10), vec![C::AckClient { op: 1 }]);
+    assert_eq!(m.step(E::Tick { now: 99 }), vec![]);
+    assert_eq!(m.step(E::Tick { now: 100 }), vec![C::SetStatus { replica: 2, status: St::Lagging }]);
+    // Lagging still receives writes and still counts for quorum.
+    write(&mut m, 2, S + 1, &[0, 1, 2], 101);
+    assert_eq!(ack(&mut m, 0, S + 1, 0, 102), vec![]);
+    // Its oldest request is now S+1 (sent at 101), which is young: healthy again.
+    assert_eq!(ack(&mut m, 2, S, 0, 150), vec![C::SetStatus { replica: 2, status: St::Healthy }]);
+    assert_eq!(ack(&mut m, 2, S + 1, 0, 151), vec![C::AckClient { op: 2 }]);
+}
+
+#[test]
+fn a_dead_replica_fails_comes_back_and_resyncs_from_its_durable_seq() {
+    let mut m = active(3, None);
+    write(&mut m, 1, S, &[0, 1, 2], 0);
+    ack(&mut m, 0, S, S, 5);
+    assert_eq!(ack(&mut m, 1, S, S, 5), vec![C::AckClient { op: 1 }]);
+    assert_eq!(m.step(E::Tick { now: 100 }), vec![C::SetStatus { replica: 2, status: St::Lagging }]);
+    assert_eq!(
+        m.step(E::Tick { now: 1_000 }),
+        vec![C::Disconnect { replica: 2 }, C::SetStatus { replica: 2, status: St::Failed }]
+    );
+    // A failed replica is not sent writes.
+    write(&mut m, 2, S + 1, &[0, 1], 1_001);
+    ack(&mut m, 0, S + 1, S, 1_002);
+    assert_eq!(ack(&mut m, 1, S + 1, S, 1_002), vec![C::AckClient { op: 2 }]);
+    // Reconnect attempts every retry interval.
+    assert_eq!(m.step(E::Tick { now: 1_499 }), vec![]);
+    assert_eq!(m.step(E::Tick { now: 1_500 }), vec![C::SendOpen { replica: 2, epoch: 1 }]);
+    assert_eq!(m.step(E::Tick { now: 1_600 }), vec![], "one open at a time");
+    assert_eq!(
+        m.step(E::OpenReplied { replica: 2, state: seqs(1, S, S - 1), now: 1_700 }),
+        vec![
+            C::SetStatus { replica: 2, status: St::Resyncing },
+            C::StartResync { replica: 2, source: 0, since: S - 1, upto: S + 1, two_sided: None, consistent: S },
+        ]
+    );
+    // New writes reach the resyncing replica; its acks do not count.
+    write(&mut m, 3, S + 2, &[0, 1, 2], 1_800);
+    ack(&mut m, 2, S + 2, S + 2, 1_801);
+    assert_eq!(ack(&mut m, 0, S + 2, S, 1_802), vec![]);
+    assert_eq!(
+        m.step(E::ResyncDone { replica: 2, durable_seq: S + 2, now: 1_900 }),
+        vec![C::SetStatus { replica: 2, status: St::Healthy }, C::AckClient { op: 3 },]
+    );
+}
+
+#[test]
+fn an_erroring_replica_fails_at_once_and_a_resync_source_loss_restarts_it() {
+    let mut m = active(3, None);
+    write(&mut m, 1, S, &[0, 1, 2], 0);
+    ack(&mut m, 0, S, 0, 1);
+    ack(&mut m, 1, S, 0, 1);
+    let err = ReplicaError::Failed("connection reset".into());
+    assert_eq!(
+        m.step(E::WriteFailed { replica: 2, error: err.clone(), now: 2 }),
+        vec![C::Disconnect { replica: 2 }, C::SetStatus { replica: 2, status: St::Failed },]
+    );
+    m.step(E::Tick { now: 502 });
+    assert_eq!(
+        m.step(E::OpenReplied { replica: 2, state: seqs(1, 0, 0), now: 503 }),
+        vec![
+            C::SetStatus { replica: 2, status: St::Resyncing },
+            C::StartResync { replica: 2, source: 0, since: 0, upto: S, two_sided: None, consistent: 0 },
+        ]
+    );
+    // The source dies: the resync restarts from the other in-sync replica.
+    assert_eq!(
+        m.step(E::WriteFailed { replica: 0, error: err.clone(), now: 504 }),
+        vec![
+            C::Disconnect { replica: 0 },
+            C::SetStatus { replica: 0, status: St::Failed },
+            C::AbortResync { replica: 2 },
+            C::StartResync { replica: 2, source: 1, since: 0, upto: S, two_sided: None, consistent: 0 },
+        ]
+    );
+    // The target dies mid-resync: when it returns it is resynced from the interrupted
+    // point even though its last_seq looks current, and two-sided (what it holds beyond
+    // that point is not known to be a prefix of the history).
+    m.step(E::WriteFailed { replica: 2, error: err, now: 505 });
+    m.step(E::Tick { now: 1_005 });
+    let cmds = m.step(E::OpenReplied { replica: 2, state: seqs(1, S, S), now: 1_006 });
+    assert_eq!(
+        cmds,
+        vec![
+            C::SetStatus { replica: 2, status: St::Resyncing },
+            C::StartResync { replica: 2, source: 1, since: 0, upto: S, two_sided: Some(S + 1), consistent: 0 },
+        ]
+    );
+}
+
+#[test]
+fn without_quorum_writes_wait_then_fail_and_are_never_acked_by_a_minority() {
+    let mut m = active(3, None);
+    let err = ReplicaError::Failed("down".into());
+    m.step(E::WriteFailed { replica: 1, error: err.clone(), now: 0 });
+    m.step(E::WriteFailed { replica: 2, error: err, now: 0 });
+    write(&mut m, 1, S, &[0], 10);
+    assert_eq!(ack(&mut m, 0, S, S, 11), vec![]);
+    assert_eq!(
+        m.step(E::Tick { now: 5_009 }),
+        vec![C::SendOpen { replica: 1, epoch: 1 }, C::SendOpen { replica: 2, epoch: 1 }]
+    );
+    assert_eq!(m.step(E::Tick { now: 5_010 }), vec![C::FailClient { op: 1, reason: FailReason::NoQuorum }]);
+    assert_eq!(m.step(E::ClientFlush { op: 2, now: 5_011 }), vec![]);
+    assert_eq!(m.step(E::Tick { now: 10_011 }), vec![C::FailClient { op: 2, reason: FailReason::NoQuorum }]);
+}
+
+#[test]
+fn a_write_waiting_for_quorum_is_acked_when_a_replica_catches_up_in_time() {
+    let mut m = active(3, None);
+    let err = ReplicaError::Failed("down".into());
+    m.step(E::WriteFailed { replica: 1, error: err.clone(), now: 0 });
+    m.step(E::WriteFailed { replica: 2, error: err, now: 0 });
+    write(&mut m, 1, S, &[0], 10);
+    ack(&mut m, 0, S, S, 11);
+    m.step(E::Tick { now: 500 });
+    m.step(E::OpenReplied { replica: 1, state: seqs(1, 0, 0), now: 600 });
+    assert_eq!(
+        m.step(E::ResyncDone { replica: 1, durable_seq: S, now: 700 }),
+        vec![C::SetStatus { replica: 1, status: St::Healthy }, C::AckClient { op: 1 }]
+    );
+}
+
+#[test]
+fn flush_waits_for_durable_on_the_quorum() {
+    let mut m = active(3, None);
+    write(&mut m, 1, S, &[0, 1, 2], 0);
+    ack(&mut m, 0, S, 0, 1);
+    ack(&mut m, 1, S, 0, 1);
+    assert_eq!(
+        m.step(E::ClientFlush { op: 2, now: 2 }),
+        vec![C::SendFlush { replica: 0 }, C::SendFlush { replica: 1 }, C::SendFlush { replica: 2 },]
+    );
+    // A second flush with the same barrier sends nothing new.
+    assert_eq!(m.step(E::ClientFlush { op: 3, now: 2 }), vec![]);
+    // A write after the flush: its seq is beyond the barrier, a third flush needs new ones.
+    write(&mut m, 4, S + 1, &[0, 1, 2], 3);
+    assert_eq!(m.step(E::FlushDone { replica: 0, durable_seq: S, now: 4 }), vec![]);
+    assert_eq!(
+        m.step(E::FlushDone { replica: 2, durable_seq: S, now: 4 }),
+        vec![C::AckClient { op: 2 }, C::AckClient { op: 3 }]
+    );
+    assert_eq!(
+        m.step(E::ClientFlush { op: 5, now: 5 }),
+        vec![C::SendFlush { replica: 0 }, C::SendFlush { replica: 1 }, C::SendFlush { replica: 2 },]
+    );
+    // Durable on one replica only: not enough.
+    assert_eq!(ack(&mut m, 0, S + 1, S, 6), vec![]);
+    assert_eq!(m.step(E::FlushDone { replica: 0, durable_seq: S + 1, now: 6 }), vec![]);
+    assert_eq!(ack(&mut m, 1, S + 1, S + 1, 7), vec![C::AckClient { op: 4 }, C::AckClient { op: 5 }]);
+    assert_eq!(m.step(E::FlushDone { replica: 1, durable_seq: S + 1, now: 8 }), vec![]);
+    // Everything durable on a quorum: a new flush is acked at once.
+    assert_eq!(m.step(E::ClientFlush { op: 6, now: 9 }), vec![C::AckClient { op: 6 }]);
+}
+
+#[test]
+fn fua_write_is_acked_once_durable_on_the_quorum() {
+    let mut m = active(3, None);
+    assert_eq!(m.step(E::ClientWrite { op: 1, fua: true, now: 0 }), {
+        let mut v = vec![C::Sequenced { op: 1, seq: S }];
+        v.extend(sends(S, &[0, 1, 2], true));
+        v
+    });
+    assert_eq!(ack(&mut m, 0, S, S, 1), vec![]);
+    assert_eq!(ack(&mut m, 1, S, 0, 1), vec![], "applied but not durable");
+    assert_eq!(ack(&mut m, 2, S, S, 1), vec![C::AckClient { op: 1 }]);
+}
+
+#[test]
+fn a_newer_epoch_fences_everything() {
+    let mut m = active(3, None);
+    write(&mut m, 1, S, &[0, 1, 2], 0);
+    assert_eq!(
+        m.step(E::ClientFlush { op: 2, now: 0 }),
+        vec![C::SendFlush { replica: 0 }, C::SendFlush { replica: 1 }, C::SendFlush { replica: 2 },]
+    );
+    let fenced = FailReason::Fenced { current: 2 };
+    assert_eq!(
+        m.step(E::WriteFailed { replica: 1, error: ReplicaError::StaleEpoch { current: 2 }, now: 1 }),
+        vec![
+            C::Fenced { current: 2 },
+            C::Disconnect { replica: 0 },
+            C::Disconnect { replica: 1 },
+            C::Disconnect { replica: 2 },
+            C::FailClient { op: 1, reason: fenced },
+            C::FailClient { op: 2, reason: fenced },
+        ]
+    );
+    assert_eq!(ack(&mut m, 0, S, S, 2), vec![]);
+    assert_eq!(m.step(E::ClientWrite { op: 3, fua: false, now: 3 }), vec![C::FailClient { op: 3, reason: fenced }]);
+    assert_eq!(m.step(E::ClientRead { op: 4, now: 3 }), vec![C::FailClient { op: 4, reason: fenced }]);
+}
+
+#[test]
+fn reads_prefer_the_local_replica_that_has_every_acked_write() {
+    let mut m = active(3, None);
+    assert_eq!(m.step(E::ClientRead { op: 1, now: 0 }), vec![C::SendRead { op: 1, replica: 0 }]);
+    write(&mut m, 2, S, &[0, 1, 2], 0);
+    ack(&mut m, 1, S, 0, 1);
+    ack(&mut m, 2, S, 0, 1);
+    // The local replica has not applied the acked write yet: read elsewhere.
+    assert_eq!(m.step(E::ClientRead { op: 3, now: 2 }), vec![C::SendRead { op: 3, replica: 1 }]);
+    ack(&mut m, 0, S, 0, 3);
+    assert_eq!(m.step(E::ClientRead { op: 4, now: 3 }), vec![C::SendRead { op: 4, replica: 0 }]);
+    // A failed read marks the replica failed and retries on another.
+    let err = ReplicaError::Failed("io".into());
+    assert_eq!(
+        m.step(E::ReadFailed { op: 4, replica: 0, error: err, now: 4 }),
+        vec![
+            C::Disconnect { replica: 0 },
+            C::SetStatus { replica: 0, status: St::Failed },
+            C::SendRead { op: 4, replica: 1 },
+        ]
+    );
+}
+
+#[test]
+fn single_replica_volume() {
+    let mut m = active(1, None);
+    write(&mut m, 1, S, &[0], 0);
+    assert_eq!(ack(&mut m, 0, S, 0, 1), vec![C::AckClient { op: 1 }]);
+    assert_eq!(m.step(E::ClientFlush { op: 2, now: 2 }), vec![C::SendFlush { replica: 0 }]);
+    assert_eq!(m.step(E::FlushDone { replica: 0, durable_seq: S, now: 3 }), vec![C::AckClient { op: 2 }]);
+    // Losing the only replica loses the in-sync set: attach again.
+    assert_eq!(
+        m.step(E::WriteFailed { replica: 0, error: ReplicaError::Failed("gone".into()), now: 4 }),
+        vec![
+            C::Disconnect { replica: 0 },
+            C::SetStatus { replica: 0, status: St::Failed },
+            C::SetStatus { replica: 0, status: St::Unknown },
+            C::SendOpen { replica: 0, epoch: 1 },
+        ]
+    );
+    assert_eq!(
+        m.step(E::ClientWrite { op: 3, fua: false, now: 5 }),
+        vec![C::FailClient { op: 3, reason: FailReason::NoQuorum }]
+    );
+    assert_eq!(
+        m.step(E::OpenReplied { replica: 0, state: seqs(1, S, S), now: 6 }),
+        vec![C::Attached { epoch: 1, source: 0 }, C::SetStatus { replica: 0, status: St::Healthy },]
+    );
+    write(&mut m, 4, S + 1, &[0], 7);
+    assert_eq!(ack(&mut m, 0, S + 1, 0, 8), vec![C::AckClient { op: 4 }]);
+}
+
+#[test]
+fn five_replicas_with_quorum_three() {
+    let mut m = active(5, Some(3));
+    write(&mut m, 1, S, &[0, 1, 2, 3, 4], 0);
+    assert_eq!(ack(&mut m, 4, S, 0, 1), vec![]);
+    assert_eq!(ack(&mut m, 3, S, 0, 1), vec![]);
+    assert_eq!(ack(&mut m, 0, S, 0, 1), vec![C::AckClient { op: 1 }]);
+    let err = ReplicaError::Failed("down".into());
+    m.step(E::WriteFailed { replica: 0, error: err.clone(), now: 2 });
+    m.step(E::WriteFailed { replica: 1, error: err.clone(), now: 2 });
+    write(&mut m, 2, S + 1, &[2, 3, 4], 3);
+    ack(&mut m, 2, S + 1, 0, 4);
+    ack(&mut m, 3, S + 1, 0, 4);
+    assert_eq!(ack(&mut m, 4, S + 1, 0, 4), vec![C::AckClient { op: 2 }]);
+    m.step(E::WriteFailed { replica: 2, error: err, now: 5 });
+    write(&mut m, 3, S + 2, &[3, 4], 6);
+    ack(&mut m, 3, S + 2, 0, 7);
+    assert_eq!(ack(&mut m, 4, S + 2, 0, 7), vec![], "two of five is a minority");
+}
+
+#[test]
+fn a_replica_holding_unadopted_writes_of_an_older_epoch_resyncs_two_sided() {
+    // Replicas 0 and 1 attach at seq S+10 of epoch 1; replica 2 was ahead (S+20, never
+    // adopted) and was down during the attach.
+    let mut m = Machine::new(cfg(3, None)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: seqs(1, S + 10, S + 10), now: 0 });
+    m.step(E::StateReplied { replica: 1, state: seqs(1, S + 10, S + 10), now: 0 });
+    m.step(E::OpenReplied { replica: 0, state: seqs(2, S + 10, S + 10), now: 0 });
+    m.step(E::OpenReplied { replica: 1, state: seqs(2, S + 10, S + 10), now: 0 });
+    m.step(E::OpenFailed { replica: 2, error: ReplicaError::Failed("down".into()), now: 0 });
+    let s2 = 2 << 40;
+    write(&mut m, 1, s2, &[0, 1], 1);
+    ack(&mut m, 0, s2, 0, 2);
+    assert_eq!(ack(&mut m, 1, s2, 0, 2), vec![C::AckClient { op: 1 }]);
+    m.step(E::Tick { now: 600 });
+    assert_eq!(
+        m.step(E::OpenReplied { replica: 2, state: seqs(2, S + 20, S + 20), now: 601 }),
+        vec![
+            C::SetStatus { replica: 2, status: St::Resyncing },
+            C::StartResync {
+                replica: 2,
+                source: 0,
+                since: S + 10,
+                upto: s2,
+                two_sided: Some(s2 + 1),
+                consistent: S + 10
+            },
+        ]
+    );
+    // Copied chunks carry s2 + 1 (reserved): above its stray S + 20, below the next write.
+    write(&mut m, 2, s2 + 2, &[0, 1, 2], 602);
+}
+
+#[test]
+fn a_resync_starts_once_its_source_applied_everything_before_it() {
+    let mut m = active(3, None);
+    let err = ReplicaError::Failed("down".into());
+    m.step(E::WriteFailed { replica: 2, error: err, now: 0 });
+    write(&mut m, 1, S, &[0, 1], 1);
+    assert_eq!(
+        m.step(E::Tick { now: 500 }),
+        vec![
+            C::SetStatus { replica: 0, status: St::Lagging },
+            C::SetStatus { replica: 1, status: St::Lagging },
+            C::SendOpen { replica: 2, epoch: 1 },
+        ]
+    );
+    // Nobody applied S yet: no source can provide it.
+    assert_eq!(
+        m.step(E::OpenReplied { replica: 2, state: seqs(1, 0, 0), now: 501 }),
+        vec![C::SetStatus { replica: 2, status: St::Resyncing }]
+    );
+    // (Both in-sync replicas became lagging at the tick; an answer makes them healthy.)
+    assert_eq!(
+        ack(&mut m, 1, S, 0, 502),
+        vec![
+            C::SetStatus { replica: 1, status: St::Healthy },
+            C::StartResync { replica: 2, source: 1, since: 0, upto: S, two_sided: None, consistent: 0 },
+        ]
+    );
+    assert_eq!(
+        ack(&mut m, 0, S, 0, 503),
+        vec![C::SetStatus { replica: 0, status: St::Healthy }, C::AckClient { op: 1 }]
+    );
+}
+
+#[test]
+fn losing_every_in_sync_replica_attaches_again_from_the_most_advanced() {
+    let mut m = active(3, None);
+    write(&mut m, 1, S, &[0, 1, 2], 0);
+    ack(&mut m, 0, S, 0, 1);
+    assert_eq!(ack(&mut m, 1, S, 0, 1), vec![C::AckClient { op: 1 }]);
+    let err = ReplicaError::Failed("down".into());
+    m.step(E::WriteFailed { replica: 2, error: err.clone(), now: 2 });
+    m.step(E::WriteFailed { replica: 0, error: err.clone(), now: 2 });
+    assert_eq!(
+        m.step(E::WriteFailed { replica: 1, error: err, now: 3 }),
+        vec![
+            C::Disconnect { replica: 1 },
+            C::SetStatus { replica: 1, status: St::Failed },
+            C::SetStatus { replica: 0, status: St::Unknown },
+            C::SendOpen { replica: 0, epoch: 1 },
+            C::SetStatus { replica: 1, status: St::Unknown },
+            C::SendOpen { replica: 1, epoch: 1 },
+            C::SetStatus { replica: 2, status: St::Unknown },
+            C::SendOpen { replica: 2, epoch: 1 },
+        ]
+    );
+    // Meanwhile requests fail with NoQuorum, and the re-attach never gives up.
+    assert_eq!(
+        m.step(E::ClientWrite { op: 2, fua: false, now: 4 }),
+        vec![C::FailClient { op: 2, reason: FailReason::NoQuorum }]
+    );
+    assert_eq!(m.step(E::Tick { now: 100_000 }), vec![]);
+    assert_eq!(m.step(E::OpenReplied { replica: 2, state: seqs(1, 0, 0), now: 100_001 }), vec![]);
+    // Replica 1 acked everything that was acknowledged: it becomes the source.
+    assert_eq!(
+        m.step(E::OpenReplied { replica: 1, state: seqs(1, S, 0), now: 100_002 }),
+        vec![
+            C::Attached { epoch: 1, source: 1 },
+            C::SetStatus { replica: 1, status: St::Healthy },
+            C::SetStatus { replica: 2, status: St::Resyncing },
+            C::StartResync { replica: 2, source: 1, since: 0, upto: S, two_sided: None, consistent: 0 },
+        ]
+    );
+    // Seqs continue above everything assigned before.
+    write(&mut m, 3, S + 1, &[1, 2], 100_003);
+}

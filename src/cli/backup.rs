@@ -1,0 +1,446 @@
+//! `hlstore backup ...` and `hlstore restore ...`: argument parsing and output only; the
+//! engine lives in `hlstore_backup`. The engine is synchronous (its S3 backend blocks on
+//! its own runtime), so every command runs it in `spawn_blocking`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{ArgGroup, Args, Subcommand};
+use hlstore_backup::{
+    self as hb, ChunkerConfig, KdfParams, KeepPolicy, Progress, PruneOptions, RepoConfig, Repository, RestoreTarget,
+};
+
+/// Where the repository is and how to open it.
+#[derive(Debug, Clone, Args)]
+pub struct RepoArgs {
+    /// Repository URL: file:///path, a plain path, or s3://bucket/prefix.
+    #[arg(long, env = "HLSTORE_REPO")]
+    pub repo: String,
+    /// File holding the repository password (default: $HLSTORE_REPO_PASSWORD).
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// S3 endpoint URL (default: $AWS_ENDPOINT_URL, else AWS).
+    #[arg(long)]
+    pub s3_endpoint: Option<String>,
+    /// S3 region (default: $AWS_REGION, else us-east-1).
+    #[arg(long)]
+    pub s3_region: Option<String>,
+}
+
+impl RepoArgs {
+    fn backend(&self) -> anyhow::Result<Arc<dyn hb::Backend>> {
+        let opts = hb::S3Options { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone() };
+        let b: Arc<dyn hb::Backend> = Arc::from(hb::open_url(&self.repo, &opts)?);
+        Ok(b)
+    }
+
+    fn password(&self) -> anyhow::Result<Vec<u8>> {
+        if let Some(p) = &self.password_file {
+            let mut s = std::fs::read(p).with_context(|| format!("reading password file {}", p.display()))?;
+            while s.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+                s.pop();
+            }
+            return Ok(s);
+        }
+        match std::env::var_os("HLSTORE_REPO_PASSWORD") {
+            Some(p) => Ok(p.into_encoded_bytes()),
+            None => Err(hb::Error::NoPassword.into()),
+        }
+    }
+
+    fn open(&self) -> anyhow::Result<Repository> {
+        let pw = self.password()?;
+        Ok(Repository::open(self.backend()?, &pw)?)
+    }
+}
+
+/// `hlstore backup` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum BackupCommand {
+    /// Create a new, empty repository.
+    Init {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Fixed chunk size for block images (e.g. 64K, 1M).
+        #[arg(long, default_value = "64K", value_parser = parse_size)]
+        chunk_size: u64,
+        /// Use content-defined chunking (average = --chunk-size) instead of fixed chunks.
+        #[arg(long)]
+        cdc: bool,
+        /// Target pack size (e.g. 32M).
+        #[arg(long, default_value = "32M", value_parser = parse_size)]
+        pack_size: u64,
+        /// zstd level for chunk compression.
+        #[arg(long, default_value_t = 1)]
+        zstd_level: i32,
+    },
+    /// Back up a file or block device.
+    Create {
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// File or block device to back up.
+        #[arg(long)]
+        source: PathBuf,
+        /// Label to attach (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Parent backup (default: the newest backup of the same source).
+        #[arg(long)]
+        parent: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List backups.
+    List {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one backup.
+    Show {
+        /// Backup id (a unique prefix is enough).
+        id: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the repository; with --read-data also every pack's content.
+    Verify {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long)]
+        read_data: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove backups (their data is freed by prune).
+    Forget {
+        /// Backup ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
+    /// Apply a retention policy and free unreferenced data.
+    Prune {
+        #[command(flatten)]
+        repo: RepoArgs,
+        #[arg(long, default_value_t = 0)]
+        keep_last: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_hourly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_daily: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_weekly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_monthly: u32,
+        #[arg(long, default_value_t = 0)]
+        keep_yearly: u32,
+        /// Seconds between condemning unreferenced data and deleting it.
+        #[arg(long, default_value_t = hb::prune::DEFAULT_GRACE_SECS)]
+        grace_secs: u64,
+        /// Show what would be forgotten, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `hlstore restore` arguments.
+#[derive(Debug, Args)]
+#[command(group(ArgGroup::new("target").required(true).args(["to_file", "to_device"])))]
+pub struct RestoreArgs {
+    /// Backup id (a unique prefix is enough).
+    pub id: String,
+    #[command(flatten)]
+    pub repo: RepoArgs,
+    /// Restore into this file (created sparse).
+    #[arg(long)]
+    pub to_file: Option<PathBuf>,
+    /// Restore onto this block device.
+    #[arg(long)]
+    pub to_device: Option<PathBuf>,
+    /// Resume-state file (default: <file>.hlstore-restore for --to-file).
+    #[arg(long)]
+    pub state_file: Option<PathBuf>,
+    /// Parallel pack downloads.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                other => return Err(format!("unknown size unit {other:?}")),
+            };
+            (&s[..i], m)
+        }
+        None => (s, 1),
+    };
+    num.parse::<u64>().map(|n| n * mul).map_err(|_| format!("bad size {s:?}"))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("label {s:?} is not key=value")),
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(f).await.context("engine thread")?
+}
+
+fn fmt_time(t: u64) -> String {
+    let days = (t / 86_400) as i64;
+    let secs = t % 86_400;
+    // Civil date from days (H. Hinnant).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
+}
+
+fn human(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < U.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
+}
+
+pub async fn run_backup(cmd: BackupCommand) -> anyhow::Result<()> {
+    blocking(move || run_backup_sync(cmd)).await
+}
+
+fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
+    match cmd {
+        BackupCommand::Init { repo, chunk_size, cdc, pack_size, zstd_level } => {
+            let pw = repo.password()?;
+            let cs = u32::try_from(chunk_size).context("--chunk-size too large")?;
+            let chunker = if cdc {
+                ChunkerConfig::Cdc { min: cs / 4, avg: cs, max: cs * 4 }
+            } else {
+                ChunkerConfig::Fixed { size: cs }
+            };
+            let config = RepoConfig {
+                chunker,
+                pack_size: u32::try_from(pack_size).context("--pack-size too large")?,
+                zstd_level,
+                ..RepoConfig::default()
+            };
+            let backend = repo.backend()?;
+            let r = Repository::init(backend, &pw, config, KdfParams::from_env()?)?;
+            println!("created repository {} at {}", r.config().id, repo.repo);
+        }
+        BackupCommand::Create { repo, source, labels, parent, json } => {
+            let r = repo.open()?;
+            let src = hb::FileSource::open(&source)?;
+            let opts = hb::BackupOptions {
+                labels: labels.into_iter().collect::<BTreeMap<_, _>>(),
+                parent,
+                progress: Progress::auto("backup", hb::Source::size(&src)),
+                ..Default::default()
+            };
+            let snap = hb::backup(&r, &src, opts)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"id": snap.meta.id, "size": snap.meta.size,
+                        "parent": snap.meta.parent, "stats": snap.meta.stats})
+                );
+            } else {
+                let st = &snap.meta.stats;
+                println!(
+                    "backup {} of {} ({}): {} new in {} chunks, {} stored, {} zero chunks",
+                    snap.meta.id,
+                    snap.meta.source,
+                    human(snap.meta.size),
+                    human(st.new_bytes),
+                    st.new_chunks,
+                    human(st.stored_bytes),
+                    st.zero_chunks
+                );
+            }
+        }
+        BackupCommand::List { repo, json } => {
+            let r = repo.open()?;
+            let metas = r.list_snapshots()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&metas)?);
+            } else {
+                println!("{:<32}  {:<20}  {:>10}  source", "id", "time", "size");
+                for m in metas {
+                    println!("{:<32}  {:<20}  {:>10}  {}", m.id, fmt_time(m.time), human(m.size), m.source);
+                }
+            }
+        }
+        BackupCommand::Show { id, repo, json } => {
+            let r = repo.open()?;
+            let s = r.load_snapshot(&r.resolve_snapshot(&id)?)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s.meta)?);
+            } else {
+                let m = &s.meta;
+                println!("id:      {}", m.id);
+                println!("time:    {}", fmt_time(m.time));
+                println!("source:  {} on {}", m.source, m.host);
+                println!("size:    {} ({} bytes)", human(m.size), m.size);
+                println!("parent:  {}", m.parent.as_deref().unwrap_or("-"));
+                println!("chunks:  {} ({} all-zero)", m.stats.chunks, m.stats.zero_chunks);
+                println!(
+                    "added:   {} new chunks, {} ({} stored)",
+                    m.stats.new_chunks,
+                    human(m.stats.new_bytes),
+                    human(m.stats.stored_bytes)
+                );
+                for (k, v) in &m.labels {
+                    println!("label:   {k}={v}");
+                }
+            }
+        }
+        BackupCommand::Verify { repo, read_data, json } => {
+            let r = repo.open()?;
+            let rep = hb::verify(&r, read_data, Progress::hidden())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                println!("checked {} backups, {} packs ({} read)", rep.snapshots, rep.packs, rep.packs_read);
+                for p in &rep.problems {
+                    let sev = match p.severity {
+                        hb::verify::Severity::Error => "error",
+                        hb::verify::Severity::Warning => "warning",
+                    };
+                    println!("{sev}: {} {}: {}", p.kind, p.object, p.detail);
+                }
+                for a in &rep.affected {
+                    println!(
+                        "affected backup {} ({}): {} chunks / {} unreadable, in {}",
+                        a.snapshot,
+                        a.source,
+                        a.bad_chunks,
+                        human(a.bad_bytes),
+                        a.objects.join(", ")
+                    );
+                }
+                if rep.ok {
+                    println!("no errors found");
+                }
+            }
+            if !rep.ok {
+                bail!("repository damaged: see the report above");
+            }
+        }
+        BackupCommand::Forget { ids, repo } => {
+            let r = repo.open()?;
+            for id in ids {
+                let full = r.resolve_snapshot(&id)?;
+                r.forget(&full)?;
+                println!("forgot backup {full}");
+            }
+        }
+        BackupCommand::Prune {
+            repo,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            grace_secs,
+            dry_run,
+            json,
+        } => {
+            let r = repo.open()?;
+            let policy = KeepPolicy {
+                last: keep_last,
+                hourly: keep_hourly,
+                daily: keep_daily,
+                weekly: keep_weekly,
+                monthly: keep_monthly,
+                yearly: keep_yearly,
+            };
+            let rep = hb::prune(&r, PruneOptions { policy, grace_secs, dry_run })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rep)?);
+            } else {
+                println!(
+                    "kept {} backups, forgot {}{}",
+                    rep.kept.len(),
+                    rep.forgotten.len(),
+                    if dry_run { " (dry run)" } else { "" }
+                );
+                println!(
+                    "packs: {} condemned, {} deleted ({}), {} waiting for grace period or running backups, {} rescued",
+                    rep.condemned_packs,
+                    rep.deleted_packs,
+                    human(rep.deleted_bytes),
+                    rep.postponed_packs,
+                    rep.rescued_packs
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
+    blocking(move || {
+        let r = args.repo.open()?;
+        let target = match (&args.to_file, &args.to_device) {
+            (Some(f), None) => RestoreTarget::File(f.clone()),
+            (None, Some(d)) => RestoreTarget::Device(d.clone()),
+            _ => bail!("give exactly one of --to-file or --to-device"),
+        };
+        let id = r.resolve_snapshot(&args.id)?;
+        let size = r.load_snapshot(&id)?.meta.size;
+        let opts = hb::RestoreOptions {
+            progress: Progress::auto("restore", size),
+            workers: args.parallel.max(1),
+            state_file: args.state_file.clone(),
+        };
+        let st = hb::restore(&r, &id, &target, opts)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&st)?);
+        } else {
+            println!(
+                "restored backup {} ({}): {} written, {} packs fetched, {} resumed",
+                st.snapshot,
+                human(st.size),
+                human(st.bytes_written),
+                st.packs_fetched,
+                st.packs_resumed
+            );
+        }
+        Ok(())
+    })
+    .await
+}

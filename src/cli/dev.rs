@@ -1,0 +1,271 @@
+//! `hlstore dev ...`: a local cluster of node agents as separate OS processes on loopback.
+//!
+//! Layout under DIR: `cluster.json` (node ids and ports, fixed at the first `up`), and per
+//! node `DIR/<id>/` with `data/`, `node.pid` and `node.log`. `up` starts every node that is
+//! not running (keeping its data), `down` stops them all.
+
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Subcommand;
+use hlstore_proto::volume as vpb;
+use serde::{Deserialize, Serialize};
+
+use super::size::parse_size;
+use super::volume::{connect, volume_json};
+
+/// `hlstore dev` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DevCommand {
+    /// Start a local cluster (and optionally a volume), print the volume's NBD URI.
+    ///
+    /// Example: hlstore dev up --dir /tmp/hl --nodes 3 --volume demo --size 1GiB
+    Up {
+        /// Directory holding the cluster's state and every node's data.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of node agents (used when the cluster is first created).
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Create (if needed) and attach this volume on the first node.
+        #[arg(long, requires = "size")]
+        volume: Option<String>,
+        /// Size of --volume, e.g. 1GiB.
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+        /// Replicas of --volume (default: min(3, nodes)).
+        #[arg(long)]
+        replicas: Option<u32>,
+    },
+    /// Show nodes and volumes.
+    Status {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every node agent of the cluster (data is kept).
+    Down {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevNode {
+    id: String,
+    grpc: String,
+    metrics: String,
+    nbd: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DevCluster {
+    nodes: Vec<DevNode>,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn cluster_path(dir: &Path) -> PathBuf {
+    dir.join("cluster.json")
+}
+
+fn load(dir: &Path) -> anyhow::Result<Option<DevCluster>> {
+    match std::fs::read(cluster_path(dir)) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is damaged", cluster_path(dir).display()))?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn load_or_create(dir: &Path, n: usize) -> anyhow::Result<DevCluster> {
+    if let Some(c) = load(dir)? {
+        return Ok(c);
+    }
+    if !(1..=16).contains(&n) {
+        bail!("--nodes must be between 1 and 16");
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut nodes = Vec::new();
+    for i in 1..=n {
+        nodes.push(DevNode {
+            id: format!("n{i}"),
+            grpc: format!("127.0.0.1:{}", free_port()?),
+            metrics: format!("127.0.0.1:{}", free_port()?),
+            nbd: format!("127.0.0.1:{}", free_port()?),
+        });
+    }
+    let c = DevCluster { nodes };
+    std::fs::write(cluster_path(dir), serde_json::to_vec_pretty(&c)?)?;
+    Ok(c)
+}
+
+fn pid_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(id).join("node.pid")
+}
+
+/// The pid of the node if it is running (checked against /proc, not just the pid file).
+fn running_pid(dir: &Path, node: &DevNode) -> Option<i32> {
+    let pid: i32 = std::fs::read_to_string(pid_path(dir, &node.id)).ok()?.trim().parse().ok()?;
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    let is_ours = args.windows(2).any(|w| w[0] == b"--id" && w[1] == node.id.as_bytes())
+        && args.contains(&node.grpc.as_bytes());
+    // A zombie (exited, not yet reaped) is not running.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+    (is_ours && !zombie).then_some(pid)
+}
+
+fn start_node(dir: &Path, c: &DevCluster, node: &DevNode) -> anyhow::Result<i32> {
+    let ndir = dir.join(&node.id);
+    std::fs::create_dir_all(&ndir)?;
+    let log = std::fs::OpenOptions::new().create(true).append(true).open(ndir.join("node.log"))?;
+    let peers: Vec<String> = c.nodes.iter().map(|n| format!("{}={}", n.id, n.grpc)).collect();
+    let exe = std::env::current_exe().context("finding the hlstore executable")?;
+    let child = Command::new(exe)
+        .args(["node", "--id", &node.id, "--listen", &node.grpc, "--metrics-listen", &node.metrics])
+        .args(["--nbd-listen", &node.nbd, "--peers", &peers.join(",")])
+        .arg("--data-dir")
+        .arg(ndir.join("data"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting node {}", node.id))?;
+    let pid = child.id() as i32;
+    std::fs::write(pid_path(dir, &node.id), pid.to_string())?;
+    Ok(pid)
+}
+
+async fn wait_ready(node: &DevNode, dir: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ep = format!("http://{}", node.grpc);
+    loop {
+        if let Ok(mut c) = connect(&ep).await {
+            if c.list_nodes(vpb::ListNodesRequest {}).await.is_ok() {
+                return Ok(());
+            }
+        }
+        if running_pid(dir, node).is_none() {
+            bail!("node {} exited during start; see {}", node.id, dir.join(&node.id).join("node.log").display());
+        }
+        if Instant::now() > deadline {
+            bail!("node {} did not become ready in 60s; see {}", node.id, dir.join(&node.id).join("node.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn first_running(dir: &Path, c: &DevCluster) -> Option<DevNode> {
+    c.nodes.iter().find(|n| running_pid(dir, n).is_some()).cloned()
+}
+
+pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
+    match cmd {
+        DevCommand::Up { dir, nodes, volume, size, replicas } => {
+            let c = load_or_create(&dir, nodes)?;
+            for node in &c.nodes {
+                match running_pid(&dir, node) {
+                    Some(pid) => eprintln!("node {} already running (pid {pid})", node.id),
+                    None => {
+                        let pid = start_node(&dir, &c, node)?;
+                        eprintln!("node {} started (pid {pid}, gRPC {}, NBD {})", node.id, node.grpc, node.nbd);
+                    }
+                }
+            }
+            for node in &c.nodes {
+                wait_ready(node, &dir).await?;
+            }
+            if let (Some(name), Some(size)) = (volume, size) {
+                let first = &c.nodes[0];
+                let mut client = connect(&format!("http://{}", first.grpc)).await?;
+                let replicas = replicas.unwrap_or(c.nodes.len().min(3) as u32);
+                let req = vpb::CreateVolumeRequest { name: name.clone(), size, replicas, ..Default::default() };
+                client.create_volume(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                let req = vpb::AttachVolumeRequest { name, node: first.id.clone(), nbd_listen: String::new() };
+                let v = client.attach_volume(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+                println!("{}", v.nbd_uri);
+            }
+            eprintln!("cluster of {} node(s) up; `hlstore dev status --dir {}`", c.nodes.len(), dir.display());
+        }
+        DevCommand::Status { dir, json } => {
+            let Some(c) = load(&dir)? else { bail!("no cluster in {}; start one with `hlstore dev up --dir {}`", dir.display(), dir.display()) };
+            let nodes: Vec<serde_json::Value> = c
+                .nodes
+                .iter()
+                .map(|n| {
+                    let pid = running_pid(&dir, n);
+                    serde_json::json!({
+                        "id": n.id, "pid": pid, "running": pid.is_some(),
+                        "endpoint": format!("http://{}", n.grpc), "metrics": format!("http://{}/metrics", n.metrics),
+                        "nbd": n.nbd,
+                    })
+                })
+                .collect();
+            let mut volumes = Vec::new();
+            if let Some(n) = first_running(&dir, &c) {
+                if let Ok(mut client) = connect(&format!("http://{}", n.grpc)).await {
+                    if let Ok(r) = client.list_volumes(vpb::ListVolumesRequest {}).await {
+                        volumes = r.into_inner().volumes;
+                    }
+                }
+            }
+            if json {
+                let out = serde_json::json!({ "nodes": nodes, "volumes": volumes.iter().map(volume_json).collect::<Vec<_>>() });
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                for n in &nodes {
+                    println!(
+                        "node {:<6} {:<8} pid {:<8} {}",
+                        n["id"].as_str().unwrap_or(""),
+                        if n["running"].as_bool().unwrap_or(false) { "running" } else { "stopped" },
+                        n["pid"],
+                        n["endpoint"].as_str().unwrap_or("")
+                    );
+                }
+                for v in &volumes {
+                    let reps: Vec<String> = v.replicas.iter().map(|r| format!("{}:{}", r.node, r.state)).collect();
+                    println!(
+                        "volume {:<16} {} attached {} {}",
+                        v.name,
+                        if v.nbd_uri.is_empty() { "-" } else { &v.nbd_uri },
+                        if v.attached_node.is_empty() { "-" } else { &v.attached_node },
+                        reps.join(" ")
+                    );
+                }
+            }
+        }
+        DevCommand::Down { dir } => {
+            let Some(c) = load(&dir)? else { bail!("no cluster in {}", dir.display()) };
+            let pids: Vec<(String, i32)> =
+                c.nodes.iter().filter_map(|n| running_pid(&dir, n).map(|p| (n.id.clone(), p))).collect();
+            for (_, pid) in &pids {
+                // SAFETY: kill(2) with a pid verified to be one of our node agents.
+                unsafe { libc::kill(*pid, libc::SIGTERM) };
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            for (id, pid) in &pids {
+                let node = c.nodes.iter().find(|n| &n.id == id).cloned();
+                while node.as_ref().is_some_and(|n| running_pid(&dir, n).is_some()) && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if node.as_ref().is_some_and(|n| running_pid(&dir, n).is_some()) {
+                    // SAFETY: as above.
+                    unsafe { libc::kill(*pid, libc::SIGKILL) };
+                }
+                eprintln!("node {id} stopped");
+            }
+        }
+    }
+    Ok(())
+}

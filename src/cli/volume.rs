@@ -1,0 +1,174 @@
+//! `hlstore volume ...`: create, list, attach and delete replicated volumes.
+
+use anyhow::Context;
+use clap::Subcommand;
+use hlstore_proto::volume as vpb;
+use hlstore_proto::volume::volumes_client::VolumesClient;
+use tonic::transport::Channel;
+
+use super::size::{format_size, parse_size};
+
+/// `hlstore volume` subcommands. They talk to any node agent (`--endpoint`), which talks
+/// to the rest of the cluster.
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Create a replicated volume (thin: costs nothing until written).
+    ///
+    /// Example: hlstore volume create pgdata --size 20GiB --replicas 3
+    Create {
+        name: String,
+        /// Size, e.g. 10GiB (KiB, MiB, GiB, TiB; a multiple of 4 KiB).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+        /// Number of replicas, each on its own node (1-5).
+        #[arg(long, default_value_t = 3)]
+        replicas: u32,
+        /// Nodes to place the replicas on (default: the least used nodes).
+        #[arg(long, value_delimiter = ',')]
+        nodes: Vec<String>,
+        /// Write quorum (default: a majority of the replicas).
+        #[arg(long)]
+        write_quorum: Option<u32>,
+    },
+    /// List volumes with their replicas and where they are attached.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one volume.
+    Show {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start the volume's engine on a node and export it over NBD; prints the NBD URI.
+    ///
+    /// Attaching bumps the volume's epoch, which fences any engine still running elsewhere.
+    Attach {
+        name: String,
+        /// Node to run the engine on.
+        #[arg(long)]
+        node: String,
+        /// NBD listen address for this volume: HOST:PORT or unix:/path (default: the
+        /// node's NBD listener).
+        #[arg(long)]
+        nbd_listen: Option<String>,
+    },
+    /// Flush and stop the volume's engine.
+    Detach { name: String },
+    /// Delete a volume and all its replicas (it must be detached).
+    Delete { name: String },
+}
+
+pub async fn connect(endpoint: &str) -> anyhow::Result<VolumesClient<Channel>> {
+    let ch = Channel::from_shared(endpoint.to_string())
+        .with_context(|| format!("invalid endpoint {endpoint:?}; expected e.g. http://127.0.0.1:7400"))?
+        .connect()
+        .await
+        .with_context(|| {
+            format!("cannot reach the node agent at {endpoint}; is `hlstore node` running there? (set --endpoint or HLSTORE_ENDPOINT)")
+        })?;
+    Ok(VolumesClient::new(ch))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", s.message())
+}
+
+/// The JSON shape of a volume (shared with `hlstore dev status`).
+pub fn volume_json(v: &vpb::Volume) -> serde_json::Value {
+    serde_json::json!({
+        "name": v.name,
+        "size": v.size,
+        "nbd_uri": if v.nbd_uri.is_empty() { serde_json::Value::Null } else { v.nbd_uri.clone().into() },
+        "attached_node": if v.attached_node.is_empty() { serde_json::Value::Null } else { v.attached_node.clone().into() },
+        "epoch": v.epoch,
+        "write_quorum": v.write_quorum,
+        "replica_set": v.replica_set,
+        "replicas": v.replicas.iter().map(|r| serde_json::json!({
+            "node": r.node, "state": r.state, "last_seq": r.last_seq, "durable_seq": r.durable_seq,
+            "allocated_bytes": r.allocated_bytes, "resync_chunks": r.resync_chunks,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn print_table(vols: &[vpb::Volume]) {
+    println!("{:<24} {:>10} {:<10} {:<40} REPLICAS", "NAME", "SIZE", "ATTACHED", "NBD URI");
+    for v in vols {
+        let reps: Vec<String> = v.replicas.iter().map(|r| format!("{}:{}", r.node, r.state)).collect();
+        println!(
+            "{:<24} {:>10} {:<10} {:<40} {}",
+            v.name,
+            format_size(v.size),
+            if v.attached_node.is_empty() { "-" } else { &v.attached_node },
+            if v.nbd_uri.is_empty() { "-" } else { &v.nbd_uri },
+            reps.join(" ")
+        );
+    }
+}
+
+pub async fn run(endpoint: &str, cmd: VolumeCommand) -> anyhow::Result<()> {
+    let mut c = connect(endpoint).await?;
+    match cmd {
+        VolumeCommand::Create { name, size, replicas, nodes, write_quorum } => {
+            let req = vpb::CreateVolumeRequest {
+                name: name.clone(),
+                size,
+                replicas,
+                nodes,
+                write_quorum: write_quorum.unwrap_or(0),
+                labels: Default::default(),
+            };
+            let v = c.create_volume(req).await.map_err(status_err)?.into_inner();
+            println!("volume {name} ({}) on {}", format_size(v.size), v.replica_set.join(", "));
+        }
+        VolumeCommand::List { json } => {
+            let vols = c.list_volumes(vpb::ListVolumesRequest {}).await.map_err(status_err)?.into_inner().volumes;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&vols.iter().map(volume_json).collect::<Vec<_>>())?);
+            } else {
+                print_table(&vols);
+            }
+        }
+        VolumeCommand::Show { name, json } => {
+            let v = c.get_volume(vpb::GetVolumeRequest { name }).await.map_err(status_err)?.into_inner();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&volume_json(&v))?);
+            } else {
+                println!("name:      {}", v.name);
+                println!("size:      {}", format_size(v.size));
+                println!("epoch:     {}", v.epoch);
+                println!("attached:  {}", if v.attached_node.is_empty() { "-" } else { &v.attached_node });
+                println!("nbd uri:   {}", if v.nbd_uri.is_empty() { "-" } else { &v.nbd_uri });
+                println!("replicas:");
+                for r in &v.replicas {
+                    println!(
+                        "  {:<12} {:<10} seq {:>8}  allocated {}",
+                        r.node,
+                        r.state,
+                        r.last_seq,
+                        format_size(r.allocated_bytes)
+                    );
+                }
+            }
+        }
+        VolumeCommand::Attach { name, node, nbd_listen } => {
+            let req = vpb::AttachVolumeRequest { name, node, nbd_listen: nbd_listen.unwrap_or_default() };
+            let v = c.attach_volume(req).await.map_err(status_err)?.into_inner();
+            println!("{}", v.nbd_uri);
+        }
+        VolumeCommand::Detach { name } => {
+            c.detach_volume(vpb::DetachVolumeRequest { name: name.clone() }).await.map_err(status_err)?;
+            println!("volume {name} detached");
+        }
+        VolumeCommand::Delete { name } => {
+            let r = c.delete_volume(vpb::DeleteVolumeRequest { name: name.clone() }).await.map_err(status_err)?;
+            if r.into_inner().existed {
+                println!("volume {name} deleted");
+            } else {
+                println!("volume {name} did not exist");
+            }
+        }
+    }
+    Ok(())
+}

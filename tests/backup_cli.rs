@@ -1,0 +1,262 @@
+//! `hlstore backup` / `hlstore restore` end to end through the real binary: the JSON
+//! contract, clear errors, SIGKILL during a backup, and an S3 repository on SeaweedFS.
+
+#[path = "../crates/backup/tests/support/weed.rs"]
+mod weed;
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use rand::{RngCore, SeedableRng};
+
+const PW: &str = "cli test password";
+
+fn hl(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_hlstore"));
+    c.args(args)
+        .env("HLSTORE_REPO_PASSWORD", PW)
+        .env("HLSTORE_KDF_PARAMS", "64,1,1")
+        .env_remove("HLSTORE_REPO")
+        .env_remove("AWS_ENDPOINT_URL");
+    c
+}
+
+fn ok(mut c: Command) -> String {
+    let out = c.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{c:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn fail(mut c: Command) -> Output {
+    let out = c.output().unwrap();
+    assert!(!out.status.success(), "{c:?} unexpectedly succeeded");
+    out
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Random, zero and text quarters.
+fn image(path: &Path, size: usize, seed: u64) -> Vec<u8> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut v = vec![0u8; size];
+    let q = size / 4;
+    rng.fill_bytes(&mut v[..q]);
+    let line = b"repeated text line for the cli test\n";
+    for (i, b) in v[2 * q..3 * q].iter_mut().enumerate() {
+        *b = line[i % line.len()];
+    }
+    rng.fill_bytes(&mut v[3 * q..]);
+    std::fs::write(path, &v).unwrap();
+    v
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON {s:?}: {e}"))
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn cli_backup_list_show_restore_verify_forget_prune() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", t.path().join("repo").display());
+    let src = t.path().join("disk.img");
+    let img = image(&src, 5 << 20, 1);
+    ok(hl(&["backup", "init", "--repo", &repo, "--pack-size", "1M"]));
+
+    let out = ok(hl(&[
+        "backup",
+        "create",
+        "--repo",
+        &repo,
+        "--source",
+        p(&src),
+        "--label",
+        "app=db",
+        "--label",
+        "tier=gold",
+        "--json",
+    ]));
+    let id = json(&out)["id"].as_str().unwrap().to_string();
+    assert_eq!(id.len(), 32);
+
+    // HLSTORE_REPO fallback, plain-path form.
+    let mut c = hl(&["backup", "list", "--json"]);
+    c.env("HLSTORE_REPO", t.path().join("repo"));
+    let list = json(&ok(c));
+    let arr = list.as_array().unwrap();
+    assert_eq!(arr.len(), 1);
+    assert_eq!(arr[0]["id"], id.as_str());
+    assert_eq!(arr[0]["size"], img.len() as u64);
+    assert_eq!(arr[0]["labels"]["app"], "db");
+    assert!(ok(hl(&["backup", "list", "--repo", &repo])).contains(&id));
+
+    let show = json(&ok(hl(&["backup", "show", &id[..8], "--repo", &repo, "--json"])));
+    assert_eq!(show["id"], id.as_str());
+    assert_eq!(show["labels"]["tier"], "gold");
+    assert!(ok(hl(&["backup", "show", &id, "--repo", &repo])).contains("app=db"));
+
+    let restored = t.path().join("restored.img");
+    ok(hl(&["restore", &id, "--repo", &repo, "--to-file", p(&restored)]));
+    assert!(std::fs::read(&restored).unwrap() == img, "restore is byte-identical");
+
+    let v = ok(hl(&["backup", "verify", "--repo", &repo, "--read-data", "--json"]));
+    assert_eq!(json(&v)["ok"], true);
+
+    // Unchanged source: nothing new.
+    let out = ok(hl(&["backup", "create", "--repo", &repo, "--source", p(&src), "--json"]));
+    let j = json(&out);
+    assert_eq!(j["stats"]["new_chunks"], 0);
+    assert_eq!(j["parent"], id.as_str());
+    let id2 = j["id"].as_str().unwrap().to_string();
+
+    ok(hl(&["backup", "forget", &id, "--repo", &repo]));
+    let pr = json(&ok(hl(&[
+        "backup",
+        "prune",
+        "--repo",
+        &repo,
+        "--keep-last",
+        "1",
+        "--keep-daily",
+        "7",
+        "--grace-secs",
+        "0",
+        "--json",
+    ])));
+    assert_eq!(pr["kept"].as_array().unwrap().len(), 1);
+    let list = json(&ok(hl(&["backup", "list", "--repo", &repo, "--json"])));
+    assert_eq!(list.as_array().unwrap()[0]["id"], id2.as_str());
+    let e = fail(hl(&["backup", "show", &id, "--repo", &repo]));
+    assert!(stderr(&e).contains("no backup matches"), "{e:?}");
+}
+
+#[test]
+fn cli_errors_are_clear() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    let repo = p(&repo);
+    let e = fail(hl(&["backup", "list", "--repo", repo]));
+    assert!(stderr(&e).contains("no repository at"), "{e:?}");
+    ok(hl(&["backup", "init", "--repo", repo]));
+    let e = fail(hl(&["backup", "init", "--repo", repo]));
+    assert!(stderr(&e).contains("already exists"), "{e:?}");
+
+    let mut c = hl(&["backup", "list", "--repo", repo]);
+    c.env("HLSTORE_REPO_PASSWORD", "wrong");
+    let e = fail(c);
+    assert!(stderr(&e).contains("wrong repository password"), "{e:?}");
+
+    let pwfile = t.path().join("pw");
+    std::fs::write(&pwfile, format!("{PW}\n")).unwrap();
+    let mut c = hl(&["backup", "list", "--repo", repo, "--password-file", p(&pwfile)]);
+    c.env_remove("HLSTORE_REPO_PASSWORD");
+    ok(c);
+    let mut c = hl(&["backup", "list", "--repo", repo]);
+    c.env_remove("HLSTORE_REPO_PASSWORD");
+    let e = fail(c);
+    assert!(stderr(&e).contains("HLSTORE_REPO_PASSWORD"), "{e:?}");
+
+    let e = fail(hl(&["backup", "create", "--repo", repo, "--source", "/nonexistent/disk"]));
+    assert!(stderr(&e).contains("/nonexistent/disk"), "{e:?}");
+    let e = fail(hl(&["backup", "prune", "--repo", repo]));
+    assert!(stderr(&e).contains("--keep-"), "{e:?}");
+}
+
+fn count_files(d: &Path) -> usize {
+    let Ok(rd) = std::fs::read_dir(d) else {
+        return 0;
+    };
+    rd.flatten()
+        .map(|e| {
+            let path = e.path();
+            if path.is_dir() {
+                count_files(&path)
+            } else if e.file_name().to_string_lossy().starts_with(".tmp") {
+                0
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+#[test]
+fn sigkill_during_backup_leaves_a_valid_repo_and_the_next_run_reuses_uploads() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("repo");
+    let repo = p(&dir).to_string();
+    let src = t.path().join("big.img");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    let mut img = vec![0u8; 96 << 20];
+    rng.fill_bytes(&mut img);
+    std::fs::write(&src, &img).unwrap();
+    ok(hl(&["backup", "init", "--repo", &repo, "--pack-size", "1M"]));
+    let mut child = hl(&["backup", "create", "--repo", &repo, "--source", p(&src)])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while count_files(&dir.join("data")) < 4 {
+        assert!(Instant::now() < deadline, "backup made no progress");
+        let finished = child.try_wait().unwrap();
+        assert!(finished.is_none(), "backup finished before it could be killed");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(count_files(&dir.join("snapshots")), 0, "no snapshot from the killed run");
+
+    let v = json(&ok(hl(&["backup", "verify", "--repo", &repo, "--read-data", "--json"])));
+    assert_eq!(v["ok"], true, "{v}");
+    let out = json(&ok(hl(&["backup", "create", "--repo", &repo, "--source", p(&src), "--json"])));
+    let new_bytes = out["stats"]["new_bytes"].as_u64().unwrap();
+    assert!(new_bytes < img.len() as u64, "rerun stored {new_bytes}, should reuse uploaded packs");
+    let id = out["id"].as_str().unwrap();
+    let restored = t.path().join("r.img");
+    ok(hl(&["restore", id, "--repo", &repo, "--to-file", p(&restored)]));
+    assert!(std::fs::read(&restored).unwrap() == img);
+}
+
+#[test]
+fn cli_s3_repository() {
+    let Some(w) = weed::weed() else { return };
+    let s3 = |args: &[&str]| {
+        let mut c = hl(args);
+        c.env("AWS_ACCESS_KEY_ID", weed::ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", weed::SECRET_KEY)
+            .env("AWS_REGION", "us-east-1");
+        c
+    };
+    let t = tempfile::tempdir().unwrap();
+    let repo = format!("s3://{}/cli-{}", weed::BUCKETS[3], rand::random::<u32>());
+    let src = t.path().join("disk.img");
+    let img = image(&src, 3 << 20, 2);
+    let ep = w.endpoint.as_str();
+    ok(s3(&["backup", "init", "--repo", &repo, "--s3-endpoint", ep]));
+    // Endpoint from AWS_ENDPOINT_URL.
+    let mut c = s3(&["backup", "create", "--repo", &repo, "--source", p(&src), "--json"]);
+    c.env("AWS_ENDPOINT_URL", ep);
+    let id = json(&ok(c))["id"].as_str().unwrap().to_string();
+    let restored = t.path().join("r.img");
+    ok(s3(&["restore", &id, "--repo", &repo, "--s3-endpoint", ep, "--to-file", p(&restored)]));
+    assert!(std::fs::read(&restored).unwrap() == img);
+
+    let mut c = s3(&["backup", "list", "--repo", &repo, "--s3-endpoint", ep]);
+    c.env("AWS_SECRET_ACCESS_KEY", "not-the-secret");
+    let e = fail(c);
+    assert!(stderr(&e).contains("rejected the credentials"), "{e:?}");
+    let e = fail(s3(&["backup", "list", "--repo", "s3://no-such-bucket/x", "--s3-endpoint", ep]));
+    assert!(stderr(&e).contains("does not exist"), "{e:?}");
+}
