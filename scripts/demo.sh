@@ -1,28 +1,39 @@
 #!/usr/bin/env bash
-# The one-command tour: installs what is missing, builds hlstore, starts a node agent on
-# loopback with its data under $HLSTORE_DEMO_DIR (default /tmp/hlstore-demo), creates a
-# thin 10 GiB replica, writes a file into it, reads it back, shows the metrics, and stops.
+# The one-command tour on an embedded default: installs what is missing, builds hlstore,
+# starts a local cluster of three node agents (separate processes on loopback, data under
+# $HLSTORE_DEMO_DIR, default /tmp/hlstore-demo), creates and attaches a 3-replica volume,
+# writes an image into it over NBD and reads it back, then backs the volume's contents
+# up to a local directory repository and restores them. The cluster keeps running at the
+# end; stop it with: hlstore dev down --dir $HLSTORE_DEMO_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export PATH="/usr/bin:$PATH"
 cargo build --quiet --bin hlstore
 HL="$PWD/target/debug/hlstore"
 DIR="${HLSTORE_DEMO_DIR:-/tmp/hlstore-demo}"
 mkdir -p "$DIR"
 
-"$HL" node --id demo-node --data-dir "$DIR/node" --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 >"$DIR/node.out" 2>"$DIR/node.log" &
-NODE_PID=$!
-trap 'kill $NODE_PID 2>/dev/null || true' EXIT
-for _ in $(seq 100); do grep -q '^listening' "$DIR/node.out" 2>/dev/null && break; sleep 0.1; done
-read -r GRPC METRICS < <(sed -n 's/^listening grpc=\([^ ]*\) metrics=\(.*\)$/\1 \2/p' "$DIR/node.out")
-export HLSTORE_ENDPOINT="http://$GRPC"
-echo "node agent demo-node: gRPC $HLSTORE_ENDPOINT, metrics http://$METRICS/metrics, data $DIR/node"
+echo "== starting a 3-node cluster in $DIR"
+URI=$("$HL" dev up --dir "$DIR" --nodes 3 --volume demo --size 1GiB)
+echo "volume demo is exported at $URI"
 
-"$HL" replica create demo --size 10GiB 2>/dev/null || echo "replica demo already exists (kept from an earlier run)"
-head -c 1048576 /dev/urandom >"$DIR/payload.bin"
-"$HL" replica write demo --offset 1GiB --input "$DIR/payload.bin"
-"$HL" replica read demo --offset 1GiB --length 1MiB --output "$DIR/readback.bin"
-cmp "$DIR/payload.bin" "$DIR/readback.bin" && echo "round trip: 1 MiB written and read back byte-identical"
-"$HL" replica list
-echo "metrics sample:"
-curl -s "http://$METRICS/metrics" 2>/dev/null | grep -E '^hlstore_replica_(writes_total|allocated_bytes)' || true
+echo "== writing 64 MiB through NBD (qemu-img), reading it back (nbdcopy, 4 connections)"
+head -c 64M /dev/urandom >"$DIR/image.bin"
+qemu-img convert -n -f raw -O raw "$DIR/image.bin" "$URI"
+nbdcopy --connections=4 "$URI" "$DIR/readback.bin"
+cmp -n $((64 << 20)) "$DIR/image.bin" "$DIR/readback.bin"
+echo "round trip: 64 MiB byte-identical"
+"$HL" dev status --dir "$DIR"
+
+echo "== backing the volume's contents up to $DIR/repo and restoring them"
+export HLSTORE_REPO_PASSWORD="${HLSTORE_REPO_PASSWORD:-demo-password}"
+[ -f "$DIR/repo/config" ] || [ -d "$DIR/repo/keys" ] || "$HL" backup init --repo "$DIR/repo" || true
+ID=$("$HL" backup create --repo "$DIR/repo" --source "$DIR/readback.bin" --label volume=demo --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+"$HL" backup list --repo "$DIR/repo"
+rm -f "$DIR/restored.bin"
+"$HL" restore "$ID" --repo "$DIR/repo" --to-file "$DIR/restored.bin"
+cmp "$DIR/readback.bin" "$DIR/restored.bin"
+echo "backup $ID restored byte-identical"
+echo
+echo "The cluster is still running: hlstore dev status --dir $DIR ; stop it with hlstore dev down --dir $DIR"

@@ -41,6 +41,9 @@ enum Command {
     /// Run a local cluster of node agents on loopback (for trying hlstore out and tests).
     #[command(subcommand)]
     Dev(cli::dev::DevCommand),
+    /// Expose an NBD export (a volume) as a file on a FUSE mount, for losetup on kernels
+    /// without the NBD module.
+    FuseAttach(cli::fuse::FuseArgs),
     /// Back up files, block devices or volumes to a deduplicating repository.
     #[command(subcommand)]
     Backup(cli::backup::BackupCommand),
@@ -71,6 +74,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Replica { endpoint, command } => cli::replica::run(endpoint, command).await,
         Command::Volume { endpoint, command } => cli::volume::run(&endpoint, command).await,
         Command::Dev(cmd) => cli::dev::run(cmd).await,
+        Command::FuseAttach(args) => cli::fuse::run(args).await,
         Command::Backup(cmd) => cli::backup::run_backup(cmd).await,
         Command::Restore(args) => cli::backup::run_restore(args).await,
         Command::Debug(cmd) => tokio::task::spawn_blocking(move || cli::debug::run(cmd)).await?,

@@ -196,7 +196,12 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                 let v = client.attach_volume(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
                 println!("{}", v.nbd_uri);
             }
-            eprintln!("cluster of {} node(s) up; `hlstore dev status --dir {}`", c.nodes.len(), dir.display());
+            eprintln!(
+                "cluster of {} node(s) up; `hlstore dev status --dir {}`; for `hlstore volume ...`: export HLSTORE_ENDPOINT=http://{}",
+                c.nodes.len(),
+                dir.display(),
+                c.nodes[0].grpc
+            );
         }
         DevCommand::Status { dir, json } => {
             let Some(c) = load(&dir)? else { bail!("no cluster in {}; start one with `hlstore dev up --dir {}`", dir.display(), dir.display()) };

@@ -1,6 +1,7 @@
 //! `hlstore fuse-attach`: exposes an NBD export as one file on a FUSE mount, for kernels
 //! without an NBD client. Runs in the foreground until SIGTERM or Ctrl-C, then unmounts.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,7 +9,6 @@ use std::time::Duration;
 use anyhow::Context;
 use hlstore_engine::fuse::{FuseMount, DEFAULT_FILE_NAME};
 use hlstore_engine::nbd_client::{ClientOptions, NbdClient, NbdUri};
-use tokio::io::AsyncWriteExt;
 
 const EXAMPLE: &str = "\
 Example (as root; the kernel needs FUSE and loop devices):
@@ -51,9 +51,12 @@ pub async fn run(args: FuseArgs) -> anyhow::Result<()> {
         .with_context(|| format!("creating mount point {}", args.mountpoint.display()))?;
     let mount = FuseMount::mount(client.clone(), &args.mountpoint, &args.file_name).await?;
 
-    let mut stdout = tokio::io::stdout();
-    stdout.write_all(format!("{}\n", mount.file_path().display()).as_bytes()).await?;
-    stdout.flush().await?;
+    {
+        // The path on stdout is the "ready" signal scripts wait for.
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{}", mount.file_path().display())?;
+        stdout.flush()?;
+    }
     tracing::info!(nbd.uri = %uri, size = client.size(), file = %mount.file_path().display(), "block file ready");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod debug;
 pub mod dev;
+pub mod fuse;
 pub mod node;
 pub mod replica;
 pub mod size;

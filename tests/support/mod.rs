@@ -1,6 +1,8 @@
 //! Helpers shared by the root integration tests: running real `hlstore` processes.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};

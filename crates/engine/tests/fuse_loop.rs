@@ -79,3 +79,32 @@ async fn ext4_on_a_loop_device_on_the_block_file_survives_fsck_and_remount() {
     assert!(dev.allocated_blocks() > 1000, "data reached the device ({} blocks)", dev.allocated_blocks());
     h.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_busy_block_file_is_detached_from_the_tree_not_leaked() {
+    use std::os::unix::fs::FileExt;
+    require_fuse_and_loop();
+    let dev = mem("vol", 16 * MIB);
+    let h = Harness::start(&[("vol", dev.clone())]).await;
+    let fuse_dir = tempfile::tempdir().unwrap();
+    let (_client, fuse) = mount_export(&h.unix_uri("vol"), fuse_dir.path(), ClientOptions::default()).await;
+    let lo = LoopDevice::attach(fuse.file_path()).await;
+
+    let start = std::time::Instant::now();
+    let err = fuse.unmount().await.expect_err("a loop device keeps the block file busy");
+    assert!(err.to_string().contains("busy"), "{err}");
+    assert!(start.elapsed() >= hlstore_engine::fuse::mount::UNMOUNT_RETRY, "retried before detaching");
+    assert!(!is_mounted(fuse_dir.path()), "lazily detached: nothing left in the mount tree");
+
+    // The loop device keeps working on the detached file until it lets go.
+    let path = lo.path.clone();
+    blocking(move || {
+        let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+        f.write_all_at(b"still served", 8192).unwrap();
+        f.sync_all().unwrap();
+    })
+    .await;
+    assert_eq!(dev.read_bytes(8192, 12), b"still served");
+    lo.detach().await;
+    h.shutdown().await;
+}

@@ -153,7 +153,7 @@ fn flush_survives_crash<H: Harness>(mut h: H) {
     assert_eq!(s.flush("v", 1).unwrap(), 10);
     s.write("v", 1, 11, 11 * BS, &block(11), true).unwrap();
     s.write("v", 1, 12, 12 * BS, &block(12), false).unwrap();
-    s.write("v", 1, 13, 1 * BS, &block(13), false).unwrap();
+    s.write("v", 1, 13, BS, &block(13), false).unwrap();
     drop(s);
     h.crash();
     let s = h.store();

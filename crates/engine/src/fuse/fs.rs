@@ -24,8 +24,8 @@ use std::time::{Duration, SystemTime};
 
 use fuser::{
     Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, Request, TimeOrNow,
-    WriteFlags,
+    OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
 };
 
 use crate::error::{Error, ErrorKind};
@@ -320,6 +320,33 @@ impl Filesystem for BlockFileFs {
         );
     }
 
+    // No extended attributes. ENOSYS makes the kernel stop asking (it then answers
+    // EOPNOTSUPP itself).
+    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS)
+    }
+
+    fn listxattr(&self, _req: &Request, _ino: INodeNo, _size: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENOSYS)
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS)
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::ENOSYS)
+    }
+
     fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         if ino != INodeNo::ROOT {
             return reply.error(Errno::ENOTDIR);
@@ -348,5 +375,22 @@ impl BlockFileFs {
             Ok(()) => reply.ok(),
             Err(errno) => reply.error(errno),
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_errors_become_file_errnos() {
+        assert_eq!(errno_for(&Error::InvalidArgument("x".into())), Errno::EINVAL);
+        let range = Error::OutOfRange { volume: "v".into(), offset: 0, length: 1, size: 0 };
+        assert_eq!(errno_for(&range), Errno::ENOSPC);
+        assert_eq!(errno_for(&Error::Unavailable("down".into())), Errno::EIO);
+        assert_eq!(errno_for(&Error::Fenced("newer engine".into())), Errno::EIO);
+        let eperm = Error::io("write", std::io::Error::from_raw_os_error(libc::EPERM));
+        assert_eq!(errno_for(&eperm), Errno::EPERM, "the server's errno is passed on");
+        assert_eq!(errno_for(&Error::io("x", std::io::Error::other("no errno"))), Errno::EIO);
     }
 }

@@ -60,6 +60,8 @@ impl FuseMount {
             MountOption::NoSuid,
             MountOption::NoDev,
             MountOption::NoExec,
+            // The kernel checks permissions against the mode bits (0600, owner only).
+            MountOption::DefaultPermissions,
         ];
         config.acl = SessionACL::Owner;
         config.n_threads = Some(FUSE_THREADS);
@@ -106,52 +108,51 @@ fn unmount_blocking(mountpoint: &Path, session: BackgroundSession) -> Result<()>
     let what = || format!("unmounting {}", mountpoint.display());
     let path = CString::new(mountpoint.as_os_str().as_bytes())
         .map_err(|_| Error::InvalidArgument(format!("{}: path contains NUL", what())))?;
+    // Wait while the mount is busy. `MNT_EXPIRE` only probes: it answers EBUSY while the
+    // file is in use and EAGAIN (marking it, not unmounting) once it is not.
     let deadline = Instant::now() + UNMOUNT_RETRY;
-    loop {
-        match umount2(&path, 0) {
-            Ok(()) => break,
+    let busy = loop {
+        match umount2(&path, libc::MNT_EXPIRE) {
             Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(50));
             }
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) && fusermount_unmount(mountpoint) => break,
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                // Not mounted (any more): someone else unmounted it.
-                break;
-            }
-            Err(e) => {
-                // Still busy (or another failure): detach it so the tree is clean, and leave
-                // the FUSE threads to end when the last user closes the file.
-                let detached = umount2(&path, libc::MNT_DETACH);
-                drop(session);
-                return Err(Error::io(
-                    format!("{}: {e}; detached lazily ({})", what(), if detached.is_ok() { "ok" } else { "failed" }),
-                    e,
-                ));
-            }
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => break Some(e),
+            // EAGAIN (idle), EPERM (unprivileged: the session unmounts through fusermount3),
+            // or anything else: let the session's own unmount decide.
+            _ => break None,
         }
+    };
+    if let Some(e) = busy {
+        // Still busy (a loop device attached): detach it so the tree is clean; the FUSE
+        // threads end when the last user closes the file.
+        let detached = umount2(&path, libc::MNT_DETACH);
+        drop(session);
+        return Err(Error::io(
+            format!("{}: still busy after {UNMOUNT_RETRY:?}; detached lazily ({})", what(), ok_str(&detached)),
+            e,
+        ));
     }
     // The kernel ends the connection on unmount; the threads see ENODEV and return.
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(session.join());
+        let _ = tx.send(session.umount_and_join());
     });
     match rx.recv_timeout(JOIN_TIMEOUT) {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(Error::io(format!("{}: FUSE session ended with an error", what()), e)),
+        Ok(Err(e)) => {
+            let detached = umount2(&path, libc::MNT_DETACH);
+            Err(Error::io(format!("{}: detached lazily ({})", what(), ok_str(&detached)), e))
+        }
         Err(_) => Err(Error::Unavailable(format!("{}: FUSE threads did not stop within {JOIN_TIMEOUT:?}", what()))),
     }
 }
 
-/// Unprivileged unmount through the setuid helper; true if it succeeded.
-fn fusermount_unmount(mountpoint: &Path) -> bool {
-    std::process::Command::new("fusermount3")
-        .arg("-u")
-        .arg("-q")
-        .arg("--")
-        .arg(mountpoint)
-        .stdin(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+fn ok_str(r: &std::io::Result<()>) -> &'static str {
+    if r.is_ok() {
+        "ok"
+    } else {
+        "failed"
+    }
 }
 
 fn umount2(path: &CString, flags: libc::c_int) -> std::io::Result<()> {

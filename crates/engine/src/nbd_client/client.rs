@@ -6,8 +6,9 @@
 //! [`ClientOptions::max_in_flight`] requests are outstanding (a semaphore bounds memory).
 //!
 //! Contract:
-//! - Every request returns within [`ClientOptions::request_timeout`] (including the wait for
-//!   the writer lock). A request that times out kills the connection: its state on the
+//! - Once it has one of the `max_in_flight` slots, every request returns within
+//!   [`ClientOptions::request_timeout`] (the wait for the writer lock included); so no
+//!   request waits longer than twice the timeout on a hung server. A request that times out kills the connection: its state on the
 //!   server is unknown, so later requests fail at once with `Unavailable` instead of
 //!   queueing behind a hung server. There is no reconnect; the owner makes a new client.
 //! - A caller's future dropped in the middle of writing its request would leave a partial
@@ -21,7 +22,6 @@
 //!   FUA → write then FLUSH; WRITE_ZEROES → WRITE of zeroes; TRIM (advisory) → nothing;
 //!   FLUSH on a server without a write cache → nothing.
 
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,7 +101,7 @@ impl NbdClient {
                     s.set_nodelay(true).map_err(|e| Error::io(&what, e))?;
                     Box::new(s)
                 }
-                NbdAddress::Unix(path) => Box::new(connect_unix(path).await.map_err(|e| Error::io(&what, e))?),
+                NbdAddress::Unix(path) => Box::new(UnixStream::connect(path).await.map_err(|e| Error::io(&what, e))?),
             };
             Self::handshake(stream, &uri.export, opts.clone()).await
         };
@@ -148,7 +148,7 @@ impl NbdClient {
 
     /// Reads `len` bytes at `offset`.
     pub async fn read(&self, offset: u64, len: usize) -> Result<Vec<u8>> {
-        self.check_range("read", offset, len as u64)?;
+        self.check_range(offset, len as u64)?;
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -168,7 +168,7 @@ impl NbdClient {
     /// Writes `data` at `offset`; with `fua`, returns once it is durable.
     pub async fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
         self.check_writable("write")?;
-        self.check_range("write", offset, data.len() as u64)?;
+        self.check_range(offset, data.len() as u64)?;
         if data.is_empty() {
             return Ok(());
         }
@@ -199,7 +199,7 @@ impl NbdClient {
     /// advisory in NBD, so on a server without TRIM this does nothing).
     pub async fn trim(&self, offset: u64, len: u64) -> Result<()> {
         self.check_writable("trim")?;
-        self.check_range("trim", offset, len)?;
+        self.check_range(offset, len)?;
         if !self.info.has(FLAG_SEND_TRIM) || len == 0 {
             return Ok(());
         }
@@ -211,7 +211,7 @@ impl NbdClient {
     /// Zeroes a range; `may_trim` lets the server deallocate it (else `NO_HOLE` is sent).
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
         self.check_writable("write_zeroes")?;
-        self.check_range("write_zeroes", offset, len)?;
+        self.check_range(offset, len)?;
         if len == 0 {
             return Ok(());
         }
@@ -242,8 +242,11 @@ impl NbdClient {
         let permits = u32::try_from(self.opts.max_in_flight.max(1)).unwrap_or(u32::MAX);
         let _all = tokio::time::timeout(self.opts.request_timeout, self.slots.acquire_many(permits)).await;
         let mut writer = self.writer.lock().await;
+        // Closed before DISC goes out, so the server's close is not taken for a failure.
+        let alive = !self.inflight.is_dead();
+        self.inflight.close("disconnected");
         let result = match writer.as_mut() {
-            Some(w) if !self.inflight.is_dead() => {
+            Some(w) if alive => {
                 let header = request_header(CMD_DISC, 0, 0, 0, 0);
                 let sent = async {
                     w.write_all(&header).await?;
@@ -258,7 +261,6 @@ impl NbdClient {
             _ => Ok(()),
         };
         *writer = None;
-        self.inflight.kill("disconnected");
         result
     }
 
@@ -269,7 +271,7 @@ impl NbdClient {
         Ok(())
     }
 
-    fn check_range(&self, _op: &str, offset: u64, len: u64) -> Result<()> {
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         if offset.checked_add(len).is_none_or(|end| end > self.info.size) {
             return Err(Error::OutOfRange { volume: self.export.clone(), offset, length: len, size: self.info.size });
         }
@@ -309,6 +311,10 @@ impl NbdClient {
     ) -> Result<Vec<u8>> {
         let timeout = self.opts.request_timeout;
         let cx = RequestContext { export: &self.export, op, offset, length: u64::from(length), size: self.info.size };
+        // Waiting for a free slot is not bounded by the timeout: the requests holding the
+        // slots are, and a dead connection frees them at once.
+        let _slot =
+            self.slots.acquire().await.map_err(|_| Error::Internal("nbd client request semaphore closed".into()))?;
         match tokio::time::timeout(timeout, self.send_and_wait(cmd, flags, offset, length, payload)).await {
             Ok(Ok(reply)) if reply.errno == 0 => Ok(reply.data),
             Ok(Ok(reply)) => Err(reply_error(reply.errno, cx)),
@@ -329,8 +335,6 @@ impl NbdClient {
         length: u32,
         payload: Option<&[u8]>,
     ) -> Result<Reply> {
-        let _slot =
-            self.slots.acquire().await.map_err(|_| Error::Internal("nbd client request semaphore closed".into()))?;
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
         let read_len = if cmd == CMD_READ { length } else { 0 };
         let rx = self.inflight.register(handle, read_len)?;
@@ -366,7 +370,7 @@ const MAX_PAYLOAD_CAP: u32 = 32 * 1024 * 1024;
 
 impl Drop for NbdClient {
     fn drop(&mut self) {
-        self.inflight.kill("client dropped");
+        self.inflight.close("client dropped");
         self.reader.abort();
     }
 }
@@ -397,8 +401,4 @@ fn request_header(cmd: u16, flags: u16, handle: u64, offset: u64, length: u32) -
     h[16..24].copy_from_slice(&offset.to_be_bytes());
     h[24..28].copy_from_slice(&length.to_be_bytes());
     h
-}
-
-async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
-    UnixStream::connect(path).await
 }

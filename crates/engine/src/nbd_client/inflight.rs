@@ -82,10 +82,23 @@ impl InFlight {
 
     /// Marks the connection dead (first reason wins) and fails every waiting request.
     pub fn kill(&self, reason: &str) {
+        self.end(reason, true)
+    }
+
+    /// Like [`InFlight::kill`], for an orderly close (logged at debug level).
+    pub fn close(&self, reason: &str) {
+        self.end(reason, false)
+    }
+
+    fn end(&self, reason: &str, failure: bool) {
         let waiters = {
             let mut table = self.lock();
             if table.dead.is_none() {
-                tracing::warn!(nbd.export = %self.export, "nbd client: connection lost: {reason}");
+                if failure {
+                    tracing::warn!(nbd.export = %self.export, "nbd client: connection lost: {reason}");
+                } else {
+                    tracing::debug!(nbd.export = %self.export, "nbd client: connection closed: {reason}");
+                }
                 table.dead = Some(reason.to_string());
             }
             std::mem::take(&mut table.waiters)

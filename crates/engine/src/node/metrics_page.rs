@@ -41,7 +41,8 @@ pub async fn render(id: &str, store: &DiskStore, stats: &ServiceStats, mgr: &Vol
         c(&stats.resync_chunks_applied),
     );
     let replicas = store.list().unwrap_or_default();
-    let gauges: [(&str, &str, fn(&crate::replica::ReplicaInfo) -> u64); 4] = [
+    type Gauge = (&'static str, &'static str, fn(&crate::replica::ReplicaInfo) -> u64);
+    let gauges: [Gauge; 4] = [
         ("hlstore_replica_size_bytes", "Replica size", |r| r.state.size),
         ("hlstore_replica_allocated_bytes", "Bytes allocated to a replica (thin provisioning)", |r| r.state.allocated_bytes),
         ("hlstore_replica_epoch", "Replica fencing epoch", |r| r.state.epoch),

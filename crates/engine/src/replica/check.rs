@@ -9,7 +9,7 @@ const MAX_VOLUME_ID: usize = 128;
 
 /// Checks that `[offset, offset + len)` is block-aligned and inside a volume of `size`.
 pub(crate) fn range(volume: &str, size: u64, offset: u64, len: u64) -> Result<()> {
-    if offset % BLOCK_SIZE != 0 || len % BLOCK_SIZE != 0 {
+    if !offset.is_multiple_of(BLOCK_SIZE) || !len.is_multiple_of(BLOCK_SIZE) {
         return Err(Error::InvalidArgument(format!(
             "volume {volume}: offset {offset} and length {len} must be multiples of {BLOCK_SIZE}"
         )));
@@ -51,7 +51,7 @@ pub(crate) fn record(rec: &VolumeRecord) -> Result<()> {
             rec.block_size
         )));
     }
-    if rec.size == 0 || rec.size % BLOCK_SIZE != 0 {
+    if rec.size == 0 || !rec.size.is_multiple_of(BLOCK_SIZE) {
         return Err(Error::InvalidArgument(format!(
             "volume {id}: size {} must be a positive multiple of {BLOCK_SIZE}",
             rec.size
@@ -62,7 +62,7 @@ pub(crate) fn record(rec: &VolumeRecord) -> Result<()> {
 
 /// Checks a new size for `expand`.
 pub(crate) fn new_size(volume: &str, old: u64, new: u64) -> Result<()> {
-    if new % BLOCK_SIZE != 0 || new < old {
+    if !new.is_multiple_of(BLOCK_SIZE) || new < old {
         return Err(Error::InvalidArgument(format!(
             "volume {volume}: new size {new} must be a multiple of {BLOCK_SIZE} and at least the current size {old} (shrinking is not supported)"
         )));

@@ -37,6 +37,9 @@ use file::SlotFile;
 use keys::{Entry, PersistState, StoredVolume};
 use volume::{Alloc, VolInner, Volume};
 
+/// A raw RocksDB key and value.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 /// The on-disk [`ReplicaStore`]. See the module docs for the write, flush and recovery
 /// protocols.
 pub struct DiskStore {
@@ -148,7 +151,7 @@ impl DiskStore {
     }
 
     /// All keys in `[prefix + from, end of prefix)` (from defaults to the prefix itself).
-    fn scan(&self, prefix: &[u8], from: Option<&[u8]>) -> Result<Vec<(Box<[u8]>, Box<[u8]>)>> {
+    fn scan(&self, prefix: &[u8], from: Option<&[u8]>) -> Result<Vec<KeyValue>> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_upper_bound(keys::prefix_end(prefix));
         let start = from.unwrap_or(prefix);

@@ -1,0 +1,168 @@
+#!/usr/bin/env bash
+# Volume I/O benchmark: a 3-node local hlstore cluster vs nbdkit's file plugin, both over
+# NBD on loopback, both backed by the same disk, driven by fio's nbd engine.
+#
+# Usage: ./benches/cluster_bench.sh            (from the repository root)
+# Env:
+#   SIZE=1GiB       volume size (hlstore syntax; nbdkit's file gets the same byte count)
+#   RUNTIME=15      seconds per timed job (plus RAMP)
+#   RAMP=2          seconds of ramp-up per timed job (not measured)
+#   WORKDIR=DIR     scratch directory (default: a fresh temp dir under $TMPDIR or /tmp)
+#   KEEP=1          keep WORKDIR (cluster data, fio JSON, node logs) after the run
+#   HLSTORE_BIN=... use this binary instead of building `cargo build --release --bin hlstore`
+#
+# Jobs, each run against nbdkit and then hlstore (same order, same parameters):
+#   prefill      1 MiB sequential write of the whole volume, QD8 (untimed; informational)
+#   randread     4 KiB random read, QD32
+#   randwrite    4 KiB random write, QD32
+#   seqwrite     1 MiB sequential write, QD8
+#   lat-write    4 KiB random write, QD1: mean and p99 completion latency
+#   lat-write+fl 4 KiB random write, QD1, NBD flush after every write (fsync=1)
+# Prints a table: test | nbdkit | hlstore | ratio (hlstore/nbdkit; latency: added µs).
+set -euo pipefail
+
+SIZE="${SIZE:-1GiB}"
+RUNTIME="${RUNTIME:-15}"
+RAMP="${RAMP:-2}"
+KEEP="${KEEP:-0}"
+
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+for t in fio nbdkit nbdinfo python3; do
+  command -v "$t" >/dev/null || { echo "missing $t (Debian: fio nbdkit libnbd-bin python3)" >&2; exit 1; }
+done
+if ! fio --enghelp=nbd >/dev/null 2>&1; then
+  echo "this fio has no nbd ioengine (Debian's fio has it)" >&2
+  exit 1
+fi
+if [ -z "${HLSTORE_BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release --bin hlstore >&2)
+  HLSTORE_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/hlstore"
+fi
+[ -x "$HLSTORE_BIN" ] || { echo "no hlstore binary at $HLSTORE_BIN" >&2; exit 1; }
+
+WORK="${WORKDIR:-$(mktemp -d "${TMPDIR:-/tmp}/hlstore-cluster-bench.XXXXXX")}"
+mkdir -p "$WORK"
+CLUSTER="$WORK/cluster"
+NBDKIT_PID=""
+
+cleanup() {
+  local rc=$?
+  if [ -f "$CLUSTER/cluster.json" ]; then
+    "$HLSTORE_BIN" dev down --dir "$CLUSTER" >/dev/null 2>&1 || true
+  fi
+  if [ -n "$NBDKIT_PID" ]; then
+    kill "$NBDKIT_PID" 2>/dev/null || true
+    wait "$NBDKIT_PID" 2>/dev/null || true
+  fi
+  if [ "$KEEP" = 1 ]; then
+    echo "kept $WORK" >&2
+  else
+    rm -rf "$WORK"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# --- hlstore: 3 node agents on loopback, one volume attached on n1 --------------------------
+echo "starting a 3-node hlstore cluster in $CLUSTER ..." >&2
+HL_URI="$("$HLSTORE_BIN" dev up --dir "$CLUSTER" --nodes 3 --volume bench --size "$SIZE" 2>"$WORK/dev-up.log")" || {
+  cat "$WORK/dev-up.log" >&2; exit 1; }
+HL_URI="$(printf '%s\n' "$HL_URI" | tail -n1)"
+case "$HL_URI" in
+  nbd://127.0.0.1:*) ;;
+  *) echo "unexpected NBD URI from dev up: '$HL_URI' (loopback only)" >&2; exit 1 ;;
+esac
+BYTES="$(nbdinfo --size "$HL_URI")"
+
+# --- nbdkit: file plugin on a sparse file of the same size, same disk -------------------------
+IMG="$WORK/nbdkit.img"
+truncate -s "$BYTES" "$IMG"
+PORT="$(free_port)"
+nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$PORT" file "file=$IMG" 2>"$WORK/nbdkit.log" &
+NBDKIT_PID=$!
+KIT_URI="nbd://127.0.0.1:$PORT"
+for _ in $(seq 100); do
+  nbdinfo --size "$KIT_URI" >/dev/null 2>&1 && break
+  kill -0 "$NBDKIT_PID" 2>/dev/null || { cat "$WORK/nbdkit.log" >&2; exit 1; }
+  sleep 0.1
+done
+nbdinfo --size "$KIT_URI" >/dev/null
+
+echo "hlstore: $HL_URI   nbdkit: $KIT_URI   size: $BYTES bytes" >&2
+echo "load before: $(uptime)" >&2
+echo "load before: $(uptime)" >"$WORK/load.txt"
+
+# run_fio TARGET URI NAME ARGS...: one fio job, JSON to $WORK/TARGET-NAME.json.
+run_fio() {
+  local target="$1" uri="$2" name="$3"; shift 3
+  echo "  $target $name ..." >&2
+  fio --name="$name" --ioengine=nbd --uri="$uri" --numjobs=1 --group_reporting \
+    --output-format=json --output="$WORK/$target-$name.json" "$@" >/dev/null
+}
+timed=(--time_based --runtime="$RUNTIME" --ramp_time="$RAMP")
+
+for target in nbdkit hlstore; do
+  if [ "$target" = nbdkit ]; then uri="$KIT_URI"; else uri="$HL_URI"; fi
+  run_fio "$target" "$uri" prefill --rw=write --bs=1M --iodepth=8 --size="$BYTES"
+  run_fio "$target" "$uri" randread --rw=randread --bs=4k --iodepth=32 "${timed[@]}"
+  run_fio "$target" "$uri" randwrite --rw=randwrite --bs=4k --iodepth=32 "${timed[@]}"
+  run_fio "$target" "$uri" seqwrite --rw=write --bs=1M --iodepth=8 "${timed[@]}"
+  run_fio "$target" "$uri" latwrite --rw=randwrite --bs=4k --iodepth=1 "${timed[@]}"
+  run_fio "$target" "$uri" latwriteflush --rw=randwrite --bs=4k --iodepth=1 --fsync=1 "${timed[@]}"
+done
+echo "load after:  $(uptime)" >&2
+echo "load after:  $(uptime)" >>"$WORK/load.txt"
+
+python3 - "$WORK" <<'EOF'
+import json, sys, os
+
+work = sys.argv[1]
+
+def job(target, name):
+    with open(os.path.join(work, f"{target}-{name}.json")) as f:
+        return json.load(f)["jobs"][0]
+
+def iops(j, d):
+    return j[d]["iops"]
+
+def mibs(j, d):
+    return j[d]["bw_bytes"] / (1 << 20)
+
+def clat_us(j, d, which):
+    c = j[d]["clat_ns"]
+    v = c["mean"] if which == "mean" else c["percentile"]["99.000000"]
+    return v / 1000.0
+
+rows = []
+def tput(label, name, d, fn, unit, target=None):
+    k, h = fn(job("nbdkit", name), d), fn(job("hlstore", name), d)
+    ratio = h / k if k else float("nan")
+    rows.append((label, f"{k:,.0f} {unit}", f"{h:,.0f} {unit}", f"{ratio:.2f}x", target or ""))
+
+def lat(label, name, which, target=None):
+    k, h = clat_us(job("nbdkit", name), "write", which), clat_us(job("hlstore", name), "write", which)
+    rows.append((label, f"{k:,.0f} µs", f"{h:,.0f} µs", f"{h - k:+,.0f} µs", target or ""))
+
+tput("prefill 1 MiB seq write QD8 (MiB/s)", "prefill", "write", mibs, "MiB/s")
+tput("4 KiB randread QD32 (IOPS)", "randread", "read", iops, "IOPS")
+tput("4 KiB randwrite QD32 (IOPS)", "randwrite", "write", iops, "IOPS", ">= 0.5x")
+tput("1 MiB seq write QD8 (MiB/s)", "seqwrite", "write", mibs, "MiB/s", ">= 0.8x")
+lat("4 KiB write QD1, mean clat", "latwrite", "mean", "<= +100 µs")
+lat("4 KiB write QD1, p99 clat", "latwrite", "p99")
+lat("4 KiB write+flush QD1, mean clat", "latwriteflush", "mean")
+lat("4 KiB write+flush QD1, p99 clat", "latwriteflush", "p99")
+
+hdr = ("test", "nbdkit", "hlstore", "ratio", "target")
+w = [max(len(r[i]) for r in rows + [hdr]) for i in range(5)]
+line = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"
+print(line(hdr))
+print("|" + "|".join("-" * (x + 2) for x in w) + "|")
+for r in rows:
+    print(line(r))
+EOF
+cat "$WORK/load.txt"

@@ -1,0 +1,207 @@
+#!/usr/bin/python3
+"""Self-describing block load for hlstore's cluster tests (python3-libnbd).
+
+`write` writes 4 KiB blocks at random block indexes of a region and prints one line per
+finished request, so the caller knows exactly which writes were acknowledged:
+
+    W <seq> <block> <t_start> <t_end>            write acknowledged
+    E <seq> <block> <errno> <t_start> <t_end>    write failed (content of the block undefined)
+    F <seq> <t_start> <t_end>                    flush acknowledged (covers every seq <= seq)
+    FE <seq> <errno> <t_start> <t_end>           flush failed
+    C <t>                                        (re)connected
+    X <t> <message>                              connection lost
+
+Times are CLOCK_MONOTONIC seconds. Every block carries a header (magic, seq, block) and a
+payload derived from both, so a read shows which write it holds and whether it is intact.
+The writer stops when the stop file exists (after a final flush) or after --count writes.
+
+`verify` reads every block of the region and checks it against one or more write logs:
+a block holds a write that was attempted on it and is not older than the newest
+acknowledged one; a block never written holds --fill bytes (zeroes). Exit status 1 on any mismatch.
+"""
+
+import argparse
+import errno as errno_mod
+import hashlib
+import os
+import random
+import struct
+import sys
+import time
+
+import nbd
+
+BLOCK = 4096
+MAGIC = b"HLSTBLK1"
+HEADER = struct.Struct("<8sQQ")
+
+
+def block_bytes(seq, blk):
+    head = HEADER.pack(MAGIC, seq, blk)
+    digest = hashlib.sha256(b"%d:%d" % (seq, blk)).digest()
+    body = (digest * (BLOCK // len(digest) + 1))[: BLOCK - len(head)]
+    return head + body
+
+
+def now():
+    return time.monotonic()
+
+
+def out(line):
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def err_no(e):
+    return e.errno if e.errno is not None else -1
+
+
+def connect(uri):
+    h = nbd.NBD()
+    h.connect_uri(uri)
+    return h
+
+
+def write(args):
+    rng = random.Random(args.seed)
+    h = None
+    seq = args.seq_base
+    since_flush = 0
+    written = 0
+
+    def flush():
+        t0 = now()
+        try:
+            h.flush()
+            out("F %d %.6f %.6f" % (seq, t0, now()))
+        except nbd.Error as e:
+            out("FE %d %d %.6f %.6f" % (seq, err_no(e), t0, now()))
+
+    while True:
+        if os.path.exists(args.stop_file) or (args.count and written >= args.count):
+            if h is not None and h.aio_is_ready():
+                flush()
+            break
+        if h is None or not (h.aio_is_ready() or h.aio_is_processing()):
+            try:
+                h = connect(args.uri)
+                out("C %.6f" % now())
+            except nbd.Error as e:
+                h = None
+                out("X %.6f %s" % (now(), str(e).replace("\n", " ")))
+                time.sleep(0.2)
+                continue
+        seq += 1
+        blk = rng.randrange(args.blocks)
+        t0 = now()
+        try:
+            h.pwrite(block_bytes(seq, blk), blk * BLOCK)
+            out("W %d %d %.6f %.6f" % (seq, blk, t0, now()))
+        except nbd.Error as e:
+            out("E %d %d %d %.6f %.6f" % (seq, blk, err_no(e), t0, now()))
+            if not (h.aio_is_ready() or h.aio_is_processing()):
+                out("X %.6f %s" % (now(), str(e).replace("\n", " ")))
+                time.sleep(0.2)
+        written += 1
+        since_flush += 1
+        if args.flush_every and since_flush >= args.flush_every and h.aio_is_ready():
+            since_flush = 0
+            flush()
+        if args.pause_ms:
+            time.sleep(args.pause_ms / 1000.0)
+
+
+def parse_logs(paths):
+    """block -> (attempted seqs, newest acknowledged seq)."""
+    attempted = {}
+    acked = {}
+    for path in paths:
+        with open(path) as f:
+            for line in f:
+                p = line.split()
+                if not p:
+                    continue
+                if p[0] == "W":
+                    seq, blk = int(p[1]), int(p[2])
+                    attempted.setdefault(blk, set()).add(seq)
+                    acked[blk] = max(acked.get(blk, 0), seq)
+                elif p[0] == "E":
+                    seq, blk = int(p[1]), int(p[2])
+                    attempted.setdefault(blk, set()).add(seq)
+    return attempted, acked
+
+
+def verify(args):
+    attempted, acked = parse_logs(args.logs)
+    fill = bytes([args.fill]) * BLOCK
+    h = connect(args.uri)
+    bad = 0
+    checked = 0
+    chunk = 256
+
+    def report(msg):
+        if bad <= 50:
+            out("BAD " + msg)
+
+    for first in range(0, args.blocks, chunk):
+        n = min(chunk, args.blocks - first)
+        data = h.pread(n * BLOCK, first * BLOCK)
+        for i in range(n):
+            blk = first + i
+            got = data[i * BLOCK : (i + 1) * BLOCK]
+            checked += 1
+            if blk not in attempted:
+                if got != fill:
+                    bad += 1
+                    report("%d never written but does not hold the fill byte %#x" % (blk, args.fill))
+                continue
+            magic, seq, hblk = HEADER.unpack_from(got)
+            if magic != MAGIC or hblk != blk:
+                bad += 1
+                report("%d header %r seq %d block %d (acked seq %d)" % (blk, magic, seq, hblk, acked.get(blk, 0)))
+                continue
+            if got != block_bytes(seq, blk):
+                bad += 1
+                report("%d payload of seq %d damaged" % (blk, seq))
+                continue
+            if seq not in attempted[blk]:
+                bad += 1
+                report("%d holds seq %d, never written there" % (blk, seq))
+                continue
+            if seq < acked.get(blk, 0):
+                bad += 1
+                report("%d holds seq %d, older than acknowledged seq %d (lost write)" % (blk, seq, acked[blk]))
+    h.shutdown()
+    out("CHECKED %d BAD %d ACKED_BLOCKS %d" % (checked, bad, len(acked)))
+    sys.exit(1 if bad else 0)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="mode", required=True)
+    w = sub.add_parser("write")
+    w.add_argument("uri")
+    w.add_argument("--blocks", type=int, required=True, help="region size in 4 KiB blocks")
+    w.add_argument("--stop-file", required=True)
+    w.add_argument("--seed", type=int, default=1)
+    w.add_argument("--seq-base", type=int, default=0, help="first seq is seq-base + 1")
+    w.add_argument("--flush-every", type=int, default=16)
+    w.add_argument("--count", type=int, default=0, help="stop after this many writes (0: until the stop file)")
+    w.add_argument("--pause-ms", type=float, default=0)
+    v = sub.add_parser("verify")
+    v.add_argument("uri")
+    v.add_argument("--blocks", type=int, required=True)
+    v.add_argument("--fill", type=lambda x: int(x, 0), default=0, help="content byte of never-written blocks")
+    v.add_argument("logs", nargs="+")
+    args = p.parse_args()
+    if args.mode == "write":
+        write(args)
+    else:
+        verify(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BrokenPipeError:
+        sys.exit(errno_mod.EPIPE)
