@@ -73,7 +73,7 @@ run_tool() {
       timed hlstore-full "$HLSTORE_BIN" backup create --repo "$repo" --source "$IMG" --json ;;
     restic)
       restic init -r "$repo" --repository-version 2 >/dev/null 2>&1
-      timed restic-full restic -r "$repo" backup --no-scan "$IMG" ;;
+      timed restic-full restic -r "$repo" backup "$IMG" ;;
     borg)
       borg init -e repokey-blake2 "$repo" >/dev/null 2>&1
       timed borg-full borg create --compression lz4 "$repo::full" "$IMG" ;;
@@ -82,7 +82,7 @@ run_tool() {
   CHANGED=$(python3 "$ROOT/benches/backup_mkimage.py" change "$IMG" 1 64 7)
   case "$tool" in
     hlstore) timed hlstore-incr "$HLSTORE_BIN" backup create --repo "$repo" --source "$IMG" --json ;;
-    restic) timed restic-incr restic -r "$repo" backup --no-scan "$IMG" ;;
+    restic) timed restic-incr restic -r "$repo" backup "$IMG" ;;
     borg) timed borg-incr borg create --compression lz4 "$repo::incr" "$IMG" ;;
   esac
   local s2; s2=$(size "$repo")

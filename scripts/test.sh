@@ -4,8 +4,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export CARGO_TERM_COLOR=never
-# nbdsh must run with Debian's Python (python3-libnbd lives there).
-export PATH="/usr/bin:$PATH"
+# nbdsh must run with Debian's Python (python3-libnbd lives there), so /usr/bin goes first;
+# `weed` (SeaweedFS, from PyPI) lives in the default python3's scripts directory.
+PYBIN=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null || true)
+export PATH="/usr/bin:$PATH${PYBIN:+:$PYBIN}"
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"

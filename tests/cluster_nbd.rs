@@ -111,7 +111,10 @@ fn qemu_img_convert_in_and_out_is_byte_identical() {
     let data = image_with_hole(&src, 32 * MIB, 4 * MIB);
     // Old content everywhere, so the zero hole has to be written, not skipped.
     qemu_io(&uri, &["write -P 0xee 0 32M", "flush"]);
-    run_ok(Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&uri), TOOL_TIMEOUT);
+    run_ok(
+        Command::new("qemu-img").args(["convert", "-n", "-f", "raw", "-O", "raw"]).arg(&src).arg(&uri),
+        TOOL_TIMEOUT,
+    );
     let dst = work.path().join("out.raw");
     run_ok(Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "raw", &uri]).arg(&dst), TOOL_TIMEOUT);
     assert_same("qemu-img round trip", &std::fs::read(&dst).expect("read out.raw"), &data);

@@ -58,7 +58,8 @@ async fn node_round_trip_over_grpc() {
     assert!(data[BS as usize..].iter().all(|&b| b == 0xaa));
 
     // Stale epoch: fenced with FAILED_PRECONDITION, and nothing is written.
-    let err = c.write(tokio_stream::iter(vec![w(1, 4, 0, 0x11, 1)])).await.unwrap().into_inner().message().await.unwrap_err();
+    let err =
+        c.write(tokio_stream::iter(vec![w(1, 4, 0, 0x11, 1)])).await.unwrap().into_inner().message().await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let err = c.open(pb::OpenRequest { volume_id: "vol".into(), epoch: 1 }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -66,7 +67,8 @@ async fn node_round_trip_over_grpc() {
     // Bad input gets clear errors.
     let err = c.read(pb::ReadRequest { volume_id: "vol".into(), epoch: 2, offset: 100, length: BS }).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let err = c.read(pb::ReadRequest { volume_id: "vol".into(), epoch: 2, offset: 256 * BS, length: BS }).await.unwrap_err();
+    let err =
+        c.read(pb::ReadRequest { volume_id: "vol".into(), epoch: 2, offset: 256 * BS, length: BS }).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange);
     let err = c.read(pb::ReadRequest { volume_id: "nope".into(), epoch: 2, offset: 0, length: BS }).await.unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
@@ -74,12 +76,15 @@ async fn node_round_trip_over_grpc() {
     // Trim frees allocation.
     let before = c.state(pb::StateRequest { volume_id: "vol".into() }).await.unwrap().into_inner().allocated_bytes;
     assert_eq!(before, 6 * BS);
-    c.trim(pb::TrimRequest { volume_id: "vol".into(), epoch: 2, seq: 5, offset: 8 * BS, length: 2 * BS }).await.unwrap();
+    c.trim(pb::TrimRequest { volume_id: "vol".into(), epoch: 2, seq: 5, offset: 8 * BS, length: 2 * BS })
+        .await
+        .unwrap();
     let after = c.state(pb::StateRequest { volume_id: "vol".into() }).await.unwrap().into_inner().allocated_bytes;
     assert_eq!(after, 4 * BS);
 
     // Resync stream since seq 1: the trim, then blocks written by seqs 2..: block 0 (seq 3).
-    let mut rs = c.resync(pb::ResyncRequest { volume_id: "vol".into(), epoch: 2, since_seq: 1 }).await.unwrap().into_inner();
+    let mut rs =
+        c.resync(pb::ResyncRequest { volume_id: "vol".into(), epoch: 2, since_seq: 1 }).await.unwrap().into_inner();
     let mut chunks = Vec::new();
     while let Some(ch) = rs.message().await.unwrap() {
         chunks.push(ch);
@@ -113,7 +118,8 @@ async fn node_round_trip_over_grpc() {
 fn node_refuses_a_data_dir_of_another_node() {
     let dir = tempfile::tempdir().unwrap();
     drop(NodeProc::start("n1", dir.path()));
-    let (ok, _, err) = hlstore(&["node", "--id", "n2", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()]);
+    let (ok, _, err) =
+        hlstore(&["node", "--id", "n2", "--listen", "127.0.0.1:0", "--data-dir", dir.path().to_str().unwrap()]);
     assert!(!ok);
     assert!(err.contains("belongs to node \"n1\""), "{err}");
 }
@@ -138,7 +144,8 @@ fn replica_cli_round_trip() {
     let (ok, _, err) = run(&["write", "demo", "--offset", "1MiB", "--input", input.to_str().unwrap()]);
     assert!(ok, "{err}");
     let output = dir.path().join("out.bin");
-    let (ok, _, err) = run(&["read", "demo", "--offset", "1MiB", "--length", "12KiB", "--output", output.to_str().unwrap()]);
+    let (ok, _, err) =
+        run(&["read", "demo", "--offset", "1MiB", "--length", "12KiB", "--output", output.to_str().unwrap()]);
     assert!(ok, "{err}");
     let back = std::fs::read(&output).unwrap();
     assert_eq!(&back[..payload.len()], &payload[..]);

@@ -92,7 +92,11 @@ fn check(dir: &std::path::Path, write_blocks: u64, flushed: u64) {
             Some((seq, block)) => {
                 assert_eq!(block, b, "block {b} holds another block's data");
                 assert!(covers(seq, b), "block {b} holds seq {seq}, which never wrote it");
-                assert!(seq >= must_have[b as usize], "block {b}: holds seq {seq}, older than flushed seq {}", must_have[b as usize]);
+                assert!(
+                    seq >= must_have[b as usize],
+                    "block {b}: holds seq {seq}, older than flushed seq {}",
+                    must_have[b as usize]
+                );
                 assert!(seq <= st.last_seq, "block {b}: seq {seq} beyond last_seq {}", st.last_seq);
             }
         }

@@ -31,7 +31,8 @@ pub struct RepoArgs {
 
 impl RepoArgs {
     fn backend(&self) -> anyhow::Result<Arc<dyn hb::Backend>> {
-        let opts = hb::S3Options { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone() };
+        let opts =
+            hb::S3Options { endpoint: self.s3_endpoint.clone(), region: self.s3_region.clone(), credentials: None };
         let b: Arc<dyn hb::Backend> = Arc::from(hb::open_url(&self.repo, &opts)?);
         Ok(b)
     }

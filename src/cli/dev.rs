@@ -70,8 +70,13 @@ struct DevCluster {
     nodes: Vec<DevNode>,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A free loopback port. The listener goes into `held` so that the next call cannot get
+/// the same port back (the kernel reuses a just-closed port); drop `held` when done.
+fn free_port(held: &mut Vec<TcpListener>) -> anyhow::Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0")?;
+    let port = l.local_addr()?.port();
+    held.push(l);
+    Ok(port)
 }
 
 fn cluster_path(dir: &Path) -> PathBuf {
@@ -80,7 +85,9 @@ fn cluster_path(dir: &Path) -> PathBuf {
 
 fn load(dir: &Path) -> anyhow::Result<Option<DevCluster>> {
     match std::fs::read(cluster_path(dir)) {
-        Ok(b) => Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is damaged", cluster_path(dir).display()))?)),
+        Ok(b) => {
+            Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is damaged", cluster_path(dir).display()))?))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -95,14 +102,16 @@ fn load_or_create(dir: &Path, n: usize) -> anyhow::Result<DevCluster> {
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut nodes = Vec::new();
+    let mut held = Vec::new();
     for i in 1..=n {
         nodes.push(DevNode {
             id: format!("n{i}"),
-            grpc: format!("127.0.0.1:{}", free_port()?),
-            metrics: format!("127.0.0.1:{}", free_port()?),
-            nbd: format!("127.0.0.1:{}", free_port()?),
+            grpc: format!("127.0.0.1:{}", free_port(&mut held)?),
+            metrics: format!("127.0.0.1:{}", free_port(&mut held)?),
+            nbd: format!("127.0.0.1:{}", free_port(&mut held)?),
         });
     }
+    drop(held);
     let c = DevCluster { nodes };
     std::fs::write(cluster_path(dir), serde_json::to_vec_pretty(&c)?)?;
     Ok(c)
@@ -117,8 +126,8 @@ fn running_pid(dir: &Path, node: &DevNode) -> Option<i32> {
     let pid: i32 = std::fs::read_to_string(pid_path(dir, &node.id)).ok()?.trim().parse().ok()?;
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
-    let is_ours = args.windows(2).any(|w| w[0] == b"--id" && w[1] == node.id.as_bytes())
-        && args.contains(&node.grpc.as_bytes());
+    let is_ours =
+        args.windows(2).any(|w| w[0] == b"--id" && w[1] == node.id.as_bytes()) && args.contains(&node.grpc.as_bytes());
     // A zombie (exited, not yet reaped) is not running.
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
@@ -160,7 +169,11 @@ async fn wait_ready(node: &DevNode, dir: &Path) -> anyhow::Result<()> {
             bail!("node {} exited during start; see {}", node.id, dir.join(&node.id).join("node.log").display());
         }
         if Instant::now() > deadline {
-            bail!("node {} did not become ready in 60s; see {}", node.id, dir.join(&node.id).join("node.log").display());
+            bail!(
+                "node {} did not become ready in 60s; see {}",
+                node.id,
+                dir.join(&node.id).join("node.log").display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -204,7 +217,9 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
             );
         }
         DevCommand::Status { dir, json } => {
-            let Some(c) = load(&dir)? else { bail!("no cluster in {}; start one with `hlstore dev up --dir {}`", dir.display(), dir.display()) };
+            let Some(c) = load(&dir)? else {
+                bail!("no cluster in {}; start one with `hlstore dev up --dir {}`", dir.display(), dir.display())
+            };
             let nodes: Vec<serde_json::Value> = c
                 .nodes
                 .iter()

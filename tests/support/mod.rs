@@ -21,9 +21,22 @@ impl NodeProc {
         Self::start_on(id, data_dir, "127.0.0.1:0")
     }
 
+    // The child is owned by the returned guard, whose Drop kills and reaps it.
+    #[allow(clippy::zombie_processes)]
     pub fn start_on(id: &str, data_dir: &Path, listen: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hlstore"))
-            .args(["node", "--id", id, "--listen", listen, "--metrics-listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0", "--data-dir"])
+            .args([
+                "node",
+                "--id",
+                id,
+                "--listen",
+                listen,
+                "--metrics-listen",
+                "127.0.0.1:0",
+                "--nbd-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+            ])
             .arg(data_dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -86,5 +99,9 @@ pub fn http_get(addr: &str, path: &str) -> String {
 /// Runs the hlstore CLI; returns (success, stdout, stderr).
 pub fn hlstore(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_hlstore")).args(args).output().expect("run hlstore");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

@@ -105,7 +105,7 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
         {
             align_ranges(&changed, cs as u64, size)
         }
-        _ => vec![0..size],
+        _ => std::iter::once(0..size).collect(),
     };
 
     let workers =
@@ -179,7 +179,8 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
     }
     stats.bytes_read = read_ranges.iter().map(|r| r.end - r.start).sum();
     if let Some(p) = &parent {
-        if read_ranges != [0..size] {
+        let whole = read_ranges.len() == 1 && read_ranges[0] == (0..size);
+        if !whole {
             // Take unchanged chunks over from the parent.
             let mut i = 0;
             for c in &p.chunks {
@@ -410,7 +411,7 @@ mod tests {
     fn ranges_align_and_merge() {
         let r = align_ranges(&[10..20, 5000..5001, 4096..4100, 9000..9000], 4096, 10000);
         assert_eq!(r, vec![0..8192]);
-        let r = align_ranges(&[9000..9999], 4096, 10000);
+        let r = align_ranges(&[9000..9999, 9500..9600], 4096, 10000);
         assert_eq!(r, vec![8192..10000]);
     }
 }

@@ -90,7 +90,8 @@ pub fn apply_policy(snaps: &[SnapshotMeta], p: &KeepPolicy) -> (Vec<String>, Vec
     for s in snaps {
         groups.entry(&s.source).or_default().push(s);
     }
-    let buckets: [(u32, fn(u64) -> i64); 6] = [
+    type Bucket = fn(u64) -> i64;
+    let buckets: [(u32, Bucket); 6] = [
         (p.last, |_| 0), // replaced below: every snapshot is its own bucket
         (p.hourly, |t| (t / 3600) as i64),
         (p.daily, |t| (t / 86_400) as i64),

@@ -30,19 +30,13 @@ pub enum RestoreTarget {
 }
 
 /// Options of one restore.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 pub struct RestoreOptions {
     pub progress: Progress,
     /// Parallel pack fetches (0: default 4).
     pub workers: usize,
     /// Resume-state file; default `<file>.hlstore-restore` for files, none for devices.
     pub state_file: Option<PathBuf>,
-}
-
-impl Default for RestoreOptions {
-    fn default() -> Self {
-        RestoreOptions { progress: Progress::hidden(), workers: 0, state_file: None }
-    }
 }
 
 /// What a restore did.

@@ -148,7 +148,7 @@ struct Flaky {
 }
 
 impl Flaky {
-    fn new(dir: &std::path::Path, allow: usize) -> Arc<dyn Backend> {
+    fn backend(dir: &std::path::Path, allow: usize) -> Arc<dyn Backend> {
         Arc::new(Flaky { inner: FsBackend::new(dir), prefix: "data/", allow, count: AtomicUsize::new(0) })
     }
 
@@ -197,7 +197,7 @@ fn interrupted_backup_leaves_valid_repo_and_next_run_reuses_uploads() {
     let img = half_random_image(6);
     let src = t.path().join("img");
     write(&src, &img);
-    let repo = Repository::open(Flaky::new(&dir, 3), PASSWORD).unwrap();
+    let repo = Repository::open(Flaky::backend(&dir, 3), PASSWORD).unwrap();
     let one = BackupOptions { uploaders: 1, ..Default::default() };
     assert!(backup(&repo, &FileSource::open(&src).unwrap(), one).is_err());
     assert!(b.list("snapshots/").unwrap().is_empty());
@@ -231,7 +231,7 @@ fn interrupted_restore_resumes() {
     write(&src, &img);
     let s = backup(&repo, &FileSource::open(&src).unwrap(), opts()).unwrap();
     drop(repo);
-    let frepo = Repository::open(Flaky::new(&dir, 3), PASSWORD).unwrap();
+    let frepo = Repository::open(Flaky::backend(&dir, 3), PASSWORD).unwrap();
     let out = t.path().join("out");
     let target = RestoreTarget::File(out.clone());
     let one = RestoreOptions { workers: 1, ..Default::default() };

@@ -54,7 +54,11 @@ pub enum Error {
     #[error("unavailable: {0}")]
     Unavailable(String),
     #[error("{context}: {source}")]
-    Io { context: String, #[source] source: io::Error },
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("metadata store: {context}: {message}")]
     Meta { context: String, message: String },
     #[error("internal error: {0}")]

@@ -76,7 +76,11 @@ fn rejects_bad_ranges<H: Harness>(h: H) {
     assert_eq!(oor.kind(), ErrorKind::OutOfRange);
     assert!(oor.to_string().contains("volume v"), "{oor}");
     assert_eq!(s.read("v", 1, 15 * BS, 2 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
-    assert_eq!(s.read("v", 1, u64::MAX - BS + 1, BS).unwrap_err().kind(), ErrorKind::OutOfRange, "offset+len overflows");
+    assert_eq!(
+        s.read("v", 1, u64::MAX - BS + 1, BS).unwrap_err().kind(),
+        ErrorKind::OutOfRange,
+        "offset+len overflows"
+    );
     assert_eq!(s.read("v", 1, (u64::MAX / BS) * BS, 2 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
     assert_eq!(s.trim("v", 1, 2, 8 * BS, 9 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
     // Nothing changed.

@@ -114,7 +114,10 @@ fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     let mut allowed: Vec<u64> = vec![durable];
                     allowed.extend(m.since_flush.get(&b).into_iter().flatten().copied());
                     let hit = allowed.iter().find(|&&v| content(v, b) == got);
-                    prop_assert!(hit.is_some(), "block {b} after crash holds neither old nor new content (allowed seqs {allowed:?})");
+                    prop_assert!(
+                        hit.is_some(),
+                        "block {b} after crash holds neither old nor new content (allowed seqs {allowed:?})"
+                    );
                     m.current.insert(b, *hit.unwrap());
                 }
                 m.flush();

@@ -91,7 +91,10 @@ const RESYNC_BATCH_BLOCKS: usize = 64;
 
 #[tonic::async_trait]
 impl<S: ReplicaStore> Replica for ReplicaService<S> {
-    async fn create_replica(&self, req: Request<pb::CreateReplicaRequest>) -> Result<Response<pb::ReplicaInfo>, Status> {
+    async fn create_replica(
+        &self,
+        req: Request<pb::CreateReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
         let record = convert::record_from_pb(req.into_inner().record)?;
         let info = self.call(move |s| s.create(record)).await?;
         Ok(Response::new(convert::info_to_pb(&info)))

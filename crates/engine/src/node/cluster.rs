@@ -77,7 +77,11 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<String, String>> {
         let (id, ep) = item.split_once('=').ok_or_else(|| {
             Error::InvalidArgument(format!("peer {item:?} must be ID=ENDPOINT, e.g. n2=http://10.0.0.2:7400"))
         })?;
-        let ep = if ep.starts_with("http://") || ep.starts_with("https://") { ep.to_string() } else { format!("http://{ep}") };
+        let ep = if ep.starts_with("http://") || ep.starts_with("https://") {
+            ep.to_string()
+        } else {
+            format!("http://{ep}")
+        };
         out.insert(id.to_string(), ep);
     }
     Ok(out)

@@ -44,7 +44,9 @@ pub async fn render(id: &str, store: &DiskStore, stats: &ServiceStats, mgr: &Vol
     type Gauge = (&'static str, &'static str, fn(&crate::replica::ReplicaInfo) -> u64);
     let gauges: [Gauge; 4] = [
         ("hlstore_replica_size_bytes", "Replica size", |r| r.state.size),
-        ("hlstore_replica_allocated_bytes", "Bytes allocated to a replica (thin provisioning)", |r| r.state.allocated_bytes),
+        ("hlstore_replica_allocated_bytes", "Bytes allocated to a replica (thin provisioning)", |r| {
+            r.state.allocated_bytes
+        }),
         ("hlstore_replica_epoch", "Replica fencing epoch", |r| r.state.epoch),
         ("hlstore_replica_durable_seq", "Highest durable write sequence number", |r| r.state.durable_seq),
     ];
@@ -79,13 +81,21 @@ pub async fn render(id: &str, store: &DiskStore, stats: &ServiceStats, mgr: &Vol
     p.family("hlstore_volume_replica_state", "gauge", "Replica state seen by the engine (1 for the current state)");
     for v in &attached {
         for r in &v.replicas {
-            p.sample("hlstore_volume_replica_state", &[("volume", &v.name), ("node", &r.node), ("state", &r.state)], 1.0);
+            p.sample(
+                "hlstore_volume_replica_state",
+                &[("volume", &v.name), ("node", &r.node), ("state", &r.state)],
+                1.0,
+            );
         }
     }
     p.family("hlstore_volume_resync_chunks_total", "counter", "Resync chunks sent to a replica by the engine");
     for v in &attached {
         for r in &v.replicas {
-            p.sample("hlstore_volume_resync_chunks_total", &[("volume", &v.name), ("node", &r.node)], r.resync_chunks as f64);
+            p.sample(
+                "hlstore_volume_resync_chunks_total",
+                &[("volume", &v.name), ("node", &r.node)],
+                r.resync_chunks as f64,
+            );
         }
     }
     p.finish()

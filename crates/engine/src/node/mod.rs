@@ -57,9 +57,8 @@ fn claim_data_dir(data_dir: &Path, id: &str) -> Result<()> {
     let path = data_dir.join("node.json");
     match std::fs::read(&path) {
         Ok(bytes) => {
-            let ident: NodeIdentity = serde_json::from_slice(&bytes).map_err(|e| {
-                Error::InvalidArgument(format!("{} is not a node identity file: {e}", path.display()))
-            })?;
+            let ident: NodeIdentity = serde_json::from_slice(&bytes)
+                .map_err(|e| Error::InvalidArgument(format!("{} is not a node identity file: {e}", path.display())))?;
             if ident.node_id != id {
                 return Err(Error::InvalidArgument(format!(
                     "data directory {} belongs to node {:?}, not {id:?}; use --id {} or another --data-dir",

@@ -38,7 +38,12 @@ pub struct EngineTimeouts {
 impl Default for EngineTimeouts {
     fn default() -> Self {
         let d = MachineConfig::new(1);
-        Self { ack_ms: d.ack_timeout_ms, failure_ms: d.failure_timeout_ms, io_ms: d.io_timeout_ms, retry_ms: d.retry_interval_ms }
+        Self {
+            ack_ms: d.ack_timeout_ms,
+            failure_ms: d.failure_timeout_ms,
+            io_ms: d.io_timeout_ms,
+            retry_ms: d.retry_interval_ms,
+        }
     }
 }
 
@@ -90,7 +95,14 @@ impl VolumeManager {
         state_path: PathBuf,
         timeouts: EngineTimeouts,
     ) -> Self {
-        Self { cluster, nbd, default_nbd: default_nbd_addr, attached: Mutex::new(BTreeMap::new()), state_path, timeouts }
+        Self {
+            cluster,
+            nbd,
+            default_nbd: default_nbd_addr,
+            attached: Mutex::new(BTreeMap::new()),
+            state_path,
+            timeouts,
+        }
     }
 
     pub fn nbd_stats(&self) -> Arc<crate::nbd::NbdStats> {
@@ -239,7 +251,11 @@ impl VolumeManager {
         self.cluster
             .nodes()
             .into_iter()
-            .map(|n| vpb::Node { endpoint: self.cluster.endpoint(&n).unwrap_or_default().to_string(), id: n, reachable: true })
+            .map(|n| vpb::Node {
+                endpoint: self.cluster.endpoint(&n).unwrap_or_default().to_string(),
+                id: n,
+                reachable: true,
+            })
             .collect()
     }
 
@@ -293,16 +309,19 @@ impl VolumeManager {
         record.replica_set = nodes.clone();
         record.write_quorum = req.write_quorum;
         record.labels = req.labels.clone().into_iter().collect();
-        MachineConfig { replicas: specs(&record.replica_set, ""), write_quorum: quorum(&record), ..MachineConfig::new(n) }
-            .quorum()?;
+        MachineConfig {
+            replicas: specs(&record.replica_set, ""),
+            write_quorum: quorum(&record),
+            ..MachineConfig::new(n)
+        }
+        .quorum()?;
         let mut created = Vec::new();
         for node in &nodes {
             let mut c = self.cluster.replica(node)?;
             let rec = convert::record_to_pb(&record);
-            let res = bounded(node, async move {
-                c.create_replica(rpb::CreateReplicaRequest { record: Some(rec) }).await
-            })
-            .await;
+            let res =
+                bounded(node, async move { c.create_replica(rpb::CreateReplicaRequest { record: Some(rec) }).await })
+                    .await;
             match res {
                 Ok(_) => created.push(node.clone()),
                 Err(e) => {
@@ -338,9 +357,12 @@ impl VolumeManager {
             let res = match self.cluster.replica(node) {
                 Ok(mut c) => {
                     let (v, epoch) = (name.to_string(), g.record.epoch);
-                    bounded(node, async move { c.delete_replica(rpb::DeleteReplicaRequest { volume_id: v, epoch }).await })
-                        .await
-                        .map(|_| ())
+                    bounded(
+                        node,
+                        async move { c.delete_replica(rpb::DeleteReplicaRequest { volume_id: v, epoch }).await },
+                    )
+                    .await
+                    .map(|_| ())
                 }
                 Err(e) => Err(e),
             };
@@ -372,7 +394,9 @@ impl VolumeManager {
             if node != self.cluster.self_id {
                 if let Ok(mut c) = self.cluster.volumes(&node) {
                     let v = name.to_string();
-                    let res = bounded(&node, async move { c.detach_volume(vpb::DetachVolumeRequest { name: v }).await }).await;
+                    let res =
+                        bounded(&node, async move { c.detach_volume(vpb::DetachVolumeRequest { name: v }).await })
+                            .await;
                     if let Err(e) = res {
                         tracing::warn!(volume.id = name, node = %node, error = %e, "previous engine did not detach; it will be fenced");
                     }
@@ -436,7 +460,8 @@ impl VolumeManager {
         let handle = server.shutdown_handle();
         if let Some(path) = listen.strip_prefix("unix:") {
             let _ = std::fs::remove_file(path);
-            let l = tokio::net::UnixListener::bind(path).map_err(|e| Error::io(format!("binding NBD socket {path}"), e))?;
+            let l =
+                tokio::net::UnixListener::bind(path).map_err(|e| Error::io(format!("binding NBD socket {path}"), e))?;
             tokio::spawn(async move { server.serve_unix(l).await });
         } else {
             let l = tokio::net::TcpListener::bind(listen)
@@ -519,7 +544,9 @@ impl VolumeManager {
                         tracing::warn!(volume.id = %s.name, error = %e, "could not re-attach after restart");
                     }
                 }
-                Some(_) => tracing::info!(volume.id = %s.name, "volume was attached elsewhere meanwhile; not re-attaching"),
+                Some(_) => {
+                    tracing::info!(volume.id = %s.name, "volume was attached elsewhere meanwhile; not re-attaching")
+                }
                 None => tracing::warn!(volume.id = %s.name, "volume not found; dropping its attachment"),
             }
         }
@@ -540,7 +567,8 @@ impl VolumeManager {
         let tmp = self.state_path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&list).map_err(|e| Error::Internal(e.to_string()))?;
         std::fs::write(&tmp, body).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &self.state_path).map_err(|e| Error::io(format!("writing {}", self.state_path.display()), e))
+        std::fs::rename(&tmp, &self.state_path)
+            .map_err(|e| Error::io(format!("writing {}", self.state_path.display()), e))
     }
 }
 

@@ -69,12 +69,8 @@ impl MemVolume {
 
     fn trim(&mut self, seq: u64, offset: u64, len: u64, only_older: bool) {
         let (first, end) = (offset / BLOCK_SIZE, (offset + len) / BLOCK_SIZE);
-        let doomed: Vec<u64> = self
-            .blocks
-            .range(first..end)
-            .filter(|(_, blk)| !only_older || blk.seq < seq)
-            .map(|(b, _)| *b)
-            .collect();
+        let doomed: Vec<u64> =
+            self.blocks.range(first..end).filter(|(_, blk)| !only_older || blk.seq < seq).map(|(b, _)| *b).collect();
         for b in doomed {
             self.set_block(b, None);
         }

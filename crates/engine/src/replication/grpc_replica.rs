@@ -39,7 +39,10 @@ impl GrpcReplica {
     }
 
     pub fn with_channel(name: impl Into<String>, volume: impl Into<String>, channel: Channel) -> Self {
-        Self { name: name.into(), volume: volume.into(), client: ReplicaClient::new(channel)
+        Self {
+            name: name.into(),
+            volume: volume.into(),
+            client: ReplicaClient::new(channel)
                 .max_decoding_message_size(crate::node::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(crate::node::MAX_MESSAGE_BYTES),
         }

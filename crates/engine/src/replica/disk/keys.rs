@@ -142,13 +142,8 @@ pub struct PersistState {
 impl PersistState {
     pub fn encode(&self) -> [u8; 40] {
         let mut b = [0u8; 40];
-        let fields = [
-            self.last_seq,
-            self.durable_seq,
-            self.hwm,
-            self.allocated_blocks,
-            self.resync_from.unwrap_or(u64::MAX),
-        ];
+        let fields =
+            [self.last_seq, self.durable_seq, self.hwm, self.allocated_blocks, self.resync_from.unwrap_or(u64::MAX)];
         for (i, f) in fields.iter().enumerate() {
             b[i * 8..i * 8 + 8].copy_from_slice(&f.to_be_bytes());
         }

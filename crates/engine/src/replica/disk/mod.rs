@@ -68,7 +68,8 @@ impl DiskStore {
     /// Opens (or creates) the store under `root`, recovering every volume.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
-        std::fs::create_dir_all(root.join("volumes")).map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
+        std::fs::create_dir_all(root.join("volumes"))
+            .map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         // Point-in-time recovery: RocksDB recovers a consistent prefix of the WAL.
@@ -194,7 +195,8 @@ impl DiskStore {
     fn put_record(&self, vid: u32, record: &VolumeRecord) -> Result<()> {
         let sv = StoredVolume { vid, record: record.clone() };
         let mut batch = WriteBatch::default();
-        batch.put(keys::volume(&record.volume_id), serde_json::to_vec(&sv).map_err(|e| Error::Internal(e.to_string()))?);
+        batch
+            .put(keys::volume(&record.volume_id), serde_json::to_vec(&sv).map_err(|e| Error::Internal(e.to_string()))?);
         self.commit(batch, true, "writing volume record")
     }
 
@@ -271,7 +273,10 @@ impl DiskStore {
             batch.put(keys::free(v.vid, e.slot), []);
             removed.push(e);
         }
-        batch.put(keys::trim(v.vid, seq, range.start * BLOCK_SIZE), ((range.end - range.start) * BLOCK_SIZE).to_be_bytes());
+        batch.put(
+            keys::trim(v.vid, seq, range.start * BLOCK_SIZE),
+            ((range.end - range.start) * BLOCK_SIZE).to_be_bytes(),
+        );
         Ok(removed)
     }
 
@@ -317,12 +322,7 @@ impl DiskStore {
         Ok(g.st.durable_seq)
     }
 
-    fn with_io<T>(
-        &self,
-        name: &str,
-        epoch: u64,
-        f: impl FnOnce(&Volume, &mut VolInner) -> Result<T>,
-    ) -> Result<T> {
+    fn with_io<T>(&self, name: &str, epoch: u64, f: impl FnOnce(&Volume, &mut VolInner) -> Result<T>) -> Result<T> {
         let v = self.vol(name)?;
         let mut g = volume::write(&v);
         check::epoch(name, g.record.epoch, epoch)?;
@@ -339,7 +339,10 @@ impl ReplicaStore for DiskStore {
             if g.record.same_definition(&record) {
                 return Ok(ReplicaInfo { record: g.record.clone(), state: g.state() });
             }
-            return Err(Error::AlreadyExists(format!("volume {} exists with a different definition", record.volume_id)));
+            return Err(Error::AlreadyExists(format!(
+                "volume {} exists with a different definition",
+                record.volume_id
+            )));
         }
         let vid = match self.db.get(keys::NEXT_VID).map_err(meta_err("reading volume counter"))? {
             Some(b) => u32::from_be_bytes(b.as_slice().try_into().map_err(|_| corrupt_meta("volume counter"))?),
@@ -350,13 +353,19 @@ impl ReplicaStore for DiskStore {
         let sv = StoredVolume { vid, record: record.clone() };
         let mut batch = WriteBatch::default();
         batch.put(keys::NEXT_VID, (vid + 1).to_be_bytes());
-        batch.put(keys::volume(&record.volume_id), serde_json::to_vec(&sv).map_err(|e| Error::Internal(e.to_string()))?);
+        batch
+            .put(keys::volume(&record.volume_id), serde_json::to_vec(&sv).map_err(|e| Error::Internal(e.to_string()))?);
         batch.put(keys::state(vid), PersistState::default().encode());
         self.commit(batch, true, "creating volume")?;
         let vol = Volume {
             vid,
             file,
-            inner: RwLock::new(VolInner { record, st: PersistState::default(), free: BTreeSet::new(), pending: Vec::new() }),
+            inner: RwLock::new(VolInner {
+                record,
+                st: PersistState::default(),
+                free: BTreeSet::new(),
+                pending: Vec::new(),
+            }),
             flush_lock: Mutex::new(()),
         };
         let info = ReplicaInfo { record: volume::read(&vol).record.clone(), state: volume::read(&vol).state() };
@@ -474,11 +483,18 @@ impl ReplicaStore for DiskStore {
             }
             let at = (entries[i].0 - range.start) as usize * bs;
             let buf = &mut out[at..at + (j - i) * bs];
-            v.file.read(entries[i].1.slot, buf).map_err(|e| Error::io(format!("volume {name}: reading block data"), e))?;
+            v.file
+                .read(entries[i].1.slot, buf)
+                .map_err(|e| Error::io(format!("volume {name}: reading block data"), e))?;
             for (k, (b, e)) in entries[i..j].iter().enumerate() {
                 let actual = check::crc(&buf[k * bs..(k + 1) * bs]);
                 if actual != e.crc {
-                    return Err(Error::Corruption { volume: name.into(), offset: b * BLOCK_SIZE, expected: e.crc, actual });
+                    return Err(Error::Corruption {
+                        volume: name.into(),
+                        offset: b * BLOCK_SIZE,
+                        expected: e.crc,
+                        actual,
+                    });
                 }
             }
             i = j;
@@ -593,7 +609,8 @@ impl ReplicaStore for DiskStore {
                         match data {
                             ChunkData::Data(d) => {
                                 let hwm_before = g.st.hwm;
-                                let allocs = self.stage_blocks(name, v, g, &mut batch, range.start, d, &[old], c.seq)?;
+                                let allocs =
+                                    self.stage_blocks(name, v, g, &mut batch, range.start, d, &[old], c.seq)?;
                                 st.hwm = g.st.hwm;
                                 st.allocated_blocks += u64::from(old.is_none());
                                 batch.put(keys::state(v.vid), st.encode());
