@@ -11,7 +11,7 @@ APT_PACKAGES=(
   librocksdb-dev libclang-dev pkg-config
   qemu-utils libnbd-bin fio nbdkit
   fuse3 libfuse3-dev e2fsprogs util-linux
-  restic borgbackup
+  restic borgbackup time
   python3-pip python3-libnbd
 )
 

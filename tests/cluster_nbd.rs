@@ -172,6 +172,8 @@ fn fio(uri: &str, name: &str, args: &[&str]) -> serde_json::Value {
     let mut cmd = Command::new("fio");
     cmd.args([&format!("--name={name}"), "--ioengine=nbd", &format!("--uri={uri}")])
         .args(["--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--runtime=90", "--output-format=json"])
+        .arg("--verify_state_save=0")
+        .current_dir(std::env::temp_dir())
         .args(args);
     let out = run_ok(&mut cmd, Duration::from_secs(150));
     let json = &out[out.find('{').unwrap_or_else(|| panic!("no JSON from fio:\n{out}"))..];

@@ -6,9 +6,10 @@
 //!   holds cluster state. Listing asks every node.
 //! - One engine per volume per node. Attaching elsewhere first asks the current holder to
 //!   detach (best effort); the epoch bump of the new engine fences the old one anyway.
-//! - Attachments survive an agent restart (`attachments.json`), but only while the volume's
-//!   epoch is still the one this node attached under: a volume taken over by another node
-//!   is never taken back.
+//! - Attachments survive an agent restart (`attachments.json`): the agent retries them
+//!   while its peers come up, but never takes back a volume that another node has attached
+//!   meanwhile.
+//! - Attach and detach on one node are serialised (`attach_lock`): one engine per volume.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,6 +26,11 @@ use crate::grpc::convert;
 use crate::nbd::{NbdServer, ShutdownHandle};
 use crate::replica::VolumeRecord;
 use crate::replication::{GrpcReplica, MachineConfig, ReplicaSpec, ReplicatedVolume, VolumeConfig};
+
+/// How often a volume attached before a restart is retried while its peers come up.
+const REATTACH_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long after a restart such a volume is retried.
+const REATTACH_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Timeouts handed to every engine this node starts.
 #[derive(Debug, Clone, Copy)]
@@ -69,6 +75,9 @@ pub struct VolumeManager {
     /// URI prefix of the default NBD listener, e.g. `nbd://127.0.0.1:10809`.
     default_nbd: String,
     attached: Mutex<BTreeMap<String, Attached>>,
+    /// Serialises attach and detach on this node, so two requests for one volume (e.g. the
+    /// startup re-attach and a `volume attach`) never start two engines.
+    attach_lock: Mutex<()>,
     state_path: PathBuf,
     timeouts: EngineTimeouts,
 }
@@ -100,6 +109,7 @@ impl VolumeManager {
             nbd,
             default_nbd: default_nbd_addr,
             attached: Mutex::new(BTreeMap::new()),
+            attach_lock: Mutex::new(()),
             state_path,
             timeouts,
         }
@@ -383,6 +393,7 @@ impl VolumeManager {
 
     /// Attaches `name` on this node (see the module docs).
     pub async fn attach_local(&self, name: &str, nbd_listen: &str) -> Result<vpb::Volume> {
+        let _serial = self.attach_lock.lock().await;
         {
             let att = self.attached.lock().await;
             if let Some(a) = att.get(name) {
@@ -474,6 +485,7 @@ impl VolumeManager {
 
     /// Detaches `name` from this node: stops exporting it, flushes and stops the engine.
     pub async fn detach_local(&self, name: &str) -> Result<Option<vpb::Volume>> {
+        let _serial = self.attach_lock.lock().await;
         let mut att = self.attached.lock().await;
         let Some(a) = att.remove(name) else { return Ok(None) };
         let view = self.attached_view(name, &a);
@@ -528,6 +540,9 @@ impl VolumeManager {
     }
 
     /// Re-attaches what this node had attached before a restart (see the module docs).
+    /// Peers may start after this node, so each volume is retried (every
+    /// [`REATTACH_RETRY`], for up to [`REATTACH_FOR`]) until it attaches or is found
+    /// attached on another node.
     pub async fn restore_attachments(&self) {
         let saved: Vec<SavedAttachment> = match std::fs::read(&self.state_path) {
             Ok(b) => serde_json::from_slice(&b).unwrap_or_else(|e| {
@@ -536,18 +551,49 @@ impl VolumeManager {
             }),
             Err(_) => return,
         };
-        for s in saved {
-            let gathered = self.gather().await;
-            match gathered.get(&s.name) {
-                Some(g) if g.record.epoch <= s.epoch => {
-                    if let Err(e) = self.attach_local(&s.name, &s.nbd_listen).await {
-                        tracing::warn!(volume.id = %s.name, error = %e, "could not re-attach after restart");
-                    }
+        let deadline = tokio::time::Instant::now() + REATTACH_FOR;
+        let mut pending = saved;
+        while !pending.is_empty() {
+            let mut still = Vec::new();
+            for s in pending {
+                // Attached on another node meanwhile (by an operator or a failover): let it be.
+                // (Our own failed attempts also bump the epoch, so the epoch alone can't tell.)
+                let elsewhere = self.attachments().await.remove(&s.name).filter(|(n, _)| *n != self.cluster.self_id);
+                if let Some((node, _)) = elsewhere {
+                    tracing::info!(volume.id = %s.name, node = %node, "volume is attached elsewhere now; not re-attaching");
+                    self.forget(&s.name).await;
+                    continue;
                 }
-                Some(_) => {
-                    tracing::info!(volume.id = %s.name, "volume was attached elsewhere meanwhile; not re-attaching")
+                if !self.gather().await.contains_key(&s.name) {
+                    // Not found may mean the peers are not up yet: retry until the deadline.
+                    still.push(s);
+                    continue;
                 }
-                None => tracing::warn!(volume.id = %s.name, "volume not found; dropping its attachment"),
+                if let Err(e) = self.attach_local(&s.name, &s.nbd_listen).await {
+                    tracing::warn!(volume.id = %s.name, error = %e, "re-attach after restart failed; will retry");
+                    still.push(s);
+                }
+            }
+            pending = still;
+            if pending.is_empty() || tokio::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(REATTACH_RETRY).await;
+        }
+        for s in pending {
+            tracing::error!(volume.id = %s.name, "gave up re-attaching after restart; attach it again with `hlstore volume attach`");
+        }
+    }
+
+    /// Drops a saved attachment that is not running.
+    async fn forget(&self, name: &str) {
+        let att = self.attached.lock().await;
+        if let Ok(b) = std::fs::read(&self.state_path) {
+            if let Ok(mut list) = serde_json::from_slice::<Vec<SavedAttachment>>(&b) {
+                list.retain(|s| s.name != name || att.contains_key(name));
+                if let Ok(body) = serde_json::to_vec_pretty(&list) {
+                    let _ = std::fs::write(&self.state_path, body);
+                }
             }
         }
     }
