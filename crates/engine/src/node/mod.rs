@@ -19,6 +19,7 @@ use hlstore_proto::replica::replica_server::ReplicaServer;
 use hlstore_proto::volume::volumes_server::VolumesServer;
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::error::{Error, Result};
 use crate::grpc::{ReplicaService, VolumeService};
@@ -166,10 +167,19 @@ pub async fn run(
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let server_volumes = VolumesServer::new(VolumeService::new(mgr.clone()));
     let mut rx = stop_rx;
+    // tonic ignores its own nodelay setting for a caller-supplied incoming stream; without
+    // TCP_NODELAY small acks wait for delayed ACKs (~40 ms) on every request.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY on a gRPC connection");
+            }
+        })
+    });
     let result = tonic::transport::Server::builder()
         .add_service(server_replica)
         .add_service(server_volumes)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming, async move {
             tokio::select! {
                 _ = shutdown => {}
                 _ = rx.wait_for(|s| *s) => {}
