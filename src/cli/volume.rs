@@ -56,6 +56,23 @@ pub enum VolumeCommand {
     },
     /// Flush and stop the volume's engine.
     Detach { name: String },
+    /// Move a replica to another node, e.g. off a dead node.
+    ///
+    /// The volume is detached briefly, the replica set is rewritten under a new epoch, and
+    /// the volume is re-attached where it was; the engine then copies the volume into the
+    /// new replica (only allocated blocks) while I/O continues. Watch it with
+    /// `hlstore volume show NAME` (the new replica is `resyncing`, then `healthy`).
+    ///
+    /// Example: hlstore volume replace-replica pgdata --from n3 --to n4
+    ReplaceReplica {
+        name: String,
+        /// Node whose replica is replaced.
+        #[arg(long)]
+        from: String,
+        /// Node that gets the new replica.
+        #[arg(long)]
+        to: String,
+    },
     /// Delete a volume and all its replicas (it must be detached).
     Delete { name: String },
 }
@@ -160,6 +177,11 @@ pub async fn run(endpoint: &str, cmd: VolumeCommand) -> anyhow::Result<()> {
         VolumeCommand::Detach { name } => {
             c.detach_volume(vpb::DetachVolumeRequest { name: name.clone() }).await.map_err(status_err)?;
             println!("volume {name} detached");
+        }
+        VolumeCommand::ReplaceReplica { name, from, to } => {
+            let req = vpb::ReplaceReplicaRequest { name: name.clone(), from_node: from.clone(), to_node: to.clone() };
+            let v = c.replace_replica(req).await.map_err(status_err)?.into_inner();
+            println!("volume {name}: replica moved from {from} to {to}; replicas now {}", v.replica_set.join(", "));
         }
         VolumeCommand::Delete { name } => {
             let r = c.delete_volume(vpb::DeleteVolumeRequest { name: name.clone() }).await.map_err(status_err)?;

@@ -125,6 +125,10 @@ impl Replica for Fake {
         Err(Status::unimplemented("expand"))
     }
 
+    async fn set_replica_set(&self, _: Request<pb::SetReplicaSetRequest>) -> Result<Response<pb::ReplicaInfo>, Status> {
+        Err(Status::unimplemented("set_replica_set"))
+    }
+
     type ResyncStream = ReceiverStream<Result<pb::ResyncChunk, Status>>;
 
     async fn resync(&self, r: Request<pb::ResyncRequest>) -> Result<Response<Self::ResyncStream>, Status> {

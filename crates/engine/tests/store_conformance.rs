@@ -275,6 +275,21 @@ fn delete_and_recreate<H: Harness>(mut h: H) {
     assert_eq!(h.store().state("v").unwrap().allocated_bytes, 0);
 }
 
+fn set_replica_set_is_durable_and_fenced<H: Harness>(mut h: H) {
+    make(&h, "v", 16);
+    let s = h.store();
+    s.write("v", 1, 1, 0, &block(1), true).unwrap();
+    let info = s.set_replica_set("v", 2, vec!["a".into(), "b".into(), "d".into()]).unwrap();
+    assert_eq!((info.record.epoch, info.record.replica_set.clone()), (2, vec!["a".into(), "b".into(), "d".into()]));
+    assert_eq!(s.set_replica_set("v", 1, vec!["x".into()]).unwrap_err().kind(), ErrorKind::StaleEpoch);
+    drop(s);
+    h.crash();
+    let info = h.store().info("v").unwrap();
+    assert_eq!(info.record.replica_set, ["a", "b", "d"]);
+    assert_eq!(info.record.epoch, 2);
+    assert_eq!(h.store().read("v", 2, 0, BS).unwrap(), block(1));
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod mem {
@@ -301,4 +316,5 @@ suite!(
     resync_never_overwrites_newer,
     corruption_is_reported,
     delete_and_recreate,
+    set_replica_set_is_durable_and_fenced,
 );

@@ -214,6 +214,19 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         Ok(Response::new(convert::info_to_pb(&info)))
     }
 
+    async fn set_replica_set(
+        &self,
+        req: Request<pb::SetReplicaSetRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        if r.replica_set.is_empty() {
+            return Err(Status::invalid_argument("replica_set must name at least one node"));
+        }
+        let info = self.call(move |s| s.set_replica_set(&r.volume_id, r.epoch, r.replica_set)).await?;
+        Ok(Response::new(convert::info_to_pb(&info)))
+    }
+
     type ResyncStream = BoxStream<pb::ResyncChunk>;
 
     async fn resync(&self, req: Request<pb::ResyncRequest>) -> Result<Response<Self::ResyncStream>, Status> {

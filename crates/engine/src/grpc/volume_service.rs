@@ -72,6 +72,15 @@ impl Volumes for VolumeService {
         self.mgr.detach(name(&r.get_ref().name)?).await.map(Response::new).map_err(|e| to_status(&e))
     }
 
+    async fn replace_replica(&self, r: Request<vpb::ReplaceReplicaRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        if r.from_node.is_empty() || r.to_node.is_empty() {
+            return Err(Status::invalid_argument("from_node and to_node are required"));
+        }
+        self.mgr.replace(&r.name, &r.from_node, &r.to_node).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
     async fn list_attachments(
         &self,
         _r: Request<vpb::ListAttachmentsRequest>,

@@ -394,6 +394,8 @@ impl VolumeManager {
     /// Attaches `name` on this node (see the module docs).
     pub async fn attach_local(&self, name: &str, nbd_listen: &str) -> Result<vpb::Volume> {
         let _serial = self.attach_lock.lock().await;
+        // The node's own default listener is not a dedicated one.
+        let nbd_listen = if nbd_listen == self.default_nbd { "" } else { nbd_listen };
         {
             let att = self.attached.lock().await;
             if let Some(a) = att.get(name) {
@@ -537,6 +539,70 @@ impl VolumeManager {
             }
             None => self.get(name).await,
         }
+    }
+
+    /// Moves the replica of `name` on `from` to `to` (see `ReplaceReplica` in
+    /// proto/volume.proto). The volume is detached for the change and re-attached where it
+    /// was; the new replica is then filled by the engine's resync from a healthy replica.
+    pub async fn replace(&self, name: &str, from: &str, to: &str) -> Result<vpb::Volume> {
+        self.cluster.endpoint(to)?;
+        let gathered = self.gather().await;
+        let g = gathered.get(name).ok_or_else(|| not_found(name))?;
+        let old_set = g.record.replica_set.clone();
+        if !old_set.iter().any(|n| n == from) {
+            return Err(Error::InvalidArgument(format!(
+                "volume {name} has no replica on node {from} (replicas: {})",
+                old_set.join(", ")
+            )));
+        }
+        if old_set.iter().any(|n| n == to) {
+            return Err(Error::InvalidArgument(format!("volume {name} already has a replica on node {to}")));
+        }
+        let attached = self.attachments().await.remove(name).map(|(node, v)| (node, v.nbd_uri));
+        if attached.is_some() {
+            self.detach(name).await?;
+        }
+        let epoch = self.gather().await.get(name).map_or(g.record.epoch, |g| g.record.epoch) + 1;
+        let new_set: Vec<String> = old_set.iter().map(|n| if n == from { to.to_string() } else { n.clone() }).collect();
+        let mut record = g.record.clone();
+        record.replica_set = new_set.clone();
+        record.epoch = epoch;
+        let mut c = self.cluster.replica(to)?;
+        let rec = convert::record_to_pb(&record);
+        bounded(to, async move { c.create_replica(rpb::CreateReplicaRequest { record: Some(rec) }).await }).await?;
+        for node in new_set.iter().filter(|n| *n != to) {
+            let mut c = self.cluster.replica(node)?;
+            let req = rpb::SetReplicaSetRequest { volume_id: name.to_string(), epoch, replica_set: new_set.clone() };
+            bounded(node, async move { c.set_replica_set(req).await }).await.map_err(|e| {
+                Error::Unavailable(format!(
+                    "volume {name}: could not record the new replica set on node {node} ({e}); run the replace again once it is up"
+                ))
+            })?;
+        }
+        if let Ok(mut c) = self.cluster.replica(from) {
+            let req = rpb::DeleteReplicaRequest { volume_id: name.to_string(), epoch };
+            if let Err(e) = bounded(from, async move { c.delete_replica(req).await }).await {
+                tracing::warn!(volume.id = name, node = from, error = %e, "old replica not deleted (node down?); delete it by hand when it is back");
+            }
+        }
+        tracing::info!(volume.id = name, from, to, epoch, "replica replaced");
+        match attached {
+            Some((node, uri)) => {
+                // Re-attach with the same NBD address when it had a dedicated one.
+                let listen = self.dedicated_listen_of(&uri);
+                self.attach(name, &node, &listen).await
+            }
+            None => self.get(name).await,
+        }
+    }
+
+    /// The listen address encoded in an NBD URI (the attaching node treats its own default
+    /// address as "no dedicated listener").
+    fn dedicated_listen_of(&self, uri: &str) -> String {
+        if let Some(rest) = uri.strip_prefix("nbd+unix:///") {
+            return rest.split_once("?socket=").map(|(_, p)| format!("unix:{p}")).unwrap_or_default();
+        }
+        uri.strip_prefix("nbd://").and_then(|r| r.split_once('/')).map(|(a, _)| a.to_string()).unwrap_or_default()
     }
 
     /// Re-attaches what this node had attached before a restart (see the module docs).

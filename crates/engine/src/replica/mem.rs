@@ -266,6 +266,17 @@ impl ReplicaStore for MemStore {
         })
     }
 
+    fn set_replica_set(&self, volume: &str, epoch: u64, replica_set: Vec<String>) -> Result<ReplicaInfo> {
+        self.with(volume, |v| {
+            if epoch < v.record.epoch {
+                return Err(Error::StaleEpoch { volume: volume.into(), got: epoch, current: v.record.epoch });
+            }
+            v.record.epoch = epoch;
+            v.record.replica_set = replica_set;
+            Ok(v.info())
+        })
+    }
+
     fn changes_since(&self, volume: &str, epoch: u64, since: u64) -> Result<Vec<Change>> {
         self.with_io(volume, epoch, |v| {
             let mut out: Vec<Change> = v

@@ -32,6 +32,9 @@ pub trait ReplicaStore: Send + Sync + 'static {
     fn trim(&self, volume: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()>;
     /// Grows the replica to `new_size` bytes.
     fn expand(&self, volume: &str, epoch: u64, new_size: u64) -> Result<ReplicaInfo>;
+    /// Replaces the record's replica set, raising the epoch to `epoch` like `open` (an
+    /// older epoch is `StaleEpoch`).
+    fn set_replica_set(&self, volume: &str, epoch: u64, replica_set: Vec<String>) -> Result<ReplicaInfo>;
     /// Every trim and block whose current content was written after `since`: trims first
     /// (in seq order), then blocks in offset order.
     fn changes_since(&self, volume: &str, epoch: u64, since: u64) -> Result<Vec<Change>>;

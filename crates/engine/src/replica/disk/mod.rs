@@ -538,6 +538,20 @@ impl ReplicaStore for DiskStore {
         })
     }
 
+    fn set_replica_set(&self, name: &str, epoch: u64, replica_set: Vec<String>) -> Result<ReplicaInfo> {
+        let v = self.vol(name)?;
+        let mut g = volume::write(&v);
+        if epoch < g.record.epoch {
+            return Err(Error::StaleEpoch { volume: name.into(), got: epoch, current: g.record.epoch });
+        }
+        let mut rec = g.record.clone();
+        rec.epoch = epoch;
+        rec.replica_set = replica_set;
+        self.put_record(v.vid, &rec)?;
+        g.record = rec;
+        Ok(ReplicaInfo { record: g.record.clone(), state: g.state() })
+    }
+
     fn changes_since(&self, name: &str, epoch: u64, since: u64) -> Result<Vec<Change>> {
         let v = self.vol(name)?;
         let _g = volume::read(&v);

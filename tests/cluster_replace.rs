@@ -1,0 +1,90 @@
+//! Replacing a replica on a dead node with one on a new node: the new replica gets a full,
+//! sparse copy (only allocated blocks), the volume stays attached where it was, and the
+//! new replica alone serves every byte that was written.
+
+mod support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use support::cluster::{run_ok, Cluster};
+
+const WAIT: Duration = Duration::from_secs(90);
+const MIB: u64 = 1 << 20;
+
+fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    let out = run_ok(&mut c, Duration::from_secs(120));
+    assert!(!out.contains("fail"), "qemu-io reported a failure:\n{out}");
+    out
+}
+
+#[test]
+fn replica_on_a_dead_node_is_replaced_by_a_sparse_full_copy_on_a_new_node() {
+    let c = Cluster::new();
+    let uri = c.up(&["--nodes", "4", "--volume", "r", "--size", "256MiB", "--replicas", "3"]);
+    let st = c.status();
+    let v = Cluster::volume_of(&st, "r").expect("volume r").clone();
+    assert_eq!(v["replica_set"], serde_json::json!(["n1", "n2", "n3"]), "{v}");
+    // 12 MiB of data in a 256 MiB volume.
+    qemu_io(&uri, &["write -P 0x5a 0 8M", "write -P 0x33 128M 4M"]);
+    c.kill9("n3");
+
+    let ep = c.endpoint("n1");
+    let out = c.cli(&["volume", "replace-replica", "r", "--from", "n3", "--to", "n4", "--endpoint", &ep]);
+    assert!(out.contains("replicas now n1, n2, n4"), "{out}");
+    let v = c.wait_all_healthy("r", WAIT);
+    assert_eq!(v["replica_set"], serde_json::json!(["n1", "n2", "n4"]), "{v}");
+    assert_eq!(v["attached_node"], "n1", "the volume stays attached where it was: {v}");
+    assert_eq!(v["nbd_uri"], uri.as_str());
+    let n4 = Cluster::replica_of(&v, "n4").expect("n4 replica").clone();
+    let allocated = n4["allocated_bytes"].as_u64().unwrap();
+    assert_eq!(allocated, 12 * MIB, "the copy holds exactly the allocated blocks (sparse): {n4}");
+
+    // Writes during and after the move reach the new replica too.
+    qemu_io(&uri, &["write -P 0x77 64M 1M"]);
+
+    // The new replica must hold everything: with n1 stopped, attach on n4 (n2 + n4 are a
+    // majority) and read; reads go to the engine's local replica, n4's.
+    c.cli(&["volume", "detach", "r", "--endpoint", &ep]);
+    c.kill9("n1");
+    let ep4 = c.endpoint("n4");
+    let uri4 = c.cli(&["volume", "attach", "r", "--node", "n4", "--endpoint", &ep4]).trim().to_string();
+    qemu_io(&uri4, &["read -P 0x5a 0 8M", "read -P 0x33 128M 4M", "read -P 0x77 64M 1M", "read -P 0 8M 56M"]);
+    // And read n4's replica directly, bypassing the engine.
+    for (offset, len, fill) in [("0", 8 * MIB, 0x5a_u8), ("128MiB", 4 * MIB, 0x33), ("64MiB", MIB, 0x77)] {
+        let out = c.path().join("direct.bin");
+        let (len_s, out_s) = (len.to_string(), out.to_str().unwrap().to_string());
+        c.cli(&[
+            "replica",
+            "read",
+            "r",
+            "--offset",
+            offset,
+            "--length",
+            &len_s,
+            "--output",
+            &out_s,
+            "--endpoint",
+            &ep4,
+        ]);
+        let data = std::fs::read(&out).unwrap();
+        assert_eq!(data.len() as u64, len);
+        assert!(data.iter().all(|&b| b == fill), "n4's replica at {offset} does not hold 0x{fill:02x}");
+    }
+
+    // The old node comes back: it is not part of the volume any more and does not take
+    // it back.
+    c.up(&[]);
+    let st = c.status();
+    let v = Cluster::volume_of(&st, "r").expect("volume r").clone();
+    assert_eq!(v["replica_set"], serde_json::json!(["n1", "n2", "n4"]), "{v}");
+    assert_eq!(v["attached_node"], "n4", "{v}");
+    let (ok, _, err) = c.try_cli(&["volume", "replace-replica", "r", "--from", "n3", "--to", "n4", "--endpoint", &ep4]);
+    assert!(!ok && err.contains("no replica on node n3"), "{err}");
+}
