@@ -15,6 +15,8 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
-cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
-summary=$(grep -E '^test result:' target/test.log | awk '{p+=$4; f+=$6; i+=$8} END {printf "%d passed, %d failed, %d skipped", p, f, i}')
+LOG_DIR="${CARGO_TARGET_DIR:-target}"
+mkdir -p "$LOG_DIR"
+cargo test --workspace --no-fail-fast 2>&1 | tee "$LOG_DIR/test.log"
+summary=$(grep -E '^test result:' "$LOG_DIR/test.log" | awk '{p+=$4; f+=$6; i+=$8} END {printf "%d passed, %d failed, %d skipped", p, f, i}')
 echo "$summary"
