@@ -12,6 +12,8 @@ use hlstore_backup::{
     self as hb, ChunkerConfig, KdfParams, KeepPolicy, Progress, PruneOptions, RepoConfig, Repository, RestoreTarget,
 };
 
+use super::size::format_size;
+
 /// Where the repository is and how to open it.
 #[derive(Debug, Clone, Args)]
 pub struct RepoArgs {
@@ -208,34 +210,9 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Sen
 }
 
 fn fmt_time(t: u64) -> String {
-    let days = (t / 86_400) as i64;
     let secs = t % 86_400;
-    // Civil date from days (H. Hinnant).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = hb::prune::civil_date((t / 86_400) as i64);
     format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}Z", secs / 3600, secs / 60 % 60, secs % 60)
-}
-
-fn human(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i + 1 < U.len() {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
 }
 
 pub async fn run_backup(cmd: BackupCommand) -> anyhow::Result<()> {
@@ -284,10 +261,10 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
                     "backup {} of {} ({}): {} new in {} chunks, {} stored, {} zero chunks",
                     snap.meta.id,
                     snap.meta.source,
-                    human(snap.meta.size),
-                    human(st.new_bytes),
+                    format_size(snap.meta.size),
+                    format_size(st.new_bytes),
                     st.new_chunks,
-                    human(st.stored_bytes),
+                    format_size(st.stored_bytes),
                     st.zero_chunks
                 );
             }
@@ -300,7 +277,7 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
             } else {
                 println!("{:<32}  {:<20}  {:>10}  source", "id", "time", "size");
                 for m in metas {
-                    println!("{:<32}  {:<20}  {:>10}  {}", m.id, fmt_time(m.time), human(m.size), m.source);
+                    println!("{:<32}  {:<20}  {:>10}  {}", m.id, fmt_time(m.time), format_size(m.size), m.source);
                 }
             }
         }
@@ -314,14 +291,14 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
                 println!("id:      {}", m.id);
                 println!("time:    {}", fmt_time(m.time));
                 println!("source:  {} on {}", m.source, m.host);
-                println!("size:    {} ({} bytes)", human(m.size), m.size);
+                println!("size:    {} ({} bytes)", format_size(m.size), m.size);
                 println!("parent:  {}", m.parent.as_deref().unwrap_or("-"));
                 println!("chunks:  {} ({} all-zero)", m.stats.chunks, m.stats.zero_chunks);
                 println!(
                     "added:   {} new chunks, {} ({} stored)",
                     m.stats.new_chunks,
-                    human(m.stats.new_bytes),
-                    human(m.stats.stored_bytes)
+                    format_size(m.stats.new_bytes),
+                    format_size(m.stats.stored_bytes)
                 );
                 for (k, v) in &m.labels {
                     println!("label:   {k}={v}");
@@ -348,7 +325,7 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
                         a.snapshot,
                         a.source,
                         a.bad_chunks,
-                        human(a.bad_bytes),
+                        format_size(a.bad_bytes),
                         a.objects.join(", ")
                     );
                 }
@@ -403,7 +380,7 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
                     "packs: {} condemned, {} deleted ({}), {} waiting for grace period or running backups, {} rescued",
                     rep.condemned_packs,
                     rep.deleted_packs,
-                    human(rep.deleted_bytes),
+                    format_size(rep.deleted_bytes),
                     rep.postponed_packs,
                     rep.rescued_packs
                 );
@@ -435,8 +412,8 @@ pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
             println!(
                 "restored backup {} ({}): {} written, {} packs fetched, {} resumed",
                 st.snapshot,
-                human(st.size),
-                human(st.bytes_written),
+                format_size(st.size),
+                format_size(st.bytes_written),
                 st.packs_fetched,
                 st.packs_resumed
             );

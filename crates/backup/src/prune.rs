@@ -70,16 +70,23 @@ impl KeepPolicy {
     }
 }
 
-/// Civil (year, month) of a day number since the epoch (H. Hinnant's algorithm).
-fn year_month(days: i64) -> (i64, u32) {
+/// Civil (year, month, day) of a day number since the Unix epoch, UTC (H. Hinnant's
+/// algorithm). Shared by the retention buckets and the CLI's timestamps.
+pub fn civil_date(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+fn year_month(days: i64) -> (i64, u32) {
+    let (y, m, _) = civil_date(days);
     (y, m)
 }
 
@@ -280,6 +287,8 @@ mod tests {
         assert_eq!(year_month(0), (1970, 1));
         assert_eq!(year_month(19_782), (2024, 2)); // 2024-02-29
         assert_eq!(year_month(19_783), (2024, 3));
+        assert_eq!(civil_date(19_782), (2024, 2, 29));
+        assert_eq!(civil_date(-1), (1969, 12, 31));
     }
 
     #[test]

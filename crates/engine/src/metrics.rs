@@ -5,7 +5,6 @@
 
 use std::fmt::Write as _;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -100,9 +99,4 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<
             let _ = sock.write_all(resp.as_bytes()).await;
         });
     }
-}
-
-/// Binds the metrics endpoint (separate so callers learn the bound address).
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }

@@ -141,7 +141,9 @@ pub async fn run(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let metrics_addr = match config.metrics_listen {
         Some(addr) => {
-            let l = metrics::bind(addr).await.map_err(|e| Error::io(format!("binding metrics listener {addr}"), e))?;
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("binding metrics listener {addr}"), e))?;
             let bound = l.local_addr().map_err(|e| Error::io("metrics listener address", e))?;
             let (id, store, stats, mgr) = (config.id.clone(), store.clone(), stats.clone(), mgr.clone());
             let render: metrics::Render = Arc::new(move || {

@@ -66,7 +66,6 @@ struct Attached {
 struct SavedAttachment {
     name: String,
     nbd_listen: String,
-    epoch: u64,
 }
 
 pub struct VolumeManager {
@@ -442,7 +441,7 @@ impl VolumeManager {
         let a = Attached { engine, record, nbd_uri, nbd_listen: nbd_listen.to_string(), listener };
         let view = self.attached_view(name, &a);
         att.insert(name.to_string(), a);
-        self.save(&att, Some((name, epoch)))?;
+        self.save(&att)?;
         tracing::info!(volume.id = name, epoch, uri = %view.nbd_uri, "volume attached");
         Ok(view)
     }
@@ -495,7 +494,7 @@ impl VolumeManager {
         if let Some(h) = &a.listener {
             h.shutdown();
         }
-        self.save(&att, None)?;
+        self.save(&att)?;
         drop(att);
         if let Err(e) = crate::device::BlockDevice::flush(&*a.engine).await {
             tracing::warn!(volume.id = name, error = %e, "flush at detach failed");
@@ -664,17 +663,10 @@ impl VolumeManager {
         }
     }
 
-    fn save(&self, att: &BTreeMap<String, Attached>, fresh: Option<(&str, u64)>) -> Result<()> {
+    fn save(&self, att: &BTreeMap<String, Attached>) -> Result<()> {
         let list: Vec<SavedAttachment> = att
             .iter()
-            .map(|(name, a)| SavedAttachment {
-                name: name.clone(),
-                nbd_listen: a.nbd_listen.clone(),
-                epoch: match fresh {
-                    Some((n, e)) if n == name => e,
-                    _ => a.engine.epoch(),
-                },
-            })
+            .map(|(name, a)| SavedAttachment { name: name.clone(), nbd_listen: a.nbd_listen.clone() })
             .collect();
         let tmp = self.state_path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&list).map_err(|e| Error::Internal(e.to_string()))?;

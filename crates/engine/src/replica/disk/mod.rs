@@ -80,20 +80,10 @@ impl DiskStore {
         Ok(store)
     }
 
-    /// The data directory.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// Bytes the volume's slot file occupies on disk (for space-reclaim checks).
     pub fn disk_usage(&self, volume: &str) -> Result<u64> {
         let v = self.vol(volume)?;
         v.file.disk_usage().map_err(|e| Error::io(format!("volume {volume}: stat"), e))
-    }
-
-    /// Path of a volume's slot file (tests use it to inject damage).
-    pub fn slot_file_path(&self, volume: &str) -> Result<PathBuf> {
-        Ok(self.slot_path(self.vol(volume)?.vid))
     }
 
     /// Where the block at `offset` is stored: the slot file and the byte offset in it
