@@ -87,4 +87,44 @@ impl Volumes for VolumeService {
     ) -> Result<Response<vpb::ListAttachmentsResponse>, Status> {
         Ok(Response::new(vpb::ListAttachmentsResponse { volumes: self.mgr.local_attachments().await }))
     }
+
+    async fn expand_volume(&self, _r: Request<vpb::ExpandVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        Err(Status::unimplemented("volume expand is not implemented yet"))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _r: Request<vpb::CreateSnapshotRequest>,
+    ) -> Result<Response<vpb::Snapshot>, Status> {
+        Err(Status::unimplemented("snapshots are not implemented yet"))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _r: Request<vpb::DeleteSnapshotRequest>,
+    ) -> Result<Response<vpb::DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not implemented yet"))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _r: Request<vpb::ListSnapshotsRequest>,
+    ) -> Result<Response<vpb::ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("snapshots are not implemented yet"))
+    }
+
+    async fn revert_snapshot(&self, _r: Request<vpb::RevertSnapshotRequest>) -> Result<Response<vpb::Volume>, Status> {
+        Err(Status::unimplemented("snapshots are not implemented yet"))
+    }
+
+    async fn clone_volume(&self, _r: Request<vpb::CloneVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        Err(Status::unimplemented("volume clone is not implemented yet"))
+    }
+
+    async fn changed_blocks(
+        &self,
+        _r: Request<vpb::ChangedBlocksRequest>,
+    ) -> Result<Response<vpb::ChangedBlocksResponse>, Status> {
+        Err(Status::unimplemented("changed-block tracking is not implemented yet"))
+    }
 }
