@@ -83,8 +83,11 @@ async fn node_round_trip_over_grpc() {
     assert_eq!(after, 4 * BS);
 
     // Resync stream since seq 1: the trim, then blocks written by seqs 2..: block 0 (seq 3).
-    let mut rs =
-        c.resync(pb::ResyncRequest { volume_id: "vol".into(), epoch: 2, since_seq: 1 }).await.unwrap().into_inner();
+    let mut rs = c
+        .resync(pb::ResyncRequest { volume_id: "vol".into(), epoch: 2, since_seq: 1, ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
     let mut chunks = Vec::new();
     while let Some(ch) = rs.message().await.unwrap() {
         chunks.push(ch);

@@ -51,6 +51,10 @@ pub struct NodeArgs {
     /// How often (ms) a failed replica is retried.
     #[arg(long, env = "HLSTORE_RETRY_INTERVAL_MS")]
     pub retry_interval_ms: Option<u64>,
+    /// Resync copy rate limit per replica in MiB/s, so a rebuild leaves bandwidth to
+    /// client I/O on a 1 GbE link (0 = unlimited).
+    #[arg(long, env = "HLSTORE_RESYNC_MIBPS", default_value_t = 0)]
+    pub resync_mibps: u64,
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
@@ -67,6 +71,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.retry_interval_ms {
         timeouts.retry_ms = v;
     }
+    timeouts.resync_rate = args.resync_mibps << 20;
     let config = NodeConfig {
         id: args.id,
         data_dir: args.data_dir,

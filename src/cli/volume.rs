@@ -105,6 +105,7 @@ pub fn volume_json(v: &vpb::Volume) -> serde_json::Value {
         "replicas": v.replicas.iter().map(|r| serde_json::json!({
             "node": r.node, "state": r.state, "last_seq": r.last_seq, "durable_seq": r.durable_seq,
             "allocated_bytes": r.allocated_bytes, "resync_chunks": r.resync_chunks,
+            "resync_resumed_from": r.resync_resumed_from,
         })).collect::<Vec<_>>(),
     })
 }

@@ -115,6 +115,8 @@ fn cmdline_mentions(pid: i32, needle: &str) -> bool {
 /// A `hlstore dev` cluster in its own temp dir; `dev down` + SIGKILL of leftovers on drop.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
+    /// Extra environment for every command (and so for the node agents it starts).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Cluster {
@@ -126,7 +128,7 @@ impl Default for Cluster {
 impl Cluster {
     /// An empty cluster dir (nothing runs until [`Cluster::up`]).
     pub fn new() -> Self {
-        Self { dir: tempfile::Builder::new().prefix("hlstore-cluster-").tempdir().expect("temp dir") }
+        Self { dir: tempfile::Builder::new().prefix("hlstore-cluster-").tempdir().expect("temp dir"), env: Vec::new() }
     }
 
     pub fn path(&self) -> &Path {
@@ -141,6 +143,7 @@ impl Cluster {
     pub fn command(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_hlstore"));
         c.envs(FAST_TIMEOUTS).env_remove("HLSTORE_ENDPOINT");
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
 

@@ -170,6 +170,44 @@ async fn a_returning_replica_resyncs_only_the_changed_blocks() {
 }
 
 #[tokio::test]
+async fn an_interrupted_resync_resumes_from_its_checkpoint() {
+    let reps = replicas(3);
+    let mut c = config(3, None);
+    c.resync_checkpoint_blocks = 16;
+    c.resync_rate = 64 * BS; // 64 blocks a second: the copy takes 4 s
+    let vol = attach(c, &reps).await;
+    for i in 0..256 {
+        vol.write(i * BS, block(1, i), false).await.unwrap();
+    }
+    vol.flush().await.unwrap();
+    let last = vol.replicas()[0].acked_seq;
+    wait_for(&vol, "replica 2 durable", |r| r[2].durable_seq >= last).await;
+    reps[2].set_down(true);
+    for i in 0..256 {
+        vol.write(i * BS, block(2, i), false).await.unwrap();
+    }
+    wait_for(&vol, "replica 2 failed", |r| r[2].status == ReplicaStatus::Failed).await;
+    let start = vol.replicas()[2].resync_chunks;
+    reps[2].set_down(false);
+    wait_for(&vol, "half of the resync", |r| r[2].resync_chunks >= start + 128).await;
+    // Power loss on the target mid-resync: unflushed copies are gone, checkpoints stay.
+    reps[2].crash();
+    reps[2].set_down(true);
+    wait_for(&vol, "replica 2 failed again", |r| r[2].status == ReplicaStatus::Failed).await;
+    assert!(reps[2].stats().checkpoints >= 4, "checkpoints taken: {:?}", reps[2].stats());
+    let first = vol.replicas()[2].resync_chunks - start;
+    reps[2].set_down(false);
+    wait_for(&vol, "replica 2 healthy", |r| r[2].status == ReplicaStatus::Healthy).await;
+    let h = &vol.replicas()[2];
+    let resumed = h.resync_resumed_from / BS;
+    assert!(resumed >= 64, "resumed from block {resumed} after {first} copied blocks");
+    // The second pass copies exactly the blocks past the checkpoint (nothing was written).
+    assert_eq!(h.resync_chunks - start - first, 256 - resumed);
+    assert_same(&reps[2].contents(), &reps[0].contents(), "replica contents");
+    vol.close().await;
+}
+
+#[tokio::test]
 async fn a_crashed_replica_converges_after_losing_unflushed_writes() {
     let reps = replicas(3);
     let vol = attach(config(3, None), &reps).await;

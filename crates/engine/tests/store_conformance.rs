@@ -219,7 +219,7 @@ fn changes_since_lists_exactly<H: Harness>(h: H) {
 fn resync_never_overwrites_newer<H: Harness>(h: H) {
     make(&h, "v", 64);
     let s = h.store();
-    s.begin_resync("v", 1, 0).unwrap();
+    s.begin_resync("v", 1, 0, false).unwrap();
     assert_eq!(s.state("v").unwrap().resync_from, Some(0));
     s.write("v", 1, 10, 0, &block(10), false).unwrap(); // foreground write during resync
     let chunks = vec![
@@ -244,6 +244,50 @@ fn resync_never_overwrites_newer<H: Harness>(h: H) {
     let st = s.end_resync("v", 1).unwrap();
     assert_eq!(st.resync_from, None);
     assert_eq!(st.durable_seq, st.last_seq);
+}
+
+fn resync_checkpoints_resume_only_the_same_resync<H: Harness>(mut h: H) {
+    make(&h, "v", 64);
+    let s = h.store();
+    assert_eq!(s.checkpoint_resync("v", 1, 0).unwrap_err().kind(), ErrorKind::InvalidArgument, "no resync");
+    assert_eq!(s.begin_resync("v", 1, 3, true).unwrap().resync_done, None);
+    let chunks: Vec<_> =
+        (0..8).map(|i| ResyncChunk { offset: i * BS, seq: 4 + i, data: ChunkData::Data(block(i as u8)) }).collect();
+    s.apply_resync("v", 1, &chunks).unwrap();
+    let st = s.checkpoint_resync("v", 1, 8 * BS).unwrap();
+    assert_eq!(st.resync_done, Some((8 * BS, 11)), "checkpoint at the durable seq");
+    assert_eq!(st.durable_seq, 11);
+    // Survives later writes and a crash; kept by a resume of the same resync under the
+    // same epoch.
+    s.apply_resync("v", 1, &[ResyncChunk { offset: 9 * BS, seq: 12, data: ChunkData::Data(block(9)) }]).unwrap();
+    s.flush("v", 1).unwrap();
+    drop(s);
+    h.crash();
+    let s = h.store();
+    assert_eq!(s.state("v").unwrap().resync_done, Some((8 * BS, 11)));
+    assert_eq!(s.read("v", 1, 7 * BS, BS).unwrap(), block(7), "checkpointed data is durable");
+    assert_eq!(s.begin_resync("v", 1, 3, true).unwrap().resync_done, Some((8 * BS, 11)));
+    // Dropped when not resuming, from another point, or under another epoch.
+    s.checkpoint_resync("v", 1, 8 * BS).unwrap();
+    assert_eq!(s.begin_resync("v", 1, 3, false).unwrap().resync_done, None);
+    s.checkpoint_resync("v", 1, 8 * BS).unwrap();
+    assert_eq!(s.begin_resync("v", 1, 2, true).unwrap().resync_done, None);
+    s.checkpoint_resync("v", 1, 8 * BS).unwrap();
+    s.open("v", 2).unwrap();
+    assert_eq!(s.begin_resync("v", 2, 2, true).unwrap().resync_done, None);
+    // The split change list: blocks below the checkpoint only when written after its seq.
+    s.write("v", 2, 20, 2 * BS, &block(20), false).unwrap();
+    let split = s.changes_since_split("v", 2, 3, (4 * BS, 11)).unwrap();
+    let blocks: Vec<u64> = split
+        .iter()
+        .filter_map(|c| match c {
+            Change::Block { offset, .. } => Some(offset / BS),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(blocks, [2, 4, 5, 6, 7, 9]);
+    let st = s.end_resync("v", 2).unwrap();
+    assert_eq!((st.resync_from, st.resync_done), (None, None));
 }
 
 fn corruption_is_reported<H: Harness>(h: H) {
@@ -314,6 +358,7 @@ suite!(
     expand_grows,
     changes_since_lists_exactly,
     resync_never_overwrites_newer,
+    resync_checkpoints_resume_only_the_same_resync,
     corruption_is_reported,
     delete_and_recreate,
     set_replica_set_is_durable_and_fenced,

@@ -42,6 +42,8 @@ pub fn state_to_pb(volume_id: &str, s: &ReplicaState) -> pb::ReplicaState {
         size: s.size,
         allocated_bytes: s.allocated_bytes,
         resync_from: s.resync_from,
+        resync_done_offset: s.resync_done.map(|d| d.0),
+        resync_done_seq: s.resync_done.map_or(0, |d| d.1),
     }
 }
 
@@ -53,6 +55,7 @@ pub fn state_from_pb(s: &pb::ReplicaState) -> ReplicaState {
         size: s.size,
         allocated_bytes: s.allocated_bytes,
         resync_from: s.resync_from,
+        resync_done: s.resync_done_offset.map(|o| (o, s.resync_done_seq)),
     }
 }
 

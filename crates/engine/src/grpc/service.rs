@@ -233,7 +233,12 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let r = req.into_inner();
         let v = volume_id(&r.volume_id)?.to_string();
         let (vv, epoch) = (v.clone(), r.epoch);
-        let changes = self.call(move |s| s.changes_since(&vv, epoch, r.since_seq)).await?;
+        let changes = self
+            .call(move |s| match r.resume_below {
+                0 => s.changes_since(&vv, epoch, r.since_seq),
+                below => s.changes_since_split(&vv, epoch, r.since_seq, (below, r.resume_seq)),
+            })
+            .await?;
         let (tx, rx) = mpsc::channel(4);
         let this = self.clone();
         tokio::spawn(async move {
@@ -286,7 +291,21 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let r = req.into_inner();
         let v = volume_id(&r.volume_id)?.to_string();
         let vv = v.clone();
-        let st = self.call(move |s| s.begin_resync(&vv, r.epoch, r.from_seq)).await?;
+        let (from_seq, resume, epoch) = (r.from_seq, r.resume, r.epoch);
+        let st = self.call(move |s| s.begin_resync(&vv, r.epoch, r.from_seq, r.resume)).await?;
+        tracing::info!(volume.id = %v, epoch, from_seq, resume, checkpoint = ?st.resync_done, "resync into this replica begins");
+        Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    async fn checkpoint_resync(
+        &self,
+        req: Request<pb::CheckpointResyncRequest>,
+    ) -> Result<Response<pb::ReplicaState>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let vv = v.clone();
+        let st = self.call(move |s| s.checkpoint_resync(&vv, r.epoch, r.offset)).await?;
+        tracing::debug!(volume.id = %v, checkpoint = ?st.resync_done, "resync checkpoint recorded");
         Ok(Response::new(convert::state_to_pb(&v, &st)))
     }
 

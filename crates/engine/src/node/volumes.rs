@@ -39,6 +39,8 @@ pub struct EngineTimeouts {
     pub failure_ms: u64,
     pub io_ms: u64,
     pub retry_ms: u64,
+    /// Resync copy rate limit per replica, bytes per second (0: unlimited).
+    pub resync_rate: u64,
 }
 
 impl Default for EngineTimeouts {
@@ -49,6 +51,7 @@ impl Default for EngineTimeouts {
             failure_ms: d.failure_timeout_ms,
             io_ms: d.io_timeout_ms,
             retry_ms: d.retry_interval_ms,
+            resync_rate: 0,
         }
     }
 }
@@ -195,6 +198,7 @@ impl VolumeManager {
                     durable_seq: h.durable_seq,
                     allocated_bytes: 0,
                     resync_chunks: h.resync_chunks,
+                    resync_resumed_from: h.resync_resumed_from,
                 })
                 .collect(),
             labels: a.record.labels.clone().into_iter().collect(),
@@ -223,6 +227,7 @@ impl VolumeManager {
                         durable_seq: i.durable_seq,
                         allocated_bytes: i.allocated_bytes,
                         resync_chunks: 0,
+                        resync_resumed_from: 0,
                     },
                     None => vpb::ReplicaStatus { node: node.clone(), state: "failed".into(), ..Default::default() },
                 })
@@ -463,7 +468,8 @@ impl VolumeManager {
             .iter()
             .map(|node| GrpcReplica::connect_lazy(node.clone(), record.volume_id.clone(), self.cluster.endpoint(node)?))
             .collect::<Result<Vec<_>>>()?;
-        let cfg = VolumeConfig::new(record.volume_id.clone(), record.size, machine);
+        let mut cfg = VolumeConfig::new(record.volume_id.clone(), record.size, machine);
+        cfg.resync_rate = t.resync_rate;
         ReplicatedVolume::attach(cfg, transports).await
     }
 

@@ -33,6 +33,8 @@ struct MemVolume {
     last_seq: u64,
     durable_seq: u64,
     resync_from: Option<u64>,
+    resync_done: Option<(u64, u64)>,
+    resync_done_epoch: u64,
     undo: Vec<Undo>,
 }
 
@@ -45,6 +47,7 @@ impl MemVolume {
             size: self.record.size,
             allocated_bytes: self.blocks.len() as u64 * BLOCK_SIZE,
             resync_from: self.resync_from,
+            resync_done: self.resync_done,
         }
     }
 
@@ -179,6 +182,8 @@ impl ReplicaStore for MemStore {
             last_seq: 0,
             durable_seq: 0,
             resync_from: None,
+            resync_done: None,
+            resync_done_epoch: 0,
             undo: Vec::new(),
         };
         let info = v.info();
@@ -299,9 +304,24 @@ impl ReplicaStore for MemStore {
         })
     }
 
-    fn begin_resync(&self, volume: &str, epoch: u64, from_seq: u64) -> Result<ReplicaState> {
+    fn begin_resync(&self, volume: &str, epoch: u64, from_seq: u64, resume: bool) -> Result<ReplicaState> {
         self.with_io(volume, epoch, |v| {
+            if !resume || v.resync_from != Some(from_seq) || v.resync_done_epoch != epoch {
+                v.resync_done = None;
+            }
             v.resync_from = Some(v.resync_from.map_or(from_seq, |f| f.min(from_seq)));
+            Ok(v.state())
+        })
+    }
+
+    fn checkpoint_resync(&self, volume: &str, epoch: u64, offset: u64) -> Result<ReplicaState> {
+        self.with_io(volume, epoch, |v| {
+            if v.resync_from.is_none() {
+                return Err(Error::InvalidArgument(format!("volume {volume}: no resync in progress")));
+            }
+            v.flush();
+            v.resync_done = Some((offset, v.durable_seq));
+            v.resync_done_epoch = epoch;
             Ok(v.state())
         })
     }
@@ -348,6 +368,7 @@ impl ReplicaStore for MemStore {
         self.with_io(volume, epoch, |v| {
             v.flush();
             v.resync_from = None;
+            v.resync_done = None;
             Ok(v.state())
         })
     }

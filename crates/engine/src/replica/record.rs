@@ -63,6 +63,10 @@ pub struct ReplicaState {
     pub allocated_bytes: u64,
     /// Set while a resync into this replica runs: it is only complete up to this seq.
     pub resync_from: Option<u64>,
+    /// Progress of that resync, `(offset, seq)`: every block below `offset` is complete up
+    /// to `seq` (a checkpoint taken after a flush), so a resumed resync copies those blocks
+    /// only if they changed after `seq`.
+    pub resync_done: Option<(u64, u64)>,
 }
 
 /// A replica's record plus its state.

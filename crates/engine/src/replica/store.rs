@@ -38,8 +38,26 @@ pub trait ReplicaStore: Send + Sync + 'static {
     /// Every trim and block whose current content was written after `since`: trims first
     /// (in seq order), then blocks in offset order.
     fn changes_since(&self, volume: &str, epoch: u64, since: u64) -> Result<Vec<Change>>;
-    /// Marks a resync into this replica as started from `from_seq` (durably).
-    fn begin_resync(&self, volume: &str, epoch: u64, from_seq: u64) -> Result<ReplicaState>;
+    /// [`changes_since`](Self::changes_since) for a resumed resync: blocks below
+    /// `split.0` only when written after `split.1` (they were copied up to there before);
+    /// trims and the other blocks as written after `since`.
+    fn changes_since_split(&self, volume: &str, epoch: u64, since: u64, split: (u64, u64)) -> Result<Vec<Change>> {
+        let (below, after) = split;
+        let mut out = self.changes_since(volume, epoch, since)?;
+        out.retain(|c| match *c {
+            Change::Block { offset, seq } => offset >= below || seq > after,
+            Change::Trim { .. } => true,
+        });
+        Ok(out)
+    }
+    /// Marks a resync into this replica as started from `from_seq` (durably). With
+    /// `resume`, the checkpoint of an unfinished resync from the same `from_seq` taken under
+    /// the same epoch (the same engine, so the same history) is kept and reported as
+    /// `resync_done`; otherwise it is dropped.
+    fn begin_resync(&self, volume: &str, epoch: u64, from_seq: u64, resume: bool) -> Result<ReplicaState>;
+    /// Flushes, then records that every block below `offset` is complete up to the
+    /// durable seq (the resync streams blocks in offset order). Requires a resync mark.
+    fn checkpoint_resync(&self, volume: &str, epoch: u64, offset: u64) -> Result<ReplicaState>;
     /// Applies resync chunks; a chunk never replaces a block written at a newer seq.
     fn apply_resync(&self, volume: &str, epoch: u64, chunks: &[ResyncChunk]) -> Result<ApplyStats>;
     /// Flushes and clears the resync mark.

@@ -89,6 +89,8 @@ pub(super) struct Actor<T> {
     /// Blocks written directly to a resyncing replica since its resync began.
     overwritten: Vec<HashSet<u64>>,
     resync_chunks: Vec<u64>,
+    /// Offset the last resync into each replica resumed from (0: none resumed).
+    resumed: Vec<u64>,
     tasks: JoinSet<()>,
     internal: (mpsc::UnboundedSender<Internal>, mpsc::UnboundedReceiver<Internal>),
     link_reports: (link::Reports, mpsc::UnboundedReceiver<(ReplicaId, u64, LinkEvent)>),
@@ -123,6 +125,7 @@ impl<T: ReplicaTransport> Actor<T> {
             gens: 0,
             overwritten: vec![HashSet::new(); n],
             resync_chunks: vec![0; n],
+            resumed: vec![0; n],
             tasks: JoinSet::new(),
             internal: mpsc::unbounded_channel(),
             link_reports: mpsc::unbounded_channel(),
@@ -237,6 +240,15 @@ impl<T: ReplicaTransport> Actor<T> {
         }
         match msg {
             ResyncMsg::Chunk(chunk, permit) => self.queue_chunk(r, chunk, permit),
+            ResyncMsg::Checkpoint(offset) => {
+                if let Some(l) = &self.links[r] {
+                    let _ = l.ops.send(LinkOp::CheckpointResync { offset });
+                }
+            }
+            ResyncMsg::Resumed(offset) => {
+                tracing::info!(volume.id = %self.cfg.name, replica.id = %self.replicas[r].name(), offset, "resync resumes from a checkpoint");
+                self.resumed[r] = offset;
+            }
             ResyncMsg::Copied => {
                 self.resyncs[r] = None;
                 if let Some(l) = &self.links[r] {
@@ -313,6 +325,7 @@ impl<T: ReplicaTransport> Actor<T> {
             info.acked_seq = v.acked_seq;
             info.durable_seq = v.durable_seq;
             info.resync_chunks = self.resync_chunks[r];
+            info.resync_resumed_from = self.resumed[r];
         }
     }
 
@@ -487,6 +500,8 @@ impl<T: ReplicaTransport> Actor<T> {
             two_sided: lift_seq.is_some(),
             block_size: u64::from(self.cfg.block_size),
             window: self.cfg.resync_window,
+            checkpoint_every: self.cfg.resync_checkpoint_blocks,
+            rate: self.cfg.resync_rate,
             timeout: self.timeout,
             replica: r,
             gen: self.gens,

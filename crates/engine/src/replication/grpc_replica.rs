@@ -137,8 +137,15 @@ impl ReplicaTransport for GrpcReplica {
         Ok(())
     }
 
-    async fn resync_stream(&self, epoch: u64, since: Seq) -> Result<BoxStream<'static, Result<ResyncChunk>>> {
-        let req = pb::ResyncRequest { volume_id: self.volume.clone(), epoch, since_seq: since };
+    async fn resync_stream(
+        &self,
+        epoch: u64,
+        since: Seq,
+        resume: Option<(u64, Seq)>,
+    ) -> Result<BoxStream<'static, Result<ResyncChunk>>> {
+        let (resume_below, resume_seq) = resume.unwrap_or((0, 0));
+        let req =
+            pb::ResyncRequest { volume_id: self.volume.clone(), epoch, since_seq: since, resume_below, resume_seq };
         let inbound = self.client.clone().resync(req).await.map_err(|s| self.status("resync", epoch, s))?.into_inner();
         let (name, volume) = (self.name.clone(), self.volume.clone());
         Ok(inbound
@@ -159,9 +166,16 @@ impl ReplicaTransport for GrpcReplica {
             .boxed())
     }
 
-    async fn begin_resync(&self, epoch: u64, from_seq: Seq) -> Result<()> {
-        let req = pb::BeginResyncRequest { volume_id: self.volume.clone(), epoch, from_seq };
-        self.client.clone().begin_resync(req).await.map_err(|s| self.status("begin resync", epoch, s))?;
+    async fn begin_resync(&self, epoch: u64, from_seq: Seq, resume: bool) -> Result<Option<(u64, Seq)>> {
+        let req = pb::BeginResyncRequest { volume_id: self.volume.clone(), epoch, from_seq, resume };
+        let r = self.client.clone().begin_resync(req).await.map_err(|s| self.status("begin resync", epoch, s))?;
+        let s = r.into_inner();
+        Ok(s.resync_done_offset.map(|o| (o, s.resync_done_seq)))
+    }
+
+    async fn checkpoint_resync(&self, epoch: u64, offset: u64) -> Result<()> {
+        let req = pb::CheckpointResyncRequest { volume_id: self.volume.clone(), epoch, offset };
+        self.client.clone().checkpoint_resync(req).await.map_err(|s| self.status("checkpoint resync", epoch, s))?;
         Ok(())
     }
 

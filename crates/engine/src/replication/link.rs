@@ -27,11 +27,27 @@ pub(super) type Permit = Arc<OwnedSemaphorePermit>;
 
 /// What the actor asks a link to do.
 pub(super) enum LinkOp {
-    Write { seq: Seq, offset: u64, data: Bytes, fua: bool },
-    Trim { seq: Seq, offset: u64, len: u64 },
-    Resync { chunk: ResyncChunk, permit: Permit },
+    Write {
+        seq: Seq,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Trim {
+        seq: Seq,
+        offset: u64,
+        len: u64,
+    },
+    Resync {
+        chunk: ResyncChunk,
+        permit: Permit,
+    },
     Flush,
     EndResync,
+    /// Flush the target and record resync progress below `offset`.
+    CheckpointResync {
+        offset: u64,
+    },
 }
 
 /// What a link reports to the actor.
@@ -195,6 +211,11 @@ impl<T: ReplicaTransport> Link<T> {
                 self.drain(acks).await?;
                 let durable_seq = with_timeout(t, "flush", r.flush(epoch)).await?;
                 self.report(LinkEvent::Flushed { durable_seq });
+                Ok(())
+            }
+            LinkOp::CheckpointResync { offset } => {
+                self.drain(acks).await?;
+                with_timeout(t, "checkpoint resync", r.checkpoint_resync(epoch, offset)).await?;
                 Ok(())
             }
             LinkOp::EndResync => {

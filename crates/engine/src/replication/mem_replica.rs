@@ -38,6 +38,8 @@ struct State {
     durable: Data,
     durable_seq: Seq,
     resync_from: Option<Seq>,
+    resync_done: Option<(u64, Seq)>,
+    resync_done_epoch: u64,
     down: bool,
     fail_writes: bool,
     naive_resync: bool,
@@ -45,6 +47,7 @@ struct State {
     delay: Duration,
     writes: u64,
     resync_writes: u64,
+    checkpoints: u64,
 }
 
 /// Counters of what a [`MemReplica`] applied.
@@ -54,6 +57,8 @@ pub struct MemStats {
     pub writes: u64,
     /// Resync blocks and trims received (applied or skipped as older).
     pub resync_writes: u64,
+    /// Resync checkpoints recorded.
+    pub checkpoints: u64,
 }
 
 /// An in-memory replica. Cheap to clone; clones are the same replica.
@@ -102,7 +107,7 @@ impl MemReplica {
     }
     pub fn stats(&self) -> MemStats {
         let s = self.lock();
-        MemStats { writes: s.writes, resync_writes: s.resync_writes }
+        MemStats { writes: s.writes, resync_writes: s.resync_writes, checkpoints: s.checkpoints }
     }
     pub fn epoch(&self) -> u64 {
         self.lock().epoch
@@ -290,7 +295,13 @@ impl ReplicaTransport for MemReplica {
         Ok(())
     }
 
-    async fn resync_stream(&self, epoch: u64, since: Seq) -> Result<BoxStream<'static, Result<ResyncChunk>>> {
+    async fn resync_stream(
+        &self,
+        epoch: u64,
+        since: Seq,
+        resume: Option<(u64, Seq)>,
+    ) -> Result<BoxStream<'static, Result<ResyncChunk>>> {
+        let (below, after) = resume.unwrap_or((0, 0));
         let s = self.lock();
         self.check(&s, epoch)?;
         if s.fail_resync_source {
@@ -303,17 +314,33 @@ impl ReplicaTransport for MemReplica {
             .map(|(seq, offset, len)| Ok(ResyncChunk { offset, seq, data: ChunkData::Trim(len) }))
             .collect();
         chunks.extend(
-            s.data.blocks.iter().filter(|(_, (_, seq))| *seq > since).map(|(&b, (d, seq))| {
-                Ok(ResyncChunk { offset: b * BLOCK, seq: *seq, data: ChunkData::Data(d.clone()) })
-            }),
+            s.data.blocks.iter().filter(|(&b, (_, seq))| *seq > since && (b * BLOCK >= below || *seq > after)).map(
+                |(&b, (d, seq))| Ok(ResyncChunk { offset: b * BLOCK, seq: *seq, data: ChunkData::Data(d.clone()) }),
+            ),
         );
         Ok(stream::iter(chunks).boxed())
     }
 
-    async fn begin_resync(&self, epoch: u64, from_seq: Seq) -> Result<()> {
+    async fn begin_resync(&self, epoch: u64, from_seq: Seq, resume: bool) -> Result<Option<(u64, Seq)>> {
         let mut s = self.lock();
         self.check(&s, epoch)?;
+        if !resume || s.resync_from != Some(from_seq) || s.resync_done_epoch != epoch {
+            s.resync_done = None;
+        }
         s.resync_from = Some(s.resync_from.map_or(from_seq, |f| f.min(from_seq)));
+        Ok(s.resync_done)
+    }
+
+    async fn checkpoint_resync(&self, epoch: u64, offset: u64) -> Result<()> {
+        let mut s = self.lock();
+        self.check(&s, epoch)?;
+        if s.resync_from.is_none() {
+            return Err(Error::InvalidArgument(format!("replica {}: no resync in progress", self.name)));
+        }
+        let durable = Self::make_durable(&mut s);
+        s.resync_done = Some((offset, durable));
+        s.resync_done_epoch = epoch;
+        s.checkpoints += 1;
         Ok(())
     }
 
@@ -352,6 +379,7 @@ impl ReplicaTransport for MemReplica {
         let mut s = self.lock();
         self.check(&s, epoch)?;
         s.resync_from = None;
+        s.resync_done = None;
         Ok(Self::make_durable(&mut s))
     }
 }

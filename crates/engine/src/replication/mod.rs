@@ -71,6 +71,13 @@
 //! resync is two-sided: the target's own changed blocks are re-copied from the source
 //! (see `attach.rs` for how the start point is chosen).
 //!
+//! Resumable: blocks are copied in offset order and the target checkpoints (flush, then
+//! record "below offset O, complete up to durable seq D") every few thousand blocks. A
+//! later resync by the same engine from the same start point (the target restarted or its
+//! link broke) copies blocks below O only if they changed after D. Checkpoints are keyed
+//! by epoch: a new engine may adopt a different history, so it starts over. Copies can be
+//! rate limited (`resync_rate`) so a rebuild leaves bandwidth to client I/O.
+//!
 //! Known limit: a write still buffered on the replica side of a connection the engine
 //! already dropped could land after the replica was re-admitted. The retry interval keeps
 //! that window far longer than any in-flight request; closing it fully needs the replica to

@@ -9,7 +9,20 @@
 //! replace a newer block" guard lets them replace the target's stray blocks but never a
 //! newer write.
 //!
-//! Backpressure: at most `window` chunks are between this task and the target's ack.
+//! Backpressure: at most `window` chunks are between this task and the target's ack;
+//! with a rate limit, the task also paces itself to `rate` bytes per second.
+//!
+//! Resumable: blocks come in ascending offset order, so every `checkpoint_every` blocks the
+//! task asks the target (in order on its link, after the chunks before) to flush and
+//! record "every block below `offset` is complete up to my durable seq". A later resync
+//! of the same engine from the same point (the target restarted, or its link failed)
+//! gets that checkpoint from `BeginResync` and streams blocks below it only if they
+//! changed after its seq. Trims are always resent (they carry no data). The target's own
+//! blocks of a two-sided resync are copied in the same offset order, merged with the
+//! source's, so a checkpoint covers them too (strays below it were already replaced); a
+//! resumed two-sided resync lists the target's own changes with the same split. Only the
+//! engine that took a checkpoint resumes from it (the store keys it by epoch): under one
+//! engine the history is linear, so "complete up to seq" means the same thing to both.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -26,6 +39,10 @@ use crate::error::{Error, Result};
 /// What the resync task sends to the actor.
 pub(super) enum ResyncMsg {
     Chunk(ResyncChunk, Permit),
+    /// Every chunk below `offset` was sent: checkpoint the target (in link order).
+    Checkpoint(u64),
+    /// The target had a checkpoint: the resync resumes from `offset`.
+    Resumed(u64),
     /// Everything was queued; the actor ends the resync on the target's link.
     Copied,
     /// The resync failed; `source_failed` tells whether the source (not the target) erred.
@@ -51,6 +68,10 @@ pub(super) struct ResyncJob<T> {
     pub two_sided: bool,
     pub block_size: u64,
     pub window: usize,
+    /// Blocks copied between checkpoints (0: never checkpoint).
+    pub checkpoint_every: u64,
+    /// Bytes per second, at most (0: unlimited).
+    pub rate: u64,
     pub timeout: Duration,
     pub replica: ReplicaId,
     pub gen: u64,
@@ -71,14 +92,20 @@ impl<T: ReplicaTransport> ResyncJob<T> {
     async fn copy(&self) -> std::result::Result<(), (Error, bool)> {
         let (on_source, on_target) = (|e| (e, true), |e| (e, false));
         let window = Arc::new(Semaphore::new(self.window.max(1)));
-        with_timeout(self.timeout, "begin resync", self.target.begin_resync(self.epoch, self.consistent))
-            .await
-            .map_err(on_target)?;
+        let resume =
+            with_timeout(self.timeout, "begin resync", self.target.begin_resync(self.epoch, self.consistent, true))
+                .await
+                .map_err(on_target)?
+                .filter(|&(offset, _)| offset > 0);
+        if let Some((offset, _)) = resume {
+            self.report(ResyncMsg::Resumed(offset)).map_err(on_target)?;
+        }
         let mut target_only = BTreeSet::new();
         if self.two_sided {
-            let mut own = with_timeout(self.timeout, "resync list", self.target.resync_stream(self.epoch, self.since))
-                .await
-                .map_err(on_target)?;
+            let mut own =
+                with_timeout(self.timeout, "resync list", self.target.resync_stream(self.epoch, self.since, resume))
+                    .await
+                    .map_err(on_target)?;
             while let Some(c) = own.next().await {
                 let c = c.map_err(on_target)?;
                 let len = match c.data {
@@ -89,9 +116,13 @@ impl<T: ReplicaTransport> ResyncJob<T> {
                 target_only.extend(first..first + len.div_ceil(self.block_size));
             }
         }
-        let mut chunks = with_timeout(self.timeout, "resync", self.source.resync_stream(self.epoch, self.since))
-            .await
-            .map_err(on_source)?;
+        let mut chunks =
+            with_timeout(self.timeout, "resync", self.source.resync_stream(self.epoch, self.since, resume))
+                .await
+                .map_err(on_source)?;
+        let pace = Pace::new(self.rate);
+        let mut checkpointed = resume.map_or(0, |(offset, _)| offset);
+        let mut since_checkpoint = 0;
         while let Some(c) = chunks.next().await {
             let mut c = c.map_err(on_source)?;
             let len = match c.data {
@@ -99,7 +130,24 @@ impl<T: ReplicaTransport> ResyncJob<T> {
                 ChunkData::Data(ref d) => d.len() as u64,
                 ChunkData::Zero => self.block_size,
             };
+            let block = !matches!(c.data, ChunkData::Trim(_));
             let first = c.offset / self.block_size;
+            if block {
+                // The target's own blocks before this one go first: offset order holds.
+                while let Some(b) = target_only.first().copied().filter(|&b| b < first) {
+                    target_only.remove(&b);
+                    self.copy_block(b, &window, &pace).await?;
+                }
+            }
+            if block
+                && self.checkpoint_every > 0
+                && since_checkpoint >= self.checkpoint_every
+                && c.offset > checkpointed
+            {
+                self.report(ResyncMsg::Checkpoint(c.offset)).map_err(on_target)?;
+                (checkpointed, since_checkpoint) = (c.offset, 0);
+            }
+            since_checkpoint += u64::from(block);
             for b in first..first + len.div_ceil(self.block_size) {
                 target_only.remove(&b);
             }
@@ -107,24 +155,60 @@ impl<T: ReplicaTransport> ResyncJob<T> {
                 c.seq = seq;
             }
             self.hand_over(c, &window).await.map_err(on_target)?;
+            if block {
+                pace.wait(self.block_size).await;
+            }
         }
-        let seq = self.lift_seq.unwrap_or(self.since);
         for b in target_only {
-            let offset = b * self.block_size;
-            let data = with_timeout(self.timeout, "resync read", self.source.read(self.epoch, offset, self.block_size))
-                .await
-                .map_err(on_source)?;
-            let data = if data.iter().all(|&x| x == 0) { ChunkData::Zero } else { ChunkData::Data(data.into()) };
-            self.hand_over(ResyncChunk { offset, seq, data }, &window).await.map_err(on_target)?;
+            self.copy_block(b, &window, &pace).await?;
         }
         Ok(())
+    }
+
+    /// Copies block `b` (one the target changed on its own) from the source.
+    async fn copy_block(&self, b: u64, window: &Arc<Semaphore>, pace: &Pace) -> std::result::Result<(), (Error, bool)> {
+        let offset = b * self.block_size;
+        let data = with_timeout(self.timeout, "resync read", self.source.read(self.epoch, offset, self.block_size))
+            .await
+            .map_err(|e| (e, true))?;
+        let data = if data.iter().all(|&x| x == 0) { ChunkData::Zero } else { ChunkData::Data(data.into()) };
+        let seq = self.lift_seq.unwrap_or(self.since);
+        self.hand_over(ResyncChunk { offset, seq, data }, window).await.map_err(|e| (e, false))?;
+        pace.wait(self.block_size).await;
+        Ok(())
+    }
+
+    fn report(&self, msg: ResyncMsg) -> Result<()> {
+        self.reports
+            .send((self.replica, self.gen, msg))
+            .map_err(|_| Error::Unavailable("volume closed during resync".into()))
     }
 
     async fn hand_over(&self, chunk: ResyncChunk, window: &Arc<Semaphore>) -> Result<()> {
         let permit =
             window.clone().acquire_owned().await.map_err(|_| Error::Internal("resync window closed".into()))?;
-        self.reports
-            .send((self.replica, self.gen, ResyncMsg::Chunk(chunk, Arc::new(permit))))
-            .map_err(|_| Error::Unavailable("volume closed during resync".into()))
+        self.report(ResyncMsg::Chunk(chunk, Arc::new(permit)))
+    }
+}
+
+/// Paces a copy to a byte rate: waits until `bytes` so far fit in the elapsed time.
+struct Pace {
+    rate: u64,
+    start: tokio::time::Instant,
+    bytes: std::sync::atomic::AtomicU64,
+}
+
+impl Pace {
+    fn new(rate: u64) -> Self {
+        Self { rate, start: tokio::time::Instant::now(), bytes: 0.into() }
+    }
+
+    async fn wait(&self, n: u64) {
+        if self.rate == 0 {
+            return;
+        }
+        let total = self.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed) + n;
+        let due = self.start + Duration::from_secs_f64(total as f64 / self.rate as f64);
+        tokio::time::sleep_until(due).await;
     }
 }

@@ -30,6 +30,10 @@ pub struct VolumeConfig {
     pub queue_depth: usize,
     /// Resync chunks in flight per resync.
     pub resync_window: usize,
+    /// Blocks copied between resync checkpoints (0: none; an interrupted resync restarts).
+    pub resync_checkpoint_blocks: u64,
+    /// Resync copy rate limit in bytes per second (0: unlimited).
+    pub resync_rate: u64,
 }
 
 impl VolumeConfig {
@@ -42,6 +46,8 @@ impl VolumeConfig {
             tick: Duration::from_millis(50),
             queue_depth: 256,
             resync_window: 64,
+            resync_checkpoint_blocks: 4096,
+            resync_rate: 0,
         }
     }
 }
@@ -55,6 +61,8 @@ pub struct ReplicaHealth {
     pub durable_seq: Seq,
     /// Resync blocks/ranges queued to this replica since the volume attached.
     pub resync_chunks: u64,
+    /// Offset the last resync into this replica resumed from (0: none resumed).
+    pub resync_resumed_from: u64,
 }
 
 /// A replicated volume. Dropping it (or [`ReplicatedVolume::close`]) stops its actor;
@@ -100,6 +108,7 @@ impl ReplicatedVolume {
                     acked_seq: 0,
                     durable_seq: 0,
                     resync_chunks: 0,
+                    resync_resumed_from: 0,
                 })
                 .collect(),
         }));

@@ -77,14 +77,27 @@ pub trait ReplicaTransport: Send + Sync + 'static {
     fn flush(&self, epoch: u64) -> impl Future<Output = Result<Seq>> + Send;
     /// Deallocates a range.
     fn trim(&self, epoch: u64, seq: Seq, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send;
-    /// Every trim and block whose content was written after `since`.
+    /// Every trim and block whose content was written after `since` (trims first, then
+    /// blocks in offset order); with `resume = Some((below, after))`, blocks below `below`
+    /// only if written after `after`.
     fn resync_stream(
         &self,
         epoch: u64,
         since: Seq,
+        resume: Option<(u64, Seq)>,
     ) -> impl Future<Output = Result<BoxStream<'static, Result<ResyncChunk>>>> + Send;
-    /// Marks the replica incomplete from `from_seq` (durably) until `end_resync`.
-    fn begin_resync(&self, epoch: u64, from_seq: Seq) -> impl Future<Output = Result<()>> + Send;
+    /// Marks the replica incomplete from `from_seq` (durably) until `end_resync`. With
+    /// `resume`, returns the checkpoint `(offset, seq)` an unfinished resync from the same
+    /// `from_seq` left (see `checkpoint_resync`).
+    fn begin_resync(
+        &self,
+        epoch: u64,
+        from_seq: Seq,
+        resume: bool,
+    ) -> impl Future<Output = Result<Option<(u64, Seq)>>> + Send;
+    /// Flushes, then records that every block below `offset` is complete up to the durable
+    /// seq.
+    fn checkpoint_resync(&self, epoch: u64, offset: u64) -> impl Future<Output = Result<()>> + Send;
     /// Applies copied chunks; a chunk never replaces a block written at a newer seq (see
     /// [`crate::replication`], "Resync ordering"). Returns how many were applied.
     fn apply_resync(&self, epoch: u64, chunks: Vec<ResyncChunk>) -> impl Future<Output = Result<u64>> + Send;

@@ -137,21 +137,35 @@ pub struct PersistState {
     pub hwm: u64,
     pub allocated_blocks: u64,
     pub resync_from: Option<u64>,
+    /// Resync checkpoint `(offset, seq)`, see `ReplicaState::resync_done`.
+    pub resync_done: Option<(u64, u64)>,
+    /// The epoch the checkpoint was taken under; only that engine may resume from it.
+    pub resync_done_epoch: u64,
 }
 
 impl PersistState {
-    pub fn encode(&self) -> [u8; 40] {
-        let mut b = [0u8; 40];
-        let fields =
-            [self.last_seq, self.durable_seq, self.hwm, self.allocated_blocks, self.resync_from.unwrap_or(u64::MAX)];
+    pub fn encode(&self) -> [u8; 64] {
+        let mut b = [0u8; 64];
+        let (done_off, done_seq) = self.resync_done.unwrap_or((u64::MAX, 0));
+        let fields = [
+            self.last_seq,
+            self.durable_seq,
+            self.hwm,
+            self.allocated_blocks,
+            self.resync_from.unwrap_or(u64::MAX),
+            done_off,
+            done_seq,
+            self.resync_done_epoch,
+        ];
         for (i, f) in fields.iter().enumerate() {
             b[i * 8..i * 8 + 8].copy_from_slice(&f.to_be_bytes());
         }
         b
     }
 
+    /// Decodes the current 64-byte form and the 40-byte form without a checkpoint.
     pub fn decode(b: &[u8]) -> Option<Self> {
-        if b.len() != 40 {
+        if b.len() != 40 && b.len() != 64 {
             return None;
         }
         let f = |i: usize| u64::from_be_bytes(b[i * 8..i * 8 + 8].try_into().unwrap_or([0; 8]));
@@ -161,6 +175,8 @@ impl PersistState {
             hwm: f(2),
             allocated_blocks: f(3),
             resync_from: Some(f(4)).filter(|&v| v != u64::MAX),
+            resync_done: if b.len() == 64 { Some((f(5), f(6))).filter(|&(o, _)| o != u64::MAX) } else { None },
+            resync_done_epoch: if b.len() == 64 { f(7) } else { 0 },
         })
     }
 }

@@ -567,14 +567,39 @@ impl ReplicaStore for DiskStore {
         Ok(out)
     }
 
-    fn begin_resync(&self, name: &str, epoch: u64, from_seq: u64) -> Result<ReplicaState> {
+    fn begin_resync(&self, name: &str, epoch: u64, from_seq: u64, resume: bool) -> Result<ReplicaState> {
         self.with_io(name, epoch, |v, g| {
             let mut st = g.st;
+            if !resume || st.resync_from != Some(from_seq) || st.resync_done_epoch != epoch {
+                st.resync_done = None;
+            }
             st.resync_from = Some(st.resync_from.map_or(from_seq, |f| f.min(from_seq)));
             let mut batch = WriteBatch::default();
             batch.put(keys::state(v.vid), st.encode());
             self.commit(batch, true, "marking resync")?;
             g.st.resync_from = st.resync_from;
+            g.st.resync_done = st.resync_done;
+            Ok(g.state())
+        })
+    }
+
+    fn checkpoint_resync(&self, name: &str, epoch: u64, offset: u64) -> Result<ReplicaState> {
+        let v = self.vol(name)?;
+        check::epoch(name, volume::read(&v).record.epoch, epoch)?;
+        // Everything applied so far (every chunk below `offset`) becomes durable first.
+        let durable = self.flush_volume(name, &v)?;
+        self.with_io(name, epoch, |v, g| {
+            if g.st.resync_from.is_none() {
+                return Err(Error::InvalidArgument(format!("volume {name}: no resync in progress")));
+            }
+            let mut st = g.st;
+            st.resync_done = Some((offset, durable));
+            st.resync_done_epoch = epoch;
+            let mut batch = WriteBatch::default();
+            batch.put(keys::state(v.vid), st.encode());
+            self.commit(batch, true, "recording resync progress")?;
+            g.st.resync_done = st.resync_done;
+            g.st.resync_done_epoch = st.resync_done_epoch;
             Ok(g.state())
         })
     }
@@ -648,10 +673,12 @@ impl ReplicaStore for DiskStore {
         self.with_io(name, epoch, |v, g| {
             let mut st = g.st;
             st.resync_from = None;
+            st.resync_done = None;
             let mut batch = WriteBatch::default();
             batch.put(keys::state(v.vid), st.encode());
             self.commit(batch, true, "clearing resync mark")?;
             g.st.resync_from = None;
+            g.st.resync_done = None;
             Ok(g.state())
         })
     }

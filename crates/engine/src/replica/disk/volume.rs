@@ -65,6 +65,7 @@ impl VolInner {
             size: self.record.size,
             allocated_bytes: self.st.allocated_blocks * BLOCK_SIZE,
             resync_from: self.st.resync_from,
+            resync_done: self.st.resync_done,
         }
     }
 }
