@@ -121,6 +121,16 @@ impl Volumes for VolumeService {
         Err(Status::unimplemented("volume clone is not implemented yet"))
     }
 
+    type ReadSnapshotStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<vpb::ReadSnapshotChunk, Status>> + Send + 'static>>;
+
+    async fn read_snapshot(
+        &self,
+        _r: Request<vpb::ReadSnapshotRequest>,
+    ) -> Result<Response<Self::ReadSnapshotStream>, Status> {
+        Err(Status::unimplemented("snapshots are not implemented yet"))
+    }
+
     async fn changed_blocks(
         &self,
         _r: Request<vpb::ChangedBlocksRequest>,
