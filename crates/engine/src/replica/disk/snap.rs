@@ -116,7 +116,7 @@ impl DiskStore {
         let mut seen: BTreeMap<u64, Entry> =
             self.map_range(v.vid, range.clone())?.into_iter().filter(|(_, e)| e.seq <= seq).collect();
         for p in self.preserved_in(v.vid, range.clone())? {
-            if p.written <= seq && p.entry.seq > seq && !seen.get(&p.block).is_some_and(|e| e.seq > p.written) {
+            if p.written <= seq && p.entry.seq > seq && seen.get(&p.block).is_none_or(|e| e.seq <= p.written) {
                 seen.insert(p.block, Entry { seq: p.written, ..p.entry });
             }
         }
