@@ -75,12 +75,15 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// A snapshot's seq and image.
+type Taken = (u64, BTreeMap<u64, u64>);
+
 /// The model: the live image, each snapshot's image and seq, and which blocks each seq
 /// touched (for `changed_blocks`).
 #[derive(Default)]
 struct Model {
     live: BTreeMap<u64, u64>,
-    snaps: BTreeMap<String, (u64, BTreeMap<u64, u64>)>,
+    snaps: BTreeMap<String, Taken>,
     touched: BTreeMap<u64, BTreeSet<u64>>,
 }
 
@@ -169,7 +172,7 @@ fn run(ops: Vec<Op>) {
             let all = st.s().changed_blocks("v", None, Some(name)).unwrap();
             check_changed(all, &BTreeMap::new(), img, m.touched(0, *sseq), &format!("up to {name}"));
         }
-        let names: Vec<(&String, &(u64, BTreeMap<u64, u64>))> = m.snaps.iter().collect();
+        let names: Vec<(&String, &Taken)> = m.snaps.iter().collect();
         for w in names.windows(2) {
             let (a, b) = if w[0].1 .0 <= w[1].1 .0 { (w[0], w[1]) } else { (w[1], w[0]) };
             let got = st.s().changed_blocks("v", Some(a.0), Some(b.0)).unwrap();
