@@ -7,4 +7,5 @@ pub mod fuse;
 pub mod node;
 pub mod replica;
 pub mod size;
+pub mod snapshot;
 pub mod volume;
