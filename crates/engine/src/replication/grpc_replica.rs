@@ -216,6 +216,27 @@ impl ReplicaTransport for GrpcReplica {
         Ok(r.into_inner().existed)
     }
 
+    async fn install_snapshot(
+        &self,
+        epoch: u64,
+        snap: SnapshotInfo,
+        blocks: Vec<(u64, Option<Vec<u8>>)>,
+        last: bool,
+    ) -> Result<()> {
+        let req = pb::InstallSnapshotRequest {
+            volume_id: self.volume.clone(),
+            epoch,
+            snapshot: Some(snapshot_to_pb(snap)),
+            blocks: blocks
+                .into_iter()
+                .map(|(block, d)| pb::SnapshotBlock { block, data: d.unwrap_or_default() })
+                .collect(),
+            last,
+        };
+        self.client.clone().install_snapshot(req).await.map_err(|s| self.status("install snapshot", epoch, s))?;
+        Ok(())
+    }
+
     async fn expand(&self, epoch: u64, new_size: u64) -> Result<()> {
         let req = pb::ExpandRequest { volume_id: self.volume.clone(), epoch, new_size };
         self.client.clone().expand(req).await.map_err(|s| self.status("expand", epoch, s))?;
