@@ -60,7 +60,11 @@ async fn snapshot_bench(endpoint: &str, volume: &str, count: u32) -> anyhow::Res
     let mut worst = std::time::Duration::ZERO;
     for i in 0..count {
         let t = std::time::Instant::now();
-        let req = vpb::CreateSnapshotRequest { volume: volume.into(), name: format!("bench-{i}"), labels: Default::default() };
+        let req = vpb::CreateSnapshotRequest {
+            volume: volume.into(),
+            name: format!("bench-{i}"),
+            labels: Default::default(),
+        };
         c.create_snapshot(req).await.map_err(super::volume::status_err)?;
         worst = worst.max(t.elapsed());
     }
