@@ -44,6 +44,8 @@ enum Command {
     /// Expose an NBD export (a volume) as a file on a FUSE mount, for losetup on kernels
     /// without the NBD module.
     FuseAttach(cli::fuse::FuseArgs),
+    /// Run the CSI driver (Identity + Controller and/or Node) on a unix socket.
+    Csi(cli::csi::CsiArgs),
     /// Back up files, block devices or volumes to a deduplicating repository.
     #[command(subcommand)]
     Backup(cli::backup::BackupCommand),
@@ -75,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Volume { endpoint, command } => cli::volume::run(&endpoint, command).await,
         Command::Dev(cmd) => cli::dev::run(cmd).await,
         Command::FuseAttach(args) => cli::fuse::run(args).await,
+        Command::Csi(args) => cli::csi::run(args).await,
         Command::Backup(cmd) => cli::backup::run_backup(cmd).await,
         Command::Restore(args) => cli::backup::run_restore(args).await,
         Command::Debug(cmd) => tokio::task::spawn_blocking(move || cli::debug::run(cmd)).await?,
