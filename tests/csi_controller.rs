@@ -63,10 +63,7 @@ async fn identity_and_controller_follow_the_spec() {
     let rpcs: Vec<i32> = ccaps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(csi::controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
-        })
+        .filter_map(|c| c.r#type.as_ref().map(|csi::controller_service_capability::Type::Rpc(r)| r.r#type))
         .collect();
     use csi::controller_service_capability::rpc::Type as Rpc;
     for want in [Rpc::CreateDeleteVolume, Rpc::PublishUnpublishVolume, Rpc::ListVolumes, Rpc::GetCapacity] {

@@ -18,19 +18,42 @@ impl NodeService {
         let staging = PathBuf::from(&r.staging_target_path);
         let _g = self.locks.try_lock(id, "NodeStageVolume")?;
 
-        // Already staged?
+        // Already staged? Same path and capability: done. Same path, other filesystem or
+        // access type: ALREADY_EXISTS. Staged at another path: FAILED_PRECONDITION.
         let existing = self.attacher.find(id).await?;
-        if let Access::Mount { .. } = cap.access {
-            if let Some(m) = mount::mount_at(&staging)? {
-                return match &existing {
-                    Some(dev) if mount::dev_numbers(dev)? == m.dev => Ok(csi::NodeStageVolumeResponse {}),
-                    _ => Err(CsiError::AlreadyExists(format!(
-                        "{} already has another mount ({} from {})",
-                        staging.display(),
-                        m.fs_type,
-                        m.source
-                    ))),
-                };
+        let here = mount::mount_at(&staging)?;
+        if let Some(m) = &here {
+            let ours = match &existing {
+                Some(dev) => mount::dev_numbers(dev)? == m.dev,
+                None => false,
+            };
+            let compatible = match &cap.access {
+                Access::Mount { fs_type, .. } => fs_type.is_empty() || *fs_type == m.fs_type,
+                Access::Block => false,
+            };
+            return if ours && compatible {
+                Ok(csi::NodeStageVolumeResponse {})
+            } else {
+                Err(CsiError::AlreadyExists(format!(
+                    "{} already has a mount ({} from {}) that does not match this request",
+                    staging.display(),
+                    m.fs_type,
+                    m.source
+                )))
+            };
+        }
+        if let Some(dev) = &existing {
+            let canonical = mount::canonical(&staging);
+            let elsewhere: Vec<String> = mount::users_of(dev)?
+                .into_iter()
+                .filter(|m| m.mount_point != canonical && m.fs_type != "devtmpfs")
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            if let (Access::Mount { .. }, false) = (&cap.access, elsewhere.is_empty()) {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "volume {id} is already staged at {}",
+                    elsewhere.join(", ")
+                )));
             }
         }
 
