@@ -67,10 +67,22 @@ fn init_logging(json: bool) {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Processes that serve block devices (the node agent's engines behind kernel NBD, the
+    // FUSE block file behind a loop device) must not recurse into block I/O when they
+    // allocate memory. PR_SET_IO_FLUSHER is per thread and inherited: set it before the
+    // runtime starts its threads.
+    let io_flusher =
+        matches!(cli.command, Command::Node(_) | Command::FuseAttach(_)).then(hlstore_csi::attach::set_io_flusher);
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli, io_flusher))
+}
+
+async fn run(cli: Cli, io_flusher: Option<std::io::Result<()>>) -> anyhow::Result<()> {
     init_logging(cli.log_json);
+    if let Some(Err(e)) = io_flusher {
+        tracing::warn!("PR_SET_IO_FLUSHER not set ({e}): needs CAP_SYS_RESOURCE");
+    }
     match cli.command {
         Command::Node(args) => cli::node::run(args).await,
         Command::Replica { endpoint, command } => cli::replica::run(endpoint, command).await,

@@ -6,14 +6,18 @@
 
 mod support;
 
+use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use hlstore_proto::csi;
 use hlstore_proto::csi::node_client::NodeClient;
 use support::cluster::Cluster;
-use support::csi::{block_cap, create_req, expect_code, mount_cap, unimplemented_note, CsiDriver};
+use support::csi::{
+    block_cap, create_req, expect_code, have_cap_sys_resource, is_io_flusher, mount_cap, unimplemented_note, CsiDriver,
+};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -104,7 +108,7 @@ async fn stats(node: &mut NodeClient<Channel>, id: &str, path: &Path) -> Vec<csi
 async fn filesystem_volume_is_staged_published_and_never_reformatted() {
     let c = Cluster::new();
     c.up(&["--nodes", "3"]);
-    let d = CsiDriver::start(&c, "n1");
+    let mut d = CsiDriver::start(&c, "n1");
     let mut node = d.node().await;
     let (staging, target) = (d.path("staging/fs"), d.path("pods/p1/mount"));
     let ctx = create_and_publish(&d, "pvc-fs", 64 * MIB, mount_cap("ext4")).await;
@@ -126,19 +130,44 @@ async fn filesystem_volume_is_staged_published_and_never_reformatted() {
     );
     assert!(d.loop_devices().is_empty(), "rejected stages attached something");
 
-    // Stage; a concurrent second operation on the volume is ABORTED.
+    // A concurrent second operation on the volume is ABORTED. The first stage is held
+    // inside its lock by an "NBD server" that accepts the connection and never answers.
+    let hang = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hang_ctx = HashMap::from([("nbdUri".to_string(), format!("nbd://{}/pvc-fs", hang.local_addr().unwrap()))]);
     let mut n2 = node.clone();
     let first = tokio::spawn({
-        let req = stage_req("pvc-fs", &staging, mount_cap("ext4"), &ctx);
+        let req = stage_req("pvc-fs", &staging, mount_cap("ext4"), &hang_ctx);
         async move { n2.node_stage_volume(req).await }
     });
-    tokio::time::sleep(std::time::Duration::from_millis(150)).await;
+    let conn = tokio::task::spawn_blocking(move || {
+        hang.set_nonblocking(true).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match hang.accept() {
+                Ok((s, _)) => return s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => panic!("the first stage never connected: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
     expect_code(
         node.node_stage_volume(stage_req("pvc-fs", &staging, mount_cap("ext4"), &ctx)).await,
         Code::Aborted,
         "second stage while the first runs",
     );
-    first.await.unwrap().expect("stage");
+    expect_code(
+        node.node_unstage_volume(unstage_req("pvc-fs", &staging)).await,
+        Code::Aborted,
+        "unstage while a stage runs",
+    );
+    drop(conn);
+    let e = first.await.unwrap().expect_err("the stage whose server hung up fails");
+    assert_eq!(e.code(), Code::Internal, "{}", e.message());
+    assert!(d.loop_devices().is_empty(), "the failed stage attached nothing");
+
+    node.node_stage_volume(stage_req("pvc-fs", &staging, mount_cap("ext4"), &ctx)).await.expect("stage");
     assert_eq!(d.ns_mount_type(&staging).as_deref(), Some("ext4"), "staging path holds the new ext4");
     assert_eq!(d.loop_devices().len(), 1);
     node.node_stage_volume(stage_req("pvc-fs", &staging, mount_cap("ext4"), &ctx)).await.expect("stage again is OK");
@@ -174,6 +203,25 @@ async fn filesystem_volume_is_staged_published_and_never_reformatted() {
         f.sync_all().unwrap();
     }
     assert!(d.in_ns(&staging.join("hello.txt")).exists(), "the bind mount shows the staged filesystem");
+    let fuse = d.fuse_pids();
+    assert_eq!(fuse.len(), 1, "one fuse-attach per staged volume");
+    if have_cap_sys_resource() {
+        assert!(is_io_flusher(fuse[0]), "fuse-attach serves a loop device: it must run with PR_SET_IO_FLUSHER");
+        let agent = c.pid("n1").expect("n1 runs");
+        assert!(is_io_flusher(agent), "the node agent serves block devices: PR_SET_IO_FLUSHER");
+    } else {
+        eprintln!("NOTE: no CAP_SYS_RESOURCE here: PR_SET_IO_FLUSHER cannot be set, not checked");
+    }
+
+    // A restarted plugin finds its device and mounts: every call is still idempotent.
+    d.restart();
+    let mut node = d.node().await;
+    node.node_stage_volume(stage_req("pvc-fs", &staging, mount_cap("ext4"), &ctx)).await.expect("stage after restart");
+    node.node_publish_volume(publish_req("pvc-fs", &staging, &target, mount_cap("ext4")))
+        .await
+        .expect("publish after restart");
+    assert_eq!(d.loop_devices().len(), 1, "the restarted plugin reused the device");
+    assert_eq!(d.fuse_pids(), fuse, "and the FUSE block file");
 
     // Stats.
     let usage = stats(&mut node, "pvc-fs", &target).await;

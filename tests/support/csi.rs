@@ -25,6 +25,7 @@ pub struct CsiDriver {
     pub dir: tempfile::TempDir,
     pub endpoint: String,
     pub node_id: String,
+    agent: String,
 }
 
 impl CsiDriver {
@@ -35,32 +36,54 @@ impl CsiDriver {
         assert_eq!(unsafe { libc::geteuid() }, 0, "the CSI tests mount filesystems: run them as root");
         assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing (modprobe fuse)");
         let dir = tempfile::Builder::new().prefix("hlstore-csi-").tempdir().expect("temp dir");
-        let sock = dir.path().join("csi.sock");
-        let endpoint = format!("unix://{}", sock.display());
-        let log = std::fs::File::create(dir.path().join("csi.log")).expect("csi.log");
+        let endpoint = format!("unix://{}", dir.path().join("csi.sock").display());
         let agent = c.endpoint(node_id);
-        let child = Command::new("unshare")
-            .args(["--mount", "--propagation", "private", "--"])
-            .arg(env!("CARGO_BIN_EXE_hlstore"))
-            .args(["csi", "--mode", "all", "--csi-endpoint", &endpoint, "--node-id", node_id])
-            .args(["--agent", &agent, "--attach", "loop", "--state-dir"])
-            .arg(dir.path().join("state"))
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "--"]);
+        let child = Self::spawn(cmd, dir.path(), &endpoint, node_id, &agent);
+        let mut d = CsiDriver { child, dir, endpoint, node_id: node_id.to_string(), agent };
+        d.wait_ready();
+        d
+    }
+
+    fn spawn(mut cmd: Command, dir: &Path, endpoint: &str, node_id: &str, agent: &str) -> Child {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("csi.log")).expect("csi.log");
+        cmd.arg(env!("CARGO_BIN_EXE_hlstore"))
+            .args(["csi", "--mode", "all", "--csi-endpoint", endpoint, "--node-id", node_id])
+            .args(["--agent", agent, "--attach", "loop", "--state-dir"])
+            .arg(dir.join("state"))
             .env("HLSTORE_LOG", "info,hlstore_csi=debug")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
             .spawn()
-            .expect("start unshare + hlstore csi (util-linux)");
-        let mut d = CsiDriver { child, dir, endpoint, node_id: node_id.to_string() };
+            .expect("start hlstore csi (util-linux unshare/nsenter)")
+    }
+
+    fn wait_ready(&mut self) {
+        let sock = self.dir.path().join("csi.sock");
         let deadline = Instant::now() + Duration::from_secs(60);
-        while !sock.exists() {
-            assert!(Instant::now() < deadline, "CSI socket did not appear; log:\n{}", d.log());
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("hlstore csi exited with {st}; log:\n{}", d.log());
+        // A restarted driver replaces the old socket file: wait for a fresh one.
+        while !sock.exists() || std::os::unix::net::UnixStream::connect(&sock).is_err() {
+            assert!(Instant::now() < deadline, "CSI socket did not appear; log:\n{}", self.log());
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("hlstore csi exited with {st}; log:\n{}", self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        d
+    }
+
+    /// SIGKILLs the driver and starts a new one in the same mount namespace (entered
+    /// through a fuse-attach process, which keeps it alive), like a plugin pod restart.
+    pub fn restart(&mut self) {
+        let holder = *self.fuse_pids().first().expect("a fuse-attach process holds the namespace");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(self.dir.path().join("csi.sock"));
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--mount=/proc/{holder}/ns/mnt")).arg("--");
+        self.child = Self::spawn(cmd, self.dir.path(), &self.endpoint, &self.node_id, &self.agent);
+        self.wait_ready();
     }
 
     pub fn pid(&self) -> u32 {
@@ -228,4 +251,21 @@ pub fn unimplemented_note(r: &Result<tonic::Response<impl std::fmt::Debug>, toni
         }
     }
     false
+}
+
+/// Whether this process may set PR_SET_IO_FLUSHER (CAP_SYS_RESOURCE, bit 24).
+pub fn have_cap_sys_resource() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| v.trim().to_string())))
+        .and_then(|v| u64::from_str_radix(&v, 16).ok())
+        .is_some_and(|caps| caps & (1 << 24) != 0)
+}
+
+/// Whether process `pid` runs with PR_SET_IO_FLUSHER (PF_MEMALLOC_NOIO in its flags).
+pub fn is_io_flusher(pid: i32) -> bool {
+    const PF_MEMALLOC_NOIO: u64 = 0x0008_0000;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let flags = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(6)).and_then(|f| f.parse::<u64>().ok());
+    flags.is_some_and(|f| f & PF_MEMALLOC_NOIO != 0)
 }

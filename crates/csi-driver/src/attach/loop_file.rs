@@ -5,8 +5,8 @@
 //! `<volume>.log` belong to that process. The loop device is found again from
 //! `/sys/block/loop*/loop/backing_file`, so nothing but the kernel remembers an attachment.
 //!
-//! The fuse-attach process runs in its own process group with `PR_SET_IO_FLUSHER` (it
-//! serves the loop device's I/O) and outlives a restart of the plugin.
+//! The fuse-attach process runs in its own process group (it outlives a restart of the
+//! plugin) and sets `PR_SET_IO_FLUSHER` itself (it serves the loop device's I/O).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -73,28 +73,25 @@ impl LoopAttacher {
             .stdout(log.try_clone().map_err(|e| CsiError::io("duplicating the log file", e))?)
             .stderr(log)
             .process_group(0);
-        // SAFETY: the closure runs between fork and exec and only calls prctl(2), which is
-        // async-signal-safe; its failure (no CAP_SYS_RESOURCE) is not fatal.
-        unsafe {
-            cmd.pre_exec(|| {
-                let _ = super::set_io_flusher();
-                Ok(())
-            });
-        }
         let mut child = cmd.spawn().map_err(|e| CsiError::io("starting hlstore fuse-attach", e))?;
         let pid = child.id();
         std::fs::write(self.pid_file(volume_id), pid.to_string())
             .map_err(|e| CsiError::io("writing the fuse-attach pid file", e))?;
-        // Reap it whenever it exits.
-        std::thread::spawn(move || {
-            let _ = child.wait();
-        });
         let deadline = Instant::now() + MOUNT_WAIT;
         loop {
             if mount::mount_at(&dir)?.is_some_and(|m| m.fs_type.starts_with("fuse")) && self.file(volume_id).exists() {
+                // Reap it whenever it exits.
+                std::thread::spawn(move || {
+                    let _ = child.wait();
+                });
                 return Ok(());
             }
-            if self.running_pid(volume_id).is_none() || Instant::now() > deadline {
+            let exited = !matches!(child.try_wait(), Ok(None));
+            if exited || Instant::now() > deadline {
+                if !exited {
+                    let _ = child.kill();
+                }
+                let _ = child.wait();
                 let log = std::fs::read_to_string(&log_path).unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(5).collect();
                 return Err(CsiError::Tool(format!(
