@@ -50,11 +50,13 @@ async fn identity_and_controller_follow_the_spec() {
             .any(|c| matches!(&c.r#type, Some(csi::plugin_capability::Type::Service(s)) if s.r#type == t as i32))
     };
     assert!(has_service(csi::plugin_capability::service::Type::ControllerService));
-    assert!(caps.capabilities.iter().any(|c| matches!(
-        &c.r#type,
-        Some(csi::plugin_capability::Type::VolumeExpansion(e))
-            if e.r#type == csi::plugin_capability::volume_expansion::Type::Online as i32
-    )));
+    let online_expansion = caps.capabilities.iter().any(|c| {
+        matches!(
+            &c.r#type,
+            Some(csi::plugin_capability::Type::VolumeExpansion(e))
+                if e.r#type == csi::plugin_capability::volume_expansion::Type::Online as i32
+        )
+    });
     let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
     assert_eq!(probe.ready, Some(true));
 
@@ -69,6 +71,19 @@ async fn identity_and_controller_follow_the_spec() {
     for want in [Rpc::CreateDeleteVolume, Rpc::PublishUnpublishVolume, Rpc::ListVolumes, Rpc::GetCapacity] {
         assert!(rpcs.contains(&(want as i32)), "missing {want:?} in {rpcs:?}");
     }
+    // Capabilities follow what the agent implements.
+    let agent_expands = !matches!(
+        agent.expand_volume(vpb::ExpandVolumeRequest::default()).await,
+        Err(s) if s.code() == Code::Unimplemented
+    );
+    assert_eq!(rpcs.contains(&(Rpc::ExpandVolume as i32)), agent_expands, "EXPAND_VOLUME iff the agent expands");
+    assert_eq!(online_expansion, agent_expands, "online expansion plugin capability iff the agent expands");
+    let agent_snapshots = !matches!(
+        agent.list_snapshots(vpb::ListSnapshotsRequest::default()).await,
+        Err(s) if s.code() == Code::Unimplemented
+    );
+    assert_eq!(rpcs.contains(&(Rpc::CreateDeleteSnapshot as i32)), agent_snapshots);
+    assert_eq!(rpcs.contains(&(Rpc::ListSnapshots as i32)), agent_snapshots);
 
     // ----- CreateVolume: validation before any work -----
     let mut no_name = create_req("", 8 * MIB, mount_cap("ext4"));

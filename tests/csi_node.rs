@@ -381,9 +381,15 @@ async fn raw_block_volume_is_a_bind_mounted_device_file() {
         .iter()
         .filter_map(|c| c.r#type.as_ref().map(|csi::node_service_capability::Type::Rpc(r)| r.r#type))
         .collect();
-    for t in [Type::StageUnstageVolume, Type::GetVolumeStats, Type::ExpandVolume] {
+    for t in [Type::StageUnstageVolume, Type::GetVolumeStats] {
         assert!(types.contains(&(t as i32)), "{t:?} missing from {types:?}");
     }
+    let mut agent = hlstore_proto::volume::volumes_client::VolumesClient::connect(c.endpoint("n1")).await.unwrap();
+    let agent_expands = !matches!(
+        agent.expand_volume(hlstore_proto::volume::ExpandVolumeRequest::default()).await,
+        Err(s) if s.code() == Code::Unimplemented
+    );
+    assert_eq!(types.contains(&(Type::ExpandVolume as i32)), agent_expands, "node EXPAND_VOLUME iff the agent expands");
 
     let (staging, target) = (d.path("staging/blk"), d.path("pods/p2/dev/blk"));
     let ctx = create_and_publish(&d, "pvc-blk", 16 * MIB, block_cap()).await;

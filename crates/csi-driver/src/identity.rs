@@ -48,11 +48,13 @@ impl Identity for IdentityService {
             capabilities.push(service(Type::ControllerService));
         }
         capabilities.push(service(Type::VolumeAccessibilityConstraints));
-        capabilities.push(csi::PluginCapability {
-            r#type: Some(csi::plugin_capability::Type::VolumeExpansion(csi::plugin_capability::VolumeExpansion {
-                r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
-            })),
-        });
+        if crate::agent::implements(&self.agent, crate::agent::AgentRpc::Expand).await {
+            capabilities.push(csi::PluginCapability {
+                r#type: Some(csi::plugin_capability::Type::VolumeExpansion(csi::plugin_capability::VolumeExpansion {
+                    r#type: csi::plugin_capability::volume_expansion::Type::Online as i32,
+                })),
+            });
+        }
         Ok(Response::new(csi::GetPluginCapabilitiesResponse { capabilities }))
     }
 

@@ -10,6 +10,7 @@
 //! - [`attach`]: the block-device backends behind one trait: kernel NBD over netlink, and a
 //!   FUSE block file + loop device for kernels without the NBD module.
 //! - [`mount`]: mount table, mount/unmount, filesystem probing, mkfs, resize, statvfs.
+//! - [`agent`]: which optional RPCs the node agent implements (capabilities follow it).
 //! - [`capability`], [`ids`], [`inflight`], [`error`]: request validation, id mapping,
 //!   the per-volume operation lock and the one error type (mapped to gRPC codes in one place).
 //! - [`server`]: serves the selected services on a unix socket; [`client`] connects to one.
@@ -25,6 +26,7 @@
 //!   the agents, mounts in the mount table, and attached devices carry the volume id
 //!   (NBD backend identifier, loop backing-file path), so a restarted plugin finds them.
 
+pub mod agent;
 pub mod attach;
 pub mod capability;
 pub mod client;

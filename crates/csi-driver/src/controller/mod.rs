@@ -4,7 +4,7 @@
 //! per-volume lock ([`InFlight`]: a concurrent second operation is ABORTED), then asks the
 //! agent. Snapshot, clone and expand RPCs of the agent may answer UNIMPLEMENTED; the
 //! driver then reports UNIMPLEMENTED too, and ControllerGetCapabilities leaves those
-//! capabilities out (it asks the agent each time).
+//! capabilities out (see [`crate::agent`]).
 //!
 //! Files: `volumes.rs` (create/delete/publish/list/validate/expand), `snapshots.rs`,
 //! `params.rs` (StorageClass parameters, capacity, paging).
@@ -20,6 +20,7 @@ use hlstore_proto::volume::volumes_client::VolumesClient;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
+use crate::agent::AgentRpc;
 use crate::error::{CsiError, Result};
 use crate::inflight::InFlight;
 
@@ -52,25 +53,9 @@ impl ControllerService {
         self.get_volume(id).await?.ok_or_else(|| CsiError::NotFound(format!("volume {id} does not exist")))
     }
 
-    /// Whether the agent implements an RPC: anything but UNIMPLEMENTED counts as yes.
     async fn agent_supports(&self, rpc: AgentRpc) -> bool {
-        let mut a = self.agent();
-        let res = match rpc {
-            AgentRpc::Snapshots => {
-                a.list_snapshots(vpb::ListSnapshotsRequest { volume: String::new() }).await.map(|_| ())
-            }
-            AgentRpc::Clone => a.clone_volume(vpb::CloneVolumeRequest::default()).await.map(|_| ()),
-            AgentRpc::Expand => a.expand_volume(vpb::ExpandVolumeRequest::default()).await.map(|_| ()),
-        };
-        !matches!(res, Err(s) if s.code() == Code::Unimplemented)
+        crate::agent::implements(&self.agent, rpc).await
     }
-}
-
-#[derive(Debug, Clone, Copy)]
-enum AgentRpc {
-    Snapshots,
-    Clone,
-    Expand,
 }
 
 /// Published nodes and condition of a volume, from the agent's view.

@@ -123,8 +123,11 @@ impl Node for NodeService {
         _r: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> std::result::Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
         use csi::node_service_capability::rpc::Type;
-        let capabilities =
-            [Type::StageUnstageVolume, Type::GetVolumeStats, Type::ExpandVolume].into_iter().map(rpc_cap).collect();
+        let mut types = vec![Type::StageUnstageVolume, Type::GetVolumeStats];
+        if crate::agent::implements(&self.agent, crate::agent::AgentRpc::Expand).await {
+            types.push(Type::ExpandVolume);
+        }
+        let capabilities = types.into_iter().map(rpc_cap).collect();
         Ok(Response::new(csi::NodeGetCapabilitiesResponse { capabilities }))
     }
 
