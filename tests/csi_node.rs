@@ -364,7 +364,7 @@ async fn node_expand(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raw_block_volume_is_a_bind_mounted_device_file() {
+async fn raw_block_and_xfs_volumes() {
     let c = Cluster::new();
     c.up(&["--nodes", "3"]);
     let d = CsiDriver::start(&c, "n1");
@@ -436,5 +436,20 @@ async fn raw_block_volume_is_a_bind_mounted_device_file() {
     node.node_unpublish_volume(unpublish_req("pvc-blk", &target)).await.expect("unpublish");
     node.node_unstage_volume(unstage_req("pvc-blk", &staging)).await.expect("unstage");
     unpublish_and_delete(&d, "pvc-blk").await;
+
+    // xfs: created on a blank volume, found again (not recreated) by a later stage.
+    let (staging, target) = (d.path("staging/xfs"), d.path("pods/p3/mount"));
+    let ctx = create_and_publish(&d, "pvc-xfs", 512 * MIB, mount_cap("xfs")).await;
+    node.node_stage_volume(stage_req("pvc-xfs", &staging, mount_cap("xfs"), &ctx)).await.expect("stage xfs");
+    assert_eq!(d.ns_mount_type(&staging).as_deref(), Some("xfs"));
+    node.node_publish_volume(publish_req("pvc-xfs", &staging, &target, mount_cap("xfs"))).await.expect("publish xfs");
+    std::fs::write(d.in_ns(&target.join("x.txt")), b"on xfs").expect("write on xfs");
+    node.node_unpublish_volume(unpublish_req("pvc-xfs", &target)).await.expect("unpublish");
+    node.node_unstage_volume(unstage_req("pvc-xfs", &staging)).await.expect("unstage");
+    node.node_stage_volume(stage_req("pvc-xfs", &staging, mount_cap(""), &ctx)).await.expect("restage");
+    assert_eq!(d.ns_mount_type(&staging).as_deref(), Some("xfs"), "the existing xfs is mounted");
+    assert_eq!(std::fs::read(d.in_ns(&staging.join("x.txt"))).expect("file survives"), b"on xfs");
+    node.node_unstage_volume(unstage_req("pvc-xfs", &staging)).await.expect("unstage");
+    unpublish_and_delete(&d, "pvc-xfs").await;
     assert_clean(&d);
 }
