@@ -301,8 +301,29 @@ async fn snapshots_and_clones(
         .await
         .expect("deleting an id that names no snapshot is OK");
 
+    let from_snapshot = |name: &str, id: &str| {
+        let mut r = create_req(name, 0, mount_cap("ext4"));
+        r.capacity_range = None;
+        r.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                snapshot_id: id.into(),
+            })),
+        });
+        r
+    };
     let first = ctl.create_snapshot(snap("pvc-one", "snap-a")).await;
     if unimplemented_note(&first, "snapshot and clone") {
+        // The agent's UNIMPLEMENTED reaches the CO as UNIMPLEMENTED, not as an internal error.
+        expect_code(
+            ctl.list_snapshots(csi::ListSnapshotsRequest::default()).await,
+            Code::Unimplemented,
+            "list snapshots without agent snapshots",
+        );
+        expect_code(
+            ctl.create_volume(from_snapshot("pvc-x", "pvc-one@snap-a")).await,
+            Code::Unimplemented,
+            "volume from a snapshot without agent snapshots",
+        );
         return;
     }
     let s = first.expect("create snapshot").into_inner().snapshot.unwrap();
@@ -337,13 +358,7 @@ async fn snapshots_and_clones(
     assert!(ids(ctl.list_snapshots(list("nope", "", 0, "")).await.unwrap().into_inner()).is_empty());
 
     // Clone from the snapshot: same content (written before the snapshot through `uri`).
-    let mut from_snap = create_req("pvc-clone", 0, mount_cap("ext4"));
-    from_snap.capacity_range = None;
-    from_snap.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-            snapshot_id: "pvc-one@snap-a".into(),
-        })),
-    });
+    let from_snap = from_snapshot("pvc-clone", "pvc-one@snap-a");
     let cl = ctl.create_volume(from_snap.clone()).await.expect("clone from snapshot").into_inner().volume.unwrap();
     assert!(cl.content_source.is_some());
     ctl.create_volume(from_snap).await.expect("clone again is idempotent");
@@ -363,13 +378,7 @@ async fn snapshots_and_clones(
     })
     .await
     .expect("unpublish clone");
-    let mut missing = create_req("pvc-clone-missing", 0, mount_cap("ext4"));
-    missing.capacity_range = None;
-    missing.volume_content_source = Some(csi::VolumeContentSource {
-        r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
-            snapshot_id: "pvc-one@nope".into(),
-        })),
-    });
+    let missing = from_snapshot("pvc-clone-missing", "pvc-one@nope");
     expect_code(ctl.create_volume(missing).await, Code::NotFound, "clone from an unknown snapshot");
     let _ = uri;
 

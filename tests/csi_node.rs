@@ -223,6 +223,17 @@ async fn filesystem_volume_is_staged_published_and_never_reformatted() {
     assert_eq!(d.loop_devices().len(), 1, "the restarted plugin reused the device");
     assert_eq!(d.fuse_pids(), fuse, "and the FUSE block file");
 
+    // A read-only publish of the same staged filesystem.
+    let ro_target = d.path("pods/p1/ro");
+    let mut ro = publish_req("pvc-fs", &staging, &ro_target, mount_cap("ext4"));
+    ro.readonly = true;
+    node.node_publish_volume(ro.clone()).await.expect("read-only publish");
+    node.node_publish_volume(ro).await.expect("read-only publish again");
+    assert!(d.in_ns(&ro_target.join("hello.txt")).exists());
+    let err = std::fs::write(d.in_ns(&ro_target.join("nope.txt")), b"x").expect_err("read-only mount");
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    node.node_unpublish_volume(unpublish_req("pvc-fs", &ro_target)).await.expect("unpublish read-only");
+
     // Stats.
     let usage = stats(&mut node, "pvc-fs", &target).await;
     let bytes = usage.iter().find(|u| u.unit == csi::volume_usage::Unit::Bytes as i32).expect("bytes");

@@ -68,7 +68,6 @@ impl CsiError {
             CsiError::ResourceExhausted(_) => Code::ResourceExhausted,
             CsiError::Unimplemented(_) => Code::Unimplemented,
             CsiError::Agent { status, .. } => agent_code(status.code()),
-            CsiError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Code::NotFound,
             CsiError::Io { .. } | CsiError::Tool(_) | CsiError::Internal(_) => Code::Internal,
         }
     }

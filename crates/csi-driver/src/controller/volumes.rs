@@ -155,6 +155,23 @@ impl ControllerService {
             return Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&v)) });
         }
 
+        // The source must exist (NOT_FOUND otherwise), whatever the agent would say.
+        match &source {
+            Source::Empty => {}
+            Source::Volume(v) => {
+                self.require_volume(v).await?;
+            }
+            Source::Snapshot(v, s) => {
+                let snaps = match self.agent().list_snapshots(vpb::ListSnapshotsRequest { volume: v.clone() }).await {
+                    Ok(r) => r.into_inner().snapshots,
+                    Err(st) if st.code() == tonic::Code::NotFound => Vec::new(),
+                    Err(st) => return Err(CsiError::agent(format!("listing the snapshots of {v}"), st)),
+                };
+                if !snaps.iter().any(|x| x.name == *s) {
+                    return Err(CsiError::NotFound(format!("snapshot {} does not exist", ids::snapshot_id(v, s))));
+                }
+            }
+        }
         let nodes = self.placement(&p, r.accessibility_requirements.as_ref()).await?;
         let mut labels: HashMap<String, String> = p.labels.clone().into_iter().collect();
         labels.insert(LABEL_CSI_NAME.into(), r.name.clone());
