@@ -137,6 +137,10 @@ async fn identity_and_controller_follow_the_spec() {
     assert_eq!(av.replica_set[0], "n3", "best-effort locality puts a replica on the preferred node");
     assert_ne!(av.replica_set[0], av.replica_set[1]);
 
+    let mut too_many = create_req("pvc-five", 4 * MIB, mount_cap(""));
+    too_many.parameters.insert("replicas".into(), "5".into());
+    let msg = expect_code(ctl.create_volume(too_many).await, Code::InvalidArgument, "more replicas than nodes");
+    assert!(msg.contains("5 replicas"), "{msg}");
     let odd = ctl.create_volume(create_req("Odd Name/x", 4 * MIB, mount_cap(""))).await.unwrap().into_inner();
     let odd_id = odd.volume.unwrap().volume_id;
     assert!(odd_id.starts_with("Odd-Name-x-"), "{odd_id}");

@@ -1,108 +1,24 @@
-//! The CSI Node service of `hlstore csi --attach loop` with real mounts: stage = FUSE block
-//! file + loop device + mkfs.ext4 (only when blank) + mount; publish = bind mount (or a
-//! bind-mounted device file for raw block); stats; unpublish removes the target; every
-//! error code and idempotency rule. The driver runs in a private mount namespace (see
+//! The CSI Node service of `hlstore csi --attach loop` with real mounts and ext4: stage =
+//! FUSE block file + loop device + mkfs.ext4 (only when blank) + mount; publish = bind
+//! mount; stats; unpublish removes the target; every error code and idempotency rule;
+//! a plugin restart. Raw block and xfs: `csi_node_block.rs`. The driver runs in a private mount namespace (see
 //! `support/csi.rs`); the tests look at its mounts through `/proc/<pid>/`.
 
 mod support;
 
 use std::collections::HashMap;
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::FileTypeExt;
+use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use hlstore_proto::csi;
 use hlstore_proto::csi::node_client::NodeClient;
 use support::cluster::Cluster;
-use support::csi::{
-    block_cap, create_req, expect_code, have_cap_sys_resource, is_io_flusher, mount_cap, unimplemented_note, CsiDriver,
-};
+use support::csi::*;
 use tonic::transport::Channel;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
-
-fn stage_req(
-    id: &str,
-    staging: &Path,
-    cap: csi::VolumeCapability,
-    ctx: &std::collections::HashMap<String, String>,
-) -> csi::NodeStageVolumeRequest {
-    csi::NodeStageVolumeRequest {
-        volume_id: id.into(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.to_string_lossy().into(),
-        volume_capability: Some(cap),
-        ..Default::default()
-    }
-}
-
-fn unstage_req(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
-    csi::NodeUnstageVolumeRequest { volume_id: id.into(), staging_target_path: staging.to_string_lossy().into() }
-}
-
-fn publish_req(id: &str, staging: &Path, target: &Path, cap: csi::VolumeCapability) -> csi::NodePublishVolumeRequest {
-    csi::NodePublishVolumeRequest {
-        volume_id: id.into(),
-        staging_target_path: staging.to_string_lossy().into(),
-        target_path: target.to_string_lossy().into(),
-        volume_capability: Some(cap),
-        ..Default::default()
-    }
-}
-
-fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
-    csi::NodeUnpublishVolumeRequest { volume_id: id.into(), target_path: target.to_string_lossy().into() }
-}
-
-/// Creates `name` and publishes it to the driver's node; returns the publish context.
-async fn create_and_publish(
-    d: &CsiDriver,
-    name: &str,
-    bytes: i64,
-    cap: csi::VolumeCapability,
-) -> std::collections::HashMap<String, String> {
-    let mut ctl = d.controller().await;
-    ctl.create_volume(create_req(name, bytes, cap.clone())).await.expect("create volume");
-    let req = csi::ControllerPublishVolumeRequest {
-        volume_id: name.into(),
-        node_id: d.node_id.clone(),
-        volume_capability: Some(cap),
-        ..Default::default()
-    };
-    ctl.controller_publish_volume(req).await.expect("controller publish").into_inner().publish_context
-}
-
-async fn unpublish_and_delete(d: &CsiDriver, name: &str) {
-    let mut ctl = d.controller().await;
-    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
-        volume_id: name.into(),
-        node_id: d.node_id.clone(),
-        ..Default::default()
-    })
-    .await
-    .expect("controller unpublish");
-    ctl.delete_volume(csi::DeleteVolumeRequest { volume_id: name.into(), ..Default::default() }).await.expect("delete");
-}
-
-fn assert_clean(d: &CsiDriver) {
-    assert!(d.loop_devices().is_empty(), "loop devices left: {:?}", d.loop_devices());
-    assert!(d.fuse_pids().is_empty(), "fuse-attach processes left: {:?}", d.fuse_pids());
-    let ours = d.dir.path().to_string_lossy().to_string();
-    let ns: Vec<_> = d.ns_mounts().into_iter().filter(|(m, _)| m.contains(&ours)).collect();
-    assert!(ns.is_empty(), "mounts left in the driver's namespace: {ns:?}");
-    assert!(d.host_leaks().is_empty(), "mounts leaked to the host: {:?}", d.host_leaks());
-}
-
-async fn stats(node: &mut NodeClient<Channel>, id: &str, path: &Path) -> Vec<csi::VolumeUsage> {
-    let req = csi::NodeGetVolumeStatsRequest {
-        volume_id: id.into(),
-        volume_path: path.to_string_lossy().into(),
-        staging_target_path: String::new(),
-    };
-    node.node_get_volume_stats(req).await.expect("volume stats").into_inner().usage
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filesystem_volume_is_staged_published_and_never_reformatted() {
@@ -128,6 +44,25 @@ async fn filesystem_volume_is_staged_published_and_never_reformatted() {
         Code::NotFound,
         "stage unknown volume",
     );
+    let mut ctl = d.controller().await;
+    ctl.create_volume(create_req("pvc-elsewhere", 8 * MIB, mount_cap("ext4"))).await.expect("create");
+    let on_n2 = csi::ControllerPublishVolumeRequest {
+        volume_id: "pvc-elsewhere".into(),
+        node_id: "n2".into(),
+        volume_capability: Some(mount_cap("ext4")),
+        ..Default::default()
+    };
+    let ctx2 = ctl.controller_publish_volume(on_n2).await.expect("publish to n2").into_inner().publish_context;
+    expect_code(
+        node.node_stage_volume(stage_req("pvc-elsewhere", &d.path("staging/x"), mount_cap("ext4"), &ctx2)).await,
+        Code::FailedPrecondition,
+        "stage on n1 of a volume published to n2",
+    );
+    let unpub = csi::ControllerUnpublishVolumeRequest { volume_id: "pvc-elsewhere".into(), ..Default::default() };
+    ctl.controller_unpublish_volume(unpub).await.expect("unpublish from every node");
+    ctl.delete_volume(csi::DeleteVolumeRequest { volume_id: "pvc-elsewhere".into(), ..Default::default() })
+        .await
+        .expect("delete");
     assert!(d.loop_devices().is_empty(), "rejected stages attached something");
 
     // A concurrent second operation on the volume is ABORTED. The first stage is held
@@ -372,95 +307,4 @@ async fn node_expand(
     assert_eq!(r.capacity_bytes, 128 * MIB);
     let after = stats(node, "pvc-fs", target).await[0].total;
     assert!(after > before + 50 * MIB, "ext4 grew from {before} to {after}");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn raw_block_and_xfs_volumes() {
-    let c = Cluster::new();
-    c.up(&["--nodes", "3"]);
-    let d = CsiDriver::start(&c, "n1");
-    let mut node = d.node().await;
-
-    let info = node.node_get_info(csi::NodeGetInfoRequest {}).await.unwrap().into_inner();
-    assert_eq!(info.node_id, "n1");
-    assert!(info.max_volumes_per_node > 0);
-    assert_eq!(info.accessible_topology.unwrap().segments["topology.hlstore.io/node"], "n1");
-    let caps = node.node_get_capabilities(csi::NodeGetCapabilitiesRequest {}).await.unwrap().into_inner();
-    use csi::node_service_capability::rpc::Type;
-    let types: Vec<i32> = caps
-        .capabilities
-        .iter()
-        .filter_map(|c| c.r#type.as_ref().map(|csi::node_service_capability::Type::Rpc(r)| r.r#type))
-        .collect();
-    for t in [Type::StageUnstageVolume, Type::GetVolumeStats] {
-        assert!(types.contains(&(t as i32)), "{t:?} missing from {types:?}");
-    }
-    let mut agent = hlstore_proto::volume::volumes_client::VolumesClient::connect(c.endpoint("n1")).await.unwrap();
-    let agent_expands = !matches!(
-        agent.expand_volume(hlstore_proto::volume::ExpandVolumeRequest::default()).await,
-        Err(s) if s.code() == Code::Unimplemented
-    );
-    assert_eq!(types.contains(&(Type::ExpandVolume as i32)), agent_expands, "node EXPAND_VOLUME iff the agent expands");
-
-    let (staging, target) = (d.path("staging/blk"), d.path("pods/p2/dev/blk"));
-    let ctx = create_and_publish(&d, "pvc-blk", 16 * MIB, block_cap()).await;
-    expect_code(
-        node.node_publish_volume(publish_req("pvc-blk", &staging, &target, block_cap())).await,
-        Code::FailedPrecondition,
-        "block publish before stage",
-    );
-    node.node_stage_volume(stage_req("pvc-blk", &staging, block_cap(), &ctx)).await.expect("stage block");
-    node.node_stage_volume(stage_req("pvc-blk", &staging, block_cap(), &ctx)).await.expect("stage block again");
-    assert_eq!(d.loop_devices().len(), 1);
-    assert!(d.ns_mount_type(&staging).is_none(), "a raw block stage mounts nothing");
-    node.node_publish_volume(publish_req("pvc-blk", &staging, &target, block_cap())).await.expect("publish block");
-    node.node_publish_volume(publish_req("pvc-blk", &staging, &target, block_cap())).await.expect("again");
-    let dev = d.in_ns(&target);
-    let md = std::fs::metadata(&dev).expect("target");
-    assert!(md.file_type().is_block_device(), "the target is the device node");
-
-    let pattern: Vec<u8> = (0..(1 << 20)).map(|i: u32| (i % 253) as u8).collect();
-    {
-        let mut f = std::fs::OpenOptions::new().write(true).open(&dev).expect("open device");
-        f.seek(SeekFrom::Start(4 << 20)).unwrap();
-        f.write_all(&pattern).unwrap();
-        f.sync_all().unwrap();
-    }
-    let usage = stats(&mut node, "pvc-blk", &target).await;
-    assert_eq!(usage[0].total, 16 * MIB, "{usage:?}");
-
-    node.node_unpublish_volume(unpublish_req("pvc-blk", &target)).await.expect("unpublish block");
-    assert!(!d.in_ns(&target).exists(), "the device file is removed");
-    node.node_unstage_volume(unstage_req("pvc-blk", &staging)).await.expect("unstage block");
-    assert!(d.loop_devices().is_empty());
-
-    // The data went to the replicated volume: a fresh attach reads it back.
-    node.node_stage_volume(stage_req("pvc-blk", &staging, block_cap(), &ctx)).await.expect("restage block");
-    node.node_publish_volume(publish_req("pvc-blk", &staging, &target, block_cap())).await.expect("republish");
-    let mut back = vec![0u8; pattern.len()];
-    {
-        let mut f = std::fs::File::open(d.in_ns(&target)).expect("open device");
-        f.seek(SeekFrom::Start(4 << 20)).unwrap();
-        f.read_exact(&mut back).unwrap();
-    }
-    assert!(back == pattern, "block content differs after detach and re-attach");
-    node.node_unpublish_volume(unpublish_req("pvc-blk", &target)).await.expect("unpublish");
-    node.node_unstage_volume(unstage_req("pvc-blk", &staging)).await.expect("unstage");
-    unpublish_and_delete(&d, "pvc-blk").await;
-
-    // xfs: created on a blank volume, found again (not recreated) by a later stage.
-    let (staging, target) = (d.path("staging/xfs"), d.path("pods/p3/mount"));
-    let ctx = create_and_publish(&d, "pvc-xfs", 512 * MIB, mount_cap("xfs")).await;
-    node.node_stage_volume(stage_req("pvc-xfs", &staging, mount_cap("xfs"), &ctx)).await.expect("stage xfs");
-    assert_eq!(d.ns_mount_type(&staging).as_deref(), Some("xfs"));
-    node.node_publish_volume(publish_req("pvc-xfs", &staging, &target, mount_cap("xfs"))).await.expect("publish xfs");
-    std::fs::write(d.in_ns(&target.join("x.txt")), b"on xfs").expect("write on xfs");
-    node.node_unpublish_volume(unpublish_req("pvc-xfs", &target)).await.expect("unpublish");
-    node.node_unstage_volume(unstage_req("pvc-xfs", &staging)).await.expect("unstage");
-    node.node_stage_volume(stage_req("pvc-xfs", &staging, mount_cap(""), &ctx)).await.expect("restage");
-    assert_eq!(d.ns_mount_type(&staging).as_deref(), Some("xfs"), "the existing xfs is mounted");
-    assert_eq!(std::fs::read(d.in_ns(&staging.join("x.txt"))).expect("file survives"), b"on xfs");
-    node.node_unstage_volume(unstage_req("pvc-xfs", &staging)).await.expect("unstage");
-    unpublish_and_delete(&d, "pvc-xfs").await;
-    assert_clean(&d);
 }

@@ -269,3 +269,91 @@ pub fn is_io_flusher(pid: i32) -> bool {
     let flags = stat.rsplit(')').next().and_then(|r| r.split_whitespace().nth(6)).and_then(|f| f.parse::<u64>().ok());
     flags.is_some_and(|f| f & PF_MEMALLOC_NOIO != 0)
 }
+
+// ----- node RPC helpers -----
+
+pub fn stage_req(
+    id: &str,
+    staging: &Path,
+    cap: csi::VolumeCapability,
+    ctx: &std::collections::HashMap<String, String>,
+) -> csi::NodeStageVolumeRequest {
+    csi::NodeStageVolumeRequest {
+        volume_id: id.into(),
+        publish_context: ctx.clone(),
+        staging_target_path: staging.to_string_lossy().into(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+pub fn unstage_req(id: &str, staging: &Path) -> csi::NodeUnstageVolumeRequest {
+    csi::NodeUnstageVolumeRequest { volume_id: id.into(), staging_target_path: staging.to_string_lossy().into() }
+}
+
+pub fn publish_req(
+    id: &str,
+    staging: &Path,
+    target: &Path,
+    cap: csi::VolumeCapability,
+) -> csi::NodePublishVolumeRequest {
+    csi::NodePublishVolumeRequest {
+        volume_id: id.into(),
+        staging_target_path: staging.to_string_lossy().into(),
+        target_path: target.to_string_lossy().into(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    }
+}
+
+pub fn unpublish_req(id: &str, target: &Path) -> csi::NodeUnpublishVolumeRequest {
+    csi::NodeUnpublishVolumeRequest { volume_id: id.into(), target_path: target.to_string_lossy().into() }
+}
+
+/// Creates `name` and publishes it to the driver's node; returns the publish context.
+pub async fn create_and_publish(
+    d: &CsiDriver,
+    name: &str,
+    bytes: i64,
+    cap: csi::VolumeCapability,
+) -> std::collections::HashMap<String, String> {
+    let mut ctl = d.controller().await;
+    ctl.create_volume(create_req(name, bytes, cap.clone())).await.expect("create volume");
+    let req = csi::ControllerPublishVolumeRequest {
+        volume_id: name.into(),
+        node_id: d.node_id.clone(),
+        volume_capability: Some(cap),
+        ..Default::default()
+    };
+    ctl.controller_publish_volume(req).await.expect("controller publish").into_inner().publish_context
+}
+
+pub async fn unpublish_and_delete(d: &CsiDriver, name: &str) {
+    let mut ctl = d.controller().await;
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: name.into(),
+        node_id: d.node_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("controller unpublish");
+    ctl.delete_volume(csi::DeleteVolumeRequest { volume_id: name.into(), ..Default::default() }).await.expect("delete");
+}
+
+pub fn assert_clean(d: &CsiDriver) {
+    assert!(d.loop_devices().is_empty(), "loop devices left: {:?}", d.loop_devices());
+    assert!(d.fuse_pids().is_empty(), "fuse-attach processes left: {:?}", d.fuse_pids());
+    let ours = d.dir.path().to_string_lossy().to_string();
+    let ns: Vec<_> = d.ns_mounts().into_iter().filter(|(m, _)| m.contains(&ours)).collect();
+    assert!(ns.is_empty(), "mounts left in the driver's namespace: {ns:?}");
+    assert!(d.host_leaks().is_empty(), "mounts leaked to the host: {:?}", d.host_leaks());
+}
+
+pub async fn stats(node: &mut NodeClient<Channel>, id: &str, path: &Path) -> Vec<csi::VolumeUsage> {
+    let req = csi::NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: path.to_string_lossy().into(),
+        staging_target_path: String::new(),
+    };
+    node.node_get_volume_stats(req).await.expect("volume stats").into_inner().usage
+}

@@ -58,6 +58,12 @@ impl NodeService {
         }
 
         let v = self.volume(id).await?.ok_or_else(|| CsiError::NotFound(format!("volume {id} does not exist")))?;
+        if !v.attached_node.is_empty() && v.attached_node != self.node_id {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {id} is published to node {}, not to this node ({})",
+                v.attached_node, self.node_id
+            )));
+        }
         let uri = match r.publish_context.get(crate::PUBLISH_NBD_URI).filter(|u| !u.is_empty()) {
             Some(u) => u.clone(),
             None if v.attached_node == self.node_id && !v.nbd_uri.is_empty() => v.nbd_uri.clone(),
