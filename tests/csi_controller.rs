@@ -132,6 +132,9 @@ async fn identity_and_controller_follow_the_spec() {
         }],
     });
     ctl.create_volume(two).await.expect("create with replicas=2, dataLocality");
+    let mut two_again = create_req("pvc-two", 4 * MIB, block_cap());
+    two_again.parameters = HashMap::from([("replicas".into(), "3".into())]);
+    expect_code(ctl.create_volume(two_again).await, Code::AlreadyExists, "same name, other replica count");
     let av = agent_volume(&mut agent, "pvc-two").await;
     assert_eq!(av.replica_set.len(), 2, "{:?}", av.replica_set);
     assert_eq!(av.replica_set[0], "n3", "best-effort locality puts a replica on the preferred node");

@@ -52,11 +52,16 @@ pub struct DriverConfig {
     pub max_volumes: i64,
 }
 
+/// Longest an agent call may take (an attach forwarded to another node is bounded by the
+/// agent at 60 s; the sidecars' own timeouts are usually shorter and the CO retries).
+const AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(150);
+
 fn agent_channel(agent: &str) -> Result<VolumesClient<Channel>> {
     let url = if agent.contains("://") { agent.to_string() } else { format!("http://{agent}") };
     let ch = Channel::from_shared(url.clone())
         .map_err(|e| CsiError::InvalidArgument(format!("--agent {agent:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(AGENT_TIMEOUT)
         .connect_lazy();
     Ok(VolumesClient::new(ch))
 }

@@ -149,6 +149,13 @@ impl ControllerService {
                     v.size
                 )));
             }
+            if p.replicas != 0 && v.replica_set.len() != p.replicas as usize {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {id} exists with {} replicas, not {}",
+                    v.replica_set.len(),
+                    p.replicas
+                )));
+            }
             if v.labels.get(LABEL_SOURCE).cloned() != source.label() {
                 return Err(CsiError::AlreadyExists(format!("volume {id} exists with another content source")));
             }
