@@ -5,7 +5,7 @@
 //! the request timeout, the dead-connection timeout and the volume id as backend
 //! identifier. The kernel picks a free `/dev/nbdN` and frees it on disconnect.
 //! Find: `/sys/block/nbd*/backend` equals the volume id and `/sys/block/nbdN/pid` exists.
-//! Resize: NBD_CMD_RECONFIGURE with a fresh connection and the new size.
+//! Resize: NBD_CMD_RECONFIGURE with the export's new size (read by a fresh handshake).
 //!
 //! The engine serving the export (the node agent) sets `PR_SET_IO_FLUSHER`; see
 //! [`super::set_io_flusher`].
@@ -176,10 +176,17 @@ impl Attacher for NbdAttacher {
         if current >= want {
             return Ok(current);
         }
+        // A fresh handshake tells the export's current size; that connection is only asked.
         let (fd, size, flags) = Self::connect_export(nbd_uri).await?;
-        let cfg = self.config(volume_id, size, flags, &fd);
-        self.nbd_command(move |fam, seq| netlink::reconfigure(fam, seq, index, &cfg)).await?;
+        let mut cfg = self.config(volume_id, size, flags, &fd);
         drop(fd);
+        cfg.fds.clear();
+        if size < want {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {volume_id}: the export has {size} bytes, less than {want}; expand the volume first"
+            )));
+        }
+        self.nbd_command(move |fam, seq| netlink::reconfigure(fam, seq, index, &cfg)).await?;
         let now = crate::mount::device_size(&dev)?;
         if now < want {
             return Err(CsiError::FailedPrecondition(format!(

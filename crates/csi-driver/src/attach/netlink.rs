@@ -148,8 +148,10 @@ pub fn connect(family: u16, seq: u32, c: &ConnectConfig) -> Vec<u8> {
     request(family, NBD_CMD_CONNECT, NBD_GENL_VERSION, seq, &attrs)
 }
 
-/// NBD_CMD_RECONFIGURE of device `index`: new sockets (a fresh connection, which carries
-/// the export's new size), the new size and the timeouts.
+/// NBD_CMD_RECONFIGURE of device `index`: the new size and the timeouts. The backend
+/// identifier makes the kernel refuse (EINVAL) if the device now belongs to another
+/// volume. Sockets are not sent: the kernel only uses them to replace dead connections,
+/// and the live one keeps serving the grown export.
 pub fn reconfigure(family: u16, seq: u32, index: u32, c: &ConnectConfig) -> Vec<u8> {
     let attrs = vec![
         Attr::U32(NBD_ATTR_INDEX, index),
@@ -157,7 +159,6 @@ pub fn reconfigure(family: u16, seq: u32, index: u32, c: &ConnectConfig) -> Vec<
         Attr::U64(NBD_ATTR_TIMEOUT, c.timeout_secs),
         Attr::U64(NBD_ATTR_DEAD_CONN_TIMEOUT, c.dead_conn_timeout_secs),
         Attr::Str(NBD_ATTR_BACKEND_IDENTIFIER, c.backend.clone()),
-        sockets(&c.fds),
     ];
     request(family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, seq, &attrs)
 }
@@ -360,6 +361,10 @@ mod tests {
         let m = reconfigure(0x22, 1, 3, &c);
         assert_eq!(m[16], NBD_CMD_RECONFIGURE);
         assert_eq!(attr_u32(&m[20..], NBD_ATTR_INDEX).unwrap(), Some(3));
+        let attrs = parse_attrs(&m[20..]).unwrap();
+        let size = attrs.iter().find(|(t, _)| *t == NBD_ATTR_SIZE_BYTES).expect("size").1;
+        assert_eq!(u64::from_ne_bytes(size.try_into().unwrap()), 1 << 30);
+        assert!(attrs.iter().all(|(t, _)| *t != NBD_ATTR_SOCKETS), "the live connection stays");
         let d = disconnect(0x22, 2, 5);
         assert_eq!(d[16], NBD_CMD_DISCONNECT);
         assert_eq!(d.len(), 16 + 4 + 8);
