@@ -32,7 +32,7 @@ async fn raw_block_and_xfs_volumes() {
         .iter()
         .filter_map(|c| c.r#type.as_ref().map(|csi::node_service_capability::Type::Rpc(r)| r.r#type))
         .collect();
-    for t in [Type::StageUnstageVolume, Type::GetVolumeStats] {
+    for t in [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition] {
         assert!(types.contains(&(t as i32)), "{t:?} missing from {types:?}");
     }
     let mut agent = hlstore_proto::volume::volumes_client::VolumesClient::connect(c.endpoint("n1")).await.unwrap();
@@ -84,8 +84,30 @@ async fn raw_block_and_xfs_volumes() {
         f.read_exact(&mut back).unwrap();
     }
     assert!(back == pattern, "block content differs after detach and re-attach");
+
+    // Volume condition: healthy while the FUSE block file serves; abnormal once its process
+    // died; unpublish and unstage still clean up everything.
+    let health = |r: csi::NodeGetVolumeStatsResponse| r.volume_condition.expect("volume condition");
+    let req = csi::NodeGetVolumeStatsRequest {
+        volume_id: "pvc-blk".into(),
+        volume_path: target.to_string_lossy().into(),
+        staging_target_path: String::new(),
+    };
+    let ok = health(node.node_get_volume_stats(req.clone()).await.expect("stats").into_inner());
+    assert!(!ok.abnormal, "{ok:?}");
+    for pid in d.fuse_pids() {
+        // SAFETY: kill(2) on a fuse-attach of this test's driver.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !d.fuse_pids().is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let bad = health(node.node_get_volume_stats(req).await.expect("stats").into_inner());
+    assert!(bad.abnormal && bad.message.contains("fuse-attach"), "{bad:?}");
     node.node_unpublish_volume(unpublish_req("pvc-blk", &target)).await.expect("unpublish");
-    node.node_unstage_volume(unstage_req("pvc-blk", &staging)).await.expect("unstage");
+    node.node_unstage_volume(unstage_req("pvc-blk", &staging)).await.expect("unstage after the FUSE process died");
+    assert!(d.loop_devices().is_empty(), "loop device detached");
     unpublish_and_delete(&d, "pvc-blk").await;
 
     // xfs: created on a blank volume, found again (not recreated) by a later stage.

@@ -195,6 +195,17 @@ impl Attacher for LoopAttacher {
         Ok(())
     }
 
+    async fn problem(&self, volume_id: &str) -> Result<Option<String>> {
+        if self.find(volume_id).await?.is_none() {
+            return Ok(None);
+        }
+        Ok(match (self.running_pid(volume_id), mount::mount_at(&self.mount_dir(volume_id))?) {
+            (Some(_), Some(_)) => None,
+            (None, _) => Some("the FUSE block file's process (hlstore fuse-attach) is not running: I/O fails".into()),
+            (Some(_), None) => Some("the FUSE block file is not mounted: I/O fails".into()),
+        })
+    }
+
     async fn refresh_size(&self, volume_id: &str, _nbd_uri: &str, want: u64) -> Result<u64> {
         let dev = self
             .find(volume_id)

@@ -51,6 +51,9 @@ pub trait Attacher: Send + Sync {
     async fn detach(&self, volume_id: &str) -> Result<()>;
     /// Makes the device show at least `want` bytes (the volume grew); returns its size.
     async fn refresh_size(&self, volume_id: &str, nbd_uri: &str, want: u64) -> Result<u64>;
+    /// Why the volume's device cannot serve I/O, if it cannot (its connection to the
+    /// engine is gone). `None`: healthy, or no device.
+    async fn problem(&self, volume_id: &str) -> Result<Option<String>>;
 }
 
 /// The backend for `kind`, keeping its files under `state_dir`.

@@ -168,6 +168,20 @@ impl Attacher for NbdAttacher {
         Ok(())
     }
 
+    async fn problem(&self, volume_id: &str) -> Result<Option<String>> {
+        // A device whose connection died keeps its backend identifier but loses its pid.
+        let Ok(rd) = std::fs::read_dir("/sys/block") else { return Ok(None) };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name.starts_with("nbd")
+                && std::fs::read_to_string(e.path().join("backend")).is_ok_and(|b| b.trim_end() == volume_id);
+            if ours && !e.path().join("pid").exists() {
+                return Ok(Some(format!("/dev/{name} has lost its connection to the engine")));
+            }
+        }
+        Ok(None)
+    }
+
     async fn refresh_size(&self, volume_id: &str, nbd_uri: &str, want: u64) -> Result<u64> {
         let index = Self::find_index(volume_id)
             .ok_or_else(|| CsiError::NotFound(format!("volume {volume_id} has no NBD device on this node")))?;

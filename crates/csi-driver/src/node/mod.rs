@@ -123,7 +123,7 @@ impl Node for NodeService {
         _r: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> std::result::Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
         use csi::node_service_capability::rpc::Type;
-        let mut types = vec![Type::StageUnstageVolume, Type::GetVolumeStats];
+        let mut types = vec![Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition];
         if crate::agent::implements(&self.agent, crate::agent::AgentRpc::Expand).await {
             types.push(Type::ExpandVolume);
         }

@@ -45,7 +45,11 @@ impl NodeService {
                 },
             ]
         };
-        Ok(csi::NodeGetVolumeStatsResponse { usage, volume_condition: None })
+        let volume_condition = Some(match self.attacher.problem(&r.volume_id).await? {
+            Some(message) => csi::VolumeCondition { abnormal: true, message },
+            None => csi::VolumeCondition { abnormal: false, message: "attached and serving".into() },
+        });
+        Ok(csi::NodeGetVolumeStatsResponse { usage, volume_condition })
     }
 
     pub(super) async fn expand(&self, r: csi::NodeExpandVolumeRequest) -> Result<csi::NodeExpandVolumeResponse> {
