@@ -163,7 +163,9 @@ async fn filesystem_volume_is_staged_published_and_never_reformatted() {
     let mut ro = publish_req("pvc-fs", &staging, &ro_target, mount_cap("ext4"));
     ro.readonly = true;
     node.node_publish_volume(ro.clone()).await.expect("read-only publish");
-    node.node_publish_volume(ro).await.expect("read-only publish again");
+    node.node_publish_volume(ro.clone()).await.expect("read-only publish again");
+    ro.readonly = false;
+    expect_code(node.node_publish_volume(ro).await, Code::AlreadyExists, "same target, read-write this time");
     assert!(d.in_ns(&ro_target.join("hello.txt")).exists());
     let err = std::fs::write(d.in_ns(&ro_target.join("nope.txt")), b"x").expect_err("read-only mount");
     assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");

@@ -29,6 +29,8 @@ pub struct MountEntry {
     pub mount_point: PathBuf,
     pub fs_type: String,
     pub source: String,
+    /// Mounted read-only (per-mount option `ro`).
+    pub read_only: bool,
 }
 
 /// Undoes mountinfo's octal escapes (`\040` = space).
@@ -62,6 +64,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 mount_point: PathBuf::from(unescape(f.get(4)?)),
                 fs_type: r.first()?.to_string(),
                 source: unescape(r.get(1)?),
+                read_only: f.get(5)?.split(',').any(|o| o == "ro"),
             })
         })
         .collect()
@@ -273,6 +276,9 @@ mod tests {
         assert_eq!(m[0].mount_point, PathBuf::from("/mnt/with space"));
         assert_eq!((m[0].dev.as_str(), m[0].fs_type.as_str(), m[0].source.as_str()), ("98:0", "ext3", "/dev/root"));
         assert_eq!((m[1].root.as_str(), m[1].fs_type.as_str()), ("/loop3", "devtmpfs"));
+        assert!(!m[0].read_only);
+        let ro = parse_mountinfo("50 22 7:0 / /mnt/ro ro,relatime - ext4 /dev/loop0 rw\n");
+        assert!(ro[0].read_only, "per-mount ro counts, not the superblock's rw");
     }
 
     #[test]

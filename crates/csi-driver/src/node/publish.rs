@@ -46,8 +46,14 @@ impl NodeService {
             let same = m.dev == wanted_dev
                 || (m.fs_type == "devtmpfs"
                     && source.file_name().is_some_and(|n| m.root == format!("/{}", n.to_string_lossy())));
-            return if same {
+            return if same && m.read_only == read_only {
                 Ok(csi::NodePublishVolumeResponse {})
+            } else if same {
+                Err(CsiError::AlreadyExists(format!(
+                    "{} is already published {}",
+                    target.display(),
+                    if m.read_only { "read-only" } else { "read-write" }
+                )))
             } else {
                 Err(CsiError::AlreadyExists(format!("{} already has another mount ({})", target.display(), m.source)))
             };
