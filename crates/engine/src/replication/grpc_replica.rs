@@ -66,6 +66,10 @@ pub fn status_to_error(replica: &str, volume: &str, call: &str, epoch: u64, s: t
             .unwrap_or(epoch + 1);
         return Error::StaleEpoch { volume: volume.to_string(), got: epoch, current };
     }
+    if s.code() == tonic::Code::Unimplemented {
+        // An older or partial peer: callers decide whether they can do without the call.
+        return Error::Unsupported(format!("replica {replica}, volume {volume}, {call}: {}", s.message()));
+    }
     Error::Unavailable(format!("replica {replica}, volume {volume}, {call}: {}: {}", s.code(), s.message()))
 }
 
