@@ -224,6 +224,39 @@ pub async fn grow(fs_type: &str, dev: &Path, mount_point: &Path) -> Result<()> {
     .map(|_| ())
 }
 
+/// Grows an unmounted ext2/3/4 filesystem that is smaller than its device (the volume
+/// was expanded while it was not staged); `true` if it grew. Growing offline needs no
+/// kernel support (an online ext4 resize needs CAP_SYS_RESOURCE, which containers and some
+/// hosts lack), so staging after an expand always ends with the whole volume usable.
+/// Other filesystems are grown online by NodeExpandVolume.
+pub async fn grow_offline(fs_type: &str, dev: &Path) -> Result<bool> {
+    if !matches!(fs_type, "ext4" | "ext3" | "ext2") {
+        return Ok(false);
+    }
+    let head = run_ok("dumpe2fs", &[os("-h"), dev.as_os_str()]).await?;
+    let field = |name: &str| {
+        head.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .ok_or_else(|| CsiError::Tool(format!("dumpe2fs -h {}: no {name}", dev.display())))
+    };
+    let (blocks, block_size) = (field("Block count:")?, field("Block size:")?);
+    if (blocks + 1) * block_size > device_size(dev)? {
+        return Ok(false);
+    }
+    // resize2fs insists on a freshly checked filesystem; exit codes 0-1 mean clean/fixed.
+    let out = run("e2fsck", &[os("-f"), os("-p"), dev.as_os_str()]).await?;
+    if !matches!(out.status.code(), Some(0 | 1)) {
+        return Err(CsiError::FailedPrecondition(format!(
+            "{} needs repair before it can grow (e2fsck: {}); it was not mounted",
+            dev.display(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        )));
+    }
+    run_ok("resize2fs", &[dev.as_os_str()]).await?;
+    Ok(true)
+}
+
 /// Size in bytes of a block device (or file).
 pub fn device_size(dev: &Path) -> Result<u64> {
     use std::io::Seek;

@@ -83,6 +83,9 @@ impl NodeService {
             return Ok(csi::NodeStageVolumeResponse {});
         };
         let fs = format_if_blank(id, &dev, fs_type).await?;
+        if !cap.read_only() && mount::grow_offline(&fs, &dev).await? {
+            tracing::info!(volume.id = id, device = %dev.display(), fs, "grew the filesystem to the volume size");
+        }
         std::fs::create_dir_all(&staging).map_err(|e| CsiError::io(format!("creating {}", staging.display()), e))?;
         let mut opts = flags.clone();
         if cap.read_only() {
