@@ -128,18 +128,19 @@ fn snapshots_survive_a_replica_sigkill() {
     cli(&["snapshot", "create", VOLUME, "k0"]);
     qemu_io(&uri, &["write -P 0x12 0 4M"]);
 
-    // Killed while snapshots are being taken: every create that succeeded must end up on
-    // every replica.
-    let killer = {
-        let pid = c.pid("n3").expect("n3 runs");
-        std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(700));
-            // SAFETY: kill(2) on the pid of this test's own node agent.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        })
-    };
+    // Killed while snapshots are being taken (the kill lands during the fifth create):
+    // every create that succeeded must end up on every replica.
+    let pid = c.pid("n3").expect("n3 runs");
+    let mut killer = None;
     let mut taken = Vec::new();
     for i in 0..12 {
+        if i == 4 {
+            killer = Some(std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                // SAFETY: kill(2) on the pid of this test's own node agent.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }));
+        }
         let name = format!("k{}", i + 1);
         let (ok, _, _) = c.try_cli(&["snapshot", "create", VOLUME, &name, "--endpoint", &ep]);
         if ok {
@@ -147,7 +148,7 @@ fn snapshots_survive_a_replica_sigkill() {
         }
         qemu_io(&uri, &[&format!("write -P {} {}M 1M", 0x20 + i, i)]);
     }
-    killer.join().expect("killer thread");
+    killer.expect("killer started").join().expect("killer thread");
     assert!(taken.len() >= 10, "snapshots must keep working with one replica down: {taken:?}");
     c.wait_until("n3 marked failed", Duration::from_secs(60), || {
         let v = c.volume_show("n1", VOLUME);
