@@ -8,3 +8,4 @@ pub mod node;
 pub mod replica;
 pub mod size;
 pub mod volume;
+pub mod volume_agent;
