@@ -31,6 +31,8 @@ pub enum ErrorKind {
     Io,
     /// A bug or an impossible state.
     Internal,
+    /// The operation is not supported by this implementation (or peer version).
+    Unsupported,
 }
 
 /// The engine error: a kind, a message with context, and an optional source.
@@ -63,6 +65,8 @@ pub enum Error {
     Meta { context: String, message: String },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("not supported: {0}")]
+    Unsupported(String),
 }
 
 impl Error {
@@ -78,6 +82,7 @@ impl Error {
             Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::Io { .. } | Error::Meta { .. } => ErrorKind::Io,
             Error::Internal(_) => ErrorKind::Internal,
+            Error::Unsupported(_) => ErrorKind::Unsupported,
         }
     }
 

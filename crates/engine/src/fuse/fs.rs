@@ -123,6 +123,7 @@ pub fn errno_for(err: &Error) -> Errno {
         | ErrorKind::Corruption
         | ErrorKind::Unavailable
         | ErrorKind::Internal => Errno::EIO,
+        ErrorKind::Unsupported => Errno::EOPNOTSUPP,
     }
 }
 

@@ -16,6 +16,7 @@ pub fn to_status(e: &Error) -> Status {
         ErrorKind::Unavailable => Code::Unavailable,
         ErrorKind::Io => Code::Internal,
         ErrorKind::Internal => Code::Internal,
+        ErrorKind::Unsupported => Code::Unimplemented,
     };
     Status::new(code, e.to_string())
 }
@@ -31,6 +32,7 @@ pub fn from_status(s: &Status) -> Error {
         Code::OutOfRange => Error::InvalidArgument(msg),
         Code::DataLoss => Error::Unavailable(format!("replica reported corruption: {msg}")),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Error::Unavailable(msg),
+        Code::Unimplemented => Error::Unsupported(msg),
         _ => Error::Internal(format!("{}: {msg}", s.code())),
     }
 }

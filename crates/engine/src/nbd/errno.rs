@@ -19,5 +19,6 @@ pub fn errno_for(err: &Error, is_write: bool) -> u32 {
         | ErrorKind::Unavailable
         | ErrorKind::Io
         | ErrorKind::Internal => EIO,
+        ErrorKind::Unsupported => EINVAL,
     }
 }

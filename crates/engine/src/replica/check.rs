@@ -33,6 +33,20 @@ pub(crate) fn epoch(volume: &str, stored: u64, got: u64) -> Result<()> {
     Ok(())
 }
 
+/// Checks a snapshot name: the same rules as a volume id.
+pub(crate) fn snapshot_name(volume: &str, name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_VOLUME_ID
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && !name.starts_with('.');
+    if !ok {
+        return Err(Error::InvalidArgument(format!(
+            "volume {volume}: snapshot name {name:?} must be 1-{MAX_VOLUME_ID} characters of [A-Za-z0-9._-], not starting with '.'"
+        )));
+    }
+    Ok(())
+}
+
 /// Checks a new volume record.
 pub(crate) fn record(rec: &VolumeRecord) -> Result<()> {
     let id = &rec.volume_id;

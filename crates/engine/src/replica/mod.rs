@@ -32,5 +32,7 @@ mod store;
 
 pub use disk::DiskStore;
 pub use mem::MemStore;
-pub use record::{ApplyStats, Change, ChunkData, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord, BLOCK_SIZE};
+pub use record::{
+    ApplyStats, Change, ChunkData, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord, BLOCK_SIZE,
+};
 pub use store::ReplicaStore;

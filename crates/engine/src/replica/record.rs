@@ -111,3 +111,17 @@ pub struct ApplyStats {
     /// Chunks not applied because the target already had newer content.
     pub skipped_newer: u64,
 }
+
+/// A snapshot of one replica: the volume as it was after every write with seq <= `seq`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotInfo {
+    pub name: String,
+    pub seq: u64,
+    /// Volume size when taken.
+    pub size: u64,
+    /// Unix seconds.
+    pub created: i64,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}

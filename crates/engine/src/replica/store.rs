@@ -2,7 +2,9 @@
 
 use crate::error::Result;
 
-use super::record::{ApplyStats, Change, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord, BLOCK_SIZE};
+use super::record::{
+    ApplyStats, Change, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord, BLOCK_SIZE,
+};
 
 /// A node's store of volume replicas. Methods are blocking (disk I/O); async callers use
 /// `spawn_blocking`. See the module docs of [`crate::replica`] for the invariants.
@@ -62,6 +64,36 @@ pub trait ReplicaStore: Send + Sync + 'static {
     fn apply_resync(&self, volume: &str, epoch: u64, chunks: &[ResyncChunk]) -> Result<ApplyStats>;
     /// Flushes and clears the resync mark.
     fn end_resync(&self, volume: &str, epoch: u64) -> Result<ReplicaState>;
+
+    /// Flushes, then records a snapshot `name` at `seq`: the volume as it is after every
+    /// write with seq <= `seq` (the caller orders it after those writes and before later
+    /// ones). O(1): later writes keep the versions it sees. Idempotent by name.
+    fn create_snapshot(&self, volume: &str, epoch: u64, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        let _ = (volume, epoch, snap);
+        Err(crate::Error::Unsupported("snapshots are not supported by this store".into()))
+    }
+    /// Deletes a snapshot and frees the block versions only it kept. `Ok(false)` if there
+    /// was none. Works in bounded steps so writes are not held up for long.
+    fn delete_snapshot(&self, volume: &str, epoch: u64, name: &str) -> Result<bool> {
+        let _ = (volume, epoch, name);
+        Err(crate::Error::Unsupported("snapshots are not supported by this store".into()))
+    }
+    /// The replica's snapshots, oldest first.
+    fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>> {
+        let _ = volume;
+        Err(crate::Error::Unsupported("snapshots are not supported by this store".into()))
+    }
+    /// Reads from snapshot `name` (checksums verified like live reads).
+    fn read_snapshot(&self, volume: &str, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let _ = (volume, name, offset, len);
+        Err(crate::Error::Unsupported("snapshots are not supported by this store".into()))
+    }
+    /// Blocks (indices) whose content may differ between snapshot `from` (None: an empty
+    /// volume) and snapshot `to` (None: the live volume), ascending.
+    fn changed_blocks(&self, volume: &str, from: Option<&str>, to: Option<&str>) -> Result<Vec<u64>> {
+        let _ = (volume, from, to);
+        Err(crate::Error::Unsupported("snapshots are not supported by this store".into()))
+    }
 
     /// Writes zeroes to a range keeping it allocated (NBD WRITE_ZEROES with NO_HOLE).
     fn write_zeroes(&self, volume: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()> {

@@ -10,6 +10,14 @@
 //! | `Q` vid seq block                    | previous `Entry` or empty           |
 //! | `T` vid seq offset                   | trim length (u64)                   |
 //! | `F` vid slot                         | empty: slot is free                 |
+//! | `P` vid block seq                    | preserved `Entry` (seq = until)     |
+//! | `X` vid seq name                     | `SnapshotInfo` (JSON)               |
+//!
+//! Snapshots: `X` records a snapshot at a seq. When a write or trim at seq `u` replaces a
+//! block version written at `e` and some snapshot has `e <= s < u`, the old version is
+//! kept as `P vid block e` (its slot is not freed) with `until = u`. A snapshot at `s`
+//! sees, per block, the live entry if its seq <= s, else the `P` entry with the highest
+//! `e <= s` if its `until > s`, else zeroes.
 //!
 //! `M` is the allocation map (a missing entry reads as zeroes). `Q` indexes each block's
 //! current content by the seq that wrote it: it drives incremental resync and, for seqs
@@ -26,9 +34,11 @@ pub const MAP: u8 = b'M';
 pub const SEQ: u8 = b'Q';
 pub const TRIM: u8 = b'T';
 pub const FREE: u8 = b'F';
+pub const PRESERVED: u8 = b'P';
+pub const SNAPSHOT: u8 = b'X';
 
 /// Prefixes that hold per-volume keys (deleted with the volume).
-pub const PER_VOLUME: [u8; 5] = [STATE, MAP, SEQ, TRIM, FREE];
+pub const PER_VOLUME: [u8; 7] = [STATE, MAP, SEQ, TRIM, FREE, PRESERVED, SNAPSHOT];
 
 pub fn volume(name: &str) -> Vec<u8> {
     let mut k = vec![VOLUME];
@@ -81,6 +91,16 @@ pub fn trim(vid: u32, seq: u64, offset: u64) -> Vec<u8> {
 
 pub fn free(vid: u32, slot: u64) -> Vec<u8> {
     with_u64(FREE, vid, slot)
+}
+
+pub fn preserved(vid: u32, block: u64, seq: u64) -> Vec<u8> {
+    with_u64s(PRESERVED, vid, block, seq)
+}
+
+pub fn snapshot(vid: u32, seq: u64, name: &str) -> Vec<u8> {
+    let mut k = with_u64(SNAPSHOT, vid, seq);
+    k.extend_from_slice(name.as_bytes());
+    k
 }
 
 pub fn state(vid: u32) -> Vec<u8> {

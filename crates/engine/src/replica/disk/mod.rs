@@ -20,6 +20,7 @@
 mod file;
 mod keys;
 mod recovery;
+mod snap;
 mod volume;
 
 use std::collections::{BTreeSet, HashMap};
@@ -31,7 +32,9 @@ use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOp
 use crate::error::{Error, Result};
 
 use super::check;
-use super::record::{ApplyStats, Change, ChunkData, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord, BLOCK_SIZE};
+use super::record::{
+    ApplyStats, Change, ChunkData, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord, BLOCK_SIZE,
+};
 use super::store::ReplicaStore;
 use file::SlotFile;
 use keys::{Entry, PersistState, StoredVolume};
@@ -131,12 +134,13 @@ impl DiskStore {
         for (k, _) in self.scan(&keys::vid_prefix(keys::FREE, sv.vid), None)? {
             free.insert(keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("free"))?);
         }
+        let snaps = self.load_snapshots(sv.vid)?;
         let file = SlotFile::open(&self.slot_path(sv.vid))
             .map_err(|e| Error::io(format!("volume {name}: opening slot file"), e))?;
         Ok(Volume {
             vid: sv.vid,
             file,
-            inner: RwLock::new(VolInner { record: sv.record, st, free, pending: Vec::new() }),
+            inner: RwLock::new(VolInner { record: sv.record, st, free, pending: Vec::new(), snaps }),
             flush_lock: Mutex::new(()),
         })
     }
@@ -223,7 +227,11 @@ impl DiskStore {
             match olds[i] {
                 Some(old) => {
                     batch.delete(keys::seq(v.vid, old.seq, b));
-                    batch.put(keys::free(v.vid, old.slot), []);
+                    if volume::preserves(&g.snaps, old.seq, seq) {
+                        batch.put(keys::preserved(v.vid, b, old.seq), Entry { seq, ..old }.encode());
+                    } else {
+                        batch.put(keys::free(v.vid, old.slot), []);
+                    }
                     batch.put(keys::seq(v.vid, seq, b), old.encode());
                 }
                 None => batch.put(keys::seq(v.vid, seq, b), []),
@@ -238,16 +246,20 @@ impl DiskStore {
     /// After a staged batch committed: account freed slots and allocation changes.
     fn account(g: &mut VolInner, olds: &[Option<Entry>], seq: u64) {
         for old in olds.iter().flatten() {
-            g.pending.push((seq, old.slot));
+            if !volume::preserves(&g.snaps, old.seq, seq) {
+                g.pending.push((seq, old.slot));
+            }
         }
         g.st.allocated_blocks += olds.iter().filter(|o| o.is_none()).count() as u64;
     }
 
     /// Removes the blocks in `range` whose seq is older than `older_than` (all if None),
     /// adding the metadata to `batch`. Returns the removed entries.
+    #[allow(clippy::too_many_arguments)]
     fn stage_trim(
         &self,
         v: &Volume,
+        snaps: &volume::Snaps,
         batch: &mut WriteBatch,
         range: std::ops::Range<u64>,
         seq: u64,
@@ -260,7 +272,11 @@ impl DiskStore {
             }
             batch.delete(keys::map(v.vid, b));
             batch.delete(keys::seq(v.vid, e.seq, b));
-            batch.put(keys::free(v.vid, e.slot), []);
+            if volume::preserves(snaps, e.seq, seq) {
+                batch.put(keys::preserved(v.vid, b, e.seq), Entry { seq, ..e }.encode());
+            } else {
+                batch.put(keys::free(v.vid, e.slot), []);
+            }
             removed.push(e);
         }
         batch.put(
@@ -272,7 +288,9 @@ impl DiskStore {
 
     fn account_trim(g: &mut VolInner, removed: &[Entry], seq: u64) {
         for e in removed {
-            g.pending.push((seq, e.slot));
+            if !volume::preserves(&g.snaps, e.seq, seq) {
+                g.pending.push((seq, e.slot));
+            }
         }
         g.st.allocated_blocks -= removed.len() as u64;
     }
@@ -355,6 +373,7 @@ impl ReplicaStore for DiskStore {
                 st: PersistState::default(),
                 free: BTreeSet::new(),
                 pending: Vec::new(),
+                snaps: Default::default(),
             }),
             flush_lock: Mutex::new(()),
         };
@@ -505,7 +524,7 @@ impl ReplicaStore for DiskStore {
                 return Ok(());
             }
             let mut batch = WriteBatch::default();
-            let removed = self.stage_trim(v, &mut batch, blocks(offset, len), seq, None)?;
+            let removed = self.stage_trim(v, &g.snaps, &mut batch, blocks(offset, len), seq, None)?;
             let mut st = g.st;
             st.last_seq = st.last_seq.max(seq);
             st.allocated_blocks -= removed.len() as u64;
@@ -623,7 +642,7 @@ impl ReplicaStore for DiskStore {
                 st.last_seq = st.last_seq.max(c.seq);
                 match &c.data {
                     ChunkData::Trim(_) => {
-                        let removed = self.stage_trim(v, &mut batch, range, c.seq, Some(c.seq))?;
+                        let removed = self.stage_trim(v, &g.snaps, &mut batch, range, c.seq, Some(c.seq))?;
                         st.allocated_blocks -= removed.len() as u64;
                         batch.put(keys::state(v.vid), st.encode());
                         self.commit(batch, false, "applying resync trim")?;
@@ -650,7 +669,7 @@ impl ReplicaStore for DiskStore {
                                 Self::account(g, &[old], c.seq);
                             }
                             _ => {
-                                let removed = self.stage_trim(v, &mut batch, range, c.seq, None)?;
+                                let removed = self.stage_trim(v, &g.snaps, &mut batch, range, c.seq, None)?;
                                 st.allocated_blocks -= removed.len() as u64;
                                 batch.put(keys::state(v.vid), st.encode());
                                 self.commit(batch, false, "applying resync zero block")?;
@@ -664,6 +683,26 @@ impl ReplicaStore for DiskStore {
             }
             Ok(stats)
         })
+    }
+
+    fn create_snapshot(&self, name: &str, epoch: u64, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        self.snap_create(name, epoch, snap)
+    }
+
+    fn delete_snapshot(&self, name: &str, epoch: u64, snap: &str) -> Result<bool> {
+        self.snap_delete(name, epoch, snap)
+    }
+
+    fn list_snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>> {
+        self.snap_list(name)
+    }
+
+    fn read_snapshot(&self, name: &str, snap: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.snap_read(name, snap, offset, len)
+    }
+
+    fn changed_blocks(&self, name: &str, from: Option<&str>, to: Option<&str>) -> Result<Vec<u64>> {
+        self.snap_changed(name, from, to)
     }
 
     fn end_resync(&self, name: &str, epoch: u64) -> Result<ReplicaState> {

@@ -39,6 +39,8 @@ pub(super) fn recover(store: &DiskStore, name: &str, v: &Volume) -> Result<u64> 
         g.free.insert(cur.slot);
         match Entry::decode(&val) {
             Some(old) => {
+                // Live again: no longer a preserved version (if a snapshot kept it).
+                batch.delete(keys::preserved(v.vid, b, old.seq));
                 batch.put(keys::map(v.vid, b), old.encode());
                 batch.put(keys::seq(v.vid, old.seq, b), []);
                 batch.delete(keys::free(v.vid, old.slot));

@@ -1,9 +1,9 @@
 //! In-memory state of one volume replica in the disk store.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use super::super::record::{ReplicaState, VolumeRecord, BLOCK_SIZE};
+use super::super::record::{ReplicaState, SnapshotInfo, VolumeRecord, BLOCK_SIZE};
 use super::file::SlotFile;
 use super::keys::PersistState;
 
@@ -23,6 +23,17 @@ pub struct VolInner {
     pub free: BTreeSet<u64>,
     /// Slots freed by the write/trim with the given seq; reusable once that seq is durable.
     pub pending: Vec<(u64, u64)>,
+    /// Snapshots by (seq, name).
+    pub snaps: Snaps,
+}
+
+/// A replica's snapshots by (seq, name).
+pub type Snaps = BTreeMap<(u64, String), SnapshotInfo>;
+
+/// Whether a block version written at `written` and replaced at `until` is seen by a
+/// snapshot (one with `written <= seq < until`), so it must be kept.
+pub fn preserves(snaps: &Snaps, written: u64, until: u64) -> bool {
+    written < until && snaps.range((written, String::new())..(until, String::new())).next().is_some()
 }
 
 /// A slot handed out by the allocator.
