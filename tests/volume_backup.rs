@@ -184,3 +184,44 @@ fn incremental_volume_backup_reads_what_changed_and_restores_to_an_identical_vol
     assert!(!ok && err.contains("nope"), "{err}");
     assert_eq!(snapshot_names(&ep, "v"), vec![snap2]);
 }
+
+#[test]
+fn a_file_backup_restores_into_a_new_replicated_volume() {
+    let mut c = Cluster::new();
+    c.env.push(("HLSTORE_REPO_PASSWORD".into(), "volume backup test".into()));
+    c.env.push(("HLSTORE_KDF_PARAMS".into(), "64,1,1".into()));
+    c.up(&["--nodes", "3"]);
+    let ep = c.endpoint("n2");
+    let work = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", work.path().join("repo").display());
+    c.cli(&["backup", "init", "--repo", &repo]);
+    // Random data, a zero gap, more random data and an unaligned tail.
+    let mut img = random(10 * MIB, 7);
+    img.resize(16 * MIB as usize, 0);
+    img.extend_from_slice(&random(4 * MIB + 1000, 8));
+    let src = work.path().join("disk.img");
+    std::fs::write(&src, &img).unwrap();
+    let b = json(&c.cli(&["backup", "create", "--repo", &repo, "--source", src.to_str().unwrap(), "--json"]));
+    let id = b["id"].as_str().unwrap();
+
+    let r = json(&c.cli(&["restore", id, "--repo", &repo, "--to-volume", "f", "--endpoint", &ep, "--json"]));
+    let size = img.len().div_ceil(4096) as u64 * 4096;
+    assert_eq!(r["volume_size"], size, "{r}");
+    assert_eq!(r["replicas"], 3, "{r}");
+    let v = c.volume_show("n1", "f");
+    assert_eq!(v["size"], size);
+    assert!(v["attached_node"].is_null(), "{v}");
+    let uri = c.cli(&["volume", "attach", "f", "--node", "n3", "--endpoint", &ep]).trim().to_string();
+    let back = nbd_read_all(&uri, work.path());
+    assert_eq!(back.len() as u64, size);
+    assert!(back[..img.len()] == img[..], "restored volume differs from the file");
+    assert!(back[img.len()..].iter().all(|&x| x == 0));
+    let v = c.wait_all_healthy("f", Duration::from_secs(60));
+    for rep in v["replicas"].as_array().unwrap() {
+        let a = rep["allocated_bytes"].as_u64().unwrap();
+        assert!(a >= 14 * MIB && a < 16 * MIB, "the zero gap stays unallocated: {rep}");
+    }
+    // The name is taken now: a second restore is refused and changes nothing.
+    let (ok, _, err) = c.try_cli(&["restore", id, "--repo", &repo, "--to-volume", "f", "--endpoint", &ep]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+}

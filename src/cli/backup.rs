@@ -275,11 +275,8 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
         BackupCommand::Create { repo, volume: Some(volume), endpoint, labels, json, .. } => {
             let r = repo.open()?;
             let agent = GrpcAgent::connect(Handle::current(), &endpoint)?;
-            let opts = VolumeBackupOptions {
-                labels: labels.into_iter().collect(),
-                progress: true,
-                ..Default::default()
-            };
+            let opts =
+                VolumeBackupOptions { labels: labels.into_iter().collect(), progress: true, ..Default::default() };
             let rep = hb::volume::backup_volume(&r, &agent, &volume, opts)?;
             let meta = &rep.backup.meta;
             if json {

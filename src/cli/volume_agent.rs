@@ -105,12 +105,8 @@ impl VolumeAgent for GrpcAgent {
     }
 
     fn read_snapshot(&self, volume: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let req = vpb::ReadSnapshotRequest {
-            volume: volume.into(),
-            name: name.into(),
-            offset,
-            length: buf.len() as u64,
-        };
+        let req =
+            vpb::ReadSnapshotRequest { volume: volume.into(), name: name.into(), offset, length: buf.len() as u64 };
         let what = format!("read snapshot {name} of {volume} at {offset}+{}", buf.len());
         let mut c = self.client.clone();
         self.handle.block_on(async {
