@@ -219,7 +219,7 @@ fn a_file_backup_restores_into_a_new_replicated_volume() {
     let v = c.wait_all_healthy("f", Duration::from_secs(60));
     for rep in v["replicas"].as_array().unwrap() {
         let a = rep["allocated_bytes"].as_u64().unwrap();
-        assert!(a >= 14 * MIB && a < 16 * MIB, "the zero gap stays unallocated: {rep}");
+        assert!((14 * MIB..16 * MIB).contains(&a), "the zero gap stays unallocated: {rep}");
     }
     // The name is taken now: a second restore is refused and changes nothing.
     let (ok, _, err) = c.try_cli(&["restore", id, "--repo", &repo, "--to-volume", "f", "--endpoint", &ep]);

@@ -82,7 +82,7 @@ pub fn restore_size(meta: &SnapshotMeta) -> Result<u64> {
             .map_err(|_| Error::Invalid(format!("backup {} has a bad {LABEL_VOLUME_SIZE} label {s:?}", meta.id)))?,
         None => meta.size.div_ceil(VOLUME_ALIGN) * VOLUME_ALIGN,
     };
-    if size < meta.size || size == 0 || size % VOLUME_ALIGN != 0 {
+    if size < meta.size || size == 0 || !size.is_multiple_of(VOLUME_ALIGN) {
         return Err(Error::Invalid(format!(
             "backup {} of {} bytes cannot be restored into a volume of {size} bytes",
             meta.id, meta.size
@@ -181,7 +181,7 @@ mod tests {
             snap("w", "backup-0", 0, Some("r1")), // another volume
         ];
         assert_eq!(snapshots_to_delete(&existing, "r1", &keep), vec!["backup-1".to_string()]);
-        assert!(snapshots_to_delete(&[keep.clone()], "r1", &keep).is_empty());
+        assert!(snapshots_to_delete(std::slice::from_ref(&keep), "r1", &keep).is_empty());
     }
 
     #[test]

@@ -165,7 +165,7 @@ impl VolumeAgent for FakeAgent {
     }
 
     fn create_volume(&self, volume: &str, size: u64, replicas: u32) -> Result<()> {
-        if size == 0 || size % BLOCK != 0 {
+        if size == 0 || !size.is_multiple_of(BLOCK) {
             return Err(Error::Agent(format!("bad size {size}")));
         }
         let v = Vol { data: vec![0; size as usize], wseq: vec![0; (size / BLOCK) as usize], attached: false, replicas };
