@@ -38,6 +38,14 @@ enum Command {
         #[command(subcommand)]
         command: cli::volume::VolumeCommand,
     },
+    /// Create, list, delete and revert crash-consistent volume snapshots.
+    Snapshot {
+        /// Node agent gRPC endpoint (any node of the cluster).
+        #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "http://127.0.0.1:7400", global = true)]
+        endpoint: String,
+        #[command(subcommand)]
+        command: cli::snapshot::SnapshotCommand,
+    },
     /// Run a local cluster of node agents on loopback (for trying hlstore out and tests).
     #[command(subcommand)]
     Dev(cli::dev::DevCommand),
@@ -73,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Node(args) => cli::node::run(args).await,
         Command::Replica { endpoint, command } => cli::replica::run(endpoint, command).await,
         Command::Volume { endpoint, command } => cli::volume::run(&endpoint, command).await,
+        Command::Snapshot { endpoint, command } => cli::snapshot::run(&endpoint, command).await,
         Command::Dev(cmd) => cli::dev::run(cmd).await,
         Command::FuseAttach(args) => cli::fuse::run(args).await,
         Command::Backup(cmd) => cli::backup::run_backup(cmd).await,

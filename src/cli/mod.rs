@@ -7,5 +7,6 @@ pub mod fuse;
 pub mod node;
 pub mod replica;
 pub mod size;
+pub mod snapshot;
 pub mod volume;
 pub mod volume_agent;

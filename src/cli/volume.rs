@@ -75,6 +75,34 @@ pub enum VolumeCommand {
     },
     /// Delete a volume and all its replicas (it must be detached).
     Delete { name: String },
+    /// Create a new, independent volume with the content of SOURCE (a snapshot of it).
+    ///
+    /// Only the blocks the snapshot holds are copied. Without --snapshot, a snapshot of
+    /// the current content is taken for the copy and deleted afterwards.
+    ///
+    /// Example: hlstore volume clone pgdata pgdata-test --snapshot nightly
+    Clone {
+        source: String,
+        name: String,
+        /// Snapshot of SOURCE to clone (default: its current content).
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Number of replicas of the clone.
+        #[arg(long, default_value_t = 3)]
+        replicas: u32,
+        /// Size of the clone (default: the snapshot's size; larger grows it).
+        #[arg(long, value_parser = parse_size)]
+        size: Option<u64>,
+    },
+    /// Grow a volume (online when attached: NBD clients see the new size on reconnect).
+    ///
+    /// Example: hlstore volume expand pgdata --size 40GiB
+    Expand {
+        name: String,
+        /// New size (at least the current one; KiB, MiB, GiB, TiB).
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
 }
 
 pub async fn connect(endpoint: &str) -> anyhow::Result<VolumesClient<Channel>> {
@@ -88,7 +116,7 @@ pub async fn connect(endpoint: &str) -> anyhow::Result<VolumesClient<Channel>> {
     Ok(VolumesClient::new(ch))
 }
 
-fn status_err(s: tonic::Status) -> anyhow::Error {
+pub fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", s.message())
 }
 
@@ -183,6 +211,24 @@ pub async fn run(endpoint: &str, cmd: VolumeCommand) -> anyhow::Result<()> {
             let req = vpb::ReplaceReplicaRequest { name: name.clone(), from_node: from.clone(), to_node: to.clone() };
             let v = c.replace_replica(req).await.map_err(status_err)?.into_inner();
             println!("volume {name}: replica moved from {from} to {to}; replicas now {}", v.replica_set.join(", "));
+        }
+        VolumeCommand::Clone { source, name, snapshot, replicas, size } => {
+            let req = vpb::CloneVolumeRequest {
+                source: source.clone(),
+                name: name.clone(),
+                snapshot: snapshot.unwrap_or_default(),
+                replicas,
+                nodes: Vec::new(),
+                labels: Default::default(),
+                size: size.unwrap_or(0),
+            };
+            let v = c.clone_volume(req).await.map_err(status_err)?.into_inner();
+            println!("volume {name} ({}) cloned from {source} on {}", format_size(v.size), v.replica_set.join(", "));
+        }
+        VolumeCommand::Expand { name, size } => {
+            let req = vpb::ExpandVolumeRequest { name: name.clone(), size };
+            let v = c.expand_volume(req).await.map_err(status_err)?.into_inner();
+            println!("volume {name} is now {}", format_size(v.size));
         }
         VolumeCommand::Delete { name } => {
             let r = c.delete_volume(vpb::DeleteVolumeRequest { name: name.clone() }).await.map_err(status_err)?;

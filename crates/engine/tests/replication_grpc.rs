@@ -130,6 +130,35 @@ impl Replica for Fake {
         Err(Status::unimplemented("set_replica_set"))
     }
 
+    // Snapshots are exercised against the real service (store and cluster tests).
+    async fn create_snapshot(
+        &self,
+        _: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        Err(Status::unimplemented("create_snapshot"))
+    }
+    async fn delete_snapshot(
+        &self,
+        _: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented("delete_snapshot"))
+    }
+    async fn list_snapshots(
+        &self,
+        _: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented("list_snapshots"))
+    }
+    async fn read_snapshot(&self, _: Request<pb::ReadSnapshotRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        Err(Status::unimplemented("read_snapshot"))
+    }
+    async fn changed_blocks(
+        &self,
+        _: Request<pb::ChangedBlocksRequest>,
+    ) -> Result<Response<pb::ChangedBlocksResponse>, Status> {
+        Err(Status::unimplemented("changed_blocks"))
+    }
+
     type ResyncStream = ReceiverStream<Result<pb::ResyncChunk, Status>>;
 
     async fn resync(&self, r: Request<pb::ResyncRequest>) -> Result<Response<Self::ResyncStream>, Status> {

@@ -6,6 +6,7 @@
 
 pub mod convert;
 mod service;
+pub mod snapshots;
 pub mod status;
 mod volume_service;
 

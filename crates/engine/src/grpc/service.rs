@@ -63,7 +63,10 @@ impl<S: ReplicaStore> ReplicaService<S> {
     }
 
     /// Runs a blocking store call on the blocking pool and maps its error.
-    async fn call<T: Send + 'static>(&self, f: impl FnOnce(&S) -> Result<T> + Send + 'static) -> Result<T, Status> {
+    pub(super) async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&S) -> Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
         let store = self.store.clone();
         let stats = self.stats.clone();
         let res = tokio::task::spawn_blocking(move || f(&store))
@@ -327,5 +330,37 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let vv = v.clone();
         let st = self.call(move |s| s.end_resync(&vv, r.epoch)).await?;
         Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        self.snapshot_create(req).await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        self.snapshot_delete(req).await
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        self.snapshot_list(req).await
+    }
+
+    async fn read_snapshot(&self, req: Request<pb::ReadSnapshotRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        self.snapshot_read(req).await
+    }
+
+    async fn changed_blocks(
+        &self,
+        req: Request<pb::ChangedBlocksRequest>,
+    ) -> Result<Response<pb::ChangedBlocksResponse>, Status> {
+        self.snapshot_changed(req).await
     }
 }

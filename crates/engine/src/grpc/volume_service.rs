@@ -88,37 +88,69 @@ impl Volumes for VolumeService {
         Ok(Response::new(vpb::ListAttachmentsResponse { volumes: self.mgr.local_attachments().await }))
     }
 
-    async fn expand_volume(&self, _r: Request<vpb::ExpandVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
-        Err(Status::unimplemented("volume expand is not implemented yet"))
+    async fn expand_volume(&self, r: Request<vpb::ExpandVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        if r.size == 0 {
+            return Err(Status::invalid_argument("size is required"));
+        }
+        self.mgr.expand(&r.name, r.size).await.map(Response::new).map_err(|e| to_status(&e))
     }
 
-    async fn create_snapshot(
-        &self,
-        _r: Request<vpb::CreateSnapshotRequest>,
-    ) -> Result<Response<vpb::Snapshot>, Status> {
-        Err(Status::unimplemented("snapshots are not implemented yet"))
+    async fn create_snapshot(&self, r: Request<vpb::CreateSnapshotRequest>) -> Result<Response<vpb::Snapshot>, Status> {
+        let r = r.into_inner();
+        name(&r.volume)?;
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("snapshot name is required"));
+        }
+        self.mgr.create_snapshot(r).await.map(Response::new).map_err(|e| to_status(&e))
     }
 
     async fn delete_snapshot(
         &self,
-        _r: Request<vpb::DeleteSnapshotRequest>,
+        r: Request<vpb::DeleteSnapshotRequest>,
     ) -> Result<Response<vpb::DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not implemented yet"))
+        let r = r.into_inner();
+        name(&r.volume)?;
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("snapshot name is required"));
+        }
+        let existed = self.mgr.delete_snapshot(r).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(vpb::DeleteSnapshotResponse { existed }))
     }
 
     async fn list_snapshots(
         &self,
-        _r: Request<vpb::ListSnapshotsRequest>,
+        r: Request<vpb::ListSnapshotsRequest>,
     ) -> Result<Response<vpb::ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented("snapshots are not implemented yet"))
+        let r = r.into_inner();
+        let snapshots = self.mgr.list_snapshots(&r.volume).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(vpb::ListSnapshotsResponse { snapshots }))
     }
 
-    async fn revert_snapshot(&self, _r: Request<vpb::RevertSnapshotRequest>) -> Result<Response<vpb::Volume>, Status> {
-        Err(Status::unimplemented("snapshots are not implemented yet"))
+    async fn revert_snapshot(&self, r: Request<vpb::RevertSnapshotRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.volume)?;
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("snapshot name is required"));
+        }
+        self.mgr.revert_snapshot(&r.volume, &r.name).await.map(Response::new).map_err(|e| to_status(&e))
     }
 
-    async fn clone_volume(&self, _r: Request<vpb::CloneVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
-        Err(Status::unimplemented("volume clone is not implemented yet"))
+    async fn clone_volume(&self, r: Request<vpb::CloneVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.source)?;
+        name(&r.name)?;
+        self.mgr.clone_volume(r).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn changed_blocks(
+        &self,
+        r: Request<vpb::ChangedBlocksRequest>,
+    ) -> Result<Response<vpb::ChangedBlocksResponse>, Status> {
+        let r = r.into_inner();
+        name(&r.volume)?;
+        self.mgr.changed_blocks(&r.volume, &r.from, &r.to).await.map(Response::new).map_err(|e| to_status(&e))
     }
 
     type ReadSnapshotStream =
@@ -126,15 +158,37 @@ impl Volumes for VolumeService {
 
     async fn read_snapshot(
         &self,
-        _r: Request<vpb::ReadSnapshotRequest>,
+        r: Request<vpb::ReadSnapshotRequest>,
     ) -> Result<Response<Self::ReadSnapshotStream>, Status> {
-        Err(Status::unimplemented("snapshots are not implemented yet"))
-    }
-
-    async fn changed_blocks(
-        &self,
-        _r: Request<vpb::ChangedBlocksRequest>,
-    ) -> Result<Response<vpb::ChangedBlocksResponse>, Status> {
-        Err(Status::unimplemented("changed-block tracking is not implemented yet"))
+        const PIECE: u64 = 1 << 20;
+        let r = r.into_inner();
+        name(&r.volume)?;
+        let mgr = self.mgr.clone();
+        // Fail fast on an unknown snapshot or a bad range, before the stream starts.
+        let first = PIECE.min(r.length);
+        let (node, _) = mgr.holder(&r.volume, &r.name).await.map_err(|e| to_status(&e))?;
+        let head =
+            mgr.read_snapshot_from(&node, &r.volume, &r.name, r.offset, first).await.map_err(|e| to_status(&e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            if tx.send(Ok(vpb::ReadSnapshotChunk { offset: r.offset, data: head })).await.is_err() {
+                return;
+            }
+            let (mut at, end) = (r.offset + first, r.offset + r.length);
+            while at < end {
+                let n = PIECE.min(end - at);
+                let msg = mgr
+                    .read_snapshot_from(&node, &r.volume, &r.name, at, n)
+                    .await
+                    .map(|data| vpb::ReadSnapshotChunk { offset: at, data })
+                    .map_err(|e| to_status(&e));
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+                at += n;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

@@ -11,6 +11,8 @@
 //!   meanwhile.
 //! - Attach and detach on one node are serialised (`attach_lock`): one engine per volume.
 
+mod snapshots;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;

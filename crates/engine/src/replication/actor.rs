@@ -17,10 +17,10 @@ use tokio::time::Instant;
 
 use super::event::{Command, Event};
 use super::link::{self, LinkEvent, LinkOp, Permit};
-use super::machine::Machine;
+use super::machine::{Machine, Phase};
 use super::resync::{ResyncJob, ResyncMsg, ResyncReports};
 use super::runtime::{ReplicaHealth, VolumeConfig};
-use super::transport::{ChunkData, ReplicaTransport, ResyncChunk};
+use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, SnapshotInfo};
 use super::types::{FailReason, OpId, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq};
 use crate::error::{Error, Result};
 
@@ -34,6 +34,9 @@ pub(super) enum Request {
     Change { payload: Payload, fua: bool, reply: oneshot::Sender<Result<()>> },
     Flush { reply: oneshot::Sender<Result<()>> },
     Read { offset: u64, len: u64, reply: oneshot::Sender<Result<Vec<u8>>> },
+    Snapshot { snap: SnapshotInfo, reply: oneshot::Sender<Result<SnapshotInfo>> },
+    DeleteSnapshot { name: String, reply: oneshot::Sender<Result<bool>> },
+    Expand { size: u64, reply: oneshot::Sender<Result<()>> },
 }
 
 #[derive(Debug, Clone)]
@@ -191,7 +194,104 @@ impl<T: ReplicaTransport> Actor<T> {
                 self.ops.insert(op, Reply::Read { offset, len, reply });
                 self.step(Event::ClientRead { op, now });
             }
+            Request::Snapshot { snap, reply } => self.snapshot(snap, reply),
+            Request::DeleteSnapshot { name, reply } => self.delete_snapshot(name, reply),
+            Request::Expand { size, reply } => self.expand(size, reply),
         }
+    }
+
+    /// In-sync replicas (their links carry every write in seq order), or an error when
+    /// fewer than the write quorum are.
+    fn in_sync_replicas(&self, what: &str) -> Result<Vec<ReplicaId>> {
+        let ids: Vec<ReplicaId> = (0..self.replicas.len()).filter(|&r| self.machine.status(r).in_sync()).collect();
+        let need = self.machine.write_quorum();
+        if self.machine.phase() != Phase::Active || ids.len() < need {
+            return Err(Error::Unavailable(format!(
+                "volume {}: {what} needs {need} in-sync replicas, {} are",
+                self.cfg.name,
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// A crash-consistent snapshot: the same point of the write stream (every write
+    /// assigned so far) on every in-sync replica, queued on each link after those writes;
+    /// done once a write quorum recorded it. Replicas that miss it get it by resync.
+    fn snapshot(&mut self, snap: SnapshotInfo, reply: oneshot::Sender<Result<SnapshotInfo>>) {
+        let ids = match self.in_sync_replicas("a snapshot") {
+            Ok(ids) => ids,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let snap = SnapshotInfo { seq: self.machine.last_seq(), ..snap };
+        let mut waits = Vec::new();
+        for r in ids {
+            let (tx, rx) = oneshot::channel();
+            let _ = self.link(r).ops.send(LinkOp::Snapshot { snap: snap.clone(), reply: tx });
+            waits.push(rx);
+        }
+        let (need, name) = (self.machine.write_quorum(), self.cfg.name.clone());
+        self.tasks.spawn(async move {
+            let res = quorum(waits, need).await.map(|mut got| got.swap_remove(0));
+            let _ = reply.send(res.map_err(|e| Error::Unavailable(format!("volume {name}: snapshot: {e}"))));
+        });
+    }
+
+    /// Grows every replica; all of them must be in sync (a replica left at the old size
+    /// could not take writes beyond it).
+    fn expand(&mut self, size: u64, reply: oneshot::Sender<Result<()>>) {
+        let ids = match self.in_sync_replicas("expanding") {
+            Ok(ids) if ids.len() == self.replicas.len() => ids,
+            Ok(ids) => {
+                let _ = reply.send(Err(Error::Unavailable(format!(
+                    "volume {}: expanding needs every replica in sync ({} of {} are); retry when they are healthy",
+                    self.cfg.name,
+                    ids.len(),
+                    self.replicas.len()
+                ))));
+                return;
+            }
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let mut waits = Vec::new();
+        for r in ids {
+            let (tx, rx) = oneshot::channel();
+            let _ = self.link(r).ops.send(LinkOp::Expand { size, reply: tx });
+            waits.push(rx);
+        }
+        let (need, vol) = (self.replicas.len(), self.cfg.name.clone());
+        self.tasks.spawn(async move {
+            let res = quorum(waits, need).await.map(|_| ());
+            let _ = reply.send(res.map_err(|e| Error::Unavailable(format!("volume {vol}: expand: {e}"))));
+        });
+    }
+
+    /// Deletes a snapshot on every in-sync replica (others are reconciled by resync).
+    fn delete_snapshot(&mut self, name: String, reply: oneshot::Sender<Result<bool>>) {
+        let ids = match self.in_sync_replicas("deleting a snapshot") {
+            Ok(ids) => ids,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        let mut waits = Vec::new();
+        for r in ids {
+            let (tx, rx) = oneshot::channel();
+            let _ = self.link(r).ops.send(LinkOp::DeleteSnapshot { name: name.clone(), reply: tx });
+            waits.push(rx);
+        }
+        let (need, vol) = (self.machine.write_quorum(), self.cfg.name.clone());
+        self.tasks.spawn(async move {
+            let res = quorum(waits, need).await.map(|got| got.into_iter().any(|e| e));
+            let _ = reply.send(res.map_err(|e| Error::Unavailable(format!("volume {vol}: delete snapshot: {e}"))));
+        });
     }
 
     fn on_internal(&mut self, msg: Internal) {
@@ -509,5 +609,28 @@ impl<T: ReplicaTransport> Actor<T> {
         };
         let abort = self.tasks.spawn(job.run());
         self.resyncs[r] = Some((self.gens, abort, source));
+    }
+}
+
+/// Waits for every answer; `Ok` with the successes if at least `need` succeeded, else the
+/// first error.
+async fn quorum<T>(waits: Vec<oneshot::Receiver<Result<T>>>, need: usize) -> Result<Vec<T>> {
+    let mut ok = Vec::new();
+    let mut first_err = None;
+    for rx in waits {
+        match rx.await {
+            Ok(Ok(v)) => ok.push(v),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(_) => {
+                first_err.get_or_insert(Error::Unavailable("replica link closed".into()));
+            }
+        }
+    }
+    if ok.len() >= need.max(1) {
+        Ok(ok)
+    } else {
+        Err(first_err.unwrap_or_else(|| Error::Unavailable("no replica answered".into())))
     }
 }

@@ -12,9 +12,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, WriteAck, WriteReq, WriteStream};
+use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream};
 use super::types::{ReplicaSeqs, Seq};
 use crate::error::{Error, Result};
+use crate::grpc::snapshots::{snapshot_from_pb, snapshot_to_pb};
 
 /// Depth of the request queue of a write stream (above the link's in-flight limit).
 const STREAM_QUEUE: usize = 2 * super::link::MAX_IN_FLIGHT;
@@ -200,5 +201,47 @@ impl ReplicaTransport for GrpcReplica {
         let req = pb::EndResyncRequest { volume_id: self.volume.clone(), epoch };
         let r = self.client.clone().end_resync(req).await.map_err(|s| self.status("end resync", epoch, s))?;
         Ok(r.into_inner().durable_seq)
+    }
+
+    async fn create_snapshot(&self, epoch: u64, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        let req =
+            pb::CreateSnapshotRequest { volume_id: self.volume.clone(), epoch, snapshot: Some(snapshot_to_pb(snap)) };
+        let r = self.client.clone().create_snapshot(req).await.map_err(|s| self.status("create snapshot", epoch, s))?;
+        Ok(snapshot_from_pb(r.into_inner()))
+    }
+
+    async fn delete_snapshot(&self, epoch: u64, name: &str) -> Result<bool> {
+        let req = pb::DeleteSnapshotRequest { volume_id: self.volume.clone(), epoch, name: name.to_string() };
+        let r = self.client.clone().delete_snapshot(req).await.map_err(|s| self.status("delete snapshot", epoch, s))?;
+        Ok(r.into_inner().existed)
+    }
+
+    async fn expand(&self, epoch: u64, new_size: u64) -> Result<()> {
+        let req = pb::ExpandRequest { volume_id: self.volume.clone(), epoch, new_size };
+        self.client.clone().expand(req).await.map_err(|s| self.status("expand", epoch, s))?;
+        Ok(())
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let req = pb::ListSnapshotsRequest { volume_id: self.volume.clone() };
+        let r = self.client.clone().list_snapshots(req).await.map_err(|s| self.status("list snapshots", 0, s))?;
+        Ok(r.into_inner().snapshots.into_iter().map(snapshot_from_pb).collect())
+    }
+
+    async fn read_snapshot(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let req =
+            pb::ReadSnapshotRequest { volume_id: self.volume.clone(), name: name.to_string(), offset, length: len };
+        let r = self.client.clone().read_snapshot(req).await.map_err(|s| self.status("read snapshot", 0, s))?;
+        Ok(r.into_inner().data)
+    }
+
+    async fn changed_blocks(&self, from: Option<&str>, to: Option<&str>) -> Result<Vec<(u64, u64)>> {
+        let req = pb::ChangedBlocksRequest {
+            volume_id: self.volume.clone(),
+            from: from.unwrap_or_default().to_string(),
+            to: to.unwrap_or_default().to_string(),
+        };
+        let r = self.client.clone().changed_blocks(req).await.map_err(|s| self.status("changed blocks", 0, s))?;
+        Ok(r.into_inner().runs.into_iter().map(|r| (r.start, r.count)).collect())
     }
 }

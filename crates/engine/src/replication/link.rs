@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use tokio::sync::{mpsc, OwnedSemaphorePermit};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
-use super::transport::{ReplicaTransport, ResyncChunk, WriteAck, WriteReq, WriteStream};
+use super::transport::{ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream};
 use super::types::{ReplicaId, Seq};
 use crate::error::{Error, Result};
 
@@ -47,6 +47,19 @@ pub(super) enum LinkOp {
     /// Flush the target and record resync progress below `offset`.
     CheckpointResync {
         offset: u64,
+    },
+    /// Record a snapshot after every write queued before it.
+    Snapshot {
+        snap: SnapshotInfo,
+        reply: oneshot::Sender<Result<SnapshotInfo>>,
+    },
+    DeleteSnapshot {
+        name: String,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+    Expand {
+        size: u64,
+        reply: oneshot::Sender<Result<()>>,
     },
 }
 
@@ -211,6 +224,23 @@ impl<T: ReplicaTransport> Link<T> {
                 self.drain(acks).await?;
                 let durable_seq = with_timeout(t, "flush", r.flush(epoch)).await?;
                 self.report(LinkEvent::Flushed { durable_seq });
+                Ok(())
+            }
+            LinkOp::Snapshot { snap, reply } => {
+                // Its answer goes to the caller; it does not fail the link (a replica
+                // that cannot take it is reconciled by resync).
+                self.drain(acks).await?;
+                let _ = reply.send(with_timeout(t, "create snapshot", r.create_snapshot(epoch, snap)).await);
+                Ok(())
+            }
+            LinkOp::Expand { size, reply } => {
+                self.drain(acks).await?;
+                let _ = reply.send(with_timeout(t, "expand", r.expand(epoch, size)).await);
+                Ok(())
+            }
+            LinkOp::DeleteSnapshot { name, reply } => {
+                self.drain(acks).await?;
+                let _ = reply.send(with_timeout(t, "delete snapshot", r.delete_snapshot(epoch, &name)).await);
                 Ok(())
             }
             LinkOp::CheckpointResync { offset } => {

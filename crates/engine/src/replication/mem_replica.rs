@@ -16,7 +16,7 @@ use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, WriteAck, WriteReq, WriteStream};
+use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream};
 use super::types::{ReplicaSeqs, Seq};
 use crate::error::{Error, Result};
 
@@ -40,6 +40,8 @@ struct State {
     resync_from: Option<Seq>,
     resync_done: Option<(u64, Seq)>,
     resync_done_epoch: u64,
+    /// Snapshots: the record and a copy of the data it saw.
+    snapshots: BTreeMap<String, (SnapshotInfo, Data)>,
     down: bool,
     fail_writes: bool,
     naive_resync: bool,
@@ -381,5 +383,86 @@ impl ReplicaTransport for MemReplica {
         s.resync_from = None;
         s.resync_done = None;
         Ok(Self::make_durable(&mut s))
+    }
+
+    async fn create_snapshot(&self, epoch: u64, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        let mut s = self.lock();
+        self.check(&s, epoch)?;
+        if let Some((got, _)) = s.snapshots.get(&snap.name) {
+            return Ok(got.clone());
+        }
+        if s.data.last_seq > snap.seq {
+            return Err(Error::Unavailable(format!("replica {}: already past seq {}", self.name, snap.seq)));
+        }
+        Self::make_durable(&mut s);
+        let snap = SnapshotInfo { size: self.size, ..snap };
+        let data = s.data.clone();
+        s.snapshots.insert(snap.name.clone(), (snap.clone(), data));
+        Ok(snap)
+    }
+
+    async fn delete_snapshot(&self, epoch: u64, name: &str) -> Result<bool> {
+        let mut s = self.lock();
+        self.check(&s, epoch)?;
+        Ok(s.snapshots.remove(name).is_some())
+    }
+
+    async fn expand(&self, _epoch: u64, _new_size: u64) -> Result<()> {
+        Err(Error::Unsupported(format!("replica {}: in-memory replicas have a fixed size", self.name)))
+    }
+
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        let s = self.lock();
+        if s.down {
+            return Err(Error::Unavailable(format!("replica {} is down", self.name)));
+        }
+        let mut out: Vec<SnapshotInfo> = s.snapshots.values().map(|(i, _)| i.clone()).collect();
+        out.sort_by(|a, b| (a.seq, &a.name).cmp(&(b.seq, &b.name)));
+        Ok(out)
+    }
+
+    async fn read_snapshot(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let s = self.lock();
+        if s.down {
+            return Err(Error::Unavailable(format!("replica {} is down", self.name)));
+        }
+        self.check_range(offset, len)?;
+        let (_, data) = s
+            .snapshots
+            .get(name)
+            .ok_or_else(|| Error::NotFound(format!("replica {}: no snapshot {name}", self.name)))?;
+        let mut out = vec![0u8; len as usize];
+        for (&b, (d, _)) in data.blocks.range(offset / BLOCK..(offset + len) / BLOCK) {
+            let at = (b * BLOCK - offset) as usize;
+            out[at..at + d.len()].copy_from_slice(d);
+        }
+        Ok(out)
+    }
+
+    async fn changed_blocks(&self, from: Option<&str>, to: Option<&str>) -> Result<Vec<(u64, u64)>> {
+        let s = self.lock();
+        let get = |n: Option<&str>| -> Result<Data> {
+            match n {
+                None => Ok(Data::default()),
+                Some(n) => s
+                    .snapshots
+                    .get(n)
+                    .map(|(_, d)| d.clone())
+                    .ok_or_else(|| Error::NotFound(format!("replica {}: no snapshot {n}", self.name))),
+            }
+        };
+        let a = get(from)?;
+        let b = if to.is_none() { s.data.clone() } else { get(to)? };
+        let mut blocks: Vec<u64> = a.blocks.keys().chain(b.blocks.keys()).copied().collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for blk in blocks.into_iter().filter(|k| a.blocks.get(k).map(|x| &x.0) != b.blocks.get(k).map(|x| &x.0)) {
+            match runs.last_mut() {
+                Some((start, count)) if *start + *count == blk => *count += 1,
+                _ => runs.push((blk, 1)),
+            }
+        }
+        Ok(runs)
     }
 }

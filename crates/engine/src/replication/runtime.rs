@@ -5,6 +5,7 @@
 //! Boundary: frontends see only [`BlockDevice`]. Requests reach the actor through a bounded
 //! channel (backpressure) and are validated (alignment, range) before they are queued.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::actor::{Actor, Payload, Request, Shared};
 use super::machine::Machine;
-use super::transport::ReplicaTransport;
+use super::transport::{ReplicaTransport, SnapshotInfo};
 use super::types::{MachineConfig, ReplicaStatus, Seq};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
@@ -69,7 +70,8 @@ pub struct ReplicaHealth {
 /// pending requests then fail with `Unavailable`.
 pub struct ReplicatedVolume {
     name: String,
-    size: u64,
+    /// Grows online (`expand`).
+    size: AtomicU64,
     block_size: u32,
     tx: mpsc::Sender<Request>,
     shared: Arc<Mutex<Shared>>,
@@ -120,7 +122,7 @@ impl ReplicatedVolume {
         let res = attached_rx
             .await
             .unwrap_or_else(|_| Err(Error::Internal(format!("volume {}: actor ended during attach", cfg.name))));
-        let vol = Self { name: cfg.name, size: cfg.size, block_size: cfg.block_size, tx, shared, task };
+        let vol = Self { name: cfg.name, size: cfg.size.into(), block_size: cfg.block_size, tx, shared, task };
         res.map(|_| vol)
     }
 
@@ -132,6 +134,37 @@ impl ReplicatedVolume {
     /// Replica states (for the CLI and metrics).
     pub fn replicas(&self) -> Vec<ReplicaHealth> {
         self.lock().replicas.clone()
+    }
+
+    /// Takes a crash-consistent snapshot (see `replication` module docs, "Snapshots"): its
+    /// seq is the last write assigned before it. Idempotent by name on each replica.
+    pub async fn snapshot(&self, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        self.call(|reply| Request::Snapshot { snap, reply }).await
+    }
+
+    /// Deletes a snapshot on the in-sync replicas; `true` if any had it.
+    pub async fn delete_snapshot(&self, name: &str) -> Result<bool> {
+        let name = name.to_string();
+        self.call(|reply| Request::DeleteSnapshot { name, reply }).await
+    }
+
+    /// Grows the volume online: every replica first, then the engine's size (new NBD
+    /// connections see it). The same size is OK; shrinking is refused.
+    pub async fn expand(&self, new_size: u64) -> Result<()> {
+        let size = self.size.load(Ordering::Acquire);
+        let bs = u64::from(self.block_size);
+        if new_size < size || !new_size.is_multiple_of(bs) {
+            return Err(Error::InvalidArgument(format!(
+                "volume {}: new size {new_size} must be a multiple of {bs} and at least the current size {size}",
+                self.name
+            )));
+        }
+        if new_size == size {
+            return Ok(());
+        }
+        self.call(|reply| Request::Expand { size: new_size, reply }).await?;
+        self.size.fetch_max(new_size, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Stops the actor and waits for it.
@@ -153,8 +186,9 @@ impl ReplicatedVolume {
                 self.name
             )));
         }
-        if offset.checked_add(len).is_none_or(|end| end > self.size) {
-            return Err(Error::OutOfRange { volume: self.name.clone(), offset, length: len, size: self.size });
+        let size = self.size.load(Ordering::Acquire);
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Error::OutOfRange { volume: self.name.clone(), offset, length: len, size });
         }
         Ok(())
     }
@@ -169,7 +203,7 @@ impl ReplicatedVolume {
 
 impl BlockDevice for ReplicatedVolume {
     fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
     }
     fn block_size(&self) -> u32 {
         self.block_size

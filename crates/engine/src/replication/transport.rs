@@ -19,6 +19,7 @@ pub use super::grpc_replica::GrpcReplica;
 pub use super::mem_replica::{MemReplica, MemStats};
 use super::types::{ReplicaSeqs, Seq};
 use crate::error::Result;
+pub use crate::replica::SnapshotInfo;
 
 /// One request on a replica's write stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,6 +99,22 @@ pub trait ReplicaTransport: Send + Sync + 'static {
     /// Flushes, then records that every block below `offset` is complete up to the durable
     /// seq.
     fn checkpoint_resync(&self, epoch: u64, offset: u64) -> impl Future<Output = Result<()>> + Send;
+    /// Flushes, then records snapshot `snap` at `snap.seq` (ordered after every write up
+    /// to it by the caller). Idempotent by name.
+    fn create_snapshot(&self, epoch: u64, snap: SnapshotInfo) -> impl Future<Output = Result<SnapshotInfo>> + Send;
+    /// Deletes a snapshot; `false` if there was none.
+    fn delete_snapshot(&self, epoch: u64, name: &str) -> impl Future<Output = Result<bool>> + Send;
+    fn list_snapshots(&self) -> impl Future<Output = Result<Vec<SnapshotInfo>>> + Send;
+    /// Grows the replica to `new_size`.
+    fn expand(&self, epoch: u64, new_size: u64) -> impl Future<Output = Result<()>> + Send;
+    fn read_snapshot(&self, name: &str, offset: u64, len: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    /// Runs `(first block, count)` that may differ between snapshot `from` (None: empty)
+    /// and `to` (None: live).
+    fn changed_blocks(
+        &self,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<(u64, u64)>>> + Send;
     /// Applies copied chunks; a chunk never replaces a block written at a newer seq (see
     /// [`crate::replication`], "Resync ordering"). Returns how many were applied.
     fn apply_resync(&self, epoch: u64, chunks: Vec<ResyncChunk>) -> impl Future<Output = Result<u64>> + Send;
