@@ -5,7 +5,8 @@
 #   --size-mib   image size (default 1024)
 #   --workdir    scratch directory (default: a fresh temp dir, removed unless --keep)
 #   --no-volume  skip the volume case
-# Env: HLSTORE_BIN (default: builds `cargo build --release --bin hlstore`).
+# Env: HLSTORE_BIN (default: builds `cargo build --release --bin hlstore`); PY_NBD, a
+# python with the libnbd module (default /usr/bin/python3).
 #
 # Measures, per tool: full backup time, backup time after changing 1 % of the image in
 # scattered 64 KiB runs, restore time, repository size, repository growth after the
@@ -139,9 +140,10 @@ for tool in hlstore restic borg; do
 done
 
 [ "$VOLUME" = 1 ] || exit 0
-for t in nbdcopy; do
-  command -v "$t" >/dev/null || { echo "missing $t" >&2; exit 1; }
-done
+# Debian's python3-libnbd lives in the system interpreter.
+PY_NBD="${PY_NBD:-/usr/bin/python3}"
+command -v nbdcopy >/dev/null || { echo "missing nbdcopy" >&2; exit 1; }
+"$PY_NBD" -c 'import nbd' 2>/dev/null || { echo "missing python3-libnbd for $PY_NBD" >&2; exit 1; }
 echo "running the volume case..." >&2
 reset_image
 URI=$("$HLSTORE_BIN" dev up --dir "$WORK/cluster" --nodes 3 --volume bvol --size "${SIZE_MIB}MiB" --replicas 3)
@@ -151,7 +153,7 @@ nbdcopy "$IMG" "$URI"
 VREPO="$WORK/repo-volume"
 "$HLSTORE_BIN" backup init --repo "$VREPO" >/dev/null
 timed hlstore-vol-full "$HLSTORE_BIN" backup create --repo "$VREPO" --volume bvol --endpoint "$EP" --json
-VCHANGED=$(python3 "$ROOT/benches/backup_mkimage.py" change "$IMG" 1 64 7 "$URI")
+VCHANGED=$("$PY_NBD" "$ROOT/benches/backup_mkimage.py" change "$IMG" 1 64 7 "$URI")
 timed hlstore-vol-incr "$HLSTORE_BIN" backup create --repo "$VREPO" --volume bvol --endpoint "$EP" --json
 timed restic-vol-incr restic -r "$WORK/repo-restic" backup "$IMG"
 field() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(v[sys.argv[2]])' "$WORK/$1.out" "$2"; }

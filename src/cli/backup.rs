@@ -1,7 +1,7 @@
 //! `hlstore backup ...` and `hlstore restore ...`: argument parsing and output only; the
 //! engine lives in `hlstore_backup`. The engine is synchronous (its S3 backend blocks on
 //! its own runtime), so every command runs it in `spawn_blocking`. Volume backups and
-//! restores reach the node agent through `volume_agent::GrpcAgent`.
+//! restores are in `volume_backup.rs`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,11 +13,8 @@ use hlstore_backup::{
     self as hb, ChunkerConfig, KdfParams, KeepPolicy, Progress, PruneOptions, RepoConfig, Repository, RestoreTarget,
 };
 
-use hlstore_backup::volume::{VolumeBackupOptions, VolumeRestoreOptions};
-use tokio::runtime::Handle;
-
 use super::size::format_size;
-use super::volume_agent::GrpcAgent;
+use super::volume_backup;
 
 /// Where the repository is and how to open it.
 #[derive(Debug, Clone, Args)]
@@ -274,42 +271,7 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
         }
         BackupCommand::Create { repo, volume: Some(volume), endpoint, labels, json, .. } => {
             let r = repo.open()?;
-            let agent = GrpcAgent::connect(Handle::current(), &endpoint)?;
-            let opts =
-                VolumeBackupOptions { labels: labels.into_iter().collect(), progress: true, ..Default::default() };
-            let rep = hb::volume::backup_volume(&r, &agent, &volume, opts)?;
-            let meta = &rep.backup.meta;
-            if json {
-                let mut v = serde_json::to_value(&rep)?;
-                v["id"] = meta.id.clone().into();
-                v["size"] = meta.size.into();
-                v["parent"] = serde_json::to_value(&meta.parent)?;
-                v["labels"] = serde_json::to_value(&meta.labels)?;
-                v["stats"] = serde_json::to_value(&meta.stats)?;
-                println!("{v}");
-            } else {
-                let how = match &rep.base {
-                    Some(b) => format!("incremental from {b}"),
-                    None => "full".to_string(),
-                };
-                println!(
-                    "backup {} of volume {} ({}, snapshot {}): {how}, read {} ({} changed), {} new, {} stored",
-                    meta.id,
-                    volume,
-                    format_size(meta.size),
-                    rep.volume_snapshot,
-                    format_size(rep.bytes_read),
-                    format_size(rep.bytes_changed),
-                    format_size(meta.stats.new_bytes),
-                    format_size(meta.stats.stored_bytes),
-                );
-                if !rep.deleted_snapshots.is_empty() {
-                    println!("deleted older backup snapshots: {}", rep.deleted_snapshots.join(", "));
-                }
-                for e in &rep.retention_errors {
-                    println!("warning: old backup snapshot not deleted: {e}");
-                }
-            }
+            volume_backup::backup(&r, &endpoint, &volume, labels.into_iter().collect(), json)?;
         }
         BackupCommand::Create { repo, source, labels, parent, json, .. } => {
             let Some(source) = source else { bail!("give --source or --volume") };
@@ -467,7 +429,7 @@ pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     blocking(move || {
         let r = args.repo.open()?;
         if let Some(volume) = &args.to_volume {
-            return restore_volume(&r, &args, volume);
+            return volume_backup::restore(&r, &args, volume);
         }
         let target = match (&args.to_file, &args.to_device) {
             (Some(f), None) => RestoreTarget::File(f.clone()),
@@ -497,27 +459,4 @@ pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
         Ok(())
     })
     .await
-}
-
-fn restore_volume(r: &Repository, args: &RestoreArgs, volume: &str) -> anyhow::Result<()> {
-    if !(1..=5).contains(&args.replicas) {
-        bail!("--replicas must be between 1 and 5");
-    }
-    let agent = GrpcAgent::connect(Handle::current(), &args.endpoint)?;
-    let opts = VolumeRestoreOptions { replicas: args.replicas, progress: true, workers: args.parallel.max(1) };
-    let rep = hb::volume::restore_to_volume(r, &agent, &args.id, volume, opts)?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&rep)?);
-    } else {
-        println!(
-            "restored backup {} into new volume {} ({}, {} replicas): {} written, {} packs fetched",
-            rep.stats.snapshot,
-            rep.volume,
-            format_size(rep.volume_size),
-            rep.replicas,
-            format_size(rep.stats.bytes_written),
-            rep.stats.packs_fetched
-        );
-    }
-    Ok(())
 }

@@ -2,6 +2,7 @@
 //! exists), then apply snapshot retention. See the module header for the invariants.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use serde::Serialize;
 
@@ -58,15 +59,18 @@ pub fn backup_volume(
     if volume.is_empty() {
         return Err(Error::Invalid("empty volume name".into()));
     }
+    let started = Instant::now();
     let repo_id = repo.config().id.clone();
     let chunker = repo.config().chunker;
     let existing = agent.list_snapshots(volume)?;
     let backups = repo.list_snapshots()?;
     let base = plan::choose_base(&backups, volume, &existing, chunker).cloned();
+    tracing::debug!(volume, base = ?base.as_ref().map(|b| &b.id), elapsed = ?started.elapsed(), "base chosen");
 
     let name = plan::snapshot_name(now_secs(), rand::random());
     let snap_labels: BTreeMap<String, String> = [(SNAPSHOT_LABEL_REPO.to_string(), repo_id.clone())].into();
     let snap = agent.create_snapshot(volume, &name, &snap_labels)?;
+    tracing::debug!(volume, snapshot = %snap.name, elapsed = ?started.elapsed(), "snapshot taken");
     if snap.size == 0 {
         let _ = agent.delete_snapshot(volume, &snap.name);
         return Err(Error::Agent(format!("snapshot {} of volume {volume} reports size 0", snap.name)));
@@ -83,7 +87,9 @@ pub fn backup_volume(
         }
     };
 
+    tracing::debug!(volume, elapsed = ?started.elapsed(), "backup stored");
     let (deleted_snapshots, retention_errors) = retention(agent, &repo_id, &snap);
+    tracing::debug!(volume, elapsed = ?started.elapsed(), "retention done");
     Ok(VolumeBackupReport {
         backup,
         volume: volume.to_string(),
@@ -109,17 +115,18 @@ fn run_backup(
     let volume = snap.volume.as_str();
     // CBT needs chunk boundaries that do not move: fixed chunks and an unchanged size.
     let base = base.filter(|b| b.size == snap.size && matches!(chunker, ChunkerConfig::Fixed { .. }));
-    let allocated = agent.changed_blocks(volume, "", &snap.name)?;
-    let base_snap_changed = match base.and_then(|b| b.labels.get(plan::LABEL_VOLUME_SNAPSHOT)) {
-        Some(from) if !from.is_empty() => Some(agent.changed_blocks(volume, from, &snap.name)?),
-        _ => None,
+    let t = Instant::now();
+    // Incremental: read the chunks around the changed extents. Full: read the allocated
+    // extents only (the allocation map is not worth its scan for an incremental).
+    let (allocated, changed) = match base.and_then(|b| b.labels.get(plan::LABEL_VOLUME_SNAPSHOT)) {
+        Some(from) if !from.is_empty() => (None, Some(agent.changed_blocks(volume, from, &snap.name)?)),
+        _ => (Some(agent.changed_blocks(volume, "", &snap.name)?), None),
     };
-    let incremental = base_snap_changed.is_some();
-    let bytes_changed = match &base_snap_changed {
-        Some(c) => plan::total(&plan::merge_ranges(c, 0, snap.size)),
-        None => plan::total(&plan::merge_ranges(&allocated, 0, snap.size)),
-    };
-    let source = VolumeSource::new(agent, volume, &snap.name, snap.size, Some(allocated), base_snap_changed);
+    let incremental = changed.is_some();
+    let extents = changed.as_ref().or(allocated.as_ref()).map(|e| e.as_slice()).unwrap_or_default();
+    let bytes_changed = plan::total(&plan::merge_ranges(extents, 0, snap.size));
+    tracing::debug!(volume, incremental, extents = extents.len(), elapsed = ?t.elapsed(), "extents read");
+    let source = VolumeSource::new(agent, volume, &snap.name, snap.size, allocated, changed);
     let total = if incremental { bytes_changed } else { snap.size };
     let progress = if opts.progress { Progress::auto(&format!("backup {volume}"), total) } else { Progress::hidden() };
     let bopts = BackupOptions {

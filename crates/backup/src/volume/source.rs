@@ -16,6 +16,10 @@ use crate::source::Source;
 /// few zero bytes more).
 pub const READ_GAP: u64 = 64 * 1024;
 
+/// Snapshot reads in flight at once: each is a round trip to a replica, so a few at once
+/// keep the replicas and the link busy.
+pub const PARALLEL_READS: usize = 4;
+
 /// A volume snapshot read through a [`VolumeAgent`].
 pub struct VolumeSource<'a> {
     agent: &'a dyn VolumeAgent,
@@ -89,5 +93,9 @@ impl Source for VolumeSource<'_> {
 
     fn changed_ranges(&self) -> Option<Vec<Range<u64>>> {
         self.changed.clone()
+    }
+
+    fn parallel_reads(&self) -> usize {
+        PARALLEL_READS
     }
 }
