@@ -105,8 +105,9 @@ pub enum BackupCommand {
         /// Label to attach (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
-        /// Parent backup (default: the newest backup of the same source).
-        #[arg(long)]
+        /// Parent backup (default: the newest backup of the same source). A volume backup
+        /// chooses its own: the newest one whose snapshot still exists.
+        #[arg(long, conflicts_with = "volume")]
         parent: Option<String>,
         /// Print JSON.
         #[arg(long)]
