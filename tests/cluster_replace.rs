@@ -33,9 +33,13 @@ fn replica_on_a_dead_node_is_replaced_by_a_sparse_full_copy_on_a_new_node() {
     assert_eq!(v["replica_set"], serde_json::json!(["n1", "n2", "n3"]), "{v}");
     // 12 MiB of data in a 256 MiB volume.
     qemu_io(&uri, &["write -P 0x5a 0 8M", "write -P 0x33 128M 4M"]);
+    // A snapshot, then 1 MiB overwritten: the rebuilt replica must carry the snapshot with
+    // the version it saw.
+    let ep = c.endpoint("n1");
+    c.cli(&["snapshot", "create", "r", "before", "--endpoint", &ep]);
+    qemu_io(&uri, &["write -P 0x66 0 1M"]);
     c.kill9("n3");
 
-    let ep = c.endpoint("n1");
     let out = c.cli(&["volume", "replace-replica", "r", "--from", "n3", "--to", "n4", "--endpoint", &ep]);
     assert!(out.contains("replicas now n1, n2, n4"), "{out}");
     let v = c.wait_all_healthy("r", WAIT);
@@ -55,27 +59,31 @@ fn replica_on_a_dead_node_is_replaced_by_a_sparse_full_copy_on_a_new_node() {
     c.kill9("n1");
     let ep4 = c.endpoint("n4");
     let uri4 = c.cli(&["volume", "attach", "r", "--node", "n4", "--endpoint", &ep4]).trim().to_string();
-    qemu_io(&uri4, &["read -P 0x5a 0 8M", "read -P 0x33 128M 4M", "read -P 0x77 64M 1M", "read -P 0 8M 56M"]);
-    // And read n4's replica directly, bypassing the engine.
-    for (offset, len, fill) in [("0", 8 * MIB, 0x5a_u8), ("128MiB", 4 * MIB, 0x33), ("64MiB", MIB, 0x77)] {
+    qemu_io(
+        &uri4,
+        &["read -P 0x66 0 1M", "read -P 0x5a 1M 7M", "read -P 0x33 128M 4M", "read -P 0x77 64M 1M", "read -P 0 8M 56M"],
+    );
+    // And read n4's replica directly, bypassing the engine: live data and the snapshot.
+    let reads = [
+        ("0", MIB, 0x66_u8, None),
+        ("1MiB", 7 * MIB, 0x5a, None),
+        ("128MiB", 4 * MIB, 0x33, None),
+        ("64MiB", MIB, 0x77, None),
+        ("0", 2 * MIB, 0x5a, Some("before")),
+        ("64MiB", MIB, 0, Some("before")),
+    ];
+    for (offset, len, fill, snap) in reads {
         let out = c.path().join("direct.bin");
         let (len_s, out_s) = (len.to_string(), out.to_str().unwrap().to_string());
-        c.cli(&[
-            "replica",
-            "read",
-            "r",
-            "--offset",
-            offset,
-            "--length",
-            &len_s,
-            "--output",
-            &out_s,
-            "--endpoint",
-            &ep4,
-        ]);
+        let mut args = vec!["replica", "read", "r", "--offset", offset, "--length", &len_s, "--output", &out_s];
+        args.extend(["--endpoint", &ep4]);
+        if let Some(s) = snap {
+            args.extend(["--snapshot", s]);
+        }
+        c.cli(&args);
         let data = std::fs::read(&out).unwrap();
         assert_eq!(data.len() as u64, len);
-        assert!(data.iter().all(|&b| b == fill), "n4's replica at {offset} does not hold 0x{fill:02x}");
+        assert!(data.iter().all(|&b| b == fill), "n4's replica ({snap:?}) at {offset} does not hold 0x{fill:02x}");
     }
 
     // The old node comes back: it is not part of the volume any more and does not take

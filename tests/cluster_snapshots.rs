@@ -95,3 +95,80 @@ fn snapshot_revert_clone_expand() {
     let out = run_tool(Command::new(env!("CARGO_BIN_EXE_hlstore")).args(["snapshot", "--help"]), TOOL_TIMEOUT);
     assert!(String::from_utf8_lossy(&out.stdout).contains("revert"));
 }
+
+/// The bytes of `snap` on `node`'s own replica (not through an engine).
+fn replica_snapshot(c: &Cluster, node: &str, snap: &str, len: u64) -> Vec<u8> {
+    let ep = c.endpoint(node);
+    let mut out = Vec::new();
+    for off in (0..len).step_by((2 * MIB) as usize) {
+        let o = Command::new(env!("CARGO_BIN_EXE_hlstore"))
+            .args(["replica", "read", VOLUME, "--snapshot", snap, "--endpoint", &ep])
+            .args(["--offset", &off.to_string(), "--length", &(2 * MIB).to_string()])
+            .output()
+            .expect("run hlstore replica read");
+        assert!(o.status.success(), "replica read on {node}: {}", String::from_utf8_lossy(&o.stderr));
+        out.extend(o.stdout);
+    }
+    out
+}
+
+/// A replica node that is SIGKILLed around snapshot create and delete ends up with exactly
+/// the snapshots of its peers, byte-identical, once it has resynced.
+#[test]
+fn snapshots_survive_a_replica_sigkill() {
+    let c = Cluster::new();
+    let uri = c.up(&["--nodes", "3", "--volume", VOLUME, "--size", "64MiB"]);
+    let ep = c.endpoint("n1");
+    let cli = |args: &[&str]| {
+        let mut a = args.to_vec();
+        a.extend(["--endpoint", &ep]);
+        c.cli(&a)
+    };
+    qemu_io(&uri, &["write -P 0x11 0 16M"]);
+    cli(&["snapshot", "create", VOLUME, "k0"]);
+    qemu_io(&uri, &["write -P 0x12 0 4M"]);
+
+    // Killed while snapshots are being taken: every create that succeeded must end up on
+    // every replica.
+    let killer = {
+        let pid = c.pid("n3").expect("n3 runs");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(700));
+            // SAFETY: kill(2) on the pid of this test's own node agent.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        })
+    };
+    let mut taken = Vec::new();
+    for i in 0..12 {
+        let name = format!("k{}", i + 1);
+        let (ok, _, _) = c.try_cli(&["snapshot", "create", VOLUME, &name, "--endpoint", &ep]);
+        if ok {
+            taken.push(name);
+        }
+        qemu_io(&uri, &[&format!("write -P {} {}M 1M", 0x20 + i, i)]);
+    }
+    killer.join().expect("killer thread");
+    assert!(taken.len() >= 10, "snapshots must keep working with one replica down: {taken:?}");
+    c.wait_until("n3 marked failed", Duration::from_secs(60), || {
+        let v = c.volume_show("n1", VOLUME);
+        (Cluster::replica_of(&v, "n3")?["state"] == "failed").then_some(())
+    });
+    // Deleted while n3 is down: n3 must drop it when it comes back.
+    assert!(cli(&["snapshot", "delete", VOLUME, "k0"]).contains("deleted"));
+    qemu_io(&uri, &["write -P 0x77 32M 8M"]);
+
+    c.start_one("n3");
+    c.wait_all_healthy(VOLUME, Duration::from_secs(120));
+    let list = json(&c, &["snapshot", "list", VOLUME, "--json", "--endpoint", &ep]);
+    let names: Vec<&str> = list.as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    for t in &taken {
+        assert!(names.contains(&t.as_str()), "{t} lost: {list}");
+    }
+    assert!(!names.contains(&"k0"), "k0 was deleted: {list}");
+    assert!(list.as_array().unwrap().iter().all(|s| s["ready"] == true), "every replica holds every snapshot: {list}");
+    for snap in [taken.first().unwrap(), taken.last().unwrap()] {
+        let want = replica_snapshot(&c, "n1", snap, 48 * MIB);
+        assert!(replica_snapshot(&c, "n3", snap, 48 * MIB) == want, "{snap} differs on n3");
+        assert!(replica_snapshot(&c, "n2", snap, 48 * MIB) == want, "{snap} differs on n2");
+    }
+}

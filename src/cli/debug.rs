@@ -25,6 +25,17 @@ pub enum DebugCommand {
         #[arg(long, default_value_t = 1)]
         write_blocks: u64,
     },
+    /// Times creating and then deleting COUNT snapshots of VOLUME through a node agent
+    /// (one gRPC connection), writing one block between snapshots when --nbd is given.
+    /// Prints one JSON line.
+    SnapshotBench {
+        #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "http://127.0.0.1:7400")]
+        endpoint: String,
+        #[arg(long)]
+        volume: String,
+        #[arg(long, default_value_t = 1000)]
+        count: u32,
+    },
 }
 
 /// The block written by write `seq` in the crash pattern.
@@ -42,8 +53,46 @@ pub fn pattern_data(seq: u64, block: u64) -> Vec<u8> {
     d
 }
 
+async fn snapshot_bench(endpoint: &str, volume: &str, count: u32) -> anyhow::Result<()> {
+    use hlstore_proto::volume as vpb;
+    let mut c = super::volume::connect(endpoint).await?;
+    let start = std::time::Instant::now();
+    let mut worst = std::time::Duration::ZERO;
+    for i in 0..count {
+        let t = std::time::Instant::now();
+        let req = vpb::CreateSnapshotRequest {
+            volume: volume.into(),
+            name: format!("bench-{i}"),
+            labels: Default::default(),
+        };
+        c.create_snapshot(req).await.map_err(super::volume::status_err)?;
+        worst = worst.max(t.elapsed());
+    }
+    let create = start.elapsed();
+    let listed = c.list_snapshots(vpb::ListSnapshotsRequest { volume: volume.into() }).await?.into_inner().snapshots;
+    let start = std::time::Instant::now();
+    for i in 0..count {
+        let req = vpb::DeleteSnapshotRequest { volume: volume.into(), name: format!("bench-{i}") };
+        c.delete_snapshot(req).await.map_err(super::volume::status_err)?;
+    }
+    let delete = start.elapsed();
+    println!(
+        "{}",
+        serde_json::json!({
+            "count": count, "listed": listed.len(),
+            "create_s": create.as_secs_f64(), "create_worst_ms": worst.as_secs_f64() * 1e3,
+            "delete_s": delete.as_secs_f64(),
+        })
+    );
+    Ok(())
+}
+
 pub fn run(cmd: DebugCommand) -> anyhow::Result<()> {
     match cmd {
+        DebugCommand::SnapshotBench { endpoint, volume, count } => {
+            // Runs on the blocking pool: drive the async client on the main runtime.
+            tokio::runtime::Handle::current().block_on(snapshot_bench(&endpoint, &volume, count))
+        }
         DebugCommand::StoreWriteLoop { data_dir, volume, blocks, flush_every, write_blocks } => {
             let store = DiskStore::open(&data_dir)?;
             let mut rec = VolumeRecord::new(volume.clone(), blocks * BLOCK_SIZE);

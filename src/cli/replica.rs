@@ -65,6 +65,9 @@ pub enum ReplicaCommand {
         length: u64,
         #[arg(long, default_value = "-")]
         output: PathBuf,
+        /// Read this snapshot of the replica instead of its live data.
+        #[arg(long)]
+        snapshot: Option<String>,
     },
 }
 
@@ -177,13 +180,18 @@ pub async fn run(ep: Endpoint, cmd: ReplicaCommand) -> anyhow::Result<()> {
             let ack = acks.message().await.map_err(status_err)?.context("the node closed the write stream")?;
             println!("wrote {len} bytes to {name} at offset {offset} (seq {}, durable {})", ack.seq, ack.durable_seq);
         }
-        ReplicaCommand::Read { name, offset, length, output } => {
-            let st = c.state(pb::StateRequest { volume_id: name.clone() }).await.map_err(status_err)?.into_inner();
-            let r = c
-                .read(pb::ReadRequest { volume_id: name, epoch: st.epoch, offset, length })
-                .await
-                .map_err(status_err)?
-                .into_inner();
+        ReplicaCommand::Read { name, offset, length, output, snapshot } => {
+            let r = match snapshot {
+                Some(snap) => {
+                    let req = pb::ReadSnapshotRequest { volume_id: name, name: snap, offset, length };
+                    c.read_snapshot(req).await.map_err(status_err)?.into_inner()
+                }
+                None => {
+                    let st = c.state(pb::StateRequest { volume_id: name.clone() }).await.map_err(status_err)?;
+                    let req = pb::ReadRequest { volume_id: name, epoch: st.into_inner().epoch, offset, length };
+                    c.read(req).await.map_err(status_err)?.into_inner()
+                }
+            };
             if output.as_os_str() == "-" {
                 std::io::stdout().write_all(&r.data)?;
             } else {

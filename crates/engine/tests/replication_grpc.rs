@@ -149,6 +149,12 @@ impl Replica for Fake {
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
         Err(Status::unimplemented("list_snapshots"))
     }
+    async fn install_snapshot(
+        &self,
+        _: Request<pb::InstallSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        Err(Status::unimplemented("install_snapshot"))
+    }
     async fn read_snapshot(&self, _: Request<pb::ReadSnapshotRequest>) -> Result<Response<pb::ReadResponse>, Status> {
         Err(Status::unimplemented("read_snapshot"))
     }

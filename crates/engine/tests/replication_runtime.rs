@@ -207,6 +207,69 @@ async fn an_interrupted_resync_resumes_from_its_checkpoint() {
     vol.close().await;
 }
 
+fn snap(name: &str) -> hlstore_engine::replica::SnapshotInfo {
+    hlstore_engine::replica::SnapshotInfo {
+        name: name.into(),
+        seq: 0,
+        size: 0,
+        created: 0,
+        labels: Default::default(),
+        partial: false,
+    }
+}
+
+#[tokio::test]
+async fn snapshots_missed_while_down_are_carried_by_resync() {
+    use hlstore_engine::replication::ReplicaTransport;
+    let reps = replicas(3);
+    let vol = attach(config(3, None), &reps).await;
+    for i in 0..32 {
+        vol.write(i * BS, block(1, i), false).await.unwrap();
+    }
+    let old = vol.snapshot(snap("old")).await.unwrap();
+    assert!(old.seq > 0);
+    vol.flush().await.unwrap();
+    let last = vol.replicas()[0].acked_seq;
+    wait_for(&vol, "replica 2 durable", |r| r[2].durable_seq >= last).await;
+    reps[2].set_down(true);
+    for i in 0..8 {
+        vol.write(i * BS, block(2, i), false).await.unwrap();
+    }
+    wait_for(&vol, "replica 2 failed", |r| r[2].status == ReplicaStatus::Failed).await;
+    // Taken and deleted while replica 2 is away: it must end up with "new" and without "old".
+    let new = vol.snapshot(snap("new")).await.unwrap();
+    assert!(vol.delete_snapshot("old").await.unwrap());
+    for i in 4..12 {
+        vol.write(i * BS, block(3, i), false).await.unwrap();
+    }
+    vol.trim(0, BS).await.unwrap();
+    reps[2].set_down(false);
+    wait_for(&vol, "replica 2 healthy", |r| r[2].status == ReplicaStatus::Healthy).await;
+    let names = |r: &MemReplica| {
+        let r = r.clone();
+        async move { r.list_snapshots().await.unwrap().into_iter().map(|s| (s.name, s.seq, s.partial)).collect::<Vec<_>>() }
+    };
+    assert_eq!(names(&reps[2]).await, [("new".to_string(), new.seq, false)]);
+    assert_eq!(names(&reps[0]).await, names(&reps[2]).await);
+    let want = reps[0].read_snapshot("new", 0, SIZE).await.unwrap();
+    assert_same(&reps[2].read_snapshot("new", 0, SIZE).await.unwrap(), &want, "snapshot on the resynced replica");
+    assert_eq!(&want[..8], &block(2, 0)[..8], "the snapshot saw the second write, not the trim");
+    assert_same(&reps[2].contents(), &reps[0].contents(), "replica contents");
+    vol.close().await;
+}
+
+#[tokio::test]
+async fn a_snapshot_needs_a_write_quorum() {
+    let reps = replicas(3);
+    let vol = attach(config(3, None), &reps).await;
+    vol.write(0, block(1, 0), false).await.unwrap();
+    reps[1].set_down(true);
+    reps[2].set_down(true);
+    let err = vol.snapshot(snap("lonely")).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    vol.close().await;
+}
+
 #[tokio::test]
 async fn a_crashed_replica_converges_after_losing_unflushed_writes() {
     let reps = replicas(3);

@@ -28,7 +28,7 @@ fn content(seq: u64, block: u64) -> Vec<u8> {
 }
 
 fn snap(name: &str, seq: u64) -> SnapshotInfo {
-    SnapshotInfo { name: name.into(), seq, size: 0, created: 0, labels: BTreeMap::new() }
+    SnapshotInfo { name: name.into(), seq, size: 0, created: 0, labels: BTreeMap::new(), partial: false }
 }
 
 struct Store {

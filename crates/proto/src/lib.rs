@@ -13,3 +13,8 @@ pub mod replica {
 pub mod volume {
     tonic::include_proto!("hlstore.volume.v1");
 }
+
+/// The Container Storage Interface v1 (`proto/csi.proto`), package `csi.v1`.
+pub mod csi {
+    tonic::include_proto!("csi.v1");
+}

@@ -353,6 +353,13 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         self.snapshot_list(req).await
     }
 
+    async fn install_snapshot(
+        &self,
+        req: Request<pb::InstallSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        self.snapshot_install(req).await
+    }
+
     async fn read_snapshot(&self, req: Request<pb::ReadSnapshotRequest>) -> Result<Response<pb::ReadResponse>, Status> {
         self.snapshot_read(req).await
     }

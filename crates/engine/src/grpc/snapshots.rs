@@ -17,11 +17,19 @@ pub fn snapshot_to_pb(s: SnapshotInfo) -> pb::SnapshotInfo {
         size: s.size,
         created: s.created,
         labels: s.labels.into_iter().collect(),
+        partial: s.partial,
     }
 }
 
 pub fn snapshot_from_pb(s: pb::SnapshotInfo) -> SnapshotInfo {
-    SnapshotInfo { name: s.name, seq: s.seq, size: s.size, created: s.created, labels: s.labels.into_iter().collect() }
+    SnapshotInfo {
+        name: s.name,
+        seq: s.seq,
+        size: s.size,
+        created: s.created,
+        labels: s.labels.into_iter().collect(),
+        partial: s.partial,
+    }
 }
 
 /// Runs of consecutive block indices (`blocks` ascending).
@@ -94,5 +102,20 @@ impl<S: ReplicaStore> ReplicaService<S> {
         let (from, to) = (opt(r.from), opt(r.to));
         let blocks = self.call(move |s| s.changed_blocks(&r.volume_id, from.as_deref(), to.as_deref())).await?;
         Ok(Response::new(pb::ChangedBlocksResponse { runs: runs(&blocks), block_size: BLOCK_SIZE as u32 }))
+    }
+
+    pub(super) async fn snapshot_install(
+        &self,
+        req: Request<pb::InstallSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let snap = r.snapshot.ok_or_else(|| Status::invalid_argument("snapshot is required"))?;
+        let blocks: Vec<(u64, Option<Vec<u8>>)> =
+            r.blocks.into_iter().map(|b| (b.block, (!b.data.is_empty()).then_some(b.data))).collect();
+        let got = self
+            .call(move |s| s.install_snapshot(&r.volume_id, r.epoch, snapshot_from_pb(snap), &blocks, r.last))
+            .await?;
+        Ok(Response::new(snapshot_to_pb(got)))
     }
 }

@@ -124,4 +124,7 @@ pub struct SnapshotInfo {
     pub created: i64,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Still being copied to this replica by a resync (not readable here yet).
+    #[serde(default)]
+    pub partial: bool,
 }

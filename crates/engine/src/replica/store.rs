@@ -78,6 +78,20 @@ pub trait ReplicaStore: Send + Sync + 'static {
         let _ = (volume, epoch, name);
         Err(crate::Error::Unsupported("snapshots are not supported by this store".into()))
     }
+    /// Resync of a snapshot this replica lacks: records `snap` as partial (so writes keep
+    /// what it sees from now on), keeps each `(block, content)` (None: zeroes) as the
+    /// version it sees, and with `last` marks it complete. Idempotent.
+    fn install_snapshot(
+        &self,
+        volume: &str,
+        epoch: u64,
+        snap: SnapshotInfo,
+        blocks: &[(u64, Option<Vec<u8>>)],
+        last: bool,
+    ) -> Result<SnapshotInfo> {
+        let _ = (volume, epoch, snap, blocks, last);
+        Err(crate::Error::Unsupported("snapshots are not supported by this store".into()))
+    }
     /// The replica's snapshots, oldest first.
     fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>> {
         let _ = volume;

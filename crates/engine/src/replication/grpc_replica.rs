@@ -66,6 +66,10 @@ pub fn status_to_error(replica: &str, volume: &str, call: &str, epoch: u64, s: t
             .unwrap_or(epoch + 1);
         return Error::StaleEpoch { volume: volume.to_string(), got: epoch, current };
     }
+    if s.code() == tonic::Code::Unimplemented {
+        // An older or partial peer: callers decide whether they can do without the call.
+        return Error::Unsupported(format!("replica {replica}, volume {volume}, {call}: {}", s.message()));
+    }
     Error::Unavailable(format!("replica {replica}, volume {volume}, {call}: {}: {}", s.code(), s.message()))
 }
 
@@ -214,6 +218,27 @@ impl ReplicaTransport for GrpcReplica {
         let req = pb::DeleteSnapshotRequest { volume_id: self.volume.clone(), epoch, name: name.to_string() };
         let r = self.client.clone().delete_snapshot(req).await.map_err(|s| self.status("delete snapshot", epoch, s))?;
         Ok(r.into_inner().existed)
+    }
+
+    async fn install_snapshot(
+        &self,
+        epoch: u64,
+        snap: SnapshotInfo,
+        blocks: Vec<(u64, Option<Vec<u8>>)>,
+        last: bool,
+    ) -> Result<()> {
+        let req = pb::InstallSnapshotRequest {
+            volume_id: self.volume.clone(),
+            epoch,
+            snapshot: Some(snapshot_to_pb(snap)),
+            blocks: blocks
+                .into_iter()
+                .map(|(block, d)| pb::SnapshotBlock { block, data: d.unwrap_or_default() })
+                .collect(),
+            last,
+        };
+        self.client.clone().install_snapshot(req).await.map_err(|s| self.status("install snapshot", epoch, s))?;
+        Ok(())
     }
 
     async fn expand(&self, epoch: u64, new_size: u64) -> Result<()> {

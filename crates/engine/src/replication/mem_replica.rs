@@ -407,6 +407,30 @@ impl ReplicaTransport for MemReplica {
         Ok(s.snapshots.remove(name).is_some())
     }
 
+    async fn install_snapshot(
+        &self,
+        epoch: u64,
+        snap: SnapshotInfo,
+        blocks: Vec<(u64, Option<Vec<u8>>)>,
+        last: bool,
+    ) -> Result<()> {
+        let mut s = self.lock();
+        self.check(&s, epoch)?;
+        // The snapshot is the current data with the given blocks as the snapshot saw them.
+        let mut data = match s.snapshots.get(&snap.name) {
+            Some((_, d)) => d.clone(),
+            None => s.data.clone(),
+        };
+        for (b, d) in blocks {
+            match d {
+                Some(d) => data.blocks.insert(b, (d.into(), snap.seq)),
+                None => data.blocks.remove(&b),
+            };
+        }
+        s.snapshots.insert(snap.name.clone(), (SnapshotInfo { partial: !last, ..snap }, data));
+        Ok(())
+    }
+
     async fn expand(&self, _epoch: u64, _new_size: u64) -> Result<()> {
         Err(Error::Unsupported(format!("replica {}: in-memory replicas have a fixed size", self.name)))
     }

@@ -78,6 +78,15 @@
 //! by epoch: a new engine may adopt a different history, so it starts over. Copies can be
 //! rate limited (`resync_rate`) so a rebuild leaves bandwidth to client I/O.
 //!
+//! # Snapshots
+//!
+//! A snapshot is a point of the write stream: the engine takes the last seq it assigned
+//! and queues "snapshot at seq" on the ordered link of every in-sync replica, after every
+//! write up to it and before any later one; each replica flushes and records it. It is
+//! taken once a write quorum recorded it. Replicas that missed it (down, resyncing) get
+//! it at the end of their next resync, which also deletes snapshots the source no longer
+//! has (`resync.rs`, `carry_snapshots`): the same snapshots everywhere, eventually.
+//!
 //! Known limit: a write still buffered on the replica side of a connection the engine
 //! already dropped could land after the replica was re-admitted. The retry interval keeps
 //! that window far longer than any in-flight request; closing it fully needs the replica to

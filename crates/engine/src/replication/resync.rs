@@ -32,9 +32,12 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, Semaphore};
 
 use super::link::{with_timeout, Permit};
-use super::transport::{ChunkData, ReplicaTransport, ResyncChunk};
+use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, SnapshotInfo};
 use super::types::{ReplicaId, Seq};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
+
+/// Snapshot blocks sent in one install call, at most.
+const INSTALL_BATCH: usize = 256;
 
 /// What the resync task sends to the actor.
 pub(super) enum ResyncMsg {
@@ -162,6 +165,84 @@ impl<T: ReplicaTransport> ResyncJob<T> {
         for b in target_only {
             self.copy_block(b, &window, &pace).await?;
         }
+        // The chunks must be applied before the snapshots' views are computed against them.
+        self.drained(&window).await?;
+        self.carry_snapshots().await
+    }
+
+    /// Waits until every chunk handed over was applied (all window permits are back).
+    async fn drained(&self, window: &Arc<Semaphore>) -> std::result::Result<(), (Error, bool)> {
+        let all = u32::try_from(self.window.max(1)).unwrap_or(u32::MAX);
+        let permits =
+            window.acquire_many(all).await.map_err(|_| (Error::Internal("resync window closed".into()), false))?;
+        drop(permits);
+        Ok(())
+    }
+
+    /// Makes the target's snapshots the source's: deletes those the source no longer has,
+    /// installs those it lacks or holds partially. An install first records the snapshot
+    /// on the target (partial), so from then on the target's own writes keep what it sees;
+    /// then it copies the snapshot's content of every block the source changed since it
+    /// (the target's live data equals the source's now, so the rest it already shows). A
+    /// two-sided resync gave copied blocks a new seq, so there the whole view is copied.
+    async fn carry_snapshots(&self) -> std::result::Result<(), (Error, bool)> {
+        let t = self.timeout;
+        let src = match with_timeout(t, "list snapshots", self.source.list_snapshots()).await {
+            Ok(l) => l,
+            Err(e) if e.kind() == ErrorKind::Unsupported => return Ok(()),
+            Err(e) => return Err((e, true)),
+        };
+        let tgt = match with_timeout(t, "list snapshots", self.target.list_snapshots()).await {
+            Ok(l) => l,
+            Err(e) if e.kind() == ErrorKind::Unsupported => return Ok(()),
+            Err(e) => return Err((e, false)),
+        };
+        for s in tgt.iter().filter(|s| !src.iter().any(|x| x.name == s.name)) {
+            with_timeout(t, "delete snapshot", self.target.delete_snapshot(self.epoch, &s.name))
+                .await
+                .map_err(|e| (e, false))?;
+        }
+        for s in src.iter().filter(|s| !s.partial) {
+            if tgt.iter().any(|x| x.name == s.name && !x.partial) {
+                continue;
+            }
+            self.install(s).await?;
+        }
+        Ok(())
+    }
+
+    async fn install(&self, s: &SnapshotInfo) -> std::result::Result<(), (Error, bool)> {
+        let (t, bs) = (self.timeout, self.block_size);
+        let install = |blocks, last| self.target.install_snapshot(self.epoch, s.clone(), blocks, last);
+        with_timeout(t, "install snapshot", install(Vec::new(), false)).await.map_err(|e| (e, false))?;
+        let mut runs = with_timeout(t, "changed blocks", self.source.changed_blocks(Some(&s.name), None))
+            .await
+            .map_err(|e| (e, true))?;
+        if self.two_sided {
+            let all = with_timeout(t, "changed blocks", self.source.changed_blocks(None, Some(&s.name)))
+                .await
+                .map_err(|e| (e, true))?;
+            runs.extend(all);
+        }
+        let mut blocks: Vec<u64> = runs.into_iter().flat_map(|(b, n)| b..b + n).filter(|b| b * bs < s.size).collect();
+        blocks.sort_unstable();
+        blocks.dedup();
+        let mut copied = 0u64;
+        for piece in blocks.chunk_by(|a, b| b == &(a + 1)).flat_map(|run| run.chunks(INSTALL_BATCH)) {
+            let (first, n) = (piece[0], piece.len() as u64);
+            let data = with_timeout(t, "read snapshot", self.source.read_snapshot(&s.name, first * bs, n * bs))
+                .await
+                .map_err(|e| (e, true))?;
+            let batch: Vec<(u64, Option<Vec<u8>>)> = data
+                .chunks(bs as usize)
+                .zip(first..)
+                .map(|(d, b)| (b, d.iter().any(|&x| x != 0).then(|| d.to_vec())))
+                .collect();
+            with_timeout(t, "install snapshot", install(batch, false)).await.map_err(|e| (e, false))?;
+            copied += n;
+        }
+        with_timeout(t, "install snapshot", install(Vec::new(), true)).await.map_err(|e| (e, false))?;
+        tracing::info!(snapshot = %s.name, blocks = copied, "snapshot carried to a resynced replica");
         Ok(())
     }
 

@@ -105,6 +105,14 @@ pub trait ReplicaTransport: Send + Sync + 'static {
     /// Deletes a snapshot; `false` if there was none.
     fn delete_snapshot(&self, epoch: u64, name: &str) -> impl Future<Output = Result<bool>> + Send;
     fn list_snapshots(&self) -> impl Future<Output = Result<Vec<SnapshotInfo>>> + Send;
+    /// Resync of a snapshot the replica lacks (see `ReplicaStore::install_snapshot`).
+    fn install_snapshot(
+        &self,
+        epoch: u64,
+        snap: SnapshotInfo,
+        blocks: Vec<(u64, Option<Vec<u8>>)>,
+        last: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
     /// Grows the replica to `new_size`.
     fn expand(&self, epoch: u64, new_size: u64) -> impl Future<Output = Result<()>> + Send;
     fn read_snapshot(&self, name: &str, offset: u64, len: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;

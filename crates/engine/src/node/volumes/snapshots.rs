@@ -105,7 +105,7 @@ impl VolumeManager {
         let (_, by_node) = self.snapshots_by_node(name).await?;
         let mut found: Vec<(String, SnapshotInfo)> = by_node
             .into_iter()
-            .filter_map(|(node, list)| list.into_iter().find(|s| s.name == snap).map(|s| (node, s)))
+            .filter_map(|(node, list)| list.into_iter().find(|s| s.name == snap && !s.partial).map(|s| (node, s)))
             .collect();
         found.sort_by_key(|(node, _)| *node != self.cluster.self_id);
         found.into_iter().next().ok_or_else(|| {
@@ -121,6 +121,7 @@ impl VolumeManager {
             size: 0,
             created: unix_now(),
             labels: req.labels.clone().into_iter().collect(),
+            partial: false,
         };
         let got = match self.route(&name).await {
             Route::Local(engine) => engine.snapshot(snap).await?,
@@ -131,7 +132,7 @@ impl VolumeManager {
             Route::Detached => self.with_temp_engine(&name, async |e| e.snapshot(snap).await).await?,
         };
         let (set, by_node) = self.snapshots_by_node(&name).await?;
-        let held = by_node.values().filter(|l| l.iter().any(|s| s.name == got.name)).count();
+        let held = by_node.values().filter(|l| l.iter().any(|s| s.name == got.name && !s.partial)).count();
         Ok(to_vpb(&name, got, held == set.len()))
     }
 
@@ -160,7 +161,8 @@ impl VolumeManager {
             let (set, by_node) = self.snapshots_by_node(&name).await?;
             let mut seen: BTreeMap<(u64, String), (SnapshotInfo, usize)> = BTreeMap::new();
             for s in by_node.into_values().flatten() {
-                seen.entry((s.seq, s.name.clone())).or_insert((s, 0)).1 += 1;
+                let complete = usize::from(!s.partial);
+                seen.entry((s.seq, s.name.clone())).or_insert((SnapshotInfo { partial: false, ..s }, 0)).1 += complete;
             }
             out.extend(seen.into_values().map(|(s, n)| to_vpb(&name, s, n == set.len())));
         }
@@ -337,7 +339,7 @@ mod tests {
     fn snapshot_view_carries_every_field() {
         let mut labels = BTreeMap::new();
         labels.insert("k".to_string(), "v".to_string());
-        let s = SnapshotInfo { name: "s".into(), seq: 7, size: 8 * BLOCK_SIZE, created: 5, labels };
+        let s = SnapshotInfo { name: "s".into(), seq: 7, size: 8 * BLOCK_SIZE, created: 5, labels, partial: false };
         let v = to_vpb("vol", s, true);
         assert_eq!(
             (v.volume.as_str(), v.name.as_str(), v.seq, v.size, v.created, v.ready),

@@ -693,6 +693,17 @@ impl ReplicaStore for DiskStore {
         self.snap_delete(name, epoch, snap)
     }
 
+    fn install_snapshot(
+        &self,
+        name: &str,
+        epoch: u64,
+        snap: SnapshotInfo,
+        blocks: &[(u64, Option<Vec<u8>>)],
+        last: bool,
+    ) -> Result<SnapshotInfo> {
+        self.snap_install(name, epoch, snap, blocks, last)
+    }
+
     fn list_snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>> {
         self.snap_list(name)
     }

@@ -19,6 +19,8 @@ use super::{blocks, corrupt_meta, DiskStore};
 
 /// Preserved versions examined per lock hold when a snapshot is deleted.
 const RECLAIM_STEP: usize = 2048;
+/// The slot of a preserved version that reads as zeroes (installed by a resync).
+const ZERO_SLOT: u64 = u64::MAX;
 
 /// A preserved block version: written at `written`, replaced at `entry.seq` (until).
 struct Preserved {
@@ -109,6 +111,11 @@ impl DiskStore {
         let v = self.vol(name)?;
         let g = volume::read(&v);
         let (seq, size) = snapshot_seq(name, &g, snap)?;
+        if g.snaps.values().any(|s| s.name == snap && s.partial) {
+            return Err(Error::Unavailable(format!(
+                "volume {name}: snapshot {snap} is still being copied to this replica; read it from another one"
+            )));
+        }
         check::range(name, size, offset, len)?;
         let range = blocks(offset, len);
         // Per block: the live entry if the snapshot sees it, else the newest preserved
@@ -122,7 +129,7 @@ impl DiskStore {
         }
         let bs = BLOCK_SIZE as usize;
         let mut out = vec![0u8; len as usize];
-        for (b, e) in seen {
+        for (b, e) in seen.into_iter().filter(|(_, e)| e.slot != ZERO_SLOT) {
             let at = (b - range.start) as usize * bs;
             let buf = &mut out[at..at + bs];
             v.file
@@ -191,16 +198,20 @@ impl DiskStore {
             let mut g = volume::write(&v);
             let mut batch = WriteBatch::default();
             let mut slots = Vec::new();
+            let mut dropped = 0;
             for p in step.iter().filter(|p| !preserves(&g.snaps, p.written, p.entry.seq)) {
                 let key = keys::preserved(v.vid, p.block, p.written);
                 if self.db.get(&key).map_err(super::meta_err("reading a preserved version"))?.is_none() {
                     continue; // freed by a concurrent delete
                 }
                 batch.delete(key);
-                batch.put(keys::free(v.vid, p.entry.slot), []);
-                slots.push(p.entry.slot);
+                dropped += 1;
+                if p.entry.slot != ZERO_SLOT {
+                    batch.put(keys::free(v.vid, p.entry.slot), []);
+                    slots.push(p.entry.slot);
+                }
             }
-            if slots.is_empty() {
+            if dropped == 0 {
                 continue;
             }
             // Durable before the slots can be reused by new writes.
@@ -214,5 +225,67 @@ impl DiskStore {
         }
         tracing::debug!(volume.id = name, snapshot = snap, freed_blocks = freed, "snapshot deleted");
         Ok(true)
+    }
+
+    pub(super) fn snap_install(
+        &self,
+        name: &str,
+        epoch: u64,
+        snap: SnapshotInfo,
+        blocks: &[(u64, Option<Vec<u8>>)],
+        last: bool,
+    ) -> Result<SnapshotInfo> {
+        check::snapshot_name(name, &snap.name)?;
+        let v = self.vol(name)?;
+        let mut g = volume::write(&v);
+        check::epoch(name, g.record.epoch, epoch)?;
+        let existing = g.snaps.values().find(|s| s.name == snap.name).cloned();
+        if let Some(s) = existing.as_ref().filter(|s| !s.partial) {
+            return Ok(s.clone());
+        }
+        let rec = existing.unwrap_or(SnapshotInfo { partial: true, ..snap });
+        let s = rec.seq;
+        let until = g.st.last_seq.max(s) + 1;
+        let bs = BLOCK_SIZE as usize;
+        let mut batch = WriteBatch::default();
+        let mut wrote = false;
+        for (b, data) in blocks {
+            if *b >= rec.size / BLOCK_SIZE {
+                return Err(Error::InvalidArgument(format!("volume {name}: snapshot block {b} is past its size")));
+            }
+            let key = keys::preserved(v.vid, *b, s);
+            if self.db.get(&key).map_err(super::meta_err("reading a preserved version"))?.is_some() {
+                continue;
+            }
+            let entry = match data {
+                Some(d) if d.len() == bs => {
+                    let a = g.alloc(1)[0];
+                    v.file
+                        .write(a.slot, d)
+                        .map_err(|e| Error::io(format!("volume {name}: writing snapshot block"), e))?;
+                    if a.from_free {
+                        batch.delete(keys::free(v.vid, a.slot));
+                    }
+                    wrote = true;
+                    Entry { slot: a.slot, crc: check::crc(d), seq: until }
+                }
+                Some(_) => {
+                    return Err(Error::InvalidArgument(format!("volume {name}: snapshot block {b} is not one block")))
+                }
+                None => Entry { slot: ZERO_SLOT, crc: 0, seq: until },
+            };
+            batch.put(key, entry.encode());
+        }
+        let rec = SnapshotInfo { partial: !last, ..rec };
+        let json = serde_json::to_vec(&rec).map_err(|e| Error::Internal(e.to_string()))?;
+        batch.put(keys::snapshot(v.vid, rec.seq, &rec.name), json);
+        batch.put(keys::state(v.vid), g.st.encode());
+        // Durable before the versions are recorded: a retry skips recorded ones.
+        if wrote {
+            v.file.sync().map_err(|e| Error::io(format!("volume {name}: fdatasync"), e))?;
+        }
+        self.commit(batch, true, "installing snapshot")?;
+        g.snaps.insert((rec.seq, rec.name.clone()), rec.clone());
+        Ok(rec)
     }
 }

@@ -1,0 +1,419 @@
+//! Volume RPCs of the controller.
+
+use std::collections::{BTreeMap, HashMap};
+
+use hlstore_proto::csi;
+use hlstore_proto::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
+use hlstore_proto::volume as vpb;
+
+use super::params::{self, DataLocality, Params, LABEL_CSI_NAME, LABEL_SOURCE};
+use super::{status_of, ControllerService};
+use crate::capability::{self, Capability};
+use crate::error::{CsiError, Result};
+use crate::ids;
+
+/// What a new volume is created from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    Empty,
+    /// (volume, snapshot) of a snapshot id.
+    Snapshot(String, String),
+    Volume(String),
+}
+
+impl Source {
+    fn parse(s: Option<&csi::VolumeContentSource>) -> Result<Source> {
+        match s.and_then(|s| s.r#type.as_ref()) {
+            None => Ok(Source::Empty),
+            Some(SourceType::Snapshot(s)) if s.snapshot_id.is_empty() => {
+                Err(CsiError::InvalidArgument("volume_content_source.snapshot.snapshot_id is required".into()))
+            }
+            Some(SourceType::Snapshot(s)) => match ids::parse_snapshot_id(&s.snapshot_id) {
+                Ok((v, n)) => Ok(Source::Snapshot(v, n)),
+                Err(_) => Err(CsiError::NotFound(format!("snapshot {} does not exist", s.snapshot_id))),
+            },
+            Some(SourceType::Volume(v)) if v.volume_id.is_empty() => {
+                Err(CsiError::InvalidArgument("volume_content_source.volume.volume_id is required".into()))
+            }
+            Some(SourceType::Volume(v)) => Ok(Source::Volume(v.volume_id.clone())),
+        }
+    }
+
+    /// (source volume, snapshot name or "") for the agent's CloneVolume.
+    fn clone_args(&self) -> Option<(String, String)> {
+        match self {
+            Source::Empty => None,
+            Source::Snapshot(v, s) => Some((v.clone(), s.clone())),
+            Source::Volume(v) => Some((v.clone(), String::new())),
+        }
+    }
+
+    fn label(&self) -> Option<String> {
+        match self {
+            Source::Empty => None,
+            Source::Snapshot(v, s) => Some(format!("snapshot:{}", ids::snapshot_id(v, s))),
+            Source::Volume(v) => Some(format!("volume:{v}")),
+        }
+    }
+
+    fn from_label(label: Option<&String>) -> Option<csi::VolumeContentSource> {
+        let l = label?;
+        let t = if let Some(id) = l.strip_prefix("snapshot:") {
+            SourceType::Snapshot(SnapshotSource { snapshot_id: id.to_string() })
+        } else {
+            SourceType::Volume(VolumeSource { volume_id: l.strip_prefix("volume:")?.to_string() })
+        };
+        Some(csi::VolumeContentSource { r#type: Some(t) })
+    }
+}
+
+fn csi_volume(v: &vpb::Volume) -> csi::Volume {
+    csi::Volume {
+        capacity_bytes: v.size as i64,
+        volume_id: v.name.clone(),
+        volume_context: HashMap::new(),
+        content_source: Source::from_label(v.labels.get(LABEL_SOURCE)),
+        accessible_topology: Vec::new(),
+    }
+}
+
+/// The node named by the first topology segment (preferred first, then requisite).
+fn preferred_node(t: Option<&csi::TopologyRequirement>) -> Option<String> {
+    let t = t?;
+    t.preferred.iter().chain(&t.requisite).find_map(|top| top.segments.get(crate::TOPOLOGY_NODE_KEY).cloned())
+}
+
+impl ControllerService {
+    /// Replica nodes for a new volume: empty (the agent picks the least-used nodes, one
+    /// replica per node) unless `dataLocality=best-effort` names a cluster node, which
+    /// then gets the first replica and the least-used others the rest.
+    async fn placement(&self, p: &Params, top: Option<&csi::TopologyRequirement>) -> Result<Vec<String>> {
+        if p.data_locality != DataLocality::BestEffort {
+            return Ok(Vec::new());
+        }
+        let Some(local) = preferred_node(top) else { return Ok(Vec::new()) };
+        let nodes = self
+            .agent()
+            .list_nodes(vpb::ListNodesRequest {})
+            .await
+            .map_err(|s| CsiError::agent("listing nodes", s))?
+            .into_inner()
+            .nodes;
+        if !nodes.iter().any(|n| n.id == local) {
+            return Ok(Vec::new());
+        }
+        let want = if p.replicas == 0 { nodes.len().min(3) } else { p.replicas as usize };
+        let vols = self
+            .agent()
+            .list_volumes(vpb::ListVolumesRequest {})
+            .await
+            .map_err(|s| CsiError::agent("listing volumes", s))?
+            .into_inner()
+            .volumes;
+        let mut load: BTreeMap<String, usize> = nodes.iter().map(|n| (n.id.clone(), 0)).collect();
+        for v in &vols {
+            for n in &v.replica_set {
+                if let Some(l) = load.get_mut(n) {
+                    *l += 1;
+                }
+            }
+        }
+        let mut others: Vec<(usize, String)> =
+            load.into_iter().filter(|(n, _)| *n != local).map(|(n, l)| (l, n)).collect();
+        others.sort();
+        let mut out = vec![local];
+        out.extend(others.into_iter().map(|(_, n)| n).take(want.saturating_sub(1)));
+        Ok(out)
+    }
+
+    pub(super) async fn create(&self, r: csi::CreateVolumeRequest) -> Result<csi::CreateVolumeResponse> {
+        if r.name.is_empty() {
+            return Err(CsiError::InvalidArgument("name is required".into()));
+        }
+        let caps = capability::parse_all(&r.volume_capabilities)?;
+        if let Some(why) = caps.iter().find_map(Capability::unsupported_reason) {
+            return Err(CsiError::InvalidArgument(why));
+        }
+        let p = params::parse_params(&r.parameters)?;
+        let source = Source::parse(r.volume_content_source.as_ref())?;
+        let range = r.capacity_range.as_ref();
+        // A clone without a capacity range keeps its source's size.
+        let size = if source != Source::Empty && range.is_none() { 0 } else { params::size_for(range)? };
+        let id = ids::name_for(&r.name);
+        let _g = self.locks.try_lock(&id, "CreateVolume")?;
+
+        if let Some(v) = self.get_volume(&id).await? {
+            if !params::fits(v.size, range)? {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {id} exists with {} bytes, outside the capacity range asked for",
+                    v.size
+                )));
+            }
+            if p.replicas != 0 && v.replica_set.len() != p.replicas as usize {
+                return Err(CsiError::AlreadyExists(format!(
+                    "volume {id} exists with {} replicas, not {}",
+                    v.replica_set.len(),
+                    p.replicas
+                )));
+            }
+            if v.labels.get(LABEL_SOURCE).cloned() != source.label() {
+                return Err(CsiError::AlreadyExists(format!("volume {id} exists with another content source")));
+            }
+            return Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&v)) });
+        }
+
+        // The source must exist (NOT_FOUND otherwise), whatever the agent would say.
+        match &source {
+            Source::Empty => {}
+            Source::Volume(v) => {
+                self.require_volume(v).await?;
+            }
+            Source::Snapshot(v, s) => {
+                let snaps = match self.agent().list_snapshots(vpb::ListSnapshotsRequest { volume: v.clone() }).await {
+                    Ok(r) => r.into_inner().snapshots,
+                    Err(st) if st.code() == tonic::Code::NotFound => Vec::new(),
+                    Err(st) => return Err(CsiError::agent(format!("listing the snapshots of {v}"), st)),
+                };
+                if !snaps.iter().any(|x| x.name == *s) {
+                    return Err(CsiError::NotFound(format!("snapshot {} does not exist", ids::snapshot_id(v, s))));
+                }
+            }
+        }
+        let nodes = self.placement(&p, r.accessibility_requirements.as_ref()).await?;
+        let mut labels: HashMap<String, String> = p.labels.clone().into_iter().collect();
+        labels.insert(LABEL_CSI_NAME.into(), r.name.clone());
+        if let Some(l) = source.label() {
+            labels.insert(LABEL_SOURCE.into(), l);
+        }
+        let mut agent = self.agent();
+        let created = match &source {
+            Source::Empty => {
+                let req = vpb::CreateVolumeRequest {
+                    name: id.clone(),
+                    size,
+                    replicas: p.replicas,
+                    nodes,
+                    write_quorum: 0,
+                    labels,
+                };
+                agent.create_volume(req).await.map_err(|s| CsiError::agent(format!("creating volume {id}"), s))?
+            }
+            Source::Snapshot(..) | Source::Volume(_) => {
+                let (vol, snap) = source.clone_args().unwrap_or_default();
+                let req = vpb::CloneVolumeRequest {
+                    source: vol.clone(),
+                    name: id.clone(),
+                    snapshot: snap.clone(),
+                    replicas: p.replicas,
+                    nodes,
+                    labels,
+                    size,
+                };
+                agent.clone_volume(req).await.map_err(|s| {
+                    let what = if snap.is_empty() { format!("volume {vol}") } else { format!("snapshot {vol}@{snap}") };
+                    CsiError::agent(format!("creating volume {id} from {what}"), s)
+                })?
+            }
+        }
+        .into_inner();
+        tracing::info!(volume.id = %id, size = created.size, replicas = ?created.replica_set, "volume created");
+        Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&created)) })
+    }
+
+    pub(super) async fn delete(&self, r: csi::DeleteVolumeRequest) -> Result<csi::DeleteVolumeResponse> {
+        if r.volume_id.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_id is required".into()));
+        }
+        let _g = self.locks.try_lock(&r.volume_id, "DeleteVolume")?;
+        let Some(v) = self.get_volume(&r.volume_id).await? else { return Ok(csi::DeleteVolumeResponse {}) };
+        if !v.attached_node.is_empty() {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {} is published on node {}; unpublish it first",
+                v.name, v.attached_node
+            )));
+        }
+        match self.agent().delete_volume(vpb::DeleteVolumeRequest { name: v.name.clone() }).await {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::NotFound => {}
+            Err(s) => return Err(CsiError::agent(format!("deleting volume {}", v.name), s)),
+        }
+        tracing::info!(volume.id = %v.name, "volume deleted");
+        Ok(csi::DeleteVolumeResponse {})
+    }
+
+    pub(super) async fn publish(
+        &self,
+        r: csi::ControllerPublishVolumeRequest,
+    ) -> Result<csi::ControllerPublishVolumeResponse> {
+        if r.volume_id.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_id is required".into()));
+        }
+        if r.node_id.is_empty() {
+            return Err(CsiError::InvalidArgument("node_id is required".into()));
+        }
+        Capability::require(r.volume_capability.as_ref())?;
+        let _g = self.locks.try_lock(&r.volume_id, "ControllerPublishVolume")?;
+        let v = self.require_volume(&r.volume_id).await?;
+        let nodes =
+            self.agent().list_nodes(vpb::ListNodesRequest {}).await.map_err(|s| CsiError::agent("listing nodes", s))?;
+        if !nodes.into_inner().nodes.iter().any(|n| n.id == r.node_id) {
+            return Err(CsiError::NotFound(format!("node {} is not a member of the hlstore cluster", r.node_id)));
+        }
+        let attached = if v.attached_node == r.node_id && !v.nbd_uri.is_empty() {
+            v
+        } else if !v.attached_node.is_empty() {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {} is published on node {}; a volume is used on one node at a time",
+                v.name, v.attached_node
+            )));
+        } else {
+            let req =
+                vpb::AttachVolumeRequest { name: v.name.clone(), node: r.node_id.clone(), nbd_listen: String::new() };
+            let a = self
+                .agent()
+                .attach_volume(req)
+                .await
+                .map_err(|s| CsiError::agent(format!("starting the engine of {} on {}", v.name, r.node_id), s))?
+                .into_inner();
+            tracing::info!(volume.id = %a.name, node = %r.node_id, uri = %a.nbd_uri, "volume published");
+            a
+        };
+        let publish_context = HashMap::from([(crate::PUBLISH_NBD_URI.to_string(), attached.nbd_uri)]);
+        Ok(csi::ControllerPublishVolumeResponse { publish_context })
+    }
+
+    pub(super) async fn unpublish(
+        &self,
+        r: csi::ControllerUnpublishVolumeRequest,
+    ) -> Result<csi::ControllerUnpublishVolumeResponse> {
+        if r.volume_id.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_id is required".into()));
+        }
+        let _g = self.locks.try_lock(&r.volume_id, "ControllerUnpublishVolume")?;
+        let v = self.require_volume(&r.volume_id).await?;
+        if v.attached_node.is_empty() || (!r.node_id.is_empty() && r.node_id != v.attached_node) {
+            return Ok(csi::ControllerUnpublishVolumeResponse {});
+        }
+        self.agent()
+            .detach_volume(vpb::DetachVolumeRequest { name: v.name.clone() })
+            .await
+            .map_err(|s| CsiError::agent(format!("stopping the engine of {}", v.name), s))?;
+        tracing::info!(volume.id = %v.name, node = %v.attached_node, "volume unpublished");
+        Ok(csi::ControllerUnpublishVolumeResponse {})
+    }
+
+    pub(super) async fn validate(
+        &self,
+        r: csi::ValidateVolumeCapabilitiesRequest,
+    ) -> Result<csi::ValidateVolumeCapabilitiesResponse> {
+        if r.volume_id.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_id is required".into()));
+        }
+        let caps = capability::parse_all(&r.volume_capabilities)?;
+        self.require_volume(&r.volume_id).await?;
+        let why = caps
+            .iter()
+            .find_map(Capability::unsupported_reason)
+            .or_else(|| params::parse_params(&r.parameters).err().map(|e| e.to_string()));
+        Ok(match why {
+            Some(message) => csi::ValidateVolumeCapabilitiesResponse { confirmed: None, message },
+            None => csi::ValidateVolumeCapabilitiesResponse {
+                confirmed: Some(csi::validate_volume_capabilities_response::Confirmed {
+                    volume_context: r.volume_context,
+                    volume_capabilities: r.volume_capabilities,
+                    parameters: r.parameters,
+                    mutable_parameters: HashMap::new(),
+                }),
+                message: String::new(),
+            },
+        })
+    }
+
+    pub(super) async fn list(&self, r: csi::ListVolumesRequest) -> Result<csi::ListVolumesResponse> {
+        params::page::<()>(&[], r.max_entries, "")?;
+        let mut vols = self
+            .agent()
+            .list_volumes(vpb::ListVolumesRequest {})
+            .await
+            .map_err(|s| CsiError::agent("listing volumes", s))?
+            .into_inner()
+            .volumes;
+        vols.sort_by(|a, b| a.name.cmp(&b.name));
+        let (page, next_token) = params::page(&vols, r.max_entries, &r.starting_token)?;
+        let entries = page
+            .iter()
+            .map(|v| {
+                let (published_node_ids, condition) = status_of(v);
+                csi::list_volumes_response::Entry {
+                    volume: Some(csi_volume(v)),
+                    status: Some(csi::list_volumes_response::VolumeStatus {
+                        published_node_ids,
+                        volume_condition: Some(condition),
+                    }),
+                }
+            })
+            .collect();
+        Ok(csi::ListVolumesResponse { entries, next_token })
+    }
+
+    pub(super) async fn get(&self, r: csi::ControllerGetVolumeRequest) -> Result<csi::ControllerGetVolumeResponse> {
+        if r.volume_id.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_id is required".into()));
+        }
+        let v = self.require_volume(&r.volume_id).await?;
+        let (published_node_ids, condition) = status_of(&v);
+        Ok(csi::ControllerGetVolumeResponse {
+            volume: Some(csi_volume(&v)),
+            status: Some(csi::controller_get_volume_response::VolumeStatus {
+                published_node_ids,
+                volume_condition: Some(condition),
+            }),
+        })
+    }
+
+    /// Volumes are thin and the agents do not report free disk space yet, so there is no
+    /// known limit: the answer is the largest representable capacity, or 0 for
+    /// capabilities the driver cannot serve.
+    pub(super) async fn capacity(&self, r: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
+        let caps: Vec<Capability> = r.volume_capabilities.iter().map(Capability::parse).collect::<Result<_>>()?;
+        let servable =
+            caps.iter().all(|c| c.unsupported_reason().is_none()) && params::parse_params(&r.parameters).is_ok();
+        Ok(csi::GetCapacityResponse {
+            available_capacity: if servable { i64::MAX } else { 0 },
+            maximum_volume_size: None,
+            minimum_volume_size: Some(params::BLOCK as i64),
+        })
+    }
+
+    pub(super) async fn expand(
+        &self,
+        r: csi::ControllerExpandVolumeRequest,
+    ) -> Result<csi::ControllerExpandVolumeResponse> {
+        if r.volume_id.is_empty() {
+            return Err(CsiError::InvalidArgument("volume_id is required".into()));
+        }
+        let range =
+            r.capacity_range.as_ref().ok_or_else(|| CsiError::InvalidArgument("capacity_range is required".into()))?;
+        let want = params::size_for(Some(range))?;
+        if let Some(cap) = r.volume_capability.as_ref() {
+            Capability::parse(cap)?;
+        }
+        let _g = self.locks.try_lock(&r.volume_id, "ControllerExpandVolume")?;
+        let v = self.require_volume(&r.volume_id).await?;
+        let size = if v.size >= want {
+            v.size
+        } else {
+            let req = vpb::ExpandVolumeRequest { name: v.name.clone(), size: want };
+            let e = self
+                .agent()
+                .expand_volume(req)
+                .await
+                .map_err(|s| CsiError::agent(format!("expanding volume {} to {want} bytes", v.name), s))?
+                .into_inner();
+            tracing::info!(volume.id = %v.name, size = e.size, "volume expanded");
+            e.size
+        };
+        // The attached device (and a filesystem on it) must follow on the node.
+        Ok(csi::ControllerExpandVolumeResponse { capacity_bytes: size as i64, node_expansion_required: true })
+    }
+}

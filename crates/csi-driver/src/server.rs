@@ -1,0 +1,106 @@
+//! Serving the driver: which services run (`--mode`), on which unix socket, talking to
+//! which node agent, with which attach backend.
+
+use std::future::Future;
+use std::path::PathBuf;
+
+use hlstore_proto::csi::controller_server::ControllerServer;
+use hlstore_proto::csi::identity_server::IdentityServer;
+use hlstore_proto::csi::node_server::NodeServer;
+use hlstore_proto::volume::volumes_client::VolumesClient;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::{Channel, Server};
+
+use crate::attach::{self, AttachKind};
+use crate::controller::ControllerService;
+use crate::error::{CsiError, Result};
+use crate::identity::IdentityService;
+use crate::node::NodeService;
+
+/// Which services a process serves (Identity always).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Controller,
+    Node,
+    All,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "controller" => Ok(Mode::Controller),
+            "node" => Ok(Mode::Node),
+            "all" => Ok(Mode::All),
+            other => Err(format!("unknown mode {other:?} (use controller, node or all)")),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    pub mode: Mode,
+    /// `unix:///path/csi.sock`.
+    pub csi_endpoint: String,
+    pub node_id: String,
+    /// Node agent gRPC address (`http://host:port` or `host:port`).
+    pub agent: String,
+    pub attach: AttachKind,
+    /// Where the loop backend keeps its FUSE mounts.
+    pub state_dir: PathBuf,
+    /// NodeGetInfo's max_volumes_per_node (0 = no limit).
+    pub max_volumes: i64,
+}
+
+/// Longest an agent call may take (an attach forwarded to another node is bounded by the
+/// agent at 60 s; the sidecars' own timeouts are usually shorter and the CO retries).
+const AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(150);
+
+fn agent_channel(agent: &str) -> Result<VolumesClient<Channel>> {
+    let url = if agent.contains("://") { agent.to_string() } else { format!("http://{agent}") };
+    let ch = Channel::from_shared(url.clone())
+        .map_err(|e| CsiError::InvalidArgument(format!("--agent {agent:?}: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .timeout(AGENT_TIMEOUT)
+        .connect_lazy();
+    Ok(VolumesClient::new(ch))
+}
+
+/// Serves until `shutdown` resolves; removes the socket afterwards.
+pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<()> {
+    if cfg.node_id.is_empty() {
+        return Err(CsiError::InvalidArgument("--node-id is required".into()));
+    }
+    let agent = agent_channel(&cfg.agent)?;
+    let path = crate::client::socket_path(&cfg.csi_endpoint)?;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| CsiError::io(format!("creating {}", dir.display()), e))?;
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => tracing::info!(socket = %path.display(), "removed a stale CSI socket"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(CsiError::io(format!("removing {}", path.display()), e)),
+    }
+    let listener =
+        tokio::net::UnixListener::bind(&path).map_err(|e| CsiError::io(format!("binding {}", path.display()), e))?;
+    let controller = matches!(cfg.mode, Mode::Controller | Mode::All);
+    let node = matches!(cfg.mode, Mode::Node | Mode::All);
+    let identity = IdentityService::new(agent.clone(), controller);
+    let ctrl = controller.then(|| ControllerServer::new(ControllerService::new(agent.clone())));
+    let node_svc = node.then(|| {
+        let attacher = attach::attacher(cfg.attach, &cfg.state_dir);
+        NodeServer::new(NodeService::new(agent.clone(), attacher, cfg.node_id.clone(), cfg.max_volumes))
+    });
+    tracing::info!(
+        socket = %path.display(), mode = ?cfg.mode, node = %cfg.node_id, agent = %cfg.agent, attach = ?cfg.attach,
+        "CSI driver {} serving", crate::DRIVER_NAME
+    );
+    let res = Server::builder()
+        .add_service(IdentityServer::new(identity))
+        .add_optional_service(ctrl)
+        .add_optional_service(node_svc)
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await;
+    let _ = std::fs::remove_file(&path);
+    res.map_err(|e| CsiError::Internal(format!("CSI server: {e}")))
+}

@@ -1,0 +1,70 @@
+//! `hlstore csi`: the CSI driver (controller, node plugin, or both) on a unix socket.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use hlstore_csi::attach::AttachKind;
+use hlstore_csi::{DriverConfig, Mode};
+
+const EXAMPLE: &str = "\
+Examples:
+  # controller (a Deployment), talking to any node agent
+  hlstore csi --mode controller --csi-endpoint unix:///csi/csi.sock --node-id ctrl \\
+    --agent http://hlstore-agent:7400
+  # node plugin (a privileged DaemonSet), talking to the agent on its node
+  hlstore csi --mode node --csi-endpoint unix:///csi/csi.sock --node-id $NODE_NAME \\
+    --agent http://127.0.0.1:7400 --attach nbd
+  # everything in one process, loop devices instead of kernel NBD (local cluster)
+  hlstore csi --mode all --csi-endpoint unix:///tmp/csi.sock --node-id n1 \\
+    --agent http://127.0.0.1:7400 --attach loop --state-dir /tmp/hlstore-csi";
+
+/// Arguments of `hlstore csi`.
+#[derive(Debug, clap::Args)]
+#[command(after_help = EXAMPLE)]
+pub struct CsiArgs {
+    /// Services to run besides Identity: controller, node or all.
+    #[arg(long, env = "HLSTORE_CSI_MODE", default_value = "all")]
+    pub mode: Mode,
+    /// Where to listen: unix:///path/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    pub csi_endpoint: String,
+    /// This node's id: the hlstore node id of the agent on this machine (NodeGetInfo).
+    #[arg(long, env = "HLSTORE_NODE_ID")]
+    pub node_id: String,
+    /// Node agent gRPC endpoint. The controller may use any agent; the node plugin uses
+    /// the agent on its own node.
+    #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "http://127.0.0.1:7400")]
+    pub agent: String,
+    /// How the node plugin turns a volume into a block device: nbd (kernel NBD over
+    /// netlink) or loop (FUSE block file + loop device, for kernels without NBD).
+    #[arg(long, env = "HLSTORE_CSI_ATTACH", default_value = "nbd")]
+    pub attach: AttachKind,
+    /// Directory for the loop backend's FUSE mounts and logs.
+    #[arg(long, env = "HLSTORE_CSI_STATE_DIR", default_value = "/var/lib/hlstore-csi")]
+    pub state_dir: PathBuf,
+    /// Volumes this node accepts (NodeGetInfo max_volumes_per_node; 0 = no limit).
+    #[arg(long, default_value_t = 64)]
+    pub max_volumes: i64,
+}
+
+/// Serves until SIGTERM or Ctrl-C.
+pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
+    let cfg = DriverConfig {
+        mode: args.mode,
+        csi_endpoint: args.csi_endpoint,
+        node_id: args.node_id,
+        agent: args.agent,
+        attach: args.attach,
+        state_dir: args.state_dir,
+        max_volumes: args.max_volumes,
+    };
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping the CSI server"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping the CSI server"),
+        }
+    };
+    hlstore_csi::serve(cfg, shutdown).await.context("CSI driver")
+}

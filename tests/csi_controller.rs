@@ -1,0 +1,430 @@
+//! The CSI Identity and Controller services of `hlstore csi`, driven over their unix socket
+//! against a 3-node local cluster: every RPC, the spec's error codes and idempotency rules,
+//! replica placement, paging, publish = an engine exporting the volume over NBD.
+//!
+//! Snapshot, clone and expand checks run for real when the node agent implements those
+//! RPCs and are skipped with a printed note while it answers UNIMPLEMENTED.
+
+mod support;
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use hlstore_proto::csi;
+use hlstore_proto::volume as vpb;
+use hlstore_proto::volume::volumes_client::VolumesClient;
+use support::cluster::{run_tool, Cluster};
+use support::csi::{block_cap, create_req, expect_code, mount_cap, unimplemented_note, CsiDriver};
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+fn qemu_io(uri: &str, cmd: &str) -> String {
+    let out = run_tool(Command::new("qemu-io").args(["-f", "raw", "-c", cmd, uri]), Duration::from_secs(60));
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && !text.contains("failed"), "qemu-io {cmd} on {uri}: {text}");
+    text
+}
+
+async fn agent_volume(agent: &mut VolumesClient<tonic::transport::Channel>, name: &str) -> vpb::Volume {
+    agent.get_volume(vpb::GetVolumeRequest { name: name.into() }).await.expect("agent get volume").into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_and_controller_follow_the_spec() {
+    let c = Cluster::new();
+    c.up(&["--nodes", "3"]);
+    let d = CsiDriver::start(&c, "n1");
+    let mut agent = VolumesClient::connect(c.endpoint("n2")).await.expect("agent");
+
+    // ----- Identity -----
+    let mut id = d.identity().await;
+    let info = id.get_plugin_info(csi::GetPluginInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.name, "csi.hlstore.io");
+    assert!(!info.vendor_version.is_empty());
+    let caps = id.get_plugin_capabilities(csi::GetPluginCapabilitiesRequest {}).await.unwrap().into_inner();
+    let has_service = |t: csi::plugin_capability::service::Type| {
+        caps.capabilities
+            .iter()
+            .any(|c| matches!(&c.r#type, Some(csi::plugin_capability::Type::Service(s)) if s.r#type == t as i32))
+    };
+    assert!(has_service(csi::plugin_capability::service::Type::ControllerService));
+    let online_expansion = caps.capabilities.iter().any(|c| {
+        matches!(
+            &c.r#type,
+            Some(csi::plugin_capability::Type::VolumeExpansion(e))
+                if e.r#type == csi::plugin_capability::volume_expansion::Type::Online as i32
+        )
+    });
+    let probe = id.probe(csi::ProbeRequest {}).await.unwrap().into_inner();
+    assert_eq!(probe.ready, Some(true));
+
+    let mut ctl = d.controller().await;
+    let ccaps = ctl.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
+    let rpcs: Vec<i32> = ccaps
+        .capabilities
+        .iter()
+        .filter_map(|c| c.r#type.as_ref().map(|csi::controller_service_capability::Type::Rpc(r)| r.r#type))
+        .collect();
+    use csi::controller_service_capability::rpc::Type as Rpc;
+    for want in [Rpc::CreateDeleteVolume, Rpc::PublishUnpublishVolume, Rpc::ListVolumes, Rpc::GetCapacity] {
+        assert!(rpcs.contains(&(want as i32)), "missing {want:?} in {rpcs:?}");
+    }
+    // Capabilities follow what the agent implements.
+    let agent_expands = !matches!(
+        agent.expand_volume(vpb::ExpandVolumeRequest::default()).await,
+        Err(s) if s.code() == Code::Unimplemented
+    );
+    assert_eq!(rpcs.contains(&(Rpc::ExpandVolume as i32)), agent_expands, "EXPAND_VOLUME iff the agent expands");
+    assert_eq!(online_expansion, agent_expands, "online expansion plugin capability iff the agent expands");
+    let agent_snapshots = !matches!(
+        agent.list_snapshots(vpb::ListSnapshotsRequest::default()).await,
+        Err(s) if s.code() == Code::Unimplemented
+    );
+    assert_eq!(rpcs.contains(&(Rpc::CreateDeleteSnapshot as i32)), agent_snapshots);
+    assert_eq!(rpcs.contains(&(Rpc::ListSnapshots as i32)), agent_snapshots);
+
+    // ----- CreateVolume: validation before any work -----
+    let mut no_name = create_req("", 8 * MIB, mount_cap("ext4"));
+    no_name.name.clear();
+    expect_code(ctl.create_volume(no_name).await, Code::InvalidArgument, "create without name");
+    let mut no_caps = create_req("v-nocaps", 8 * MIB, mount_cap("ext4"));
+    no_caps.volume_capabilities.clear();
+    expect_code(ctl.create_volume(no_caps).await, Code::InvalidArgument, "create without capabilities");
+    let mut bad_param = create_req("v-badparam", 8 * MIB, mount_cap("ext4"));
+    bad_param.parameters.insert("replicaz".into(), "3".into());
+    expect_code(ctl.create_volume(bad_param).await, Code::InvalidArgument, "unknown parameter");
+    let mut multi = create_req("v-multi", 8 * MIB, mount_cap("ext4"));
+    multi.volume_capabilities[0].access_mode = Some(csi::volume_capability::AccessMode {
+        mode: csi::volume_capability::access_mode::Mode::MultiNodeMultiWriter as i32,
+    });
+    expect_code(ctl.create_volume(multi).await, Code::InvalidArgument, "multi-node writer");
+    let listed = agent.list_volumes(vpb::ListVolumesRequest {}).await.unwrap().into_inner().volumes;
+    assert!(listed.is_empty(), "rejected requests created volumes: {listed:?}");
+
+    // ----- CreateVolume: sizes, idempotency, placement -----
+    let v1 = ctl.create_volume(create_req("pvc-one", 10 * MIB + 1, mount_cap("ext4"))).await.unwrap().into_inner();
+    let v1 = v1.volume.expect("volume");
+    assert_eq!(v1.volume_id, "pvc-one");
+    assert_eq!(v1.capacity_bytes, 10 * MIB + 4096, "rounded up to whole 4 KiB blocks");
+    let again = ctl.create_volume(create_req("pvc-one", 10 * MIB + 1, mount_cap("ext4"))).await.unwrap().into_inner();
+    assert_eq!(again.volume.unwrap(), v1, "same name and size: the same volume");
+    let mut range = create_req("pvc-one", 0, mount_cap("ext4"));
+    range.capacity_range = Some(csi::CapacityRange { required_bytes: MIB, limit_bytes: 64 * MIB });
+    ctl.create_volume(range).await.expect("a compatible capacity range returns the existing volume");
+    expect_code(
+        ctl.create_volume(create_req("pvc-one", 20 * MIB, mount_cap("ext4"))).await,
+        Code::AlreadyExists,
+        "same name, other size",
+    );
+    let av = agent_volume(&mut agent, "pvc-one").await;
+    let mut set = av.replica_set.clone();
+    set.sort();
+    assert_eq!(set, ["n1", "n2", "n3"], "three replicas, one per node");
+
+    let mut two = create_req("pvc-two", 4 * MIB, block_cap());
+    two.parameters = HashMap::from([("replicas".into(), "2".into()), ("dataLocality".into(), "best-effort".into())]);
+    two.accessibility_requirements = Some(csi::TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![csi::Topology {
+            segments: HashMap::from([("topology.hlstore.io/node".to_string(), "n3".to_string())]),
+        }],
+    });
+    ctl.create_volume(two).await.expect("create with replicas=2, dataLocality");
+    let mut two_again = create_req("pvc-two", 4 * MIB, block_cap());
+    two_again.parameters = HashMap::from([("replicas".into(), "3".into())]);
+    expect_code(ctl.create_volume(two_again).await, Code::AlreadyExists, "same name, other replica count");
+    let av = agent_volume(&mut agent, "pvc-two").await;
+    assert_eq!(av.replica_set.len(), 2, "{:?}", av.replica_set);
+    assert_eq!(av.replica_set[0], "n3", "best-effort locality puts a replica on the preferred node");
+    assert_ne!(av.replica_set[0], av.replica_set[1]);
+
+    let mut too_many = create_req("pvc-five", 4 * MIB, mount_cap(""));
+    too_many.parameters.insert("replicas".into(), "5".into());
+    let msg = expect_code(ctl.create_volume(too_many).await, Code::InvalidArgument, "more replicas than nodes");
+    assert!(msg.contains("5 replicas"), "{msg}");
+    let odd = ctl.create_volume(create_req("Odd Name/x", 4 * MIB, mount_cap(""))).await.unwrap().into_inner();
+    let odd_id = odd.volume.unwrap().volume_id;
+    assert!(odd_id.starts_with("Odd-Name-x-"), "{odd_id}");
+    let odd2 = ctl.create_volume(create_req("Odd Name/x", 4 * MIB, mount_cap(""))).await.unwrap().into_inner();
+    assert_eq!(odd2.volume.unwrap().volume_id, odd_id, "a mapped name maps the same way again");
+
+    // ----- ValidateVolumeCapabilities -----
+    let val = |id: &str, caps: Vec<csi::VolumeCapability>| csi::ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: caps,
+        ..Default::default()
+    };
+    let ok = ctl.validate_volume_capabilities(val("pvc-one", vec![mount_cap("ext4")])).await.unwrap().into_inner();
+    assert_eq!(ok.confirmed.expect("confirmed").volume_capabilities, vec![mount_cap("ext4")]);
+    let no = ctl.validate_volume_capabilities(val("pvc-one", vec![mount_cap("btrfs")])).await.unwrap().into_inner();
+    assert!(no.confirmed.is_none() && no.message.contains("btrfs"), "{no:?}");
+    expect_code(ctl.validate_volume_capabilities(val("", vec![mount_cap("")])).await, Code::InvalidArgument, "no id");
+    expect_code(ctl.validate_volume_capabilities(val("pvc-one", vec![])).await, Code::InvalidArgument, "no caps");
+    expect_code(ctl.validate_volume_capabilities(val("nope", vec![mount_cap("")])).await, Code::NotFound, "unknown");
+
+    // ----- ListVolumes with paging -----
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ctl
+            .list_volumes(csi::ListVolumesRequest { max_entries: 2, starting_token: token.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 2);
+        seen.extend(page.entries.iter().map(|e| e.volume.as_ref().unwrap().volume_id.clone()));
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    let mut want = vec!["pvc-one".to_string(), "pvc-two".to_string(), odd_id.clone()];
+    want.sort();
+    assert_eq!(seen, want, "every volume exactly once, in order");
+    let bad = csi::ListVolumesRequest { max_entries: 1, starting_token: "not-a-token".into() };
+    expect_code(ctl.list_volumes(bad).await, Code::Aborted, "bad paging token");
+    let past = csi::ListVolumesRequest { max_entries: 1, starting_token: "99".into() };
+    expect_code(ctl.list_volumes(past).await, Code::Aborted, "token past the end");
+    expect_code(
+        ctl.list_volumes(csi::ListVolumesRequest { max_entries: -1, starting_token: String::new() }).await,
+        Code::InvalidArgument,
+        "negative max_entries",
+    );
+
+    // ----- GetCapacity -----
+    let cap = ctl
+        .get_capacity(csi::GetCapacityRequest { volume_capabilities: vec![mount_cap("ext4")], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(cap.available_capacity > 0);
+    let none = ctl
+        .get_capacity(csi::GetCapacityRequest { volume_capabilities: vec![mount_cap("btrfs")], ..Default::default() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(none.available_capacity, 0, "nothing can be provisioned for an unsupported filesystem");
+
+    // ----- ControllerPublish / Unpublish -----
+    let publ = |vol: &str, node: &str| csi::ControllerPublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: node.into(),
+        volume_capability: Some(mount_cap("ext4")),
+        ..Default::default()
+    };
+    expect_code(ctl.controller_publish_volume(publ("", "n1")).await, Code::InvalidArgument, "publish without id");
+    expect_code(ctl.controller_publish_volume(publ("pvc-one", "")).await, Code::InvalidArgument, "without node");
+    let mut nocap = publ("pvc-one", "n1");
+    nocap.volume_capability = None;
+    expect_code(ctl.controller_publish_volume(nocap).await, Code::InvalidArgument, "without capability");
+    expect_code(ctl.controller_publish_volume(publ("nope", "n1")).await, Code::NotFound, "unknown volume");
+    expect_code(ctl.controller_publish_volume(publ("pvc-one", "n9")).await, Code::NotFound, "unknown node");
+    let ctx = ctl.controller_publish_volume(publ("pvc-one", "n1")).await.unwrap().into_inner().publish_context;
+    let uri = ctx.get("nbdUri").expect("nbdUri in publish_context").clone();
+    let again = ctl.controller_publish_volume(publ("pvc-one", "n1")).await.unwrap().into_inner().publish_context;
+    assert_eq!(again, ctx, "publishing again to the same node is OK and says the same");
+    expect_code(
+        ctl.controller_publish_volume(publ("pvc-one", "n2")).await,
+        Code::FailedPrecondition,
+        "published on another node",
+    );
+    assert_eq!(agent_volume(&mut agent, "pvc-one").await.attached_node, "n1");
+    let size =
+        String::from_utf8(run_tool(Command::new("nbdinfo").args(["--size", &uri]), Duration::from_secs(60)).stdout)
+            .unwrap();
+    assert_eq!(size.trim(), (10 * MIB + 4096).to_string(), "the engine exports the volume at {uri}");
+    qemu_io(&uri, "write -P 0x5a 0 1M");
+    let listed = ctl.list_volumes(csi::ListVolumesRequest::default()).await.unwrap().into_inner();
+    let e = listed.entries.iter().find(|e| e.volume.as_ref().unwrap().volume_id == "pvc-one").unwrap();
+    assert_eq!(e.status.as_ref().unwrap().published_node_ids, ["n1"]);
+    let got = ctl
+        .controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: "pvc-one".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.status.unwrap().published_node_ids, ["n1"]);
+    expect_code(
+        ctl.controller_get_volume(csi::ControllerGetVolumeRequest { volume_id: "nope".into() }).await,
+        Code::NotFound,
+        "get unknown volume",
+    );
+
+    expect_code(
+        ctl.delete_volume(csi::DeleteVolumeRequest { volume_id: "pvc-one".into(), ..Default::default() }).await,
+        Code::FailedPrecondition,
+        "delete while published",
+    );
+
+    // ----- snapshots, clones, expansion (when the agent implements them) -----
+    snapshots_and_clones(&mut ctl, &uri).await;
+    expand(&mut ctl, &mut agent).await;
+
+    let unpubl = |vol: &str, node: &str| csi::ControllerUnpublishVolumeRequest {
+        volume_id: vol.into(),
+        node_id: node.into(),
+        ..Default::default()
+    };
+    expect_code(ctl.controller_unpublish_volume(unpubl("", "n1")).await, Code::InvalidArgument, "unpublish no id");
+    expect_code(ctl.controller_unpublish_volume(unpubl("nope", "n1")).await, Code::NotFound, "unpublish unknown");
+    ctl.controller_unpublish_volume(unpubl("pvc-one", "n2")).await.expect("not published on n2: nothing to do");
+    assert_eq!(agent_volume(&mut agent, "pvc-one").await.attached_node, "n1", "unpublish from n2 left n1 alone");
+    ctl.controller_unpublish_volume(unpubl("pvc-one", "n1")).await.expect("unpublish");
+    ctl.controller_unpublish_volume(unpubl("pvc-one", "n1")).await.expect("unpublish again");
+    assert_eq!(agent_volume(&mut agent, "pvc-one").await.attached_node, "");
+
+    // ----- DeleteVolume -----
+    let del = |vol: &str| csi::DeleteVolumeRequest { volume_id: vol.into(), ..Default::default() };
+    expect_code(ctl.delete_volume(del("")).await, Code::InvalidArgument, "delete without id");
+    for v in ["pvc-one", "pvc-two", odd_id.as_str()] {
+        ctl.delete_volume(del(v)).await.expect("delete");
+        ctl.delete_volume(del(v)).await.expect("delete again is OK");
+    }
+    ctl.delete_volume(del("never-existed")).await.expect("delete of an unknown id is OK");
+    let left = agent.list_volumes(vpb::ListVolumesRequest {}).await.unwrap().into_inner().volumes;
+    assert!(left.iter().all(|v| !v.name.starts_with("pvc-")), "volumes left: {left:?}");
+    assert!(d.host_leaks().is_empty(), "mounts leaked to the host: {:?}", d.host_leaks());
+}
+
+async fn snapshots_and_clones(
+    ctl: &mut csi::controller_client::ControllerClient<tonic::transport::Channel>,
+    uri: &str,
+) {
+    let snap = |src: &str, name: &str| csi::CreateSnapshotRequest {
+        source_volume_id: src.into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    // Validation happens before the agent is asked, whatever it implements.
+    expect_code(ctl.create_snapshot(snap("", "s1")).await, Code::InvalidArgument, "snapshot without source");
+    expect_code(ctl.create_snapshot(snap("pvc-one", "")).await, Code::InvalidArgument, "snapshot without name");
+    expect_code(
+        ctl.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: String::new(), ..Default::default() }).await,
+        Code::InvalidArgument,
+        "delete snapshot without id",
+    );
+    ctl.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: "garbage".into(), ..Default::default() })
+        .await
+        .expect("deleting an id that names no snapshot is OK");
+
+    let from_snapshot = |name: &str, id: &str| {
+        let mut r = create_req(name, 0, mount_cap("ext4"));
+        r.capacity_range = None;
+        r.volume_content_source = Some(csi::VolumeContentSource {
+            r#type: Some(csi::volume_content_source::Type::Snapshot(csi::volume_content_source::SnapshotSource {
+                snapshot_id: id.into(),
+            })),
+        });
+        r
+    };
+    let first = ctl.create_snapshot(snap("pvc-one", "snap-a")).await;
+    if unimplemented_note(&first, "snapshot and clone") {
+        // The agent's UNIMPLEMENTED reaches the CO as UNIMPLEMENTED, not as an internal error.
+        expect_code(
+            ctl.list_snapshots(csi::ListSnapshotsRequest::default()).await,
+            Code::Unimplemented,
+            "list snapshots without agent snapshots",
+        );
+        expect_code(
+            ctl.create_volume(from_snapshot("pvc-x", "pvc-one@snap-a")).await,
+            Code::Unimplemented,
+            "volume from a snapshot without agent snapshots",
+        );
+        return;
+    }
+    let s = first.expect("create snapshot").into_inner().snapshot.unwrap();
+    assert_eq!(s.source_volume_id, "pvc-one");
+    assert_eq!(s.snapshot_id, "pvc-one@snap-a");
+    assert!(s.creation_time.is_some());
+    let again = ctl.create_snapshot(snap("pvc-one", "snap-a")).await.expect("again").into_inner().snapshot.unwrap();
+    assert_eq!(again.snapshot_id, s.snapshot_id, "same name and source: the same snapshot");
+    expect_code(ctl.create_snapshot(snap("pvc-two", "snap-a")).await, Code::AlreadyExists, "name used elsewhere");
+    expect_code(ctl.create_snapshot(snap("nope", "snap-x")).await, Code::NotFound, "snapshot of unknown volume");
+    ctl.create_snapshot(snap("pvc-one", "snap-b")).await.expect("second snapshot");
+
+    let list = |src: &str, id: &str, max: i32, token: &str| csi::ListSnapshotsRequest {
+        source_volume_id: src.into(),
+        snapshot_id: id.into(),
+        max_entries: max,
+        starting_token: token.into(),
+        ..Default::default()
+    };
+    let ids = |r: csi::ListSnapshotsResponse| -> Vec<String> {
+        r.entries.into_iter().map(|e| e.snapshot.unwrap().snapshot_id).collect()
+    };
+    let all = ids(ctl.list_snapshots(list("pvc-one", "", 0, "")).await.unwrap().into_inner());
+    assert_eq!(all, ["pvc-one@snap-a", "pvc-one@snap-b"]);
+    let p1 = ctl.list_snapshots(list("", "", 1, "")).await.unwrap().into_inner();
+    assert_eq!(p1.entries.len(), 1);
+    assert!(!p1.next_token.is_empty());
+    expect_code(ctl.list_snapshots(list("", "", 1, "zz")).await, Code::Aborted, "bad snapshot paging token");
+    let one = ids(ctl.list_snapshots(list("", "pvc-one@snap-b", 0, "")).await.unwrap().into_inner());
+    assert_eq!(one, ["pvc-one@snap-b"]);
+    assert!(ids(ctl.list_snapshots(list("", "pvc-one@nope", 0, "")).await.unwrap().into_inner()).is_empty());
+    assert!(ids(ctl.list_snapshots(list("nope", "", 0, "")).await.unwrap().into_inner()).is_empty());
+
+    // Clone from the snapshot: same content (written before the snapshot through `uri`).
+    let from_snap = from_snapshot("pvc-clone", "pvc-one@snap-a");
+    let cl = ctl.create_volume(from_snap.clone()).await.expect("clone from snapshot").into_inner().volume.unwrap();
+    assert!(cl.content_source.is_some());
+    ctl.create_volume(from_snap).await.expect("clone again is idempotent");
+    let publ = csi::ControllerPublishVolumeRequest {
+        volume_id: "pvc-clone".into(),
+        node_id: "n2".into(),
+        volume_capability: Some(mount_cap("ext4")),
+        ..Default::default()
+    };
+    let curi = ctl.controller_publish_volume(publ).await.expect("publish clone").into_inner().publish_context["nbdUri"]
+        .clone();
+    qemu_io(&curi, "read -P 0x5a 0 1M");
+    ctl.controller_unpublish_volume(csi::ControllerUnpublishVolumeRequest {
+        volume_id: "pvc-clone".into(),
+        node_id: "n2".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("unpublish clone");
+    let missing = from_snapshot("pvc-clone-missing", "pvc-one@nope");
+    expect_code(ctl.create_volume(missing).await, Code::NotFound, "clone from an unknown snapshot");
+    let _ = uri;
+
+    for id in ["pvc-one@snap-a", "pvc-one@snap-b"] {
+        let del = csi::DeleteSnapshotRequest { snapshot_id: id.into(), ..Default::default() };
+        ctl.delete_snapshot(del.clone()).await.expect("delete snapshot");
+        ctl.delete_snapshot(del).await.expect("delete snapshot again is OK");
+    }
+    assert!(ids(ctl.list_snapshots(list("pvc-one", "", 0, "")).await.unwrap().into_inner()).is_empty());
+    ctl.delete_volume(csi::DeleteVolumeRequest { volume_id: "pvc-clone".into(), ..Default::default() })
+        .await
+        .expect("delete clone");
+}
+
+async fn expand(
+    ctl: &mut csi::controller_client::ControllerClient<tonic::transport::Channel>,
+    agent: &mut VolumesClient<tonic::transport::Channel>,
+) {
+    let req = |id: &str, bytes: i64| csi::ControllerExpandVolumeRequest {
+        volume_id: id.into(),
+        capacity_range: Some(csi::CapacityRange { required_bytes: bytes, limit_bytes: 0 }),
+        ..Default::default()
+    };
+    expect_code(ctl.controller_expand_volume(req("", 32 * MIB)).await, Code::InvalidArgument, "expand without id");
+    let mut norange = req("pvc-one", 0);
+    norange.capacity_range = None;
+    expect_code(ctl.controller_expand_volume(norange).await, Code::InvalidArgument, "expand without range");
+    expect_code(ctl.controller_expand_volume(req("nope", 32 * MIB)).await, Code::NotFound, "expand unknown");
+    // Not larger: OK without asking the agent.
+    let same = ctl.controller_expand_volume(req("pvc-one", MIB)).await.expect("no-op expand").into_inner();
+    assert_eq!(same.capacity_bytes, 10 * MIB + 4096);
+    let r = ctl.controller_expand_volume(req("pvc-one", 32 * MIB)).await;
+    if unimplemented_note(&r, "expand") {
+        return;
+    }
+    let r = r.expect("expand").into_inner();
+    assert_eq!(r.capacity_bytes, 32 * MIB);
+    assert!(r.node_expansion_required);
+    assert_eq!(agent_volume(agent, "pvc-one").await.size, 32 * MIB as u64);
+    let again = ctl.controller_expand_volume(req("pvc-one", 32 * MIB)).await.expect("expand again").into_inner();
+    assert_eq!(again.capacity_bytes, 32 * MIB);
+}
