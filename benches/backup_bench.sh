@@ -1,27 +1,39 @@
 #!/usr/bin/env bash
 # Whole-system backup benchmark: hlstore vs restic vs borg on the same mixed image.
 #
-# Usage: benches/backup_bench.sh [--size-mib N] [--workdir DIR] [--keep]
-#   --size-mib  image size (default 1024)
-#   --workdir   scratch directory (default: a fresh temp dir, removed unless --keep)
-# Env: HLSTORE_BIN (default: builds `cargo build --release --bin hlstore`).
+# Usage: benches/backup_bench.sh [--size-mib N] [--workdir DIR] [--keep] [--no-volume]
+#   --size-mib   image size (default 1024)
+#   --workdir    scratch directory (default: a fresh temp dir, removed unless --keep)
+#   --no-volume  skip the volume case
+# Env: HLSTORE_BIN (default: builds `cargo build --release --bin hlstore`); PY_NBD, a
+# python with the libnbd module (default /usr/bin/python3).
 #
 # Measures, per tool: full backup time, backup time after changing 1 % of the image in
 # scattered 64 KiB runs, restore time, repository size, repository growth after the
 # change (and growth / changed bytes), peak RSS. All tools encrypt (hlstore:
 # XChaCha20-Poly1305; restic: AES-256; borg: repokey-blake2) and compress
 # (hlstore zstd 1, restic auto, borg lz4). Page cache is warm for everyone.
+#
+# Volume case: a 3-node local cluster (`hlstore dev up`) with a volume holding the same
+# image; `hlstore backup create --volume` (full), the same 1 % change written to the image
+# file and the volume alike, then an incremental volume backup (reads only the changed
+# blocks) against `restic backup` re-reading the changed image file (restic's repository
+# from the run above, so restic is incremental too); then `hlstore restore --to-volume`
+# into a new 3-replica volume, checked byte for byte against the image. Goal: volume
+# incremental <= 0.25x restic's time.
 set -euo pipefail
 
 SIZE_MIB=1024
 WORK=""
 KEEP=0
+VOLUME=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mib) SIZE_MIB="$2"; shift 2 ;;
     --workdir) WORK="$2"; shift 2 ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    --no-volume) VOLUME=0; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -36,7 +48,10 @@ for t in restic borg python3 /usr/bin/time; do
 done
 if [ -z "$WORK" ]; then WORK="$(mktemp -d /tmp/hlstore-bench.XXXXXX)"; fi
 mkdir -p "$WORK"
-cleanup() { if [ "$KEEP" = 0 ]; then rm -rf "$WORK"; fi; }
+cleanup() {
+  if [ -f "$WORK/cluster/cluster.json" ]; then "$HLSTORE_BIN" dev down --dir "$WORK/cluster" >/dev/null 2>&1 || true; fi
+  if [ "$KEEP" = 0 ]; then rm -rf "$WORK"; fi
+}
 trap cleanup EXIT
 
 export HLSTORE_REPO_PASSWORD=bench-password RESTIC_PASSWORD=bench-password BORG_PASSPHRASE=bench-password
@@ -123,3 +138,43 @@ for tool in hlstore restic borg; do
     "$(awk -v g="${GROW[$tool]}" -v c="$CHANGED" 'BEGIN { printf "%.2fx", g / c }')" \
     "$(awk -v k="${RSS[$tool]}" 'BEGIN { printf "%.0f", k / 1024 }')" "${CHECK[$tool]}"
 done
+
+[ "$VOLUME" = 1 ] || exit 0
+# Debian's python3-libnbd lives in the system interpreter.
+PY_NBD="${PY_NBD:-/usr/bin/python3}"
+command -v nbdcopy >/dev/null || { echo "missing nbdcopy" >&2; exit 1; }
+"$PY_NBD" -c 'import nbd' 2>/dev/null || { echo "missing python3-libnbd for $PY_NBD" >&2; exit 1; }
+echo "running the volume case..." >&2
+reset_image
+URI=$("$HLSTORE_BIN" dev up --dir "$WORK/cluster" --nodes 3 --volume bvol --size "${SIZE_MIB}MiB" --replicas 3)
+EP=$("$HLSTORE_BIN" dev status --dir "$WORK/cluster" --json \
+  | python3 -c 'import json,sys; print([n for n in json.load(sys.stdin)["nodes"] if n["id"] == "n1"][0]["endpoint"])')
+nbdcopy "$IMG" "$URI"
+VREPO="$WORK/repo-volume"
+"$HLSTORE_BIN" backup init --repo "$VREPO" >/dev/null
+timed hlstore-vol-full "$HLSTORE_BIN" backup create --repo "$VREPO" --volume bvol --endpoint "$EP" --json
+VCHANGED=$("$PY_NBD" "$ROOT/benches/backup_mkimage.py" change "$IMG" 1 64 7 "$URI")
+timed hlstore-vol-incr "$HLSTORE_BIN" backup create --repo "$VREPO" --volume bvol --endpoint "$EP" --json
+timed restic-vol-incr restic -r "$WORK/repo-restic" backup "$IMG"
+field() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(v[sys.argv[2]])' "$WORK/$1.out" "$2"; }
+VID=$(field hlstore-vol-incr id)
+VREAD=$(field hlstore-vol-incr bytes_read)
+VINC=$(field hlstore-vol-incr incremental)
+timed hlstore-vol-restore "$HLSTORE_BIN" restore "$VID" --repo "$VREPO" --to-volume bvol2 --replicas 3 --endpoint "$EP"
+URI2=$("$HLSTORE_BIN" volume attach bvol2 --node n2 --endpoint "$EP")
+nbdcopy "$URI2" "$WORK/volume-restored.img"
+VCHECK=$(same "$WORK/volume-restored.img")
+rm -f "$WORK/volume-restored.img"
+
+echo
+echo "volume case: ${SIZE_MIB} MiB volume (3 replicas) holding the same image; change: $(mib "$VCHANGED") MiB; incremental: $VINC"
+printf '| %-34s | %9s |\n' measure value
+printf '|%s|\n' "------------------------------------|-----------"
+printf '| %-34s | %9s |\n' "hlstore volume full backup s" "$(secs hlstore-vol-full)" \
+  "hlstore volume 1% backup s" "$(secs hlstore-vol-incr)" \
+  "restic 1% backup of the image s" "$(secs restic-vol-incr)" \
+  "ratio hlstore / restic (goal <=0.25)" "$(awk -v a="$(secs hlstore-vol-incr)" -v b="$(secs restic-vol-incr)" 'BEGIN { printf "%.2fx", a / b }')" \
+  "hlstore bytes read MiB" "$(mib "$VREAD")" \
+  "bytes read / bytes changed" "$(awk -v r="$VREAD" -v c="$VCHANGED" 'BEGIN { printf "%.2fx", r / c }')" \
+  "restore --to-volume s" "$(secs hlstore-vol-restore)" \
+  "restored volume = image" "$VCHECK"

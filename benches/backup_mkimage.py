@@ -3,8 +3,10 @@
 
 mkimage PATH SIZE_MIB: interleaved 1-4 MiB segments of random data, zeros, repeated text and
 copies of system libraries (deterministic apart from the random segments).
-change PATH PERCENT RUN_KIB SEED: overwrites PERCENT % of the image with random data in
-scattered RUN_KIB runs at 4 KiB-aligned offsets (like a filesystem's writes).
+change PATH PERCENT RUN_KIB SEED [NBD_URI]: overwrites PERCENT % of the image with random
+data in scattered RUN_KIB runs at 4 KiB-aligned offsets (like a filesystem's writes); with
+NBD_URI, writes the same runs to that NBD export too (python3-libnbd), so a volume holding
+the image keeps holding it. Prints the bytes changed.
 """
 import glob
 import os
@@ -57,16 +59,28 @@ def mkimage(path, size_mib):
         out.truncate(total)
 
 
-def change(path, percent, run_kib, seed):
+def change(path, percent, run_kib, seed, nbd_uri=None):
     size = os.path.getsize(path)
     run = run_kib * 1024
     runs = max(1, int(size * percent / 100) // run)
     rnd = random.Random(seed)
+    h = None
+    if nbd_uri:
+        import nbd
+
+        h = nbd.NBD()
+        h.connect_uri(nbd_uri)
     with open(path, "r+b") as f:
         for _ in range(runs):
             off = rnd.randrange(0, (size - run) // 4096) * 4096
+            data = os.urandom(run)
             f.seek(off)
-            f.write(os.urandom(run))
+            f.write(data)
+            if h is not None:
+                h.pwrite(data, off)
+    if h is not None:
+        h.flush()
+        h.shutdown()
     print(runs * run)
 
 
@@ -74,6 +88,7 @@ if __name__ == "__main__":
     if sys.argv[1] == "mkimage":
         mkimage(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "change":
-        change(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+        uri = sys.argv[6] if len(sys.argv) > 6 else None
+        change(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), uri)
     else:
-        sys.exit("usage: mkimage PATH SIZE_MIB | change PATH PERCENT RUN_KIB SEED")
+        sys.exit("usage: mkimage PATH SIZE_MIB | change PATH PERCENT RUN_KIB SEED [NBD_URI]")

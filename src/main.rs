@@ -57,7 +57,7 @@ enum Command {
     /// Back up files, block devices or volumes to a deduplicating repository.
     #[command(subcommand)]
     Backup(cli::backup::BackupCommand),
-    /// Restore a backup to a file or block device.
+    /// Restore a backup to a file, a block device or a new volume.
     Restore(cli::backup::RestoreArgs),
     /// Diagnostic tools (for tests).
     #[command(subcommand, hide = true)]

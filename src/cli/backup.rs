@@ -1,6 +1,7 @@
 //! `hlstore backup ...` and `hlstore restore ...`: argument parsing and output only; the
 //! engine lives in `hlstore_backup`. The engine is synchronous (its S3 backend blocks on
-//! its own runtime), so every command runs it in `spawn_blocking`.
+//! its own runtime), so every command runs it in `spawn_blocking`. Volume backups and
+//! restores are in `volume_backup.rs`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -13,6 +14,7 @@ use hlstore_backup::{
 };
 
 use super::size::format_size;
+use super::volume_backup;
 
 /// Where the repository is and how to open it.
 #[derive(Debug, Clone, Args)]
@@ -79,18 +81,33 @@ pub enum BackupCommand {
         #[arg(long, default_value_t = 1)]
         zstd_level: i32,
     },
-    /// Back up a file or block device.
+    /// Back up a file, a block device or a live volume.
+    ///
+    /// With --volume, a snapshot of the volume is taken and backed up; when an earlier
+    /// backup of the volume in this repository still has its snapshot, only the blocks
+    /// changed since are read. The newest backup snapshot is kept for that, older ones
+    /// made by this repository's backups are deleted.
+    ///
+    /// Example: hlstore backup create --repo s3://backups/hl --volume pgdata
+    #[command(group(ArgGroup::new("what").required(true).args(["source", "volume"])))]
     Create {
         #[command(flatten)]
         repo: RepoArgs,
         /// File or block device to back up.
         #[arg(long)]
-        source: PathBuf,
+        source: Option<PathBuf>,
+        /// Volume to back up (through the node agent at --endpoint).
+        #[arg(long)]
+        volume: Option<String>,
+        /// Node agent gRPC endpoint for --volume (any node of the cluster).
+        #[arg(long, env = "HLSTORE_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+        endpoint: String,
         /// Label to attach (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
-        /// Parent backup (default: the newest backup of the same source).
-        #[arg(long)]
+        /// Parent backup (default: the newest backup of the same source). A volume backup
+        /// chooses its own: the newest one whose snapshot still exists.
+        #[arg(long, conflicts_with = "volume")]
         parent: Option<String>,
         /// Print JSON.
         #[arg(long)]
@@ -156,9 +173,12 @@ pub enum BackupCommand {
     },
 }
 
+/// Default node agent endpoint (as for `hlstore volume`).
+const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7400";
+
 /// `hlstore restore` arguments.
 #[derive(Debug, Args)]
-#[command(group(ArgGroup::new("target").required(true).args(["to_file", "to_device"])))]
+#[command(group(ArgGroup::new("target").required(true).args(["to_file", "to_device", "to_volume"])))]
 pub struct RestoreArgs {
     /// Backup id (a unique prefix is enough).
     pub id: String,
@@ -170,6 +190,17 @@ pub struct RestoreArgs {
     /// Restore onto this block device.
     #[arg(long)]
     pub to_device: Option<PathBuf>,
+    /// Restore into this new volume (created with the backup's volume size; the data is
+    /// written once through the volume's engine, which replicates it).
+    #[arg(long)]
+    pub to_volume: Option<String>,
+    /// Replicas of the volume created by --to-volume.
+    #[arg(long, default_value_t = 3, requires = "to_volume")]
+    pub replicas: u32,
+    /// Node agent gRPC endpoint for --to-volume; the volume is attached on its node while
+    /// it is written.
+    #[arg(long, env = "HLSTORE_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
+    pub endpoint: String,
     /// Resume-state file (default: <file>.hlstore-restore for --to-file).
     #[arg(long)]
     pub state_file: Option<PathBuf>,
@@ -239,7 +270,12 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
             let r = Repository::init(backend, &pw, config, KdfParams::from_env()?)?;
             println!("created repository {} at {}", r.config().id, repo.repo);
         }
-        BackupCommand::Create { repo, source, labels, parent, json } => {
+        BackupCommand::Create { repo, volume: Some(volume), endpoint, labels, json, .. } => {
+            let r = repo.open()?;
+            volume_backup::backup(&r, &endpoint, &volume, labels.into_iter().collect(), json)?;
+        }
+        BackupCommand::Create { repo, source, labels, parent, json, .. } => {
+            let Some(source) = source else { bail!("give --source or --volume") };
             let r = repo.open()?;
             let src = hb::FileSource::open(&source)?;
             let opts = hb::BackupOptions {
@@ -393,10 +429,13 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
 pub async fn run_restore(args: RestoreArgs) -> anyhow::Result<()> {
     blocking(move || {
         let r = args.repo.open()?;
+        if let Some(volume) = &args.to_volume {
+            return volume_backup::restore(&r, &args, volume);
+        }
         let target = match (&args.to_file, &args.to_device) {
             (Some(f), None) => RestoreTarget::File(f.clone()),
             (None, Some(d)) => RestoreTarget::Device(d.clone()),
-            _ => bail!("give exactly one of --to-file or --to-device"),
+            _ => bail!("give exactly one of --to-file, --to-device or --to-volume"),
         };
         let id = r.resolve_snapshot(&args.id)?;
         let size = r.load_snapshot(&id)?.meta.size;

@@ -10,3 +10,5 @@ pub mod replica;
 pub mod size;
 pub mod snapshot;
 pub mod volume;
+pub mod volume_agent;
+pub mod volume_backup;

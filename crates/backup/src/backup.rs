@@ -25,6 +25,8 @@ use crate::source::Source;
 pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Packs per index file written during a backup.
 pub const INDEX_BATCH: usize = 16;
+/// Most reader threads a source may ask for ([`Source::parallel_reads`]).
+pub const MAX_READERS: usize = 16;
 
 /// Options of one backup run.
 #[derive(Clone)]
@@ -80,6 +82,7 @@ struct Run<'a> {
 /// Backs up `source`; returns the stored snapshot.
 pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Result<Snapshot> {
     // The lease goes first: prune must see it before we look at what exists.
+    let started = std::time::Instant::now();
     let _lease = Lease::acquire(repo.backend().clone(), "backup")?;
     let load = repo.load_index()?;
     if !load.unindexed.is_empty() {
@@ -108,6 +111,7 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
         _ => std::iter::once(0..size).collect(),
     };
 
+    tracing::debug!(elapsed = ?started.elapsed(), chunks = index.len(), "index loaded");
     let workers =
         if opts.workers == 0 { std::thread::available_parallelism().map_or(2, |n| n.get()) } else { opts.workers };
     let run = Run {
@@ -173,6 +177,7 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
         }
     })?;
 
+    tracing::debug!(elapsed = ?started.elapsed(), "source read and packed");
     let rest = std::mem::take(&mut *run.pending_index.lock().unwrap_or_else(|p| p.into_inner()));
     if !rest.is_empty() {
         repo.write_index(&rest)?;
@@ -245,22 +250,56 @@ fn read_source(
         ChunkerConfig::Fixed { size: cs } => {
             let cs = cs as usize;
             let step = (BATCH_BYTES / cs).max(1) * cs;
+            // Batches are independent (chunk boundaries are fixed; refs are sorted at the
+            // end), so sources that gain from it are read by several threads at once.
+            let mut jobs: Vec<(u64, usize)> = Vec::new();
             for r in ranges {
                 let mut off = r.start;
                 while off < r.end {
+                    let n = step.min((r.end - off) as usize);
+                    jobs.push((off, n));
+                    off += n as u64;
+                }
+            }
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let read_jobs = |tx: SyncSender<Batch>| -> Result<()> {
+                loop {
                     if run.abort.load(Ordering::Relaxed) {
                         return Ok(());
                     }
-                    let n = step.min((r.end - off) as usize);
+                    let Some(&(off, n)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                        return Ok(());
+                    };
                     let mut data = vec![0u8; n];
                     source.read_at(off, &mut data)?;
                     let ends = (1..=n.div_ceil(cs)).map(|k| (k * cs).min(n)).collect();
                     if tx.send(Batch { base: off, data, ends }).is_err() {
                         return Ok(());
                     }
-                    off += n as u64;
                 }
+            };
+            let readers = source.parallel_reads().clamp(1, MAX_READERS).min(jobs.len().max(1));
+            if readers == 1 {
+                return read_jobs(tx);
             }
+            std::thread::scope(|s| {
+                let hs: Vec<_> = (0..readers)
+                    .map(|_| {
+                        let tx = tx.clone();
+                        s.spawn(|| read_jobs(tx))
+                    })
+                    .collect();
+                drop(tx);
+                let mut first = Ok(());
+                for h in hs {
+                    let r = h.join().unwrap_or_else(|_| Err(Error::Invalid("backup reader panicked".into())));
+                    if r.is_err() && first.is_ok() {
+                        run.abort.store(true, Ordering::Relaxed);
+                        first = r;
+                    }
+                }
+                first
+            })
         }
         ChunkerConfig::Cdc { min, avg, max } => {
             let (min, avg, max) = (min as usize, avg as usize, max as usize);
@@ -298,7 +337,6 @@ fn read_source(
             }
         }
     }
-    Ok(())
 }
 
 fn work(run: &Run<'_>, rx: Arc<Mutex<Receiver<Batch>>>, tx: SyncSender<Processed>) -> Result<()> {

@@ -48,6 +48,8 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    #[error("node agent: {0}")]
+    Agent(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
 }

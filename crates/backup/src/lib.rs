@@ -15,6 +15,8 @@
 //! - `snapshot.rs` manifests; `backup.rs` the parallel pipeline; `restore.rs` parallel,
 //!   out-of-order, resumable restore; `verify.rs` damage reports; `prune.rs` retention and
 //!   two-phase garbage collection; `source.rs` what can be backed up; `progress.rs` bars.
+//! - `volume/` — backups of live hlstore volumes: snapshot, changed-block (incremental)
+//!   reads, snapshot retention, restore into a new volume, over a node-agent trait.
 //!
 //! Invariants: objects are immutable once written (packs and index files named by hash,
 //! snapshots by random id); writes go pack → index → snapshot; nothing takes an exclusive
@@ -36,6 +38,7 @@ pub mod restore;
 pub mod snapshot;
 pub mod source;
 pub mod verify;
+pub mod volume;
 
 pub use backend::{open_url, Backend, FsBackend, ObjectInfo, S3Backend, S3Options};
 pub use backup::{backup, BackupOptions};
@@ -45,7 +48,7 @@ pub use error::{Error, Result};
 pub use progress::Progress;
 pub use prune::{prune, KeepPolicy, PruneOptions, PruneReport};
 pub use repo::{RepoConfig, Repository};
-pub use restore::{restore, RestoreOptions, RestoreStats, RestoreTarget};
+pub use restore::{restore, restore_into, RestoreOptions, RestoreSink, RestoreStats, RestoreTarget};
 pub use snapshot::{Snapshot, SnapshotMeta};
 pub use source::{FileSource, Source};
 pub use verify::{verify, VerifyReport};

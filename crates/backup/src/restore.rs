@@ -4,6 +4,8 @@
 //! Resumable: after each pack's chunks are written and synced, its id is appended to a
 //! state file (`<target>.hlstore-restore` for files, `--state-file` for devices); a rerun
 //! for the same backup skips those packs. The state file is removed on success.
+//! [`restore_into`] writes to any [`RestoreSink`] (a fresh thin volume over NBD): only the
+//! chunk records are written, holes are left to the target.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -19,6 +21,7 @@ use crate::index::Location;
 use crate::pack::decode_blob;
 use crate::progress::Progress;
 use crate::repo::Repository;
+use crate::snapshot::ChunkRef;
 
 /// Where a restore goes.
 #[derive(Debug, Clone)]
@@ -60,24 +63,7 @@ struct Job {
 pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: RestoreOptions) -> Result<RestoreStats> {
     let id = repo.resolve_snapshot(id)?;
     let snap = repo.load_snapshot(&id)?;
-    let index = repo.load_index()?.index;
-    // Plan everything before touching the target: a missing chunk fails early.
-    let mut by_chunk: HashMap<ChunkId, Vec<u64>> = HashMap::new();
-    for c in &snap.chunks {
-        by_chunk.entry(c.id).or_default().push(c.offset);
-    }
-    let mut by_pack: BTreeMap<u32, Vec<(Location, ChunkId, Vec<u64>)>> = BTreeMap::new();
-    for (cid, offs) in by_chunk {
-        let loc = index.get(&cid).ok_or_else(|| Error::MissingChunk { snapshot: id.clone(), chunk: cid.to_hex() })?;
-        by_pack.entry(loc.pack).or_default().push((*loc, cid, offs));
-    }
-    let mut jobs: Vec<Job> = by_pack
-        .into_iter()
-        .map(|(p, mut chunks)| {
-            chunks.sort_by_key(|c| c.0.offset);
-            Job { pack: index.packs[p as usize].0.clone(), chunks }
-        })
-        .collect();
+    let mut jobs = plan_jobs(repo, &id, &snap.chunks)?;
 
     let (path, is_device) = match target {
         RestoreTarget::File(p) => (p.clone(), false),
@@ -108,10 +94,89 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
         stats.bytes_written += zero_gaps(&file, &snap.chunks, snap.meta.size, &path)?;
     }
 
+    let sink = FileSink { file: &file, path: &path };
+    let after_pack = |job: &Job| -> Result<()> {
+        match &state {
+            Some(st) => {
+                file.sync_data().map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
+                let mut f = st.lock().unwrap_or_else(|p| p.into_inner());
+                writeln!(f, "{}", job.pack).map_err(|e| Error::io("write restore state", e))
+            }
+            None => Ok(()),
+        }
+    };
+    let written = run_jobs(repo, jobs, &sink, &opts, &after_pack)?;
+    file.sync_all().map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
+    if let Some(p) = &state_path {
+        let _ = std::fs::remove_file(p);
+    }
+    stats.bytes_written += written;
+    stats.packs_fetched = before as u64 - stats.packs_resumed;
+    opts.progress.finish();
+    Ok(stats)
+}
+
+/// Restores snapshot `id` into `sink`, which must read as zeros where the backup has holes
+/// (a fresh thin volume): only chunk records are written, no resume state is kept. Ends
+/// with `sink.sync()`.
+pub fn restore_into(repo: &Repository, id: &str, sink: &dyn RestoreSink, opts: RestoreOptions) -> Result<RestoreStats> {
+    let id = repo.resolve_snapshot(id)?;
+    let snap = repo.load_snapshot(&id)?;
+    let jobs = plan_jobs(repo, &id, &snap.chunks)?;
+    let packs = jobs.len() as u64;
+    let written = run_jobs(repo, jobs, sink, &opts, &|_| Ok(()))?;
+    sink.sync()?;
+    opts.progress.finish();
+    Ok(RestoreStats {
+        snapshot: id,
+        size: snap.meta.size,
+        bytes_written: written,
+        packs_fetched: packs,
+        packs_resumed: 0,
+    })
+}
+
+/// Groups the chunks by pack, in blob order. Done before touching the target, so a missing
+/// chunk fails early.
+fn plan_jobs(repo: &Repository, id: &str, chunks: &[ChunkRef]) -> Result<Vec<Job>> {
+    let index = repo.load_index()?.index;
+    let mut by_chunk: HashMap<ChunkId, Vec<u64>> = HashMap::new();
+    for c in chunks {
+        by_chunk.entry(c.id).or_default().push(c.offset);
+    }
+    let mut by_pack: BTreeMap<u32, Vec<(Location, ChunkId, Vec<u64>)>> = BTreeMap::new();
+    for (cid, offs) in by_chunk {
+        let loc =
+            index.get(&cid).ok_or_else(|| Error::MissingChunk { snapshot: id.to_string(), chunk: cid.to_hex() })?;
+        by_pack.entry(loc.pack).or_default().push((*loc, cid, offs));
+    }
+    Ok(by_pack
+        .into_iter()
+        .map(|(p, mut chunks)| {
+            chunks.sort_by_key(|c| c.0.offset);
+            Job { pack: index.packs[p as usize].0.clone(), chunks }
+        })
+        .collect())
+}
+
+/// Fetches and writes the jobs' packs on `opts.workers` threads; `after_pack` runs after
+/// each pack's chunks are written. Returns the bytes written; stops at the first error.
+fn run_jobs(
+    repo: &Repository,
+    jobs: Vec<Job>,
+    sink: &dyn RestoreSink,
+    opts: &RestoreOptions,
+    after_pack: &(dyn Fn(&Job) -> Result<()> + Sync),
+) -> Result<u64> {
     let written = AtomicU64::new(0);
     let queue = Mutex::new(jobs);
     let workers = if opts.workers == 0 { 4 } else { opts.workers };
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        if let Ok(mut fe) = first_err.lock() {
+            fe.get_or_insert(e);
+        }
+    };
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
@@ -120,31 +185,15 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
                 }
                 let job = queue.lock().ok().and_then(|mut q| q.pop());
                 let Some(job) = job else { return };
-                match restore_pack(repo, &job, &file, &path) {
+                match restore_pack(repo, &job, sink) {
                     Ok(n) => {
                         written.fetch_add(n, Ordering::Relaxed);
                         opts.progress.inc(n);
-                        let mark = match &state {
-                            Some(st) => file
-                                .sync_data()
-                                .map_err(|e| Error::io(format!("sync {}", path.display()), e))
-                                .and_then(|_| {
-                                    let mut f = st.lock().unwrap_or_else(|p| p.into_inner());
-                                    writeln!(f, "{}", job.pack).map_err(|e| Error::io("write restore state", e))
-                                }),
-                            None => Ok(()),
-                        };
-                        if let Err(e) = mark {
-                            if let Ok(mut fe) = first_err.lock() {
-                                fe.get_or_insert(e);
-                            }
+                        if let Err(e) = after_pack(&job) {
+                            fail(e);
                         }
                     }
-                    Err(e) => {
-                        if let Ok(mut fe) = first_err.lock() {
-                            fe.get_or_insert(e);
-                        }
-                    }
+                    Err(e) => fail(e),
                 }
             });
         }
@@ -152,17 +201,35 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
     if let Some(e) = first_err.into_inner().unwrap_or(None) {
         return Err(e);
     }
-    file.sync_all().map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
-    if let Some(p) = &state_path {
-        let _ = std::fs::remove_file(p);
-    }
-    stats.bytes_written += written.into_inner();
-    stats.packs_fetched = before as u64 - stats.packs_resumed;
-    opts.progress.finish();
-    Ok(stats)
+    Ok(written.into_inner())
 }
 
-fn restore_pack(repo: &Repository, job: &Job, file: &File, path: &Path) -> Result<u64> {
+/// Where restored chunks go: a file or device, or a volume over NBD.
+pub trait RestoreSink: Sync {
+    /// Writes `data` at `offset`.
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// Makes everything written so far durable.
+    fn sync(&self) -> Result<()>;
+}
+
+struct FileSink<'a> {
+    file: &'a File,
+    path: &'a Path,
+}
+
+impl RestoreSink for FileSink<'_> {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all_at(data, offset)
+            .map_err(|err| Error::io(format!("write {} at {offset}", self.path.display()), err))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.file.sync_all().map_err(|e| Error::io(format!("sync {}", self.path.display()), e))
+    }
+}
+
+fn restore_pack(repo: &Repository, job: &Job, sink: &dyn RestoreSink) -> Result<u64> {
     let Some(first) = job.chunks.first() else {
         return Ok(0);
     };
@@ -179,7 +246,7 @@ fn restore_pack(repo: &Repository, job: &Job, file: &File, path: &Path) -> Resul
             .ok_or_else(|| Error::corrupt(format!("pack {}", job.pack), "shorter than its index says"))?;
         let plain = decode_blob(repo.key(), &e, blob, &job.pack)?;
         for &o in offs {
-            file.write_all_at(&plain, o).map_err(|err| Error::io(format!("write {} at {o}", path.display()), err))?;
+            sink.write_at(o, &plain)?;
             n += plain.len() as u64;
         }
     }
@@ -209,7 +276,7 @@ fn open_target(path: &Path, is_device: bool, resuming: bool, size: u64) -> Resul
 }
 
 /// Writes zeros wherever no chunk lands (devices only; files keep holes).
-fn zero_gaps(file: &File, chunks: &[crate::snapshot::ChunkRef], size: u64, path: &Path) -> Result<u64> {
+fn zero_gaps(file: &File, chunks: &[ChunkRef], size: u64, path: &Path) -> Result<u64> {
     let zeros = vec![0u8; 1 << 20];
     let mut n = 0;
     let mut pos = 0u64;

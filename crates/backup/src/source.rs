@@ -19,6 +19,11 @@ pub trait Source: Send + Sync {
     fn changed_ranges(&self) -> Option<Vec<Range<u64>>> {
         None
     }
+    /// Reads worth running at once (a network source hides its latency with several;
+    /// fixed-size chunking only, a CDC reader is sequential).
+    fn parallel_reads(&self) -> usize {
+        1
+    }
 }
 
 /// A regular file or block device.

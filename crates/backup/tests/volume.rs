@@ -1,0 +1,199 @@
+//! Volume backups against an in-memory node agent: full then incremental (changed-block)
+//! backups, what they read, their labels, snapshot retention, failures, and restores into
+//! new volumes that are byte-identical to the snapshot backed up.
+
+#[path = "fake/agent.rs"]
+mod fake;
+mod support;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use fake::FakeAgent;
+use hlstore_backup::backend::Backend;
+use hlstore_backup::volume::VolumeAgent;
+use hlstore_backup::volume::{
+    backup_volume, restore_to_volume, VolumeBackupOptions, VolumeBackupReport, VolumeRestoreOptions,
+};
+use hlstore_backup::{ChunkerConfig, FsBackend, RepoConfig, Repository};
+use support::*;
+
+const MIB: u64 = 1 << 20;
+const CHUNK: u64 = 64 * 1024;
+
+fn repo(dir: &std::path::Path) -> Repository {
+    let b: Arc<dyn Backend> = Arc::new(FsBackend::new(dir));
+    let cfg = RepoConfig {
+        chunker: ChunkerConfig::Fixed { size: CHUNK as u32 },
+        pack_size: MIB as u32,
+        ..RepoConfig::default()
+    };
+    init_repo(b, cfg)
+}
+
+/// A 16 MiB volume with 6 MiB of mixed data written at its start, the rest never written.
+fn agent_with_volume() -> (FakeAgent, Vec<u8>) {
+    let a = FakeAgent::new();
+    let data = mixed_image(6 * MIB as usize, 11);
+    a.volume_with("pg", 16 * MIB, &data);
+    (a, data)
+}
+
+/// 1 % of the 16 MiB volume in 64 KiB chunk-aligned runs, plus one unaligned 4 KiB write.
+fn change_one_percent(a: &FakeAgent, seed: u64) -> u64 {
+    let runs = [1u64, 7, 30, 55, 90, 130, 200, 250];
+    let mut changed = 0;
+    for (i, r) in runs.iter().enumerate() {
+        a.write("pg", r * CHUNK, &random_image(CHUNK as usize, seed + i as u64));
+        changed += CHUNK;
+    }
+    a.write("pg", 40 * CHUNK + 8192, &random_image(4096, seed + 99));
+    changed + 4096
+}
+
+fn brief(r: &VolumeBackupReport) -> String {
+    format!(
+        "incremental {} base {:?} read {} changed {} deleted {:?} stats {:?}",
+        r.incremental, r.base, r.bytes_read, r.bytes_changed, r.deleted_snapshots, r.backup.meta.stats
+    )
+}
+
+#[test]
+fn incremental_backup_reads_only_changed_chunks_and_restores_byte_identical() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = repo(&t.path().join("repo"));
+    let (a, data) = agent_with_volume();
+
+    let r1 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    assert!(!r1.incremental && r1.base.is_none());
+    // A full backup reads the allocated 6 MiB only, not the 16 MiB volume.
+    assert_eq!(r1.bytes_changed, 6 * MIB);
+    assert_eq!(r1.bytes_read, 6 * MIB, "{}", brief(&r1));
+    assert_eq!(a.bytes_read.load(Ordering::Relaxed), 6 * MIB);
+    let m = &r1.backup.meta;
+    assert_eq!(m.labels["volume"], "pg");
+    assert_eq!(m.labels["volume_size"], (16 * MIB).to_string());
+    assert_eq!(m.labels["volume_snapshot"], r1.volume_snapshot);
+    assert_eq!(m.size, 16 * MIB);
+    assert_eq!(m.source, "volume:pg");
+    let snap1 = a.snapshot_contents("pg", &r1.volume_snapshot);
+    assert_eq!(&snap1[..data.len()], &data[..]);
+
+    let changed = change_one_percent(&a, 500);
+    a.bytes_read.store(0, Ordering::Relaxed);
+    let r2 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    assert!(r2.incremental, "{}", brief(&r2));
+    assert_eq!(r2.base.as_deref(), Some(r1.backup.meta.id.as_str()));
+    assert_eq!(r2.backup.meta.parent.as_deref(), Some(r1.backup.meta.id.as_str()));
+    assert_eq!(r2.bytes_changed, changed);
+    // Only the chunks holding changed blocks are read: the aligned runs exactly, plus the
+    // one chunk around the unaligned 4 KiB write.
+    assert_eq!(r2.bytes_read, changed - 4096 + CHUNK, "{}", brief(&r2));
+    assert_eq!(a.bytes_read.load(Ordering::Relaxed), r2.bytes_read);
+    assert!(r2.backup.meta.stats.bytes_skipped > 0);
+    // Retention: the first backup's snapshot is gone, the new one is the next base.
+    assert_eq!(r2.deleted_snapshots, vec![r1.volume_snapshot.clone()]);
+    assert_eq!(a.snapshot_names("pg"), vec![r2.volume_snapshot.clone()]);
+    let snap2 = a.snapshot_contents("pg", &r2.volume_snapshot);
+    assert_ne!(snap1, snap2);
+
+    // Writes after the snapshot are not in the backup.
+    a.write("pg", 0, &random_image(MIB as usize, 77));
+
+    let ropts = VolumeRestoreOptions { replicas: 2, ..Default::default() };
+    let rep = restore_to_volume(&repo, &a, &r2.backup.meta.id[..10], "pg-copy", ropts.clone()).unwrap();
+    assert_eq!(rep.volume_size, 16 * MIB);
+    assert_eq!(a.replicas("pg-copy"), 2);
+    assert!(!a.is_attached("pg-copy"), "detached after the restore");
+    assert!(a.syncs.load(Ordering::Relaxed) >= 1, "flushed");
+    assert_eq!(blake(&a.contents("pg-copy")), blake(&snap2), "restore equals the snapshot it came from");
+    // Thin: only non-zero chunks were written, each once.
+    let nonzero = snap2.chunks(CHUNK as usize).filter(|c| c.iter().any(|&b| b != 0)).count() as u64 * CHUNK;
+    assert_eq!(a.bytes_written.load(Ordering::Relaxed), nonzero);
+    assert_eq!(rep.stats.bytes_written, nonzero);
+
+    // The full backup restores to its own snapshot's content too.
+    restore_to_volume(&repo, &a, &r1.backup.meta.id, "pg-old", ropts).unwrap();
+    assert_eq!(blake(&a.contents("pg-old")), blake(&snap1));
+}
+
+#[test]
+fn a_backup_without_its_base_snapshot_reads_everything_again() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = repo(&t.path().join("repo"));
+    let (a, _) = agent_with_volume();
+    let r1 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    a.delete_snapshot_for_test(&r1.volume_snapshot);
+    change_one_percent(&a, 1);
+    let r2 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    assert!(!r2.incremental && r2.base.is_none(), "{}", brief(&r2));
+    assert!(r2.bytes_read >= 6 * MIB, "{}", brief(&r2));
+    // Another volume's backups are never a base.
+    a.volume_with("other", 16 * MIB, &mixed_image(MIB as usize, 3));
+    let r3 = backup_volume(&repo, &a, "other", VolumeBackupOptions::default()).unwrap();
+    assert!(!r3.incremental);
+    // And retention of one volume leaves the other's base alone.
+    assert_eq!(a.snapshot_names("pg"), vec![r2.volume_snapshot.clone()]);
+    assert_eq!(a.snapshot_names("other"), vec![r3.volume_snapshot]);
+}
+
+#[test]
+fn snapshots_of_other_repositories_and_by_hand_are_kept() {
+    let t = tempfile::tempdir().unwrap();
+    let repo1 = repo(&t.path().join("repo1"));
+    let repo2 = repo(&t.path().join("repo2"));
+    let (a, _) = agent_with_volume();
+    let mine = backup_volume(&repo1, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    let theirs = backup_volume(&repo2, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    a.create_snapshot("pg", "before-upgrade", &Default::default()).unwrap();
+    change_one_percent(&a, 9);
+    let again = backup_volume(&repo1, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    assert!(again.incremental, "repo1's own base is still there: {}", brief(&again));
+    assert_eq!(again.deleted_snapshots, vec![mine.volume_snapshot]);
+    let mut left = a.snapshot_names("pg");
+    left.sort();
+    let mut want = vec![theirs.volume_snapshot, "before-upgrade".to_string(), again.volume_snapshot];
+    want.sort();
+    assert_eq!(left, want);
+}
+
+#[test]
+fn a_failed_backup_removes_its_snapshot_and_keeps_the_base() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = repo(&t.path().join("repo"));
+    let (a, _) = agent_with_volume();
+    let r1 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    change_one_percent(&a, 2);
+    a.fail_reads.store(true, Ordering::Relaxed);
+    let err = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("replica unavailable"), "{err}");
+    assert_eq!(a.snapshot_names("pg"), vec![r1.volume_snapshot.clone()]);
+    assert_eq!(repo.list_snapshots().unwrap().len(), 1, "no backup recorded");
+    a.fail_reads.store(false, Ordering::Relaxed);
+    let r2 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    assert!(r2.incremental);
+    assert_eq!(r2.base.as_deref(), Some(r1.backup.meta.id.as_str()));
+    let snap2 = a.snapshot_contents("pg", &r2.volume_snapshot);
+    restore_to_volume(&repo, &a, &r2.backup.meta.id, "copy", VolumeRestoreOptions::default()).unwrap();
+    assert_eq!(blake(&a.contents("copy")), blake(&snap2));
+}
+
+#[test]
+fn restore_never_writes_into_an_existing_volume() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = repo(&t.path().join("repo"));
+    let (a, _) = agent_with_volume();
+    let r1 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    let other = mixed_image(MIB as usize, 5);
+    a.volume_with("busy", 4 * MIB, &other);
+    let before = a.contents("busy");
+    let err = restore_to_volume(&repo, &a, &r1.backup.meta.id, "busy", VolumeRestoreOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+    assert_eq!(a.contents("busy"), before);
+    assert_eq!(a.bytes_written.load(Ordering::Relaxed), 0);
+    let err = restore_to_volume(&repo, &a, "ffffffff", "new", VolumeRestoreOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("no backup matches"), "{err}");
+    assert_eq!(a.volume_size("new").unwrap(), None, "nothing created for an unknown backup");
+    let err = backup_volume(&repo, &a, "missing", VolumeBackupOptions::default()).unwrap_err();
+    assert!(err.to_string().contains("missing"), "{err}");
+}

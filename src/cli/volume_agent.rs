@@ -1,0 +1,215 @@
+//! `GrpcAgent`: [`hlstore_backup::volume::VolumeAgent`] over a node agent's `Volumes` gRPC
+//! service, and `NbdSink`, a restore target writing through the engine's NBD export.
+//!
+//! The backup engine is synchronous and runs on plain threads, so each call blocks on the
+//! runtime handle (never from inside an async task). Protobuf types stop here.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::time::Duration;
+
+use hlstore_backup::volume::{VolumeAgent, VolumeSnapshot};
+use hlstore_backup::{Error, RestoreSink, Result};
+use hlstore_engine::nbd_client::{ClientOptions, NbdClient, NbdUri};
+use hlstore_proto::volume as vpb;
+use hlstore_proto::volume::volumes_client::VolumesClient;
+use tokio::runtime::Handle;
+use tonic::transport::Channel;
+
+/// A node agent reached over gRPC.
+pub struct GrpcAgent {
+    handle: Handle,
+    client: VolumesClient<Channel>,
+    endpoint: String,
+}
+
+impl GrpcAgent {
+    /// Connects to `endpoint` (blocking; call from a blocking thread).
+    pub fn connect(handle: Handle, endpoint: &str) -> anyhow::Result<Self> {
+        let client = handle.block_on(super::volume::connect(endpoint))?;
+        Ok(GrpcAgent { handle, client, endpoint: endpoint.to_string() })
+    }
+
+    fn err(&self, op: &str, s: tonic::Status) -> Error {
+        if s.code() == tonic::Code::Unimplemented {
+            Error::Agent(format!(
+                "{op}: the node agent at {} does not support this yet ({}); upgrade the node agents",
+                self.endpoint,
+                s.message()
+            ))
+        } else {
+            Error::Agent(format!("{op}: {}", s.message()))
+        }
+    }
+}
+
+fn snapshot(s: vpb::Snapshot) -> VolumeSnapshot {
+    VolumeSnapshot {
+        volume: s.volume,
+        name: s.name,
+        seq: s.seq,
+        size: s.size,
+        created: s.created,
+        ready: s.ready,
+        labels: s.labels.into_iter().collect(),
+    }
+}
+
+impl VolumeAgent for GrpcAgent {
+    fn create_snapshot(&self, volume: &str, name: &str, labels: &BTreeMap<String, String>) -> Result<VolumeSnapshot> {
+        let req = vpb::CreateSnapshotRequest {
+            volume: volume.into(),
+            name: name.into(),
+            labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        };
+        let mut c = self.client.clone();
+        let s = self.handle.block_on(c.create_snapshot(req)).map_err(|s| self.err(&format!("snapshot {volume}"), s))?;
+        Ok(snapshot(s.into_inner()))
+    }
+
+    fn delete_snapshot(&self, volume: &str, name: &str) -> Result<bool> {
+        let req = vpb::DeleteSnapshotRequest { volume: volume.into(), name: name.into() };
+        let mut c = self.client.clone();
+        let r = self
+            .handle
+            .block_on(c.delete_snapshot(req))
+            .map_err(|s| self.err(&format!("delete snapshot {name} of {volume}"), s))?;
+        Ok(r.into_inner().existed)
+    }
+
+    fn list_snapshots(&self, volume: &str) -> Result<Vec<VolumeSnapshot>> {
+        let req = vpb::ListSnapshotsRequest { volume: volume.into() };
+        let mut c = self.client.clone();
+        let r = self
+            .handle
+            .block_on(c.list_snapshots(req))
+            .map_err(|s| self.err(&format!("list snapshots of {volume}"), s))?;
+        // The agent filters by volume; filter again so a broad answer cannot leak in.
+        Ok(r.into_inner().snapshots.into_iter().map(snapshot).filter(|s| s.volume == volume).collect())
+    }
+
+    fn changed_blocks(&self, volume: &str, from: &str, to: &str) -> Result<Vec<Range<u64>>> {
+        let req = vpb::ChangedBlocksRequest { volume: volume.into(), from: from.into(), to: to.into() };
+        let mut c = self.client.clone();
+        let what = format!("changed blocks of {volume} from {from:?} to {to:?}");
+        let r = self.handle.block_on(c.changed_blocks(req)).map_err(|s| self.err(&what, s))?.into_inner();
+        r.extents
+            .into_iter()
+            .map(|e| {
+                e.offset
+                    .checked_add(e.length)
+                    .map(|end| e.offset..end)
+                    .ok_or_else(|| Error::Agent(format!("{what}: extent {}+{} overflows", e.offset, e.length)))
+            })
+            .collect()
+    }
+
+    fn read_snapshot(&self, volume: &str, name: &str, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let req =
+            vpb::ReadSnapshotRequest { volume: volume.into(), name: name.into(), offset, length: buf.len() as u64 };
+        let what = format!("read snapshot {name} of {volume} at {offset}+{}", buf.len());
+        let mut c = self.client.clone();
+        self.handle.block_on(async {
+            let mut stream = c.read_snapshot(req).await.map_err(|s| self.err(&what, s))?.into_inner();
+            // Chunks come in order and cover the range exactly.
+            let mut filled = 0usize;
+            while let Some(chunk) = stream.message().await.map_err(|s| self.err(&what, s))? {
+                let at = offset + filled as u64;
+                if chunk.offset != at || chunk.data.len() > buf.len() - filled {
+                    return Err(Error::Agent(format!(
+                        "{what}: got {} bytes at {}, expected data at {at}",
+                        chunk.data.len(),
+                        chunk.offset
+                    )));
+                }
+                buf[filled..filled + chunk.data.len()].copy_from_slice(&chunk.data);
+                filled += chunk.data.len();
+            }
+            if filled != buf.len() {
+                return Err(Error::Agent(format!("{what}: stream ended after {filled} bytes")));
+            }
+            Ok(())
+        })
+    }
+
+    fn volume_size(&self, volume: &str) -> Result<Option<u64>> {
+        let mut c = self.client.clone();
+        match self.handle.block_on(c.get_volume(vpb::GetVolumeRequest { name: volume.into() })) {
+            Ok(v) => Ok(Some(v.into_inner().size)),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+            Err(s) => Err(self.err(&format!("look up volume {volume}"), s)),
+        }
+    }
+
+    fn create_volume(&self, volume: &str, size: u64, replicas: u32) -> Result<()> {
+        let req = vpb::CreateVolumeRequest { name: volume.into(), size, replicas, ..Default::default() };
+        let mut c = self.client.clone();
+        self.handle.block_on(c.create_volume(req)).map_err(|s| self.err(&format!("create volume {volume}"), s))?;
+        Ok(())
+    }
+
+    fn delete_volume(&self, volume: &str) -> Result<()> {
+        let mut c = self.client.clone();
+        self.handle
+            .block_on(c.delete_volume(vpb::DeleteVolumeRequest { name: volume.into() }))
+            .map_err(|s| self.err(&format!("delete volume {volume}"), s))?;
+        Ok(())
+    }
+
+    fn attach_volume(&self, volume: &str) -> Result<String> {
+        // An empty node is the agent's own node.
+        let req = vpb::AttachVolumeRequest { name: volume.into(), ..Default::default() };
+        let mut c = self.client.clone();
+        let v = self.handle.block_on(c.attach_volume(req)).map_err(|s| self.err(&format!("attach {volume}"), s))?;
+        let uri = v.into_inner().nbd_uri;
+        if uri.is_empty() {
+            return Err(Error::Agent(format!("attach {volume}: the agent returned no NBD URI")));
+        }
+        Ok(uri)
+    }
+
+    fn detach_volume(&self, volume: &str) -> Result<()> {
+        let mut c = self.client.clone();
+        self.handle
+            .block_on(c.detach_volume(vpb::DetachVolumeRequest { name: volume.into() }))
+            .map_err(|s| self.err(&format!("detach {volume}"), s))?;
+        Ok(())
+    }
+
+    fn open_writer(&self, nbd_uri: &str) -> Result<Box<dyn RestoreSink + '_>> {
+        let uri = NbdUri::parse(nbd_uri).map_err(|e| Error::Agent(e.to_string()))?;
+        let opts = ClientOptions { request_timeout: Duration::from_secs(120), ..ClientOptions::default() };
+        let client = self
+            .handle
+            .block_on(NbdClient::connect(&uri, opts))
+            .map_err(|e| Error::Agent(format!("connecting to {uri}: {e}")))?;
+        Ok(Box::new(NbdSink { handle: self.handle.clone(), client, uri: nbd_uri.to_string() }))
+    }
+}
+
+/// Writes to a volume's NBD export; `sync` is an NBD FLUSH (quorum-durable).
+struct NbdSink {
+    handle: Handle,
+    client: NbdClient,
+    uri: String,
+}
+
+impl RestoreSink for NbdSink {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.handle
+            .block_on(self.client.write(offset, data, false))
+            .map_err(|e| Error::Agent(format!("write {} at {offset}: {e}", self.uri)))
+    }
+
+    fn sync(&self) -> Result<()> {
+        self.handle.block_on(self.client.flush()).map_err(|e| Error::Agent(format!("flush {}: {e}", self.uri)))
+    }
+}
+
+impl Drop for NbdSink {
+    fn drop(&mut self) {
+        if let Err(e) = self.handle.block_on(self.client.disconnect()) {
+            tracing::debug!("nbd disconnect from {}: {e}", self.uri);
+        }
+    }
+}

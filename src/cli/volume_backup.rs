@@ -1,0 +1,86 @@
+//! `hlstore backup create --volume` and `hlstore restore --to-volume`: options and output;
+//! the work is `hlstore_backup::volume`, reaching the node agent through
+//! `volume_agent::GrpcAgent`. Runs on a blocking thread (see `backup.rs`).
+
+use std::collections::BTreeMap;
+
+use anyhow::bail;
+use hlstore_backup::volume::{backup_volume, restore_to_volume, VolumeBackupOptions, VolumeRestoreOptions};
+use hlstore_backup::Repository;
+use tokio::runtime::Handle;
+
+use super::backup::RestoreArgs;
+use super::size::format_size;
+use super::volume_agent::GrpcAgent;
+
+/// Backs up `volume`; prints a line, or JSON: the report (`bytes_read`, `incremental`,
+/// `base`, `volume_snapshot`, `deleted_snapshots`...) plus the backup's id, size, parent,
+/// labels and stats.
+pub fn backup(
+    r: &Repository,
+    endpoint: &str,
+    volume: &str,
+    labels: BTreeMap<String, String>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let agent = GrpcAgent::connect(Handle::current(), endpoint)?;
+    let opts = VolumeBackupOptions { labels, progress: true, ..Default::default() };
+    let rep = backup_volume(r, &agent, volume, opts)?;
+    let meta = &rep.backup.meta;
+    if json {
+        let mut v = serde_json::to_value(&rep)?;
+        v["id"] = meta.id.clone().into();
+        v["size"] = meta.size.into();
+        v["parent"] = serde_json::to_value(&meta.parent)?;
+        v["labels"] = serde_json::to_value(&meta.labels)?;
+        v["stats"] = serde_json::to_value(&meta.stats)?;
+        println!("{v}");
+    } else {
+        let how = match &rep.base {
+            Some(b) => format!("incremental from {b}"),
+            None => "full".to_string(),
+        };
+        println!(
+            "backup {} of volume {} ({}, snapshot {}): {how}, read {} ({} changed), {} new, {} stored",
+            meta.id,
+            volume,
+            format_size(meta.size),
+            rep.volume_snapshot,
+            format_size(rep.bytes_read),
+            format_size(rep.bytes_changed),
+            format_size(meta.stats.new_bytes),
+            format_size(meta.stats.stored_bytes),
+        );
+        if !rep.deleted_snapshots.is_empty() {
+            println!("deleted older backup snapshots: {}", rep.deleted_snapshots.join(", "));
+        }
+        for e in &rep.retention_errors {
+            println!("warning: old backup snapshot not deleted: {e}");
+        }
+    }
+    Ok(())
+}
+
+/// Restores a backup into the new volume `volume`.
+pub fn restore(r: &Repository, args: &RestoreArgs, volume: &str) -> anyhow::Result<()> {
+    if !(1..=5).contains(&args.replicas) {
+        bail!("--replicas must be between 1 and 5");
+    }
+    let agent = GrpcAgent::connect(Handle::current(), &args.endpoint)?;
+    let opts = VolumeRestoreOptions { replicas: args.replicas, progress: true, workers: args.parallel.max(1) };
+    let rep = restore_to_volume(r, &agent, &args.id, volume, opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rep)?);
+    } else {
+        println!(
+            "restored backup {} into new volume {} ({}, {} replicas): {} written, {} packs fetched",
+            rep.stats.snapshot,
+            rep.volume,
+            format_size(rep.volume_size),
+            rep.replicas,
+            format_size(rep.stats.bytes_written),
+            rep.stats.packs_fetched
+        );
+    }
+    Ok(())
+}
