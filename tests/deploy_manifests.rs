@@ -45,14 +45,8 @@ fn overlays_pass_kubernetes_validate_strict() {
 fn strict_validation_rejects_an_unknown_field() {
     // The validator must be able to fail: one misspelt field in the agent DaemonSet.
     let mut objs = objects("staging");
-    let ds = objs
-        .iter_mut()
-        .find(|o| kind(o) == "DaemonSet" && name(o) == "hlstore-agent")
-        .expect("agent DaemonSet");
-    ds["spec"]["template"]["spec"]
-        .as_mapping_mut()
-        .unwrap()
-        .insert(Value::from("hostNetwrok"), Value::from(true));
+    let ds = objs.iter_mut().find(|o| kind(o) == "DaemonSet" && name(o) == "hlstore-agent").expect("agent DaemonSet");
+    ds["spec"]["template"]["spec"].as_mapping_mut().unwrap().insert(Value::from("hostNetwrok"), Value::from(true));
     let yaml: String = objs.iter().map(|o| format!("---\n{}", serde_yaml::to_string(o).unwrap())).collect();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("broken.yaml");
@@ -131,11 +125,8 @@ struct Invocation {
 
 fn invocation(origin: String, words: &[String]) -> Invocation {
     let path = words.iter().take_while(|w| !w.starts_with('-')).cloned().collect();
-    let flags = words
-        .iter()
-        .filter(|w| w.starts_with("--"))
-        .map(|w| w.split('=').next().unwrap_or(w).to_string())
-        .collect();
+    let flags =
+        words.iter().filter(|w| w.starts_with("--")).map(|w| w.split('=').next().unwrap_or(w).to_string()).collect();
     Invocation { origin, path, flags }
 }
 
@@ -149,7 +140,8 @@ fn script_invocations(origin: &str, script: &str) -> Vec<Invocation> {
         if let Some(i) = words.iter().position(|w| w == "hlstore") {
             let before = &words[..i];
             // A command position: line start, or after `if`/`then`/`!`/`&&`/`||`.
-            if before.is_empty() || matches!(before.last().map(String::as_str), Some("if" | "then" | "!" | "&&" | "||")) {
+            if before.is_empty() || matches!(before.last().map(String::as_str), Some("if" | "then" | "!" | "&&" | "||"))
+            {
                 out.push(invocation(format!("{origin} line `{}`", line.trim()), &words[i + 1..]));
             }
         }
@@ -208,7 +200,11 @@ fn every_hlstore_flag_in_the_manifests_is_accepted_by_help() {
             let page = match page {
                 Ok(p) => p,
                 Err(e) => {
-                    problems.insert(format!("`hlstore {} --help` fails ({e}); used by {}", inv.path.join(" "), inv.origin));
+                    problems.insert(format!(
+                        "`hlstore {} --help` fails ({e}); used by {}",
+                        inv.path.join(" "),
+                        inv.origin
+                    ));
                     continue;
                 }
             };
@@ -225,7 +221,11 @@ fn every_hlstore_flag_in_the_manifests_is_accepted_by_help() {
         }
     }
     assert!(checked > 20, "only {checked} flags found");
-    assert!(problems.is_empty(), "manifests and CLI disagree:\n{}", problems.into_iter().collect::<Vec<_>>().join("\n"));
+    assert!(
+        problems.is_empty(),
+        "manifests and CLI disagree:\n{}",
+        problems.into_iter().collect::<Vec<_>>().join("\n")
+    );
 }
 
 #[test]

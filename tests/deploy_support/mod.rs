@@ -26,9 +26,11 @@ pub fn deploy() -> PathBuf {
 
 /// Finds `name` on PATH or in the Python scripts directories pip installs into.
 pub fn tool(name: &str) -> PathBuf {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
     for py in ["python3", "/usr/bin/python3"] {
-        if let Ok(out) = Command::new(py).args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output()
+        if let Ok(out) =
+            Command::new(py).args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output()
         {
             dirs.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
         }

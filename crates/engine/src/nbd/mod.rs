@@ -46,9 +46,9 @@ pub mod request;
 pub mod server;
 pub mod stats;
 
+pub use export_io::ExportIo;
 pub use handshake::{Negotiating, Transmission};
 pub use mem::MemDevice;
 pub use registry::{Export, ExportRegistry};
 pub use server::{NbdServer, ShutdownHandle};
-pub use export_io::ExportIo;
 pub use stats::NbdStats;
