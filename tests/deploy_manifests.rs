@@ -41,6 +41,46 @@ fn overlays_pass_kubernetes_validate_strict() {
     }
 }
 
+/// The YAML files under deploy/examples (restore Job, restored PV and PVC).
+fn example_files() -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut dirs = vec![deploy().join("examples")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml") {
+                out.push(p);
+            }
+        }
+    }
+    out.sort();
+    assert!(out.len() >= 2, "examples: {out:?}");
+    out
+}
+
+fn example_objects() -> Vec<Value> {
+    example_files().iter().flat_map(|f| load(f)).collect()
+}
+
+#[test]
+fn examples_pass_kubernetes_validate_strict() {
+    for file in example_files() {
+        for v in K8S_VERSIONS {
+            let (ok, report) = validate(&file, v);
+            assert!(ok && !report.contains("Couldn't find schema"), "{} -k {v}:\n{report}", file.display());
+        }
+    }
+    // The restored volume's PV names the driver and the claim binds to that PV.
+    let objs = example_objects();
+    let pv = of_kind(&objs, "PersistentVolume")[0];
+    assert_eq!(s(&pv["spec"]["csi"]["driver"], "driver"), hlstore_csi::DRIVER_NAME);
+    let pvc = of_kind(&objs, "PersistentVolumeClaim")[0];
+    assert_eq!(s(&pvc["spec"]["volumeName"], "volumeName"), name(pv));
+    assert_eq!(s(&pv["spec"]["claimRef"]["name"], "claimRef"), name(pvc));
+}
+
 #[test]
 fn strict_validation_rejects_an_unknown_field() {
     // The validator must be able to fail: one misspelt field in the agent DaemonSet.
@@ -124,7 +164,13 @@ struct Invocation {
 }
 
 fn invocation(origin: String, words: &[String]) -> Invocation {
-    let path = words.iter().take_while(|w| !w.starts_with('-')).cloned().collect();
+    // Subcommand words are plain lowercase names; the first other word (a flag, or a
+    // positional argument like `$(BACKUP_ID)`) ends the path.
+    let path = words
+        .iter()
+        .take_while(|w| w.chars().all(|c| c.is_ascii_lowercase() || c == '-') && !w.starts_with('-'))
+        .cloned()
+        .collect();
     let flags =
         words.iter().filter(|w| w.starts_with("--")).map(|w| w.split('=').next().unwrap_or(w).to_string()).collect();
     Invocation { origin, path, flags }
@@ -149,10 +195,9 @@ fn script_invocations(origin: &str, script: &str) -> Vec<Invocation> {
     out
 }
 
-fn hlstore_invocations(overlay: &str) -> Vec<Invocation> {
-    let objs = objects(overlay);
+fn hlstore_invocations(overlay: &str, objs: &[Value]) -> Vec<Invocation> {
     let mut out = Vec::new();
-    for (origin, c) in all_containers(&objs) {
+    for (origin, c) in all_containers(objs) {
         let command = strings(&c["command"]);
         let args = strings(&c["args"]);
         let origin = format!("{overlay} {origin} container {}", name_of(c));
@@ -184,9 +229,14 @@ fn every_hlstore_flag_in_the_manifests_is_accepted_by_help() {
     let mut help: BTreeMap<Vec<String>, Result<String, String>> = BTreeMap::new();
     let mut problems = BTreeSet::new();
     let mut checked = 0;
-    for overlay in OVERLAYS {
-        let found = hlstore_invocations(overlay);
-        assert!(found.len() >= 5, "{overlay}: expected agent, controller, node plugin and backup commands");
+    let mut sets: Vec<(String, Vec<Value>)> = OVERLAYS.iter().map(|o| (o.to_string(), objects(o))).collect();
+    sets.push(("examples".into(), example_objects()));
+    for (overlay, objs) in &sets {
+        let found = hlstore_invocations(overlay, objs);
+        assert!(!found.is_empty(), "{overlay}: no hlstore command found");
+        if OVERLAYS.contains(&overlay.as_str()) {
+            assert!(found.len() >= 5, "{overlay}: expected agent, controller, node plugin and backup commands");
+        }
         for inv in found {
             assert!(!inv.path.is_empty(), "{}: no subcommand", inv.origin);
             let page = help.entry(inv.path.clone()).or_insert_with(|| {
@@ -230,6 +280,9 @@ fn every_hlstore_flag_in_the_manifests_is_accepted_by_help() {
 
 #[test]
 fn script_parser_finds_commands_and_flags() {
+    let job = invocation("t".into(), &["restore".into(), "$(ID)".into(), "--to-volume=v".into()]);
+    assert_eq!(job.path, ["restore"]);
+    assert_eq!(job.flags, ["--to-volume"]);
     let script = "set -eu\nif hlstore backup create --repo \"$R\" \\\n  --volume \"$v\" --label=a=b; then\n  echo hlstore is not a command here\nfi\nhlstore backup prune --keep-daily 7\n";
     let found = script_invocations("t", script);
     assert_eq!(found.len(), 2, "{found:?}");
