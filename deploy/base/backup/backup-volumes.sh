@@ -7,8 +7,9 @@ set -eu
 : "${HLSTORE_REPO:?HLSTORE_REPO must name the backup repository}"
 
 DRIVER=csi.hlstore.io
-API=https://kubernetes.default.svc
-SA=/var/run/secrets/kubernetes.io/serviceaccount
+# In-cluster API access (overridable for tests).
+API=${KUBERNETES_API:-https://kubernetes.default.svc}
+SA=${SERVICEACCOUNT_DIR:-/var/run/secrets/kubernetes.io/serviceaccount}
 METRICS_DIR=${METRICS_DIR:-/tmp/hlstore-metrics}
 # An empty endpoint means AWS itself.
 if [ -z "${AWS_ENDPOINT_URL:-}" ]; then unset AWS_ENDPOINT_URL; fi
