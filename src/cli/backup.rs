@@ -112,6 +112,10 @@ pub enum BackupCommand {
         /// Print JSON.
         #[arg(long)]
         json: bool,
+        /// After a successful backup, write its Prometheus metrics (bytes read, uploaded,
+        /// deduplicated, duration, last success time) to this file, replaced atomically.
+        #[arg(long, value_name = "PATH")]
+        metrics_textfile: Option<PathBuf>,
     },
     /// List backups.
     List {
@@ -240,6 +244,10 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Sen
     tokio::task::spawn_blocking(f).await.context("engine thread")?
 }
 
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
 fn fmt_time(t: u64) -> String {
     let secs = t % 86_400;
     let (y, m, d) = hb::prune::civil_date((t / 86_400) as i64);
@@ -270,12 +278,23 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
             let r = Repository::init(backend, &pw, config, KdfParams::from_env()?)?;
             println!("created repository {} at {}", r.config().id, repo.repo);
         }
-        BackupCommand::Create { repo, volume: Some(volume), endpoint, labels, json, .. } => {
+        BackupCommand::Create { repo, volume: Some(volume), endpoint, labels, json, metrics_textfile, .. } => {
+            let started = std::time::Instant::now();
             let r = repo.open()?;
-            volume_backup::backup(&r, &endpoint, &volume, labels.into_iter().collect(), json)?;
+            let meta = volume_backup::backup(&r, &endpoint, &volume, labels.into_iter().collect(), json)?;
+            if let Some(path) = &metrics_textfile {
+                let page = super::backup_metrics::render(
+                    &meta.source,
+                    &meta.stats,
+                    started.elapsed(),
+                    meta.time.max(unix_now()),
+                );
+                super::backup_metrics::write_atomic(path, &page)?;
+            }
         }
-        BackupCommand::Create { repo, source, labels, parent, json, .. } => {
+        BackupCommand::Create { repo, source, labels, parent, json, metrics_textfile, .. } => {
             let Some(source) = source else { bail!("give --source or --volume") };
+            let started = std::time::Instant::now();
             let r = repo.open()?;
             let src = hb::FileSource::open(&source)?;
             let opts = hb::BackupOptions {
@@ -285,6 +304,15 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let snap = hb::backup(&r, &src, opts)?;
+            if let Some(path) = &metrics_textfile {
+                let page = super::backup_metrics::render(
+                    &snap.meta.source,
+                    &snap.meta.stats,
+                    started.elapsed(),
+                    snap.meta.time.max(unix_now()),
+                );
+                super::backup_metrics::write_atomic(path, &page)?;
+            }
             if json {
                 println!(
                     "{}",

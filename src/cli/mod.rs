@@ -1,6 +1,7 @@
 //! Command-line subcommands. One module per command family.
 
 pub mod backup;
+pub mod backup_metrics;
 pub mod csi;
 pub mod debug;
 pub mod dev;

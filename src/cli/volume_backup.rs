@@ -22,7 +22,7 @@ pub fn backup(
     volume: &str,
     labels: BTreeMap<String, String>,
     json: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<hlstore_backup::SnapshotMeta> {
     let agent = GrpcAgent::connect(Handle::current(), endpoint)?;
     let opts = VolumeBackupOptions { labels, progress: true, ..Default::default() };
     let rep = backup_volume(r, &agent, volume, opts)?;
@@ -58,7 +58,7 @@ pub fn backup(
             println!("warning: old backup snapshot not deleted: {e}");
         }
     }
-    Ok(())
+    Ok(meta.clone())
 }
 
 /// Restores a backup into the new volume `volume`.

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::block_io;
 use super::errno::errno_for;
+use super::export_io::OpClass;
 use super::handshake::{Disconnect, Transmission};
 use super::proto::{REQUEST_HEADER_LEN, SIMPLE_REPLY_MAGIC};
 use super::registry::Export;
@@ -122,6 +123,7 @@ where
                     length = header.length, errno, "nbd request rejected"
                 );
                 NbdStats::bump(&stats.errors);
+                export.io.record_error();
                 let reply = Reply { cookie: header.cookie, error: errno, data: Vec::new() };
                 if tx.send(reply).await.is_err() {
                     return Ok(());
@@ -160,6 +162,13 @@ where
 }
 
 async fn execute<D: BlockDevice>(export: &Export<D>, op: Op, payload: Vec<u8>, stats: &NbdStats, cookie: u64) -> Reply {
+    let started = std::time::Instant::now();
+    let (class, bytes) = match op {
+        Op::Read { length, .. } => (OpClass::Read, u64::from(length)),
+        Op::Write { length, .. } => (OpClass::Write, u64::from(length)),
+        Op::Flush | Op::Disconnect => (OpClass::Flush, 0),
+        Op::Trim { .. } | Op::WriteZeroes { .. } => (OpClass::Discard, 0),
+    };
     let mut data = Vec::new();
     let result = match op {
         Op::Read { offset, length } => block_io::read(export, offset, length).await.map(|d| {
@@ -189,8 +198,14 @@ async fn execute<D: BlockDevice>(export: &Export<D>, op: Op, payload: Vec<u8>, s
         Op::Disconnect => Ok(()),
     };
     match result {
-        Ok(()) => Reply { cookie, error: 0, data },
+        Ok(()) => {
+            if !matches!(op, Op::Disconnect) {
+                export.io.record(class, bytes, started.elapsed());
+            }
+            Reply { cookie, error: 0, data }
+        }
         Err(err) => {
+            export.io.record_error();
             let is_write = matches!(op, Op::Write { .. } | Op::WriteZeroes { .. });
             let errno = errno_for(&err, is_write);
             tracing::warn!(nbd.export = %export.name, ?op, errno, error = %err, "nbd request failed");

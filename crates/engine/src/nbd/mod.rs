@@ -8,7 +8,7 @@
 //!   transmission phase (pipelined requests, one writer per socket).
 //! - [`block_io`]: unaligned requests → aligned device calls (read-modify-write) under the
 //!   export's [`range_lock`]; [`registry`]: name → export; [`server`]: listeners and shutdown;
-//!   [`stats`]: counters; [`mem`]: `MemDevice`, an in-memory device for tests and demos.
+//!   [`stats`]: counters; [`export_io`]: per-export counters and latency histograms; [`mem`]: `MemDevice`, an in-memory device for tests and demos.
 //!
 //! Invariants:
 //! - A reply is sent only after the device finished the request (never before FUA/flush
@@ -35,6 +35,7 @@
 pub mod block_io;
 pub mod connection;
 pub mod errno;
+pub mod export_io;
 pub mod handshake;
 pub mod mem;
 pub mod option;
@@ -45,6 +46,7 @@ pub mod request;
 pub mod server;
 pub mod stats;
 
+pub use export_io::ExportIo;
 pub use handshake::{Negotiating, Transmission};
 pub use mem::MemDevice;
 pub use registry::{Export, ExportRegistry};

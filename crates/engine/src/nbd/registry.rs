@@ -11,6 +11,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock, Weak};
 
+use super::export_io::ExportIo;
 use super::range_lock::RangeLock;
 use crate::device::BlockDevice;
 
@@ -22,6 +23,8 @@ pub struct Export<D> {
     /// Advertised as `NBD_FLAG_READ_ONLY`; writes, trims and zeroings get `EPERM`.
     pub read_only: bool,
     pub(crate) locks: Arc<RangeLock>,
+    /// Per-export I/O counters; kept when the name is re-inserted.
+    pub io: Arc<ExportIo>,
 }
 
 #[derive(Debug)]
@@ -76,7 +79,8 @@ impl<D: BlockDevice> ExportRegistry<D> {
                 lock
             }
         };
-        let export = Arc::new(Export { name: name.clone(), device, read_only, locks });
+        let io = inner.exports.get(&name).map(|old| old.io.clone()).unwrap_or_default();
+        let export = Arc::new(Export { name: name.clone(), device, read_only, locks, io });
         inner.exports.insert(name, export).map(|old| old.device.clone())
     }
 

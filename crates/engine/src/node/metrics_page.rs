@@ -1,5 +1,6 @@
-//! The node agent's `/metrics` page.
+//! The node agent's `/metrics` page (per-volume I/O and capacity parts: `metrics_volume`).
 
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::grpc::ServiceStats;
@@ -12,7 +13,7 @@ fn c(a: &AtomicU64) -> f64 {
     a.load(Ordering::Relaxed) as f64
 }
 
-pub async fn render(id: &str, store: &DiskStore, stats: &ServiceStats, mgr: &VolumeManager) -> String {
+pub async fn render(id: &str, data_dir: &Path, store: &DiskStore, stats: &ServiceStats, mgr: &VolumeManager) -> String {
     let mut p = Page::new();
     p.family("hlstore_node_info", "gauge", "Node agent identity").sample("hlstore_node_info", &[("node", id)], 1.0);
     p.single("hlstore_replica_writes_total", "counter", "Writes applied", c(&stats.writes));
@@ -58,6 +59,7 @@ pub async fn render(id: &str, store: &DiskStore, stats: &ServiceStats, mgr: &Vol
     }
     let used: u64 = replicas.iter().map(|r| r.state.allocated_bytes).sum();
     p.single("hlstore_node_used_bytes", "gauge", "Bytes allocated by all replicas on this node", used as f64);
+    super::metrics_volume::capacity(&mut p, data_dir);
 
     let nbd = mgr.nbd_stats();
     p.single("hlstore_nbd_connections", "gauge", "Open NBD connections", c(&nbd.connections_active));
@@ -98,5 +100,7 @@ pub async fn render(id: &str, store: &DiskStore, stats: &ServiceStats, mgr: &Vol
             );
         }
     }
+    super::metrics_volume::lag(&mut p, &attached);
+    super::metrics_volume::io(&mut p, &mgr.export_io());
     p.finish()
 }

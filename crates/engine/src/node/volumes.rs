@@ -123,6 +123,12 @@ impl VolumeManager {
         self.nbd.stats()
     }
 
+    /// I/O counters of every export on this node's NBD server, by export (volume) name.
+    pub fn export_io(&self) -> Vec<(String, Arc<crate::nbd::ExportIo>)> {
+        let reg = self.nbd.registry();
+        reg.names().into_iter().filter_map(|n| reg.get(&n).map(|e| (n, e.io.clone()))).collect()
+    }
+
     // ----- cluster-wide queries -----
 
     /// Every replica on every reachable node, grouped by volume.

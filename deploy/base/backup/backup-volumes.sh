@@ -1,0 +1,69 @@
+#!/bin/sh
+# Backs up the hlstore volumes selected by StorageClass (BACKUP_STORAGE_CLASSES, comma
+# separated) or PVC label selector (BACKUP_PVC_SELECTOR), then applies the retention policy.
+# Runs in the hlstore-backup CronJob; needs curl and jq (both in the hlstore image).
+# Exits non-zero if any volume failed, after trying all of them.
+set -eu
+: "${HLSTORE_REPO:?HLSTORE_REPO must name the backup repository}"
+
+DRIVER=csi.hlstore.io
+# In-cluster API access (overridable for tests).
+API=${KUBERNETES_API:-https://kubernetes.default.svc}
+SA=${SERVICEACCOUNT_DIR:-/var/run/secrets/kubernetes.io/serviceaccount}
+METRICS_DIR=${METRICS_DIR:-/tmp/hlstore-metrics}
+# An empty endpoint means AWS itself.
+if [ -z "${AWS_ENDPOINT_URL:-}" ]; then unset AWS_ENDPOINT_URL; fi
+
+api() {
+  curl -fsS --cacert "$SA/ca.crt" -H "Authorization: Bearer $(cat "$SA/token")" "$API$1"
+}
+
+# 1. Which volumes: claims matching the label selector, then every PV of this driver whose
+#    StorageClass is listed or whose claim matched.
+claims='[]'
+if [ -n "${BACKUP_PVC_SELECTOR:-}" ]; then
+  selector=$(printf '%s' "$BACKUP_PVC_SELECTOR" | jq -sRr @uri)
+  claims=$(api "/api/v1/persistentvolumeclaims?labelSelector=$selector" |
+    jq -c '[.items[] | .metadata.namespace + "/" + .metadata.name]')
+fi
+volumes=$(api /api/v1/persistentvolumes | jq -r \
+  --arg driver "$DRIVER" --arg classes "${BACKUP_STORAGE_CLASSES:-}" --argjson claims "$claims" '
+  ($classes | split(",") | map(select(length > 0))) as $cls
+  | .items[]
+  | select(.spec.csi.driver == $driver)
+  | select((.spec.storageClassName as $c | $cls | index($c) != null)
+      or ((.spec.claimRef.namespace + "/" + .spec.claimRef.name) as $k | $claims | index($k) != null))
+  | .spec.csi.volumeHandle' | sort -u)
+
+if [ -z "$volumes" ]; then
+  echo "no hlstore volumes selected (storage classes: '${BACKUP_STORAGE_CLASSES:-}', selector: '${BACKUP_PVC_SELECTOR:-}')"
+fi
+
+# 2. One backup per volume; a failure does not stop the others.
+mkdir -p "$METRICS_DIR"
+failed=""
+for volume in $volumes; do
+  echo "backing up volume $volume"
+  metrics="$METRICS_DIR/$volume.prom"
+  if hlstore backup create --repo "$HLSTORE_REPO" --volume "$volume" \
+    --label "volume=$volume" --label trigger=cronjob --metrics-textfile "$metrics"; then
+    if [ -n "${PUSHGATEWAY_URL:-}" ]; then
+      curl -fsS --data-binary "@$metrics" "$PUSHGATEWAY_URL/metrics/job/hlstore-backup/volume/$volume" ||
+        echo "warning: could not push metrics for $volume to $PUSHGATEWAY_URL"
+    fi
+  else
+    echo "error: backup of volume $volume failed"
+    failed="$failed $volume"
+  fi
+done
+
+# 3. Retention. Data of forgotten backups is freed after the prune grace period, never
+#    while a backup that may still reference it is running.
+hlstore backup prune --repo "$HLSTORE_REPO" \
+  --keep-daily "${KEEP_DAILY:-7}" --keep-weekly "${KEEP_WEEKLY:-4}" --keep-monthly "${KEEP_MONTHLY:-6}"
+
+if [ -n "$failed" ]; then
+  echo "failed volumes:$failed"
+  exit 1
+fi
+echo "backed up: $(echo "$volumes" | wc -w) volume(s)"

@@ -1,0 +1,270 @@
+//! Hand-written checks of what the schema validator cannot see in deploy/: CRD objects
+//! (VolumeSnapshotClass, PodMonitor, Flux, ArgoCD, kind) have their required fields and
+//! point at things that exist; no Secret is ever rendered and the template holds no secret;
+//! every ConfigMap/Secret reference resolves; every container has requests and limits and
+//! a pinned image; the scripts are shellcheck-clean; the Grafana dashboard uses only metric
+//! names the code exports.
+
+mod deploy_support;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+
+use deploy_support::*;
+use serde_yaml::Value;
+
+const NAMESPACE: &str = "hlstore-system";
+
+#[test]
+fn volume_snapshot_class_and_pod_monitor_have_required_fields() {
+    for overlay in OVERLAYS {
+        let objs = objects(overlay);
+        let vscs = of_kind(&objs, "VolumeSnapshotClass");
+        assert_eq!(vscs.len(), 1, "{overlay}");
+        let vsc = vscs[0];
+        assert_eq!(s(&vsc["apiVersion"], "apiVersion"), "snapshot.storage.k8s.io/v1");
+        assert!(!name(vsc).is_empty());
+        assert!(["Delete", "Retain"].contains(&s(&vsc["deletionPolicy"], "deletionPolicy")));
+        assert!(vsc["metadata"]["namespace"].is_null(), "VolumeSnapshotClass is cluster-scoped");
+        for pm in of_kind(&objs, "PodMonitor") {
+            assert_eq!(s(&pm["apiVersion"], "apiVersion"), "monitoring.coreos.com/v1");
+            let sel = pm["spec"]["selector"]["matchLabels"].as_mapping().expect("selector.matchLabels");
+            let endpoints = pm["spec"]["podMetricsEndpoints"].as_sequence().expect("podMetricsEndpoints");
+            // The selector must match a workload whose pods name the scraped port.
+            let target = objs
+                .iter()
+                .filter(|o| pod_spec(o).is_some())
+                .find(|o| {
+                    let labels = &o["spec"]["template"]["metadata"]["labels"];
+                    sel.iter().all(|(k, v)| &labels[k.as_str().unwrap()] == v)
+                })
+                .expect("PodMonitor selects no workload");
+            let ports: BTreeSet<&str> = containers(pod_spec(target).unwrap())
+                .into_iter()
+                .flat_map(|c| c["ports"].as_sequence().into_iter().flatten())
+                .filter_map(|p| p["name"].as_str())
+                .collect();
+            for e in endpoints {
+                let port = s(&e["port"], "port");
+                assert!(ports.contains(port), "{overlay}: PodMonitor port {port} not in {}", name(target));
+            }
+        }
+    }
+    assert_eq!(of_kind(&objects("production"), "PodMonitor").len(), 1, "production scrapes the agents");
+}
+
+#[test]
+fn gitops_examples_point_at_real_overlays() {
+    let gitops = deploy().join("gitops");
+    let flux = load(&gitops.join("flux/hlstore.yaml"));
+    let repo = flux.iter().find(|o| kind(o) == "GitRepository").expect("GitRepository");
+    assert_eq!(s(&repo["apiVersion"], "apiVersion"), "source.toolkit.fluxcd.io/v1");
+    assert!(s(&repo["spec"]["url"], "url").starts_with("https://"));
+    assert!(repo["spec"]["interval"].is_string() && repo["spec"]["ref"].is_mapping());
+    let ks = flux.iter().find(|o| kind(o) == "Kustomization").expect("Flux Kustomization");
+    assert_eq!(s(&ks["apiVersion"], "apiVersion"), "kustomize.toolkit.fluxcd.io/v1");
+    assert_eq!(s(&ks["spec"]["sourceRef"]["kind"], "sourceRef.kind"), "GitRepository");
+    assert_eq!(s(&ks["spec"]["sourceRef"]["name"], "sourceRef.name"), name(repo));
+    assert!(ks["spec"]["interval"].is_string());
+    assert_eq!(ks["spec"]["prune"].as_bool(), Some(true));
+    let path = s(&ks["spec"]["path"], "path").trim_start_matches("./");
+    assert!(root().join(path).join("kustomization.yaml").is_file(), "Flux path {path} is no overlay");
+
+    let argo = load(&gitops.join("argocd/application.yaml"));
+    assert_eq!(argo.len(), 1);
+    let app = &argo[0];
+    assert_eq!(kind(app), "Application");
+    assert_eq!(s(&app["apiVersion"], "apiVersion"), "argoproj.io/v1alpha1");
+    assert!(app["spec"]["project"].is_string());
+    assert!(s(&app["spec"]["source"]["repoURL"], "repoURL").starts_with("https://"));
+    assert!(app["spec"]["source"]["targetRevision"].is_string());
+    let path = s(&app["spec"]["source"]["path"], "path");
+    assert!(root().join(path).join("kustomization.yaml").is_file(), "ArgoCD path {path} is no overlay");
+    assert_eq!(s(&app["spec"]["destination"]["namespace"], "namespace"), NAMESPACE);
+    assert!(app["spec"]["destination"]["server"].is_string());
+}
+
+#[test]
+fn kind_cluster_has_one_control_plane_and_three_workers() {
+    let cfg = load(&deploy().join("kind/cluster.yaml"));
+    let c = &cfg[0];
+    assert_eq!(kind(c), "Cluster");
+    assert_eq!(s(&c["apiVersion"], "apiVersion"), "kind.x-k8s.io/v1alpha4");
+    let roles: Vec<&str> = c["nodes"].as_sequence().unwrap().iter().map(|n| s(&n["role"], "role")).collect();
+    assert_eq!(roles, ["control-plane", "worker", "worker", "worker"]);
+    // The staging overlay's peer list names kind's worker nodes.
+    let cluster = s(&c["name"], "name");
+    let peers = configmap_value(&objects("staging"), "hlstore-peers", "peers");
+    for w in ["worker", "worker2", "worker3"] {
+        assert!(peers.contains(&format!("{cluster}-{w}=")), "staging peers {peers:?} lack {cluster}-{w}");
+    }
+}
+
+fn configmap_value(objs: &[Value], base: &str, key: &str) -> String {
+    let cm = objs
+        .iter()
+        .find(|o| kind(o) == "ConfigMap" && (name(o) == base || name(o).starts_with(&format!("{base}-"))))
+        .unwrap_or_else(|| panic!("ConfigMap {base}"));
+    s(&cm["data"][key], key).to_string()
+}
+
+#[test]
+fn no_secret_in_git_and_every_reference_resolves() {
+    let template = load(&deploy().join("base/backup/secret.template.yaml"));
+    let secret = &template[0];
+    assert_eq!(kind(secret), "Secret");
+    let keys: BTreeSet<String> = secret["stringData"]
+        .as_mapping()
+        .expect("stringData")
+        .iter()
+        .map(|(k, v)| {
+            assert_eq!(v.as_str(), Some("REPLACE_ME"), "template value of {k:?} must be a placeholder");
+            k.as_str().unwrap().to_string()
+        })
+        .collect();
+    let base = std::fs::read_to_string(deploy().join("base/kustomization.yaml")).unwrap();
+    assert!(!base.contains("secret.template"), "the template must not be a kustomize resource");
+    for overlay in OVERLAYS {
+        let objs = objects(overlay);
+        assert!(of_kind(&objs, "Secret").is_empty(), "{overlay} renders a Secret");
+        let configmaps: Vec<&Value> = of_kind(&objs, "ConfigMap");
+        for o in &objs {
+            let Some(spec) = pod_spec(o) else { continue };
+            for c in containers(spec) {
+                for e in c["env"].as_sequence().into_iter().flatten() {
+                    let from = &e["valueFrom"];
+                    if let Some(r) = from["secretKeyRef"].as_mapping() {
+                        let (n, k) = (r["name"].as_str().unwrap(), r["key"].as_str().unwrap());
+                        assert_eq!(n, name(secret), "{overlay}: unknown Secret {n}");
+                        assert!(keys.contains(k), "{overlay}: Secret key {k} not in the template");
+                    }
+                    if let Some(r) = from["configMapKeyRef"].as_mapping() {
+                        let (n, k) = (r["name"].as_str().unwrap(), r["key"].as_str().unwrap());
+                        let cm = configmaps.iter().find(|cm| name(cm) == n);
+                        let cm = cm.unwrap_or_else(|| panic!("{overlay}: {} uses missing ConfigMap {n}", name(o)));
+                        assert!(cm["data"][k].is_string(), "{overlay}: ConfigMap {n} has no key {k}");
+                    }
+                }
+            }
+            for v in spec["volumes"].as_sequence().into_iter().flatten() {
+                if let Some(n) = v["configMap"]["name"].as_str() {
+                    assert!(configmaps.iter().any(|cm| name(cm) == n), "{overlay}: missing ConfigMap {n}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn every_container_is_sized_and_pinned() {
+    for overlay in OVERLAYS {
+        let objs = objects(overlay);
+        for o in &objs {
+            let Some(spec) = pod_spec(o) else { continue };
+            for c in containers(spec) {
+                let what = format!("{overlay} {}/{} {}", kind(o), name(o), c["name"].as_str().unwrap_or(""));
+                for side in ["requests", "limits"] {
+                    for res in ["cpu", "memory"] {
+                        assert!(!c["resources"][side][res].is_null(), "{what}: no {side}.{res}");
+                    }
+                }
+                let image = s(&c["image"], "image");
+                let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
+                assert!(!tag.is_empty() && tag != "latest" && !tag.contains('/'), "{what}: image {image} not pinned");
+            }
+        }
+        // A Pi 4 has 4 GiB: the per-node pods (agent + CSI node plugin) stay well below.
+        let per_node: u64 = objs
+            .iter()
+            .filter(|o| kind(o) == "DaemonSet")
+            .flat_map(|o| containers(pod_spec(o).unwrap()))
+            .map(|c| mebibytes(s(&c["resources"]["limits"]["memory"], "memory limit")))
+            .sum();
+        assert!(per_node <= 1024, "{overlay}: per-node memory limits add up to {per_node} MiB");
+    }
+}
+
+fn mebibytes(q: &str) -> u64 {
+    if let Some(n) = q.strip_suffix("Mi") {
+        n.parse().unwrap()
+    } else if let Some(n) = q.strip_suffix("Gi") {
+        n.parse::<u64>().unwrap() * 1024
+    } else {
+        panic!("memory quantity {q} not in Mi or Gi")
+    }
+}
+
+#[test]
+fn scripts_are_shellcheck_clean() {
+    let scripts = [root().join("tests/chaos/kind.sh"), deploy().join("base/backup/backup-volumes.sh")];
+    let out = run(Command::new(tool("shellcheck")).args(&scripts));
+    assert!(out.status.success(), "shellcheck:\n{}", text(&out.stdout));
+    // And it does flag a real problem (an unquoted variable), so a pass means something.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.sh");
+    std::fs::write(&bad, "#!/bin/sh\nrm -rf $1/tmp\n").unwrap();
+    assert!(!run(Command::new(tool("shellcheck")).arg(&bad)).status.success());
+}
+
+/// Metric names a dashboard query uses (`hlstore_...`, histogram suffixes folded).
+fn dashboard_metrics(json: &serde_json::Value) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for panel in json["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(i) = rest.find("hlstore_") {
+                let tail = &rest[i..];
+                let end = tail.find(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).unwrap_or(tail.len());
+                let name = &tail[..end];
+                let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+                out.insert(base.to_string());
+                rest = &tail[end..];
+            }
+        }
+    }
+    out
+}
+
+/// Every string literal `"hlstore_..."` in the code that renders metrics.
+fn exported_metric_names() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut files = vec![root().join("src/cli/backup_metrics.rs")];
+    for dir in ["crates/engine/src/node", "crates/engine/src/nbd"] {
+        for e in std::fs::read_dir(root().join(dir)).unwrap().flatten() {
+            files.push(e.path());
+        }
+    }
+    for f in files.into_iter().filter(|f| f.extension().is_some_and(|e| e == "rs")) {
+        let src = std::fs::read_to_string(&f).unwrap();
+        for part in src.split('"').skip(1).step_by(2) {
+            if part.starts_with("hlstore_") && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                out.insert(part.to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn dashboard_uses_only_exported_metrics() {
+    let path = deploy().join("components/monitoring/hlstore-dashboard.json");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).expect("valid JSON");
+    assert!(json["title"].is_string() && json["uid"].is_string());
+    let panels = json["panels"].as_array().expect("panels");
+    assert!(panels.iter().filter(|p| p["type"] != "row").count() >= 10);
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        assert!(!p["targets"].as_array().unwrap().is_empty(), "panel {} has no query", p["title"]);
+    }
+    let used = dashboard_metrics(&json);
+    let exported = exported_metric_names();
+    assert!(exported.len() > 20, "found only {exported:?}");
+    let missing: Vec<_> = used.difference(&exported).collect();
+    assert!(missing.is_empty(), "dashboard uses metrics no code exports: {missing:?}");
+    for group in ["hlstore_volume_", "hlstore_node_", "hlstore_backup_", "hlstore_replica_"] {
+        assert!(used.iter().any(|m| m.starts_with(group)), "dashboard shows no {group}* metric");
+    }
+    // The dashboard is shipped in the monitoring component.
+    let prod = rendered("production");
+    assert!(prod.contains("hlstore-dashboard.json") && prod.contains("grafana_dashboard"));
+}
