@@ -297,9 +297,19 @@ impl VolumeManager {
         };
         self.create(create).await?;
         let runs = self.changed_blocks(&req.source, "", &snap).await?.extents;
-        let copied = self
+        let copied = match self
             .with_temp_engine(&req.name, async |e| self.copy_runs(&node, &req.source, &info, runs, e).await)
-            .await?;
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                // A half-copied clone must not pass for a finished one on retry.
+                if let Err(d) = self.delete(&req.name).await {
+                    tracing::warn!(volume.id = %req.name, error = %d, "could not delete an unfinished clone");
+                }
+                return Err(e);
+            }
+        };
         tracing::info!(volume.id = %req.name, source = %req.source, snapshot = %snap, bytes = copied, "volume cloned");
         if temp {
             let del = vpb::DeleteSnapshotRequest { volume: req.source.clone(), name: snap };
