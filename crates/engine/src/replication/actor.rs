@@ -227,16 +227,33 @@ impl<T: ReplicaTransport> Actor<T> {
             }
         };
         let snap = SnapshotInfo { seq: self.machine.last_seq(), ..snap };
+        let need = self.machine.write_quorum();
+        let op = |reply| LinkOp::Snapshot { snap: snap.clone(), reply };
+        self.fan_out(ids, need, "snapshot", op, |mut got| got.swap_remove(0), reply);
+    }
+
+    /// Queues `op` on the links of `ids` (in order after what they already carry) and
+    /// answers `reply` once every link answered: `done(successes)` if at least `need`
+    /// succeeded, else the first error.
+    fn fan_out<A: Send + 'static, R: Send + 'static>(
+        &mut self,
+        ids: Vec<ReplicaId>,
+        need: usize,
+        what: &'static str,
+        op: impl Fn(oneshot::Sender<Result<A>>) -> LinkOp,
+        done: impl FnOnce(Vec<A>) -> R + Send + 'static,
+        reply: oneshot::Sender<Result<R>>,
+    ) {
         let mut waits = Vec::new();
         for r in ids {
             let (tx, rx) = oneshot::channel();
-            let _ = self.link(r).ops.send(LinkOp::Snapshot { snap: snap.clone(), reply: tx });
+            let _ = self.link(r).ops.send(op(tx));
             waits.push(rx);
         }
-        let (need, name) = (self.machine.write_quorum(), self.cfg.name.clone());
+        let vol = self.cfg.name.clone();
         self.tasks.spawn(async move {
-            let res = quorum(waits, need).await.map(|mut got| got.swap_remove(0));
-            let _ = reply.send(res.map_err(|e| Error::Unavailable(format!("volume {name}: snapshot: {e}"))));
+            let res = quorum(waits, need).await.map(done);
+            let _ = reply.send(res.map_err(|e| Error::Unavailable(format!("volume {vol}: {what}: {e}"))));
         });
     }
 
@@ -259,17 +276,8 @@ impl<T: ReplicaTransport> Actor<T> {
                 return;
             }
         };
-        let mut waits = Vec::new();
-        for r in ids {
-            let (tx, rx) = oneshot::channel();
-            let _ = self.link(r).ops.send(LinkOp::Expand { size, reply: tx });
-            waits.push(rx);
-        }
-        let (need, vol) = (self.replicas.len(), self.cfg.name.clone());
-        self.tasks.spawn(async move {
-            let res = quorum(waits, need).await.map(|_| ());
-            let _ = reply.send(res.map_err(|e| Error::Unavailable(format!("volume {vol}: expand: {e}"))));
-        });
+        let need = self.replicas.len();
+        self.fan_out(ids, need, "expand", |reply| LinkOp::Expand { size, reply }, |_| (), reply);
     }
 
     /// Deletes a snapshot on every in-sync replica (others are reconciled by resync).
@@ -281,17 +289,9 @@ impl<T: ReplicaTransport> Actor<T> {
                 return;
             }
         };
-        let mut waits = Vec::new();
-        for r in ids {
-            let (tx, rx) = oneshot::channel();
-            let _ = self.link(r).ops.send(LinkOp::DeleteSnapshot { name: name.clone(), reply: tx });
-            waits.push(rx);
-        }
-        let (need, vol) = (self.machine.write_quorum(), self.cfg.name.clone());
-        self.tasks.spawn(async move {
-            let res = quorum(waits, need).await.map(|got| got.into_iter().any(|e| e));
-            let _ = reply.send(res.map_err(|e| Error::Unavailable(format!("volume {vol}: delete snapshot: {e}"))));
-        });
+        let need = self.machine.write_quorum();
+        let op = |reply| LinkOp::DeleteSnapshot { name: name.clone(), reply };
+        self.fan_out(ids, need, "delete snapshot", op, |got| got.into_iter().any(|e| e), reply);
     }
 
     fn on_internal(&mut self, msg: Internal) {
