@@ -285,6 +285,17 @@ async fn identity_and_controller_follow_the_spec() {
     let left = agent.list_volumes(vpb::ListVolumesRequest {}).await.unwrap().into_inner().volumes;
     assert!(left.iter().all(|v| !v.name.starts_with("pvc-")), "volumes left: {left:?}");
     assert!(d.host_leaks().is_empty(), "mounts leaked to the host: {:?}", d.host_leaks());
+
+    // Every call above is on the driver's /metrics, by method and gRPC code.
+    let page = support::http_get(&d.metrics, "/metrics");
+    let count = |method: &str, code: i32| {
+        let key = format!("hlstore_csi_calls_total{{method=\"{method}\",code=\"{code}\"}} ");
+        page.lines().find_map(|l| l.strip_prefix(key.as_str())).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    assert!(count("DeleteVolume", 0) >= 7.0, "successful deletes missing:\n{page}");
+    assert!(count("DeleteVolume", Code::InvalidArgument as i32) >= 1.0, "the rejected delete missing:\n{page}");
+    assert!(count("ControllerUnpublishVolume", Code::NotFound as i32) >= 1.0, "{page}");
+    assert!(page.contains("hlstore_csi_call_seconds_total{method=\"CreateVolume\"}"), "{page}");
 }
 
 async fn snapshots_and_clones(

@@ -50,7 +50,10 @@ fn volume_snapshot_class_and_pod_monitor_have_required_fields() {
             }
         }
     }
-    assert_eq!(of_kind(&objects("production"), "PodMonitor").len(), 1, "production scrapes the agents");
+    let monitors: BTreeSet<String> =
+        of_kind(&objects("production"), "PodMonitor").into_iter().map(|p| name(p).to_string()).collect();
+    let want = ["hlstore-agent", "hlstore-csi-controller", "hlstore-csi-node"];
+    assert_eq!(monitors, want.map(String::from).into(), "production scrapes the agents and the CSI daemons");
 }
 
 #[test]

@@ -45,6 +45,10 @@ pub struct CsiArgs {
     /// Volumes this node accepts (NodeGetInfo max_volumes_per_node; 0 = no limit).
     #[arg(long, default_value_t = 64)]
     pub max_volumes: i64,
+    /// Prometheus metrics listen address (GET /metrics, /healthz): calls by method and
+    /// gRPC code, and their time.
+    #[arg(long, env = "HLSTORE_CSI_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Serves until SIGTERM or Ctrl-C.
@@ -57,6 +61,7 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         attach: args.attach,
         state_dir: args.state_dir,
         max_volumes: args.max_volumes,
+        metrics_listen: args.metrics_listen,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

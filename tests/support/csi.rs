@@ -26,6 +26,8 @@ pub struct CsiDriver {
     pub endpoint: String,
     pub node_id: String,
     agent: String,
+    /// `host:port` of the driver's `/metrics`.
+    pub metrics: String,
 }
 
 impl CsiDriver {
@@ -38,19 +40,23 @@ impl CsiDriver {
         let dir = tempfile::Builder::new().prefix("hlstore-csi-").tempdir().expect("temp dir");
         let endpoint = format!("unix://{}", dir.path().join("csi.sock").display());
         let agent = c.endpoint(node_id);
+        let metrics = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("free port");
+            l.local_addr().expect("port").to_string()
+        };
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "--"]);
-        let child = Self::spawn(cmd, dir.path(), &endpoint, node_id, &agent);
-        let mut d = CsiDriver { child, dir, endpoint, node_id: node_id.to_string(), agent };
+        let child = Self::spawn(cmd, dir.path(), &endpoint, node_id, &agent, &metrics);
+        let mut d = CsiDriver { child, dir, endpoint, node_id: node_id.to_string(), agent, metrics };
         d.wait_ready();
         d
     }
 
-    fn spawn(mut cmd: Command, dir: &Path, endpoint: &str, node_id: &str, agent: &str) -> Child {
+    fn spawn(mut cmd: Command, dir: &Path, endpoint: &str, node_id: &str, agent: &str, metrics: &str) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("csi.log")).expect("csi.log");
         cmd.arg(env!("CARGO_BIN_EXE_hlstore"))
             .args(["csi", "--mode", "all", "--csi-endpoint", endpoint, "--node-id", node_id])
-            .args(["--agent", agent, "--attach", "loop", "--state-dir"])
+            .args(["--agent", agent, "--attach", "loop", "--metrics-listen", metrics, "--state-dir"])
             .arg(dir.join("state"))
             .env("HLSTORE_LOG", "info,hlstore_csi=debug")
             .stdin(Stdio::null())
@@ -82,7 +88,7 @@ impl CsiDriver {
         let _ = std::fs::remove_file(self.dir.path().join("csi.sock"));
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--mount=/proc/{holder}/ns/mnt")).arg("--");
-        self.child = Self::spawn(cmd, self.dir.path(), &self.endpoint, &self.node_id, &self.agent);
+        self.child = Self::spawn(cmd, self.dir.path(), &self.endpoint, &self.node_id, &self.agent, &self.metrics);
         self.wait_ready();
     }
 

@@ -35,6 +35,7 @@ pub mod error;
 pub mod identity;
 pub mod ids;
 pub mod inflight;
+pub mod metrics;
 pub mod mount;
 pub mod node;
 pub mod server;

@@ -50,6 +50,8 @@ pub struct DriverConfig {
     pub state_dir: PathBuf,
     /// NodeGetInfo's max_volumes_per_node (0 = no limit).
     pub max_volumes: i64,
+    /// Serve Prometheus metrics (`/metrics`, `/healthz`) here.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// Longest an agent call may take (an attach forwarded to another node is bounded by the
@@ -95,12 +97,30 @@ pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send 
         socket = %path.display(), mode = ?cfg.mode, node = %cfg.node_id, agent = %cfg.agent, attach = ?cfg.attach,
         "CSI driver {} serving", crate::DRIVER_NAME
     );
+    let metrics = std::sync::Arc::new(crate::metrics::CsiMetrics::default());
+    let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+    if let Some(addr) = cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| CsiError::io(format!("binding the metrics listener {addr}"), e))?;
+        let m = metrics.clone();
+        let render: hlstore_engine::metrics::Render = std::sync::Arc::new(move || {
+            let m = m.clone();
+            Box::pin(async move { m.render() })
+        });
+        tokio::spawn(hlstore_engine::metrics::serve(l, render, async move {
+            let _ = metrics_stopped.await;
+        }));
+        tracing::info!(%addr, "CSI metrics on /metrics");
+    }
     let res = Server::builder()
+        .layer(crate::metrics::MetricsLayer(metrics))
         .add_service(IdentityServer::new(identity))
         .add_optional_service(ctrl)
         .add_optional_service(node_svc)
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
         .await;
     let _ = std::fs::remove_file(&path);
+    let _ = stop_metrics.send(());
     res.map_err(|e| CsiError::Internal(format!("CSI server: {e}")))
 }
