@@ -28,6 +28,13 @@ fn json(c: &Cluster, args: &[&str]) -> Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?} printed invalid JSON ({e}):\n{out}"))
 }
 
+/// Runs the hlstore CLI against the agent at `ep`; returns stdout.
+fn via(c: &Cluster, ep: &str, args: &[&str]) -> String {
+    let mut a = args.to_vec();
+    a.extend(["--endpoint", ep]);
+    c.cli(&a)
+}
+
 fn export_size(uri: &str) -> u64 {
     let out = run_ok(Command::new("nbdinfo").args(["--size", uri]), TOOL_TIMEOUT);
     out.trim().parse().unwrap_or_else(|_| panic!("nbdinfo --size printed {out:?}"))
@@ -38,11 +45,7 @@ fn snapshot_revert_clone_expand() {
     let c = Cluster::new();
     let uri = c.up(&["--nodes", "3", "--volume", VOLUME, "--size", "64MiB"]);
     let ep = c.endpoint("n1");
-    let cli = |args: &[&str]| {
-        let mut a = args.to_vec();
-        a.extend(["--endpoint", &ep]);
-        c.cli(&a)
-    };
+    let cli = |args: &[&str]| via(&c, &ep, args);
 
     qemu_io(&uri, &["write -P 0x11 0 8M"]);
     cli(&["snapshot", "create", VOLUME, "s1", "--label", "purpose=test"]);
@@ -119,11 +122,7 @@ fn snapshots_survive_a_replica_sigkill() {
     let c = Cluster::new();
     let uri = c.up(&["--nodes", "3", "--volume", VOLUME, "--size", "64MiB"]);
     let ep = c.endpoint("n1");
-    let cli = |args: &[&str]| {
-        let mut a = args.to_vec();
-        a.extend(["--endpoint", &ep]);
-        c.cli(&a)
-    };
+    let cli = |args: &[&str]| via(&c, &ep, args);
     qemu_io(&uri, &["write -P 0x11 0 16M"]);
     cli(&["snapshot", "create", VOLUME, "k0"]);
     qemu_io(&uri, &["write -P 0x12 0 4M"]);

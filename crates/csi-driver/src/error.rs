@@ -104,6 +104,15 @@ impl From<CsiError> for Status {
     }
 }
 
+/// A required request field: empty is INVALID_ARGUMENT, before any work is done.
+pub(crate) fn required(value: &str, field: &str) -> Result<()> {
+    if value.is_empty() {
+        Err(CsiError::InvalidArgument(format!("{field} is required")))
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

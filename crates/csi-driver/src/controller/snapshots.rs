@@ -8,7 +8,7 @@ use tonic::Code;
 
 use super::params::{self, LABEL_CSI_NAME};
 use super::ControllerService;
-use crate::error::{CsiError, Result};
+use crate::error::{required, CsiError, Result};
 use crate::ids;
 
 fn csi_snapshot(s: &vpb::Snapshot) -> csi::Snapshot {
@@ -33,12 +33,8 @@ impl ControllerService {
     }
 
     pub(super) async fn create_snapshot(&self, r: csi::CreateSnapshotRequest) -> Result<csi::CreateSnapshotResponse> {
-        if r.source_volume_id.is_empty() {
-            return Err(CsiError::InvalidArgument("source_volume_id is required".into()));
-        }
-        if r.name.is_empty() {
-            return Err(CsiError::InvalidArgument("name is required".into()));
-        }
+        required(&r.source_volume_id, "source_volume_id")?;
+        required(&r.name, "name")?;
         if let Some(k) = r.parameters.keys().find(|k| !k.starts_with("csi.storage.k8s.io/")) {
             return Err(CsiError::InvalidArgument(format!("unknown snapshot parameter {k:?}")));
         }
@@ -70,9 +66,7 @@ impl ControllerService {
     }
 
     pub(super) async fn delete_snapshot(&self, r: csi::DeleteSnapshotRequest) -> Result<csi::DeleteSnapshotResponse> {
-        if r.snapshot_id.is_empty() {
-            return Err(CsiError::InvalidArgument("snapshot_id is required".into()));
-        }
+        required(&r.snapshot_id, "snapshot_id")?;
         // An id this driver never made names no snapshot: deleting it is done.
         let Ok((volume, name)) = ids::parse_snapshot_id(&r.snapshot_id) else {
             return Ok(csi::DeleteSnapshotResponse {});

@@ -9,7 +9,7 @@ use hlstore_proto::volume as vpb;
 use super::params::{self, DataLocality, Params, LABEL_CSI_NAME, LABEL_SOURCE};
 use super::{status_of, ControllerService};
 use crate::capability::{self, Capability};
-use crate::error::{CsiError, Result};
+use crate::error::{required, CsiError, Result};
 use crate::ids;
 
 /// What a new volume is created from.
@@ -127,9 +127,7 @@ impl ControllerService {
     }
 
     pub(super) async fn create(&self, r: csi::CreateVolumeRequest) -> Result<csi::CreateVolumeResponse> {
-        if r.name.is_empty() {
-            return Err(CsiError::InvalidArgument("name is required".into()));
-        }
+        required(&r.name, "name")?;
         let caps = capability::parse_all(&r.volume_capabilities)?;
         if let Some(why) = caps.iter().find_map(Capability::unsupported_reason) {
             return Err(CsiError::InvalidArgument(why));
@@ -221,9 +219,7 @@ impl ControllerService {
     }
 
     pub(super) async fn delete(&self, r: csi::DeleteVolumeRequest) -> Result<csi::DeleteVolumeResponse> {
-        if r.volume_id.is_empty() {
-            return Err(CsiError::InvalidArgument("volume_id is required".into()));
-        }
+        required(&r.volume_id, "volume_id")?;
         let _g = self.locks.try_lock(&r.volume_id, "DeleteVolume")?;
         let Some(v) = self.get_volume(&r.volume_id).await? else { return Ok(csi::DeleteVolumeResponse {}) };
         if !v.attached_node.is_empty() {
@@ -245,12 +241,8 @@ impl ControllerService {
         &self,
         r: csi::ControllerPublishVolumeRequest,
     ) -> Result<csi::ControllerPublishVolumeResponse> {
-        if r.volume_id.is_empty() {
-            return Err(CsiError::InvalidArgument("volume_id is required".into()));
-        }
-        if r.node_id.is_empty() {
-            return Err(CsiError::InvalidArgument("node_id is required".into()));
-        }
+        required(&r.volume_id, "volume_id")?;
+        required(&r.node_id, "node_id")?;
         Capability::require(r.volume_capability.as_ref())?;
         let _g = self.locks.try_lock(&r.volume_id, "ControllerPublishVolume")?;
         let v = self.require_volume(&r.volume_id).await?;
@@ -286,9 +278,7 @@ impl ControllerService {
         &self,
         r: csi::ControllerUnpublishVolumeRequest,
     ) -> Result<csi::ControllerUnpublishVolumeResponse> {
-        if r.volume_id.is_empty() {
-            return Err(CsiError::InvalidArgument("volume_id is required".into()));
-        }
+        required(&r.volume_id, "volume_id")?;
         let _g = self.locks.try_lock(&r.volume_id, "ControllerUnpublishVolume")?;
         let v = self.require_volume(&r.volume_id).await?;
         if v.attached_node.is_empty() || (!r.node_id.is_empty() && r.node_id != v.attached_node) {
@@ -306,9 +296,7 @@ impl ControllerService {
         &self,
         r: csi::ValidateVolumeCapabilitiesRequest,
     ) -> Result<csi::ValidateVolumeCapabilitiesResponse> {
-        if r.volume_id.is_empty() {
-            return Err(CsiError::InvalidArgument("volume_id is required".into()));
-        }
+        required(&r.volume_id, "volume_id")?;
         let caps = capability::parse_all(&r.volume_capabilities)?;
         self.require_volume(&r.volume_id).await?;
         let why = caps
@@ -357,9 +345,7 @@ impl ControllerService {
     }
 
     pub(super) async fn get(&self, r: csi::ControllerGetVolumeRequest) -> Result<csi::ControllerGetVolumeResponse> {
-        if r.volume_id.is_empty() {
-            return Err(CsiError::InvalidArgument("volume_id is required".into()));
-        }
+        required(&r.volume_id, "volume_id")?;
         let v = self.require_volume(&r.volume_id).await?;
         let (published_node_ids, condition) = status_of(&v);
         Ok(csi::ControllerGetVolumeResponse {
@@ -389,9 +375,7 @@ impl ControllerService {
         &self,
         r: csi::ControllerExpandVolumeRequest,
     ) -> Result<csi::ControllerExpandVolumeResponse> {
-        if r.volume_id.is_empty() {
-            return Err(CsiError::InvalidArgument("volume_id is required".into()));
-        }
+        required(&r.volume_id, "volume_id")?;
         let range =
             r.capacity_range.as_ref().ok_or_else(|| CsiError::InvalidArgument("capacity_range is required".into()))?;
         let want = params::size_for(Some(range))?;

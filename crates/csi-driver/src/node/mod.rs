@@ -56,14 +56,6 @@ impl NodeService {
     }
 }
 
-fn required(value: &str, field: &str) -> Result<()> {
-    if value.is_empty() {
-        Err(CsiError::InvalidArgument(format!("{field} is required")))
-    } else {
-        Ok(())
-    }
-}
-
 fn respond<T>(r: Result<T>) -> std::result::Result<Response<T>, Status> {
     r.map(Response::new).map_err(Status::from)
 }

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use hlstore_proto::csi;
 
-use super::{required, NodeService};
+use super::NodeService;
 use crate::capability::{Access, Capability};
-use crate::error::{CsiError, Result};
+use crate::error::{required, CsiError, Result};
 use crate::mount;
 
 impl NodeService {

@@ -4,9 +4,9 @@ use std::path::{Path, PathBuf};
 
 use hlstore_proto::csi;
 
-use super::{required, NodeService};
+use super::NodeService;
 use crate::capability::{self, Access, Capability};
-use crate::error::{CsiError, Result};
+use crate::error::{required, CsiError, Result};
 use crate::mount::{self, Probe};
 
 impl NodeService {

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use hlstore_proto::csi;
 use hlstore_proto::csi::volume_usage::Unit;
 
-use super::{required, NodeService};
+use super::NodeService;
 use crate::capability::{Access, Capability};
-use crate::error::{CsiError, Result};
+use crate::error::{required, CsiError, Result};
 use crate::mount;
 
 impl NodeService {

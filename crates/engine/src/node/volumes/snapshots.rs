@@ -237,18 +237,15 @@ impl VolumeManager {
 
     /// Rolls `volume` back to `snap`. The volume must be detached.
     pub async fn revert_snapshot(&self, volume: &str, snap: &str) -> Result<vpb::Volume> {
-        match self.route(volume).await {
-            Route::Detached => {}
-            Route::Local(_) => {
-                return Err(Error::InvalidArgument(format!(
-                    "volume {volume} is attached on this node; detach it first (hlstore volume detach {volume})"
-                )))
-            }
-            Route::Remote(node) => {
-                return Err(Error::InvalidArgument(format!(
-                    "volume {volume} is attached on node {node}; detach it first (hlstore volume detach {volume})"
-                )))
-            }
+        let attached_on = match self.route(volume).await {
+            Route::Detached => None,
+            Route::Local(_) => Some(self.cluster.self_id.clone()),
+            Route::Remote(node) => Some(node),
+        };
+        if let Some(node) = attached_on {
+            return Err(Error::InvalidArgument(format!(
+                "volume {volume} is attached on node {node}; detach it first (hlstore volume detach {volume})"
+            )));
         }
         let (node, info) = self.holder(volume, snap).await?;
         let runs = self.changed_blocks(volume, snap, "").await?.extents;

@@ -29,11 +29,10 @@ struct Preserved {
     entry: Entry,
 }
 
-fn snapshot_seq(name: &str, g: &VolInner, snap: &str) -> Result<(u64, u64)> {
+fn find<'a>(name: &str, g: &'a VolInner, snap: &str) -> Result<&'a SnapshotInfo> {
     g.snaps
         .values()
         .find(|s| s.name == snap)
-        .map(|s| (s.seq, s.size))
         .ok_or_else(|| Error::NotFound(format!("volume {name} has no snapshot {snap:?} on this replica")))
 }
 
@@ -110,8 +109,9 @@ impl DiskStore {
     pub(super) fn snap_read(&self, name: &str, snap: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
         let v = self.vol(name)?;
         let g = volume::read(&v);
-        let (seq, size) = snapshot_seq(name, &g, snap)?;
-        if g.snaps.values().any(|s| s.name == snap && s.partial) {
+        let info = find(name, &g, snap)?;
+        let (seq, size) = (info.seq, info.size);
+        if info.partial {
             return Err(Error::Unavailable(format!(
                 "volume {name}: snapshot {snap} is still being copied to this replica; read it from another one"
             )));
@@ -146,8 +146,8 @@ impl DiskStore {
     pub(super) fn snap_changed(&self, name: &str, from: Option<&str>, to: Option<&str>) -> Result<Vec<u64>> {
         let v = self.vol(name)?;
         let g = volume::read(&v);
-        let a = from.map(|s| snapshot_seq(name, &g, s)).transpose()?.map_or(0, |(seq, _)| seq);
-        let b = to.map(|s| snapshot_seq(name, &g, s)).transpose()?.map_or(u64::MAX, |(seq, _)| seq);
+        let a = from.map(|s| find(name, &g, s)).transpose()?.map_or(0, |s| s.seq);
+        let b = to.map(|s| find(name, &g, s)).transpose()?.map_or(u64::MAX, |s| s.seq);
         if a > b {
             return Err(Error::InvalidArgument(format!(
                 "volume {name}: snapshot {:?} is newer than {:?}",
@@ -180,7 +180,7 @@ impl DiskStore {
         let seq = {
             let mut g = volume::write(&v);
             check::epoch(name, g.record.epoch, epoch)?;
-            let Ok((seq, _)) = snapshot_seq(name, &g, snap) else { return Ok(false) };
+            let Ok(seq) = find(name, &g, snap).map(|s| s.seq) else { return Ok(false) };
             let mut batch = WriteBatch::default();
             batch.delete(keys::snapshot(v.vid, seq, snap));
             self.commit(batch, true, "deleting snapshot")?;
