@@ -38,8 +38,42 @@ async fn node_round_trip_over_grpc() {
         ..Default::default()
     };
     c.create_replica(pb::CreateReplicaRequest { record: Some(record.clone()) }).await.unwrap();
-    let st = c.open(pb::OpenRequest { volume_id: "vol".into(), epoch: 2 }).await.unwrap().into_inner();
-    assert_eq!(st.epoch, 2);
+    // Attach claims are a compare-and-set on the epoch the engine read.
+    use pb::open_request::Mode;
+    let claim = |epoch, owner, mode: Mode, expect_epoch| pb::OpenRequest {
+        volume_id: "vol".into(),
+        epoch,
+        owner,
+        owner_node: "n1".into(),
+        mode: mode as i32,
+        expect_epoch,
+    };
+    let err = c.open(claim(2, 0xa, Mode::Cas, 1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "a claim expecting the wrong epoch loses: {err:?}");
+    let st = c.open(claim(2, 0xa, Mode::Cas, 0)).await.unwrap().into_inner();
+    assert_eq!((st.epoch, st.owner), (2, 0xa));
+    let err = c.open(claim(2, 0xb, Mode::Cas, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Aborted, "a racing claim for the same epoch loses: {err:?}");
+    let st = c.open(claim(2, 0xa, Mode::Cas, 0)).await.unwrap().into_inner();
+    assert_eq!((st.epoch, st.owner), (2, 0xa), "the winner's retry is accepted");
+    let listed = c.list_replicas(pb::ListReplicasRequest {}).await.unwrap().into_inner().replicas;
+    let rec = listed[0].record.clone().unwrap();
+    assert_eq!((rec.owner, rec.owner_node.as_str()), (0xa, "n1"), "the holder is listed");
+    // Pings prove the epoch is current; a stale one is fenced, a newer one is invalid.
+    let ping = |epoch| pb::PingRequest { volume_id: "vol".into(), epoch };
+    assert_eq!(c.ping(ping(2)).await.unwrap().into_inner().epoch, 2);
+    assert_eq!(c.ping(ping(1)).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(c.ping(ping(3)).await.unwrap_err().code(), Code::InvalidArgument);
+    // Release by someone else changes nothing; by the holder it clears the owner.
+    assert_eq!(c.open(claim(2, 0xb, Mode::Release, 0)).await.unwrap().into_inner().owner, 0xa);
+    assert_eq!(c.open(claim(2, 0xa, Mode::Release, 0)).await.unwrap().into_inner().owner, 0);
+    assert_eq!(
+        c.open(pb::OpenRequest { volume_id: "vol".into(), mode: 7, ..claim(2, 1, Mode::Join, 0) })
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
 
     // A stream of writes, acknowledged in order.
     let reqs = vec![w(2, 1, 0, 0xaa, 4), w(2, 2, 8 * BS, 0xbb, 2), w(2, 3, 0, 0xcc, 1)];
@@ -61,7 +95,7 @@ async fn node_round_trip_over_grpc() {
     let err =
         c.write(tokio_stream::iter(vec![w(1, 4, 0, 0x11, 1)])).await.unwrap().into_inner().message().await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
-    let err = c.open(pb::OpenRequest { volume_id: "vol".into(), epoch: 1 }).await.unwrap_err();
+    let err = c.open(pb::OpenRequest { volume_id: "vol".into(), epoch: 1, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
 
     // Bad input gets clear errors.

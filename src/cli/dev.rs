@@ -205,7 +205,8 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                 let replicas = replicas.unwrap_or(c.nodes.len().min(3) as u32);
                 let req = vpb::CreateVolumeRequest { name: name.clone(), size, replicas, ..Default::default() };
                 client.create_volume(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
-                let req = vpb::AttachVolumeRequest { name, node: first.id.clone(), nbd_listen: String::new() };
+                let req =
+                    vpb::AttachVolumeRequest { name, node: first.id.clone(), nbd_listen: String::new(), force: false };
                 let v = client.attach_volume(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
                 println!("{}", v.nbd_uri);
             }

@@ -55,6 +55,13 @@ pub struct NodeArgs {
     /// client I/O on a 1 GbE link (0 = unlimited).
     #[arg(long, env = "HLSTORE_RESYNC_MIBPS", default_value_t = 0)]
     pub resync_mibps: u64,
+    /// Read lease (ms): an engine serves reads only while a write quorum of replicas
+    /// confirmed its epoch within this period, and an engine taking a volume over from one
+    /// that cannot be reached waits 1.25 times this before serving. Shorter: faster
+    /// failover; longer: fewer lease pings and more tolerance for a slow network. Use the
+    /// same value on every node.
+    #[arg(long, env = "HLSTORE_LEASE_MS")]
+    pub lease_ms: Option<u64>,
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
@@ -71,7 +78,12 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     if let Some(v) = args.retry_interval_ms {
         timeouts.retry_ms = v;
     }
-    timeouts.resync_rate = args.resync_mibps << 20;
+    if let Some(v) = args.lease_ms {
+        anyhow::ensure!(v > 0, "--lease-ms must be at least 1");
+        timeouts.lease_ms = v;
+    }
+    timeouts.resync_rate =
+        args.resync_mibps.checked_mul(1 << 20).ok_or_else(|| anyhow::anyhow!("--resync-mibps is too large"))?;
     let config = NodeConfig {
         id: args.id,
         data_dir: args.data_dir,

@@ -53,6 +53,13 @@ pub enum VolumeCommand {
         /// node's NBD listener).
         #[arg(long)]
         nbd_listen: Option<String>,
+        /// Take the volume over from an engine whose node cannot be reached (dead or
+        /// partitioned away). Without it such an attach is refused: an unreachable node may
+        /// still be serving the volume. The old engine is fenced (its writes fail) and the
+        /// new one waits out its read lease (`--lease-ms` of the agents, 4 s by default)
+        /// before serving, so no client ever reads data older than what was acknowledged.
+        #[arg(long)]
+        force: bool,
     },
     /// Flush and stop the volume's engine.
     Detach { name: String },
@@ -198,8 +205,8 @@ pub async fn run(endpoint: &str, cmd: VolumeCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        VolumeCommand::Attach { name, node, nbd_listen } => {
-            let req = vpb::AttachVolumeRequest { name, node, nbd_listen: nbd_listen.unwrap_or_default() };
+        VolumeCommand::Attach { name, node, nbd_listen, force } => {
+            let req = vpb::AttachVolumeRequest { name, node, nbd_listen: nbd_listen.unwrap_or_default(), force };
             let v = c.attach_volume(req).await.map_err(status_err)?.into_inner();
             println!("{}", v.nbd_uri);
         }

@@ -33,6 +33,9 @@ pub enum ErrorKind {
     Internal,
     /// The operation is not supported by this implementation (or peer version).
     Unsupported,
+    /// A compare-and-set lost: another engine changed what the caller based its request on
+    /// (e.g. it attached the volume meanwhile).
+    Conflict,
 }
 
 /// The engine error: a kind, a message with context, and an optional source.
@@ -67,6 +70,8 @@ pub enum Error {
     Internal(String),
     #[error("not supported: {0}")]
     Unsupported(String),
+    #[error("conflict: {0}")]
+    Conflict(String),
 }
 
 impl Error {
@@ -83,6 +88,7 @@ impl Error {
             Error::Io { .. } | Error::Meta { .. } => ErrorKind::Io,
             Error::Internal(_) => ErrorKind::Internal,
             Error::Unsupported(_) => ErrorKind::Unsupported,
+            Error::Conflict(_) => ErrorKind::Conflict,
         }
     }
 

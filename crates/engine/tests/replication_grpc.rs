@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use hlstore_engine::replica::{Claim, ClaimMode};
 use hlstore_engine::replication::{
     ChunkData, GrpcReplica, MachineConfig, MemReplica, ReplicaStatus, ReplicaTransport, ReplicatedVolume, ResyncChunk,
     VolumeConfig, WriteReq,
@@ -28,6 +29,7 @@ fn status(e: Error) -> Status {
         ErrorKind::StaleEpoch => Status::failed_precondition(e.to_string()),
         ErrorKind::InvalidArgument => Status::invalid_argument(e.to_string()),
         ErrorKind::OutOfRange => Status::out_of_range(e.to_string()),
+        ErrorKind::Conflict => Status::aborted(e.to_string()),
         _ => Status::unavailable(e.to_string()),
     }
 }
@@ -65,7 +67,17 @@ impl Replica for Fake {
         Err(Status::unimplemented("list"))
     }
     async fn open(&self, r: Request<pb::OpenRequest>) -> Result<Response<pb::ReplicaState>, Status> {
-        Ok(Response::new(state(self.0.open(r.into_inner().epoch).await.map_err(status)?)))
+        let r = r.into_inner();
+        let mode = match r.mode {
+            1 => ClaimMode::Cas { expect: r.expect_epoch },
+            2 => ClaimMode::Release,
+            _ => ClaimMode::Join,
+        };
+        let claim = Claim { epoch: r.epoch, owner: r.owner, owner_node: r.owner_node, mode };
+        Ok(Response::new(state(self.0.open(claim).await.map_err(status)?)))
+    }
+    async fn ping(&self, r: Request<pb::PingRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        Ok(Response::new(state(self.0.ping(r.into_inner().epoch).await.map_err(status)?)))
     }
     async fn state(&self, _: Request<pb::StateRequest>) -> Result<Response<pb::ReplicaState>, Status> {
         Ok(Response::new(state(self.0.state().await.map_err(status)?)))
@@ -342,13 +354,17 @@ async fn a_volume_over_grpc_replicates_resyncs_and_is_fenced() {
 async fn grpc_errors_map_to_engine_kinds() {
     let (mems, _servers, clients) = cluster().await;
     let c = &clients[0];
-    let s = c.open(3).await.unwrap();
+    let s = c.open(Claim::raise(3)).await.unwrap();
     assert_eq!(s.epoch, 3);
-    let err = c.open(2).await.unwrap_err();
+    let err = c.open(Claim::raise(2)).await.unwrap_err();
     match err {
         Error::StaleEpoch { got, current, .. } => assert_eq!((got, current), (2, 3)),
         other => panic!("unexpected error {other}"),
     }
+    let lost = Claim { epoch: 4, owner: 9, owner_node: "n9".into(), mode: ClaimMode::Cas { expect: 1 } };
+    assert_eq!(c.open(lost).await.unwrap_err().kind(), ErrorKind::Conflict);
+    assert_eq!(c.ping(3).await.unwrap().epoch, 3);
+    assert_eq!(c.ping(2).await.unwrap_err().kind(), ErrorKind::StaleEpoch);
     assert_eq!(c.read(3, BS, BS).await.unwrap(), block(0));
     assert_eq!(c.read(3, SIZE, BS).await.unwrap_err().kind(), ErrorKind::Unavailable);
     mems[0].set_down(true);

@@ -1,5 +1,6 @@
 //! The replication state machine: exact commands for each event sequence.
 
+use hlstore_engine::replica::ClaimMode;
 use hlstore_engine::replication::{
     Command as C, Event as E, FailReason, Machine, MachineConfig, Phase, ReplicaError, ReplicaSeqs, ReplicaStatus as St,
 };
@@ -15,11 +16,14 @@ fn cfg(n: usize, w: Option<usize>) -> MachineConfig {
     c.io_timeout_ms = 5_000;
     c.attach_timeout_ms = 2_000;
     c.retry_interval_ms = 500;
+    // Long enough that no lease ping shows up in the exact command lists below; the lease
+    // has its own tests.
+    c.lease_ms = 1_000_000;
     c
 }
 
 fn seqs(epoch: u64, last: u64, durable: u64) -> ReplicaSeqs {
-    ReplicaSeqs { epoch, last_seq: last, durable_seq: durable, resync_from: None }
+    ReplicaSeqs { epoch, owner: 0, last_seq: last, durable_seq: durable, resync_from: None }
 }
 
 /// A machine with every replica opened at seq 0 under epoch 1.
@@ -77,9 +81,9 @@ fn attach_bumps_the_epoch_and_picks_the_most_advanced_replica() {
     assert_eq!(
         m.step(E::StateReplied { replica: 2, state: seqs(2, 7, 5), now: 1 }),
         vec![
-            C::SendOpen { replica: 0, epoch: 5 },
-            C::SendOpen { replica: 1, epoch: 5 },
-            C::SendOpen { replica: 2, epoch: 5 },
+            C::SendOpen { replica: 0, epoch: 5, mode: ClaimMode::Cas { expect: 4 } },
+            C::SendOpen { replica: 1, epoch: 5, mode: ClaimMode::Cas { expect: 4 } },
+            C::SendOpen { replica: 2, epoch: 5, mode: ClaimMode::Cas { expect: 2 } },
         ]
     );
     assert_eq!(m.step(E::OpenReplied { replica: 2, state: seqs(5, 7, 5), now: 2 }), vec![]);
@@ -88,7 +92,7 @@ fn attach_bumps_the_epoch_and_picks_the_most_advanced_replica() {
     assert_eq!(
         m.step(E::OpenReplied { replica: 1, state: seqs(5, 10, 10), now: 2 }),
         vec![
-            C::Attached { epoch: 5, source: 1 },
+            C::Attached { epoch: 5, source: 1, wait_ms: 0 },
             C::SetStatus { replica: 1, status: St::Healthy },
             C::SetStatus { replica: 2, status: St::Resyncing },
             C::StartResync { replica: 2, source: 1, since: 5, upto: 10, two_sided: None, consistent: 7 },
@@ -122,12 +126,13 @@ fn an_incomplete_replica_is_never_the_source() {
     m.step(E::Attach { now: 0 });
     m.step(E::StateReplied { replica: 0, state: seqs(1, 0, 0), now: 0 });
     m.step(E::StateReplied { replica: 1, state: seqs(1, 0, 0), now: 0 });
-    let incomplete = ReplicaSeqs { epoch: 2, last_seq: S + 50, durable_seq: S + 50, resync_from: Some(S + 3) };
+    let incomplete =
+        ReplicaSeqs { epoch: 2, owner: 0, last_seq: S + 50, durable_seq: S + 50, resync_from: Some(S + 3) };
     m.step(E::OpenReplied { replica: 0, state: incomplete, now: 0 });
     assert_eq!(
         m.step(E::OpenReplied { replica: 1, state: seqs(2, S + 40, S + 40), now: 0 }),
         vec![
-            C::Attached { epoch: 2, source: 1 },
+            C::Attached { epoch: 2, source: 1, wait_ms: 0 },
             C::SetStatus { replica: 0, status: St::Resyncing },
             C::SetStatus { replica: 1, status: St::Healthy },
             C::StartResync {
@@ -211,7 +216,7 @@ fn a_dead_replica_fails_comes_back_and_resyncs_from_its_durable_seq() {
     assert_eq!(ack(&mut m, 1, S + 1, S, 1_002), vec![C::AckClient { op: 2 }]);
     // Reconnect attempts every retry interval.
     assert_eq!(m.step(E::Tick { now: 1_499 }), vec![]);
-    assert_eq!(m.step(E::Tick { now: 1_500 }), vec![C::SendOpen { replica: 2, epoch: 1 }]);
+    assert_eq!(m.step(E::Tick { now: 1_500 }), vec![C::SendOpen { replica: 2, epoch: 1, mode: ClaimMode::Join }]);
     assert_eq!(m.step(E::Tick { now: 1_600 }), vec![], "one open at a time");
     assert_eq!(
         m.step(E::OpenReplied { replica: 2, state: seqs(1, S, S - 1), now: 1_700 }),
@@ -284,7 +289,10 @@ fn without_quorum_writes_wait_then_fail_and_are_never_acked_by_a_minority() {
     assert_eq!(ack(&mut m, 0, S, S, 11), vec![]);
     assert_eq!(
         m.step(E::Tick { now: 5_009 }),
-        vec![C::SendOpen { replica: 1, epoch: 1 }, C::SendOpen { replica: 2, epoch: 1 }]
+        vec![
+            C::SendOpen { replica: 1, epoch: 1, mode: ClaimMode::Join },
+            C::SendOpen { replica: 2, epoch: 1, mode: ClaimMode::Join }
+        ]
     );
     assert_eq!(m.step(E::Tick { now: 5_010 }), vec![C::FailClient { op: 1, reason: FailReason::NoQuorum }]);
     assert_eq!(m.step(E::ClientFlush { op: 2, now: 5_011 }), vec![]);
@@ -414,7 +422,7 @@ fn single_replica_volume() {
             C::Disconnect { replica: 0 },
             C::SetStatus { replica: 0, status: St::Failed },
             C::SetStatus { replica: 0, status: St::Unknown },
-            C::SendOpen { replica: 0, epoch: 1 },
+            C::SendOpen { replica: 0, epoch: 1, mode: ClaimMode::Join },
         ]
     );
     assert_eq!(
@@ -423,7 +431,7 @@ fn single_replica_volume() {
     );
     assert_eq!(
         m.step(E::OpenReplied { replica: 0, state: seqs(1, S, S), now: 6 }),
-        vec![C::Attached { epoch: 1, source: 0 }, C::SetStatus { replica: 0, status: St::Healthy },]
+        vec![C::Attached { epoch: 1, source: 0, wait_ms: 0 }, C::SetStatus { replica: 0, status: St::Healthy },]
     );
     write(&mut m, 4, S + 1, &[0], 7);
     assert_eq!(ack(&mut m, 0, S + 1, 0, 8), vec![C::AckClient { op: 4 }]);
@@ -494,7 +502,7 @@ fn a_resync_starts_once_its_source_applied_everything_before_it() {
         vec![
             C::SetStatus { replica: 0, status: St::Lagging },
             C::SetStatus { replica: 1, status: St::Lagging },
-            C::SendOpen { replica: 2, epoch: 1 },
+            C::SendOpen { replica: 2, epoch: 1, mode: ClaimMode::Join },
         ]
     );
     // Nobody applied S yet: no source can provide it.
@@ -531,11 +539,11 @@ fn losing_every_in_sync_replica_attaches_again_from_the_most_advanced() {
             C::Disconnect { replica: 1 },
             C::SetStatus { replica: 1, status: St::Failed },
             C::SetStatus { replica: 0, status: St::Unknown },
-            C::SendOpen { replica: 0, epoch: 1 },
+            C::SendOpen { replica: 0, epoch: 1, mode: ClaimMode::Join },
             C::SetStatus { replica: 1, status: St::Unknown },
-            C::SendOpen { replica: 1, epoch: 1 },
+            C::SendOpen { replica: 1, epoch: 1, mode: ClaimMode::Join },
             C::SetStatus { replica: 2, status: St::Unknown },
-            C::SendOpen { replica: 2, epoch: 1 },
+            C::SendOpen { replica: 2, epoch: 1, mode: ClaimMode::Join },
         ]
     );
     // Meanwhile requests fail with NoQuorum, and the re-attach never gives up.
@@ -549,7 +557,7 @@ fn losing_every_in_sync_replica_attaches_again_from_the_most_advanced() {
     assert_eq!(
         m.step(E::OpenReplied { replica: 1, state: seqs(1, S, 0), now: 100_002 }),
         vec![
-            C::Attached { epoch: 1, source: 1 },
+            C::Attached { epoch: 1, source: 1, wait_ms: 0 },
             C::SetStatus { replica: 1, status: St::Healthy },
             C::SetStatus { replica: 2, status: St::Resyncing },
             C::StartResync { replica: 2, source: 1, since: 0, upto: S, two_sided: None, consistent: 0 },
@@ -557,4 +565,196 @@ fn losing_every_in_sync_replica_attaches_again_from_the_most_advanced() {
     );
     // Seqs continue above everything assigned before.
     write(&mut m, 3, S + 1, &[1, 2], 100_003);
+}
+
+// ----- single writer: compare-and-set attach, holders, read lease -----
+
+fn owned(epoch: u64, owner: u64) -> ReplicaSeqs {
+    ReplicaSeqs { owner, ..seqs(epoch, 0, 0) }
+}
+
+fn owner_cfg(owner: u64) -> MachineConfig {
+    let mut c = cfg(3, None);
+    c.owner = owner;
+    c.lease_ms = 1_000;
+    c
+}
+
+#[test]
+fn attach_claims_each_replica_by_compare_and_set_on_the_epoch_it_read() {
+    let mut m = Machine::new(owner_cfg(7)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: seqs(3, 0, 0), now: 1 });
+    assert_eq!(
+        m.step(E::StateReplied { replica: 1, state: seqs(2, 0, 0), now: 1 }),
+        vec![
+            C::SendOpen { replica: 0, epoch: 4, mode: ClaimMode::Cas { expect: 3 } },
+            C::SendOpen { replica: 1, epoch: 4, mode: ClaimMode::Cas { expect: 2 } },
+            // Not heard from: expected at the highest epoch seen.
+            C::SendOpen { replica: 2, epoch: 4, mode: ClaimMode::Cas { expect: 3 } },
+        ]
+    );
+}
+
+#[test]
+fn two_engines_racing_for_a_volume_cannot_both_attach() {
+    // Each replica takes the first claim and refuses the other (Conflict): the engine that
+    // lost on a majority fails at once instead of attaching.
+    let mut a = Machine::new(owner_cfg(0xa)).unwrap();
+    let mut b = Machine::new(owner_cfg(0xb)).unwrap();
+    for m in [&mut a, &mut b] {
+        m.step(E::Attach { now: 0 });
+        for r in 0..3 {
+            m.step(E::StateReplied { replica: r, state: seqs(1, 0, 0), now: 1 });
+        }
+        assert_eq!(m.phase(), Phase::Opening);
+    }
+    // Replica 0 took A's claim; replicas 1 and 2 took B's.
+    a.step(E::OpenReplied { replica: 0, state: owned(2, 0xa), now: 2 });
+    b.step(E::OpenFailed { replica: 0, error: ReplicaError::Conflict, now: 2 });
+    assert_eq!(
+        a.step(E::OpenFailed { replica: 1, error: ReplicaError::Conflict, now: 3 }),
+        vec![C::SetStatus { replica: 1, status: St::Failed }]
+    );
+    assert_eq!(
+        a.step(E::OpenFailed { replica: 2, error: ReplicaError::Conflict, now: 3 }),
+        vec![C::SetStatus { replica: 2, status: St::Failed }, C::AttachFailed { reason: FailReason::Conflict }]
+    );
+    b.step(E::OpenReplied { replica: 1, state: owned(2, 0xb), now: 3 });
+    let out = b.step(E::OpenReplied { replica: 2, state: owned(2, 0xb), now: 3 });
+    assert!(out.contains(&C::Attached { epoch: 2, source: 1, wait_ms: 0 }), "{out:?}");
+    assert_eq!(a.phase(), Phase::AttachFailed);
+    assert_eq!(b.phase(), Phase::Active);
+    // The winner brings the replica the loser took in by joining (it holds the majority).
+    let out = b.step(E::Tick { now: 600 });
+    assert_eq!(out[0], C::SendOpen { replica: 0, epoch: 2, mode: ClaimMode::Join });
+}
+
+#[test]
+fn a_volume_held_by_another_engine_is_refused_unless_taken_over() {
+    let mut m = Machine::new(owner_cfg(7)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: seqs(2, 0, 0), now: 1 });
+    assert_eq!(
+        m.step(E::StateReplied { replica: 1, state: owned(1, 9), now: 1 }),
+        vec![C::AttachFailed { reason: FailReason::Owned { owner: 9 } }]
+    );
+    assert_eq!(m.phase(), Phase::AttachFailed);
+    // A holder known to have stopped may be taken over; the attach then waits out its lease.
+    let mut c = owner_cfg(7);
+    c.takeover_owners = vec![9];
+    let mut m = Machine::new(c).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: seqs(2, 0, 0), now: 1 });
+    m.step(E::StateReplied { replica: 1, state: owned(1, 9), now: 1 });
+    m.step(E::OpenReplied { replica: 0, state: owned(3, 7), now: 2 });
+    let out = m.step(E::OpenReplied { replica: 1, state: owned(3, 7), now: 2 });
+    assert_eq!(out[0], C::Attached { epoch: 3, source: 0, wait_ms: 1_250 });
+    // Its own earlier claim (same owner) is no holder: no wait.
+    let mut m = Machine::new(owner_cfg(7)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: owned(2, 7), now: 1 });
+    m.step(E::StateReplied { replica: 1, state: owned(2, 7), now: 1 });
+    m.step(E::OpenReplied { replica: 0, state: owned(3, 7), now: 2 });
+    let out = m.step(E::OpenReplied { replica: 1, state: owned(3, 7), now: 2 });
+    assert_eq!(out[0], C::Attached { epoch: 3, source: 0, wait_ms: 0 });
+}
+
+#[test]
+fn forced_takeover_of_an_unreachable_holder_waits_out_its_lease() {
+    let mut c = owner_cfg(7);
+    c.takeover = true;
+    let mut m = Machine::new(c).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 1, state: owned(4, 5), now: 1 });
+    m.step(E::StateReplied { replica: 2, state: owned(4, 5), now: 1 });
+    m.step(E::OpenReplied { replica: 1, state: owned(5, 7), now: 2 });
+    let out = m.step(E::OpenReplied { replica: 2, state: owned(5, 7), now: 2 });
+    assert_eq!(out[0], C::Attached { epoch: 5, source: 1, wait_ms: 1_250 });
+}
+
+/// An active machine (owner 7, lease 1 s) whose opens were all sent at 0.
+fn leased() -> Machine {
+    let mut m = Machine::new(owner_cfg(7)).unwrap();
+    m.step(E::Attach { now: 0 });
+    for r in 0..3 {
+        m.step(E::StateReplied { replica: r, state: seqs(0, 0, 0), now: 0 });
+    }
+    for r in 0..3 {
+        m.step(E::OpenReplied { replica: r, state: owned(1, 7), now: 0 });
+    }
+    assert_eq!(m.phase(), Phase::Active);
+    m
+}
+
+#[test]
+fn reads_need_a_lease_renewed_by_a_write_quorum() {
+    let mut m = leased();
+    // The opens (sent at 0) vote until 1000.
+    assert!(m.lease_valid(999));
+    assert_eq!(m.step(E::ClientRead { op: 1, now: 10 }), vec![C::SendRead { op: 1, replica: 0 }]);
+    // Idle: pings go out once half the lease is spent, and their answers renew it.
+    assert_eq!(
+        m.step(E::Tick { now: 500 }),
+        vec![C::SendPing { replica: 0 }, C::SendPing { replica: 1 }, C::SendPing { replica: 2 }]
+    );
+    assert_eq!(m.step(E::Tick { now: 600 }), vec![], "one ping at a time");
+    m.step(E::PingReplied { replica: 0, state: owned(1, 7), now: 520 });
+    m.step(E::PingReplied { replica: 1, state: owned(1, 7), now: 520 });
+    assert!(m.lease_valid(1_499));
+    assert!(!m.lease_valid(1_500));
+    // Replica 2 never answers (a partition): one vote is not a quorum once the others expire.
+    m.step(E::PingFailed { replica: 0, error: ReplicaError::Failed("timeout".into()), now: 1_100 });
+    m.step(E::PingFailed { replica: 1, error: ReplicaError::Failed("timeout".into()), now: 1_100 });
+    // At 1500 the lease is gone: a read waits (and asks for pings), never served stale.
+    let out = m.step(E::ClientRead { op: 2, now: 1_500 });
+    assert_eq!(out, vec![C::SendPing { replica: 0 }, C::SendPing { replica: 1 }]);
+    assert_eq!(m.parked_reads(), 1);
+    // One answer is not enough (W = 2), two are: the read goes out.
+    assert_eq!(m.step(E::PingReplied { replica: 0, state: owned(1, 7), now: 1_510 }), vec![]);
+    assert_eq!(
+        m.step(E::PingReplied { replica: 1, state: owned(1, 7), now: 1_510 }),
+        vec![C::SendRead { op: 2, replica: 0 }]
+    );
+    // Without answers a parked read fails at its deadline with NoLease.
+    m.step(E::PingFailed { replica: 0, error: ReplicaError::Failed("timeout".into()), now: 2_600 });
+    m.step(E::PingFailed { replica: 1, error: ReplicaError::Failed("timeout".into()), now: 2_600 });
+    let out = m.step(E::ClientRead { op: 3, now: 2_600 });
+    assert_eq!(out.len(), 2, "pings: {out:?}");
+    let out = m.step(E::Tick { now: 2_600 + 5_000 });
+    assert!(out.contains(&C::FailClient { op: 3, reason: FailReason::NoLease }), "{out:?}");
+}
+
+#[test]
+fn write_acks_renew_the_lease_from_the_time_the_write_was_sent() {
+    let mut m = leased();
+    write(&mut m, 1, S, &[0, 1, 2], 900);
+    ack(&mut m, 0, S, 0, 1_200);
+    ack(&mut m, 1, S, 0, 1_300);
+    // Sent at 900: the votes hold until 1900, however late the acks came.
+    assert!(m.lease_valid(1_899));
+    assert!(!m.lease_valid(1_900));
+}
+
+#[test]
+fn a_ping_answered_under_a_newer_epoch_fences_the_engine() {
+    let mut m = leased();
+    m.step(E::Tick { now: 500 });
+    let out = m.step(E::PingFailed { replica: 1, error: ReplicaError::StaleEpoch { current: 2 }, now: 510 });
+    assert!(out.contains(&C::Fenced { current: 2 }), "{out:?}");
+    assert_eq!(
+        m.step(E::ClientRead { op: 1, now: 520 }),
+        vec![C::FailClient { op: 1, reason: FailReason::Fenced { current: 2 } }]
+    );
+}
+
+#[test]
+fn an_epoch_that_does_not_fit_in_a_seq_is_refused() {
+    let mut m = Machine::new(owner_cfg(7)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: seqs(u64::MAX, 0, 0), now: 1 });
+    assert_eq!(
+        m.step(E::StateReplied { replica: 1, state: seqs(1, 0, 0), now: 1 }),
+        vec![C::AttachFailed { reason: FailReason::NoQuorum }]
+    );
 }

@@ -65,6 +65,7 @@ impl Harness {
         cfg.failure_timeout_ms = 400;
         cfg.io_timeout_ms = 1_000;
         cfg.retry_interval_ms = 200;
+        cfg.lease_ms = u64::MAX / 4;
         let m = Machine::new(cfg).unwrap();
         let mut h = Harness {
             m,
@@ -96,7 +97,7 @@ impl Harness {
                     self.reps[replica].queue.push_back(Op::Write(seq, fua));
                 }
                 C::SendFlush { replica } => self.reps[replica].queue.push_back(Op::Flush),
-                C::SendOpen { replica, epoch } => {
+                C::SendOpen { replica, epoch, .. } => {
                     self.reps[replica].open_pending = true;
                     self.reps[replica].open_epoch = epoch;
                 }
@@ -192,8 +193,13 @@ impl Harness {
                 let rep = &mut self.reps[r];
                 rep.open_pending = false;
                 let last_seq = rep.has.iter().next_back().copied().unwrap_or(0);
-                let state =
-                    ReplicaSeqs { epoch: rep.open_epoch, last_seq, durable_seq: rep.durable_seq, resync_from: None };
+                let state = ReplicaSeqs {
+                    epoch: rep.open_epoch,
+                    owner: 0,
+                    last_seq,
+                    durable_seq: rep.durable_seq,
+                    resync_from: None,
+                };
                 self.step(E::OpenReplied { replica: r, state, now });
             }
             6 => {

@@ -259,8 +259,12 @@ impl ControllerService {
                 v.name, v.attached_node
             )));
         } else {
-            let req =
-                vpb::AttachVolumeRequest { name: v.name.clone(), node: r.node_id.clone(), nbd_listen: String::new() };
+            let req = vpb::AttachVolumeRequest {
+                name: v.name.clone(),
+                node: r.node_id.clone(),
+                nbd_listen: String::new(),
+                force: false,
+            };
             let a = self
                 .agent()
                 .attach_volume(req)

@@ -122,6 +122,7 @@ pub fn errno_for(err: &Error) -> Errno {
         | ErrorKind::StaleEpoch
         | ErrorKind::Corruption
         | ErrorKind::Unavailable
+        | ErrorKind::Conflict
         | ErrorKind::Internal => Errno::EIO,
         ErrorKind::Unsupported => Errno::EOPNOTSUPP,
     }

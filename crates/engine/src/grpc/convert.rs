@@ -3,7 +3,7 @@
 use hlstore_proto::replica as pb;
 use tonic::Status;
 
-use crate::replica::{ChunkData, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord};
+use crate::replica::{ChunkData, Claim, ClaimMode, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord};
 
 pub fn record_from_pb(r: Option<pb::VolumeRecord>) -> Result<VolumeRecord, Status> {
     let r = r.ok_or_else(|| Status::invalid_argument("record is required"))?;
@@ -18,6 +18,8 @@ pub fn record_from_pb(r: Option<pb::VolumeRecord>) -> Result<VolumeRecord, Statu
         replica_set: r.replica_set,
         write_quorum: r.write_quorum,
         labels: r.labels.into_iter().collect(),
+        owner: r.owner,
+        owner_node: r.owner_node,
     })
 }
 
@@ -30,6 +32,8 @@ pub fn record_to_pb(r: &VolumeRecord) -> pb::VolumeRecord {
         replica_set: r.replica_set.clone(),
         write_quorum: r.write_quorum,
         labels: r.labels.clone().into_iter().collect(),
+        owner: r.owner,
+        owner_node: r.owner_node.clone(),
     }
 }
 
@@ -44,12 +48,14 @@ pub fn state_to_pb(volume_id: &str, s: &ReplicaState) -> pb::ReplicaState {
         resync_from: s.resync_from,
         resync_done_offset: s.resync_done.map(|d| d.0),
         resync_done_seq: s.resync_done.map_or(0, |d| d.1),
+        owner: s.owner,
     }
 }
 
 pub fn state_from_pb(s: &pb::ReplicaState) -> ReplicaState {
     ReplicaState {
         epoch: s.epoch,
+        owner: s.owner,
         last_seq: s.last_seq,
         durable_seq: s.durable_seq,
         size: s.size,
@@ -94,5 +100,33 @@ pub fn volume_id(v: &str) -> Result<&str, Status> {
         Err(Status::invalid_argument("volume_id is required"))
     } else {
         Ok(v)
+    }
+}
+
+pub fn claim_from_pb(r: &pb::OpenRequest) -> Result<Claim, Status> {
+    use pb::open_request::Mode;
+    let mode = match Mode::try_from(r.mode) {
+        Ok(Mode::Join) => ClaimMode::Join,
+        Ok(Mode::Cas) => ClaimMode::Cas { expect: r.expect_epoch },
+        Ok(Mode::Release) => ClaimMode::Release,
+        Err(_) => return Err(Status::invalid_argument(format!("open: unknown mode {}", r.mode))),
+    };
+    Ok(Claim { epoch: r.epoch, owner: r.owner, owner_node: r.owner_node.clone(), mode })
+}
+
+pub fn claim_to_pb(volume_id: &str, c: &Claim) -> pb::OpenRequest {
+    use pb::open_request::Mode;
+    let (mode, expect_epoch) = match c.mode {
+        ClaimMode::Join => (Mode::Join, 0),
+        ClaimMode::Cas { expect } => (Mode::Cas, expect),
+        ClaimMode::Release => (Mode::Release, 0),
+    };
+    pb::OpenRequest {
+        volume_id: volume_id.to_string(),
+        epoch: c.epoch,
+        owner: c.owner,
+        owner_node: c.owner_node.clone(),
+        mode: mode as i32,
+        expect_epoch,
     }
 }

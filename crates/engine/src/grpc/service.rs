@@ -136,7 +136,17 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let r = req.into_inner();
         let v = volume_id(&r.volume_id)?.to_string();
         let vv = v.clone();
-        let st = self.call(move |s| s.open(&vv, r.epoch)).await?;
+        let claim = convert::claim_from_pb(&r)?;
+        let st = self.call(move |s| s.claim(&vv, &claim)).await?;
+        Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let vv = v.clone();
+        let st = self.call(move |s| s.state(&vv)).await?;
+        crate::replica::check_epoch(&v, st.epoch, r.epoch).map_err(|e| to_status(&e))?;
         Ok(Response::new(convert::state_to_pb(&v, &st)))
     }
 

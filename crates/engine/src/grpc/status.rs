@@ -17,6 +17,7 @@ pub fn to_status(e: &Error) -> Status {
         ErrorKind::Io => Code::Internal,
         ErrorKind::Internal => Code::Internal,
         ErrorKind::Unsupported => Code::Unimplemented,
+        ErrorKind::Conflict => Code::Aborted,
     };
     Status::new(code, e.to_string())
 }
@@ -33,6 +34,7 @@ pub fn from_status(s: &Status) -> Error {
         Code::DataLoss => Error::Unavailable(format!("replica reported corruption: {msg}")),
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Error::Unavailable(msg),
         Code::Unimplemented => Error::Unsupported(msg),
+        Code::Aborted => Error::Conflict(msg),
         _ => Error::Internal(format!("{}: {msg}", s.code())),
     }
 }

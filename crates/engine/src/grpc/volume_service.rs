@@ -65,7 +65,7 @@ impl Volumes for VolumeService {
     async fn attach_volume(&self, r: Request<vpb::AttachVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
         let r = r.into_inner();
         name(&r.name)?;
-        self.mgr.attach(&r.name, &r.node, &r.nbd_listen).await.map(Response::new).map_err(|e| to_status(&e))
+        self.mgr.attach(&r.name, &r.node, &r.nbd_listen, r.force).await.map(Response::new).map_err(|e| to_status(&e))
     }
 
     async fn detach_volume(&self, r: Request<vpb::DetachVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {

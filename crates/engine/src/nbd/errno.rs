@@ -18,6 +18,7 @@ pub fn errno_for(err: &Error, is_write: bool) -> u32 {
         | ErrorKind::Corruption
         | ErrorKind::Unavailable
         | ErrorKind::Io
+        | ErrorKind::Conflict
         | ErrorKind::Internal => EIO,
         ErrorKind::Unsupported => EINVAL,
     }

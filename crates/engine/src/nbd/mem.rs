@@ -163,6 +163,7 @@ fn injected(volume: &str, kind: ErrorKind, offset: u64) -> Error {
         ErrorKind::Io => Error::io(what, std::io::Error::other("injected")),
         ErrorKind::Internal => Error::Internal(what),
         ErrorKind::Unsupported => Error::Unsupported(what),
+        ErrorKind::Conflict => Error::Conflict(what),
     }
 }
 

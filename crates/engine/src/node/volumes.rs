@@ -43,6 +43,8 @@ pub struct EngineTimeouts {
     pub retry_ms: u64,
     /// Resync copy rate limit per replica, bytes per second (0: unlimited).
     pub resync_rate: u64,
+    /// Read lease period (see `MachineConfig::lease_ms`).
+    pub lease_ms: u64,
 }
 
 impl Default for EngineTimeouts {
@@ -54,6 +56,7 @@ impl Default for EngineTimeouts {
             io_ms: d.io_timeout_ms,
             retry_ms: d.retry_interval_ms,
             resync_rate: 0,
+            lease_ms: d.lease_ms,
         }
     }
 }
@@ -84,6 +87,28 @@ pub struct VolumeManager {
     attach_lock: Mutex<()>,
     state_path: PathBuf,
     timeouts: EngineTimeouts,
+}
+
+/// Which previous holder of a volume a new engine may take over (its read lease is then
+/// waited out before the new engine serves).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Takeover {
+    /// Any holder (`--force`: its node is gone or partitioned away).
+    pub any: bool,
+    /// These engine instances (known to have stopped serving, or on this node).
+    pub owners: Vec<u64>,
+}
+
+/// A fresh engine instance id (never 0).
+fn new_owner_id() -> u64 {
+    let mut b = [0u8; 8];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    let mut id = u64::from_le_bytes(b);
+    if random.is_err() || id == 0 {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        id = (t.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32) | 1;
+    }
+    id
 }
 
 /// What every node reported about one volume.
@@ -403,8 +428,11 @@ impl VolumeManager {
 
     // ----- attach / detach -----
 
-    /// Attaches `name` on this node (see the module docs).
-    pub async fn attach_local(&self, name: &str, nbd_listen: &str) -> Result<vpb::Volume> {
+    /// Attaches `name` on this node (see the module docs). The replicas record which engine
+    /// holds the volume; another node's engine is taken over only when that node says it
+    /// let go, or with `force` (its node is gone): an unreachable node is "unknown", never
+    /// "not attached".
+    pub async fn attach_local(&self, name: &str, nbd_listen: &str, force: bool) -> Result<vpb::Volume> {
         let _serial = self.attach_lock.lock().await;
         // The node's own default listener is not a dedicated one.
         let nbd_listen = if nbd_listen == self.default_nbd { "" } else { nbd_listen };
@@ -431,7 +459,8 @@ impl VolumeManager {
         let gathered = self.gather().await;
         let g = gathered.get(name).ok_or_else(|| not_found(name))?;
         let record = g.record.clone();
-        let engine = Arc::new(self.start_engine(&record).await?);
+        let takeover = self.takeover_policy(name, g, force).await?;
+        let engine = Arc::new(self.start_engine(&record, takeover).await?);
         let epoch = engine.epoch();
         let listen = if nbd_listen.is_empty() { self.default_nbd.clone() } else { nbd_listen.to_string() };
         let mut listener = None;
@@ -459,7 +488,61 @@ impl VolumeManager {
         Ok(view)
     }
 
-    async fn start_engine(&self, record: &VolumeRecord) -> Result<ReplicatedVolume> {
+    /// Which holders recorded on the replicas a new engine here may take over: engines of
+    /// this node (a restarted agent, or an engine still draining NBD connections after a
+    /// detach), engines of nodes that answer and run none for the volume, and with `force`
+    /// any. Refuses when a holder's node cannot be asked (unknown is not "detached").
+    async fn takeover_policy(&self, name: &str, g: &Gathered, force: bool) -> Result<Takeover> {
+        let mut policy = Takeover { any: force, owners: Vec::new() };
+        let holders: BTreeMap<u64, String> = g
+            .replicas
+            .values()
+            .filter_map(|i| i.record.as_ref())
+            .filter(|r| r.owner != 0)
+            .map(|r| (r.owner, r.owner_node.clone()))
+            .collect();
+        if holders.is_empty() {
+            return Ok(policy);
+        }
+        let reports = self.attachment_reports().await;
+        for (owner, node) in holders {
+            let gone = node == self.cluster.self_id
+                || matches!(reports.get(&node), Some(Ok(list)) if !list.iter().any(|v| v == name));
+            if gone {
+                policy.owners.push(owner);
+            } else if !force {
+                let why = match reports.get(&node) {
+                    Some(Ok(_)) => format!("node {node} still runs its engine"),
+                    Some(Err(e)) => format!("node {node} cannot be reached ({e})"),
+                    None => format!("node {node} is not a member of this cluster"),
+                };
+                return Err(Error::Conflict(format!(
+                    "volume {name} is held by the engine on node {node} and {why}; detach it there, or if that node is gone for good attach with --force (the old engine is fenced and its read lease waited out)"
+                )));
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The volumes each node runs an engine for; an unreachable node reports its error.
+    async fn attachment_reports(&self) -> BTreeMap<String, Result<Vec<String>>> {
+        let calls = self.cluster.nodes().into_iter().map(|n| async move {
+            if n == self.cluster.self_id {
+                let names = self.attached.lock().await.keys().cloned().collect();
+                return (n, Ok(names));
+            }
+            let res = match self.cluster.volumes(&n) {
+                Ok(mut c) => bounded(&n, async move { c.list_attachments(vpb::ListAttachmentsRequest {}).await })
+                    .await
+                    .map(|r| r.into_inner().volumes.into_iter().map(|v| v.name).collect()),
+                Err(e) => Err(e),
+            };
+            (n, res)
+        });
+        futures::future::join_all(calls).await.into_iter().collect()
+    }
+
+    async fn start_engine(&self, record: &VolumeRecord, takeover: Takeover) -> Result<ReplicatedVolume> {
         let n = record.replica_set.len();
         let t = self.timeouts;
         let machine = MachineConfig {
@@ -469,6 +552,10 @@ impl VolumeManager {
             failure_timeout_ms: t.failure_ms,
             io_timeout_ms: t.io_ms,
             retry_interval_ms: t.retry_ms,
+            lease_ms: t.lease_ms,
+            owner: new_owner_id(),
+            takeover: takeover.any,
+            takeover_owners: takeover.owners,
             ..MachineConfig::new(n)
         };
         let transports = record
@@ -478,6 +565,7 @@ impl VolumeManager {
             .collect::<Result<Vec<_>>>()?;
         let mut cfg = VolumeConfig::new(record.volume_id.clone(), record.size, machine);
         cfg.resync_rate = t.resync_rate;
+        cfg.owner_node = self.cluster.self_id.clone();
         ReplicatedVolume::attach(cfg, transports).await
     }
 
@@ -522,13 +610,14 @@ impl VolumeManager {
     }
 
     /// Attach on `node`, forwarding when it is another agent.
-    pub async fn attach(&self, name: &str, node: &str, nbd_listen: &str) -> Result<vpb::Volume> {
+    pub async fn attach(&self, name: &str, node: &str, nbd_listen: &str, force: bool) -> Result<vpb::Volume> {
         let node = if node.is_empty() { self.cluster.self_id.as_str() } else { node };
         if node == self.cluster.self_id {
-            return self.attach_local(name, nbd_listen).await;
+            return self.attach_local(name, nbd_listen, force).await;
         }
         let mut c = self.cluster.volumes(node)?;
-        let req = vpb::AttachVolumeRequest { name: name.into(), node: node.into(), nbd_listen: nbd_listen.into() };
+        let req =
+            vpb::AttachVolumeRequest { name: name.into(), node: node.into(), nbd_listen: nbd_listen.into(), force };
         let res = tokio::time::timeout(std::time::Duration::from_secs(60), c.attach_volume(req)).await;
         match res {
             Ok(Ok(v)) => Ok(v.into_inner()),
@@ -603,7 +692,7 @@ impl VolumeManager {
             Some((node, uri)) => {
                 // Re-attach with the same NBD address when it had a dedicated one.
                 let listen = self.dedicated_listen_of(&uri);
-                self.attach(name, &node, &listen).await
+                self.attach(name, &node, &listen, false).await
             }
             None => self.get(name).await,
         }
@@ -643,12 +732,25 @@ impl VolumeManager {
                     self.forget(&s.name).await;
                     continue;
                 }
-                if !self.gather().await.contains_key(&s.name) {
+                let gathered = self.gather().await;
+                let Some(g) = gathered.get(&s.name) else {
                     // Not found may mean the peers are not up yet: retry until the deadline.
                     still.push(s);
                     continue;
+                };
+                // The replicas name an engine on another node: it took the volume over.
+                let holder = g
+                    .replicas
+                    .values()
+                    .filter_map(|i| i.record.as_ref())
+                    .find(|r| r.owner != 0 && r.owner_node != self.cluster.self_id)
+                    .map(|r| r.owner_node.clone());
+                if let Some(node) = holder {
+                    tracing::info!(volume.id = %s.name, node = %node, "volume is held by another node now; not re-attaching");
+                    self.forget(&s.name).await;
+                    continue;
                 }
-                if let Err(e) = self.attach_local(&s.name, &s.nbd_listen).await {
+                if let Err(e) = self.attach_local(&s.name, &s.nbd_listen, false).await {
                     tracing::warn!(volume.id = %s.name, error = %e, "re-attach after restart failed; will retry");
                     still.push(s);
                 }

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 
-use super::record::{VolumeRecord, BLOCK_SIZE};
+use super::record::{Claim, ClaimMode, VolumeRecord, BLOCK_SIZE};
 
 /// Longest accepted volume id.
 const MAX_VOLUME_ID: usize = 128;
@@ -31,6 +31,25 @@ pub(crate) fn epoch(volume: &str, stored: u64, got: u64) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Applies the [`Claim`] rules to a replica holding `(stored_epoch, stored_owner)`.
+/// Returns the new `(epoch, owner)`, or `None` when nothing changes.
+pub(crate) fn claim(volume: &str, stored_epoch: u64, stored_owner: u64, c: &Claim) -> Result<Option<(u64, u64)>> {
+    let same = c.epoch == stored_epoch && c.owner == stored_owner;
+    match c.mode {
+        ClaimMode::Release => Ok((same && c.owner != 0).then_some((stored_epoch, 0))),
+        _ if c.epoch < stored_epoch => {
+            Err(Error::StaleEpoch { volume: volume.to_string(), got: c.epoch, current: stored_epoch })
+        }
+        _ if same => Ok(None),
+        ClaimMode::Join => Ok(Some((c.epoch, c.owner))),
+        ClaimMode::Cas { expect } if stored_epoch == expect && c.epoch > expect => Ok(Some((c.epoch, c.owner))),
+        ClaimMode::Cas { expect } => Err(Error::Conflict(format!(
+            "volume {volume}: the replica is at epoch {stored_epoch} held by engine {stored_owner:#x}, not at epoch {expect} as the attach of engine {:#x} at epoch {} expected; another engine attached it meanwhile",
+            c.owner, c.epoch
+        ))),
+    }
 }
 
 /// Checks a snapshot name: the same rules as a volume id.

@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 
 use super::check;
-use super::record::{ApplyStats, Change, ChunkData, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord, BLOCK_SIZE};
+use super::record::{
+    ApplyStats, Change, ChunkData, Claim, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord, BLOCK_SIZE,
+};
 use super::store::ReplicaStore;
 
 #[derive(Clone)]
@@ -42,6 +44,7 @@ impl MemVolume {
     fn state(&self) -> ReplicaState {
         ReplicaState {
             epoch: self.record.epoch,
+            owner: self.record.owner,
             last_seq: self.last_seq,
             durable_seq: self.durable_seq,
             size: self.record.size,
@@ -203,12 +206,13 @@ impl ReplicaStore for MemStore {
         self.with(volume, |v| Ok(v.info()))
     }
 
-    fn open(&self, volume: &str, epoch: u64) -> Result<ReplicaState> {
+    fn claim(&self, volume: &str, claim: &Claim) -> Result<ReplicaState> {
         self.with(volume, |v| {
-            if epoch < v.record.epoch {
-                return Err(Error::StaleEpoch { volume: volume.into(), got: epoch, current: v.record.epoch });
+            if let Some((epoch, owner)) = check::claim(volume, v.record.epoch, v.record.owner, claim)? {
+                v.record.epoch = epoch;
+                v.record.owner = owner;
+                v.record.owner_node = if owner == 0 { String::new() } else { claim.owner_node.clone() };
             }
-            v.record.epoch = epoch;
             Ok(v.state())
         })
     }
@@ -275,6 +279,10 @@ impl ReplicaStore for MemStore {
         self.with(volume, |v| {
             if epoch < v.record.epoch {
                 return Err(Error::StaleEpoch { volume: volume.into(), got: epoch, current: v.record.epoch });
+            }
+            if epoch > v.record.epoch {
+                v.record.owner = 0;
+                v.record.owner_node.clear();
             }
             v.record.epoch = epoch;
             v.record.replica_set = replica_set;

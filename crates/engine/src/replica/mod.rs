@@ -24,7 +24,7 @@
 //! Implementations: [`DiskStore`] (block files + RocksDB; the real one) and [`MemStore`]
 //! (in memory, with power-loss simulation; for tests of the layers above).
 
-mod check;
+pub(crate) mod check;
 mod disk;
 mod mem;
 mod record;
@@ -33,6 +33,12 @@ mod store;
 pub use disk::DiskStore;
 pub use mem::MemStore;
 pub use record::{
-    ApplyStats, Change, ChunkData, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord, BLOCK_SIZE,
+    ApplyStats, Change, ChunkData, Claim, ClaimMode, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo,
+    VolumeRecord, BLOCK_SIZE,
 };
 pub use store::ReplicaStore;
+
+/// Checks a request's epoch against a replica's (older: `StaleEpoch`; newer: invalid).
+pub fn check_epoch(volume: &str, stored: u64, got: u64) -> crate::error::Result<()> {
+    check::epoch(volume, stored, got)
+}

@@ -23,6 +23,51 @@ pub struct VolumeRecord {
     pub write_quorum: u32,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The engine that holds the volume (see [`Claim`]): its instance id (0: none, the
+    /// volume was released or never attached) and its node, for operators.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub owner: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner_node: String,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
+}
+
+/// How an engine claims a replica at an epoch (`ReplicaStore::claim`). The stored
+/// `(epoch, owner)` pair changes only through these rules, so that two engines racing for
+/// one volume cannot both reach a majority, and a stale engine is fenced:
+///
+/// - `Cas { expect }`: the attach of a new engine. Succeeds when the replica's epoch is
+///   still `expect` (what the engine read from it) and `epoch > expect`; or when it already
+///   holds exactly `(epoch, owner)` (a retry). Anything else is `Conflict` (another engine
+///   changed it meanwhile) or `StaleEpoch` (the epoch is older than the replica's).
+/// - `Join`: an engine that already holds a majority at `epoch` brings a straggler in:
+///   any epoch up to `epoch` is raised to it and the owner set (a racing engine that took
+///   this replica at the same epoch lost the majority, so it can never use it).
+/// - `Release`: the owner detached: the owner is cleared if the replica still holds
+///   exactly `(epoch, owner)`; otherwise nothing changes (not an error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claim {
+    pub epoch: u64,
+    pub owner: u64,
+    pub owner_node: String,
+    pub mode: ClaimMode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimMode {
+    Cas { expect: u64 },
+    Join,
+    Release,
+}
+
+impl Claim {
+    /// A `Join` claim by no engine in particular (tools and tests that raise an epoch).
+    pub fn raise(epoch: u64) -> Self {
+        Self { epoch, owner: 0, owner_node: String::new(), mode: ClaimMode::Join }
+    }
 }
 
 impl VolumeRecord {
@@ -36,10 +81,12 @@ impl VolumeRecord {
             replica_set: Vec::new(),
             write_quorum: 0,
             labels: BTreeMap::new(),
+            owner: 0,
+            owner_node: String::new(),
         }
     }
 
-    /// Whether two records describe the same volume (ignoring the epoch, which moves).
+    /// Whether two records describe the same volume (ignoring the epoch and owner, which move).
     pub fn same_definition(&self, other: &VolumeRecord) -> bool {
         self.volume_id == other.volume_id
             && self.size == other.size
@@ -54,6 +101,8 @@ impl VolumeRecord {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ReplicaState {
     pub epoch: u64,
+    /// The engine instance holding the replica at `epoch` (0: none).
+    pub owner: u64,
     /// Highest sequence number applied.
     pub last_seq: u64,
     /// Every write with seq <= durable_seq that this replica applied is on stable storage.

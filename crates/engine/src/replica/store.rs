@@ -3,7 +3,7 @@
 use crate::error::Result;
 
 use super::record::{
-    ApplyStats, Change, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord, BLOCK_SIZE,
+    ApplyStats, Change, Claim, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord, BLOCK_SIZE,
 };
 
 /// A node's store of volume replicas. Methods are blocking (disk I/O); async callers use
@@ -21,7 +21,12 @@ pub trait ReplicaStore: Send + Sync + 'static {
     fn delete(&self, volume: &str) -> Result<bool>;
     fn list(&self) -> Result<Vec<ReplicaInfo>>;
     fn info(&self, volume: &str) -> Result<ReplicaInfo>;
-    fn open(&self, volume: &str, epoch: u64) -> Result<ReplicaState>;
+    /// Applies an engine's claim (see [`Claim`] for the rules; durable before it returns).
+    fn claim(&self, volume: &str, claim: &Claim) -> Result<ReplicaState>;
+    /// Raises the epoch to `epoch` (a `Join` claim by no engine in particular).
+    fn open(&self, volume: &str, epoch: u64) -> Result<ReplicaState> {
+        self.claim(volume, &Claim::raise(epoch))
+    }
     fn state(&self, volume: &str) -> Result<ReplicaState>;
     /// Writes whole blocks at `offset`. Returns the durable seq after the write (with
     /// `fua`, at least `seq`).

@@ -20,7 +20,7 @@ use super::link::{self, LinkEvent, LinkOp, Permit};
 use super::machine::{Machine, Phase};
 use super::resync::{ResyncJob, ResyncMsg, ResyncReports};
 use super::runtime::{ReplicaHealth, VolumeConfig};
-use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, SnapshotInfo};
+use super::transport::{ChunkData, Claim, ClaimMode, ReplicaTransport, ResyncChunk, SnapshotInfo};
 use super::types::{FailReason, OpId, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq};
 use crate::error::{Error, Result};
 
@@ -62,6 +62,7 @@ enum Reply {
 enum Internal {
     State(ReplicaId, Result<ReplicaSeqs>),
     Open(ReplicaId, Result<ReplicaSeqs>),
+    Ping(ReplicaId, Result<ReplicaSeqs>),
     Read { op: OpId, replica: ReplicaId, res: Result<Vec<u8>> },
 }
 
@@ -173,6 +174,26 @@ impl<T: ReplicaTransport> Actor<T> {
             }
         }
         self.tasks.shutdown().await;
+        self.release().await;
+    }
+
+    /// The engine stopped serving: clear its claim on the replicas (best effort), so the
+    /// next attach, here or elsewhere, neither needs a takeover nor waits out a lease.
+    async fn release(&self) {
+        let owner = self.cfg.machine.owner;
+        if owner == 0 || !self.machine.was_active() || matches!(self.machine.phase(), Phase::Fenced { .. }) {
+            return;
+        }
+        let epoch = self.machine.epoch();
+        let calls = self.replicas.iter().map(|t| {
+            let claim = Claim { epoch, owner, owner_node: String::new(), mode: ClaimMode::Release };
+            link::with_timeout(Duration::from_secs(2), "release", t.open(claim))
+        });
+        for (t, res) in self.replicas.iter().zip(futures::future::join_all(calls).await) {
+            if let Err(e) = res {
+                tracing::debug!(volume.id = %self.cfg.name, replica.id = %t.name(), error = %e, "release failed");
+            }
+        }
     }
 
     fn on_request(&mut self, req: Request) {
@@ -299,6 +320,11 @@ impl<T: ReplicaTransport> Actor<T> {
         match msg {
             Internal::State(replica, Ok(state)) => self.step(Event::StateReplied { replica, state, now }),
             Internal::Open(replica, Ok(state)) => self.step(Event::OpenReplied { replica, state, now }),
+            Internal::Ping(replica, Ok(state)) => self.step(Event::PingReplied { replica, state, now }),
+            Internal::Ping(replica, Err(e)) => {
+                tracing::debug!(volume.id = %self.cfg.name, replica.id = %self.replicas[replica].name(), error = %e, "ping failed");
+                self.step(Event::PingFailed { replica, error: ReplicaError::from_error(&e), now })
+            }
             Internal::State(replica, Err(e)) | Internal::Open(replica, Err(e)) => {
                 tracing::warn!(volume.id = %self.cfg.name, replica.id = %self.replicas[replica].name(), error = %e, "replica open failed");
                 self.step(Event::OpenFailed { replica, error: ReplicaError::from_error(&e), now })
@@ -442,18 +468,38 @@ impl<T: ReplicaTransport> Actor<T> {
                     let _ = tx.send(Internal::State(replica, res));
                 });
             }
-            Command::SendOpen { replica, epoch } => {
+            Command::SendOpen { replica, epoch, mode } => {
                 let (t, tx, timeout) = (self.replicas[replica].clone(), self.internal.0.clone(), self.timeout);
+                let claim =
+                    Claim { epoch, owner: self.cfg.machine.owner, owner_node: self.cfg.owner_node.clone(), mode };
                 self.tasks.spawn(async move {
-                    let res = link::with_timeout(timeout, "open", t.open(epoch)).await;
+                    let res = link::with_timeout(timeout, "open", t.open(claim)).await;
                     let _ = tx.send(Internal::Open(replica, res));
                 });
             }
-            Command::Attached { epoch, source } => {
+            Command::SendPing { replica } => {
+                let (t, tx, timeout) = (self.replicas[replica].clone(), self.internal.0.clone(), self.timeout);
+                let epoch = self.machine.epoch();
+                self.tasks.spawn(async move {
+                    let res = link::with_timeout(timeout, "ping", t.ping(epoch)).await;
+                    let _ = tx.send(Internal::Ping(replica, res));
+                });
+            }
+            Command::Attached { epoch, source, wait_ms } => {
                 tracing::info!(volume.id = %self.cfg.name, epoch, source = %self.replicas[source].name(), "attached");
                 self.shared.lock().unwrap_or_else(|e| e.into_inner()).epoch = epoch;
                 if let Some(tx) = self.attached.take() {
-                    let _ = tx.send(Ok(epoch));
+                    if wait_ms == 0 {
+                        let _ = tx.send(Ok(epoch));
+                    } else {
+                        // The volume was held by another engine: serve nothing until its
+                        // read lease has run out (the handle reaches no client before).
+                        tracing::info!(volume.id = %self.cfg.name, wait_ms, "taking over: waiting out the previous engine's read lease");
+                        self.tasks.spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(wait_ms)).await;
+                            let _ = tx.send(Ok(epoch));
+                        });
+                    }
                 }
             }
             Command::AttachFailed { reason } => {

@@ -29,7 +29,10 @@ use std::cmp::Reverse;
 
 use super::event::Command;
 use super::machine::{Machine, Phase, ResyncPlan};
-use super::types::{epoch_of_seq, FailReason, Millis, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq};
+use super::transport::ClaimMode;
+use super::types::{
+    epoch_of_seq, FailReason, Millis, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq, SEQ_EPOCH_SHIFT,
+};
 
 impl Machine {
     fn majority(&self) -> usize {
@@ -46,11 +49,28 @@ impl Machine {
             r.status = ReplicaStatus::Unknown;
             r.reported = None;
             r.open_pending = true;
+            r.conflict = false;
             out.push(Command::SendState { replica: id });
         }
     }
 
-    pub(super) fn on_state(&mut self, id: ReplicaId, state: ReplicaSeqs, _now: Millis, out: &mut Vec<Command>) {
+    /// How this engine claims a replica: by compare-and-set on the epoch it probed until
+    /// it first held a majority, then by joining (it owns the epoch).
+    pub(super) fn open_mode(&self, id: ReplicaId) -> ClaimMode {
+        if self.was_active {
+            ClaimMode::Join
+        } else {
+            ClaimMode::Cas { expect: self.reps[id].expect }
+        }
+    }
+
+    /// Once a majority answered the probe: refuse if the replicas name another engine as
+    /// the holder (unless this is a takeover, which then waits out that engine's read
+    /// lease), and claim every replica at `max epoch + 1` by compare-and-set on the epoch
+    /// each one reported (unanswered ones: the highest epoch seen). Of two engines racing
+    /// for the volume, each replica takes the first claim it gets and refuses the other, so
+    /// at most one reaches a majority.
+    pub(super) fn on_state(&mut self, id: ReplicaId, state: ReplicaSeqs, now: Millis, out: &mut Vec<Command>) {
         if self.phase != Phase::Probing {
             return;
         }
@@ -60,13 +80,36 @@ impl Machine {
         if answered < self.majority() {
             return;
         }
+        // Any holder counts, whatever its epoch: a holder at an older epoch than another
+        // replica reports may still hold a write quorum (the newer claim may have lost).
+        let me = self.cfg.owner;
+        let holders: Vec<u64> =
+            self.reps.iter().filter_map(|r| r.reported.map(|s| s.owner)).filter(|&o| o != 0 && o != me).collect();
+        let refused = holders.iter().find(|o| !self.cfg.takeover_owners.contains(o));
+        if let (Some(&owner), false) = (refused, self.cfg.takeover) {
+            self.phase = Phase::AttachFailed;
+            out.push(Command::AttachFailed { reason: FailReason::Owned { owner } });
+            return;
+        }
+        self.lease_wait = !holders.is_empty();
         let max_epoch = self.reps.iter().filter_map(|r| r.reported.map(|s| s.epoch)).max().unwrap_or(0);
-        self.epoch = max_epoch + 1;
+        // Seqs carry the epoch in their high bits: an epoch that does not fit is refused.
+        let Some(epoch) = max_epoch
+            .checked_add(1)
+            .filter(|&e| e.checked_shl(SEQ_EPOCH_SHIFT).is_some_and(|s| s >> SEQ_EPOCH_SHIFT == e))
+        else {
+            self.phase = Phase::AttachFailed;
+            out.push(Command::AttachFailed { reason: FailReason::NoQuorum });
+            return;
+        };
+        self.epoch = epoch;
         self.phase = Phase::Opening;
         for (id, r) in self.reps.iter_mut().enumerate() {
+            r.expect = r.reported.map_or(max_epoch, |s| s.epoch);
             r.reported = None;
             r.open_pending = true;
-            out.push(Command::SendOpen { replica: id, epoch: self.epoch });
+            r.open_sent = now;
+            out.push(Command::SendOpen { replica: id, epoch, mode: ClaimMode::Cas { expect: r.expect } });
         }
     }
 
@@ -80,10 +123,12 @@ impl Machine {
             return;
         }
         self.reps[id].open_pending = false;
+        let sent = self.reps[id].open_sent;
+        self.vote(id, sent);
         match self.phase {
             Phase::Opening => {
                 self.reps[id].reported = Some(state);
-                self.maybe_activate(out);
+                self.maybe_activate(now, out);
             }
             Phase::Active if matches!(self.reps[id].status, ReplicaStatus::Failed | ReplicaStatus::Unknown) => {
                 self.admit(id, state, false, out);
@@ -105,12 +150,21 @@ impl Machine {
         let r = &mut self.reps[id];
         r.open_pending = false;
         r.retry_at = now + self.cfg.retry_interval_ms;
+        r.conflict |= error == ReplicaError::Conflict;
         if r.status != ReplicaStatus::Failed && matches!(self.phase, Phase::Opening | Phase::Active) {
             r.status = ReplicaStatus::Failed;
             out.push(Command::SetStatus { replica: id, status: ReplicaStatus::Failed });
         }
         if self.phase == Phase::Opening {
-            self.maybe_activate(out);
+            // Another engine's claim won on so many replicas that this one cannot reach a
+            // majority: give up now rather than at the attach deadline.
+            let conflicts = self.reps.iter().filter(|r| r.conflict).count();
+            if !self.was_active && conflicts > self.reps.len() - self.majority() {
+                self.phase = Phase::AttachFailed;
+                out.push(Command::AttachFailed { reason: FailReason::Conflict });
+                return;
+            }
+            self.maybe_activate(now, out);
         }
     }
 
@@ -139,10 +193,10 @@ impl Machine {
     }
 
     /// Activates once a majority accepted the epoch.
-    fn maybe_activate(&mut self, out: &mut Vec<Command>) {
+    fn maybe_activate(&mut self, now: Millis, out: &mut Vec<Command>) {
         let opened = self.reps.iter().filter(|r| r.reported.is_some()).count();
         if opened >= self.majority() {
-            self.activate(out);
+            self.activate(now, out);
         }
     }
 
@@ -154,7 +208,8 @@ impl Machine {
     /// majority. If the source holds data beyond its consistent point (an unfinished
     /// resync), the history is adopted only up to that point and every other replica
     /// resyncs from it.
-    fn activate(&mut self, out: &mut Vec<Command>) {
+    fn activate(&mut self, now: Millis, out: &mut Vec<Command>) {
+        let _ = now;
         let source = self
             .reps
             .iter()
@@ -180,7 +235,8 @@ impl Machine {
         }
         self.phase = Phase::Active;
         self.was_active = true;
-        out.push(Command::Attached { epoch: self.epoch, source });
+        let wait_ms = if std::mem::take(&mut self.lease_wait) { self.cfg.lease_wait_ms() } else { 0 };
+        out.push(Command::Attached { epoch: self.epoch, source, wait_ms });
         // After a re-attach: writes sequenced beyond the adopted history never reached a
         // quorum and are not in it.
         self.fail_writes_after(base, FailReason::NoQuorum, out);
@@ -313,8 +369,9 @@ impl Machine {
             r.inflight.clear();
             r.flushes.clear();
             r.open_pending = true;
+            r.open_sent = now;
             r.retry_at = now + self.cfg.retry_interval_ms;
-            out.push(Command::SendOpen { replica: id, epoch });
+            out.push(Command::SendOpen { replica: id, epoch, mode: ClaimMode::Join });
         }
     }
 }

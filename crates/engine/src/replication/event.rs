@@ -1,5 +1,6 @@
 //! What goes into the replication machine ([`Event`]) and what comes out ([`Command`]).
 
+use super::transport::ClaimMode;
 use super::types::{FailReason, Millis, OpId, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq};
 
 /// An input to [`super::Machine::step`]. Replies name the replica they came from; the
@@ -80,6 +81,17 @@ pub enum Event {
         error: ReplicaError,
         now: Millis,
     },
+    /// The replica answered a ping (sent when the machine asked for it).
+    PingReplied {
+        replica: ReplicaId,
+        state: ReplicaSeqs,
+        now: Millis,
+    },
+    PingFailed {
+        replica: ReplicaId,
+        error: ReplicaError,
+        now: Millis,
+    },
     /// Time passed: deadlines are checked.
     Tick {
         now: Millis,
@@ -92,14 +104,22 @@ pub enum Command {
     SendState {
         replica: ReplicaId,
     },
+    /// Claim `replica` at `epoch` for this engine (`MachineConfig::owner`) with `mode`.
     SendOpen {
         replica: ReplicaId,
         epoch: u64,
+        mode: ClaimMode,
     },
-    /// Attach completed under `epoch`; `source` was the most advanced replica.
+    /// Attach completed under `epoch`; `source` was the most advanced replica. The volume
+    /// was held by another engine: serve nothing for `wait_ms` (its read lease).
     Attached {
         epoch: u64,
         source: ReplicaId,
+        wait_ms: Millis,
+    },
+    /// Check that `replica` still accepts this engine's epoch (renews the read lease).
+    SendPing {
+        replica: ReplicaId,
     },
     AttachFailed {
         reason: FailReason,

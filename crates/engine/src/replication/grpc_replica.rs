@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream};
+use super::transport::{
+    ChunkData, Claim, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream,
+};
 use super::types::{ReplicaSeqs, Seq};
 use crate::error::{Error, Result};
 use crate::grpc::snapshots::{snapshot_from_pb, snapshot_to_pb};
@@ -66,6 +68,9 @@ pub fn status_to_error(replica: &str, volume: &str, call: &str, epoch: u64, s: t
             .unwrap_or(epoch + 1);
         return Error::StaleEpoch { volume: volume.to_string(), got: epoch, current };
     }
+    if s.code() == tonic::Code::Aborted {
+        return Error::Conflict(format!("replica {replica}, volume {volume}, {call}: {}", s.message()));
+    }
     if s.code() == tonic::Code::Unimplemented {
         // An older or partial peer: callers decide whether they can do without the call.
         return Error::Unsupported(format!("replica {replica}, volume {volume}, {call}: {}", s.message()));
@@ -74,7 +79,13 @@ pub fn status_to_error(replica: &str, volume: &str, call: &str, epoch: u64, s: t
 }
 
 fn seqs(s: pb::ReplicaState) -> ReplicaSeqs {
-    ReplicaSeqs { epoch: s.epoch, last_seq: s.last_seq, durable_seq: s.durable_seq, resync_from: s.resync_from }
+    ReplicaSeqs {
+        epoch: s.epoch,
+        owner: s.owner,
+        last_seq: s.last_seq,
+        durable_seq: s.durable_seq,
+        resync_from: s.resync_from,
+    }
 }
 
 impl ReplicaTransport for GrpcReplica {
@@ -88,9 +99,15 @@ impl ReplicaTransport for GrpcReplica {
         Ok(seqs(r.into_inner()))
     }
 
-    async fn open(&self, epoch: u64) -> Result<ReplicaSeqs> {
-        let req = pb::OpenRequest { volume_id: self.volume.clone(), epoch };
-        let r = self.client.clone().open(req).await.map_err(|s| self.status("open", epoch, s))?;
+    async fn open(&self, claim: Claim) -> Result<ReplicaSeqs> {
+        let req = crate::grpc::convert::claim_to_pb(&self.volume, &claim);
+        let r = self.client.clone().open(req).await.map_err(|s| self.status("open", claim.epoch, s))?;
+        Ok(seqs(r.into_inner()))
+    }
+
+    async fn ping(&self, epoch: u64) -> Result<ReplicaSeqs> {
+        let req = pb::PingRequest { volume_id: self.volume.clone(), epoch };
+        let r = self.client.clone().ping(req).await.map_err(|s| self.status("ping", epoch, s))?;
         Ok(seqs(r.into_inner()))
     }
 

@@ -64,6 +64,18 @@ pub(super) struct Rep {
     /// established it (`None`: never established). For a replica that was in sync: the
     /// last seq sent to it (it applied a prefix of that; its own report caps it).
     pub known_cp: Option<Seq>,
+    /// The epoch this engine read from the replica when probing: the compare-and-set
+    /// value of its attach claim.
+    pub expect: u64,
+    /// The replica refused the attach claim: another engine claimed it first.
+    pub conflict: bool,
+    /// When the last `Open` was sent.
+    pub open_sent: Millis,
+    /// When the outstanding ping was sent.
+    pub ping_sent: Option<Millis>,
+    /// The replica's vote for this engine's read lease: it accepted this engine's epoch
+    /// when answering a request sent at `t`; the vote holds until `t + lease_ms`.
+    pub lease_until: Millis,
 }
 
 impl Rep {
@@ -80,6 +92,11 @@ impl Rep {
             retry_at: 0,
             resync: None,
             known_cp: None,
+            expect: 0,
+            conflict: false,
+            open_sent: 0,
+            ping_sent: None,
+            lease_until: 0,
         }
     }
 
@@ -150,6 +167,11 @@ pub struct Machine {
     /// The attach source holds data beyond the adopted history (`attach_base`): no other
     /// replica is taken as healthy on equal seqs alone.
     pub(super) dirty_source: bool,
+    /// The probe found the volume held by another engine (a takeover): the first
+    /// activation waits out that engine's read lease.
+    pub(super) lease_wait: bool,
+    /// Reads waiting for the read lease: (op, deadline).
+    parked_reads: Vec<(OpId, Millis)>,
 }
 
 impl Machine {
@@ -172,11 +194,17 @@ impl Machine {
             attach_deadline: 0,
             was_active: false,
             dirty_source: false,
+            lease_wait: false,
+            parked_reads: Vec::new(),
         })
     }
 
     pub fn phase(&self) -> Phase {
         self.phase
+    }
+    /// Whether the volume was active at some point (attach completed once).
+    pub fn was_active(&self) -> bool {
+        self.was_active
     }
     pub fn epoch(&self) -> u64 {
         self.epoch
@@ -214,6 +242,9 @@ impl Machine {
                 Event::ReadFailed { op, .. } => {
                     out.push(Command::FailClient { op, reason: FailReason::Fenced { current } })
                 }
+                Event::PingReplied { replica, .. } | Event::PingFailed { replica, .. } => {
+                    self.reps[replica].ping_sent = None;
+                }
                 _ => {}
             }
             return out;
@@ -225,7 +256,7 @@ impl Machine {
             Event::OpenFailed { replica, error, now } => self.on_open_failed(replica, error, now, &mut out),
             Event::ClientWrite { op, fua, now } => self.on_write(op, fua, now, &mut out),
             Event::ClientFlush { op, now } => self.on_flush(op, now, &mut out),
-            Event::ClientRead { op, .. } => self.route_read(op, &mut out),
+            Event::ClientRead { op, now } => self.route_read(op, now, &mut out),
             Event::WriteAcked { replica, seq, durable_seq, now } => {
                 self.on_acked(replica, seq, durable_seq, now, &mut out)
             }
@@ -236,14 +267,21 @@ impl Machine {
                 if let Phase::Fenced { current } = self.phase {
                     out.push(Command::FailClient { op, reason: FailReason::Fenced { current } });
                 } else {
-                    self.route_read(op, &mut out);
+                    self.route_read(op, now, &mut out);
                 }
             }
+            Event::PingReplied { replica, state, now } => self.on_ping(replica, Ok(state), now, &mut out),
+            Event::PingFailed { replica, error, now } => self.on_ping(replica, Err(error), now, &mut out),
             Event::ResyncDone { replica, durable_seq, now } => self.on_resync_done(replica, durable_seq, now, &mut out),
             Event::ResyncFailed { replica, error, now } => self.on_replica_error(replica, error, now, &mut out),
             Event::Tick { now } => self.on_tick(now, &mut out),
         }
         out
+    }
+
+    /// Client reads waiting for the read lease.
+    pub fn parked_reads(&self) -> usize {
+        self.parked_reads.len()
     }
 
     /// The next sequence number: above everything seen, and in this epoch's range.
@@ -314,13 +352,74 @@ impl Machine {
         self.flushes.push(PendingFlush { op, barrier, deadline: now + self.cfg.io_timeout_ms });
     }
 
-    /// Picks a replica holding every acknowledged write: in sync, caught up to the highest
-    /// acknowledged seq; the local one first, healthy before lagging.
-    fn route_read(&mut self, op: OpId, out: &mut Vec<Command>) {
+    /// Whether this engine holds the read lease at `now`: a write quorum of replicas
+    /// answered a request under its epoch sent less than `lease_ms` ago. A newer engine
+    /// claims a majority, which shares a replica with every write quorum, and waits
+    /// `lease_wait_ms` before serving; so while this holds, no newer engine acknowledged
+    /// anything and a read of this engine's replicas is not stale.
+    pub fn lease_valid(&self, now: Millis) -> bool {
+        self.reps.iter().filter(|r| r.lease_until > now).count() >= self.w
+    }
+
+    /// Reads are served only under the read lease; without it they wait (the lease is
+    /// renewed by pings) until their deadline.
+    fn route_read(&mut self, op: OpId, now: Millis, out: &mut Vec<Command>) {
         if self.phase != Phase::Active {
             out.push(Command::FailClient { op, reason: self.inactive_reason() });
             return;
         }
+        if !self.lease_valid(now) {
+            self.parked_reads.push((op, now + self.cfg.io_timeout_ms));
+            self.renew_lease(now, out);
+            return;
+        }
+        self.dispatch_read(op, out);
+    }
+
+    /// Pings every connected replica that has no ping outstanding.
+    fn renew_lease(&mut self, now: Millis, out: &mut Vec<Command>) {
+        for (id, r) in self.reps.iter_mut().enumerate() {
+            if r.connected() && r.ping_sent.is_none() {
+                r.ping_sent = Some(now);
+                out.push(Command::SendPing { replica: id });
+            }
+        }
+    }
+
+    /// Serves the parked reads once the lease holds again.
+    fn release_reads(&mut self, now: Millis, out: &mut Vec<Command>) {
+        if self.parked_reads.is_empty() || self.phase != Phase::Active || !self.lease_valid(now) {
+            return;
+        }
+        for (op, _) in std::mem::take(&mut self.parked_reads) {
+            self.dispatch_read(op, out);
+        }
+    }
+
+    fn on_ping(&mut self, id: ReplicaId, res: Result<ReplicaSeqs, ReplicaError>, now: Millis, out: &mut Vec<Command>) {
+        let Some(sent) = self.reps[id].ping_sent.take() else { return };
+        match res {
+            Ok(state) if state.epoch > self.epoch => self.fence(state.epoch, out),
+            Ok(_) => {
+                let r = &mut self.reps[id];
+                r.lease_until = r.lease_until.max(sent.saturating_add(self.cfg.lease_ms));
+                self.release_reads(now, out);
+            }
+            Err(ReplicaError::StaleEpoch { current }) => self.fence(current, out),
+            // An unreachable replica just gives no vote; its link's deadlines fail it.
+            Err(_) => {}
+        }
+    }
+
+    /// A replica answered a request sent at `sent` under this engine's epoch.
+    pub(super) fn vote(&mut self, id: ReplicaId, sent: Millis) {
+        let r = &mut self.reps[id];
+        r.lease_until = r.lease_until.max(sent.saturating_add(self.cfg.lease_ms));
+    }
+
+    /// Picks a replica holding every acknowledged write: in sync, caught up to the highest
+    /// acknowledged seq; the local one first, healthy before lagging.
+    fn dispatch_read(&mut self, op: OpId, out: &mut Vec<Command>) {
         let best = self
             .reps
             .iter()
@@ -338,13 +437,18 @@ impl Machine {
         if !r.connected() {
             return;
         }
+        let mut sent = None;
         while r.inflight.front().is_some_and(|&(s, _)| s <= seq) {
-            r.inflight.pop_front();
+            sent = r.inflight.pop_front().map(|(_, t)| t);
         }
         r.acked_seq = r.acked_seq.max(seq);
         r.durable_seq = r.durable_seq.max(durable);
+        if let Some(t) = sent {
+            self.vote(id, t);
+        }
         self.maybe_recovered(id, now, out);
         self.settle(out);
+        self.release_reads(now, out);
     }
 
     fn on_flushed(&mut self, id: ReplicaId, durable: Seq, now: Millis, out: &mut Vec<Command>) {
@@ -352,10 +456,14 @@ impl Machine {
         if !r.connected() {
             return;
         }
-        r.flushes.pop_front();
+        let sent = r.flushes.pop_front().map(|(_, t)| t);
         r.durable_seq = r.durable_seq.max(durable);
+        if let Some(t) = sent {
+            self.vote(id, t);
+        }
         self.maybe_recovered(id, now, out);
         self.settle(out);
+        self.release_reads(now, out);
     }
 
     /// A lagging replica whose oldest request is young again is healthy.
@@ -371,7 +479,7 @@ impl Machine {
     fn on_replica_error(&mut self, id: ReplicaId, error: ReplicaError, now: Millis, out: &mut Vec<Command>) {
         match error {
             ReplicaError::StaleEpoch { current } => self.fence(current, out),
-            ReplicaError::Failed(_) => {
+            ReplicaError::Failed(_) | ReplicaError::Conflict => {
                 self.fail_replica(id, now, out);
                 self.settle(out);
             }
@@ -430,6 +538,9 @@ impl Machine {
         }
         for f in std::mem::take(&mut self.flushes) {
             out.push(Command::FailClient { op: f.op, reason });
+        }
+        for (op, _) in std::mem::take(&mut self.parked_reads) {
+            out.push(Command::FailClient { op, reason });
         }
     }
 
@@ -490,11 +601,32 @@ impl Machine {
                 self.reps[id].status = ReplicaStatus::Lagging;
                 out.push(Command::SetStatus { replica: id, status: ReplicaStatus::Lagging });
             } else if r.status == ReplicaStatus::Failed && !r.open_pending && now >= r.retry_at {
-                let epoch = self.epoch;
+                let (epoch, mode) = (self.epoch, self.open_mode(id));
                 let r = &mut self.reps[id];
                 r.open_pending = true;
+                r.open_sent = now;
                 r.retry_at = now + self.cfg.retry_interval_ms;
-                out.push(Command::SendOpen { replica: id, epoch });
+                out.push(Command::SendOpen { replica: id, epoch, mode });
+            }
+        }
+        if self.phase == Phase::Active {
+            // Keep the read lease: ping replicas whose vote is half spent (acks of writes
+            // renew it too, so a busy volume sends no pings).
+            let half = self.cfg.lease_ms / 2;
+            for (id, r) in self.reps.iter_mut().enumerate() {
+                if r.connected() && r.ping_sent.is_none() && r.lease_until <= now.saturating_add(half) {
+                    r.ping_sent = Some(now);
+                    out.push(Command::SendPing { replica: id });
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.parked_reads.len() {
+            if self.parked_reads[i].1 <= now {
+                let (op, _) = self.parked_reads.remove(i);
+                out.push(Command::FailClient { op, reason: FailReason::NoLease });
+            } else {
+                i += 1;
             }
         }
         match self.phase {

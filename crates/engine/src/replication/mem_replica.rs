@@ -16,7 +16,9 @@ use futures::stream::{self, BoxStream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream};
+use super::transport::{
+    ChunkData, Claim, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream,
+};
 use super::types::{ReplicaSeqs, Seq};
 use crate::error::{Error, Result};
 
@@ -34,6 +36,7 @@ struct Data {
 #[derive(Debug, Default)]
 struct State {
     epoch: u64,
+    owner: u64,
     data: Data,
     durable: Data,
     durable_seq: Seq,
@@ -128,6 +131,7 @@ impl MemReplica {
     fn seqs(s: &State) -> ReplicaSeqs {
         ReplicaSeqs {
             epoch: s.epoch,
+            owner: s.owner,
             last_seq: s.data.last_seq,
             durable_seq: s.durable_seq,
             resync_from: s.resync_from,
@@ -225,16 +229,23 @@ impl ReplicaTransport for MemReplica {
         Ok(Self::seqs(&s))
     }
 
-    async fn open(&self, epoch: u64) -> Result<ReplicaSeqs> {
+    async fn open(&self, claim: Claim) -> Result<ReplicaSeqs> {
         tokio::time::sleep(self.delay()).await;
         let mut s = self.lock();
         if s.down {
             return Err(Error::Unavailable(format!("replica {} is down", self.name)));
         }
-        if epoch < s.epoch {
-            return Err(Error::StaleEpoch { volume: self.name.clone(), got: epoch, current: s.epoch });
+        if let Some((epoch, owner)) = crate::replica::check::claim(&self.name, s.epoch, s.owner, &claim)? {
+            s.epoch = epoch;
+            s.owner = owner;
         }
-        s.epoch = epoch;
+        Ok(Self::seqs(&s))
+    }
+
+    async fn ping(&self, epoch: u64) -> Result<ReplicaSeqs> {
+        tokio::time::sleep(self.delay()).await;
+        let s = self.lock();
+        self.check(&s, epoch)?;
         Ok(Self::seqs(&s))
     }
 

@@ -35,6 +35,8 @@ pub struct VolumeConfig {
     pub resync_checkpoint_blocks: u64,
     /// Resync copy rate limit in bytes per second (0: unlimited).
     pub resync_rate: u64,
+    /// The node this engine runs on, recorded with its claim on the replicas.
+    pub owner_node: String,
 }
 
 impl VolumeConfig {
@@ -49,6 +51,7 @@ impl VolumeConfig {
             resync_window: 64,
             resync_checkpoint_blocks: 4096,
             resync_rate: 0,
+            owner_node: String::new(),
         }
     }
 }

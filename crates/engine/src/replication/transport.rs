@@ -19,7 +19,7 @@ pub use super::grpc_replica::GrpcReplica;
 pub use super::mem_replica::{MemReplica, MemStats};
 use super::types::{ReplicaSeqs, Seq};
 use crate::error::Result;
-pub use crate::replica::SnapshotInfo;
+pub use crate::replica::{Claim, ClaimMode, SnapshotInfo};
 
 /// One request on a replica's write stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,8 +70,12 @@ pub trait ReplicaTransport: Send + Sync + 'static {
     /// The replica's node name, for logs.
     fn name(&self) -> &str;
     fn state(&self) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
-    /// Records `epoch` if newer; fails with `StaleEpoch` if older.
-    fn open(&self, epoch: u64) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
+    /// Claims the replica for an engine (see [`Claim`]): `StaleEpoch` if its epoch is
+    /// older than the replica's, `Conflict` if a compare-and-set lost.
+    fn open(&self, claim: Claim) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
+    /// Checks that the replica still accepts `epoch` (`StaleEpoch` once a newer engine
+    /// claimed it). Renews the engine's read lease; no disk I/O.
+    fn ping(&self, epoch: u64) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
     fn write_stream(&self, epoch: u64) -> impl Future<Output = Result<WriteStream>> + Send;
     fn read(&self, epoch: u64, offset: u64, len: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
     /// Makes everything applied durable; returns the durable seq.

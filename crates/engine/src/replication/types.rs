@@ -34,6 +34,8 @@ pub fn epoch_of_seq(seq: Seq) -> u64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ReplicaSeqs {
     pub epoch: u64,
+    /// The engine instance holding the replica at `epoch` (0: none).
+    pub owner: u64,
     /// Highest sequence number applied.
     pub last_seq: Seq,
     /// Every write with seq <= durable_seq this replica applied is on stable storage.
@@ -48,6 +50,8 @@ pub struct ReplicaSeqs {
 pub enum ReplicaError {
     /// The replica has a newer epoch: another engine owns the volume.
     StaleEpoch { current: u64 },
+    /// A compare-and-set claim lost: another engine claimed the replica meanwhile.
+    Conflict,
     /// Anything else: unreachable, I/O error, stream broken.
     Failed(String),
 }
@@ -60,6 +64,7 @@ impl ReplicaError {
         match err {
             Error::StaleEpoch { current, .. } => ReplicaError::StaleEpoch { current: *current },
             e if e.kind() == ErrorKind::StaleEpoch => ReplicaError::StaleEpoch { current: 0 },
+            e if e.kind() == ErrorKind::Conflict => ReplicaError::Conflict,
             other => ReplicaError::Failed(other.to_string()),
         }
     }
@@ -122,6 +127,14 @@ pub enum FailReason {
     NotAttached,
     /// No in-sync replica holds every acknowledged write (reads only).
     NoReplica,
+    /// The replicas name another engine as the volume's holder (attach only; see
+    /// [`MachineConfig::takeover`]).
+    Owned { owner: u64 },
+    /// Another engine claimed the replicas at the same moment and this one lost.
+    Conflict,
+    /// The read lease expired (no write quorum confirmed this engine's epoch recently) and
+    /// could not be renewed before the deadline (reads only).
+    NoLease,
 }
 
 impl FailReason {
@@ -137,6 +150,15 @@ impl FailReason {
             }
             FailReason::NotAttached => Error::Unavailable(format!("volume {volume}: not attached")),
             FailReason::NoReplica => Error::Unavailable(format!("volume {volume}: no up-to-date replica to read from")),
+            FailReason::Owned { owner } => Error::Conflict(format!(
+                "volume {volume}: its replicas are held by another engine ({owner:#x}); detach it there first, or take it over with --force if that node is gone"
+            )),
+            FailReason::Conflict => Error::Conflict(format!(
+                "volume {volume}: another engine attached it at the same moment and won; detach it there first"
+            )),
+            FailReason::NoLease => Error::Unavailable(format!(
+                "volume {volume}: no write quorum confirmed this engine recently (read lease expired); another engine may own the volume"
+            )),
         }
     }
 }
@@ -166,6 +188,18 @@ pub struct MachineConfig {
     pub attach_timeout_ms: Millis,
     /// How often a failed replica is re-opened.
     pub retry_interval_ms: Millis,
+    /// Read lease: the engine serves reads only while a write quorum answered a request
+    /// under its epoch that it sent less than this long ago. A new engine that finds the
+    /// volume held by another one waits [`MachineConfig::lease_wait_ms`] before serving.
+    pub lease_ms: Millis,
+    /// This engine instance (0: anonymous). Recorded on the replicas it claims.
+    pub owner: u64,
+    /// Attach even if the replicas name another engine as the holder (that engine's node
+    /// is gone or partitioned away): the attach then waits out its read lease.
+    pub takeover: bool,
+    /// Holders this engine may take over even without `takeover` (engines known to have
+    /// stopped serving); their read lease is still waited out.
+    pub takeover_owners: Vec<u64>,
 }
 
 impl MachineConfig {
@@ -180,7 +214,17 @@ impl MachineConfig {
             io_timeout_ms: 30_000,
             attach_timeout_ms: 10_000,
             retry_interval_ms: 2_000,
+            lease_ms: 4_000,
+            owner: 0,
+            takeover: false,
+            takeover_owners: Vec::new(),
         }
+    }
+
+    /// How long a new engine waits before serving when the volume was held by another
+    /// engine: the lease plus a quarter for clock-rate differences between nodes.
+    pub fn lease_wait_ms(&self) -> Millis {
+        self.lease_ms.saturating_add(self.lease_ms / 4)
     }
 
     /// The effective write quorum, validated.
@@ -199,6 +243,9 @@ impl MachineConfig {
                 "write quorum {w} for {n} replicas must be a majority ({}..={n})",
                 n / 2 + 1
             )));
+        }
+        if self.lease_ms == 0 {
+            return Err(Error::InvalidArgument("the read lease must be longer than 0 ms".into()));
         }
         if self.ack_timeout_ms > self.failure_timeout_ms {
             return Err(Error::InvalidArgument("ack timeout must not exceed the failure timeout".into()));

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use hlstore_proto::replica as rpb;
 use hlstore_proto::volume as vpb;
 
-use super::{not_found, VolumeManager};
+use super::{not_found, Takeover, VolumeManager};
 use crate::device::BlockDevice;
 use crate::error::{Error, Result};
 use crate::node::cluster::bounded;
@@ -70,7 +70,9 @@ impl VolumeManager {
         }
         let gathered = self.gather().await;
         let record = gathered.get(name).ok_or_else(|| not_found(name))?.record.clone();
-        let engine = self.start_engine(&record).await?;
+        // Never a takeover: a volume held by an engine elsewhere (even one that cannot be
+        // reached) is refused, not fenced.
+        let engine = self.start_engine(&record, Takeover::default()).await?;
         let res = f(&engine).await;
         engine.close().await;
         res

@@ -33,7 +33,8 @@ use crate::error::{Error, Result};
 
 use super::check;
 use super::record::{
-    ApplyStats, Change, ChunkData, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord, BLOCK_SIZE,
+    ApplyStats, Change, ChunkData, Claim, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord,
+    BLOCK_SIZE,
 };
 use super::store::ReplicaStore;
 use file::SlotFile;
@@ -419,15 +420,14 @@ impl ReplicaStore for DiskStore {
         Ok(ReplicaInfo { record: g.record.clone(), state: g.state() })
     }
 
-    fn open(&self, name: &str, epoch: u64) -> Result<ReplicaState> {
+    fn claim(&self, name: &str, claim: &Claim) -> Result<ReplicaState> {
         let v = self.vol(name)?;
         let mut g = volume::write(&v);
-        if epoch < g.record.epoch {
-            return Err(Error::StaleEpoch { volume: name.into(), got: epoch, current: g.record.epoch });
-        }
-        if epoch > g.record.epoch {
+        if let Some((epoch, owner)) = check::claim(name, g.record.epoch, g.record.owner, claim)? {
             let mut rec = g.record.clone();
             rec.epoch = epoch;
+            rec.owner = owner;
+            rec.owner_node = if owner == 0 { String::new() } else { claim.owner_node.clone() };
             self.put_record(v.vid, &rec)?;
             g.record = rec;
         }
@@ -554,6 +554,11 @@ impl ReplicaStore for DiskStore {
             return Err(Error::StaleEpoch { volume: name.into(), got: epoch, current: g.record.epoch });
         }
         let mut rec = g.record.clone();
+        if epoch > rec.epoch {
+            // A new epoch belongs to no engine until one claims it.
+            rec.owner = 0;
+            rec.owner_node.clear();
+        }
         rec.epoch = epoch;
         rec.replica_set = replica_set;
         self.put_record(v.vid, &rec)?;

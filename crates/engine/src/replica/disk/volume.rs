@@ -71,6 +71,7 @@ impl VolInner {
     pub fn state(&self) -> ReplicaState {
         ReplicaState {
             epoch: self.record.epoch,
+            owner: self.record.owner,
             last_seq: self.st.last_seq,
             durable_seq: self.st.durable_seq,
             size: self.record.size,
