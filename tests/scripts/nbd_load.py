@@ -13,7 +13,8 @@ finished request, so the caller knows exactly which writes were acknowledged:
 
 Times are CLOCK_MONOTONIC seconds. Every block carries a header (magic, seq, block) and a
 payload derived from both, so a read shows which write it holds and whether it is intact.
-The writer stops when the stop file exists (after a final flush) or after --count writes.
+The writer stops when the stop file exists (after a final flush), after --count writes or
+after --duration seconds.
 
 `read` reads 4 KiB blocks (random, or in order with --sequential) and logs what each read
 returned, for the history checker (history_check.py):
@@ -105,8 +106,13 @@ def usable(h):
     return h is not None and (h.aio_is_ready() or h.aio_is_processing())
 
 
+def expired(args, start):
+    return bool(args.duration) and now() - start > args.duration
+
+
 def write(args):
     rng = random.Random(args.seed)
+    start = now()
     h = None
     seq = args.seq_base
     since_flush = 0
@@ -125,7 +131,7 @@ def write(args):
         return True
 
     while True:
-        if os.path.exists(args.stop_file) or (args.count and written >= args.count):
+        if os.path.exists(args.stop_file) or (args.count and written >= args.count) or expired(args, start):
             if usable(h) and h.aio_is_ready():
                 flush()
             break
@@ -172,10 +178,14 @@ def reconnect(uri):
 
 def read(args):
     rng = random.Random(args.seed)
+    start = now()
     h = None
     done = 0
+    failed = 0
     while True:
-        if os.path.exists(args.stop_file) or (args.count and done >= args.count):
+        if os.path.exists(args.stop_file) or (args.count and done >= args.count) or expired(args, start):
+            break
+        if args.max_errors and failed >= args.max_errors:
             break
         if not usable(h):
             h = reconnect(args.uri)
@@ -192,11 +202,13 @@ def read(args):
             else:
                 out("R %d %d %.6f %.6f" % (blk, what, t0, t1))
         except nbd.Error as e:
+            failed += 1
             out("RE %d %d %.6f %.6f" % (blk, err_no(e), t0, now()))
             if not usable(h):
                 out("X %.6f %s" % (now(), str(e).replace("\n", " ")))
                 time.sleep(0.2)
         except OpTimeout:
+            failed += 1
             out("RE %d %d %.6f %.6f" % (blk, errno_mod.ETIMEDOUT, t0, now()))
             out("X %.6f request timed out; dropping the connection" % now())
             h = None
@@ -308,6 +320,9 @@ def main():
     r.add_argument("--sequential", action="store_true", help="read blocks 0, 1, 2, ... in turn")
     r.add_argument("--fill", type=lambda x: int(x, 0), default=0, help="content byte of never-written blocks")
     r.add_argument("--op-timeout", type=float, default=0, help="seconds per request (0: wait forever)")
+    r.add_argument("--max-errors", type=int, default=0, help="stop after this many failed reads (0: never)")
+    for m in (w, r):
+        m.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: never)")
     d = sub.add_parser("dump")
     d.add_argument("uri")
     d.add_argument("--blocks", type=int, required=True)
