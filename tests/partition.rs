@@ -100,7 +100,8 @@ fn stale_engine_on_partitioned_node_serves_no_stale_reads() {
 
     c.heal("n1");
     c.wait_converged("n2", VOLUME, WAIT);
-    let check = Check::new(BLOCKS).writer("n1", &w1).writer("n2", &w2).reader("n1-old-engine", &r1).order(&["n1", "n2"]);
+    let check =
+        Check::new(BLOCKS).writer("n1", &w1).writer("n2", &w2).reader("n1-old-engine", &r1).order(&["n1", "n2"]);
     let v = dump_all(&c, "n2", &uri2, check).run();
     v.assert_ok("stale engine on a partitioned node");
     assert_eq!(v.get("acked_writes"), 2 * BLOCKS);

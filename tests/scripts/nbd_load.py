@@ -150,6 +150,8 @@ def write(args):
             if not usable(h):
                 out("X %.6f %s" % (now(), str(e).replace("\n", " ")))
                 time.sleep(0.2)
+            else:
+                time.sleep(0.02)  # a server failing every request at once: do not spin
         except OpTimeout:
             out("E %d %d %d %.6f %.6f" % (seq, blk, errno_mod.ETIMEDOUT, t0, now()))
             out("X %.6f request timed out; dropping the connection" % now())

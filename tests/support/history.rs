@@ -158,7 +158,11 @@ impl Client {
                 if f(&ev) {
                     return;
                 }
-                panic!("client {} exited ({st}) while waiting for {what}; stderr:\n{}", self.log.display(), self.stderr());
+                panic!(
+                    "client {} exited ({st}) while waiting for {what}; stderr:\n{}",
+                    self.log.display(),
+                    self.stderr()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -267,7 +271,12 @@ impl Check {
 
     fn command(&self) -> Command {
         let mut c = Command::new(PYTHON);
-        c.arg(script("history_check.py")).args(["--blocks", &self.blocks.to_string(), "--fill", &self.fill.to_string()]);
+        c.arg(script("history_check.py")).args([
+            "--blocks",
+            &self.blocks.to_string(),
+            "--fill",
+            &self.fill.to_string(),
+        ]);
         for (e, p) in &self.writers {
             c.arg("--writer").arg(format!("{e}={}", p.display()));
         }

@@ -74,7 +74,8 @@ pub fn skip(reason: &str) {
 }
 
 fn sh(args: &[&str]) -> Result<(), String> {
-    let out = Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output().map_err(|e| format!("{args:?}: {e}"))?;
+    let out =
+        Command::new(args[0]).args(&args[1..]).stdin(Stdio::null()).output().map_err(|e| format!("{args:?}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
@@ -354,19 +355,56 @@ impl NetCluster {
         let ns = &self.node(id).ns;
         let delay = format!("{delay_ms}ms");
         let loss = format!("{loss_pct}%");
-        let netem = sh(&["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", IFACE, "root", "netem", "delay", &delay, "loss", &loss]);
+        let netem = sh(&[
+            "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", IFACE, "root", "netem", "delay", &delay, "loss",
+            &loss,
+        ]);
         if netem.is_ok() {
-            sh_ok(&["ip", "netns", "exec", &self.switch, "tc", "qdisc", "add", "dev", id, "root", "netem", "delay", &delay, "loss", &loss]);
+            sh_ok(&[
+                "ip",
+                "netns",
+                "exec",
+                &self.switch,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                id,
+                "root",
+                "netem",
+                "delay",
+                &delay,
+                "loss",
+                &loss,
+            ]);
             return format!("netem delay {delay} loss {loss} each way on {id}");
         }
         let p = format!("{}", loss_pct / 100.0);
         for (chain, dir) in [("INPUT", "-i"), ("OUTPUT", "-o")] {
             sh_ok(&[
-                "ip", "netns", "exec", ns, "iptables", "-A", chain, dir, IFACE, "-m", "statistic", "--mode", "random",
-                "--probability", &p, "-j", "DROP",
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "iptables",
+                "-A",
+                chain,
+                dir,
+                IFACE,
+                "-m",
+                "statistic",
+                "--mode",
+                "random",
+                "--probability",
+                &p,
+                "-j",
+                "DROP",
             ]);
         }
-        sh_ok(&["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", IFACE, "root", "tbf", "rate", "20mbit", "burst", "32kbit", "latency", &delay]);
+        sh_ok(&[
+            "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", IFACE, "root", "tbf", "rate", "20mbit", "burst",
+            "32kbit", "latency", &delay,
+        ]);
         format!("no netem in this kernel: loss {loss} each way (iptables statistic) and a 20 Mbit/s tbf cap (queue ≤ {delay}) on {id}")
     }
 
@@ -417,13 +455,17 @@ impl NetCluster {
         loop {
             if let Some(v) = self.try_volume_show(via, volume) {
                 let reps = v["replicas"].as_array().cloned().unwrap_or_default();
-                let seqs: std::collections::BTreeSet<u64> = reps.iter().filter_map(|r| r["last_seq"].as_u64()).collect();
+                let seqs: std::collections::BTreeSet<u64> =
+                    reps.iter().filter_map(|r| r["last_seq"].as_u64()).collect();
                 if !reps.is_empty() && reps.iter().all(|r| r["state"] == "healthy") && seqs.len() == 1 {
                     return v;
                 }
                 last = v;
             }
-            assert!(Instant::now() < deadline, "replicas of {volume} did not converge within {timeout:?}; last view:\n{last:#}");
+            assert!(
+                Instant::now() < deadline,
+                "replicas of {volume} did not converge within {timeout:?}; last view:\n{last:#}"
+            );
             std::thread::sleep(Duration::from_millis(300));
         }
     }
