@@ -276,3 +276,88 @@ fn delay_and_loss_keep_the_quorum_and_lose_nothing() {
     let check = Check::new(BLOCKS).writer("n1", &w).reader("n1", &r);
     dump_all(&c, "n1", &uri, check).run().assert_ok("delay and loss");
 }
+
+/// One seeded partition schedule, for `tests/soak/partitions.sh` (not run in CI):
+/// `SEED=7 cargo test --test partition soak_partition_schedule -- --ignored --exact`.
+/// Prints one `SOAK` line with the verdict counts; fails on any violation.
+#[test]
+#[ignore = "soak: run through tests/soak/partitions.sh"]
+fn soak_partition_schedule() {
+    use rand::{Rng, SeedableRng};
+    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let Some((c, uri)) = cluster() else { return };
+    let work = c.path().to_path_buf();
+    let mut o = ClientOpts::new(BLOCKS);
+    o.op_timeout = 15.0;
+    o.seed = seed;
+    let mut w1 = Client::writer(c.python("n1"), &uri, &work, "w1", &o);
+    let mut r1 = Client::reader(c.python("n1"), &uri, &work, "r1", &ClientOpts { pause_ms: 5.0, ..o.clone() });
+    w1.wait_for("50 acknowledged writes", WAIT, |ev| acks(ev) >= 50);
+    let faults = ["cut-engine-failover", "cut-replica", "drop-in", "drop-out", "degrade"];
+    let fault = faults[rng.gen_range(0..faults.len())];
+    let victim = ["n1", "n2", "n3"][rng.gen_range(0..3)];
+    let hold = Duration::from_millis(rng.gen_range(2000..8000));
+    let mut engines = vec![("n1", uri.clone())];
+    let mut extra: Vec<(Client, Client)> = Vec::new();
+    match fault {
+        "cut-engine-failover" => {
+            c.cut("n1");
+            std::thread::sleep(hold);
+            let to = ["n2", "n3"][rng.gen_range(0..2)];
+            let uri2 = attach_forced(&c, to, to);
+            let w2 = Client::writer(c.python(to), &uri2, &work, "w2", &ClientOpts { seq_base: 1_000_000, ..o.clone() });
+            let r2 = Client::reader(c.python(to), &uri2, &work, "r2", &ClientOpts { pause_ms: 5.0, ..o.clone() });
+            std::thread::sleep(hold);
+            engines.push((to, uri2));
+            extra.push((w2, r2));
+            c.heal("n1");
+        }
+        "cut-replica" => {
+            let v = ["n2", "n3"][rng.gen_range(0..2)];
+            c.cut(v);
+            std::thread::sleep(hold);
+            c.heal(v);
+        }
+        "drop-in" | "drop-out" => {
+            if fault == "drop-in" {
+                c.drop_inbound(victim)
+            } else {
+                c.drop_outbound(victim)
+            }
+            std::thread::sleep(hold);
+            c.heal(victim);
+        }
+        _ => {
+            eprintln!("{}", c.degrade(victim, rng.gen_range(5..60), rng.gen_range(0..5) as f64));
+            std::thread::sleep(hold);
+            c.heal(victim);
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    w1.stop();
+    r1.stop();
+    let mut check = Check::new(BLOCKS).writer("n1", &w1).reader("r1", &r1);
+    for (w, r) in &mut extra {
+        w.stop();
+        r.stop();
+    }
+    if let Some((w2, r2)) = extra.first() {
+        check = check.writer(engines[1].0, w2).reader("r2", r2).order(&["n1", engines[1].0]);
+    }
+    let (via, uri) = engines.last().cloned().expect("an engine");
+    c.wait_converged(via, VOLUME, Duration::from_secs(120));
+    let v = dump_all(&c, via, &uri, check).run();
+    println!(
+        "SOAK seed={seed} fault={fault} victim={victim} hold_ms={} acked={} lost={} stale={} never_written={} double={} divergent={} verdict={}",
+        hold.as_millis(),
+        v.get("acked_writes"),
+        v.get("lost_write"),
+        v.get("stale_read"),
+        v.get("never_written"),
+        v.get("double_writer"),
+        v.get("divergent_block"),
+        if v.ok() { "ok" } else { "VIOLATED" }
+    );
+    v.assert_ok(&format!("soak seed {seed}"));
+}
