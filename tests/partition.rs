@@ -31,14 +31,9 @@ fn cluster() -> Option<(NetCluster, String)> {
     Some((c, uri))
 }
 
-/// `hlstore volume attach VOLUME --node NODE --force` through `via`. An agent without
-/// `--force` gets the plain attach (printed), so the data-path checks still run.
+/// `hlstore volume attach VOLUME --node NODE --force` through `via`.
 fn attach_forced(c: &NetCluster, via: &str, node: &str) -> String {
     let (ok, out, err, secs) = c.try_cli(via, &["volume", "attach", VOLUME, "--node", node, "--force"]);
-    if !ok && err.contains("--force") {
-        eprintln!("NOTE: this hlstore has no `volume attach --force`; attaching without it");
-        return c.cli(via, &["volume", "attach", VOLUME, "--node", node]).trim().to_string();
-    }
     assert!(ok, "attach --force of {VOLUME} on {node} failed after {secs:.1}s: {err}");
     out.trim().to_string()
 }

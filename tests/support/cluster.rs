@@ -23,11 +23,12 @@ use serde_json::Value;
 /// at once (its connections reset), so only the failure timeout is kept well above what one
 /// 32 MiB request can take on a busy 2-core machine with a debug build: at 1 s such a
 /// request marks every replica failed and fails with EIO.
-pub const FAST_TIMEOUTS: [(&str, &str); 4] = [
+pub const FAST_TIMEOUTS: [(&str, &str); 5] = [
     ("HLSTORE_ACK_TIMEOUT_MS", "300"),
     ("HLSTORE_FAILURE_TIMEOUT_MS", "3000"),
     ("HLSTORE_IO_TIMEOUT_MS", "5000"),
     ("HLSTORE_RETRY_INTERVAL_MS", "300"),
+    ("HLSTORE_LEASE_MS", "1000"),
 ];
 
 /// `HLSTORE_IO_TIMEOUT_MS` of [`FAST_TIMEOUTS`], in seconds.
