@@ -40,8 +40,16 @@
 //!   `retry_interval_ms` it is re-opened. A replica that comes back is resynced from its
 //!   durable seq (incremental) while it receives new writes, and becomes healthy when the
 //!   copy is done and flushed.
-//! - **What an epoch bump fences.** Attach asks a majority for its state and opens every
-//!   replica under `max(epoch) + 1`; a replica refuses every request with an older epoch.
+//! - **One writer: attach is a compare-and-set.** Replicas record, with their epoch, the
+//!   engine instance holding them (`owner`, 0 = none). Attach asks a majority for its state;
+//!   if any names another holder the attach is refused, unless the caller knows that holder
+//!   stopped (`takeover_owners`) or forces a takeover (`takeover`: its node is gone). It
+//!   then claims every replica at `max(epoch) + 1` by compare-and-set on the epoch it read
+//!   from that replica (`ClaimMode::Cas`): of two engines racing, each replica takes the
+//!   first claim and refuses the other (`Conflict`), so at most one reaches a majority, and
+//!   the loser fails at once. Once active, stragglers are brought in with `Join` (only an
+//!   engine holding a majority at the epoch sends it); a detaching engine `Release`s.
+//! - **What an epoch bump fences.** A replica refuses every request with an older epoch.
 //!   Once a majority accepted, an older engine can no longer reach a write quorum (its
 //!   writes fail) and a new engine always finds the acked writes: it takes as source the
 //!   replica holding the longest clean prefix of the history (see `attach.rs`). Any
@@ -51,6 +59,17 @@
 //!   majority answers; requests meanwhile fail with `NoQuorum`.
 //! - **Reads** go to an in-sync replica that applied every write acknowledged so far: the
 //!   local one first, healthy before lagging. Resyncing and failed replicas serve none.
+//! - **Read lease (no stale reads).** A replica's answer to any request under this engine's
+//!   epoch (write ack, flush, open, `Ping`) sent at time `t` is a vote until `t + lease_ms`;
+//!   reads are served only while W replicas' votes hold, else they wait (pings renew the
+//!   lease; an idle engine pings when half of it is spent) and fail with `NoLease` at the
+//!   I/O deadline. A newer engine claims a majority, which shares a replica with every
+//!   write quorum; that replica answered the old engine's last vote before it took the new
+//!   claim, so the old lease ends at most `lease_ms` after the new engine's claim reached a
+//!   majority. An engine that found another holder therefore serves nothing for
+//!   `lease_wait_ms` (1.25 × `lease_ms`, margin for clock rates) after activating: from then
+//!   on the old engine can neither write (fenced) nor read (no lease). Holders that
+//!   released their claim cost no wait.
 //!
 //! # Resync ordering
 //!
