@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod csi;
+pub mod faultfs;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
