@@ -134,7 +134,8 @@ impl PowerCluster {
         let mut disks = BTreeMap::new();
         for i in 1..=nodes {
             let id = format!("n{i}");
-            let disk = FaultDisk::start(&cluster.path().join(&id).join("data"), &cluster.path().join(format!("{id}.sock")));
+            let disk =
+                FaultDisk::start(&cluster.path().join(&id).join("data"), &cluster.path().join(format!("{id}.sock")));
             disks.insert(id, disk);
         }
         Self { cluster, disks }

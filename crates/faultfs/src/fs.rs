@@ -251,7 +251,8 @@ impl Filesystem for FaultFs {
         let mut m = self.m();
         // O_APPEND with direct I/O: the kernel passes the offset it saw; append at the
         // model's end instead, which is what the caller asked for.
-        let offset = if flags.0 & libc::O_APPEND != 0 { m.getattr(ino.0).map(|a| a.size).unwrap_or(offset) } else { offset };
+        let offset =
+            if flags.0 & libc::O_APPEND != 0 { m.getattr(ino.0).map(|a| a.size).unwrap_or(offset) } else { offset };
         let mut r = m.write(ino.0, offset, data);
         // O_SYNC / O_DSYNC: the write is durable when it returns.
         if r.is_ok() && flags.0 & (libc::O_SYNC | libc::O_DSYNC) != 0 {
@@ -325,7 +326,16 @@ impl Filesystem for FaultFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let (total, free, inodes) = self.m().statfs();
         let files = inodes.max(1 << 20);
-        reply.statfs(total / PAGE, free / PAGE, free / PAGE, files, files - inodes, PAGE as u32, NAME_MAX as u32, PAGE as u32)
+        reply.statfs(
+            total / PAGE,
+            free / PAGE,
+            free / PAGE,
+            files,
+            files - inodes,
+            PAGE as u32,
+            NAME_MAX as u32,
+            PAGE as u32,
+        )
     }
 
     // No extended attributes: ENOSYS makes the kernel stop asking.

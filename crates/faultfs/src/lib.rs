@@ -42,8 +42,11 @@ pub fn mount(dir: &Path, control: Option<&Path>, capacity: u64) -> std::io::Resu
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     let model = Arc::new(Mutex::new(Model::new(capacity, uid, gid)));
     let mut config = Config::default();
-    config.mount_options =
-        vec![MountOption::FSName("faultfs".into()), MountOption::Subtype("hlstore-faultfs".into()), MountOption::DefaultPermissions];
+    config.mount_options = vec![
+        MountOption::FSName("faultfs".into()),
+        MountOption::Subtype("hlstore-faultfs".into()),
+        MountOption::DefaultPermissions,
+    ];
     config.acl = SessionACL::Owner;
     config.n_threads = Some(FUSE_THREADS);
     let session = Session::new(fs::FaultFs::new(model.clone()), dir, &config)?.spawn()?;

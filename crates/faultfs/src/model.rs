@@ -391,8 +391,7 @@ impl Model {
             Kind::Symlink => Body::Symlink(target.unwrap_or_default().to_vec()),
         };
         let perm = if kind == Kind::Symlink { 0o777 } else { (mode & 0o7777) as u16 };
-        let node =
-            Inode { body, perm, uid, gid, atime: now, mtime: now, ctime: now, links: 1, lookups: 1, open: 0 };
+        let node = Inode { body, perm, uid, gid, atime: now, mtime: now, ctime: now, links: 1, lookups: 1, open: 0 };
         self.inodes.insert(ino, node);
         self.dir_insert(parent, name, ino)?;
         self.getattr(ino)
@@ -682,9 +681,7 @@ impl Model {
     /// Whether any directory's durable entries or unsynced ops name `ino`.
     fn named_by_any_dir(&self, ino: Ino) -> bool {
         self.inodes.values().any(|n| match &n.body {
-            Body::Dir(d) => {
-                d.durable.values().any(|&i| i == ino) || d.log.iter().any(|op| op.ino() == Some(ino))
-            }
+            Body::Dir(d) => d.durable.values().any(|&i| i == ino) || d.log.iter().any(|op| op.ino() == Some(ino)),
             _ => false,
         })
     }
