@@ -227,7 +227,7 @@ fn soak_power_cuts() {
         );
         rows.push(row);
     }
-    println!("{:<6} {:<36} {:>7} {:>5} {:>9} {}", "seed", "cut", "acked", "lost", "divergent", "verdict");
+    println!("{:<6} {:<36} {:>7} {:>5} {:>9} verdict", "seed", "cut", "acked", "lost", "divergent");
     for r in &rows {
         println!("{:<6} {:<36} {:>7} {:>5} {:>9} {}", r.seed, r.what, r.acked, r.lost, r.divergent, r.verdict);
     }

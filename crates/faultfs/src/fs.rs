@@ -165,11 +165,11 @@ impl Filesystem for FaultFs {
         if mode & libc::S_IFMT != libc::S_IFREG {
             return reply.error(Errno::EOPNOTSUPP);
         }
-        entry(reply, self.m().create(parent.0, name, Kind::File, mode & !umask, req.uid(), req.gid(), None))
+        entry(reply, self.m().create(parent.0, name, Kind::File, mode & !umask, (req.uid(), req.gid()), None))
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, umask: u32, reply: ReplyEntry) {
-        entry(reply, self.m().create(parent.0, name, Kind::Dir, mode & !umask, req.uid(), req.gid(), None))
+        entry(reply, self.m().create(parent.0, name, Kind::Dir, mode & !umask, (req.uid(), req.gid()), None))
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -183,7 +183,7 @@ impl Filesystem for FaultFs {
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         use std::os::unix::ffi::OsStrExt;
         let t = target.as_os_str().as_bytes();
-        entry(reply, self.m().create(parent.0, link_name, Kind::Symlink, 0o777, req.uid(), req.gid(), Some(t)))
+        entry(reply, self.m().create(parent.0, link_name, Kind::Symlink, 0o777, (req.uid(), req.gid()), Some(t)))
     }
 
     fn rename(
@@ -379,7 +379,7 @@ impl Filesystem for FaultFs {
         reply: ReplyCreate,
     ) {
         let mut m = self.m();
-        let attr = match m.create(parent.0, name, Kind::File, mode & !umask, req.uid(), req.gid(), None) {
+        let attr = match m.create(parent.0, name, Kind::File, mode & !umask, (req.uid(), req.gid()), None) {
             Ok(a) => a,
             // The kernel looked the name up first; it may have appeared meanwhile.
             Err(libc::EEXIST) if flags & libc::O_EXCL == 0 => match m.lookup(parent.0, name) {

@@ -366,16 +366,15 @@ impl Model {
         }
     }
 
-    /// Creates a file (`target` None, `dir` false), directory or symlink; counts a kernel
-    /// reference.
+    /// Creates a file, directory or symlink (to `target`) owned by `(uid, gid)`; counts a
+    /// kernel reference.
     pub fn create(
         &mut self,
         parent: Ino,
         name: &OsStr,
         kind: Kind,
         mode: u32,
-        uid: u32,
-        gid: u32,
+        (uid, gid): (u32, u32),
         target: Option<&[u8]>,
     ) -> Result<Attr> {
         check_name(name)?;
@@ -632,7 +631,7 @@ impl Model {
         let keep = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
         let punch = mode & libc::FALLOC_FL_PUNCH_HOLE != 0;
         let zero = mode & libc::FALLOC_FL_ZERO_RANGE != 0;
-        if (punch && !keep) || (punch && zero) {
+        if punch && (!keep || zero) {
             return Err(libc::EINVAL);
         }
         let f = self.file_mut(ino)?;

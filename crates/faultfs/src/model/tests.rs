@@ -11,11 +11,11 @@ fn model() -> Model {
 }
 
 fn file(m: &mut Model, parent: Ino, name: &str) -> Ino {
-    m.create(parent, n(name), Kind::File, 0o644, 0, 0, None).unwrap().ino
+    m.create(parent, n(name), Kind::File, 0o644, (0, 0), None).unwrap().ino
 }
 
 fn mkdir(m: &mut Model, parent: Ino, name: &str) -> Ino {
-    m.create(parent, n(name), Kind::Dir, 0o755, 0, 0, None).unwrap().ino
+    m.create(parent, n(name), Kind::Dir, 0o755, (0, 0), None).unwrap().ino
 }
 
 fn names(m: &Model, dir: Ino) -> Vec<String> {
