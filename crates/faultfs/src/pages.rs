@@ -126,7 +126,7 @@ mod tests {
         let mut p = Pages::default();
         p.write(4090, b"0123456789");
         assert_eq!(p.size(), 4100);
-        assert_eq!(p.read(4088, 100), b"\0\00123456789");
+        assert_eq!(p.read(4088, 100), b"\x00\x000123456789");
         assert_eq!(p.allocated(), 2 * PAGE);
         let snap = p.clone();
         p.set_size(4092);
