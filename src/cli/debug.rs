@@ -36,6 +36,30 @@ pub enum DebugCommand {
         #[arg(long, default_value_t = 1000)]
         count: u32,
     },
+    /// Mount a power-loss filesystem on DIR and serve it in the foreground until it is
+    /// unmounted (`umount DIR`) or this process gets SIGTERM/SIGINT.
+    ///
+    /// Kept in memory: every file and directory has live and durable state. fsync/fdatasync
+    /// make a file's content durable, fsync of a directory its entries. A power cut (sent
+    /// on the control socket, after every process writing there was killed) throws away
+    /// everything not durable. Control commands, one per line, answered with one JSON line:
+    /// `cut drop` (all unsynced state gone), `cut torn SEED` (a seeded random prefix of each
+    /// file's and directory's unsynced ops survives, the last write maybe torn at a 512-byte
+    /// sector), `stats`.
+    ///
+    /// Example: hlstore debug faultfs --mount /tmp/disk --control /tmp/disk.sock &
+    ///          echo "cut drop" | nc -U /tmp/disk.sock
+    Faultfs {
+        /// Mount point (an existing, empty directory).
+        #[arg(long)]
+        mount: PathBuf,
+        /// Unix socket for control commands (replaced if it exists).
+        #[arg(long)]
+        control: PathBuf,
+        /// Capacity reported by statfs, e.g. 64GiB.
+        #[arg(long, value_parser = super::size::parse_size, default_value = "64GiB")]
+        capacity: u64,
+    },
 }
 
 /// The block written by write `seq` in the crash pattern.
@@ -87,8 +111,40 @@ async fn snapshot_bench(endpoint: &str, volume: &str, count: u32) -> anyhow::Res
     Ok(())
 }
 
+/// Serves a faultfs until it is unmounted from outside or a stop signal arrives.
+fn faultfs(mount: &std::path::Path, control: &std::path::Path, capacity: u64) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::runtime::Handle::current().spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => return tracing::warn!(error = %e, "no SIGTERM handler"),
+        };
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    let mounted = hlstore_faultfs::mount(mount, Some(control), capacity)
+        .with_context(|| format!("mounting faultfs on {}", mount.display()))?;
+    // Readiness line for harnesses.
+    println!("mounted {} control {}", mount.display(), control.display());
+    std::io::stdout().flush()?;
+    while !mounted.is_finished() && !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = std::fs::remove_file(control);
+    if mounted.is_finished() {
+        return Ok(());
+    }
+    mounted.unmount().with_context(|| format!("unmounting {}", mount.display()))
+}
+
 pub fn run(cmd: DebugCommand) -> anyhow::Result<()> {
     match cmd {
+        DebugCommand::Faultfs { mount, control, capacity } => faultfs(&mount, &control, capacity),
         DebugCommand::SnapshotBench { endpoint, volume, count } => {
             // Runs on the blocking pool: drive the async client on the main runtime.
             tokio::runtime::Handle::current().block_on(snapshot_bench(&endpoint, &volume, count))

@@ -1,8 +1,11 @@
 //! `hlstore dev ...`: a local cluster of node agents as separate OS processes on loopback.
 //!
-//! Layout under DIR: `cluster.json` (node ids and ports, fixed at the first `up`), and per
-//! node `DIR/<id>/` with `data/`, `node.pid` and `node.log`. `up` starts every node that is
-//! not running (keeping its data), `down` stops them all.
+//! Layout under DIR: `cluster.json` (node ids and ports, fixed at the first `up`, written
+//! atomically and durably), and per node `DIR/<id>/` with `data/`, `node.pid` and
+//! `node.log`. `up` starts every node that is not running (keeping its data), `down` stops
+//! them all. A `DIR/<id>/data` that already exists is used as it is (a test can mount a
+//! file system there first). A damaged `cluster.json` (an older version's file after a
+//! power cut) is rebuilt by `up` from the node directories, with new ports.
 
 use std::net::TcpListener;
 use std::os::unix::process::CommandExt;
@@ -93,6 +96,72 @@ fn load(dir: &Path) -> anyhow::Result<Option<DevCluster>> {
     }
 }
 
+/// `cluster.json` written atomically and durably.
+fn save(dir: &Path, c: &DevCluster) -> anyhow::Result<()> {
+    hlstore_engine::durable_file::write_atomic(&cluster_path(dir), &serde_json::to_vec_pretty(c)?)?;
+    Ok(())
+}
+
+/// Node ids with a data directory under `dir` (`n<number>/data`), in number order.
+fn node_dirs(dir: &Path) -> Vec<String> {
+    let mut ids: Vec<(u32, String)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n: u32 = name.strip_prefix('n')?.parse().ok()?;
+            e.path().join("data").is_dir().then_some((n, name))
+        })
+        .collect();
+    ids.sort();
+    ids.into_iter().map(|(_, id)| id).collect()
+}
+
+/// `cluster.json` as `up` needs it. A damaged one (an older version's file after a power
+/// cut: empty or cut short) is rebuilt from the node directories found under `dir`, with
+/// new ports, once no node of the cluster runs (ports and peers change together, so the
+/// nodes agree again; their data is kept).
+fn load_for_up(dir: &Path, n: usize) -> anyhow::Result<DevCluster> {
+    let damaged = match load(dir) {
+        Ok(_) => return load_or_create(dir, n),
+        Err(e) => e,
+    };
+    let ids = node_dirs(dir);
+    if ids.is_empty() {
+        return Err(damaged.context("and no node directory (DIR/n<N>/data) was found to rebuild it from"));
+    }
+    for id in &ids {
+        let pid = std::fs::read_to_string(pid_path(dir, id)).ok().and_then(|s| s.trim().parse::<i32>().ok());
+        let cmdline = pid.and_then(|p| std::fs::read(format!("/proc/{p}/cmdline")).ok()).unwrap_or_default();
+        let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+        if args.windows(2).any(|w| w[0] == b"--id" && w[1] == id.as_bytes()) {
+            bail!(
+                "{damaged:#}; node {id} still runs (pid {}): stop it before `up` rebuilds the file",
+                pid.unwrap_or(0)
+            );
+        }
+    }
+    eprintln!("{damaged:#}: rebuilding it for nodes {} with new ports", ids.join(", "));
+    let c = new_cluster(&ids)?;
+    save(dir, &c)?;
+    Ok(c)
+}
+
+fn new_cluster(ids: &[String]) -> anyhow::Result<DevCluster> {
+    let mut nodes = Vec::new();
+    let mut held = Vec::new();
+    for id in ids {
+        nodes.push(DevNode {
+            id: id.clone(),
+            grpc: format!("127.0.0.1:{}", free_port(&mut held)?),
+            metrics: format!("127.0.0.1:{}", free_port(&mut held)?),
+            nbd: format!("127.0.0.1:{}", free_port(&mut held)?),
+        });
+    }
+    Ok(DevCluster { nodes })
+}
+
 fn load_or_create(dir: &Path, n: usize) -> anyhow::Result<DevCluster> {
     if let Some(c) = load(dir)? {
         return Ok(c);
@@ -100,20 +169,10 @@ fn load_or_create(dir: &Path, n: usize) -> anyhow::Result<DevCluster> {
     if !(1..=16).contains(&n) {
         bail!("--nodes must be between 1 and 16");
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut nodes = Vec::new();
-    let mut held = Vec::new();
-    for i in 1..=n {
-        nodes.push(DevNode {
-            id: format!("n{i}"),
-            grpc: format!("127.0.0.1:{}", free_port(&mut held)?),
-            metrics: format!("127.0.0.1:{}", free_port(&mut held)?),
-            nbd: format!("127.0.0.1:{}", free_port(&mut held)?),
-        });
-    }
-    drop(held);
-    let c = DevCluster { nodes };
-    std::fs::write(cluster_path(dir), serde_json::to_vec_pretty(&c)?)?;
+    hlstore_engine::durable_file::create_dir_all(dir)?;
+    let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
+    let c = new_cluster(&ids)?;
+    save(dir, &c)?;
     Ok(c)
 }
 
@@ -136,7 +195,7 @@ fn running_pid(dir: &Path, node: &DevNode) -> Option<i32> {
 
 fn start_node(dir: &Path, c: &DevCluster, node: &DevNode) -> anyhow::Result<i32> {
     let ndir = dir.join(&node.id);
-    std::fs::create_dir_all(&ndir)?;
+    hlstore_engine::durable_file::create_dir_all(&ndir)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(ndir.join("node.log"))?;
     let peers: Vec<String> = c.nodes.iter().map(|n| format!("{}={}", n.id, n.grpc)).collect();
     let exe = std::env::current_exe().context("finding the hlstore executable")?;
@@ -186,7 +245,7 @@ fn first_running(dir: &Path, c: &DevCluster) -> Option<DevNode> {
 pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
     match cmd {
         DevCommand::Up { dir, nodes, volume, size, replicas } => {
-            let c = load_or_create(&dir, nodes)?;
+            let c = load_for_up(&dir, nodes)?;
             for node in &c.nodes {
                 match running_pid(&dir, node) {
                     Some(pid) => eprintln!("node {} already running (pid {pid})", node.id),

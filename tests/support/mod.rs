@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod csi;
+pub mod faultfs;
 pub mod history;
 pub mod netns;
 

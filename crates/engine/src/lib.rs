@@ -3,6 +3,8 @@
 //! Module map (dependency order; new code goes in the module that owns the concern):
 //! - [`error`]: the crate's one error type, with stable kinds.
 //! - [`device`]: `BlockDevice`, the boundary between frontends and volumes.
+//! - [`durable_file`]: small state files written atomically and durably (tmp, fsync,
+//!   rename, fsync dir); every state file goes through it.
 //! - [`replica`]: the per-node replica store (block files + RocksDB metadata). Owns
 //!   checksums, the allocation map, sequence numbers, epochs and crash recovery.
 //! - [`grpc`]: the replica gRPC service (tonic) over a `ReplicaStore`; converts protobuf
@@ -14,6 +16,7 @@
 //! - [`metrics`]: Prometheus text-format metrics.
 
 pub mod device;
+pub mod durable_file;
 pub mod error;
 pub mod fuse;
 pub mod grpc;

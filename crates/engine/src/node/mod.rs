@@ -3,7 +3,10 @@
 //! NBD), and serves metrics.
 //!
 //! Invariant: a data directory belongs to one node id (recorded in `node.json` at first
-//! start); starting a different id on it is refused, so replicas cannot change owner.
+//! start, written atomically and durably); starting a different id on it is refused, so
+//! replicas cannot change owner. A missing, empty or unreadable `node.json` (an older
+//! version's file after a power cut) is re-recorded when the store holds no replica or
+//! every replica names this node; otherwise the start is refused (see `adopt_data_dir`).
 
 pub mod cluster;
 mod metrics_page;
@@ -22,6 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 
+use crate::durable_file;
 use crate::error::{Error, Result};
 use crate::grpc::{ReplicaService, VolumeService};
 use crate::metrics;
@@ -53,31 +57,76 @@ struct NodeIdentity {
     node_id: String,
 }
 
-/// Checks (or records) which node owns `data_dir`.
-fn claim_data_dir(data_dir: &Path, id: &str) -> Result<()> {
-    std::fs::create_dir_all(data_dir).map_err(|e| Error::io(format!("creating {}", data_dir.display()), e))?;
+/// What `node.json` says about who owns a data directory.
+#[derive(Debug, PartialEq, Eq)]
+enum Identity {
+    /// It names this node.
+    Ours,
+    /// It is missing, empty or unreadable (why): a power cut can leave it so when it was
+    /// written by an older version without fsync. Decided by [`adopt_data_dir`].
+    Unrecorded(String),
+}
+
+/// Reads `node.json` of `data_dir` (creating the directory durably if needed). A file
+/// naming another node is an error: replicas never change owner.
+fn read_identity(data_dir: &Path, id: &str) -> Result<Identity> {
+    durable_file::create_dir_all(data_dir)?;
     let path = data_dir.join("node.json");
-    match std::fs::read(&path) {
-        Ok(bytes) => {
-            let ident: NodeIdentity = serde_json::from_slice(&bytes)
-                .map_err(|e| Error::InvalidArgument(format!("{} is not a node identity file: {e}", path.display())))?;
-            if ident.node_id != id {
-                return Err(Error::InvalidArgument(format!(
-                    "data directory {} belongs to node {:?}, not {id:?}; use --id {} or another --data-dir",
-                    data_dir.display(),
-                    ident.node_id,
-                    ident.node_id
-                )));
-            }
-            Ok(())
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let body = serde_json::to_vec_pretty(&NodeIdentity { node_id: id.to_string() })
-                .map_err(|e| Error::Internal(e.to_string()))?;
-            std::fs::write(&path, body).map_err(|e| Error::io(format!("writing {}", path.display()), e))
-        }
-        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Identity::Unrecorded("missing".into())),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    let ident: NodeIdentity = match serde_json::from_slice(&bytes) {
+        Ok(i) => i,
+        Err(e) if bytes.is_empty() => return Ok(Identity::Unrecorded(format!("empty ({e})"))),
+        Err(e) => return Ok(Identity::Unrecorded(format!("unreadable ({} bytes: {e})", bytes.len()))),
+    };
+    if ident.node_id != id {
+        return Err(Error::InvalidArgument(format!(
+            "data directory {} belongs to node {:?}, not {id:?}; use --id {} or another --data-dir",
+            data_dir.display(),
+            ident.node_id,
+            ident.node_id
+        )));
     }
+    Ok(Identity::Ours)
+}
+
+/// The rule for a data directory whose `node.json` is missing, empty or unreadable: the
+/// node takes it (and records `node.json` again) if the store holds no replica, or if
+/// every replica it holds names this node in its replica set — the data says whose it
+/// is. Otherwise it refuses, naming the volumes, and the operator decides.
+fn adopt_data_dir(data_dir: &Path, id: &str, why: &str, store: &DiskStore) -> Result<()> {
+    use crate::replica::ReplicaStore;
+    let held = store.list()?;
+    let foreign: Vec<String> = held
+        .iter()
+        .filter(|r| !r.record.replica_set.iter().any(|n| n == id))
+        .map(|r| format!("{} (replicas on {})", r.record.volume_id, r.record.replica_set.join(",")))
+        .collect();
+    let path = data_dir.join("node.json");
+    if !foreign.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is {why} and {} holds replicas that do not name node {id:?}: {}; \
+             start the node they belong to with this --data-dir, or write {{\"node_id\": \"<id>\"}} to {} by hand",
+            path.display(),
+            data_dir.display(),
+            foreign.join(", "),
+            path.display()
+        )));
+    }
+    if !held.is_empty() || why != "missing" {
+        tracing::warn!(
+            node.id = id,
+            replicas = held.len(),
+            "{} is {why}; every replica here names this node, so the directory is taken back",
+            path.display()
+        );
+    }
+    let body = serde_json::to_vec_pretty(&NodeIdentity { node_id: id.to_string() })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    durable_file::write_atomic(&path, &body)
 }
 
 /// Bound addresses of a running node agent.
@@ -103,11 +152,14 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(Bound),
 ) -> Result<()> {
-    claim_data_dir(&config.data_dir, &config.id)?;
+    let identity = read_identity(&config.data_dir, &config.id)?;
     let dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || DiskStore::open(dir))
         .await
         .map_err(|e| Error::Internal(format!("store open task: {e}")))??;
+    if let Identity::Unrecorded(why) = identity {
+        adopt_data_dir(&config.data_dir, &config.id, &why, &store)?;
+    }
     let store = Arc::new(store);
     let replica_svc = ReplicaService::new(store.clone());
     let stats = replica_svc.stats();

@@ -8,7 +8,10 @@
 //!   detach (best effort); the epoch bump of the new engine fences the old one anyway.
 //! - Attachments survive an agent restart (`attachments.json`): the agent retries them
 //!   while its peers come up, but never takes back a volume that another node has attached
-//!   meanwhile.
+//!   meanwhile. The file is replaced atomically and durably (`durable_file`); one that is
+//!   unreadable anyway (an older version's file after a power cut) is ignored with a
+//!   warning: the node starts with no attachments and the volumes are attached again by
+//!   hand (they lose nothing, their data is on the replicas).
 //! - Attach and detach on one node are serialised (`attach_lock`): one engine per volume.
 
 mod snapshots;
@@ -773,7 +776,9 @@ impl VolumeManager {
             if let Ok(mut list) = serde_json::from_slice::<Vec<SavedAttachment>>(&b) {
                 list.retain(|s| s.name != name || att.contains_key(name));
                 if let Ok(body) = serde_json::to_vec_pretty(&list) {
-                    let _ = std::fs::write(&self.state_path, body);
+                    if let Err(e) = crate::durable_file::write_atomic(&self.state_path, &body) {
+                        tracing::warn!(error = %e, "could not update attachments.json");
+                    }
                 }
             }
         }
@@ -784,11 +789,8 @@ impl VolumeManager {
             .iter()
             .map(|(name, a)| SavedAttachment { name: name.clone(), nbd_listen: a.nbd_listen.clone() })
             .collect();
-        let tmp = self.state_path.with_extension("json.tmp");
         let body = serde_json::to_vec_pretty(&list).map_err(|e| Error::Internal(e.to_string()))?;
-        std::fs::write(&tmp, body).map_err(|e| Error::io(format!("writing {}", tmp.display()), e))?;
-        std::fs::rename(&tmp, &self.state_path)
-            .map_err(|e| Error::io(format!("writing {}", self.state_path.display()), e))
+        crate::durable_file::write_atomic(&self.state_path, &body)
     }
 }
 

@@ -72,13 +72,14 @@ impl DiskStore {
     /// Opens (or creates) the store under `root`, recovering every volume.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
-        std::fs::create_dir_all(root.join("volumes"))
-            .map_err(|e| Error::io(format!("creating {}", root.display()), e))?;
+        crate::durable_file::create_dir_all(&root.join("volumes"))?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         // Point-in-time recovery: RocksDB recovers a consistent prefix of the WAL.
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         let db = DB::open(&opts, root.join("meta")).map_err(meta_err(format!("opening {}/meta", root.display())))?;
+        // RocksDB syncs its own directory, not the entry of `meta` in ours.
+        crate::durable_file::sync_dir(&root)?;
         let store = Self { root, db, volumes: RwLock::new(HashMap::new()), admin: Mutex::new(()) };
         store.load_volumes()?;
         Ok(store)
@@ -359,6 +360,8 @@ impl ReplicaStore for DiskStore {
         };
         let file = SlotFile::open(&self.slot_path(vid))
             .map_err(|e| Error::io(format!("volume {}: creating slot file", record.volume_id), e))?;
+        // The slot file's name must be durable before the record that points to it.
+        crate::durable_file::sync_dir(&self.root.join("volumes"))?;
         let sv = StoredVolume { vid, record: record.clone() };
         let mut batch = WriteBatch::default();
         batch.put(keys::NEXT_VID, (vid + 1).to_be_bytes());
