@@ -155,6 +155,9 @@ fn replica_sigkill_under_load_loses_nothing_and_resyncs_incrementally() {
     );
     // n3's own copy: an engine on n3 reads from its local, in-sync replica.
     let ep3 = c.endpoint("n3");
+    let (ok, _, err) = c.try_cli(&["volume", "attach", VOLUME, "--node", "n3", "--endpoint", &ep3]);
+    assert!(!ok && err.contains("detach it first"), "attached on n1: attach on n3 must be refused: {err}");
+    c.cli(&["volume", "detach", VOLUME, "--endpoint", &ep3]);
     let uri3 = c.cli(&["volume", "attach", VOLUME, "--node", "n3", "--endpoint", &ep3]).trim().to_string();
     assert_eq!(attached_node(&c.volume_show("n3", VOLUME)), "n3");
     verify_load(&uri3, REGION_BLOCKS, 0xee, &[&load.log]);
@@ -231,9 +234,12 @@ fn engine_node_failover_keeps_acknowledged_writes_and_is_not_taken_back() {
     });
     let ops1 = load.stop();
 
-    // Take over on n2 (n1 cannot be asked to detach: the epoch bump fences it).
+    // n1 cannot be asked to detach: it is "unknown", so a plain attach elsewhere is refused
+    // and says how to proceed; --force takes over (the epoch bump fences n1's engine).
     let ep2 = c.endpoint("n2");
-    let uri2 = c.cli(&["volume", "attach", VOLUME, "--node", "n2", "--endpoint", &ep2]).trim().to_string();
+    let (ok, _, err) = c.try_cli(&["volume", "attach", VOLUME, "--node", "n2", "--endpoint", &ep2]);
+    assert!(!ok && err.contains("--force"), "attach while the holder is unreachable must be refused: {err}");
+    let uri2 = c.cli(&["volume", "attach", VOLUME, "--node", "n2", "--force", "--endpoint", &ep2]).trim().to_string();
     assert_eq!(uri2, format!("nbd://{}/{VOLUME}", c.nbd_addr("n2")));
     let v = c.volume_show("n2", VOLUME);
     assert_eq!(attached_node(&v), "n2", "{v}");

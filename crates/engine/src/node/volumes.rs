@@ -16,7 +16,7 @@
 
 mod snapshots;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -88,6 +88,8 @@ pub struct VolumeManager {
     /// Serialises attach and detach on this node, so two requests for one volume (e.g. the
     /// startup re-attach and a `volume attach`) never start two engines.
     attach_lock: Mutex<()>,
+    /// Volumes whose attach on this node is under way (reported as attached here).
+    attaching: Arc<std::sync::Mutex<BTreeSet<String>>>,
     state_path: PathBuf,
     timeouts: EngineTimeouts,
 }
@@ -100,6 +102,25 @@ pub(crate) struct Takeover {
     pub any: bool,
     /// These engine instances (known to have stopped serving, or on this node).
     pub owners: Vec<u64>,
+}
+
+/// Marks a volume as being attached on this node while alive.
+struct Attaching {
+    set: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    name: String,
+}
+
+impl Attaching {
+    fn enter(set: &Arc<std::sync::Mutex<BTreeSet<String>>>, name: &str) -> Self {
+        set.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
+        Self { set: set.clone(), name: name.to_string() }
+    }
+}
+
+impl Drop for Attaching {
+    fn drop(&mut self) {
+        self.set.lock().unwrap_or_else(|e| e.into_inner()).remove(&self.name);
+    }
 }
 
 /// A fresh engine instance id (never 0).
@@ -142,6 +163,7 @@ impl VolumeManager {
             default_nbd: default_nbd_addr,
             attached: Mutex::new(BTreeMap::new()),
             attach_lock: Mutex::new(()),
+            attaching: Arc::new(std::sync::Mutex::new(BTreeSet::new())),
             state_path,
             timeouts,
         }
@@ -209,9 +231,16 @@ impl VolumeManager {
     }
 
     /// The engines on this node.
+    /// The engines on this node, and the volumes being attached here (with no NBD URI yet),
+    /// so that no other node attaches them meanwhile.
     pub async fn local_attachments(&self) -> Vec<vpb::Volume> {
         let att = self.attached.lock().await;
-        att.iter().map(|(name, a)| self.attached_view(name, a)).collect()
+        let mut out: Vec<vpb::Volume> = att.iter().map(|(name, a)| self.attached_view(name, a)).collect();
+        let attaching = self.attaching.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        for name in attaching.into_iter().filter(|n| !att.contains_key(n)) {
+            out.push(vpb::Volume { name, attached_node: self.cluster.self_id.clone(), ..Default::default() });
+        }
+        out
     }
 
     fn attached_view(&self, name: &str, a: &Attached) -> vpb::Volume {
@@ -279,6 +308,10 @@ impl VolumeManager {
             .values()
             .map(|g| {
                 let mut v = match att.remove(&g.record.volume_id) {
+                    // Being attached: the replicas' view, with the node.
+                    Some((node, v)) if v.nbd_uri.is_empty() => {
+                        vpb::Volume { attached_node: node, ..Self::detached_view(g) }
+                    }
                     Some((_, v)) => v,
                     None => Self::detached_view(g),
                 };
@@ -445,19 +478,17 @@ impl VolumeManager {
                 return Ok(self.attached_view(name, a));
             }
         }
-        // Ask any other holder to let go; if it is dead, the epoch bump fences it.
-        if let Some((node, _)) = self.attachments().await.remove(name) {
-            if node != self.cluster.self_id {
-                if let Ok(mut c) = self.cluster.volumes(&node) {
-                    let v = name.to_string();
-                    let res =
-                        bounded(&node, async move { c.detach_volume(vpb::DetachVolumeRequest { name: v }).await })
-                            .await;
-                    if let Err(e) = res {
-                        tracing::warn!(volume.id = name, node = %node, error = %e, "previous engine did not detach; it will be fenced");
-                    }
-                }
-            }
+        let _attaching = Attaching::enter(&self.attaching, name);
+        // Attached (or being attached) on another node that answers: that engine serves a
+        // client; moving it is an explicit detach, never a side effect.
+        let reports = self.attachment_reports().await;
+        let elsewhere = reports
+            .iter()
+            .find(|(n, r)| **n != self.cluster.self_id && matches!(r, Ok(l) if l.iter().any(|v| v == name)));
+        if let Some((node, _)) = elsewhere {
+            return Err(Error::Conflict(format!(
+                "volume {name} is attached on node {node}; detach it first (hlstore volume detach {name})"
+            )));
         }
         let gathered = self.gather().await;
         let g = gathered.get(name).ok_or_else(|| not_found(name))?;
@@ -513,11 +544,14 @@ impl VolumeManager {
                 || matches!(reports.get(&node), Some(Ok(list)) if !list.iter().any(|v| v == name));
             if gone {
                 policy.owners.push(owner);
+            } else if let Some(Ok(_)) = reports.get(&node) {
+                return Err(Error::Conflict(format!(
+                    "volume {name} is attached on node {node}; detach it first (hlstore volume detach {name})"
+                )));
             } else if !force {
                 let why = match reports.get(&node) {
-                    Some(Ok(_)) => format!("node {node} still runs its engine"),
                     Some(Err(e)) => format!("node {node} cannot be reached ({e})"),
-                    None => format!("node {node} is not a member of this cluster"),
+                    _ => format!("node {node} is not a member of this cluster"),
                 };
                 return Err(Error::Conflict(format!(
                     "volume {name} is held by the engine on node {node} and {why}; detach it there, or if that node is gone for good attach with --force (the old engine is fenced and its read lease waited out)"
