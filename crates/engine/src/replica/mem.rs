@@ -204,6 +204,7 @@ impl ReplicaStore for MemStore {
     }
 
     fn open(&self, volume: &str, epoch: u64) -> Result<ReplicaState> {
+        check::new_epoch(volume, epoch)?;
         self.with(volume, |v| {
             if epoch < v.record.epoch {
                 return Err(Error::StaleEpoch { volume: volume.into(), got: epoch, current: v.record.epoch });
@@ -220,6 +221,7 @@ impl ReplicaStore for MemStore {
     fn write(&self, volume: &str, epoch: u64, seq: u64, offset: u64, data: &[u8], fua: bool) -> Result<u64> {
         self.with_io(volume, epoch, |v| {
             check::range(volume, v.record.size, offset, data.len() as u64)?;
+            check::seq(volume, seq)?;
             for (i, chunk) in data.chunks(BLOCK_SIZE as usize).enumerate() {
                 let blk = Block { data: chunk.to_vec(), crc: check::crc(chunk), seq };
                 v.set_block(offset / BLOCK_SIZE + i as u64, Some(blk));
@@ -232,6 +234,7 @@ impl ReplicaStore for MemStore {
     fn read(&self, volume: &str, epoch: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.with_io(volume, epoch, |v| {
             check::range(volume, v.record.size, offset, len)?;
+            check::read_len(volume, len)?;
             let mut out = vec![0u8; len as usize];
             let first = offset / BLOCK_SIZE;
             for (b, blk) in v.blocks.range(first..first + len / BLOCK_SIZE) {
@@ -258,6 +261,7 @@ impl ReplicaStore for MemStore {
     fn trim(&self, volume: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()> {
         self.with_io(volume, epoch, |v| {
             check::range(volume, v.record.size, offset, len)?;
+            check::seq(volume, seq)?;
             v.trim(seq, offset, len, false);
             Ok(())
         })
@@ -272,6 +276,7 @@ impl ReplicaStore for MemStore {
     }
 
     fn set_replica_set(&self, volume: &str, epoch: u64, replica_set: Vec<String>) -> Result<ReplicaInfo> {
+        check::new_epoch(volume, epoch)?;
         self.with(volume, |v| {
             if epoch < v.record.epoch {
                 return Err(Error::StaleEpoch { volume: volume.into(), got: epoch, current: v.record.epoch });
@@ -305,6 +310,7 @@ impl ReplicaStore for MemStore {
     }
 
     fn begin_resync(&self, volume: &str, epoch: u64, from_seq: u64, resume: bool) -> Result<ReplicaState> {
+        check::seq(volume, from_seq)?;
         self.with_io(volume, epoch, |v| {
             if !resume || v.resync_from != Some(from_seq) || v.resync_done_epoch != epoch {
                 v.resync_done = None;
@@ -336,6 +342,7 @@ impl ReplicaStore for MemStore {
                     ChunkData::Trim(len) => *len,
                 };
                 check::range(volume, v.record.size, c.offset, len)?;
+                check::seq(volume, c.seq)?;
                 if let ChunkData::Data(d) = &c.data {
                     if d.len() as u64 != BLOCK_SIZE {
                         return Err(Error::InvalidArgument(format!("resync chunk at {} is not one block", c.offset)));

@@ -3,10 +3,10 @@
 use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::sync::Mutex;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Mutex;
 
 use super::super::record::BLOCK_SIZE;
 

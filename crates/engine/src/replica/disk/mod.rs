@@ -167,7 +167,7 @@ impl DiskStore {
         Ok(Volume {
             vid: sv.vid,
             file,
-            inner: RwLock::new(VolInner { record: sv.record, st, free, pending: Vec::new(), snaps }),
+            inner: RwLock::new(VolInner::new(sv.record, st, free, snaps)),
             flush_lock: Mutex::new(()),
         })
     }
@@ -247,21 +247,46 @@ impl DiskStore {
             g.unalloc(&allocs, hwm_before);
             return Err(Error::io(format!("volume {name}: writing block data"), e));
         }
+        g.changes += 1;
         for (i, a) in allocs.iter().enumerate() {
             let b = first + i as u64;
             let entry = Entry { slot: a.slot, crc: check::crc(&data[i * bs..(i + 1) * bs]), seq };
             batch.put(keys::map(v.vid, b), entry.encode());
-            match olds[i] {
+            // What to roll back to if this content is lost: the newest durable entry. If the
+            // current one is not durable itself, it rolls back with this one.
+            let qv = match olds[i] {
                 Some(old) => {
-                    batch.delete(keys::seq(v.vid, old.seq, b));
+                    let qk = keys::seq(v.vid, old.seq, b);
+                    let qv = if g.is_unsynced(b, old.seq) {
+                        let before = match self.db.get(&qk).map_err(meta_err(format!("volume {name}: seq index")))? {
+                            Some(val) => keys::QValue::decode(&val).ok_or_else(|| corrupt_meta("seq value"))?,
+                            None => keys::QValue::default(),
+                        };
+                        keys::QValue {
+                            prev: before.prev,
+                            skipped: Some(before.skipped.map_or(old.seq, |s| s.min(old.seq))),
+                        }
+                    } else {
+                        keys::QValue { prev: Some(old), skipped: None }
+                    };
+                    batch.delete(qk);
                     if volume::preserves(&g.snaps, old.seq, seq) {
                         batch.put(keys::preserved(v.vid, b, old.seq), Entry { seq, ..old }.encode());
                     } else {
                         batch.put(keys::free(v.vid, old.slot), []);
                     }
-                    batch.put(keys::seq(v.vid, seq, b), old.encode());
+                    qv
                 }
-                None => batch.put(keys::seq(v.vid, seq, b), []),
+                None => keys::QValue::default(),
+            };
+            batch.put(keys::seq(v.vid, seq, b), qv.encode());
+            // Content at or below the durable mark is not covered by recovery's scan of the
+            // seqs above it: mark it until a flush synced it.
+            if seq <= g.st.durable_seq {
+                batch.put(keys::unsynced(v.vid, b), []);
+                g.unsynced.insert(b, g.changes);
+            } else if g.unsynced.contains_key(&b) {
+                batch.delete(keys::unsynced(v.vid, b));
             }
             if a.from_free {
                 batch.delete(keys::free(v.vid, a.slot));
@@ -270,8 +295,14 @@ impl DiskStore {
         Ok(allocs)
     }
 
-    /// After a staged batch committed: account freed slots and allocation changes.
-    fn account(g: &mut VolInner, olds: &[Option<Entry>], seq: u64) {
+    /// After a staged batch for the blocks from `first` committed: account freed slots,
+    /// allocation changes and unsynced marks.
+    fn account(g: &mut VolInner, first: u64, olds: &[Option<Entry>], seq: u64) {
+        if seq > g.st.durable_seq {
+            for b in first..first + olds.len() as u64 {
+                g.unsynced.remove(&b);
+            }
+        }
         for old in olds.iter().flatten() {
             if !volume::preserves(&g.snaps, old.seq, seq) {
                 g.pending.push((seq, old.slot));
@@ -325,13 +356,15 @@ impl DiskStore {
     /// The flush protocol (see module docs). Returns the durable seq.
     fn flush_volume(&self, name: &str, v: &Volume) -> Result<u64> {
         let _serial = v.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (target, durable) = {
+        let (target, changes, unsynced) = {
             let g = volume::read(v);
-            (g.st.last_seq, g.st.durable_seq)
+            // Seqs alone cannot tell whether anything is unsynced: resync chunks carry
+            // seqs at or below the durable mark.
+            if g.st.last_seq == g.st.durable_seq && g.pending.is_empty() && g.changes == g.synced_changes {
+                return Ok(g.st.durable_seq);
+            }
+            (g.st.last_seq, g.changes, g.unsynced.clone())
         };
-        if target == durable && volume::read(v).pending.is_empty() {
-            return Ok(durable);
-        }
         v.file.sync().map_err(|e| Error::io(format!("volume {name}: fdatasync"), e))?;
         {
             let mut g = volume::write(v);
@@ -339,8 +372,16 @@ impl DiskStore {
             st.durable_seq = st.durable_seq.max(target);
             let mut batch = WriteBatch::default();
             batch.put(keys::state(v.vid), st.encode());
+            // Blocks synced above and not rewritten since lose their unsynced mark.
+            for (b, at) in unsynced {
+                if g.unsynced.get(&b) == Some(&at) {
+                    batch.delete(keys::unsynced(v.vid, b));
+                    g.unsynced.remove(&b);
+                }
+            }
             self.commit(batch, false, "writing durable mark")?;
             g.st.durable_seq = st.durable_seq;
+            g.synced_changes = g.synced_changes.max(changes);
         }
         self.db.flush_wal(true).map_err(meta_err(format!("volume {name}: syncing metadata")))?;
         // Slots freed by writes that are now durable can be reused: punch them first.
@@ -395,13 +436,7 @@ impl ReplicaStore for DiskStore {
         let vol = Volume {
             vid,
             file,
-            inner: RwLock::new(VolInner {
-                record,
-                st: PersistState::default(),
-                free: BTreeSet::new(),
-                pending: Vec::new(),
-                snaps: Default::default(),
-            }),
+            inner: RwLock::new(VolInner::new(record, PersistState::default(), BTreeSet::new(), Default::default())),
             flush_lock: Mutex::new(()),
         };
         let info = ReplicaInfo { record: volume::read(&vol).record.clone(), state: volume::read(&vol).state() };
@@ -447,6 +482,7 @@ impl ReplicaStore for DiskStore {
     }
 
     fn open(&self, name: &str, epoch: u64) -> Result<ReplicaState> {
+        check::new_epoch(name, epoch)?;
         let v = self.vol(name)?;
         let mut g = volume::write(&v);
         if epoch < g.record.epoch {
@@ -468,6 +504,7 @@ impl ReplicaStore for DiskStore {
     fn write(&self, name: &str, epoch: u64, seq: u64, offset: u64, data: &[u8], fua: bool) -> Result<u64> {
         let durable = self.with_io(name, epoch, |v, g| {
             check::range(name, g.record.size, offset, data.len() as u64)?;
+            check::seq(name, seq)?;
             if data.is_empty() {
                 return Ok(g.st.durable_seq);
             }
@@ -487,7 +524,7 @@ impl ReplicaStore for DiskStore {
                 g.unalloc(&allocs, hwm_before);
                 return Err(e);
             }
-            Self::account(g, &olds, seq);
+            Self::account(g, range.start, &olds, seq);
             g.st.last_seq = st.last_seq;
             Ok(g.st.durable_seq)
         })?;
@@ -503,6 +540,7 @@ impl ReplicaStore for DiskStore {
         let g = volume::read(&v);
         check::epoch(name, g.record.epoch, epoch)?;
         check::range(name, g.record.size, offset, len)?;
+        check::read_len(name, len)?;
         let mut out = vec![0u8; len as usize];
         let range = blocks(offset, len);
         let entries = self.map_range(v.vid, range.clone())?;
@@ -547,6 +585,7 @@ impl ReplicaStore for DiskStore {
     fn trim(&self, name: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()> {
         self.with_io(name, epoch, |v, g| {
             check::range(name, g.record.size, offset, len)?;
+            check::seq(name, seq)?;
             if len == 0 {
                 return Ok(());
             }
@@ -556,6 +595,7 @@ impl ReplicaStore for DiskStore {
             st.last_seq = st.last_seq.max(seq);
             st.allocated_blocks -= removed.len() as u64;
             batch.put(keys::state(v.vid), st.encode());
+            g.changes += 1;
             self.commit(batch, false, "trimming")?;
             Self::account_trim(g, &removed, seq);
             g.st.last_seq = st.last_seq;
@@ -575,6 +615,7 @@ impl ReplicaStore for DiskStore {
     }
 
     fn set_replica_set(&self, name: &str, epoch: u64, replica_set: Vec<String>) -> Result<ReplicaInfo> {
+        check::new_epoch(name, epoch)?;
         let v = self.vol(name)?;
         let mut g = volume::write(&v);
         if epoch < g.record.epoch {
@@ -614,6 +655,7 @@ impl ReplicaStore for DiskStore {
     }
 
     fn begin_resync(&self, name: &str, epoch: u64, from_seq: u64, resume: bool) -> Result<ReplicaState> {
+        check::seq(name, from_seq)?;
         self.with_io(name, epoch, |v, g| {
             let mut st = g.st;
             if !resume || st.resync_from != Some(from_seq) || st.resync_done_epoch != epoch {
@@ -660,6 +702,7 @@ impl ReplicaStore for DiskStore {
                     ChunkData::Trim(len) => *len,
                 };
                 check::range(name, g.record.size, c.offset, len)?;
+                check::seq(name, c.seq)?;
                 if matches!(&c.data, ChunkData::Data(d) if d.len() as u64 != BLOCK_SIZE) {
                     return Err(Error::InvalidArgument(format!("resync chunk at {} is not one block", c.offset)));
                 }
@@ -672,6 +715,7 @@ impl ReplicaStore for DiskStore {
                         let removed = self.stage_trim(v, &g.snaps, &mut batch, range, c.seq, Some(c.seq))?;
                         st.allocated_blocks -= removed.len() as u64;
                         batch.put(keys::state(v.vid), st.encode());
+                        g.changes += 1;
                         self.commit(batch, false, "applying resync trim")?;
                         Self::account_trim(g, &removed, c.seq);
                     }
@@ -693,12 +737,13 @@ impl ReplicaStore for DiskStore {
                                     g.unalloc(&allocs, hwm_before);
                                     return Err(e);
                                 }
-                                Self::account(g, &[old], c.seq);
+                                Self::account(g, range.start, &[old], c.seq);
                             }
                             _ => {
                                 let removed = self.stage_trim(v, &g.snaps, &mut batch, range, c.seq, None)?;
                                 st.allocated_blocks -= removed.len() as u64;
                                 batch.put(keys::state(v.vid), st.encode());
+                                g.changes += 1;
                                 self.commit(batch, false, "applying resync zero block")?;
                                 Self::account_trim(g, &removed, c.seq);
                             }
