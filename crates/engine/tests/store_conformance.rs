@@ -331,8 +331,9 @@ fn resync_chunks_below_the_durable_mark_are_flushed_for_real<H: Harness>(mut h: 
     assert_eq!(s.flush("v", 1).unwrap(), 10);
     // A resync copies older blocks (seqs below the durable mark) into blocks 0..8.
     s.begin_resync("v", 1, 0, false).unwrap();
-    let chunks: Vec<_> =
-        (0..8).map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) }).collect();
+    let chunks: Vec<_> = (0..8)
+        .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) })
+        .collect();
     s.apply_resync("v", 1, &chunks).unwrap();
     assert_eq!(s.flush("v", 1).unwrap(), 10);
     drop(s);
@@ -352,8 +353,9 @@ fn unflushed_resync_chunks_lost_in_a_power_cut_are_copied_again<H: Harness>(mut 
     assert_eq!(s.flush("v", 1).unwrap(), 10);
     s.write("v", 1, 11, 3 * BS, &block(11), true).unwrap();
     s.begin_resync("v", 1, 1, false).unwrap();
-    let chunks: Vec<_> =
-        (0..4).map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) }).collect();
+    let chunks: Vec<_> = (0..4)
+        .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) })
+        .collect();
     s.apply_resync("v", 1, &chunks).unwrap();
     drop(s);
     h.power_cut();

@@ -14,6 +14,7 @@
 mod snapshots;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -84,6 +85,9 @@ pub struct VolumeManager {
     attach_lock: Mutex<()>,
     state_path: PathBuf,
     timeouts: EngineTimeouts,
+    /// Whether a dedicated NBD listener may bind a non-loopback address (only when the
+    /// node's own NBD listener was configured on one).
+    remote_nbd: bool,
 }
 
 /// What every node reported about one volume.
@@ -91,6 +95,51 @@ struct Gathered {
     record: VolumeRecord,
     /// node → replica info.
     replicas: BTreeMap<String, rpb::ReplicaInfo>,
+}
+
+/// A validated dedicated NBD listen address.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NbdListen {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+/// Validates an attach request's `nbd_listen`: a unix socket directly in `socket_dir`
+/// (a plain file name, so the agent never creates or removes anything elsewhere), or
+/// `IP:PORT` on loopback (any address only with `remote`).
+pub(crate) fn check_nbd_listen(listen: &str, socket_dir: &std::path::Path, remote: bool) -> Result<NbdListen> {
+    if let Some(path) = listen.strip_prefix("unix:") {
+        let p = std::path::Path::new(path);
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let name_ok = !name.is_empty()
+            && name.len() <= 100
+            && !name.starts_with('.')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        let dir_ok = match p.parent() {
+            Some(d) if d.as_os_str().is_empty() => true,
+            Some(d) => d == socket_dir,
+            None => false,
+        };
+        if !name_ok || !dir_ok {
+            return Err(Error::InvalidArgument(format!(
+                "nbd_listen {listen:?}: a unix socket must be a plain file name (1-100 characters of \
+                 [A-Za-z0-9._-]) in the agent's socket directory {}, e.g. unix:{}/myvol.sock",
+                socket_dir.display(),
+                socket_dir.display()
+            )));
+        }
+        return Ok(NbdListen::Unix(socket_dir.join(name)));
+    }
+    let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        Error::InvalidArgument(format!("nbd_listen {listen:?}: expected IP:PORT (e.g. 127.0.0.1:10900) or unix:PATH"))
+    })?;
+    if !addr.ip().is_loopback() && !remote {
+        return Err(Error::InvalidArgument(format!(
+            "nbd_listen {listen:?}: NBD exports listen on loopback or a unix socket only (this agent's own NBD \
+             listener is on loopback)"
+        )));
+    }
+    Ok(NbdListen::Tcp(addr))
 }
 
 fn nbd_uri_for(listen: &str, name: &str) -> String {
@@ -116,7 +165,20 @@ impl VolumeManager {
             attach_lock: Mutex::new(()),
             state_path,
             timeouts,
+            remote_nbd: false,
         }
+    }
+
+    /// Lets `attach` bind dedicated NBD listeners on non-loopback addresses (the node's own
+    /// NBD listener is on one, so the operator chose to export over the network).
+    pub fn allow_remote_nbd(mut self, allow: bool) -> Self {
+        self.remote_nbd = allow;
+        self
+    }
+
+    /// Where dedicated unix NBD sockets may live: `nbd/` in the agent's data directory.
+    pub fn nbd_socket_dir(&self) -> PathBuf {
+        self.state_path.parent().unwrap_or(std::path::Path::new(".")).join("nbd")
     }
 
     pub fn nbd_stats(&self) -> Arc<crate::nbd::NbdStats> {
@@ -408,6 +470,15 @@ impl VolumeManager {
         let _serial = self.attach_lock.lock().await;
         // The node's own default listener is not a dedicated one.
         let nbd_listen = if nbd_listen == self.default_nbd { "" } else { nbd_listen };
+        // Validated before anything starts; stored in its canonical form.
+        let canonical = match nbd_listen {
+            "" => String::new(),
+            l => match check_nbd_listen(l, &self.nbd_socket_dir(), self.remote_nbd)? {
+                NbdListen::Unix(p) => format!("unix:{}", p.display()),
+                NbdListen::Tcp(a) => a.to_string(),
+            },
+        };
+        let nbd_listen = canonical.as_str();
         {
             let att = self.attached.lock().await;
             if let Some(a) = att.get(name) {
@@ -484,16 +555,24 @@ impl VolumeManager {
     async fn listen_dedicated(&self, listen: &str) -> Result<ShutdownHandle> {
         let server = NbdServer::new(self.nbd.registry().clone());
         let handle = server.shutdown_handle();
-        if let Some(path) = listen.strip_prefix("unix:") {
-            let _ = std::fs::remove_file(path);
-            let l =
-                tokio::net::UnixListener::bind(path).map_err(|e| Error::io(format!("binding NBD socket {path}"), e))?;
-            tokio::spawn(async move { server.serve_unix(l).await });
-        } else {
-            let l = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| Error::io(format!("binding NBD listener {listen}"), e))?;
-            tokio::spawn(async move { server.serve_tcp(l).await });
+        match check_nbd_listen(listen, &self.nbd_socket_dir(), self.remote_nbd)? {
+            NbdListen::Unix(path) => {
+                std::fs::create_dir_all(self.nbd_socket_dir())
+                    .map_err(|e| Error::io(format!("creating {}", self.nbd_socket_dir().display()), e))?;
+                // A stale socket of an earlier attach may be replaced; nothing else is removed.
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                    let _ = std::fs::remove_file(&path);
+                }
+                let l = tokio::net::UnixListener::bind(&path)
+                    .map_err(|e| Error::io(format!("binding NBD socket {}", path.display()), e))?;
+                tokio::spawn(async move { server.serve_unix(l).await });
+            }
+            NbdListen::Tcp(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::io(format!("binding NBD listener {listen}"), e))?;
+                tokio::spawn(async move { server.serve_tcp(l).await });
+            }
         }
         Ok(handle)
     }

@@ -61,7 +61,9 @@ impl Machine {
             return;
         }
         let max_epoch = self.reps.iter().filter_map(|r| r.reported.map(|s| s.epoch)).max().unwrap_or(0);
-        self.epoch = max_epoch + 1;
+        // Saturating: a replica refuses epochs above its maximum, so the open then fails
+        // with a clear error instead of wrapping around.
+        self.epoch = max_epoch.saturating_add(1);
         self.phase = Phase::Opening;
         for (id, r) in self.reps.iter_mut().enumerate() {
             r.reported = None;
@@ -227,7 +229,7 @@ impl Machine {
             // A seq of its own for the copied chunks: above every seq assigned or seen,
             // below every later write.
             let two_sided = (state.last_seq > cp).then(|| {
-                self.max_seq += 1;
+                self.max_seq = self.max_seq.saturating_add(1);
                 self.max_seq
             });
             let r = &mut self.reps[id];
