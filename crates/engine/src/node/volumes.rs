@@ -97,6 +97,55 @@ struct Gathered {
     replicas: BTreeMap<String, rpb::ReplicaInfo>,
 }
 
+/// How often a replace checks whether its new replica is in sync.
+const REPLACE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a replace keeps waiting for that before leaving the old replica to the operator.
+const REPLACE_FILL_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Deletes the replica of `name` on `from` once the attached engine reports the one on `to`
+/// healthy (its full copy done and flushed). Gives up, keeping the old replica, if the
+/// volume is gone, or after [`REPLACE_FILL_WAIT`].
+async fn delete_replaced_when_filled(cluster: Arc<Cluster>, name: String, from: String, to: String, epoch: u64) {
+    let deadline = tokio::time::Instant::now() + REPLACE_FILL_WAIT;
+    let me = cluster.self_id.clone();
+    loop {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(volume.id = %name, node = %from, "the new replica never came in sync; the old one is kept (delete it by hand)");
+            return;
+        }
+        tokio::time::sleep(REPLACE_POLL).await;
+        let Ok(mut c) = cluster.volumes(&me) else { continue };
+        let req = vpb::GetVolumeRequest { name: name.clone() };
+        match bounded(&me, async move { c.get_volume(req).await }).await {
+            Ok(v) => {
+                let v = v.into_inner();
+                if !v.replica_set.contains(&to) {
+                    return; // replaced again meanwhile
+                }
+                let filled =
+                    !v.attached_node.is_empty() && v.replicas.iter().any(|r| r.node == to && r.state == "healthy");
+                if filled {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => return,
+            Err(_) => {}
+        }
+    }
+    match cluster.replica(&from) {
+        Ok(mut c) => {
+            let req = rpb::DeleteReplicaRequest { volume_id: name.clone(), epoch };
+            match bounded(&from, async move { c.delete_replica(req).await }).await {
+                Ok(_) => tracing::info!(volume.id = %name, node = %from, "replaced replica deleted"),
+                Err(e) => {
+                    tracing::warn!(volume.id = %name, node = %from, error = %e, "old replica not deleted (node down?); delete it by hand when it is back")
+                }
+            }
+        }
+        Err(e) => tracing::warn!(volume.id = %name, node = %from, error = %e, "old replica not deleted"),
+    }
+}
+
 /// A validated dedicated NBD listen address.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum NbdListen {
@@ -650,6 +699,39 @@ impl VolumeManager {
         if old_set.iter().any(|n| n == to) {
             return Err(Error::InvalidArgument(format!("volume {name} already has a replica on node {to}")));
         }
+        // Every other replica must hold the whole volume. The new set keeps them and adds an
+        // empty replica that counts for nothing until its copy is done, so acknowledged
+        // writes then live only on them: one that is behind (resyncing, failed) would leave
+        // some acknowledged write on fewer replicas than an attach majority can find.
+        let view = self.get(name).await?;
+        let mut behind: Vec<String> = view
+            .replicas
+            .iter()
+            .filter(|r| r.node != from && r.state != "healthy")
+            .map(|r| format!("{} is {}", r.node, r.state))
+            .collect();
+        for node in old_set.iter().filter(|n| *n != from) {
+            let state = match self.cluster.replica(node) {
+                Ok(mut c) => {
+                    let req = rpb::StateRequest { volume_id: name.to_string() };
+                    bounded(node, async move { c.state(req).await }).await
+                }
+                Err(e) => Err(e),
+            };
+            match state {
+                Ok(st) if st.get_ref().resync_from.is_some() => behind.push(format!("{node} has an unfinished resync")),
+                Ok(_) => {}
+                Err(_) => behind.push(format!("{node} did not answer")),
+            }
+        }
+        if !behind.is_empty() {
+            behind.dedup();
+            return Err(Error::Unavailable(format!(
+                "volume {name}: cannot replace the replica on {from} while another replica is behind ({}); \
+                 wait until `hlstore volume show {name}` reports them healthy",
+                behind.join(", ")
+            )));
+        }
         let attached = self.attachments().await.remove(name).map(|(node, v)| (node, v.nbd_uri));
         if attached.is_some() {
             self.detach(name).await?;
@@ -671,13 +753,22 @@ impl VolumeManager {
                 ))
             })?;
         }
-        if let Ok(mut c) = self.cluster.replica(from) {
-            let req = rpb::DeleteReplicaRequest { volume_id: name.to_string(), epoch };
-            if let Err(e) = bounded(from, async move { c.delete_replica(req).await }).await {
-                tracing::warn!(volume.id = name, node = from, error = %e, "old replica not deleted (node down?); delete it by hand when it is back");
-            }
-        }
-        tracing::info!(volume.id = name, from, to, epoch, "replica replaced");
+        // The old replica (fenced by the new epoch, outside the new set) is deleted only once
+        // the new one is in sync: until then it is the only other full copy.
+        tokio::spawn(delete_replaced_when_filled(
+            self.cluster.clone(),
+            name.to_string(),
+            from.to_string(),
+            to.to_string(),
+            epoch,
+        ));
+        tracing::info!(
+            volume.id = name,
+            from,
+            to,
+            epoch,
+            "replica replaced; the old one is deleted once the new one is in sync"
+        );
         match attached {
             Some((node, uri)) => {
                 // Re-attach with the same NBD address when it had a dedicated one.
