@@ -233,6 +233,9 @@ async fn hostile_fields_get_invalid_argument() {
         assert_eq!(err.code(), Code::InvalidArgument, "{listen}: {err:?}");
     }
     assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    let req = vpb::ReadSnapshotRequest { volume: "vol".into(), name: "s".into(), offset: BS, length: u64::MAX };
+    let err = vc.read_snapshot(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     // A socket in the agent's own directory works.
     let sock = dir.path().join("data/nbd/vol.sock");
     let req = vpb::AttachVolumeRequest {

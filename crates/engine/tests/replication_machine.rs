@@ -558,3 +558,22 @@ fn losing_every_in_sync_replica_attaches_again_from_the_most_advanced() {
     // Seqs continue above everything assigned before.
     write(&mut m, 3, S + 1, &[1, 2], 100_003);
 }
+
+/// Replicas reporting the largest epoch and seq (a hostile or corrupt peer) must not make
+/// the machine overflow: it saturates, and the replicas refuse such an epoch.
+#[test]
+fn hostile_epochs_and_seqs_do_not_overflow() {
+    let mut m = Machine::new(cfg(3, None)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: seqs(u64::MAX, u64::MAX, u64::MAX), now: 0 });
+    let out = m.step(E::StateReplied { replica: 1, state: seqs(0, 0, 0), now: 0 });
+    assert!(out.contains(&C::SendOpen { replica: 0, epoch: u64::MAX }), "{out:?}");
+    for r in 0..3 {
+        m.step(E::OpenReplied { replica: r, state: seqs(u64::MAX, if r == 0 { u64::MAX } else { 0 }, 0), now: 0 });
+    }
+    let out = m.step(E::ClientWrite { op: 1, fua: false, now: 1 });
+    assert!(
+        out.iter().any(|c| matches!(c, C::Sequenced { op: 1, .. }) || matches!(c, C::FailClient { op: 1, .. })),
+        "{out:?}"
+    );
+}
