@@ -1,7 +1,10 @@
 //! `MemStore`: an in-memory replica store with power-loss simulation.
 //!
 //! Same contract as `DiskStore`. `crash()` simulates a power loss: every change since the
-//! last flush of each volume is undone (records and epochs are durable at once, as on disk).
+//! last flush of each volume is undone (records and epochs are durable at once, as on disk),
+//! `last_seq` included, so the replica claims exactly the flushed prefix it kept: the
+//! all-lost case of the disk store's recovery rule (which, losing only some writes, also
+//! lowers its resync mark to the clean prefix).
 //! `corrupt()` flips a stored byte without updating its checksum.
 
 use std::collections::BTreeMap;
