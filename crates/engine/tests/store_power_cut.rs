@@ -32,7 +32,10 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// Content written at `seq` (None: trimmed, reads as zeroes).
+/// A block's content from a write or trim: (seq, data; None when trimmed).
+type Version = (u64, Option<Vec<u8>>);
+
+/// Content written at `seq`.
 fn content(seq: u64) -> Vec<u8> {
     let mut b = vec![(seq % 251) as u8 + 1; BS];
     b[..8].copy_from_slice(&seq.to_le_bytes());
@@ -45,7 +48,7 @@ fn run(ops: &[Op], lose: &[bool]) -> Result<(), TestCaseError> {
     store.create(VolumeRecord::new("v", BLOCKS * BLOCK_SIZE)).unwrap();
     store.open("v", 1).unwrap();
     // Per block: (seq, content) of every write and trim, in order.
-    let mut history: BTreeMap<u64, Vec<(u64, Option<Vec<u8>>)>> = BTreeMap::new();
+    let mut history: BTreeMap<u64, Vec<Version>> = BTreeMap::new();
     let (mut seq, mut flushed) = (0u64, 0u64);
     for op in ops {
         match *op {
