@@ -194,3 +194,28 @@ fn fio_nbd_engine_random_4k_and_sequential_1m_verify() {
     assert_eq!(job["write"]["io_bytes"], 32 * MIB, "sequential 1m job wrote everything");
     assert_eq!(job["read"]["io_bytes"], 32 * MIB, "verify phase read everything back");
 }
+
+/// Peak resident memory (VmHWM) of a process, in bytes.
+fn vm_hwm(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM line");
+    kib * 1024
+}
+
+#[test]
+fn write_zeroes_keeping_allocation_is_bounded_in_memory() {
+    const LEN: u64 = 256 * MIB;
+    let (c, uri) = cluster_with_volume("zeroes", "1GiB");
+    qemu_io(&uri, &["write -P 0x5a 0 4M", "write -P 0x5b 255M 1M"]);
+    let pid = c.pid("n1").expect("n1 runs");
+    let before = vm_hwm(pid);
+    // `write -z` without -u: WRITE_ZEROES with NO_HOLE (the range stays allocated).
+    qemu_io(&uri, &[&format!("write -z 0 {LEN}")]);
+    let grew = vm_hwm(pid).saturating_sub(before);
+    assert!(grew < 64 * MIB, "the agent's peak memory grew by {} MiB for a {} MiB WRITE_ZEROES", grew / MIB, LEN / MIB);
+    qemu_io(&uri, &[&format!("read -P 0 0 {LEN}")]);
+}

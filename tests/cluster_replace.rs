@@ -96,3 +96,36 @@ fn replica_on_a_dead_node_is_replaced_by_a_sparse_full_copy_on_a_new_node() {
     let (ok, _, err) = c.try_cli(&["volume", "replace-replica", "r", "--from", "n3", "--to", "n4", "--endpoint", &ep4]);
     assert!(!ok && err.contains("no replica on node n3"), "{err}");
 }
+
+#[test]
+fn replace_refuses_while_another_replica_is_behind_and_deletes_the_old_one_only_once_the_new_one_is_filled() {
+    let c = Cluster::new();
+    let uri = c.up(&["--nodes", "4", "--volume", "q", "--size", "64MiB", "--replicas", "3"]);
+    qemu_io(&uri, &["write -P 0x5a 0 4M"]);
+    let ep = c.endpoint("n1");
+    // n2 goes down and misses writes: replacing n3 now would leave acknowledged writes on
+    // n1 alone (n4 counts for nothing until its copy is done).
+    c.kill9("n2");
+    qemu_io(&uri, &["write -P 0x5b 4M 1M"]);
+    let (ok, _, err) = c.try_cli(&["volume", "replace-replica", "q", "--from", "n3", "--to", "n4", "--endpoint", &ep]);
+    assert!(!ok, "replace must be refused while n2 is behind");
+    assert!(err.contains("another replica is behind") && err.contains("n2"), "{err}");
+    let v = c.volume_show("n1", "q");
+    assert_eq!(v["replica_set"], serde_json::json!(["n1", "n2", "n3"]), "nothing changed: {v}");
+
+    // Once n2 caught up, the replace goes ahead; n3's replica is deleted only after n4's
+    // copy is done.
+    c.start_one("n2");
+    c.wait_all_healthy("q", WAIT);
+    let out = c.cli(&["volume", "replace-replica", "q", "--from", "n3", "--to", "n4", "--endpoint", &ep]);
+    assert!(out.contains("replicas now n1, n2, n4"), "{out}");
+    let v = c.wait_all_healthy("q", WAIT);
+    assert_eq!(v["replica_set"], serde_json::json!(["n1", "n2", "n4"]), "{v}");
+    let ep3 = c.endpoint("n3");
+    c.wait_until("the replaced replica on n3 is deleted", WAIT, || {
+        let list: serde_json::Value =
+            serde_json::from_str(&c.cli(&["replica", "list", "--json", "--endpoint", &ep3])).ok()?;
+        list.as_array()?.iter().all(|r| r["volume_id"] != "q").then_some(())
+    });
+    qemu_io(&uri, &["read -P 0x5a 0 4M", "read -P 0x5b 4M 1M"]);
+}

@@ -199,3 +199,91 @@ fn replica_cli_round_trip() {
     assert!(!ok);
     assert!(err.contains("cannot reach the node agent"), "{err}");
 }
+
+/// Hostile field values over real gRPC: epochs, seqs and lengths that would overflow or
+/// exhaust memory, and NBD listen addresses outside the agent's own socket directory, all
+/// get INVALID_ARGUMENT and change nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_fields_get_invalid_argument() {
+    use hlstore_proto::volume as vpb;
+    use hlstore_proto::volume::volumes_client::VolumesClient;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start("n1", dir.path().join("data").as_path());
+    let mut c = client(&node).await;
+    let record = pb::VolumeRecord {
+        volume_id: "vol".into(),
+        size: 1 << 30,
+        block_size: BS as u32,
+        replica_set: vec!["n1".into()],
+        ..Default::default()
+    };
+    c.create_replica(pb::CreateReplicaRequest { record: Some(record.clone()) }).await.unwrap();
+    c.open(pb::OpenRequest { volume_id: "vol".into(), epoch: 2, ..Default::default() }).await.unwrap();
+
+    let err =
+        c.open(pb::OpenRequest { volume_id: "vol".into(), epoch: u64::MAX, ..Default::default() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("epoch"), "{err:?}");
+    let err = c
+        .set_replica_set(pb::SetReplicaSetRequest {
+            volume_id: "vol".into(),
+            epoch: u64::MAX,
+            replica_set: vec!["n1".into()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err = c.write(tokio_stream::iter(vec![w(2, u64::MAX, 0, 1, 1)])).await.unwrap().into_inner().message().await;
+    assert_eq!(err.unwrap_err().code(), Code::InvalidArgument);
+    let err = c
+        .trim(pb::TrimRequest { volume_id: "vol".into(), epoch: 2, seq: u64::MAX, offset: 0, length: BS })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let err =
+        c.read(pb::ReadRequest { volume_id: "vol".into(), epoch: 2, offset: 0, length: 256 << 20 }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let mut big = record.clone();
+    big.volume_id = "huge".into();
+    big.size = u64::MAX - BS + 1;
+    let err = c.create_replica(pb::CreateReplicaRequest { record: Some(big) }).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let st = c.state(pb::StateRequest { volume_id: "vol".into() }).await.unwrap().into_inner();
+    assert_eq!((st.epoch, st.last_seq), (2, 0), "nothing changed");
+
+    // NBD listen addresses: never a path outside the agent's socket directory (the agent
+    // would remove whatever is there), never a non-loopback address.
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"keep me").unwrap();
+    let mut vc = VolumesClient::connect(node.grpc.clone()).await.unwrap();
+    for listen in [
+        format!("unix:{}", victim.display()),
+        format!("unix:{}/data/nbd/../../victim", dir.path().display()),
+        "unix:".to_string(),
+        "0.0.0.0:10999".to_string(),
+        "not-an-address".to_string(),
+    ] {
+        let req = vpb::AttachVolumeRequest {
+            name: "vol".into(),
+            node: "n1".into(),
+            nbd_listen: listen.clone(),
+            force: false,
+        };
+        let err = vc.attach_volume(req).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{listen}: {err:?}");
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"keep me");
+    let req = vpb::ReadSnapshotRequest { volume: "vol".into(), name: "s".into(), offset: BS, length: u64::MAX };
+    let err = vc.read_snapshot(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    // A socket in the agent's own directory works.
+    let sock = dir.path().join("data/nbd/vol.sock");
+    let req = vpb::AttachVolumeRequest {
+        name: "vol".into(),
+        node: "n1".into(),
+        nbd_listen: format!("unix:{}", sock.display()),
+        force: false,
+    };
+    let v = vc.attach_volume(req).await.unwrap().into_inner();
+    assert!(v.nbd_uri.contains(&format!("socket={}", sock.display())), "{v:?}");
+}

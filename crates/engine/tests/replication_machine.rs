@@ -758,3 +758,22 @@ fn an_epoch_that_does_not_fit_in_a_seq_is_refused() {
         vec![C::AttachFailed { reason: FailReason::NoQuorum }]
     );
 }
+
+/// Replicas reporting the largest seqs (a hostile or corrupt peer) must not make the
+/// machine overflow when it sequences the next write.
+#[test]
+fn hostile_seqs_do_not_overflow() {
+    let mut m = Machine::new(cfg(3, None)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: seqs(1, u64::MAX, u64::MAX), now: 0 });
+    let out = m.step(E::StateReplied { replica: 1, state: seqs(0, 0, 0), now: 0 });
+    assert!(out.iter().any(|c| matches!(c, C::SendOpen { replica: 0, epoch: 2, .. })), "{out:?}");
+    for r in 0..3 {
+        m.step(E::OpenReplied { replica: r, state: seqs(2, if r == 0 { u64::MAX } else { 0 }, 0), now: 0 });
+    }
+    let out = m.step(E::ClientWrite { op: 1, fua: false, now: 1 });
+    assert!(
+        out.iter().any(|c| matches!(c, C::Sequenced { op: 1, .. }) || matches!(c, C::FailClient { op: 1, .. })),
+        "{out:?}"
+    );
+}

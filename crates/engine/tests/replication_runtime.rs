@@ -536,3 +536,33 @@ async fn attach_without_a_majority_fails() {
     let err = ReplicatedVolume::attach(c, reps.clone()).await.err().expect("attach must fail");
     assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
 }
+
+/// A replica that stops answering while writes keep coming is left behind once its queue
+/// holds `MAX_QUEUED_BYTES` (64 MiB) of unacked writes, long before its failure timeout:
+/// the queue is bounded in bytes, the quorum keeps acking, and the replica catches up by
+/// resync once it answers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_replica_is_left_behind_when_its_queue_is_full_of_bytes() {
+    let mut c = config(3, None);
+    c.machine.failure_timeout_ms = 120_000;
+    let reps = replicas(3);
+    let vol = attach(c, &reps).await;
+    reps[2].set_delay(Duration::from_secs(2));
+    let piece = 64 * BS;
+    let mut last = Vec::new();
+    for i in 0..1200u64 {
+        let data: Vec<u8> = (0..piece).map(|j| (i as u8).wrapping_add((j / BS) as u8)).collect();
+        let at = (i % (SIZE / piece)) * piece;
+        vol.write(at, data.clone(), false).await.expect("the quorum acks without the stalled replica");
+        last.push((at, data));
+    }
+    wait_for(&vol, "the stalled replica to be left behind", |r| {
+        !matches!(r[2].status, ReplicaStatus::Healthy | ReplicaStatus::Lagging)
+    })
+    .await;
+    reps[2].set_delay(Duration::ZERO);
+    vol.flush().await.unwrap();
+    wait_for(&vol, "every replica healthy again", |r| r.iter().all(|h| h.status == ReplicaStatus::Healthy)).await;
+    vol.flush().await.unwrap();
+    assert_same(&reps[2].contents(), &reps[0].contents(), "the left-behind replica after its resync");
+}

@@ -290,6 +290,94 @@ fn resync_checkpoints_resume_only_the_same_resync<H: Harness>(mut h: H) {
     assert_eq!((st.resync_from, st.resync_done), (None, None));
 }
 
+/// The clean prefix a replica reports: how far it holds the history with no gap (what the
+/// engine's source choice and resync start rely on).
+fn clean_prefix(st: &hlstore_engine::replica::ReplicaState) -> u64 {
+    st.resync_from.map_or(st.last_seq, |f| f.min(st.last_seq)).min(st.durable_seq)
+}
+
+fn power_cut_before_a_flush_claims_only_what_survived<H: Harness>(mut h: H) {
+    make(&h, "v", 64);
+    let s = h.store();
+    s.write("v", 1, 1, 0, &block(1), false).unwrap();
+    s.write("v", 1, 2, BS, &block(2), false).unwrap();
+    assert_eq!(s.flush("v", 1).unwrap(), 2);
+    // Unflushed: an overwrite of block 0 (twice), a new block 5, an overwrite of block 1.
+    s.write("v", 1, 3, 0, &block(3), false).unwrap();
+    s.write("v", 1, 4, 0, &block(4), false).unwrap();
+    s.write("v", 1, 5, 5 * BS, &block(5), false).unwrap();
+    s.write("v", 1, 6, BS, &block(6), false).unwrap();
+    drop(s);
+    h.power_cut();
+    let s = h.store();
+    // Every block holds the content of a write the replica still claims, or older.
+    assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(1), "both unflushed overwrites of block 0 were lost");
+    assert_eq!(s.read("v", 1, BS, BS).unwrap(), block(2));
+    assert_eq!(s.read("v", 1, 5 * BS, BS).unwrap(), block(0));
+    let st = s.state("v").unwrap();
+    assert_eq!(clean_prefix(&st), 2, "the replica lost seqs 3..=6 and must not claim them: {st:?}");
+    assert!(st.durable_seq <= 2, "durable_seq claims lost writes: {st:?}");
+    // A later flush does not bring the claim back.
+    s.flush("v", 1).unwrap();
+    assert_eq!(clean_prefix(&s.state("v").unwrap()), 2, "{:?}", s.state("v").unwrap());
+}
+
+fn resync_chunks_below_the_durable_mark_are_flushed_for_real<H: Harness>(mut h: H) {
+    make(&h, "v", 64);
+    let s = h.store();
+    for seq in 1..=10u64 {
+        s.write("v", 1, seq, (20 + seq) * BS, &block(seq as u8), false).unwrap();
+    }
+    assert_eq!(s.flush("v", 1).unwrap(), 10);
+    // A resync copies older blocks (seqs below the durable mark) into blocks 0..8.
+    s.begin_resync("v", 1, 0, false).unwrap();
+    let chunks: Vec<_> = (0..8)
+        .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) })
+        .collect();
+    s.apply_resync("v", 1, &chunks).unwrap();
+    assert_eq!(s.flush("v", 1).unwrap(), 10);
+    drop(s);
+    h.power_cut();
+    let s = h.store();
+    for i in 0..8u64 {
+        assert_eq!(s.read("v", 1, i * BS, BS).unwrap(), block(0x80 + i as u8), "flushed resync block {i}");
+    }
+}
+
+fn unflushed_resync_chunks_lost_in_a_power_cut_are_copied_again<H: Harness>(mut h: H) {
+    make(&h, "v", 64);
+    let s = h.store();
+    for seq in 1..=10u64 {
+        s.write("v", 1, seq, (20 + seq) * BS, &block(seq as u8), false).unwrap();
+    }
+    assert_eq!(s.flush("v", 1).unwrap(), 10);
+    s.write("v", 1, 11, 3 * BS, &block(11), true).unwrap();
+    s.begin_resync("v", 1, 1, false).unwrap();
+    let chunks: Vec<_> = (0..4)
+        .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) })
+        .collect();
+    s.apply_resync("v", 1, &chunks).unwrap();
+    drop(s);
+    h.power_cut();
+    let s = h.store();
+    // Lost chunks read as what the block held before (never a checksum error), and a new
+    // resync from the replica's mark copies them again (not skipped as "same seq").
+    for i in 0..3u64 {
+        assert_eq!(s.read("v", 1, i * BS, BS).unwrap(), block(0), "lost resync block {i} rolled back");
+    }
+    assert_eq!(s.read("v", 1, 3 * BS, BS).unwrap(), block(11), "a newer durable write is kept");
+    let st = s.state("v").unwrap();
+    assert!(st.resync_from.is_some_and(|f| f <= 1), "still marked as resyncing: {st:?}");
+    let stats = s.apply_resync("v", 1, &chunks).unwrap();
+    assert_eq!((stats.applied, stats.skipped_newer), (3, 1));
+    s.flush("v", 1).unwrap();
+    drop(s);
+    h.power_cut();
+    for i in 0..3u64 {
+        assert_eq!(h.store().read("v", 1, i * BS, BS).unwrap(), block(0x80 + i as u8));
+    }
+}
+
 fn corruption_is_reported<H: Harness>(h: H) {
     make(&h, "v", 16);
     let s = h.store();
@@ -362,4 +450,7 @@ suite!(
     corruption_is_reported,
     delete_and_recreate,
     set_replica_set_is_durable_and_fenced,
+    power_cut_before_a_flush_claims_only_what_survived,
+    resync_chunks_below_the_durable_mark_are_flushed_for_real,
+    unflushed_resync_chunks_lost_in_a_power_cut_are_copied_again,
 );

@@ -165,6 +165,10 @@ impl Volumes for VolumeService {
         name(&r.volume)?;
         let mgr = self.mgr.clone();
         // Fail fast on an unknown snapshot or a bad range, before the stream starts.
+        let end = r
+            .offset
+            .checked_add(r.length)
+            .ok_or_else(|| Status::invalid_argument(format!("offset {} + length {} overflows", r.offset, r.length)))?;
         let first = PIECE.min(r.length);
         let (node, _) = mgr.holder(&r.volume, &r.name).await.map_err(|e| to_status(&e))?;
         let head =
@@ -174,7 +178,7 @@ impl Volumes for VolumeService {
             if tx.send(Ok(vpb::ReadSnapshotChunk { offset: r.offset, data: head })).await.is_err() {
                 return;
             }
-            let (mut at, end) = (r.offset + first, r.offset + r.length);
+            let mut at = r.offset + first;
             while at < end {
                 let n = PIECE.min(end - at);
                 let msg = mgr

@@ -177,13 +177,16 @@ pub async fn run(
     peers.entry(config.id.clone()).or_insert_with(|| format!("http://{}", advertised(grpc_addr)));
     let cluster = Arc::new(Cluster::new(config.id.clone(), peers));
     let nbd = NbdServer::new(ExportRegistry::new());
-    let mgr = Arc::new(VolumeManager::new(
-        cluster,
-        nbd.clone(),
-        advertised(nbd_addr),
-        config.data_dir.join("attachments.json"),
-        config.timeouts,
-    ));
+    let mgr = Arc::new(
+        VolumeManager::new(
+            cluster,
+            nbd.clone(),
+            advertised(nbd_addr),
+            config.data_dir.join("attachments.json"),
+            config.timeouts,
+        )
+        .allow_remote_nbd(!config.nbd_listen.ip().is_loopback()),
+    );
     let nbd_shutdown = nbd.shutdown_handle();
     tokio::spawn(async move {
         if let Err(e) = nbd.serve_tcp(nbd_listener).await {

@@ -17,6 +17,7 @@
 mod snapshots;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -92,6 +93,9 @@ pub struct VolumeManager {
     attaching: Arc<std::sync::Mutex<BTreeSet<String>>>,
     state_path: PathBuf,
     timeouts: EngineTimeouts,
+    /// Whether a dedicated NBD listener may bind a non-loopback address (only when the
+    /// node's own NBD listener was configured on one).
+    remote_nbd: bool,
 }
 
 /// Which previous holder of a volume a new engine may take over (its read lease is then
@@ -142,6 +146,100 @@ struct Gathered {
     replicas: BTreeMap<String, rpb::ReplicaInfo>,
 }
 
+/// How often a replace checks whether its new replica is in sync.
+const REPLACE_POLL: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a replace keeps waiting for that before leaving the old replica to the operator.
+const REPLACE_FILL_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Deletes the replica of `name` on `from` once the attached engine reports the one on `to`
+/// healthy (its full copy done and flushed). Gives up, keeping the old replica, if the
+/// volume is gone, or after [`REPLACE_FILL_WAIT`].
+async fn delete_replaced_when_filled(cluster: Arc<Cluster>, name: String, from: String, to: String, epoch: u64) {
+    let deadline = tokio::time::Instant::now() + REPLACE_FILL_WAIT;
+    let me = cluster.self_id.clone();
+    loop {
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(volume.id = %name, node = %from, "the new replica never came in sync; the old one is kept (delete it by hand)");
+            return;
+        }
+        tokio::time::sleep(REPLACE_POLL).await;
+        let Ok(mut c) = cluster.volumes(&me) else { continue };
+        let req = vpb::GetVolumeRequest { name: name.clone() };
+        match bounded(&me, async move { c.get_volume(req).await }).await {
+            Ok(v) => {
+                let v = v.into_inner();
+                if !v.replica_set.contains(&to) {
+                    return; // replaced again meanwhile
+                }
+                let filled =
+                    !v.attached_node.is_empty() && v.replicas.iter().any(|r| r.node == to && r.state == "healthy");
+                if filled {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == crate::ErrorKind::NotFound => return,
+            Err(_) => {}
+        }
+    }
+    match cluster.replica(&from) {
+        Ok(mut c) => {
+            let req = rpb::DeleteReplicaRequest { volume_id: name.clone(), epoch };
+            match bounded(&from, async move { c.delete_replica(req).await }).await {
+                Ok(_) => tracing::info!(volume.id = %name, node = %from, "replaced replica deleted"),
+                Err(e) => {
+                    tracing::warn!(volume.id = %name, node = %from, error = %e, "old replica not deleted (node down?); delete it by hand when it is back")
+                }
+            }
+        }
+        Err(e) => tracing::warn!(volume.id = %name, node = %from, error = %e, "old replica not deleted"),
+    }
+}
+
+/// A validated dedicated NBD listen address.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum NbdListen {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
+/// Validates an attach request's `nbd_listen`: a unix socket directly in `socket_dir`
+/// (a plain file name, so the agent never creates or removes anything elsewhere), or
+/// `IP:PORT` on loopback (any address only with `remote`).
+pub(crate) fn check_nbd_listen(listen: &str, socket_dir: &std::path::Path, remote: bool) -> Result<NbdListen> {
+    if let Some(path) = listen.strip_prefix("unix:") {
+        let p = std::path::Path::new(path);
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let name_ok = !name.is_empty()
+            && name.len() <= 100
+            && !name.starts_with('.')
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        let dir_ok = match p.parent() {
+            Some(d) if d.as_os_str().is_empty() => true,
+            Some(d) => d == socket_dir,
+            None => false,
+        };
+        if !name_ok || !dir_ok {
+            return Err(Error::InvalidArgument(format!(
+                "nbd_listen {listen:?}: a unix socket must be a plain file name (1-100 characters of \
+                 [A-Za-z0-9._-]) in the agent's socket directory {}, e.g. unix:{}/myvol.sock",
+                socket_dir.display(),
+                socket_dir.display()
+            )));
+        }
+        return Ok(NbdListen::Unix(socket_dir.join(name)));
+    }
+    let addr: std::net::SocketAddr = listen.parse().map_err(|_| {
+        Error::InvalidArgument(format!("nbd_listen {listen:?}: expected IP:PORT (e.g. 127.0.0.1:10900) or unix:PATH"))
+    })?;
+    if !addr.ip().is_loopback() && !remote {
+        return Err(Error::InvalidArgument(format!(
+            "nbd_listen {listen:?}: NBD exports listen on loopback or a unix socket only (this agent's own NBD \
+             listener is on loopback)"
+        )));
+    }
+    Ok(NbdListen::Tcp(addr))
+}
+
 fn nbd_uri_for(listen: &str, name: &str) -> String {
     match listen.strip_prefix("unix:") {
         Some(path) => format!("nbd+unix:///{name}?socket={path}"),
@@ -166,7 +264,20 @@ impl VolumeManager {
             attaching: Arc::new(std::sync::Mutex::new(BTreeSet::new())),
             state_path,
             timeouts,
+            remote_nbd: false,
         }
+    }
+
+    /// Lets `attach` bind dedicated NBD listeners on non-loopback addresses (the node's own
+    /// NBD listener is on one, so the operator chose to export over the network).
+    pub fn allow_remote_nbd(mut self, allow: bool) -> Self {
+        self.remote_nbd = allow;
+        self
+    }
+
+    /// Where dedicated unix NBD sockets may live: `nbd/` in the agent's data directory.
+    pub fn nbd_socket_dir(&self) -> PathBuf {
+        self.state_path.parent().unwrap_or(std::path::Path::new(".")).join("nbd")
     }
 
     pub fn nbd_stats(&self) -> Arc<crate::nbd::NbdStats> {
@@ -472,6 +583,15 @@ impl VolumeManager {
         let _serial = self.attach_lock.lock().await;
         // The node's own default listener is not a dedicated one.
         let nbd_listen = if nbd_listen == self.default_nbd { "" } else { nbd_listen };
+        // Validated before anything starts; stored in its canonical form.
+        let canonical = match nbd_listen {
+            "" => String::new(),
+            l => match check_nbd_listen(l, &self.nbd_socket_dir(), self.remote_nbd)? {
+                NbdListen::Unix(p) => format!("unix:{}", p.display()),
+                NbdListen::Tcp(a) => a.to_string(),
+            },
+        };
+        let nbd_listen = canonical.as_str();
         {
             let att = self.attached.lock().await;
             if let Some(a) = att.get(name) {
@@ -609,16 +729,24 @@ impl VolumeManager {
     async fn listen_dedicated(&self, listen: &str) -> Result<ShutdownHandle> {
         let server = NbdServer::new(self.nbd.registry().clone());
         let handle = server.shutdown_handle();
-        if let Some(path) = listen.strip_prefix("unix:") {
-            let _ = std::fs::remove_file(path);
-            let l =
-                tokio::net::UnixListener::bind(path).map_err(|e| Error::io(format!("binding NBD socket {path}"), e))?;
-            tokio::spawn(async move { server.serve_unix(l).await });
-        } else {
-            let l = tokio::net::TcpListener::bind(listen)
-                .await
-                .map_err(|e| Error::io(format!("binding NBD listener {listen}"), e))?;
-            tokio::spawn(async move { server.serve_tcp(l).await });
+        match check_nbd_listen(listen, &self.nbd_socket_dir(), self.remote_nbd)? {
+            NbdListen::Unix(path) => {
+                std::fs::create_dir_all(self.nbd_socket_dir())
+                    .map_err(|e| Error::io(format!("creating {}", self.nbd_socket_dir().display()), e))?;
+                // A stale socket of an earlier attach may be replaced; nothing else is removed.
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
+                    let _ = std::fs::remove_file(&path);
+                }
+                let l = tokio::net::UnixListener::bind(&path)
+                    .map_err(|e| Error::io(format!("binding NBD socket {}", path.display()), e))?;
+                tokio::spawn(async move { server.serve_unix(l).await });
+            }
+            NbdListen::Tcp(addr) => {
+                let l = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|e| Error::io(format!("binding NBD listener {listen}"), e))?;
+                tokio::spawn(async move { server.serve_tcp(l).await });
+            }
         }
         Ok(handle)
     }
@@ -697,6 +825,39 @@ impl VolumeManager {
         if old_set.iter().any(|n| n == to) {
             return Err(Error::InvalidArgument(format!("volume {name} already has a replica on node {to}")));
         }
+        // Every other replica must hold the whole volume. The new set keeps them and adds an
+        // empty replica that counts for nothing until its copy is done, so acknowledged
+        // writes then live only on them: one that is behind (resyncing, failed) would leave
+        // some acknowledged write on fewer replicas than an attach majority can find.
+        let view = self.get(name).await?;
+        let mut behind: Vec<String> = view
+            .replicas
+            .iter()
+            .filter(|r| r.node != from && r.state != "healthy")
+            .map(|r| format!("{} is {}", r.node, r.state))
+            .collect();
+        for node in old_set.iter().filter(|n| *n != from) {
+            let state = match self.cluster.replica(node) {
+                Ok(mut c) => {
+                    let req = rpb::StateRequest { volume_id: name.to_string() };
+                    bounded(node, async move { c.state(req).await }).await
+                }
+                Err(e) => Err(e),
+            };
+            match state {
+                Ok(st) if st.get_ref().resync_from.is_some() => behind.push(format!("{node} has an unfinished resync")),
+                Ok(_) => {}
+                Err(_) => behind.push(format!("{node} did not answer")),
+            }
+        }
+        if !behind.is_empty() {
+            behind.dedup();
+            return Err(Error::Unavailable(format!(
+                "volume {name}: cannot replace the replica on {from} while another replica is behind ({}); \
+                 wait until `hlstore volume show {name}` reports them healthy",
+                behind.join(", ")
+            )));
+        }
         let attached = self.attachments().await.remove(name).map(|(node, v)| (node, v.nbd_uri));
         if attached.is_some() {
             self.detach(name).await?;
@@ -718,13 +879,22 @@ impl VolumeManager {
                 ))
             })?;
         }
-        if let Ok(mut c) = self.cluster.replica(from) {
-            let req = rpb::DeleteReplicaRequest { volume_id: name.to_string(), epoch };
-            if let Err(e) = bounded(from, async move { c.delete_replica(req).await }).await {
-                tracing::warn!(volume.id = name, node = from, error = %e, "old replica not deleted (node down?); delete it by hand when it is back");
-            }
-        }
-        tracing::info!(volume.id = name, from, to, epoch, "replica replaced");
+        // The old replica (fenced by the new epoch, outside the new set) is deleted only once
+        // the new one is in sync: until then it is the only other full copy.
+        tokio::spawn(delete_replaced_when_filled(
+            self.cluster.clone(),
+            name.to_string(),
+            from.to_string(),
+            to.to_string(),
+            epoch,
+        ));
+        tracing::info!(
+            volume.id = name,
+            from,
+            to,
+            epoch,
+            "replica replaced; the old one is deleted once the new one is in sync"
+        );
         match attached {
             Some((node, uri)) => {
                 // Re-attach with the same NBD address when it had a dedicated one.

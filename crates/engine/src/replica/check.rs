@@ -6,6 +6,42 @@ use super::record::{Claim, ClaimMode, VolumeRecord, BLOCK_SIZE};
 
 /// Longest accepted volume id.
 const MAX_VOLUME_ID: usize = 128;
+/// Highest epoch a replica accepts. Seqs carry the epoch in their high bits (`epoch << 40`
+/// must fit, see `replication::types::SEQ_EPOCH_SHIFT`) and the next engine needs
+/// `epoch + 1`; 8 million attaches is far beyond any volume's life.
+pub const MAX_EPOCH: u64 = (1 << 23) - 1;
+/// Highest seq a replica accepts: above every seq of `MAX_EPOCH`, with room for `seq + 1`.
+pub const MAX_SEQ: u64 = 1 << 63;
+/// Largest volume: 1 EiB (sizes and offsets then never overflow in block arithmetic).
+pub const MAX_VOLUME_SIZE: u64 = 1 << 60;
+/// Largest single read (the reply is built in memory).
+pub const MAX_READ: u64 = 64 << 20;
+
+/// Checks an epoch a caller wants to raise a replica to.
+pub(crate) fn new_epoch(volume: &str, epoch: u64) -> Result<()> {
+    if epoch > MAX_EPOCH {
+        return Err(Error::InvalidArgument(format!("volume {volume}: epoch {epoch} is above the maximum {MAX_EPOCH}")));
+    }
+    Ok(())
+}
+
+/// Checks a seq carried by a write, trim, resync chunk or snapshot.
+pub(crate) fn seq(volume: &str, seq: u64) -> Result<()> {
+    if seq > MAX_SEQ {
+        return Err(Error::InvalidArgument(format!("volume {volume}: seq {seq} is above the maximum {MAX_SEQ}")));
+    }
+    Ok(())
+}
+
+/// Checks the length of a read.
+pub(crate) fn read_len(volume: &str, len: u64) -> Result<()> {
+    if len > MAX_READ {
+        return Err(Error::InvalidArgument(format!(
+            "volume {volume}: read of {len} bytes is above the maximum {MAX_READ}; split it"
+        )));
+    }
+    Ok(())
+}
 
 /// Checks that `[offset, offset + len)` is block-aligned and inside a volume of `size`.
 pub(crate) fn range(volume: &str, size: u64, offset: u64, len: u64) -> Result<()> {
@@ -84,20 +120,20 @@ pub(crate) fn record(rec: &VolumeRecord) -> Result<()> {
             rec.block_size
         )));
     }
-    if rec.size == 0 || !rec.size.is_multiple_of(BLOCK_SIZE) {
+    if rec.size == 0 || !rec.size.is_multiple_of(BLOCK_SIZE) || rec.size > MAX_VOLUME_SIZE {
         return Err(Error::InvalidArgument(format!(
-            "volume {id}: size {} must be a positive multiple of {BLOCK_SIZE}",
+            "volume {id}: size {} must be a positive multiple of {BLOCK_SIZE}, at most {MAX_VOLUME_SIZE}",
             rec.size
         )));
     }
-    Ok(())
+    new_epoch(id, rec.epoch)
 }
 
 /// Checks a new size for `expand`.
 pub(crate) fn new_size(volume: &str, old: u64, new: u64) -> Result<()> {
-    if !new.is_multiple_of(BLOCK_SIZE) || new < old {
+    if !new.is_multiple_of(BLOCK_SIZE) || new < old || new > MAX_VOLUME_SIZE {
         return Err(Error::InvalidArgument(format!(
-            "volume {volume}: new size {new} must be a multiple of {BLOCK_SIZE} and at least the current size {old} (shrinking is not supported)"
+            "volume {volume}: new size {new} must be a multiple of {BLOCK_SIZE}, at least the current size {old} (shrinking is not supported) and at most {MAX_VOLUME_SIZE}"
         )));
     }
     Ok(())

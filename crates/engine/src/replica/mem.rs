@@ -1,7 +1,10 @@
 //! `MemStore`: an in-memory replica store with power-loss simulation.
 //!
 //! Same contract as `DiskStore`. `crash()` simulates a power loss: every change since the
-//! last flush of each volume is undone (records and epochs are durable at once, as on disk).
+//! last flush of each volume is undone (records and epochs are durable at once, as on disk),
+//! `last_seq` included, so the replica claims exactly the flushed prefix it kept: the
+//! all-lost case of the disk store's recovery rule (which, losing only some writes, also
+//! lowers its resync mark to the clean prefix).
 //! `corrupt()` flips a stored byte without updating its checksum.
 
 use std::collections::BTreeMap;
@@ -207,6 +210,7 @@ impl ReplicaStore for MemStore {
     }
 
     fn claim(&self, volume: &str, claim: &Claim) -> Result<ReplicaState> {
+        check::new_epoch(volume, claim.epoch)?;
         self.with(volume, |v| {
             if let Some((epoch, owner)) = check::claim(volume, v.record.epoch, v.record.owner, claim)? {
                 v.record.epoch = epoch;
@@ -224,6 +228,7 @@ impl ReplicaStore for MemStore {
     fn write(&self, volume: &str, epoch: u64, seq: u64, offset: u64, data: &[u8], fua: bool) -> Result<u64> {
         self.with_io(volume, epoch, |v| {
             check::range(volume, v.record.size, offset, data.len() as u64)?;
+            check::seq(volume, seq)?;
             for (i, chunk) in data.chunks(BLOCK_SIZE as usize).enumerate() {
                 let blk = Block { data: chunk.to_vec(), crc: check::crc(chunk), seq };
                 v.set_block(offset / BLOCK_SIZE + i as u64, Some(blk));
@@ -236,6 +241,7 @@ impl ReplicaStore for MemStore {
     fn read(&self, volume: &str, epoch: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
         self.with_io(volume, epoch, |v| {
             check::range(volume, v.record.size, offset, len)?;
+            check::read_len(volume, len)?;
             let mut out = vec![0u8; len as usize];
             let first = offset / BLOCK_SIZE;
             for (b, blk) in v.blocks.range(first..first + len / BLOCK_SIZE) {
@@ -262,6 +268,7 @@ impl ReplicaStore for MemStore {
     fn trim(&self, volume: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()> {
         self.with_io(volume, epoch, |v| {
             check::range(volume, v.record.size, offset, len)?;
+            check::seq(volume, seq)?;
             v.trim(seq, offset, len, false);
             Ok(())
         })
@@ -276,6 +283,7 @@ impl ReplicaStore for MemStore {
     }
 
     fn set_replica_set(&self, volume: &str, epoch: u64, replica_set: Vec<String>) -> Result<ReplicaInfo> {
+        check::new_epoch(volume, epoch)?;
         self.with(volume, |v| {
             if epoch < v.record.epoch {
                 return Err(Error::StaleEpoch { volume: volume.into(), got: epoch, current: v.record.epoch });
@@ -313,6 +321,7 @@ impl ReplicaStore for MemStore {
     }
 
     fn begin_resync(&self, volume: &str, epoch: u64, from_seq: u64, resume: bool) -> Result<ReplicaState> {
+        check::seq(volume, from_seq)?;
         self.with_io(volume, epoch, |v| {
             if !resume || v.resync_from != Some(from_seq) || v.resync_done_epoch != epoch {
                 v.resync_done = None;
@@ -344,6 +353,7 @@ impl ReplicaStore for MemStore {
                     ChunkData::Trim(len) => *len,
                 };
                 check::range(volume, v.record.size, c.offset, len)?;
+                check::seq(volume, c.seq)?;
                 if let ChunkData::Data(d) = &c.data {
                     if d.len() as u64 != BLOCK_SIZE {
                         return Err(Error::InvalidArgument(format!("resync chunk at {} is not one block", c.offset)));

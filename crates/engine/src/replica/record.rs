@@ -106,11 +106,15 @@ pub struct ReplicaState {
     /// Highest sequence number applied.
     pub last_seq: u64,
     /// Every write with seq <= durable_seq that this replica applied is on stable storage.
+    /// After a power cut that lost writes from seq `s` on, at most `s - 1` (see
+    /// `resync_from`).
     pub durable_seq: u64,
     pub size: u64,
     /// Bytes of blocks that hold data (thin provisioning: unwritten/trimmed blocks cost 0).
     pub allocated_bytes: u64,
-    /// Set while a resync into this replica runs: it is only complete up to this seq.
+    /// Set while a resync into this replica runs, or after a power cut lost writes while
+    /// later ones survived: the replica is only complete up to this seq (what it holds
+    /// above, up to `last_seq`, may be strays the engine must overwrite).
     pub resync_from: Option<u64>,
     /// Progress of that resync, `(offset, seq)`: every block below `offset` is complete up
     /// to `seq` (a checkpoint taken after a flush), so a resumed resync copies those blocks

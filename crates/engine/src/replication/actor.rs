@@ -70,6 +70,8 @@ struct LinkHandle {
     gen: u64,
     ops: mpsc::UnboundedSender<LinkOp>,
     abort: AbortHandle,
+    /// Write bytes queued on the link and not yet acked (bounded by `MAX_QUEUED_BYTES`).
+    queued: link::QueuedBytes,
 }
 
 pub(super) struct Actor<T> {
@@ -592,6 +594,24 @@ impl<T: ReplicaTransport> Actor<T> {
             Payload::Data { offset, data } => LinkOp::Write { seq, offset, data, fua },
             Payload::Trim { offset, len } => LinkOp::Trim { seq, offset, len },
         };
+        // Bounded in bytes: a replica this far behind is left behind (failed, resynced
+        // later) rather than queueing without limit; the others go on acking.
+        let bytes = match &op {
+            LinkOp::Write { data, .. } => data.len() as u64,
+            _ => 0,
+        };
+        let l = self.link(replica);
+        let (gen, queued) = (l.gen, l.queued.clone());
+        let before = queued.fetch_add(bytes, std::sync::atomic::Ordering::AcqRel);
+        if bytes > 0 && before > 0 && before + bytes > link::MAX_QUEUED_BYTES {
+            let e = Error::Unavailable(format!(
+                "replica {}: more than {} MiB of writes queued and not acked; left behind",
+                self.replicas[replica].name(),
+                link::MAX_QUEUED_BYTES >> 20
+            ));
+            self.on_link(replica, gen, LinkEvent::Failed(e));
+            return;
+        }
         let _ = self.link(replica).ops.send(op);
     }
 
@@ -601,6 +621,7 @@ impl<T: ReplicaTransport> Actor<T> {
             self.gens += 1;
             let gen = self.gens;
             let (tx, rx) = mpsc::unbounded_channel();
+            let queued = link::QueuedBytes::default();
             let fut = link::run(
                 self.replicas[r].clone(),
                 self.machine.epoch(),
@@ -609,9 +630,10 @@ impl<T: ReplicaTransport> Actor<T> {
                 rx,
                 self.link_reports.0.clone(),
                 self.timeout,
+                queued.clone(),
             );
             let abort = self.tasks.spawn(fut);
-            self.links[r] = Some(LinkHandle { gen, ops: tx, abort });
+            self.links[r] = Some(LinkHandle { gen, ops: tx, abort, queued });
         }
         self.links[r].as_ref().expect("link was just created")
     }

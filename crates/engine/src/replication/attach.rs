@@ -283,7 +283,7 @@ impl Machine {
             // A seq of its own for the copied chunks: above every seq assigned or seen,
             // below every later write.
             let two_sided = (state.last_seq > cp).then(|| {
-                self.max_seq += 1;
+                self.max_seq = self.max_seq.saturating_add(1);
                 self.max_seq
             });
             let r = &mut self.reps[id];

@@ -79,12 +79,23 @@ pub(super) type Reports = mpsc::UnboundedSender<(ReplicaId, u64, LinkEvent)>;
 /// depth so that sending never blocks while acks wait to be read.
 pub(super) const MAX_IN_FLIGHT: usize = 128;
 
+/// Bytes of writes queued on one link and not yet acked, at most. A replica that falls
+/// this far behind is left behind: its link fails (the machine marks it failed and
+/// resyncs it when it is back) instead of the queue growing without bound.
+pub(super) const MAX_QUEUED_BYTES: u64 = 64 << 20;
+
+/// Bytes of writes queued on a link and not yet acked (shared by the actor, which adds,
+/// and the link, which subtracts on ack).
+pub(super) type QueuedBytes = Arc<std::sync::atomic::AtomicU64>;
+
 /// Resync chunks sent in one `apply_resync` call, at most.
 const RESYNC_BATCH: usize = 64;
 
 struct InFlight {
     seq: Seq,
     sent: Instant,
+    /// Write payload bytes (counted in `queued` until acked).
+    bytes: u64,
 }
 
 struct Link<T> {
@@ -97,9 +108,11 @@ struct Link<T> {
     inflight: VecDeque<InFlight>,
     /// An op taken from the queue while batching, to run next.
     next: Option<LinkOp>,
+    queued: QueuedBytes,
 }
 
 /// Runs a link until the actor drops its queue or the replica fails.
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn run<T: ReplicaTransport>(
     replica: Arc<T>,
     epoch: u64,
@@ -108,8 +121,9 @@ pub(super) async fn run<T: ReplicaTransport>(
     ops: mpsc::UnboundedReceiver<LinkOp>,
     reports: Reports,
     timeout: Duration,
+    queued: QueuedBytes,
 ) {
-    let mut link = Link { replica, epoch, id, gen, reports, timeout, inflight: VecDeque::new(), next: None };
+    let mut link = Link { replica, epoch, id, gen, reports, timeout, inflight: VecDeque::new(), next: None, queued };
     if let Err(e) = link.serve(ops).await {
         link.report(LinkEvent::Failed(e));
     }
@@ -147,7 +161,8 @@ impl<T: ReplicaTransport> Link<T> {
         let ack =
             ack.ok_or_else(|| Error::Unavailable(format!("replica {}: write stream closed", self.replica.name())))??;
         match self.inflight.pop_front() {
-            Some(InFlight { seq, .. }) => {
+            Some(InFlight { seq, bytes, .. }) => {
+                self.queued.fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
                 self.report(LinkEvent::Acked { seq, durable_seq: ack.durable_seq });
                 Ok(())
             }
@@ -191,8 +206,9 @@ impl<T: ReplicaTransport> Link<T> {
         let (r, epoch, t) = (self.replica.clone(), self.epoch, self.timeout);
         match op {
             LinkOp::Write { seq, offset, data, fua } => {
+                let bytes = data.len() as u64;
                 let req = WriteReq { seq, offset, data, fua };
-                self.send(requests, req, InFlight { seq, sent: now }).await
+                self.send(requests, req, InFlight { seq, sent: now, bytes }).await
             }
             LinkOp::Trim { seq, offset, len } => {
                 self.drain(acks).await?;

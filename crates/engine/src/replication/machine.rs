@@ -286,7 +286,7 @@ impl Machine {
 
     /// The next sequence number: above everything seen, and in this epoch's range.
     fn assign_seq(&mut self) -> Seq {
-        let seq = (self.max_seq + 1).max(self.epoch << SEQ_EPOCH_SHIFT);
+        let seq = self.max_seq.saturating_add(1).max(self.epoch.saturating_mul(1 << SEQ_EPOCH_SHIFT));
         self.max_seq = seq;
         self.last_seq = seq;
         seq
@@ -524,7 +524,7 @@ impl Machine {
     }
 
     pub(super) fn fence(&mut self, current: u64, out: &mut Vec<Command>) {
-        let current = current.max(self.epoch + 1);
+        let current = current.max(self.epoch.saturating_add(1));
         self.phase = Phase::Fenced { current };
         out.push(Command::Fenced { current });
         let reason = FailReason::Fenced { current };
@@ -547,7 +547,7 @@ impl Machine {
     /// Fails the pending writes sequenced after `seq` (a re-attach adopted a history that
     /// ends at `seq`: they are on no replica the volume trusts).
     pub(super) fn fail_writes_after(&mut self, seq: Seq, reason: FailReason, out: &mut Vec<Command>) {
-        for (_, w) in self.writes.split_off(&(seq + 1)) {
+        for (_, w) in self.writes.split_off(&seq.saturating_add(1)) {
             out.push(Command::FailClient { op: w.op, reason });
         }
     }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::actor::{Actor, Payload, Request, Shared};
@@ -204,6 +205,9 @@ impl ReplicatedVolume {
     }
 }
 
+/// Zeroes written by one request of a WRITE_ZEROES that keeps its range allocated.
+static ZERO_PIECE: [u8; 1 << 20] = [0; 1 << 20];
+
 impl BlockDevice for ReplicatedVolume {
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
@@ -249,8 +253,17 @@ impl BlockDevice for ReplicatedVolume {
             return self.trim(offset, len).await;
         }
         self.check(offset, len)?;
-        let len = usize::try_from(len)
-            .map_err(|_| Error::InvalidArgument(format!("volume {}: zero range too large", self.name)))?;
-        self.write(offset, vec![0u8; len], false).await
+        // Kept allocated (NO_HOLE): written as zero blocks, one bounded piece at a time, all
+        // pieces sharing one static buffer, so memory does not grow with the length.
+        let mut at = offset;
+        let end = offset + len;
+        while at < end {
+            let n = (end - at).min(ZERO_PIECE.len() as u64);
+            let data = Bytes::from_static(&ZERO_PIECE[..n as usize]);
+            let payload = Payload::Data { offset: at, data };
+            self.call(|reply| Request::Change { payload, fua: false, reply }).await?;
+            at += n;
+        }
+        Ok(())
     }
 }

@@ -13,6 +13,10 @@ pub trait Harness {
     /// Crash and reopen: power loss for the memory store; drop and reopen (a process crash)
     /// for the disk store.
     fn crash(&mut self);
+    /// Power cut and reopen: whatever no flush made durable may be lost. The memory store
+    /// loses every unflushed change; the disk store loses the data of every slot no
+    /// fdatasync covered while the metadata already written survives.
+    fn power_cut(&mut self);
     /// Flip a byte of the stored block containing `offset`, behind the store's back.
     fn corrupt(&self, volume: &str, offset: u64);
     /// After a flush: checks the space really used on disk for `volume` is about `bytes`.
@@ -35,6 +39,9 @@ impl Harness for MemHarness {
     fn crash(&mut self) {
         self.0.crash();
     }
+    fn power_cut(&mut self) {
+        self.0.crash();
+    }
     fn corrupt(&self, volume: &str, offset: u64) {
         assert!(self.0.corrupt(volume, offset), "block at {offset} is not allocated");
     }
@@ -48,7 +55,7 @@ pub struct DiskHarness {
 impl DiskHarness {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(DiskStore::open(dir.path()).unwrap());
+        let store = Arc::new(DiskStore::open_simulating_power_loss(dir.path()).unwrap());
         Self { dir, store: Some(store) }
     }
 }
@@ -62,7 +69,13 @@ impl Harness for DiskHarness {
         let s = self.store.take().unwrap();
         assert_eq!(Arc::strong_count(&s), 1, "test still holds the store");
         drop(s);
-        self.store = Some(Arc::new(DiskStore::open(self.dir.path()).unwrap()));
+        self.store = Some(Arc::new(DiskStore::open_simulating_power_loss(self.dir.path()).unwrap()));
+    }
+    fn power_cut(&mut self) {
+        let s = self.store.take().unwrap();
+        let s = Arc::try_unwrap(s).unwrap_or_else(|_| panic!("test still holds the store"));
+        s.power_cut().unwrap();
+        self.store = Some(Arc::new(DiskStore::open_simulating_power_loss(self.dir.path()).unwrap()));
     }
     fn corrupt(&self, volume: &str, offset: u64) {
         use std::os::unix::fs::FileExt;

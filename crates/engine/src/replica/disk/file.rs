@@ -1,25 +1,35 @@
 //! The per-volume slot file: 4 KiB slots addressed by slot number, sparse on disk.
 
+use std::collections::BTreeSet;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::Path;
+use std::sync::Mutex;
 
 use super::super::record::BLOCK_SIZE;
 
 pub struct SlotFile {
     file: File,
+    /// Power-loss simulation (tests): the slots written since the last fdatasync.
+    unsynced: Option<Mutex<BTreeSet<u64>>>,
 }
 
 impl SlotFile {
-    pub fn open(path: &Path) -> io::Result<Self> {
+    /// Opens the file; with `track_unsynced`, it remembers which slots no fdatasync covered
+    /// yet, so [`lose_unsynced`](Self::lose_unsynced) can simulate a power cut.
+    pub fn open(path: &Path, track_unsynced: bool) -> io::Result<Self> {
         let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
-        Ok(Self { file })
+        Ok(Self { file, unsynced: track_unsynced.then(Default::default) })
     }
 
     /// Writes consecutive slots starting at `slot`.
     pub fn write(&self, slot: u64, data: &[u8]) -> io::Result<()> {
+        if let Some(u) = &self.unsynced {
+            let n = data.len() as u64 / BLOCK_SIZE;
+            u.lock().unwrap_or_else(|p| p.into_inner()).extend(slot..slot + n);
+        }
         self.file.write_all_at(data, slot * BLOCK_SIZE)
     }
 
@@ -42,7 +52,23 @@ impl SlotFile {
     }
 
     pub fn sync(&self) -> io::Result<()> {
-        self.file.sync_data()
+        // Slots written while the sync runs may or may not be covered: keep them unsynced.
+        let covered = self.unsynced.as_ref().map(|u| std::mem::take(&mut *u.lock().unwrap_or_else(|p| p.into_inner())));
+        let res = self.file.sync_data();
+        if let (Err(_), Some(covered), Some(u)) = (&res, covered, &self.unsynced) {
+            u.lock().unwrap_or_else(|p| p.into_inner()).extend(covered);
+        }
+        res
+    }
+
+    /// Power-loss simulation: every slot written since the last fdatasync loses its data
+    /// (it is punched, so it reads as zeroes). Returns how many slots were lost; 0 if the
+    /// file was not opened with tracking.
+    pub fn lose_unsynced(&self) -> io::Result<u64> {
+        let Some(u) = &self.unsynced else { return Ok(0) };
+        let slots: Vec<u64> = std::mem::take(&mut *u.lock().unwrap_or_else(|p| p.into_inner())).into_iter().collect();
+        runs(&slots, |_, slot, count| self.punch(slot, count))?;
+        Ok(slots.len() as u64)
     }
 
     /// Deallocates `count` slots starting at `slot` (the file keeps its size).

@@ -7,7 +7,8 @@
 //! | `V` name                             | `StoredVolume` (JSON)               |
 //! | `S` vid                              | `PersistState` (40 bytes)           |
 //! | `M` vid block                        | `Entry` (slot, crc, seq; 20 bytes)  |
-//! | `Q` vid seq block                    | previous `Entry` or empty           |
+//! | `Q` vid seq block                    | `QValue`: entry to roll back to     |
+//! | `U` vid block                        | empty: unsynced, seq <= durable mark|
 //! | `T` vid seq offset                   | trim length (u64)                   |
 //! | `F` vid slot                         | empty: slot is free                 |
 //! | `P` vid block seq                    | preserved `Entry` (seq = until)     |
@@ -21,7 +22,12 @@
 //!
 //! `M` is the allocation map (a missing entry reads as zeroes). `Q` indexes each block's
 //! current content by the seq that wrote it: it drives incremental resync and, for seqs
-//! above the durable point, crash recovery (the value is the entry it replaced).
+//! above the durable point, crash recovery. Its value is the newest *durable* entry the
+//! block had before (the one to roll back to if this content is lost), plus the lowest
+//! seq of the unsynced versions skipped over, if any (lost with it).
+//! `U` marks a block whose current content was written at a seq at or below the durable
+//! mark (a resync copying older blocks) and not synced since: recovery verifies it too.
+//! A flush that synced it deletes the key.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,9 +42,10 @@ pub const TRIM: u8 = b'T';
 pub const FREE: u8 = b'F';
 pub const PRESERVED: u8 = b'P';
 pub const SNAPSHOT: u8 = b'X';
+pub const UNSYNCED: u8 = b'U';
 
 /// Prefixes that hold per-volume keys (deleted with the volume).
-pub const PER_VOLUME: [u8; 7] = [STATE, MAP, SEQ, TRIM, FREE, PRESERVED, SNAPSHOT];
+pub const PER_VOLUME: [u8; 8] = [STATE, MAP, SEQ, TRIM, FREE, PRESERVED, SNAPSHOT, UNSYNCED];
 
 pub fn volume(name: &str) -> Vec<u8> {
     let mut k = vec![VOLUME];
@@ -87,6 +94,10 @@ pub fn seq(vid: u32, seq: u64, block: u64) -> Vec<u8> {
 
 pub fn trim(vid: u32, seq: u64, offset: u64) -> Vec<u8> {
     with_u64s(TRIM, vid, seq, offset)
+}
+
+pub fn unsynced(vid: u32, block: u64) -> Vec<u8> {
+    with_u64(UNSYNCED, vid, block)
 }
 
 pub fn free(vid: u32, slot: u64) -> Vec<u8> {
@@ -145,6 +156,42 @@ impl Entry {
             crc: u32::from_be_bytes(b[8..12].try_into().ok()?),
             seq: u64::from_be_bytes(b[12..20].try_into().ok()?),
         })
+    }
+}
+
+/// The `Q` value: what a block rolls back to if the content written at this seq is lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QValue {
+    /// The newest durable entry before (None: the block was unallocated).
+    pub prev: Option<Entry>,
+    /// The lowest seq of the unsynced versions between `prev` and this one (lost with it).
+    pub skipped: Option<u64>,
+}
+
+impl QValue {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Entry::LEN + 8);
+        if let Some(e) = self.prev {
+            out.extend_from_slice(&e.encode());
+        }
+        if let Some(s) = self.skipped {
+            if self.prev.is_none() {
+                out.extend_from_slice(&[0xff; Entry::LEN]);
+            }
+            out.extend_from_slice(&s.to_be_bytes());
+        }
+        out
+    }
+
+    /// Decodes the forms above: empty, an entry, or an entry (all 0xff: none) plus a seq.
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        let entry = |b: &[u8]| if b == [0xff; Entry::LEN] { Some(None) } else { Entry::decode(b).map(Some) };
+        match b.len() {
+            0 => Some(Self::default()),
+            Entry::LEN => Some(Self { prev: entry(b)?, skipped: None }),
+            l if l == Entry::LEN + 8 => Some(Self { prev: entry(&b[..Entry::LEN])?, skipped: u64_at(b, Entry::LEN) }),
+            _ => None,
+        }
     }
 }
 

@@ -64,6 +64,7 @@ impl DiskStore {
 
     pub(super) fn snap_create(&self, name: &str, epoch: u64, snap: SnapshotInfo) -> Result<SnapshotInfo> {
         check::snapshot_name(name, &snap.name)?;
+        check::seq(name, snap.seq)?;
         let v = self.vol(name)?;
         {
             let g = volume::read(&v);
@@ -117,6 +118,7 @@ impl DiskStore {
             )));
         }
         check::range(name, size, offset, len)?;
+        check::read_len(name, len)?;
         let range = blocks(offset, len);
         // Per block: the live entry if the snapshot sees it, else the newest preserved
         // version written at or before the snapshot and replaced after it.
@@ -236,6 +238,7 @@ impl DiskStore {
         last: bool,
     ) -> Result<SnapshotInfo> {
         check::snapshot_name(name, &snap.name)?;
+        check::seq(name, snap.seq)?;
         let v = self.vol(name)?;
         let mut g = volume::write(&v);
         check::epoch(name, g.record.epoch, epoch)?;

@@ -25,6 +25,14 @@ pub struct VolInner {
     pub pending: Vec<(u64, u64)>,
     /// Snapshots by (seq, name).
     pub snaps: Snaps,
+    /// Blocks with a `U` key (content written at or below the durable mark, not synced
+    /// since), with the value of `changes` when it was written.
+    pub unsynced: BTreeMap<u64, u64>,
+    /// Counts unsynced changes (writes, trims, resync chunks)...
+    pub changes: u64,
+    /// ...and how far a flush covered them: a flush syncs unless the two are equal (seqs
+    /// alone cannot tell: resync chunks carry older seqs than the durable mark).
+    pub synced_changes: u64,
 }
 
 /// A replica's snapshots by (seq, name).
@@ -66,6 +74,15 @@ impl VolInner {
             self.free.insert(a.slot);
         }
         self.st.hwm = hwm_before;
+    }
+
+    pub fn new(record: VolumeRecord, st: PersistState, free: BTreeSet<u64>, snaps: Snaps) -> Self {
+        Self { record, st, free, pending: Vec::new(), snaps, unsynced: BTreeMap::new(), changes: 0, synced_changes: 0 }
+    }
+
+    /// Whether the current content of block `b`, written at `seq`, may not be on disk yet.
+    pub fn is_unsynced(&self, b: u64, seq: u64) -> bool {
+        seq > self.st.durable_seq || self.unsynced.contains_key(&b)
     }
 
     pub fn state(&self) -> ReplicaState {
