@@ -151,11 +151,18 @@ fn soak_schedule(seed: u64) -> SoakRow {
     let mut r = seed;
     let victim = ["n2", "n3"][(mix(&mut r) % 2) as usize];
     let cut = if mix(&mut r) % 2 == 0 { Cut::Drop } else { Cut::Torn(mix(&mut r) % 1000) };
-    let when = ["writes", "resync", "snapshot"][(mix(&mut r) % 3) as usize];
+    let when = ["writes", "resync", "snapshot", "snapshot-delete", "expand", "replace"][(mix(&mut r) % 6) as usize];
     let what = format!("{victim} {} during {when}", cut.command());
-    let pc = PowerCluster::disk_per_node(3);
+    // A replace needs a spare node; the volume's replicas are on n1-n3 either way.
+    let nodes = if when == "replace" { 4 } else { 3 };
+    let pc = PowerCluster::disk_per_node(nodes);
     let c = &pc.cluster;
-    let uri = c.up(&["--nodes", "3", "--volume", VOLUME, "--size", &SIZE.to_string()]);
+    let uri = c.up(&["--nodes", &nodes.to_string(), "--volume", VOLUME, "--size", &SIZE.to_string()]);
+    let background = |args: &[&str]| {
+        let mut cmd = c.command();
+        cmd.args(args).args(["--endpoint", &c.endpoint("n1")]);
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn()
+    };
     let work = work_dir();
     let mut load = Load::start(&uri, work.path(), "w", REGION_BLOCKS, 0, FLUSH_EVERY);
     let warmup = 2 + (mix(&mut r) % 6) as usize;
@@ -169,15 +176,34 @@ fn soak_schedule(seed: u64) -> SoakRow {
             std::thread::sleep(Duration::from_millis(mix(&mut r) % 1000));
             pc.power_cut(&[victim], cut);
         }
-        "snapshot" => {
-            let mut snap = c.command();
-            snap.args(["snapshot", "create", VOLUME, "soak", "--endpoint", &c.endpoint("n1")]);
-            let child = snap.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn();
+        "snapshot" | "snapshot-delete" | "expand" => {
+            if when == "snapshot-delete" {
+                c.cli(&["snapshot", "create", VOLUME, "soak", "--endpoint", &c.endpoint("n1")]);
+            }
+            let size = (SIZE * 2).to_string();
+            let args: &[&str] = match when {
+                "snapshot" => &["snapshot", "create", VOLUME, "soak"],
+                "snapshot-delete" => &["snapshot", "delete", VOLUME, "soak"],
+                _ => &["volume", "expand", VOLUME, "--size", &size],
+            };
+            let child = background(args);
             std::thread::sleep(Duration::from_millis(mix(&mut r) % 300));
             pc.power_cut(&[victim], cut);
             if let Ok(mut ch) = child {
                 let _ = ch.wait();
             }
+        }
+        "replace" => {
+            // The victim's node dies; its replica is rebuilt on n4, whose power is cut
+            // while it is being filled.
+            pc.power_cut(&[victim], Cut::Drop);
+            let child = background(&["volume", "replace-replica", VOLUME, "--from", victim, "--to", "n4"]);
+            std::thread::sleep(Duration::from_millis(200 + mix(&mut r) % 800));
+            if let Ok(mut ch) = child {
+                let _ = ch.wait();
+            }
+            pc.power_cut(&["n4"], cut);
+            c.start_one("n4");
         }
         _ => {
             pc.power_cut(&[victim], cut);
