@@ -2,7 +2,8 @@
 
 use hlstore_engine::replica::ClaimMode;
 use hlstore_engine::replication::{
-    Command as C, Event as E, FailReason, Machine, MachineConfig, Phase, ReplicaError, ReplicaSeqs, ReplicaStatus as St,
+    Command as C, Event as E, FailReason, History, Machine, MachineConfig, Phase, ReplicaError, ReplicaSeqs,
+    ReplicaStatus as St,
 };
 
 /// The first seq of epoch 1.
@@ -23,7 +24,7 @@ fn cfg(n: usize, w: Option<usize>) -> MachineConfig {
 }
 
 fn seqs(epoch: u64, last: u64, durable: u64) -> ReplicaSeqs {
-    ReplicaSeqs { epoch, owner: 0, last_seq: last, durable_seq: durable, resync_from: None }
+    ReplicaSeqs { epoch, owner: 0, last_seq: last, durable_seq: durable, resync_from: None, history: History::default() }
 }
 
 /// A machine with every replica opened at seq 0 under epoch 1.
@@ -127,7 +128,7 @@ fn an_incomplete_replica_is_never_the_source() {
     m.step(E::StateReplied { replica: 0, state: seqs(1, 0, 0), now: 0 });
     m.step(E::StateReplied { replica: 1, state: seqs(1, 0, 0), now: 0 });
     let incomplete =
-        ReplicaSeqs { epoch: 2, owner: 0, last_seq: S + 50, durable_seq: S + 50, resync_from: Some(S + 3) };
+        ReplicaSeqs { resync_from: Some(S + 3), ..seqs(2, S + 50, S + 50) };
     m.step(E::OpenReplied { replica: 0, state: incomplete, now: 0 });
     assert_eq!(
         m.step(E::OpenReplied { replica: 1, state: seqs(2, S + 40, S + 40), now: 0 }),

@@ -111,4 +111,6 @@ pub use runtime::{ReplicaHealth, ReplicatedVolume, VolumeConfig};
 pub use transport::{
     ChunkData, GrpcReplica, MemReplica, MemStats, ReplicaTransport, ResyncChunk, WriteAck, WriteReq, WriteStream,
 };
-pub use types::{FailReason, MachineConfig, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaSpec, ReplicaStatus, Seq};
+pub use types::{
+    FailReason, History, MachineConfig, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaSpec, ReplicaStatus, Seq,
+};
