@@ -4,9 +4,7 @@
 mod common;
 
 use common::{DiskHarness, Harness, MemHarness};
-use hlstore_engine::replica::{
-    ChunkData, History, HistoryEntry, ReplicaStore, ResyncChunk, VolumeRecord, BLOCK_SIZE,
-};
+use hlstore_engine::replica::{ChunkData, History, HistoryEntry, ReplicaStore, ResyncChunk, VolumeRecord, BLOCK_SIZE};
 use hlstore_engine::{Change, ErrorKind};
 
 const BS: u64 = BLOCK_SIZE;

@@ -87,7 +87,8 @@ impl History {
     pub fn fork_point(&self, other: &History) -> Option<u64> {
         let mine = self.entries();
         let theirs = other.entries();
-        let (i, j) = mine.iter().enumerate().rev().find_map(|(i, e)| theirs.iter().position(|x| x == e).map(|j| (i, j)))?;
+        let (i, j) =
+            mine.iter().enumerate().rev().find_map(|(i, e)| theirs.iter().position(|x| x == e).map(|j| (i, j)))?;
         let later = mine[i + 1..].iter().chain(&theirs[j + 1..]);
         Some(later.map(|e| e.base).min().unwrap_or(u64::MAX))
     }

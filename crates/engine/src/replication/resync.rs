@@ -99,11 +99,14 @@ impl<T: ReplicaTransport> ResyncJob<T> {
     async fn copy(&self) -> std::result::Result<(), (Error, bool)> {
         let (on_source, on_target) = (|e| (e, true), |e| (e, false));
         let window = Arc::new(Semaphore::new(self.window.max(1)));
-        let resume =
-            with_timeout(self.timeout, "begin resync", self.target.begin_resync(self.epoch, self.consistent, true, self.history))
-                .await
-                .map_err(on_target)?
-                .filter(|&(offset, _)| offset > 0);
+        let resume = with_timeout(
+            self.timeout,
+            "begin resync",
+            self.target.begin_resync(self.epoch, self.consistent, true, self.history),
+        )
+        .await
+        .map_err(on_target)?
+        .filter(|&(offset, _)| offset > 0);
         if let Some((offset, _)) = resume {
             self.report(ResyncMsg::Resumed(offset)).map_err(on_target)?;
         }
