@@ -576,7 +576,7 @@ impl<T: ReplicaTransport> Actor<T> {
             }
             Command::AbortResync { replica } => self.abort_resync(replica),
             Command::Record { replica, resync_from } => {
-                let history = self.machine.history();
+                let history = Box::new(self.machine.history());
                 let _ = self.link(replica).ops.send(LinkOp::Record { history, resync_from });
             }
         }

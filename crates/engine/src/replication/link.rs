@@ -47,7 +47,7 @@ pub(super) enum LinkOp {
     /// Record the volume's history and, with `resync_from`, the resync mark (durably,
     /// before anything queued after it).
     Record {
-        history: History,
+        history: Box<History>,
         resync_from: Option<Seq>,
     },
     EndResync,
@@ -257,12 +257,12 @@ impl<T: ReplicaTransport> Link<T> {
             }
             LinkOp::Record { history, resync_from: Some(from) } => {
                 self.drain(acks).await?;
-                with_timeout(t, "begin resync", r.begin_resync(epoch, from, true, history)).await?;
+                with_timeout(t, "begin resync", r.begin_resync(epoch, from, true, *history)).await?;
                 Ok(())
             }
             LinkOp::Record { history, resync_from: None } => {
                 self.drain(acks).await?;
-                match with_timeout(t, "record history", r.set_history(epoch, history)).await {
+                match with_timeout(t, "record history", r.set_history(epoch, *history)).await {
                     // A replica that keeps no history is related to others by epochs.
                     Err(e) if e.kind() == ErrorKind::Unsupported => Ok(()),
                     res => res,
