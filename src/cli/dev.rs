@@ -215,6 +215,18 @@ fn start_node(dir: &Path, c: &DevCluster, node: &DevNode) -> anyhow::Result<i32>
     Ok(pid)
 }
 
+/// Whether the process in the node's pid file is alive (not exited, not a zombie). Unlike
+/// [`running_pid`] it does not look at the command line: right after the spawn the child
+/// still shows `dev up`'s until its exec completes.
+fn still_starting(dir: &Path, node: &DevNode) -> bool {
+    let Some(pid) = std::fs::read_to_string(pid_path(dir, &node.id)).ok().and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        return false;
+    };
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .is_ok_and(|stat| !stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')))
+}
+
 async fn wait_ready(node: &DevNode, dir: &Path) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let ep = format!("http://{}", node.grpc);
@@ -224,7 +236,7 @@ async fn wait_ready(node: &DevNode, dir: &Path) -> anyhow::Result<()> {
                 return Ok(());
             }
         }
-        if running_pid(dir, node).is_none() {
+        if !still_starting(dir, node) {
             bail!("node {} exited during start; see {}", node.id, dir.join(&node.id).join("node.log").display());
         }
         if Instant::now() > deadline {

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use hlstore_engine::replica::{Claim, ClaimMode};
+use hlstore_engine::replica::{Claim, ClaimMode, History, HistoryEntry};
 use hlstore_engine::replication::{
     ChunkData, GrpcReplica, MachineConfig, MemReplica, ReplicaStatus, ReplicaTransport, ReplicatedVolume, ResyncChunk,
     VolumeConfig, WriteReq,
@@ -43,8 +43,20 @@ fn state(s: hlstore_engine::replication::ReplicaSeqs) -> pb::ReplicaState {
         size: SIZE,
         allocated_bytes: 0,
         resync_from: s.resync_from,
+        history: s
+            .history
+            .entries()
+            .iter()
+            .map(|e| pb::HistoryEntry { epoch: e.epoch, start: e.start, base: e.base })
+            .collect(),
         ..Default::default()
     }
+}
+
+fn history(h: &[pb::HistoryEntry]) -> Result<History, Status> {
+    let entries: Vec<HistoryEntry> =
+        h.iter().map(|e| HistoryEntry { epoch: e.epoch, start: e.start, base: e.base }).collect();
+    History::from_entries(&entries).map_err(status)
 }
 
 struct Fake(MemReplica);
@@ -203,11 +215,16 @@ impl Replica for Fake {
     }
     async fn begin_resync(&self, r: Request<pb::BeginResyncRequest>) -> Result<Response<pb::ReplicaState>, Status> {
         let r = r.into_inner();
-        let done = self.0.begin_resync(r.epoch, r.from_seq, r.resume).await.map_err(status)?;
+        let done = self.0.begin_resync(r.epoch, r.from_seq, r.resume, history(&r.history)?).await.map_err(status)?;
         let mut st = state(self.0.state().await.map_err(status)?);
         st.resync_done_offset = done.map(|d| d.0);
         st.resync_done_seq = done.map_or(0, |d| d.1);
         Ok(Response::new(st))
+    }
+    async fn set_history(&self, r: Request<pb::SetHistoryRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        let r = r.into_inner();
+        self.0.set_history(r.epoch, history(&r.history)?).await.map_err(status)?;
+        Ok(Response::new(state(self.0.state().await.map_err(status)?)))
     }
     async fn checkpoint_resync(
         &self,

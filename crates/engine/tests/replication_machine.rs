@@ -1,8 +1,9 @@
 //! The replication state machine: exact commands for each event sequence.
 
-use hlstore_engine::replica::ClaimMode;
+use hlstore_engine::replica::{ClaimMode, HistoryEntry};
 use hlstore_engine::replication::{
-    Command as C, Event as E, FailReason, Machine, MachineConfig, Phase, ReplicaError, ReplicaSeqs, ReplicaStatus as St,
+    Command as C, Event as E, FailReason, History, Machine, MachineConfig, Phase, ReplicaError, ReplicaSeqs,
+    ReplicaStatus as St,
 };
 
 /// The first seq of epoch 1.
@@ -23,7 +24,14 @@ fn cfg(n: usize, w: Option<usize>) -> MachineConfig {
 }
 
 fn seqs(epoch: u64, last: u64, durable: u64) -> ReplicaSeqs {
-    ReplicaSeqs { epoch, owner: 0, last_seq: last, durable_seq: durable, resync_from: None }
+    ReplicaSeqs {
+        epoch,
+        owner: 0,
+        last_seq: last,
+        durable_seq: durable,
+        resync_from: None,
+        history: History::default(),
+    }
 }
 
 /// A machine with every replica opened at seq 0 under epoch 1.
@@ -93,7 +101,9 @@ fn attach_bumps_the_epoch_and_picks_the_most_advanced_replica() {
         m.step(E::OpenReplied { replica: 1, state: seqs(5, 10, 10), now: 2 }),
         vec![
             C::Attached { epoch: 5, source: 1, wait_ms: 0 },
+            C::Record { replica: 1, resync_from: None },
             C::SetStatus { replica: 1, status: St::Healthy },
+            C::Record { replica: 2, resync_from: Some(7) },
             C::SetStatus { replica: 2, status: St::Resyncing },
             C::StartResync { replica: 2, source: 1, since: 5, upto: 10, two_sided: None, consistent: 7 },
         ]
@@ -102,7 +112,7 @@ fn attach_bumps_the_epoch_and_picks_the_most_advanced_replica() {
     // The straggler answers later with the source's seq: healthy without resync.
     assert_eq!(
         m.step(E::OpenReplied { replica: 0, state: seqs(5, 10, 8), now: 3 }),
-        vec![C::SetStatus { replica: 0, status: St::Healthy }]
+        vec![C::Record { replica: 0, resync_from: None }, C::SetStatus { replica: 0, status: St::Healthy }]
     );
     // Reads never go to the resyncing replica.
     assert_eq!(m.step(E::ClientRead { op: 9, now: 3 }), vec![C::SendRead { op: 9, replica: 0 }]);
@@ -121,26 +131,28 @@ fn attach_bumps_the_epoch_and_picks_the_most_advanced_replica() {
 
 #[test]
 fn an_incomplete_replica_is_never_the_source() {
-    // (Its copied chunks carry S + 51: one above the highest seq any replica reported.)
+    // (Its copied chunks carry the first seq of epoch 2: above every seq any replica
+    // reported, in the range of the activation that issues them.)
     let mut m = Machine::new(cfg(3, None)).unwrap();
     m.step(E::Attach { now: 0 });
     m.step(E::StateReplied { replica: 0, state: seqs(1, 0, 0), now: 0 });
     m.step(E::StateReplied { replica: 1, state: seqs(1, 0, 0), now: 0 });
-    let incomplete =
-        ReplicaSeqs { epoch: 2, owner: 0, last_seq: S + 50, durable_seq: S + 50, resync_from: Some(S + 3) };
+    let incomplete = ReplicaSeqs { resync_from: Some(S + 3), ..seqs(2, S + 50, S + 50) };
     m.step(E::OpenReplied { replica: 0, state: incomplete, now: 0 });
     assert_eq!(
         m.step(E::OpenReplied { replica: 1, state: seqs(2, S + 40, S + 40), now: 0 }),
         vec![
             C::Attached { epoch: 2, source: 1, wait_ms: 0 },
+            C::Record { replica: 0, resync_from: Some(S + 3) },
             C::SetStatus { replica: 0, status: St::Resyncing },
+            C::Record { replica: 1, resync_from: None },
             C::SetStatus { replica: 1, status: St::Healthy },
             C::StartResync {
                 replica: 0,
                 source: 1,
                 since: S + 3,
                 upto: S + 40,
-                two_sided: Some(S + 51),
+                two_sided: Some(2 << 40),
                 consistent: S + 3
             },
         ]
@@ -221,6 +233,7 @@ fn a_dead_replica_fails_comes_back_and_resyncs_from_its_durable_seq() {
     assert_eq!(
         m.step(E::OpenReplied { replica: 2, state: seqs(1, S, S - 1), now: 1_700 }),
         vec![
+            C::Record { replica: 2, resync_from: Some(S) },
             C::SetStatus { replica: 2, status: St::Resyncing },
             C::StartResync { replica: 2, source: 0, since: S - 1, upto: S + 1, two_sided: None, consistent: S },
         ]
@@ -250,6 +263,7 @@ fn an_erroring_replica_fails_at_once_and_a_resync_source_loss_restarts_it() {
     assert_eq!(
         m.step(E::OpenReplied { replica: 2, state: seqs(1, 0, 0), now: 503 }),
         vec![
+            C::Record { replica: 2, resync_from: Some(0) },
             C::SetStatus { replica: 2, status: St::Resyncing },
             C::StartResync { replica: 2, source: 0, since: 0, upto: S, two_sided: None, consistent: 0 },
         ]
@@ -273,6 +287,7 @@ fn an_erroring_replica_fails_at_once_and_a_resync_source_loss_restarts_it() {
     assert_eq!(
         cmds,
         vec![
+            C::Record { replica: 2, resync_from: Some(0) },
             C::SetStatus { replica: 2, status: St::Resyncing },
             C::StartResync { replica: 2, source: 1, since: 0, upto: S, two_sided: Some(S + 1), consistent: 0 },
         ]
@@ -431,7 +446,11 @@ fn single_replica_volume() {
     );
     assert_eq!(
         m.step(E::OpenReplied { replica: 0, state: seqs(1, S, S), now: 6 }),
-        vec![C::Attached { epoch: 1, source: 0, wait_ms: 0 }, C::SetStatus { replica: 0, status: St::Healthy },]
+        vec![
+            C::Attached { epoch: 1, source: 0, wait_ms: 0 },
+            C::Record { replica: 0, resync_from: None },
+            C::SetStatus { replica: 0, status: St::Healthy },
+        ]
     );
     write(&mut m, 4, S + 1, &[0], 7);
     assert_eq!(ack(&mut m, 0, S + 1, 0, 8), vec![C::AckClient { op: 4 }]);
@@ -476,6 +495,7 @@ fn a_replica_holding_unadopted_writes_of_an_older_epoch_resyncs_two_sided() {
     assert_eq!(
         m.step(E::OpenReplied { replica: 2, state: seqs(2, S + 20, S + 20), now: 601 }),
         vec![
+            C::Record { replica: 2, resync_from: Some(S + 10) },
             C::SetStatus { replica: 2, status: St::Resyncing },
             C::StartResync {
                 replica: 2,
@@ -508,7 +528,7 @@ fn a_resync_starts_once_its_source_applied_everything_before_it() {
     // Nobody applied S yet: no source can provide it.
     assert_eq!(
         m.step(E::OpenReplied { replica: 2, state: seqs(1, 0, 0), now: 501 }),
-        vec![C::SetStatus { replica: 2, status: St::Resyncing }]
+        vec![C::Record { replica: 2, resync_from: Some(0) }, C::SetStatus { replica: 2, status: St::Resyncing }]
     );
     // (Both in-sync replicas became lagging at the tick; an answer makes them healthy.)
     assert_eq!(
@@ -558,7 +578,9 @@ fn losing_every_in_sync_replica_attaches_again_from_the_most_advanced() {
         m.step(E::OpenReplied { replica: 1, state: seqs(1, S, 0), now: 100_002 }),
         vec![
             C::Attached { epoch: 1, source: 1, wait_ms: 0 },
+            C::Record { replica: 1, resync_from: None },
             C::SetStatus { replica: 1, status: St::Healthy },
+            C::Record { replica: 2, resync_from: Some(0) },
             C::SetStatus { replica: 2, status: St::Resyncing },
             C::StartResync { replica: 2, source: 1, since: 0, upto: S, two_sided: None, consistent: 0 },
         ]
@@ -776,4 +798,159 @@ fn hostile_seqs_do_not_overflow() {
         out.iter().any(|c| matches!(c, C::Sequenced { op: 1, .. }) || matches!(c, C::FailClient { op: 1, .. })),
         "{out:?}"
     );
+}
+
+// ----- epoch history: incremental resync across missed attaches -----
+
+fn entry(epoch: u64, start: u64, base: u64) -> HistoryEntry {
+    HistoryEntry { epoch, start, base }
+}
+
+fn hist(entries: &[HistoryEntry]) -> History {
+    History::from_entries(entries).unwrap()
+}
+
+fn with_history(s: ReplicaSeqs, entries: &[HistoryEntry]) -> ReplicaSeqs {
+    ReplicaSeqs { history: hist(entries), ..s }
+}
+
+/// Attaches a fresh machine (epoch 5) from replicas 0 and 1 reporting `source`; replica 2
+/// answers after activation with `late`. Returns the commands of replica 2's admission.
+fn attach_then_admit(source: ReplicaSeqs, late: ReplicaSeqs) -> (Machine, Vec<C>) {
+    let mut m = Machine::new(cfg(3, None)).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: source, now: 0 });
+    m.step(E::StateReplied { replica: 1, state: source, now: 0 });
+    m.step(E::OpenReplied { replica: 0, state: ReplicaSeqs { epoch: 5, ..source }, now: 1 });
+    m.step(E::OpenReplied { replica: 1, state: ReplicaSeqs { epoch: 5, ..source }, now: 1 });
+    assert_eq!(m.phase(), Phase::Active);
+    let cmds = m.step(E::OpenReplied { replica: 2, state: ReplicaSeqs { epoch: 5, ..late }, now: 2 });
+    (m, cmds)
+}
+
+/// Epochs 1..=4, each adopting everything before it: a1 wrote up to S+64, a2 up to
+/// 2<<40 + 3, a3 up to 3<<40 + 3, a4 up to 4<<40 + 3.
+fn four_epochs() -> Vec<HistoryEntry> {
+    vec![entry(1, S, 0), entry(2, 2 << 40, S + 64), entry(3, 3 << 40, (2 << 40) + 3), entry(4, 4 << 40, (3 << 40) + 3)]
+}
+
+#[test]
+fn activation_appends_itself_to_the_source_history_and_records_it_first() {
+    let h = four_epochs();
+    let src = with_history(seqs(4, (4 << 40) + 3, (4 << 40) + 3), &h);
+    let (m, cmds) = attach_then_admit(src, src);
+    let mut want = h.clone();
+    want.push(entry(5, 5 << 40, (4 << 40) + 3));
+    assert_eq!(m.history(), hist(&want));
+    // Every admission records the history before anything else reaches the replica.
+    assert_eq!(
+        cmds,
+        vec![C::Record { replica: 2, resync_from: None }, C::SetStatus { replica: 2, status: St::Healthy }]
+    );
+}
+
+#[test]
+fn a_replica_that_missed_three_attaches_resyncs_from_its_own_durable_point() {
+    let h = four_epochs();
+    let src = with_history(seqs(4, (4 << 40) + 3, (4 << 40) + 3), &h);
+    // Replica 2 was last written (and synced) in epoch 1 at S + 64: a clean prefix.
+    let late = with_history(seqs(1, S + 64, S + 64), &h[..1]);
+    let (_, cmds) = attach_then_admit(src, late);
+    assert_eq!(
+        cmds,
+        vec![
+            C::Record { replica: 2, resync_from: Some(S + 64) },
+            C::SetStatus { replica: 2, status: St::Resyncing },
+            C::StartResync {
+                replica: 2,
+                source: 0,
+                since: S + 64,
+                upto: (4 << 40) + 3,
+                two_sided: None,
+                consistent: S + 64
+            },
+        ]
+    );
+    // Without a history (a record from before histories were kept) the same replica is
+    // rebuilt from scratch, two-sided: where it forked is unknown.
+    let (_, cmds) = attach_then_admit(src, seqs(1, S + 64, S + 64));
+    assert_eq!(
+        cmds[2],
+        C::StartResync {
+            replica: 2,
+            source: 0,
+            since: 0,
+            upto: (4 << 40) + 3,
+            two_sided: Some(5 << 40),
+            consistent: 0
+        }
+    );
+}
+
+#[test]
+fn a_replica_of_an_abandoned_branch_resyncs_two_sided_from_the_fork() {
+    let h = four_epochs();
+    let src = with_history(seqs(4, (4 << 40) + 3, (4 << 40) + 3), &h);
+    // Replica 2 holds writes of an epoch-2 engine (x2) that adopted epoch 1 only up to
+    // S + 40 and whose writes the volume's epoch 2 (which adopted S + 64) never saw: it
+    // agrees with the volume up to S + 40 only, however high its seqs are.
+    let x2 = entry(2, 2 << 40, S + 40);
+    let late = with_history(seqs(2, (2 << 40) + 9, (2 << 40) + 9), &[h[0], x2]);
+    let (_, cmds) = attach_then_admit(src, late);
+    assert_eq!(
+        cmds,
+        vec![
+            C::Record { replica: 2, resync_from: Some(S + 40) },
+            C::SetStatus { replica: 2, status: St::Resyncing },
+            C::StartResync {
+                replica: 2,
+                source: 0,
+                since: S + 40,
+                upto: (4 << 40) + 3,
+                two_sided: Some(5 << 40),
+                consistent: S + 40
+            },
+        ]
+    );
+    // A replica whose last write is newer than its history's last epoch was written by an
+    // engine that kept no history: its history is not trusted (epochs only: full rebuild).
+    let stale = with_history(seqs(3, (3 << 40) + 1, (3 << 40) + 1), &h[..1]);
+    let (_, cmds) = attach_then_admit(src, stale);
+    assert_eq!(cmds[0], C::Record { replica: 2, resync_from: Some(0) });
+}
+
+#[test]
+fn a_re_attach_starts_a_new_activation_above_every_seq_it_issued() {
+    let mut m = active(3, None);
+    write(&mut m, 1, S, &[0, 1, 2], 0);
+    write(&mut m, 2, S + 1, &[0, 1, 2], 0);
+    ack(&mut m, 0, S, 0, 1);
+    ack(&mut m, 1, S, 0, 1);
+    let err = ReplicaError::Failed("down".into());
+    for r in 0..3 {
+        m.step(E::WriteFailed { replica: r, error: err.clone(), now: 2 });
+    }
+    // Re-attach from replicas 0 and 1 (both at S): S + 1 is cut off the history.
+    m.step(E::OpenReplied { replica: 0, state: seqs(1, S, S), now: 3 });
+    m.step(E::OpenReplied { replica: 1, state: seqs(1, S, S), now: 3 });
+    assert_eq!(m.history(), hist(&[entry(1, S, 0), entry(1, S + 2, S)]));
+    // Replica 2 holds the cut write S + 1 and recorded only the first activation: it
+    // agrees with the volume up to S (by the history, and by this engine's memory).
+    let late = with_history(seqs(1, S + 1, S + 1), &[entry(1, S, 0)]);
+    let cmds = m.step(E::OpenReplied { replica: 2, state: late, now: 4 });
+    assert_eq!(cmds[0], C::Record { replica: 2, resync_from: Some(S) });
+}
+
+#[test]
+fn a_dead_holder_is_taken_over_without_a_lease_wait() {
+    // The engine of this node's previous agent process: nobody can hold its lease.
+    let mut c = owner_cfg(7);
+    c.dead_owners = vec![9];
+    let mut m = Machine::new(c).unwrap();
+    m.step(E::Attach { now: 0 });
+    m.step(E::StateReplied { replica: 0, state: owned(2, 9), now: 1 });
+    m.step(E::StateReplied { replica: 1, state: owned(2, 9), now: 1 });
+    m.step(E::OpenReplied { replica: 0, state: owned(3, 7), now: 2 });
+    let out = m.step(E::OpenReplied { replica: 1, state: owned(3, 7), now: 2 });
+    assert!(out.iter().any(|c| matches!(c, C::Attached { wait_ms: 0, .. })), "{out:?}");
 }

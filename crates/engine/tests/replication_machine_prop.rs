@@ -199,6 +199,7 @@ impl Harness {
                     last_seq,
                     durable_seq: rep.durable_seq,
                     resync_from: None,
+                    history: Default::default(),
                 };
                 self.step(E::OpenReplied { replica: r, state, now });
             }

@@ -566,3 +566,88 @@ async fn a_stalled_replica_is_left_behind_when_its_queue_is_full_of_bytes() {
     vol.flush().await.unwrap();
     assert_same(&reps[2].contents(), &reps[0].contents(), "the left-behind replica after its resync");
 }
+
+/// A returning replica is marked as resyncing on its ordered link before any new write
+/// reaches it. Here the mark is slow and the replica loses power before it is recorded:
+/// had a new write (FUA, so durable) overtaken the mark, the replica would report a high
+/// last seq and no mark, and a later engine could take it for complete (it prefers it as
+/// the local replica) although it misses the blocks written while it was down.
+#[tokio::test]
+async fn a_write_never_reaches_a_resyncing_replica_before_its_mark() {
+    let reps = replicas(3);
+    let first = attach(config(3, None), &reps).await;
+    for i in 0..16 {
+        first.write(i * BS, block(1, i), false).await.unwrap();
+    }
+    first.flush().await.unwrap();
+    reps[2].set_down(true);
+    for i in 0..8 {
+        first.write(i * BS, block(2, i), false).await.unwrap();
+    }
+    wait_for(&first, "replica 2 failed", |r| r[2].status == ReplicaStatus::Failed).await;
+    reps[2].set_mark_delay(Duration::from_millis(500));
+    reps[2].set_down(false);
+    wait_for(&first, "replica 2 resyncing", |r| r[2].status == ReplicaStatus::Resyncing).await;
+    first.write(20 * BS, block(3, 20), true).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Power loss on replica 2 while its mark is still being recorded.
+    reps[2].crash();
+    wait_for(&first, "replica 2 failed again", |r| r[2].status == ReplicaStatus::Failed).await;
+    first.close().await;
+
+    reps[2].set_mark_delay(Duration::ZERO);
+    reps[2].set_down(false);
+    // The next engine runs on replica 2's node: it prefers replica 2 as source and for reads.
+    let mut c = config(3, None);
+    c.machine.replicas[0].local = false;
+    c.machine.replicas[2].local = true;
+    let second = attach(c, &reps).await;
+    wait_for(&second, "all healthy", |r| r.iter().all(|i| i.status == ReplicaStatus::Healthy)).await;
+    for i in 0..8 {
+        assert!(second.read(i * BS, BS).await.unwrap() == block(2, i), "acknowledged block {i} lost");
+    }
+    assert!(second.read(20 * BS, BS).await.unwrap() == block(3, 20), "acknowledged FUA block lost");
+    assert_same(&reps[2].contents(), &reps[0].contents(), "replica 2");
+    assert_same(&reps[1].contents(), &reps[0].contents(), "replica 1");
+    second.close().await;
+}
+
+/// A replica that missed three attach cycles (an engine wrote in each) resyncs
+/// incrementally: the volume's epoch history, recorded on the replicas, tells where its
+/// history and the volume's forked, so only the blocks changed since are copied.
+#[tokio::test]
+async fn a_replica_that_missed_three_attaches_resyncs_only_what_changed() {
+    let reps = replicas(3);
+    let first = attach(config(3, None), &reps).await;
+    for i in 0..64 {
+        first.write(i * BS, block(1, i), false).await.unwrap();
+    }
+    first.flush().await.unwrap();
+    let last = first.replicas()[0].acked_seq;
+    wait_for(&first, "replica 2 durable", |r| r[2].durable_seq >= last).await;
+    first.close().await;
+    reps[2].set_down(true);
+    let mut changed = std::collections::BTreeSet::new();
+    for cycle in 0..3u64 {
+        let vol = attach(config(3, None), &reps).await;
+        assert_eq!(vol.epoch(), 2 + cycle);
+        // Three blocks per cycle, one of them written again in the next cycle.
+        for i in [cycle * 5 + 1, cycle * 5 + 2, cycle * 5 + 6] {
+            vol.write(i * BS, block(10 + cycle as u8, i), false).await.unwrap();
+            changed.insert(i);
+        }
+        vol.flush().await.unwrap();
+        vol.close().await;
+    }
+    assert_eq!(changed.len(), 7);
+    let before = reps[2].stats();
+    reps[2].set_down(false);
+    let vol = attach(config(3, None), &reps).await;
+    wait_for(&vol, "all healthy", |r| r.iter().all(|i| i.status == ReplicaStatus::Healthy)).await;
+    // Only the changed blocks were copied, not the 64 written before it left.
+    assert_eq!(vol.replicas()[2].resync_chunks, changed.len() as u64);
+    assert_eq!(reps[2].stats().resync_writes - before.resync_writes, changed.len() as u64);
+    assert_same(&reps[2].contents(), &reps[0].contents(), "replica 2");
+    assert_same(&reps[1].contents(), &reps[0].contents(), "replica 1");
+    vol.close().await;
+}

@@ -188,7 +188,9 @@ async fn replicated_volume_over_disk_stores_survives_a_partition_and_resyncs_inc
         vol.write(i * BS, block(1, i), i % 8 == 0).await.unwrap();
     }
     vol.flush().await.unwrap();
-    let last = vol.replicas()[0].acked_seq;
+    // The last write's seq: the highest any replica acknowledged (the quorum that acked it
+    // need not include replica 0).
+    let last = vol.replicas().iter().map(|r| r.acked_seq).max().unwrap();
     wait_for(&vol, "node-2 durable", |r| r[2].durable_seq >= last).await;
 
     nodes[2].link.cut();
@@ -263,7 +265,9 @@ async fn a_replica_that_lost_unflushed_writes_in_a_power_cut_is_resynced() {
     for i in 0..16 {
         vol.write(i * BS, block(2, i), false).await.unwrap();
     }
-    let last = vol.replicas()[0].acked_seq;
+    // The last write's seq: the highest any replica acknowledged (the quorum that acked it
+    // need not include replica 0).
+    let last = vol.replicas().iter().map(|r| r.acked_seq).max().unwrap();
     wait_for(&vol, "node-2 applied every write", |r| r[2].acked_seq >= last).await;
     // Node 2 loses power; the others flush.
     let n2 = nodes.pop().unwrap();

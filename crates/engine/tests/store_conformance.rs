@@ -4,7 +4,7 @@
 mod common;
 
 use common::{DiskHarness, Harness, MemHarness};
-use hlstore_engine::replica::{ChunkData, ReplicaStore, ResyncChunk, VolumeRecord, BLOCK_SIZE};
+use hlstore_engine::replica::{ChunkData, History, HistoryEntry, ReplicaStore, ResyncChunk, VolumeRecord, BLOCK_SIZE};
 use hlstore_engine::{Change, ErrorKind};
 
 const BS: u64 = BLOCK_SIZE;
@@ -219,7 +219,7 @@ fn changes_since_lists_exactly<H: Harness>(h: H) {
 fn resync_never_overwrites_newer<H: Harness>(h: H) {
     make(&h, "v", 64);
     let s = h.store();
-    s.begin_resync("v", 1, 0, false).unwrap();
+    s.begin_resync("v", 1, 0, false, History::default()).unwrap();
     assert_eq!(s.state("v").unwrap().resync_from, Some(0));
     s.write("v", 1, 10, 0, &block(10), false).unwrap(); // foreground write during resync
     let chunks = vec![
@@ -250,7 +250,7 @@ fn resync_checkpoints_resume_only_the_same_resync<H: Harness>(mut h: H) {
     make(&h, "v", 64);
     let s = h.store();
     assert_eq!(s.checkpoint_resync("v", 1, 0).unwrap_err().kind(), ErrorKind::InvalidArgument, "no resync");
-    assert_eq!(s.begin_resync("v", 1, 3, true).unwrap().resync_done, None);
+    assert_eq!(s.begin_resync("v", 1, 3, true, History::default()).unwrap().resync_done, None);
     let chunks: Vec<_> =
         (0..8).map(|i| ResyncChunk { offset: i * BS, seq: 4 + i, data: ChunkData::Data(block(i as u8)) }).collect();
     s.apply_resync("v", 1, &chunks).unwrap();
@@ -266,15 +266,15 @@ fn resync_checkpoints_resume_only_the_same_resync<H: Harness>(mut h: H) {
     let s = h.store();
     assert_eq!(s.state("v").unwrap().resync_done, Some((8 * BS, 11)));
     assert_eq!(s.read("v", 1, 7 * BS, BS).unwrap(), block(7), "checkpointed data is durable");
-    assert_eq!(s.begin_resync("v", 1, 3, true).unwrap().resync_done, Some((8 * BS, 11)));
+    assert_eq!(s.begin_resync("v", 1, 3, true, History::default()).unwrap().resync_done, Some((8 * BS, 11)));
     // Dropped when not resuming, from another point, or under another epoch.
     s.checkpoint_resync("v", 1, 8 * BS).unwrap();
-    assert_eq!(s.begin_resync("v", 1, 3, false).unwrap().resync_done, None);
+    assert_eq!(s.begin_resync("v", 1, 3, false, History::default()).unwrap().resync_done, None);
     s.checkpoint_resync("v", 1, 8 * BS).unwrap();
-    assert_eq!(s.begin_resync("v", 1, 2, true).unwrap().resync_done, None);
+    assert_eq!(s.begin_resync("v", 1, 2, true, History::default()).unwrap().resync_done, None);
     s.checkpoint_resync("v", 1, 8 * BS).unwrap();
     s.open("v", 2).unwrap();
-    assert_eq!(s.begin_resync("v", 2, 2, true).unwrap().resync_done, None);
+    assert_eq!(s.begin_resync("v", 2, 2, true, History::default()).unwrap().resync_done, None);
     // The split change list: blocks below the checkpoint only when written after its seq.
     s.write("v", 2, 20, 2 * BS, &block(20), false).unwrap();
     let split = s.changes_since_split("v", 2, 3, (4 * BS, 11)).unwrap();
@@ -330,7 +330,7 @@ fn resync_chunks_below_the_durable_mark_are_flushed_for_real<H: Harness>(mut h: 
     }
     assert_eq!(s.flush("v", 1).unwrap(), 10);
     // A resync copies older blocks (seqs below the durable mark) into blocks 0..8.
-    s.begin_resync("v", 1, 0, false).unwrap();
+    s.begin_resync("v", 1, 0, false, History::default()).unwrap();
     let chunks: Vec<_> = (0..8)
         .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) })
         .collect();
@@ -352,7 +352,7 @@ fn unflushed_resync_chunks_lost_in_a_power_cut_are_copied_again<H: Harness>(mut 
     }
     assert_eq!(s.flush("v", 1).unwrap(), 10);
     s.write("v", 1, 11, 3 * BS, &block(11), true).unwrap();
-    s.begin_resync("v", 1, 1, false).unwrap();
+    s.begin_resync("v", 1, 1, false, History::default()).unwrap();
     let chunks: Vec<_> = (0..4)
         .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) })
         .collect();
@@ -422,6 +422,35 @@ fn set_replica_set_is_durable_and_fenced<H: Harness>(mut h: H) {
     assert_eq!(h.store().read("v", 2, 0, BS).unwrap(), block(1));
 }
 
+/// The epoch history is durable at once (set, or with a resync mark), kept by later
+/// claims and record changes, and fenced like any write.
+fn history_is_durable_and_fenced<H: Harness>(mut h: H) {
+    make(&h, "v", 16);
+    let s = h.store();
+    assert!(s.state("v").unwrap().history.is_empty(), "a new replica has no history");
+    let a1 = HistoryEntry { epoch: 1, start: 1 << 40, base: 0 };
+    let a2 = HistoryEntry { epoch: 2, start: 2 << 40, base: (1 << 40) + 5 };
+    let one = History::from_entries(&[a1]).unwrap();
+    let two = History::from_entries(&[a1, a2]).unwrap();
+    assert_eq!(s.set_history("v", 1, one).unwrap().history, one);
+    drop(s);
+    h.crash();
+    let s = h.store();
+    assert_eq!(s.state("v").unwrap().history, one);
+    s.open("v", 2).unwrap();
+    assert_eq!(s.set_history("v", 1, two).unwrap_err().kind(), ErrorKind::StaleEpoch);
+    let st = s.begin_resync("v", 2, 7, true, two).unwrap();
+    assert_eq!((st.history, st.resync_from), (two, Some(7)));
+    // An empty history with a mark keeps the recorded one.
+    assert_eq!(s.begin_resync("v", 2, 7, true, History::default()).unwrap().history, two);
+    s.set_replica_set("v", 2, vec!["a".into()]).unwrap();
+    drop(s);
+    h.crash();
+    let s = h.store();
+    let st = s.state("v").unwrap();
+    assert_eq!((st.history, st.resync_from), (two, Some(7)));
+}
+
 macro_rules! suite {
     ($($name:ident),* $(,)?) => {
         mod mem {
@@ -453,4 +482,5 @@ suite!(
     power_cut_before_a_flush_claims_only_what_survived,
     resync_chunks_below_the_durable_mark_are_flushed_for_real,
     unflushed_resync_chunks_lost_in_a_power_cut_are_copied_again,
+    history_is_durable_and_fenced,
 );

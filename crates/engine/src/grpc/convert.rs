@@ -3,7 +3,9 @@
 use hlstore_proto::replica as pb;
 use tonic::Status;
 
-use crate::replica::{ChunkData, Claim, ClaimMode, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord};
+use crate::replica::{
+    ChunkData, Claim, ClaimMode, History, HistoryEntry, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord,
+};
 
 pub fn record_from_pb(r: Option<pb::VolumeRecord>) -> Result<VolumeRecord, Status> {
     let r = r.ok_or_else(|| Status::invalid_argument("record is required"))?;
@@ -20,6 +22,7 @@ pub fn record_from_pb(r: Option<pb::VolumeRecord>) -> Result<VolumeRecord, Statu
         labels: r.labels.into_iter().collect(),
         owner: r.owner,
         owner_node: r.owner_node,
+        history: Vec::new(),
     })
 }
 
@@ -49,7 +52,19 @@ pub fn state_to_pb(volume_id: &str, s: &ReplicaState) -> pb::ReplicaState {
         resync_done_offset: s.resync_done.map(|d| d.0),
         resync_done_seq: s.resync_done.map_or(0, |d| d.1),
         owner: s.owner,
+        history: history_to_pb(&s.history),
     }
+}
+
+pub fn history_to_pb(h: &History) -> Vec<pb::HistoryEntry> {
+    h.entries().iter().map(|e| pb::HistoryEntry { epoch: e.epoch, start: e.start, base: e.base }).collect()
+}
+
+/// A history from a request: malformed ones are `INVALID_ARGUMENT`.
+pub fn history_from_pb(h: &[pb::HistoryEntry]) -> Result<History, Status> {
+    let entries: Vec<HistoryEntry> =
+        h.iter().map(|e| HistoryEntry { epoch: e.epoch, start: e.start, base: e.base }).collect();
+    History::from_entries(&entries).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 pub fn state_from_pb(s: &pb::ReplicaState) -> ReplicaState {
@@ -62,6 +77,8 @@ pub fn state_from_pb(s: &pb::ReplicaState) -> ReplicaState {
         allocated_bytes: s.allocated_bytes,
         resync_from: s.resync_from,
         resync_done: s.resync_done_offset.map(|o| (o, s.resync_done_seq)),
+        // A malformed history from a peer is as good as none (unknown).
+        history: history_from_pb(&s.history).unwrap_or_default(),
     }
 }
 

@@ -305,8 +305,19 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let v = volume_id(&r.volume_id)?.to_string();
         let vv = v.clone();
         let (from_seq, resume, epoch) = (r.from_seq, r.resume, r.epoch);
-        let st = self.call(move |s| s.begin_resync(&vv, r.epoch, r.from_seq, r.resume)).await?;
-        tracing::info!(volume.id = %v, epoch, from_seq, resume, checkpoint = ?st.resync_done, "resync into this replica begins");
+        let history = convert::history_from_pb(&r.history)?;
+        let st = self.call(move |s| s.begin_resync(&vv, epoch, from_seq, resume, history)).await?;
+        tracing::info!(volume.id = %v, epoch, from_seq, resume, checkpoint = ?st.resync_done, history = ?st.history, "resync into this replica begins");
+        Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    async fn set_history(&self, req: Request<pb::SetHistoryRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let vv = v.clone();
+        let history = convert::history_from_pb(&r.history)?;
+        let st = self.call(move |s| s.set_history(&vv, r.epoch, history)).await?;
+        tracing::debug!(volume.id = %v, epoch = r.epoch, history = ?st.history, "epoch history recorded");
         Ok(Response::new(convert::state_to_pb(&v, &st)))
     }
 

@@ -89,6 +89,9 @@ pub struct VolumeManager {
     /// Serialises attach and detach on this node, so two requests for one volume (e.g. the
     /// startup re-attach and a `volume attach`) never start two engines.
     attach_lock: Mutex<()>,
+    /// Instance ids of the engines this agent process started (a holder of this node not
+    /// among them belongs to a previous process, so it is dead).
+    engine_ids: std::sync::Mutex<BTreeSet<u64>>,
     /// Volumes whose attach on this node is under way (reported as attached here).
     attaching: Arc<std::sync::Mutex<BTreeSet<String>>>,
     state_path: PathBuf,
@@ -106,6 +109,8 @@ pub(crate) struct Takeover {
     pub any: bool,
     /// These engine instances (known to have stopped serving, or on this node).
     pub owners: Vec<u64>,
+    /// Engines of this node's previous agent process: dead, so no lease to wait out.
+    pub dead: Vec<u64>,
 }
 
 /// Marks a volume as being attached on this node while alive.
@@ -262,6 +267,7 @@ impl VolumeManager {
             attached: Mutex::new(BTreeMap::new()),
             attach_lock: Mutex::new(()),
             attaching: Arc::new(std::sync::Mutex::new(BTreeSet::new())),
+            engine_ids: std::sync::Mutex::new(BTreeSet::new()),
             state_path,
             timeouts,
             remote_nbd: false,
@@ -647,7 +653,7 @@ impl VolumeManager {
     /// detach), engines of nodes that answer and run none for the volume, and with `force`
     /// any. Refuses when a holder's node cannot be asked (unknown is not "detached").
     async fn takeover_policy(&self, name: &str, g: &Gathered, force: bool) -> Result<Takeover> {
-        let mut policy = Takeover { any: force, owners: Vec::new() };
+        let mut policy = Takeover { any: force, owners: Vec::new(), dead: Vec::new() };
         let holders: BTreeMap<u64, String> = g
             .replicas
             .values()
@@ -660,9 +666,11 @@ impl VolumeManager {
         }
         let reports = self.attachment_reports().await;
         for (owner, node) in holders {
-            let gone = node == self.cluster.self_id
-                || matches!(reports.get(&node), Some(Ok(list)) if !list.iter().any(|v| v == name));
-            if gone {
+            let mine = node == self.cluster.self_id;
+            let gone = mine || matches!(reports.get(&node), Some(Ok(list)) if !list.iter().any(|v| v == name));
+            if mine && !self.engine_ids.lock().unwrap_or_else(|e| e.into_inner()).contains(&owner) {
+                policy.dead.push(owner);
+            } else if gone {
                 policy.owners.push(owner);
             } else if let Some(Ok(_)) = reports.get(&node) {
                 return Err(Error::Conflict(format!(
@@ -701,6 +709,8 @@ impl VolumeManager {
 
     async fn start_engine(&self, record: &VolumeRecord, takeover: Takeover) -> Result<ReplicatedVolume> {
         let n = record.replica_set.len();
+        let owner = new_owner_id();
+        self.engine_ids.lock().unwrap_or_else(|e| e.into_inner()).insert(owner);
         let t = self.timeouts;
         let machine = MachineConfig {
             replicas: specs(&record.replica_set, &self.cluster.self_id),
@@ -710,9 +720,10 @@ impl VolumeManager {
             io_timeout_ms: t.io_ms,
             retry_interval_ms: t.retry_ms,
             lease_ms: t.lease_ms,
-            owner: new_owner_id(),
+            owner,
             takeover: takeover.any,
             takeover_owners: takeover.owners,
+            dead_owners: takeover.dead,
             ..MachineConfig::new(n)
         };
         let transports = record

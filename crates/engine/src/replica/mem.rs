@@ -13,6 +13,7 @@ use std::sync::Mutex;
 use crate::error::{Error, Result};
 
 use super::check;
+use super::history::History;
 use super::record::{
     ApplyStats, Change, ChunkData, Claim, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord, BLOCK_SIZE,
 };
@@ -54,6 +55,7 @@ impl MemVolume {
             allocated_bytes: self.blocks.len() as u64 * BLOCK_SIZE,
             resync_from: self.resync_from,
             resync_done: self.resync_done,
+            history: History::from_entries(&self.record.history).unwrap_or_default(),
         }
     }
 
@@ -320,13 +322,30 @@ impl ReplicaStore for MemStore {
         })
     }
 
-    fn begin_resync(&self, volume: &str, epoch: u64, from_seq: u64, resume: bool) -> Result<ReplicaState> {
+    fn begin_resync(
+        &self,
+        volume: &str,
+        epoch: u64,
+        from_seq: u64,
+        resume: bool,
+        history: History,
+    ) -> Result<ReplicaState> {
         check::seq(volume, from_seq)?;
         self.with_io(volume, epoch, |v| {
+            if !history.is_empty() {
+                v.record.history = history.entries().to_vec();
+            }
             if !resume || v.resync_from != Some(from_seq) || v.resync_done_epoch != epoch {
                 v.resync_done = None;
             }
             v.resync_from = Some(v.resync_from.map_or(from_seq, |f| f.min(from_seq)));
+            Ok(v.state())
+        })
+    }
+
+    fn set_history(&self, volume: &str, epoch: u64, history: History) -> Result<ReplicaState> {
+        self.with_io(volume, epoch, |v| {
+            v.record.history = history.entries().to_vec();
             Ok(v.state())
         })
     }

@@ -26,11 +26,13 @@
 
 pub(crate) mod check;
 mod disk;
+mod history;
 mod mem;
 mod record;
 mod store;
 
 pub use disk::DiskStore;
+pub use history::{History, HistoryEntry, HISTORY_LEN};
 pub use mem::MemStore;
 pub use record::{
     ApplyStats, Change, ChunkData, Claim, ClaimMode, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo,

@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::history::{History, HistoryEntry};
+
 /// The block size of every replica: the unit of checksums, allocation and I/O alignment.
 pub const BLOCK_SIZE: u64 = 4096;
 
@@ -29,6 +31,11 @@ pub struct VolumeRecord {
     pub owner: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub owner_node: String,
+    /// The activations this replica's data descends from (see [`History`]); recorded by
+    /// the engine before its writes reach the replica. Empty in records written before
+    /// histories were kept: such a replica is then related to others by epochs only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<HistoryEntry>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -83,10 +90,12 @@ impl VolumeRecord {
             labels: BTreeMap::new(),
             owner: 0,
             owner_node: String::new(),
+            history: Vec::new(),
         }
     }
 
-    /// Whether two records describe the same volume (ignoring the epoch and owner, which move).
+    /// Whether two records describe the same volume (ignoring the epoch, owner and
+    /// history, which move).
     pub fn same_definition(&self, other: &VolumeRecord) -> bool {
         self.volume_id == other.volume_id
             && self.size == other.size
@@ -120,6 +129,8 @@ pub struct ReplicaState {
     /// to `seq` (a checkpoint taken after a flush), so a resumed resync copies those blocks
     /// only if they changed after `seq`.
     pub resync_done: Option<(u64, u64)>,
+    /// The record's history (see [`VolumeRecord::history`]).
+    pub history: History,
 }
 
 /// A replica's record plus its state.

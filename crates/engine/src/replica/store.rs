@@ -2,6 +2,7 @@
 
 use crate::error::Result;
 
+use super::history::History;
 use super::record::{
     ApplyStats, Change, Claim, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord, BLOCK_SIZE,
 };
@@ -60,8 +61,19 @@ pub trait ReplicaStore: Send + Sync + 'static {
     /// Marks a resync into this replica as started from `from_seq` (durably). With
     /// `resume`, the checkpoint of an unfinished resync from the same `from_seq` taken under
     /// the same epoch (the same engine, so the same history) is kept and reported as
-    /// `resync_done`; otherwise it is dropped.
-    fn begin_resync(&self, volume: &str, epoch: u64, from_seq: u64, resume: bool) -> Result<ReplicaState>;
+    /// `resync_done`; otherwise it is dropped. A non-empty `history` replaces the record's
+    /// in the same durable update (the mark is a point of that history).
+    fn begin_resync(
+        &self,
+        volume: &str,
+        epoch: u64,
+        from_seq: u64,
+        resume: bool,
+        history: History,
+    ) -> Result<ReplicaState>;
+    /// Records the history the replica's data belongs to from now on (durably; the
+    /// engine sends it before any write of its activation).
+    fn set_history(&self, volume: &str, epoch: u64, history: History) -> Result<ReplicaState>;
     /// Flushes, then records that every block below `offset` is complete up to the
     /// durable seq (the resync streams blocks in offset order). Requires a resync mark.
     fn checkpoint_resync(&self, volume: &str, epoch: u64, offset: u64) -> Result<ReplicaState>;

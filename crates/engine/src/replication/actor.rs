@@ -577,6 +577,10 @@ impl<T: ReplicaTransport> Actor<T> {
                 self.start_resync(replica, source, (since, upto, consistent), two_sided)
             }
             Command::AbortResync { replica } => self.abort_resync(replica),
+            Command::Record { replica, resync_from } => {
+                let history = Box::new(self.machine.history());
+                let _ = self.link(replica).ops.send(LinkOp::Record { history, resync_from });
+            }
         }
     }
 
@@ -664,6 +668,7 @@ impl<T: ReplicaTransport> Actor<T> {
             epoch,
             since,
             consistent,
+            history: self.machine.history(),
             lift_seq,
             two_sided: lift_seq.is_some(),
             block_size: u64::from(self.cfg.block_size),

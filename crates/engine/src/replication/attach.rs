@@ -6,16 +6,25 @@
 //! `resync_from` mark (an unfinished resync), to what this engine remembers about it (the
 //! last seq it sent it while in sync, or the point a resync into it started from), and to
 //! the attach base if the history was cut back since. A replica this engine never had in
-//! sync is related through the epochs in its seqs (`e` our epoch, `h` the attach base;
-//! see [`SEQ_EPOCH_SHIFT`](super::types::SEQ_EPOCH_SHIFT)): last written in `e`, or in
-//! `h`'s epoch up to `h`: its report stands; in `h`'s epoch beyond `h`: `h`; older or
-//! unrelated: 0 (where its history forked is unknown).
+//! sync is related through the epoch history it recorded ([`History`]): its report
+//! stands up to the fork point of its history and the volume's (see the module docs of
+//! [`crate::replication`], "Epoch history"), however many attaches it missed. Without a
+//! usable history (a record written before histories were kept, or sharing no activation
+//! with the volume's) it is related through the epochs in its seqs (`e` our epoch, `h`
+//! the attach base; see [`SEQ_EPOCH_SHIFT`](super::types::SEQ_EPOCH_SHIFT)): last
+//! written in `e`, or in `h`'s epoch up to `h`: its report stands; in `h`'s epoch beyond
+//! `h`: `h`; older or unrelated: 0 (where its history forked is unknown).
 //!
 //! **Attach.** `State` to every replica; once a majority answered, `Open(max epoch + 1)` to
 //! every replica; once a majority accepted, the volume is active. The source of truth is
 //! the opened replica with the highest `cp`: every acknowledged write `s` was applied by W
 //! in-sync replicas, whose `cp` stays `>= s`, and W intersects the majority. The history
 //! is adopted up to the source's `cp` (the attach base); pending writes beyond it fail.
+//! The activation appends `(epoch, start, base)` to the history it adopted (the source's
+//! at the first attach, its own at a re-attach), `start` being the first seq it may issue.
+//!
+//! **Admission.** Every replica admitted (healthy or resyncing) gets [`Command::Record`]
+//! first: the history, and for a resyncing one its mark, durable on it before any write.
 //!
 //! **Resync plan.** A replica at exactly the end of the history, with `cp == last_seq`, is
 //! healthy. Any other one resyncs from `since = min(durable_seq, cp)` (a crash may have
@@ -31,8 +40,10 @@ use super::event::Command;
 use super::machine::{Machine, Phase, ResyncPlan};
 use super::transport::ClaimMode;
 use super::types::{
-    epoch_of_seq, FailReason, Millis, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq, SEQ_EPOCH_SHIFT,
+    epoch_of_seq, FailReason, History, Millis, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq,
+    SEQ_EPOCH_SHIFT,
 };
+use crate::replica::HistoryEntry;
 
 impl Machine {
     fn majority(&self) -> usize {
@@ -85,13 +96,14 @@ impl Machine {
         let me = self.cfg.owner;
         let holders: Vec<u64> =
             self.reps.iter().filter_map(|r| r.reported.map(|s| s.owner)).filter(|&o| o != 0 && o != me).collect();
-        let refused = holders.iter().find(|o| !self.cfg.takeover_owners.contains(o));
-        if let (Some(&owner), false) = (refused, self.cfg.takeover) {
+        let cfg = &self.cfg;
+        let refused = holders.iter().find(|o| !cfg.takeover_owners.contains(o) && !cfg.dead_owners.contains(o));
+        if let (Some(&owner), false) = (refused, cfg.takeover) {
             self.phase = Phase::AttachFailed;
             out.push(Command::AttachFailed { reason: FailReason::Owned { owner } });
             return;
         }
-        self.lease_wait = !holders.is_empty();
+        self.lease_wait = holders.iter().any(|o| !cfg.dead_owners.contains(o));
         let max_epoch = self.reps.iter().filter_map(|r| r.reported.map(|s| s.epoch)).max().unwrap_or(0);
         // Seqs carry the epoch in their high bits: an epoch that does not fit is refused.
         let Some(epoch) = max_epoch
@@ -171,8 +183,9 @@ impl Machine {
     /// How far an opened replica holds the volume's history as a prefix: its `last_seq`,
     /// lowered to where an unfinished resync left it complete (`resync_from`) and to what
     /// this engine established about it. A replica this engine never established is
-    /// related to the history through the epochs in the seqs (see the module docs);
-    /// before the first attach completes, its own report is all there is.
+    /// related to the history through its recorded epoch history, or failing that the
+    /// epochs in its seqs (see the module docs); before the first attach completes, its
+    /// own report is all there is.
     pub(super) fn consistent_point(&self, id: ReplicaId) -> Seq {
         let Some(s) = self.reps[id].reported else { return 0 };
         let raw = s.resync_from.map_or(s.last_seq, |f| f.min(s.last_seq));
@@ -180,6 +193,9 @@ impl Machine {
             Some(k) => raw.min(k),
             None if !self.was_active => raw,
             None => {
+                if let Some(fork) = trusted(&s).and_then(|h| self.history.fork_point(&h)) {
+                    return raw.min(fork);
+                }
                 let et = epoch_of_seq(s.last_seq);
                 if s.last_seq == 0 || et == self.epoch {
                     raw
@@ -229,6 +245,15 @@ impl Machine {
         self.last_seq = base;
         let reported = self.reps.iter().filter_map(|r| r.reported.map(|s| s.last_seq)).max().unwrap_or(0);
         self.max_seq = self.max_seq.max(reported);
+        // The adopted history: the source's at the first attach (its data is that history
+        // up to `base`), this engine's own at a re-attach (`base` was computed against it).
+        let mut history = if self.was_active {
+            self.history
+        } else {
+            self.reps[source].reported.and_then(|s| trusted(&s)).unwrap_or_default()
+        };
+        history.push(HistoryEntry { epoch: self.epoch, start: self.next_seq(), base });
+        self.history = history;
         // The history now ends at `base`: whatever replicas hold beyond it is not in it.
         for r in &mut self.reps {
             r.known_cp = r.known_cp.map(|k| k.min(base));
@@ -263,11 +288,13 @@ impl Machine {
         // Equal seqs mean equal content only if the replica is a clean prefix and the
         // history did not just restart from a source holding more than it adopted.
         let same = cp == state.last_seq && state.last_seq == last && (last > self.attach_base || !self.dirty_source);
+        let healthy = is_source || same;
+        out.push(Command::Record { replica: id, resync_from: (!healthy).then_some(cp) });
         let r = &mut self.reps[id];
         r.inflight.clear();
         r.flushes.clear();
         r.last_sent = cp;
-        if is_source || same {
+        if healthy {
             r.status = ReplicaStatus::Healthy;
             r.acked_seq = cp;
             r.durable_seq = state.durable_seq.min(cp);
@@ -282,10 +309,7 @@ impl Machine {
             // target's own changed blocks from the source too.
             // A seq of its own for the copied chunks: above every seq assigned or seen,
             // below every later write.
-            let two_sided = (state.last_seq > cp).then(|| {
-                self.max_seq = self.max_seq.saturating_add(1);
-                self.max_seq
-            });
+            let two_sided = (state.last_seq > cp).then(|| self.reserve_seq());
             let r = &mut self.reps[id];
             r.resync = Some(ResyncPlan { since, upto: last, two_sided, consistent: cp, source: None });
         }
@@ -374,4 +398,12 @@ impl Machine {
             out.push(Command::SendOpen { replica: id, epoch, mode: ClaimMode::Join });
         }
     }
+}
+
+/// The history a replica reported, if it can be used: it holds only writes of the
+/// activations listed (every engine records its history before its writes). A replica
+/// holding a write of a later epoch than its history's last (written by an engine that
+/// keeps no history) is related by epochs instead.
+fn trusted(s: &ReplicaSeqs) -> Option<History> {
+    s.history.last().filter(|e| epoch_of_seq(s.last_seq) <= e.epoch).map(|_| s.history)
 }

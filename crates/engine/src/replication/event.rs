@@ -153,6 +153,15 @@ pub enum Command {
         op: OpId,
         reason: FailReason,
     },
+    /// The replica was admitted into the active volume: durably record on it the volume's
+    /// epoch history ([`super::Machine::history`]) and, with `resync_from`, the resync
+    /// mark (it holds the history only up to there until the resync ends). Queued on the
+    /// replica's ordered link ahead of every write sent to it after this command: no
+    /// write of this activation reaches a replica before both are durable there.
+    Record {
+        replica: ReplicaId,
+        resync_from: Option<Seq>,
+    },
     /// A status change (for operators, metrics and the runtime's bookkeeping).
     SetStatus {
         replica: ReplicaId,
@@ -167,9 +176,9 @@ pub enum Command {
     /// `upto` are already being sent to `replica` directly. With `two_sided = Some(lift)`,
     /// the blocks the target itself changed after `since` are copied from the source too
     /// (the target may hold writes the history does not contain), and every copied chunk
-    /// carries seq `lift`: above anything the target may hold, below every later write. `consistent` is how far the target holds
-    /// the history meanwhile (recorded on it with `begin_resync`, so that a later engine
-    /// does not take it for complete).
+    /// carries seq `lift`: above anything the target may hold, below every later write.
+    /// `consistent` is how far the target holds the history meanwhile (already recorded
+    /// on it by [`Command::Record`], so that a later engine does not take it for complete).
     StartResync {
         replica: ReplicaId,
         source: ReplicaId,

@@ -17,7 +17,9 @@ use super::transport::{
 };
 use super::types::{ReplicaSeqs, Seq};
 use crate::error::{Error, Result};
+use crate::grpc::convert::{history_from_pb, history_to_pb};
 use crate::grpc::snapshots::{snapshot_from_pb, snapshot_to_pb};
+use crate::replica::History;
 
 /// Depth of the request queue of a write stream (above the link's in-flight limit).
 const STREAM_QUEUE: usize = 2 * super::link::MAX_IN_FLIGHT;
@@ -85,6 +87,8 @@ fn seqs(s: pb::ReplicaState) -> ReplicaSeqs {
         last_seq: s.last_seq,
         durable_seq: s.durable_seq,
         resync_from: s.resync_from,
+        // A malformed history is as good as none: the replica is then related by epochs.
+        history: history_from_pb(&s.history).unwrap_or_default(),
     }
 }
 
@@ -188,11 +192,24 @@ impl ReplicaTransport for GrpcReplica {
             .boxed())
     }
 
-    async fn begin_resync(&self, epoch: u64, from_seq: Seq, resume: bool) -> Result<Option<(u64, Seq)>> {
-        let req = pb::BeginResyncRequest { volume_id: self.volume.clone(), epoch, from_seq, resume };
+    async fn begin_resync(
+        &self,
+        epoch: u64,
+        from_seq: Seq,
+        resume: bool,
+        history: History,
+    ) -> Result<Option<(u64, Seq)>> {
+        let history = history_to_pb(&history);
+        let req = pb::BeginResyncRequest { volume_id: self.volume.clone(), epoch, from_seq, resume, history };
         let r = self.client.clone().begin_resync(req).await.map_err(|s| self.status("begin resync", epoch, s))?;
         let s = r.into_inner();
         Ok(s.resync_done_offset.map(|o| (o, s.resync_done_seq)))
+    }
+
+    async fn set_history(&self, epoch: u64, history: History) -> Result<()> {
+        let req = pb::SetHistoryRequest { volume_id: self.volume.clone(), epoch, history: history_to_pb(&history) };
+        self.client.clone().set_history(req).await.map_err(|s| self.status("set history", epoch, s))?;
+        Ok(())
     }
 
     async fn checkpoint_resync(&self, epoch: u64, offset: u64) -> Result<()> {

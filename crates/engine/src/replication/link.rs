@@ -3,8 +3,9 @@
 //!
 //! Invariant: operations are applied on the replica in the order the actor queued them.
 //! Foreground writes are pipelined on the ordered write stream; unary calls (trim, flush,
-//! resync chunks, end of resync) wait until every earlier stream request was acked, so they
-//! can neither overtake nor be overtaken by a write. Consecutive resync chunks go out as
+//! history and resync mark, resync chunks, end of resync) wait until every earlier stream
+//! request was acked, and later ones are sent only once they returned, so they can neither
+//! overtake nor be overtaken by a write. Consecutive resync chunks go out as
 //! one `apply_resync` batch. A request unanswered for `timeout` fails the link; the actor
 //! then reports the replica as failed.
 
@@ -18,8 +19,8 @@ use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 use tokio::time::Instant;
 
 use super::transport::{ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream};
-use super::types::{ReplicaId, Seq};
-use crate::error::{Error, Result};
+use super::types::{History, ReplicaId, Seq};
+use crate::error::{Error, ErrorKind, Result};
 
 /// A resync permit, shared by the pieces of one chunk: the resync task may have a bounded
 /// number of chunks in flight.
@@ -43,6 +44,12 @@ pub(super) enum LinkOp {
         permit: Permit,
     },
     Flush,
+    /// Record the volume's history and, with `resync_from`, the resync mark (durably,
+    /// before anything queued after it).
+    Record {
+        history: Box<History>,
+        resync_from: Option<Seq>,
+    },
     EndResync,
     /// Flush the target and record resync progress below `offset`.
     CheckpointResync {
@@ -263,6 +270,19 @@ impl<T: ReplicaTransport> Link<T> {
                 self.drain(acks).await?;
                 with_timeout(t, "checkpoint resync", r.checkpoint_resync(epoch, offset)).await?;
                 Ok(())
+            }
+            LinkOp::Record { history, resync_from: Some(from) } => {
+                self.drain(acks).await?;
+                with_timeout(t, "begin resync", r.begin_resync(epoch, from, true, *history)).await?;
+                Ok(())
+            }
+            LinkOp::Record { history, resync_from: None } => {
+                self.drain(acks).await?;
+                match with_timeout(t, "record history", r.set_history(epoch, *history)).await {
+                    // A replica that keeps no history is related to others by epochs.
+                    Err(e) if e.kind() == ErrorKind::Unsupported => Ok(()),
+                    res => res,
+                }
             }
             LinkOp::EndResync => {
                 self.drain(acks).await?;

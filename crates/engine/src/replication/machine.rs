@@ -9,7 +9,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use super::event::{Command, Event};
 use super::types::{
-    FailReason, MachineConfig, Millis, OpId, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq, SEQ_EPOCH_SHIFT,
+    FailReason, History, MachineConfig, Millis, OpId, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq,
+    SEQ_EPOCH_SHIFT,
 };
 use crate::error::Result;
 
@@ -172,6 +173,9 @@ pub struct Machine {
     pub(super) lease_wait: bool,
     /// Reads waiting for the read lease: (op, deadline).
     parked_reads: Vec<(OpId, Millis)>,
+    /// The activations the volume's history descends from, this one last (see
+    /// `attach.rs`); recorded on every replica admitted.
+    pub(super) history: History,
 }
 
 impl Machine {
@@ -196,6 +200,7 @@ impl Machine {
             dirty_source: false,
             lease_wait: false,
             parked_reads: Vec::new(),
+            history: History::default(),
         })
     }
 
@@ -218,6 +223,11 @@ impl Machine {
     /// Highest sequence number assigned so far.
     pub fn last_seq(&self) -> Seq {
         self.last_seq
+    }
+    /// The volume's epoch history: the activations it descends from, the current one
+    /// last (empty before the first attach).
+    pub fn history(&self) -> History {
+        self.history
     }
     pub fn status(&self, replica: ReplicaId) -> ReplicaStatus {
         self.reps[replica].status
@@ -286,9 +296,21 @@ impl Machine {
 
     /// The next sequence number: above everything seen, and in this epoch's range.
     fn assign_seq(&mut self) -> Seq {
-        let seq = self.max_seq.saturating_add(1).max(self.epoch.saturating_mul(1 << SEQ_EPOCH_SHIFT));
-        self.max_seq = seq;
+        let seq = self.reserve_seq();
         self.last_seq = seq;
+        seq
+    }
+
+    /// The first seq this engine may issue next (not a write of the history by itself).
+    pub(super) fn next_seq(&self) -> Seq {
+        self.max_seq.saturating_add(1).max(self.epoch.saturating_mul(1 << SEQ_EPOCH_SHIFT))
+    }
+
+    /// Takes [`Machine::next_seq`]: every seq an activation issues (writes, and the lift
+    /// seq of two-sided resyncs) is at least its history entry's `start`.
+    pub(super) fn reserve_seq(&mut self) -> Seq {
+        let seq = self.next_seq();
+        self.max_seq = seq;
         seq
     }
 

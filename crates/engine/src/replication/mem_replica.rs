@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::transport::{
     ChunkData, Claim, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream,
 };
-use super::types::{ReplicaSeqs, Seq};
+use super::types::{History, ReplicaSeqs, Seq};
 use crate::error::{Error, Result};
 
 const BLOCK: u64 = 4096;
@@ -41,6 +41,8 @@ struct State {
     durable: Data,
     durable_seq: Seq,
     resync_from: Option<Seq>,
+    /// Durable at once, like the resync mark.
+    history: History,
     resync_done: Option<(u64, Seq)>,
     resync_done_epoch: u64,
     /// Snapshots: the record and a copy of the data it saw.
@@ -50,6 +52,7 @@ struct State {
     naive_resync: bool,
     fail_resync_source: bool,
     delay: Duration,
+    mark_delay: Duration,
     writes: u64,
     resync_writes: u64,
     checkpoints: u64,
@@ -110,6 +113,11 @@ impl MemReplica {
     pub fn set_fail_resync_source(&self, fail: bool) {
         self.lock().fail_resync_source = fail;
     }
+    /// `begin_resync` waits this long before it takes effect (a slow resync mark, to
+    /// test that no write overtakes it).
+    pub fn set_mark_delay(&self, delay: Duration) {
+        self.lock().mark_delay = delay;
+    }
     pub fn stats(&self) -> MemStats {
         let s = self.lock();
         MemStats { writes: s.writes, resync_writes: s.resync_writes, checkpoints: s.checkpoints }
@@ -135,6 +143,7 @@ impl MemReplica {
             last_seq: s.data.last_seq,
             durable_seq: s.durable_seq,
             resync_from: s.resync_from,
+            history: s.history,
         }
     }
 
@@ -334,14 +343,32 @@ impl ReplicaTransport for MemReplica {
         Ok(stream::iter(chunks).boxed())
     }
 
-    async fn begin_resync(&self, epoch: u64, from_seq: Seq, resume: bool) -> Result<Option<(u64, Seq)>> {
+    async fn begin_resync(
+        &self,
+        epoch: u64,
+        from_seq: Seq,
+        resume: bool,
+        history: History,
+    ) -> Result<Option<(u64, Seq)>> {
+        let mark_delay = self.lock().mark_delay;
+        tokio::time::sleep(mark_delay).await;
         let mut s = self.lock();
         self.check(&s, epoch)?;
+        if !history.is_empty() {
+            s.history = history;
+        }
         if !resume || s.resync_from != Some(from_seq) || s.resync_done_epoch != epoch {
             s.resync_done = None;
         }
         s.resync_from = Some(s.resync_from.map_or(from_seq, |f| f.min(from_seq)));
         Ok(s.resync_done)
+    }
+
+    async fn set_history(&self, epoch: u64, history: History) -> Result<()> {
+        let mut s = self.lock();
+        self.check(&s, epoch)?;
+        s.history = history;
+        Ok(())
     }
 
     async fn checkpoint_resync(&self, epoch: u64, offset: u64) -> Result<()> {

@@ -85,6 +85,14 @@
 //! resync is marked (`BeginResync`, reported as `resync_from` until `EndResync`), so an
 //! engine attaching after a crash never takes a half-resynced replica for complete.
 //!
+//! The mark is ordered with the writes: the machine emits [`Command::Record`] when it
+//! admits a replica, before any write is sent to it, and the runtime queues it as the
+//! first op of the replica's ordered link; the link sends nothing after it until the
+//! replica answered, i.e. made the mark durable. So a replica never holds a write of this
+//! engine without its mark: losing power in between leaves it with its old data and old
+//! `last_seq` (never a high `last_seq` without the mark, which a later engine could take
+//! for complete, even as its attach source, while it misses older blocks).
+//!
 //! Completeness: direct writes to the target start at `upto + 1` (the last seq assigned
 //! when it was admitted); the copy starts only once its source applied everything up to
 //! `upto`, so copy plus direct writes cover the whole history. Where the target may hold
@@ -98,6 +106,45 @@
 //! link broke) copies blocks below O only if they changed after D. Checkpoints are keyed
 //! by epoch: a new engine may adopt a different history, so it starts over. Copies can be
 //! rate limited (`resync_rate`) so a rebuild leaves bandwidth to client I/O.
+//!
+//! # Epoch history
+//!
+//! Every activation of an engine (an attach, or a re-attach after it lost every in-sync
+//! replica) adopts a history up to its attach base and appends writes of its own. The
+//! machine names it `(epoch, start, base)`: `start = max(max_seq + 1, epoch << 40)`, the
+//! first seq it may issue (every write seq and the lift seq of two-sided resyncs it issues
+//! is `>= start > base`). The volume's history `C` is the list of these activations: the
+//! attach source's recorded list plus the new entry at the first attach, the engine's own
+//! list plus the new entry at a re-attach ([`crate::replica::History`], at most
+//! `HISTORY_LEN` entries, oldest dropped).
+//!
+//! Invariant R: *a replica holds only writes of activations in its recorded history `R`,
+//! and holds `H(R)` (the writes of `R`'s history, applied in seq order) up to its raw
+//! point `p` (`last_seq`, lowered to `resync_from`).* It holds because `Record` makes `C`
+//! (and for a resyncing replica the mark, in the same durable update) durable before any
+//! write of the activation reaches the replica: an in-sync admission holds `H(C)` up to
+//! its `last_seq` (it was found a clean prefix); a resyncing one holds `H(C)` up to its
+//! mark `cp` (computed against `C` below); `EndResync` clears the mark only once the copy
+//! completed the prefix.
+//!
+//! Fork point. `H(a_1..a_n)` is `H(a_1..a_{n-1})` cut at `a_n.base`, plus writes at seqs
+//! `>= a_n.start > a_n.base`. By induction, for `x <= min(a_j.base, j > k)`, `H(a_1..a_n)`
+//! and `H(a_1..a_k)` agree on every seq `<= x`. An activation adopts exactly one history,
+//! so two lists holding the same entry agree on everything before it; with `a_k` the last
+//! entry `C` and `R` share, `H(C)` and `H(R)` agree up to `f =` the lowest base either
+//! list recorded after `a_k` (`History::fork_point`). So a replica holds `H(C)` up to
+//! `cp = min(p, f)`, however many activations it missed, and the attach plan is the usual
+//! one: resync from `min(durable_seq, cp)`, two-sided if `last_seq > cp` (its writes beyond
+//! `cp` may be outside `H(C)`).
+//!
+//! The invariants of the contract are kept: every acknowledged write is in the history
+//! (the source is still the replica with the highest `cp`; `cp` is computed from the
+//! history only for replicas the engine never had in sync, after the first activation); a
+//! replica's `cp` never exceeds the clean prefix it holds (above). Without a shared entry
+//! (a record from before histories were kept, or more than `HISTORY_LEN` activations
+//! missed) the old rule applies: related through the epochs in its seqs, else 0 (full
+//! two-sided rebuild). A replica whose `last_seq` is from a newer epoch than its history's
+//! last entry was written by an engine that keeps no history; its history is not used.
 //!
 //! # Snapshots
 //!
@@ -132,4 +179,6 @@ pub use runtime::{ReplicaHealth, ReplicatedVolume, VolumeConfig};
 pub use transport::{
     ChunkData, GrpcReplica, MemReplica, MemStats, ReplicaTransport, ResyncChunk, WriteAck, WriteReq, WriteStream,
 };
-pub use types::{FailReason, MachineConfig, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaSpec, ReplicaStatus, Seq};
+pub use types::{
+    FailReason, History, MachineConfig, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaSpec, ReplicaStatus, Seq,
+};

@@ -33,7 +33,7 @@ use tokio::sync::{mpsc, Semaphore};
 
 use super::link::{with_timeout, Permit};
 use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, SnapshotInfo};
-use super::types::{ReplicaId, Seq};
+use super::types::{History, ReplicaId, Seq};
 use crate::error::{Error, ErrorKind, Result};
 
 /// Snapshot blocks sent in one install call, at most.
@@ -64,7 +64,11 @@ pub(super) struct ResyncJob<T> {
     pub epoch: u64,
     pub since: Seq,
     /// Recorded on the target: it holds the history up to here until the resync ends.
+    /// (The actor already queued the mark on the target's link ahead of every write; the
+    /// task asks again, with the same values, for the checkpoint to resume from.)
     pub consistent: Seq,
+    /// The volume's epoch history, recorded with the mark.
+    pub history: History,
     /// Seq for chunks of a two-sided resync (see the module docs); `None` keeps each
     /// chunk's own seq.
     pub lift_seq: Option<Seq>,
@@ -95,11 +99,14 @@ impl<T: ReplicaTransport> ResyncJob<T> {
     async fn copy(&self) -> std::result::Result<(), (Error, bool)> {
         let (on_source, on_target) = (|e| (e, true), |e| (e, false));
         let window = Arc::new(Semaphore::new(self.window.max(1)));
-        let resume =
-            with_timeout(self.timeout, "begin resync", self.target.begin_resync(self.epoch, self.consistent, true))
-                .await
-                .map_err(on_target)?
-                .filter(|&(offset, _)| offset > 0);
+        let resume = with_timeout(
+            self.timeout,
+            "begin resync",
+            self.target.begin_resync(self.epoch, self.consistent, true, self.history),
+        )
+        .await
+        .map_err(on_target)?
+        .filter(|&(offset, _)| offset > 0);
         if let Some((offset, _)) = resume {
             self.report(ResyncMsg::Resumed(offset)).map_err(on_target)?;
         }

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 
 pub use super::grpc_replica::GrpcReplica;
 pub use super::mem_replica::{MemReplica, MemStats};
-use super::types::{ReplicaSeqs, Seq};
+use super::types::{History, ReplicaSeqs, Seq};
 use crate::error::Result;
 pub use crate::replica::{Claim, ClaimMode, SnapshotInfo};
 
@@ -91,15 +91,19 @@ pub trait ReplicaTransport: Send + Sync + 'static {
         since: Seq,
         resume: Option<(u64, Seq)>,
     ) -> impl Future<Output = Result<BoxStream<'static, Result<ResyncChunk>>>> + Send;
-    /// Marks the replica incomplete from `from_seq` (durably) until `end_resync`. With
-    /// `resume`, returns the checkpoint `(offset, seq)` an unfinished resync from the same
-    /// `from_seq` left (see `checkpoint_resync`).
+    /// Marks the replica incomplete from `from_seq` (durably, with `history` unless it is
+    /// empty) until `end_resync`. With `resume`, returns the checkpoint `(offset, seq)` an
+    /// unfinished resync from the same `from_seq` left (see `checkpoint_resync`).
     fn begin_resync(
         &self,
         epoch: u64,
         from_seq: Seq,
         resume: bool,
+        history: History,
     ) -> impl Future<Output = Result<Option<(u64, Seq)>>> + Send;
+    /// Records (durably) the epoch history the replica's data belongs to from now on.
+    /// `Unsupported` from a replica that keeps no history.
+    fn set_history(&self, epoch: u64, history: History) -> impl Future<Output = Result<()>> + Send;
     /// Flushes, then records that every block below `offset` is complete up to the durable
     /// seq.
     fn checkpoint_resync(&self, epoch: u64, offset: u64) -> impl Future<Output = Result<()>> + Send;

@@ -3,6 +3,7 @@
 use std::fmt;
 
 use crate::error::{Error, ErrorKind, Result};
+pub use crate::replica::History;
 
 /// Index of a replica in the volume's replica set (`0..N`).
 pub type ReplicaId = usize;
@@ -43,6 +44,9 @@ pub struct ReplicaSeqs {
     /// Set while a resync into this replica is unfinished: the replica is only complete up
     /// to this seq, whatever `last_seq` says.
     pub resync_from: Option<Seq>,
+    /// The activations the replica's data descends from (empty: unknown; see
+    /// [`History`] and the "Epoch history" section of [`crate::replication`]).
+    pub history: History,
 }
 
 /// Why a request to a replica failed, as far as the machine cares.
@@ -200,6 +204,9 @@ pub struct MachineConfig {
     /// Holders this engine may take over even without `takeover` (engines known to have
     /// stopped serving); their read lease is still waited out.
     pub takeover_owners: Vec<u64>,
+    /// Holders known to be dead (engines of this node's previous agent process): taken
+    /// over without waiting for a lease nobody can hold.
+    pub dead_owners: Vec<u64>,
 }
 
 impl MachineConfig {
@@ -218,6 +225,7 @@ impl MachineConfig {
             owner: 0,
             takeover: false,
             takeover_owners: Vec::new(),
+            dead_owners: Vec::new(),
         }
     }
 

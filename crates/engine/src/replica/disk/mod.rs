@@ -32,6 +32,7 @@ use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOp
 use crate::error::{Error, Result};
 
 use super::check;
+use super::history::History;
 use super::record::{
     ApplyStats, Change, ChunkData, Claim, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord,
     BLOCK_SIZE,
@@ -216,11 +217,16 @@ impl DiskStore {
     }
 
     fn put_record(&self, vid: u32, record: &VolumeRecord) -> Result<()> {
-        let sv = StoredVolume { vid, record: record.clone() };
         let mut batch = WriteBatch::default();
+        Self::stage_record(&mut batch, vid, record)?;
+        self.commit(batch, true, "writing volume record")
+    }
+
+    fn stage_record(batch: &mut WriteBatch, vid: u32, record: &VolumeRecord) -> Result<()> {
+        let sv = StoredVolume { vid, record: record.clone() };
         batch
             .put(keys::volume(&record.volume_id), serde_json::to_vec(&sv).map_err(|e| Error::Internal(e.to_string()))?);
-        self.commit(batch, true, "writing volume record")
+        Ok(())
     }
 
     /// Writes `data` (whole blocks) for the blocks starting at `first`, each with `seq`.
@@ -662,7 +668,14 @@ impl ReplicaStore for DiskStore {
         Ok(out)
     }
 
-    fn begin_resync(&self, name: &str, epoch: u64, from_seq: u64, resume: bool) -> Result<ReplicaState> {
+    fn begin_resync(
+        &self,
+        name: &str,
+        epoch: u64,
+        from_seq: u64,
+        resume: bool,
+        history: History,
+    ) -> Result<ReplicaState> {
         check::seq(name, from_seq)?;
         self.with_io(name, epoch, |v, g| {
             let mut st = g.st;
@@ -672,9 +685,28 @@ impl ReplicaStore for DiskStore {
             st.resync_from = Some(st.resync_from.map_or(from_seq, |f| f.min(from_seq)));
             let mut batch = WriteBatch::default();
             batch.put(keys::state(v.vid), st.encode());
+            // The mark and the history it is a point of are durable together.
+            let mut rec = g.record.clone();
+            if !history.is_empty() {
+                rec.history = history.entries().to_vec();
+                Self::stage_record(&mut batch, v.vid, &rec)?;
+            }
             self.commit(batch, true, "marking resync")?;
             g.st.resync_from = st.resync_from;
             g.st.resync_done = st.resync_done;
+            g.record = rec;
+            Ok(g.state())
+        })
+    }
+
+    fn set_history(&self, name: &str, epoch: u64, history: History) -> Result<ReplicaState> {
+        self.with_io(name, epoch, |v, g| {
+            let mut rec = g.record.clone();
+            rec.history = history.entries().to_vec();
+            if rec != g.record {
+                self.put_record(v.vid, &rec)?;
+                g.record = rec;
+            }
             Ok(g.state())
         })
     }

@@ -3,6 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use super::super::history::History;
 use super::super::record::{ReplicaState, SnapshotInfo, VolumeRecord, BLOCK_SIZE};
 use super::file::SlotFile;
 use super::keys::PersistState;
@@ -95,6 +96,7 @@ impl VolInner {
             allocated_bytes: self.st.allocated_blocks * BLOCK_SIZE,
             resync_from: self.st.resync_from,
             resync_done: self.st.resync_done,
+            history: History::from_entries(&self.record.history).unwrap_or_default(),
         }
     }
 }
