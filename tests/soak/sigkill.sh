@@ -8,6 +8,8 @@
 # replica (after convergence). Prints a results table; exit 1 on any violation.
 #
 #   tests/soak/sigkill.sh [ROUNDS] [SEED]        (uses target/debug/hlstore, or $HLSTORE)
+#   FIO_IO_SIZE (default 1M): bytes each fio pass writes before verifying them; small
+#   enough that most passes finish (and verify) between two kills of the engine's node.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 2
 ROUNDS=${1:-200}
@@ -38,7 +40,7 @@ WPID=$!
   while [ ! -e "$DIR/fio.stop" ]; do
     pass=$((pass + 1))
     fio --name=soak --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --offset=16M --size=64M \
-      --io_size=8M --verify=crc32c --do_verify=1 --verify_fatal=1 --output="$DIR/fio-$pass.out" >/dev/null 2>&1
+      --io_size=${FIO_IO_SIZE:-1M} --verify=crc32c --do_verify=1 --verify_fatal=1 --output="$DIR/fio-$pass.out" >/dev/null 2>&1
     echo "$pass $?" >>"$DIR/fio.passes"
   done
 ) &
