@@ -101,11 +101,13 @@ pub mod types;
 mod actor;
 mod attach;
 mod grpc_replica;
+mod heal;
 mod link;
 mod mem_replica;
 mod resync;
 
 pub use event::{Command, Event};
+pub use heal::HealStats;
 pub use machine::{Machine, Phase, ReplicaView};
 pub use runtime::{ReplicaHealth, ReplicatedVolume, VolumeConfig};
 pub use transport::{

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::actor::{Actor, Payload, Request, Shared};
+use super::heal::HealStats;
 use super::machine::Machine;
 use super::transport::{ReplicaTransport, SnapshotInfo};
 use super::types::{MachineConfig, ReplicaStatus, Seq};
@@ -37,6 +38,8 @@ pub struct VolumeConfig {
     pub resync_rate: u64,
     /// The node this engine runs on, recorded with its claim on the replicas.
     pub owner_node: String,
+    /// Background scrub rate in bytes per second, per volume (0: off). See `heal.rs`.
+    pub scrub_rate: u64,
 }
 
 impl VolumeConfig {
@@ -52,6 +55,7 @@ impl VolumeConfig {
             resync_checkpoint_blocks: 4096,
             resync_rate: 0,
             owner_node: String::new(),
+            scrub_rate: 0,
         }
     }
 }
@@ -116,6 +120,7 @@ impl ReplicatedVolume {
                     resync_resumed_from: 0,
                 })
                 .collect(),
+            heal: Arc::default(),
         }));
         let (tx, rx) = mpsc::channel(cfg.queue_depth.max(1));
         let (attached_tx, attached_rx) = oneshot::channel();
@@ -132,6 +137,11 @@ impl ReplicatedVolume {
     /// The epoch this engine attached under.
     pub fn epoch(&self) -> u64 {
         self.lock().epoch
+    }
+
+    /// Read repair and scrub counters (for metrics).
+    pub fn heal_stats(&self) -> Arc<HealStats> {
+        self.lock().heal.clone()
     }
 
     /// Replica states (for the CLI and metrics).
