@@ -137,7 +137,8 @@ async fn a_repair_never_overwrites_a_newer_write() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     for (i, r) in reps.iter().enumerate() {
         assert!(!r.is_corrupt(3));
-        assert_eq!(&r.contents()[3 * BS as usize..4 * BS as usize], &block(9, 3)[..], "replica {i} block 3");
+        let got = &r.contents()[3 * BS as usize..4 * BS as usize];
+        assert!(got == &block(9, 3)[..], "replica {i} block 3: got {:?}.., want the newer write", &got[..16]);
     }
     assert_eq!(vol.read(3 * BS, BS).await.unwrap(), block(9, 3));
     vol.close().await;
