@@ -5,7 +5,8 @@
 //! resync planning; no I/O, no clock), [`transport`] (`ReplicaTransport`; `grpc_replica.rs`
 //! over tonic, `mem_replica.rs` in memory for tests), [`ReplicatedVolume`] (`runtime.rs`
 //! the handle and `BlockDevice`; `actor.rs` the one task per volume that drives the
-//! machine; `link.rs` the ordered per-replica pipeline; `resync.rs` the copy task).
+//! machine; `link.rs` the ordered per-replica pipeline; `resync.rs` the copy task;
+//! `heal.rs` read repair and the scrub).
 //!
 //! # Contract (enforced by [`Machine`])
 //!
@@ -51,6 +52,9 @@
 //!   majority answers; requests meanwhile fail with `NoQuorum`.
 //! - **Reads** go to an in-sync replica that applied every write acknowledged so far: the
 //!   local one first, healthy before lagging. Resyncing and failed replicas serve none.
+//!   A replica whose read fails its checksum stays in service: the read goes to another
+//!   such replica (or fails with `Corruption`, EIO, if none is left) and the bad blocks
+//!   are rewritten from a good copy (`heal.rs`, which also holds the scrub).
 //!
 //! # Resync ordering
 //!
