@@ -1,8 +1,8 @@
 //! Self-healing on a real 3-node `hlstore dev` cluster: a block damaged in a replica's slot
 //! file on disk (bit rot) is read through NBD with the right content, the replica stays in
-//! service, the block is rewritten on that replica, and the node's metrics count it. A
-//! second cluster runs the background scrub, which finds and repairs a damaged block no
-//! client reads.
+//! service, the block is rewritten on that replica, and the node's metrics count it;
+//! `hlstore volume scrub` then repairs a block no client reads. A second cluster runs the
+//! background scrub, which finds and repairs such a block by itself.
 
 mod support;
 
@@ -104,7 +104,24 @@ fn a_block_damaged_on_disk_is_served_from_another_replica_and_rewritten() {
     c.cli(&["replica", "read", "h", "--offset", "1MiB", "--length", "4KiB", "--output", out_s, "--endpoint", &ep]);
     assert_eq!(std::fs::read(&out).expect("replica read output"), want);
     // And reads keep working from every path.
-    qemu_io(&uri, &["read -P 0x5a 1M 4k", "write -P 0x33 1M 4k", "read -P 0x33 1M 4k"]);
+    qemu_io(&uri, &["read -P 0x5a 1M 4k", "write -P 0x33 1M 4k", "read -P 0x33 1M 4k", "flush"]);
+
+    // `volume scrub` finds and repairs a damaged block on a replica no read touches.
+    let want = vec![0x33u8; BLOCK];
+    let victim = ["n1", "n2", "n3"].into_iter().find(|n| *n != node).expect("another node");
+    let vfile = slot_file(&c, victim);
+    corrupt_slot(&vfile, &want);
+    let ep1 = c.endpoint("n1");
+    let out = c.cli(&["volume", "scrub", "h", "--json", "--endpoint", &ep1]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(r["replicas"], 3, "{r}");
+    assert_eq!(r["blocks"], 16 * 256, "every block of 16 MiB compared: {r}");
+    assert_eq!((r["corrupt"].as_u64(), r["repaired"].as_u64()), (Some(1), Some(1)), "{r}");
+    assert_eq!((r["divergent"].as_u64(), r["unrecoverable"].as_u64()), (Some(0), Some(0)), "{r}");
+    assert!(!slots_holding(&vfile, &want).is_empty(), "the good block is back on {victim}");
+    let out = c.cli(&["volume", "scrub", "h", "--json", "--endpoint", &ep1]);
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(r["corrupt"], 0, "a second pass finds nothing: {r}");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::event::{Command, Event};
-use super::heal::{self, Answer, Cause, Check, Checks, Fetched, HealStats, Scrub};
+use super::heal::{self, Answer, Cause, Check, Checks, Fetched, HealStats, Scrub, ScrubNow, ScrubReport};
 use super::link::{self, LinkEvent, LinkOp, Permit};
 use super::machine::{Machine, Phase};
 use super::resync::{ResyncJob, ResyncMsg, ResyncReports};
@@ -39,6 +39,7 @@ pub(super) enum Request {
     Snapshot { snap: SnapshotInfo, reply: oneshot::Sender<Result<SnapshotInfo>> },
     DeleteSnapshot { name: String, reply: oneshot::Sender<Result<bool>> },
     Expand { size: u64, reply: oneshot::Sender<Result<()>> },
+    ScrubNow { reply: oneshot::Sender<Result<ScrubReport>> },
 }
 
 #[derive(Debug, Clone)]
@@ -127,6 +128,7 @@ pub(super) struct Actor<T> {
     checks: Checks,
     scrub: Scrub,
     corrupt_reads: HashMap<OpId, CorruptRead>,
+    scrub_now: Option<ScrubNow>,
 }
 
 impl<T: ReplicaTransport> Actor<T> {
@@ -168,6 +170,7 @@ impl<T: ReplicaTransport> Actor<T> {
             checks: Checks::default(),
             scrub,
             corrupt_reads: HashMap::new(),
+            scrub_now: None,
         }
     }
 
@@ -252,6 +255,7 @@ impl<T: ReplicaTransport> Actor<T> {
             }
             Request::Snapshot { snap, reply } => self.snapshot(snap, reply),
             Request::DeleteSnapshot { name, reply } => self.delete_snapshot(name, reply),
+            Request::ScrubNow { reply } => self.start_scrub_now(reply),
             Request::Expand { size, reply } => {
                 // The scrub covers the new blocks from its next pass (a failed expand
                 // only makes its reads beyond the old end fail, which it ignores).
@@ -391,8 +395,15 @@ impl<T: ReplicaTransport> Actor<T> {
             }
             Internal::Checked { id, answers } => self.on_checked(id, answers),
             Internal::Repaired { cause, replica, blocks, res } => {
-                let name = self.replicas[replica].name();
+                let name = self.replicas[replica].name().to_string();
                 let offsets: Vec<u64> = blocks.iter().map(|b| b * u64::from(self.cfg.block_size)).collect();
+                if cause == Cause::ScrubNow {
+                    if let Some(s) = self.scrub_now.as_mut() {
+                        s.outstanding = s.outstanding.saturating_sub(1);
+                        s.report.repaired += *res.as_ref().unwrap_or(&0);
+                    }
+                    self.continue_scrub_now();
+                }
                 match res {
                     Ok(n) => {
                         heal::repaired(cause, n, &self.heal);
@@ -693,6 +704,53 @@ impl<T: ReplicaTransport> Actor<T> {
         }
     }
 
+    /// Starts an operator's scrub pass (one at a time per volume).
+    fn start_scrub_now(&mut self, reply: oneshot::Sender<Result<ScrubReport>>) {
+        let ids = match self.in_sync_replicas("a scrub") {
+            Ok(ids) => ids,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if self.scrub_now.is_some() {
+            let _ =
+                reply.send(Err(Error::Conflict(format!("volume {}: a scrub pass is already running", self.cfg.name))));
+            return;
+        }
+        let report = ScrubReport { replicas: ids.len() as u32, ..ScrubReport::default() };
+        tracing::info!(volume.id = %self.cfg.name, "scrub pass requested");
+        self.scrub_now = Some(ScrubNow { cursor: 0, size: self.cfg.size, report, outstanding: 0, reply });
+        self.continue_scrub_now();
+    }
+
+    /// Checks the next range of an operator's scrub pass, or answers when it is done.
+    fn continue_scrub_now(&mut self) {
+        let Some(s) = self.scrub_now.as_mut() else { return };
+        if self.checks.running(Cause::ScrubNow) {
+            return;
+        }
+        if s.cursor < s.size {
+            let (offset, len) = (s.cursor, heal::SCRUB_CHUNK.min(s.size - s.cursor));
+            s.cursor += len;
+            if self.machine.phase() != Phase::Active {
+                let s = self.scrub_now.take().expect("scrub pass");
+                let _ = s
+                    .reply
+                    .send(Err(Error::Unavailable(format!("volume {}: detached during the scrub", self.cfg.name))));
+                return;
+            }
+            self.start_check(offset, len, Cause::ScrubNow, None);
+            return;
+        }
+        if s.outstanding == 0 {
+            let s = self.scrub_now.take().expect("scrub pass");
+            let r = s.report;
+            tracing::info!(volume.id = %self.cfg.name, blocks = r.blocks, corrupt = r.corrupt, repaired = r.repaired, divergent = r.divergent, unrecoverable = r.unrecoverable, "scrub pass done");
+            let _ = s.reply.send(Ok(r));
+        }
+    }
+
     /// Starts a check of `[offset, offset + len)` across the in-sync replicas (see
     /// `heal.rs`): ordered reads on their links now, the verdict in `on_checked`.
     fn start_check(&mut self, offset: u64, len: u64, cause: Cause, fetch: Option<oneshot::Sender<Fetched>>) {
@@ -756,7 +814,23 @@ impl<T: ReplicaTransport> Actor<T> {
         let mut verdict = heal::judge(check.offset, check.len, bs, &answers, &check.dirty);
         heal::report(&self.cfg.name, check.cause, &verdict, &self.heal);
         let repairs = std::mem::take(&mut verdict.repairs);
+        if check.cause == Cause::ScrubNow {
+            if let Some(s) = self.scrub_now.as_mut() {
+                let corrupt: usize = answers
+                    .iter()
+                    .map(|(_, a)| match a {
+                        Answer::Corrupt(blocks) => blocks.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                s.report.blocks += verdict.blocks;
+                s.report.corrupt += corrupt as u64;
+                s.report.divergent += verdict.divergent.len() as u64;
+                s.report.unrecoverable += verdict.unrecoverable.len() as u64;
+            }
+        }
         if repairs.is_empty() && check.fetch.is_none() {
+            self.continue_scrub_now();
             return;
         }
         let seq = self.machine.reserve_seq();
@@ -777,11 +851,15 @@ impl<T: ReplicaTransport> Actor<T> {
             let (reply, rx) = oneshot::channel();
             let _ = link.ops.send(LinkOp::Repair { chunks, reply });
             let (tx, cause) = (self.internal.0.clone(), check.cause);
+            if let Some(s) = self.scrub_now.as_mut().filter(|_| cause == Cause::ScrubNow) {
+                s.outstanding += 1;
+            }
             self.tasks.spawn(async move {
                 let res = rx.await.unwrap_or_else(|_| Err(Error::Unavailable("replica link closed".into())));
                 let _ = tx.send(Internal::Repaired { cause, replica: r, blocks: ids, res });
             });
         }
+        self.continue_scrub_now();
     }
 
     fn send_write(&mut self, replica: ReplicaId, seq: Seq, fua: bool) {

@@ -72,6 +72,8 @@ pub(super) enum Cause {
     /// A client read met a corrupt block.
     Read,
     Scrub,
+    /// A scrub pass asked for by an operator (`hlstore volume scrub`).
+    ScrubNow,
     /// A resync source met a corrupt block.
     Resync,
 }
@@ -81,6 +83,7 @@ impl Cause {
         match self {
             Cause::Read => "read",
             Cause::Scrub => "scrub",
+            Cause::ScrubNow => "scrub-now",
             Cause::Resync => "resync",
         }
     }
@@ -141,7 +144,11 @@ impl Checks {
     }
 
     pub fn scrubbing(&self) -> bool {
-        self.pending.values().any(|c| c.cause == Cause::Scrub)
+        self.running(Cause::Scrub)
+    }
+
+    pub fn running(&self, cause: Cause) -> bool {
+        self.pending.values().any(|c| c.cause == cause)
     }
 
     /// Whether a read-repair check of exactly this range is in flight.
@@ -218,7 +225,7 @@ pub(super) fn judge(offset: u64, len: u64, bs: u64, answers: &[(ReplicaId, Answe
 
 /// Records a verdict in the counters and the log.
 pub(super) fn report(volume: &str, cause: Cause, v: &Verdict, stats: &HealStats) {
-    if cause == Cause::Scrub {
+    if matches!(cause, Cause::Scrub | Cause::ScrubNow) {
         HealStats::add(&stats.scrub_blocks, v.blocks);
     }
     if !v.divergent.is_empty() {
@@ -234,9 +241,34 @@ pub(super) fn report(volume: &str, cause: Cause, v: &Verdict, stats: &HealStats)
 /// Counts `n` repaired blocks.
 pub(super) fn repaired(cause: Cause, n: u64, stats: &HealStats) {
     match cause {
-        Cause::Scrub => HealStats::add(&stats.scrub_repairs, n),
+        Cause::Scrub | Cause::ScrubNow => HealStats::add(&stats.scrub_repairs, n),
         Cause::Read | Cause::Resync => HealStats::add(&stats.read_repairs, n),
     }
+}
+
+/// What one scrub pass found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScrubReport {
+    pub blocks: u64,
+    /// Block copies that failed their checksum.
+    pub corrupt: u64,
+    /// Of those, rewritten from a good copy.
+    pub repaired: u64,
+    pub divergent: u64,
+    pub unrecoverable: u64,
+    /// In-sync replicas compared (at the start of the pass).
+    pub replicas: u32,
+}
+
+/// A scrub pass asked for now: checks range after range, unthrottled, then answers once
+/// every repair it queued was applied.
+pub(super) struct ScrubNow {
+    pub cursor: u64,
+    pub size: u64,
+    pub report: ScrubReport,
+    /// Repairs queued and not answered yet.
+    pub outstanding: u64,
+    pub reply: oneshot::Sender<crate::error::Result<ScrubReport>>,
 }
 
 /// The scrub's position and pace.

@@ -111,7 +111,7 @@ mod mem_replica;
 mod resync;
 
 pub use event::{Command, Event};
-pub use heal::HealStats;
+pub use heal::{HealStats, ScrubReport};
 pub use machine::{Machine, Phase, ReplicaView};
 pub use runtime::{ReplicaHealth, ReplicatedVolume, VolumeConfig};
 pub use transport::{

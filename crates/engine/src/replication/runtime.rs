@@ -12,7 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::actor::{Actor, Payload, Request, Shared};
-use super::heal::HealStats;
+use super::heal::{HealStats, ScrubReport};
 use super::machine::Machine;
 use super::transport::{ReplicaTransport, SnapshotInfo};
 use super::types::{MachineConfig, ReplicaStatus, Seq};
@@ -137,6 +137,12 @@ impl ReplicatedVolume {
     /// The epoch this engine attached under.
     pub fn epoch(&self) -> u64 {
         self.lock().epoch
+    }
+
+    /// Runs one scrub pass now, unthrottled (see `heal.rs`), and reports what it found
+    /// once every repair it queued was applied.
+    pub async fn scrub_now(&self) -> Result<ScrubReport> {
+        self.call(|reply| Request::ScrubNow { reply }).await
     }
 
     /// Read repair and scrub counters (for metrics).
