@@ -55,6 +55,12 @@ pub struct NodeArgs {
     /// client I/O on a 1 GbE link (0 = unlimited).
     #[arg(long, env = "HLSTORE_RESYNC_MIBPS", default_value_t = 0)]
     pub resync_mibps: u64,
+    /// Background scrub rate in MiB/s per attached volume: the engine reads every block
+    /// from every in-sync replica, compares them and rewrites blocks that fail their
+    /// checksum from a good copy (0 = off). Progress and findings are in /metrics
+    /// (hlstore_volume_scrub_*).
+    #[arg(long, env = "HLSTORE_SCRUB_MIBPS", default_value_t = 1)]
+    pub scrub_mibps: u64,
     /// Read lease (ms): an engine serves reads only while a write quorum of replicas
     /// confirmed its epoch within this period, and an engine taking a volume over from one
     /// that cannot be reached waits 1.25 times this before serving. Shorter: faster
@@ -84,6 +90,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     }
     timeouts.resync_rate =
         args.resync_mibps.checked_mul(1 << 20).ok_or_else(|| anyhow::anyhow!("--resync-mibps is too large"))?;
+    timeouts.scrub_rate =
+        args.scrub_mibps.checked_mul(1 << 20).ok_or_else(|| anyhow::anyhow!("--scrub-mibps is too large"))?;
     let config = NodeConfig {
         id: args.id,
         data_dir: args.data_dir,

@@ -424,6 +424,24 @@ fn reads_prefer_the_local_replica_that_has_every_acked_write() {
 }
 
 #[test]
+fn a_corrupt_read_keeps_the_replica_and_reads_elsewhere_until_none_is_left() {
+    let mut m = active(3, None);
+    assert_eq!(m.step(E::ClientRead { op: 1, now: 0 }), vec![C::SendRead { op: 1, replica: 0 }]);
+    // No Disconnect, no SetStatus: the replica stays healthy; the read goes elsewhere.
+    assert_eq!(m.step(E::ReadCorrupt { op: 1, exclude: vec![0], now: 1 }), vec![C::SendRead { op: 1, replica: 1 }]);
+    assert_eq!(m.step(E::ReadCorrupt { op: 1, exclude: vec![0, 1], now: 2 }), vec![C::SendRead { op: 1, replica: 2 }]);
+    assert_eq!(
+        m.step(E::ReadCorrupt { op: 1, exclude: vec![0, 1, 2], now: 3 }),
+        vec![C::FailClient { op: 1, reason: FailReason::Corrupt }]
+    );
+    assert!((0..3).all(|r| m.status(r) == St::Healthy));
+    // Writes still go to every replica; a reserved seq is skipped by the next write.
+    let reserved = m.reserve_seq();
+    assert_eq!(reserved, S);
+    write(&mut m, 2, S + 1, &[0, 1, 2], 4);
+}
+
+#[test]
 fn single_replica_volume() {
     let mut m = active(1, None);
     write(&mut m, 1, S, &[0], 0);

@@ -270,30 +270,40 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
             for batch in blocks.chunks(RESYNC_BATCH_BLOCKS) {
                 let batch = batch.to_vec();
                 let v = v.clone();
+                // The blocks before a failing one are sent, then the error: a block that
+                // fails its checksum ends the stream right at it (the engine fetches it
+                // elsewhere and resumes past it).
                 let res = this
                     .call(move |s| {
-                        batch
-                            .into_iter()
-                            .map(|(offset, seq)| {
-                                let data = s.read(&v, epoch, offset, BLOCK_SIZE)?;
-                                Ok(ResyncChunk { offset, seq, data: ChunkData::Data(data) })
-                            })
-                            .collect::<Result<Vec<_>>>()
-                    })
-                    .await;
-                match res {
-                    Ok(chunks) => {
-                        this.stats.resync_blocks_sent.fetch_add(chunks.len() as u64, Ordering::Relaxed);
-                        for c in chunks {
-                            if tx.send(Ok(convert::chunk_to_pb(c))).await.is_err() {
-                                return;
+                        let mut chunks = Vec::new();
+                        for (offset, seq) in batch {
+                            match s.read(&v, epoch, offset, BLOCK_SIZE) {
+                                Ok(data) => chunks.push(ResyncChunk { offset, seq, data: ChunkData::Data(data) }),
+                                Err(e) => return Ok((chunks, Some(e))),
                             }
                         }
+                        Ok((chunks, None))
+                    })
+                    .await;
+                let (chunks, failed) = match res {
+                    Ok((chunks, failed)) => {
+                        let failed = failed.map(|e| {
+                            count_error(&this.stats, &e);
+                            to_status(&e)
+                        });
+                        (chunks, failed)
                     }
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
+                    Err(status) => (Vec::new(), Some(status)),
+                };
+                this.stats.resync_blocks_sent.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                for c in chunks {
+                    if tx.send(Ok(convert::chunk_to_pb(c))).await.is_err() {
                         return;
                     }
+                }
+                if let Some(status) = failed {
+                    let _ = tx.send(Err(status)).await;
+                    return;
                 }
             }
         });

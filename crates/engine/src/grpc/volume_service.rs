@@ -88,6 +88,15 @@ impl Volumes for VolumeService {
         Ok(Response::new(vpb::ListAttachmentsResponse { volumes: self.mgr.local_attachments().await }))
     }
 
+    async fn scrub_volume(
+        &self,
+        r: Request<vpb::ScrubVolumeRequest>,
+    ) -> Result<Response<vpb::ScrubVolumeResponse>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        self.mgr.scrub(&r.name).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
     async fn expand_volume(&self, r: Request<vpb::ExpandVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
         let r = r.into_inner();
         name(&r.name)?;

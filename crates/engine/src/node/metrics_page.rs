@@ -101,6 +101,7 @@ pub async fn render(id: &str, data_dir: &Path, store: &DiskStore, stats: &Servic
         }
     }
     super::metrics_volume::lag(&mut p, &attached);
+    super::metrics_volume::heal(&mut p, &mgr.heal_stats().await);
     super::metrics_volume::io(&mut p, &mgr.export_io());
     p.finish()
 }

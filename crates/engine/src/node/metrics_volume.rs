@@ -3,7 +3,7 @@
 //! lag behind the engine (resync progress), and the data directory's filesystem capacity.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hlstore_proto::volume as vpb;
@@ -11,6 +11,7 @@ use hlstore_proto::volume as vpb;
 use crate::metrics::Page;
 use crate::nbd::export_io::{OpClass, LATENCY_BUCKETS};
 use crate::nbd::ExportIo;
+use crate::replication::HealStats;
 
 /// Per-volume I/O families from the NBD exports.
 pub fn io(p: &mut Page, exports: &[(String, Arc<ExportIo>)]) {
@@ -48,6 +49,41 @@ pub fn io(p: &mut Page, exports: &[(String, Arc<ExportIo>)]) {
             }
             p.sample(&sum, &[("volume", v), ("op", op)], total);
             p.sample(&count, &[("volume", v), ("op", op)], n as f64);
+        }
+    }
+}
+
+/// Read repair and scrub counters of each engine on this node (see `replication/heal.rs`).
+pub fn heal(p: &mut Page, engines: &[(String, Arc<HealStats>)]) {
+    type Counter = (&'static str, &'static str, fn(&HealStats) -> &AtomicU64);
+    let counters: [Counter; 6] = [
+        (
+            "hlstore_volume_read_repairs_total",
+            "Corrupt blocks rewritten from a good replica after a read or resync met them",
+            |h| &h.read_repairs,
+        ),
+        ("hlstore_volume_scrub_repairs_total", "Corrupt blocks rewritten from a good replica by the scrub", |h| {
+            &h.scrub_repairs
+        }),
+        ("hlstore_volume_scrub_blocks_total", "Blocks the scrub compared across the in-sync replicas", |h| {
+            &h.scrub_blocks
+        }),
+        ("hlstore_volume_scrub_passes_total", "Scrub passes over the whole volume", |h| &h.scrub_passes),
+        (
+            "hlstore_volume_divergent_blocks_total",
+            "Blocks whose replicas read fine but differ (should never happen)",
+            |h| &h.divergent_blocks,
+        ),
+        (
+            "hlstore_volume_unrecoverable_blocks_total",
+            "Blocks found corrupt on every in-sync replica (reads fail with EIO)",
+            |h| &h.unrecoverable_blocks,
+        ),
+    ];
+    for (name, help, f) in counters {
+        p.family(name, "counter", help);
+        for (v, h) in engines {
+            p.sample(name, &[("volume", v)], HealStats::get(f(h)) as f64);
         }
     }
 }

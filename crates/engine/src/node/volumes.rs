@@ -49,6 +49,8 @@ pub struct EngineTimeouts {
     pub resync_rate: u64,
     /// Read lease period (see `MachineConfig::lease_ms`).
     pub lease_ms: u64,
+    /// Background scrub rate per attached volume, bytes per second (0: off).
+    pub scrub_rate: u64,
 }
 
 impl Default for EngineTimeouts {
@@ -61,6 +63,7 @@ impl Default for EngineTimeouts {
             retry_ms: d.retry_interval_ms,
             resync_rate: 0,
             lease_ms: d.lease_ms,
+            scrub_rate: 0,
         }
     }
 }
@@ -288,6 +291,12 @@ impl VolumeManager {
 
     pub fn nbd_stats(&self) -> Arc<crate::nbd::NbdStats> {
         self.nbd.stats()
+    }
+
+    /// Read repair and scrub counters of the engines on this node.
+    pub async fn heal_stats(&self) -> Vec<(String, Arc<crate::replication::HealStats>)> {
+        let attached = self.attached.lock().await;
+        attached.iter().map(|(name, a)| (name.clone(), a.engine.heal_stats())).collect()
     }
 
     /// I/O counters of every export on this node's NBD server, by export (volume) name.
@@ -733,6 +742,7 @@ impl VolumeManager {
             .collect::<Result<Vec<_>>>()?;
         let mut cfg = VolumeConfig::new(record.volume_id.clone(), record.size, machine);
         cfg.resync_rate = t.resync_rate;
+        cfg.scrub_rate = t.scrub_rate;
         cfg.owner_node = self.cluster.self_id.clone();
         ReplicatedVolume::attach(cfg, transports).await
     }

@@ -16,18 +16,20 @@ use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
 
 use super::event::{Command, Event};
+use super::heal::{self, Answer, Cause, Check, Checks, Fetched, HealStats, Scrub, ScrubNow, ScrubReport};
 use super::link::{self, LinkEvent, LinkOp, Permit};
 use super::machine::{Machine, Phase};
 use super::resync::{ResyncJob, ResyncMsg, ResyncReports};
 use super::runtime::{ReplicaHealth, VolumeConfig};
 use super::transport::{ChunkData, Claim, ClaimMode, ReplicaTransport, ResyncChunk, SnapshotInfo};
 use super::types::{FailReason, OpId, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq};
-use crate::error::{Error, Result};
+use crate::error::{Error, ErrorKind, Result};
 
 #[derive(Debug, Default)]
 pub(super) struct Shared {
     pub epoch: u64,
     pub replicas: Vec<ReplicaHealth>,
+    pub heal: Arc<HealStats>,
 }
 
 pub(super) enum Request {
@@ -37,6 +39,7 @@ pub(super) enum Request {
     Snapshot { snap: SnapshotInfo, reply: oneshot::Sender<Result<SnapshotInfo>> },
     DeleteSnapshot { name: String, reply: oneshot::Sender<Result<bool>> },
     Expand { size: u64, reply: oneshot::Sender<Result<()>> },
+    ScrubNow { reply: oneshot::Sender<Result<ScrubReport>> },
 }
 
 #[derive(Debug, Clone)]
@@ -63,7 +66,29 @@ enum Internal {
     State(ReplicaId, Result<ReplicaSeqs>),
     Open(ReplicaId, Result<ReplicaSeqs>),
     Ping(ReplicaId, Result<ReplicaSeqs>),
-    Read { op: OpId, replica: ReplicaId, res: Result<Vec<u8>> },
+    Read {
+        op: OpId,
+        replica: ReplicaId,
+        res: Result<Vec<u8>>,
+    },
+    /// The answers to a check of replicas against each other (`heal.rs`).
+    Checked {
+        id: u64,
+        answers: Vec<(ReplicaId, Answer)>,
+    },
+    Repaired {
+        cause: Cause,
+        replica: ReplicaId,
+        blocks: Vec<u64>,
+        res: Result<u64>,
+    },
+}
+
+/// A client read that failed its checksum on some replicas: those replicas, and the
+/// first mismatch (offset, stored crc, data crc).
+struct CorruptRead {
+    replicas: Vec<ReplicaId>,
+    first: (u64, u32, u32),
 }
 
 struct LinkHandle {
@@ -101,6 +126,11 @@ pub(super) struct Actor<T> {
     internal: (mpsc::UnboundedSender<Internal>, mpsc::UnboundedReceiver<Internal>),
     link_reports: (link::Reports, mpsc::UnboundedReceiver<(ReplicaId, u64, LinkEvent)>),
     resync_reports: (ResyncReports, mpsc::UnboundedReceiver<(ReplicaId, u64, ResyncMsg)>),
+    heal: Arc<HealStats>,
+    checks: Checks,
+    scrub: Scrub,
+    corrupt_reads: HashMap<OpId, CorruptRead>,
+    scrub_now: Option<ScrubNow>,
 }
 
 impl<T: ReplicaTransport> Actor<T> {
@@ -113,6 +143,8 @@ impl<T: ReplicaTransport> Actor<T> {
     ) -> Self {
         let n = replicas.len();
         let timeout = Duration::from_millis(cfg.machine.failure_timeout_ms.max(1));
+        let heal = shared.lock().unwrap_or_else(|e| e.into_inner()).heal.clone();
+        let scrub = Scrub::new(cfg.scrub_rate);
         Self {
             cfg,
             machine,
@@ -136,6 +168,11 @@ impl<T: ReplicaTransport> Actor<T> {
             internal: mpsc::unbounded_channel(),
             link_reports: mpsc::unbounded_channel(),
             resync_reports: mpsc::unbounded_channel(),
+            heal,
+            checks: Checks::default(),
+            scrub,
+            corrupt_reads: HashMap::new(),
+            scrub_now: None,
         }
     }
 
@@ -161,6 +198,7 @@ impl<T: ReplicaTransport> Actor<T> {
                 _ = tick.tick() => {
                     let now = self.now();
                     self.step(Event::Tick { now });
+                    self.scrub_tick();
                 }
             }
         }
@@ -219,7 +257,13 @@ impl<T: ReplicaTransport> Actor<T> {
             }
             Request::Snapshot { snap, reply } => self.snapshot(snap, reply),
             Request::DeleteSnapshot { name, reply } => self.delete_snapshot(name, reply),
-            Request::Expand { size, reply } => self.expand(size, reply),
+            Request::ScrubNow { reply } => self.start_scrub_now(reply),
+            Request::Expand { size, reply } => {
+                // The scrub covers the new blocks from its next pass (a failed expand
+                // only makes its reads beyond the old end fail, which it ignores).
+                self.cfg.size = self.cfg.size.max(size);
+                self.expand(size, reply)
+            }
         }
     }
 
@@ -332,8 +376,44 @@ impl<T: ReplicaTransport> Actor<T> {
                 self.step(Event::OpenFailed { replica, error: ReplicaError::from_error(&e), now })
             }
             Internal::Read { op, res: Ok(data), .. } => {
-                if let Some(Reply::Read { reply, .. }) = self.ops.remove(&op) {
+                if let Some(Reply::Read { reply, offset, len }) = self.ops.remove(&op) {
                     let _ = reply.send(Ok(data));
+                    if self.corrupt_reads.remove(&op).is_some() {
+                        self.read_repair(offset, len);
+                    }
+                }
+            }
+            Internal::Read { op, replica, res: Err(Error::Corruption { offset, expected, actual, .. }) } => {
+                if self.ops.contains_key(&op) {
+                    tracing::warn!(volume.id = %self.cfg.name, replica.id = %self.replicas[replica].name(), offset, "read failed its checksum; reading another replica");
+                    let c = self
+                        .corrupt_reads
+                        .entry(op)
+                        .or_insert_with(|| CorruptRead { replicas: Vec::new(), first: (offset, expected, actual) });
+                    c.replicas.push(replica);
+                    let exclude = c.replicas.clone();
+                    self.step(Event::ReadCorrupt { op, exclude, now });
+                }
+            }
+            Internal::Checked { id, answers } => self.on_checked(id, answers),
+            Internal::Repaired { cause, replica, blocks, res } => {
+                let name = self.replicas[replica].name().to_string();
+                let offsets: Vec<u64> = blocks.iter().map(|b| b * u64::from(self.cfg.block_size)).collect();
+                if cause == Cause::ScrubNow {
+                    if let Some(s) = self.scrub_now.as_mut() {
+                        s.outstanding = s.outstanding.saturating_sub(1);
+                        s.report.repaired += *res.as_ref().unwrap_or(&0);
+                    }
+                    self.continue_scrub_now();
+                }
+                match res {
+                    Ok(n) => {
+                        heal::repaired(cause, n, &self.heal);
+                        tracing::warn!(volume.id = %self.cfg.name, replica.id = %name, cause = cause.label(), ?offsets, applied = n, "corrupt blocks rewritten from a good copy");
+                    }
+                    Err(e) => {
+                        tracing::warn!(volume.id = %self.cfg.name, replica.id = %name, cause = cause.label(), ?offsets, error = %e, "repair failed")
+                    }
                 }
             }
             Internal::Read { op, replica, res: Err(e) } => {
@@ -372,6 +452,11 @@ impl<T: ReplicaTransport> Actor<T> {
                 if let Some(l) = &self.links[r] {
                     let _ = l.ops.send(LinkOp::CheckpointResync { offset });
                 }
+            }
+            ResyncMsg::Fetch { offset, reply } => {
+                let bs = u64::from(self.cfg.block_size);
+                tracing::warn!(volume.id = %self.cfg.name, replica.id = %self.replicas[r].name(), offset, "resync source has a corrupt block; checking the other replicas");
+                self.start_check(offset, bs, Cause::Resync, Some(reply));
             }
             ResyncMsg::Resumed(offset) => {
                 tracing::info!(volume.id = %self.cfg.name, replica.id = %self.replicas[r].name(), offset, "resync resumes from a checkpoint");
@@ -522,6 +607,8 @@ impl<T: ReplicaTransport> Actor<T> {
             }
             Command::Sequenced { seq, .. } => {
                 if let Some(p) = self.current.take() {
+                    let (offset, len) = p.range();
+                    self.checks.touch(offset, len, u64::from(self.cfg.block_size));
                     self.payloads.insert(seq, p);
                 }
             }
@@ -554,9 +641,18 @@ impl<T: ReplicaTransport> Actor<T> {
                     Some(Reply::Done(tx)) => {
                         let _ = tx.send(Err(err));
                     }
-                    Some(Reply::Read { reply, .. }) => {
-                        let _ = reply.send(Err(err));
-                    }
+                    Some(Reply::Read { reply, offset, len }) => match self.corrupt_reads.remove(&op) {
+                        Some(CorruptRead { first: (at, expected, actual), .. }) if reason == FailReason::Corrupt => {
+                            // Never bad data: the read fails (EIO) with the checksum error;
+                            // the check counts the blocks as unrecoverable.
+                            let volume = self.cfg.name.clone();
+                            let _ = reply.send(Err(Error::Corruption { volume, offset: at, expected, actual }));
+                            self.read_repair(offset, len);
+                        }
+                        _ => {
+                            let _ = reply.send(Err(err));
+                        }
+                    },
                     None => {}
                 }
             }
@@ -582,6 +678,194 @@ impl<T: ReplicaTransport> Actor<T> {
                 let _ = self.link(replica).ops.send(LinkOp::Record { history, resync_from });
             }
         }
+    }
+
+    /// A client read met corrupt blocks in `[offset, offset + len)`: check and repair the
+    /// range (once at a time per range).
+    fn read_repair(&mut self, offset: u64, len: u64) {
+        if !self.checks.checking(offset, len) {
+            self.start_check(offset, len, Cause::Read, None);
+        }
+    }
+
+    /// Checks the next range of the volume when the scrub is due.
+    fn scrub_tick(&mut self) {
+        if self.machine.phase() != Phase::Active || self.checks.scrubbing() {
+            return;
+        }
+        if let Some((offset, len, pass_done)) = self.scrub.next(Instant::now(), self.cfg.size) {
+            self.start_check(offset, len, Cause::Scrub, None);
+            if pass_done {
+                let h = &self.heal;
+                h.scrub_passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!(
+                    volume.id = %self.cfg.name,
+                    blocks = HealStats::get(&h.scrub_blocks),
+                    repaired = HealStats::get(&h.scrub_repairs),
+                    divergent = HealStats::get(&h.divergent_blocks),
+                    unrecoverable = HealStats::get(&h.unrecoverable_blocks),
+                    "scrub pass queued to the end of the volume (totals since attach)"
+                );
+            }
+        }
+    }
+
+    /// Starts an operator's scrub pass (one at a time per volume).
+    fn start_scrub_now(&mut self, reply: oneshot::Sender<Result<ScrubReport>>) {
+        let ids = match self.in_sync_replicas("a scrub") {
+            Ok(ids) => ids,
+            Err(e) => {
+                let _ = reply.send(Err(e));
+                return;
+            }
+        };
+        if self.scrub_now.is_some() {
+            let _ =
+                reply.send(Err(Error::Conflict(format!("volume {}: a scrub pass is already running", self.cfg.name))));
+            return;
+        }
+        let report = ScrubReport { replicas: ids.len() as u32, ..ScrubReport::default() };
+        tracing::info!(volume.id = %self.cfg.name, "scrub pass requested");
+        self.scrub_now = Some(ScrubNow { cursor: 0, size: self.cfg.size, report, outstanding: 0, reply });
+        self.continue_scrub_now();
+    }
+
+    /// Checks the next range of an operator's scrub pass, or answers when it is done.
+    fn continue_scrub_now(&mut self) {
+        let Some(s) = self.scrub_now.as_mut() else { return };
+        if self.checks.running(Cause::ScrubNow) {
+            return;
+        }
+        if s.cursor < s.size {
+            let (offset, len) = (s.cursor, heal::SCRUB_CHUNK.min(s.size - s.cursor));
+            s.cursor += len;
+            if self.machine.phase() != Phase::Active {
+                let s = self.scrub_now.take().expect("scrub pass");
+                let _ = s
+                    .reply
+                    .send(Err(Error::Unavailable(format!("volume {}: detached during the scrub", self.cfg.name))));
+                return;
+            }
+            self.start_check(offset, len, Cause::ScrubNow, None);
+            return;
+        }
+        if s.outstanding == 0 {
+            let s = self.scrub_now.take().expect("scrub pass");
+            let r = s.report;
+            tracing::info!(volume.id = %self.cfg.name, blocks = r.blocks, corrupt = r.corrupt, repaired = r.repaired, divergent = r.divergent, unrecoverable = r.unrecoverable, "scrub pass done");
+            let _ = s.reply.send(Ok(r));
+        }
+    }
+
+    /// Starts a check of `[offset, offset + len)` across the in-sync replicas (see
+    /// `heal.rs`): ordered reads on their links now, the verdict in `on_checked`.
+    fn start_check(&mut self, offset: u64, len: u64, cause: Cause, fetch: Option<oneshot::Sender<Fetched>>) {
+        let ids: Vec<ReplicaId> = match self.machine.phase() {
+            Phase::Active => (0..self.replicas.len()).filter(|&r| self.machine.status(r).in_sync()).collect(),
+            _ => Vec::new(),
+        };
+        if ids.is_empty() {
+            if let Some(f) = fetch {
+                let _ = f.send(None);
+            }
+            return;
+        }
+        let mut waits = Vec::new();
+        let mut gens = Vec::new();
+        for r in ids {
+            let (tx, rx) = oneshot::channel();
+            let l = self.link(r);
+            let _ = l.ops.send(LinkOp::Read { offset, len, reply: tx });
+            gens.push((r, l.gen));
+            waits.push((r, self.replicas[r].clone(), rx));
+        }
+        let id = self.checks.start(Check { offset, len, cause, dirty: HashSet::new(), gens, fetch });
+        let (tx, epoch, timeout) = (self.internal.0.clone(), self.machine.epoch(), self.timeout);
+        let bs = u64::from(self.cfg.block_size);
+        self.tasks.spawn(async move {
+            let mut answers = Vec::new();
+            for (r, t, rx) in waits {
+                let a = match rx.await {
+                    Ok(Ok(d)) => Answer::Data(d),
+                    Ok(Err(e)) if e.kind() == ErrorKind::Corruption && len <= bs => Answer::Corrupt(vec![offset / bs]),
+                    Ok(Err(e)) if e.kind() == ErrorKind::Corruption => {
+                        // Which blocks: read them one by one.
+                        let mut bad = Vec::new();
+                        for b in offset / bs..(offset + len) / bs {
+                            let res = link::with_timeout(timeout, "probe", t.read(epoch, b * bs, bs)).await;
+                            if res.is_err_and(|e| e.kind() == ErrorKind::Corruption) {
+                                bad.push(b);
+                            }
+                        }
+                        Answer::Corrupt(bad)
+                    }
+                    Ok(Err(e)) => Answer::Failed(e),
+                    Err(_) => Answer::Failed(Error::Unavailable("replica link closed".into())),
+                };
+                answers.push((r, a));
+            }
+            let _ = tx.send(Internal::Checked { id, answers });
+        });
+    }
+
+    /// Judges a check and rewrites the bad blocks through their replicas' links.
+    fn on_checked(&mut self, id: u64, answers: Vec<(ReplicaId, Answer)>) {
+        let Some(check) = self.checks.take(id) else { return };
+        let bs = u64::from(self.cfg.block_size);
+        for (r, a) in &answers {
+            if let Answer::Failed(e) = a {
+                tracing::debug!(volume.id = %self.cfg.name, replica.id = %self.replicas[*r].name(), error = %e, "check read failed; the replica is left out of this check");
+            }
+        }
+        let mut verdict = heal::judge(check.offset, check.len, bs, &answers, &check.dirty);
+        heal::report(&self.cfg.name, check.cause, &verdict, &self.heal);
+        let repairs = std::mem::take(&mut verdict.repairs);
+        if check.cause == Cause::ScrubNow {
+            if let Some(s) = self.scrub_now.as_mut() {
+                let corrupt: usize = answers
+                    .iter()
+                    .map(|(_, a)| match a {
+                        Answer::Corrupt(blocks) => blocks.len(),
+                        _ => 0,
+                    })
+                    .sum();
+                s.report.blocks += verdict.blocks;
+                s.report.corrupt += corrupt as u64;
+                s.report.divergent += verdict.divergent.len() as u64;
+                s.report.unrecoverable += verdict.unrecoverable.len() as u64;
+            }
+        }
+        if repairs.is_empty() && check.fetch.is_none() {
+            self.continue_scrub_now();
+            return;
+        }
+        let seq = self.machine.reserve_seq();
+        if let Some(f) = check.fetch {
+            let _ = f.send(verdict.first.take().map(|d| (d, seq)));
+        }
+        for (r, blocks) in repairs {
+            let gen = check.gens.iter().find(|(x, _)| *x == r).map(|&(_, g)| g);
+            let link = match &self.links[r] {
+                Some(l) if Some(l.gen) == gen && self.machine.status(r).in_sync() => l,
+                _ => continue,
+            };
+            let ids: Vec<u64> = blocks.iter().map(|(b, _)| *b).collect();
+            let chunks = blocks
+                .into_iter()
+                .map(|(b, d)| ResyncChunk { offset: b * bs, seq, data: ChunkData::Data(d) })
+                .collect();
+            let (reply, rx) = oneshot::channel();
+            let _ = link.ops.send(LinkOp::Repair { chunks, reply });
+            let (tx, cause) = (self.internal.0.clone(), check.cause);
+            if let Some(s) = self.scrub_now.as_mut().filter(|_| cause == Cause::ScrubNow) {
+                s.outstanding += 1;
+            }
+            self.tasks.spawn(async move {
+                let res = rx.await.unwrap_or_else(|_| Err(Error::Unavailable("replica link closed".into())));
+                let _ = tx.send(Internal::Repaired { cause, replica: r, blocks: ids, res });
+            });
+        }
+        self.continue_scrub_now();
     }
 
     fn send_write(&mut self, replica: ReplicaId, seq: Seq, fua: bool) {

@@ -70,6 +70,15 @@ pub enum Event {
         error: ReplicaError,
         now: Millis,
     },
+    /// A read failed its checksum on the replicas in `exclude` (every replica that did so
+    /// for this read so far). They stay in service (the runtime repairs the block); the
+    /// read goes to another replica holding every acknowledged write, or fails with
+    /// [`FailReason::Corrupt`] when none is left.
+    ReadCorrupt {
+        op: OpId,
+        exclude: Vec<ReplicaId>,
+        now: Millis,
+    },
     /// The resync into `replica` copied everything and the replica flushed it.
     ResyncDone {
         replica: ReplicaId,

@@ -73,6 +73,17 @@ pub fn status_to_error(replica: &str, volume: &str, call: &str, epoch: u64, s: t
     if s.code() == tonic::Code::Aborted {
         return Error::Conflict(format!("replica {replica}, volume {volume}, {call}: {}", s.message()));
     }
+    if s.code() == tonic::Code::DataLoss {
+        // A block failed its checksum on the replica: the replica is fine, the block is
+        // not (the engine repairs it). The service words it "... block at offset N ...".
+        let offset = s
+            .message()
+            .split_once("at offset ")
+            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        return Error::Corruption { volume: volume.to_string(), offset, expected: 0, actual: 0 };
+    }
     if s.code() == tonic::Code::Unimplemented {
         // An older or partial peer: callers decide whether they can do without the call.
         return Error::Unsupported(format!("replica {replica}, volume {volume}, {call}: {}", s.message()));

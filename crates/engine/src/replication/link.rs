@@ -68,6 +68,20 @@ pub(super) enum LinkOp {
         size: u64,
         reply: oneshot::Sender<Result<()>>,
     },
+    /// Read after every write queued before it (a check of replicas against each other,
+    /// see `heal.rs`). Its error goes to the caller; it does not fail the link.
+    Read {
+        offset: u64,
+        len: u64,
+        reply: oneshot::Sender<Result<Vec<u8>>>,
+    },
+    /// Rewrite blocks that failed their checksum with the good content, after every write
+    /// queued before it (`apply_resync`; see `heal.rs` for the seq they carry). Answers
+    /// how many blocks were applied; its error does not fail the link.
+    Repair {
+        chunks: Vec<ResyncChunk>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
 }
 
 /// What a link reports to the actor.
@@ -264,6 +278,16 @@ impl<T: ReplicaTransport> Link<T> {
             LinkOp::DeleteSnapshot { name, reply } => {
                 self.drain(acks).await?;
                 let _ = reply.send(with_timeout(t, "delete snapshot", r.delete_snapshot(epoch, &name)).await);
+                Ok(())
+            }
+            LinkOp::Read { offset, len, reply } => {
+                self.drain(acks).await?;
+                let _ = reply.send(with_timeout(t, "read", r.read(epoch, offset, len)).await);
+                Ok(())
+            }
+            LinkOp::Repair { chunks, reply } => {
+                self.drain(acks).await?;
+                let _ = reply.send(with_timeout(t, "repair", r.apply_resync(epoch, chunks)).await);
                 Ok(())
             }
             LinkOp::CheckpointResync { offset } => {

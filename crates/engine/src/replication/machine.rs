@@ -249,7 +249,7 @@ impl Machine {
                 Event::ClientWrite { op, .. } | Event::ClientFlush { op, .. } | Event::ClientRead { op, .. } => {
                     out.push(Command::FailClient { op, reason: FailReason::Fenced { current } })
                 }
-                Event::ReadFailed { op, .. } => {
+                Event::ReadFailed { op, .. } | Event::ReadCorrupt { op, .. } => {
                     out.push(Command::FailClient { op, reason: FailReason::Fenced { current } })
                 }
                 Event::PingReplied { replica, .. } | Event::PingFailed { replica, .. } => {
@@ -266,7 +266,8 @@ impl Machine {
             Event::OpenFailed { replica, error, now } => self.on_open_failed(replica, error, now, &mut out),
             Event::ClientWrite { op, fua, now } => self.on_write(op, fua, now, &mut out),
             Event::ClientFlush { op, now } => self.on_flush(op, now, &mut out),
-            Event::ClientRead { op, now } => self.route_read(op, now, &mut out),
+            Event::ClientRead { op, now } => self.route_read(op, now, &[], &mut out),
+            Event::ReadCorrupt { op, exclude, now } => self.route_read(op, now, &exclude, &mut out),
             Event::WriteAcked { replica, seq, durable_seq, now } => {
                 self.on_acked(replica, seq, durable_seq, now, &mut out)
             }
@@ -277,7 +278,7 @@ impl Machine {
                 if let Phase::Fenced { current } = self.phase {
                     out.push(Command::FailClient { op, reason: FailReason::Fenced { current } });
                 } else {
-                    self.route_read(op, now, &mut out);
+                    self.route_read(op, now, &[], &mut out);
                 }
             }
             Event::PingReplied { replica, state, now } => self.on_ping(replica, Ok(state), now, &mut out),
@@ -306,9 +307,11 @@ impl Machine {
         self.max_seq.saturating_add(1).max(self.epoch.saturating_mul(1 << SEQ_EPOCH_SHIFT))
     }
 
-    /// Takes [`Machine::next_seq`]: every seq an activation issues (writes, and the lift
-    /// seq of two-sided resyncs) is at least its history entry's `start`.
-    pub(super) fn reserve_seq(&mut self) -> Seq {
+    /// Takes [`Machine::next_seq`]: every seq an activation issues (writes, the lift seq
+    /// of two-sided resyncs, repaired blocks) is at least its history entry's `start`. A
+    /// repair (see `heal.rs`) carries such a seq so that the replica's "never replace a
+    /// newer block" guard lets it replace the damaged version but no later write.
+    pub fn reserve_seq(&mut self) -> Seq {
         let seq = self.next_seq();
         self.max_seq = seq;
         seq
@@ -384,8 +387,9 @@ impl Machine {
     }
 
     /// Reads are served only under the read lease; without it they wait (the lease is
-    /// renewed by pings) until their deadline.
-    fn route_read(&mut self, op: OpId, now: Millis, out: &mut Vec<Command>) {
+    /// renewed by pings) until their deadline. `exclude`: replicas that failed this
+    /// read's checksum (a parked read forgets them; they answer `Corrupt` again).
+    fn route_read(&mut self, op: OpId, now: Millis, exclude: &[ReplicaId], out: &mut Vec<Command>) {
         if self.phase != Phase::Active {
             out.push(Command::FailClient { op, reason: self.inactive_reason() });
             return;
@@ -395,7 +399,7 @@ impl Machine {
             self.renew_lease(now, out);
             return;
         }
-        self.dispatch_read(op, out);
+        self.dispatch_read(op, exclude, out);
     }
 
     /// Pings every connected replica that has no ping outstanding.
@@ -414,7 +418,7 @@ impl Machine {
             return;
         }
         for (op, _) in std::mem::take(&mut self.parked_reads) {
-            self.dispatch_read(op, out);
+            self.dispatch_read(op, &[], out);
         }
     }
 
@@ -440,16 +444,17 @@ impl Machine {
     }
 
     /// Picks a replica holding every acknowledged write: in sync, caught up to the highest
-    /// acknowledged seq; the local one first, healthy before lagging.
-    fn dispatch_read(&mut self, op: OpId, out: &mut Vec<Command>) {
+    /// acknowledged seq; the local one first, healthy before lagging; none in `exclude`.
+    fn dispatch_read(&mut self, op: OpId, exclude: &[ReplicaId], out: &mut Vec<Command>) {
         let best = self
             .reps
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.status.in_sync() && r.acked_seq >= self.acked_client_seq)
+            .filter(|(id, r)| r.status.in_sync() && r.acked_seq >= self.acked_client_seq && !exclude.contains(id))
             .min_by_key(|&(id, r)| (r.status != ReplicaStatus::Healthy, !self.cfg.replicas[id].local, id));
         match best {
             Some((replica, _)) => out.push(Command::SendRead { op, replica }),
+            None if !exclude.is_empty() => out.push(Command::FailClient { op, reason: FailReason::Corrupt }),
             None => out.push(Command::FailClient { op, reason: FailReason::NoReplica }),
         }
     }

@@ -4,10 +4,11 @@
 //! without `open`: `InvalidArgument`), per-block seqs, `last_seq`/`durable_seq`, resync
 //! lists (trims in seq order, then blocks in offset order), resync writes that never
 //! replace a newer block. Knobs: delay every request, make writes fail, take it down
-//! (every call fails, open streams break), crash it (down + lose what was not durable).
+//! (every call fails, open streams break), crash it (down + lose what was not durable),
+//! corrupt a block (its reads fail their checksum until the block is rewritten).
 //! Clones share the same replica, so two engines can talk to one replica.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -31,6 +32,8 @@ struct Data {
     /// (seq, offset, len) of every trim.
     trims: Vec<(Seq, u64, u64)>,
     last_seq: Seq,
+    /// Blocks whose stored content no longer matches its checksum.
+    corrupt: BTreeSet<u64>,
 }
 
 #[derive(Debug, Default)]
@@ -118,6 +121,20 @@ impl MemReplica {
     pub fn set_mark_delay(&self, delay: Duration) {
         self.lock().mark_delay = delay;
     }
+    /// Damages block `block` the way bit rot would: its content stays, its checksum no
+    /// longer matches, so reads (and resync streams) covering it fail with `Corruption`
+    /// until a write, trim or resync chunk replaces it.
+    pub fn corrupt_block(&self, block: u64) {
+        self.lock().data.corrupt.insert(block);
+    }
+    /// Whether block `block` is corrupt.
+    pub fn is_corrupt(&self, block: u64) -> bool {
+        self.lock().data.corrupt.contains(&block)
+    }
+    /// The seq that wrote block `block` (None: unallocated).
+    pub fn block_seq(&self, block: u64) -> Option<Seq> {
+        self.lock().data.blocks.get(&block).map(|(_, seq)| *seq)
+    }
     pub fn stats(&self) -> MemStats {
         let s = self.lock();
         MemStats { writes: s.writes, resync_writes: s.resync_writes, checkpoints: s.checkpoints }
@@ -199,6 +216,7 @@ impl MemReplica {
                 continue;
             }
             s.data.blocks.insert(b, (Bytes::copy_from_slice(chunk), seq));
+            s.data.corrupt.remove(&b);
             applied += 1;
         }
         s.data.last_seq = s.data.last_seq.max(seq);
@@ -211,10 +229,15 @@ impl MemReplica {
         for b in range {
             if !(guard && s.data.blocks.get(&b).is_some_and(|(_, bs)| *bs >= seq)) {
                 s.data.blocks.remove(&b);
+                s.data.corrupt.remove(&b);
             }
         }
         s.data.trims.push((seq, offset, len));
         s.data.last_seq = s.data.last_seq.max(seq);
+    }
+
+    fn corruption(&self, block: u64) -> Error {
+        Error::Corruption { volume: self.name.clone(), offset: block * BLOCK, expected: 0, actual: 1 }
     }
 
     fn make_durable(s: &mut State) -> Seq {
@@ -289,6 +312,9 @@ impl ReplicaTransport for MemReplica {
         let s = self.lock();
         self.check(&s, epoch)?;
         self.check_range(offset, len)?;
+        if let Some(&b) = s.data.corrupt.range(offset / BLOCK..(offset + len) / BLOCK).next() {
+            return Err(self.corruption(b));
+        }
         let mut out = vec![0u8; len as usize];
         for (&b, (d, _)) in s.data.blocks.range(offset / BLOCK..(offset + len) / BLOCK) {
             let at = (b * BLOCK - offset) as usize;
@@ -335,11 +361,17 @@ impl ReplicaTransport for MemReplica {
             .into_iter()
             .map(|(seq, offset, len)| Ok(ResyncChunk { offset, seq, data: ChunkData::Trim(len) }))
             .collect();
-        chunks.extend(
-            s.data.blocks.iter().filter(|(&b, (_, seq))| *seq > since && (b * BLOCK >= below || *seq > after)).map(
-                |(&b, (d, seq))| Ok(ResyncChunk { offset: b * BLOCK, seq: *seq, data: ChunkData::Data(d.clone()) }),
-            ),
-        );
+        // Like the replica service: blocks are read in order and the stream ends with the
+        // first one that fails its checksum.
+        for (&b, (d, seq)) in
+            s.data.blocks.iter().filter(|(&b, (_, seq))| *seq > since && (b * BLOCK >= below || *seq > after))
+        {
+            if s.data.corrupt.contains(&b) {
+                chunks.push(Err(self.corruption(b)));
+                break;
+            }
+            chunks.push(Ok(ResyncChunk { offset: b * BLOCK, seq: *seq, data: ChunkData::Data(d.clone()) }));
+        }
         Ok(stream::iter(chunks).boxed())
     }
 

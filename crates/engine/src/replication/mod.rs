@@ -5,7 +5,8 @@
 //! resync planning; no I/O, no clock), [`transport`] (`ReplicaTransport`; `grpc_replica.rs`
 //! over tonic, `mem_replica.rs` in memory for tests), [`ReplicatedVolume`] (`runtime.rs`
 //! the handle and `BlockDevice`; `actor.rs` the one task per volume that drives the
-//! machine; `link.rs` the ordered per-replica pipeline; `resync.rs` the copy task).
+//! machine; `link.rs` the ordered per-replica pipeline; `resync.rs` the copy task;
+//! `heal.rs` read repair and the scrub).
 //!
 //! # Contract (enforced by [`Machine`])
 //!
@@ -61,6 +62,9 @@
 //!   majority answers; requests meanwhile fail with `NoQuorum`.
 //! - **Reads** go to an in-sync replica that applied every write acknowledged so far: the
 //!   local one first, healthy before lagging. Resyncing and failed replicas serve none.
+//!   A replica whose read fails its checksum stays in service: the read goes to another
+//!   such replica (or fails with `Corruption`, EIO, if none is left) and the bad blocks
+//!   are rewritten from a good copy (`heal.rs`, which also holds the scrub).
 //! - **Read lease (no stale reads).** A replica's answer to any request under this engine's
 //!   epoch (write ack, flush, open, `Ping`) sent at time `t` is a vote until `t + lease_ms`;
 //!   reads are served only while W replicas' votes hold, else they wait (pings renew the
@@ -169,11 +173,13 @@ pub mod types;
 mod actor;
 mod attach;
 mod grpc_replica;
+mod heal;
 mod link;
 mod mem_replica;
 mod resync;
 
 pub use event::{Command, Event};
+pub use heal::{HealStats, ScrubReport};
 pub use machine::{Machine, Phase, ReplicaView};
 pub use runtime::{ReplicaHealth, ReplicatedVolume, VolumeConfig};
 pub use transport::{

@@ -23,6 +23,14 @@
 //! resumed two-sided resync lists the target's own changes with the same split. Only the
 //! engine that took a checkpoint resumes from it (the store keys it by epoch): under one
 //! engine the history is linear, so "complete up to seq" means the same thing to both.
+//!
+//! Bad blocks on the source: its stream ends with `Corruption` at the bad block (every
+//! block before it was sent). The task asks the actor for the block ([`ResyncMsg::Fetch`]:
+//! a check across the in-sync replicas, which also rewrites the source's copy, see
+//! `heal.rs`), hands the good copy to the target, and reopens the stream past the bad
+//! block. With no good copy anywhere the block is skipped (the target keeps what it had,
+//! the actor counts the block as unrecoverable and logs it) and the copy goes on: a bad
+//! block never fails the source or makes the resync loop.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -46,6 +54,12 @@ pub(super) enum ResyncMsg {
     Checkpoint(u64),
     /// The target had a checkpoint: the resync resumes from `offset`.
     Resumed(u64),
+    /// The source's block at `offset` failed its checksum: check the in-sync replicas and
+    /// answer the good copy with the seq to apply it at (None: no good copy).
+    Fetch {
+        offset: u64,
+        reply: tokio::sync::oneshot::Sender<super::heal::Fetched>,
+    },
     /// Everything was queued; the actor ends the resync on the target's link.
     Copied,
     /// The resync failed; `source_failed` tells whether the source (not the target) erred.
@@ -126,48 +140,71 @@ impl<T: ReplicaTransport> ResyncJob<T> {
                 target_only.extend(first..first + len.div_ceil(self.block_size));
             }
         }
-        let mut chunks =
-            with_timeout(self.timeout, "resync", self.source.resync_stream(self.epoch, self.since, resume))
-                .await
-                .map_err(on_source)?;
         let pace = Pace::new(self.rate);
         let mut checkpointed = resume.map_or(0, |(offset, _)| offset);
         let mut since_checkpoint = 0;
-        while let Some(c) = chunks.next().await {
-            let mut c = c.map_err(on_source)?;
-            let len = match c.data {
-                ChunkData::Trim(len) => len,
-                ChunkData::Data(ref d) => d.len() as u64,
-                ChunkData::Zero => self.block_size,
-            };
-            let block = !matches!(c.data, ChunkData::Trim(_));
-            let first = c.offset / self.block_size;
-            if block {
-                // The target's own blocks before this one go first: offset order holds.
-                while let Some(b) = target_only.first().copied().filter(|&b| b < first) {
+        let mut from = resume;
+        let mut last_bad = None;
+        'stream: loop {
+            let mut chunks =
+                with_timeout(self.timeout, "resync", self.source.resync_stream(self.epoch, self.since, from))
+                    .await
+                    .map_err(on_source)?;
+            while let Some(c) = chunks.next().await {
+                let mut c = match c {
+                    Ok(c) => c,
+                    Err(Error::Corruption { offset, .. }) if last_bad.is_none_or(|b| offset > b) => {
+                        // Blocks come in offset order: everything below `offset` was sent.
+                        let bad = offset / self.block_size;
+                        while let Some(b) = target_only.first().copied().filter(|&b| b < bad) {
+                            target_only.remove(&b);
+                            self.copy_block(b, &window, &pace).await?;
+                        }
+                        target_only.remove(&bad);
+                        self.heal_block(bad, &window).await?;
+                        last_bad = Some(offset);
+                        // Past the bad block: nothing below it again (trims are resent, which
+                        // is harmless).
+                        from = Some((offset + self.block_size, Seq::MAX));
+                        continue 'stream;
+                    }
+                    Err(e) => return Err(on_source(e)),
+                };
+                let len = match c.data {
+                    ChunkData::Trim(len) => len,
+                    ChunkData::Data(ref d) => d.len() as u64,
+                    ChunkData::Zero => self.block_size,
+                };
+                let block = !matches!(c.data, ChunkData::Trim(_));
+                let first = c.offset / self.block_size;
+                if block {
+                    // The target's own blocks before this one go first: offset order holds.
+                    while let Some(b) = target_only.first().copied().filter(|&b| b < first) {
+                        target_only.remove(&b);
+                        self.copy_block(b, &window, &pace).await?;
+                    }
+                }
+                if block
+                    && self.checkpoint_every > 0
+                    && since_checkpoint >= self.checkpoint_every
+                    && c.offset > checkpointed
+                {
+                    self.report(ResyncMsg::Checkpoint(c.offset)).map_err(on_target)?;
+                    (checkpointed, since_checkpoint) = (c.offset, 0);
+                }
+                since_checkpoint += u64::from(block);
+                for b in first..first + len.div_ceil(self.block_size) {
                     target_only.remove(&b);
-                    self.copy_block(b, &window, &pace).await?;
+                }
+                if let Some(seq) = self.lift_seq {
+                    c.seq = seq;
+                }
+                self.hand_over(c, &window).await.map_err(on_target)?;
+                if block {
+                    pace.wait(self.block_size).await;
                 }
             }
-            if block
-                && self.checkpoint_every > 0
-                && since_checkpoint >= self.checkpoint_every
-                && c.offset > checkpointed
-            {
-                self.report(ResyncMsg::Checkpoint(c.offset)).map_err(on_target)?;
-                (checkpointed, since_checkpoint) = (c.offset, 0);
-            }
-            since_checkpoint += u64::from(block);
-            for b in first..first + len.div_ceil(self.block_size) {
-                target_only.remove(&b);
-            }
-            if let Some(seq) = self.lift_seq {
-                c.seq = seq;
-            }
-            self.hand_over(c, &window).await.map_err(on_target)?;
-            if block {
-                pace.wait(self.block_size).await;
-            }
+            break;
         }
         for b in target_only {
             self.copy_block(b, &window, &pace).await?;
@@ -253,12 +290,33 @@ impl<T: ReplicaTransport> ResyncJob<T> {
         Ok(())
     }
 
+    /// Block `b` of the source failed its checksum: hands the target the good copy from
+    /// another in-sync replica, if there is one (the actor also repairs the source).
+    async fn heal_block(&self, b: u64, window: &Arc<Semaphore>) -> std::result::Result<(), (Error, bool)> {
+        let offset = b * self.block_size;
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.report(ResyncMsg::Fetch { offset, reply }).map_err(|e| (e, false))?;
+        match rx.await {
+            Ok(Some((data, seq))) => {
+                let data = if data.iter().all(|&x| x == 0) { ChunkData::Zero } else { ChunkData::Data(data) };
+                self.hand_over(ResyncChunk { offset, seq, data }, window).await.map_err(|e| (e, false))
+            }
+            _ => {
+                tracing::error!(replica.id = %self.target.name(), offset, "resync skips a block that is corrupt on every in-sync replica; the target keeps its own copy");
+                Ok(())
+            }
+        }
+    }
+
     /// Copies block `b` (one the target changed on its own) from the source.
     async fn copy_block(&self, b: u64, window: &Arc<Semaphore>, pace: &Pace) -> std::result::Result<(), (Error, bool)> {
         let offset = b * self.block_size;
-        let data = with_timeout(self.timeout, "resync read", self.source.read(self.epoch, offset, self.block_size))
-            .await
-            .map_err(|e| (e, true))?;
+        let read =
+            with_timeout(self.timeout, "resync read", self.source.read(self.epoch, offset, self.block_size)).await;
+        let data = match read {
+            Err(e) if e.kind() == ErrorKind::Corruption => return self.heal_block(b, window).await,
+            other => other.map_err(|e| (e, true))?,
+        };
         let data = if data.iter().all(|&x| x == 0) { ChunkData::Zero } else { ChunkData::Data(data.into()) };
         let seq = self.lift_seq.unwrap_or(self.since);
         self.hand_over(ResyncChunk { offset, seq, data }, window).await.map_err(|e| (e, false))?;

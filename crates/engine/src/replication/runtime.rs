@@ -13,6 +13,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
 use super::actor::{Actor, Payload, Request, Shared};
+use super::heal::{HealStats, ScrubReport};
 use super::machine::Machine;
 use super::transport::{ReplicaTransport, SnapshotInfo};
 use super::types::{MachineConfig, ReplicaStatus, Seq};
@@ -38,6 +39,8 @@ pub struct VolumeConfig {
     pub resync_rate: u64,
     /// The node this engine runs on, recorded with its claim on the replicas.
     pub owner_node: String,
+    /// Background scrub rate in bytes per second, per volume (0: off). See `heal.rs`.
+    pub scrub_rate: u64,
 }
 
 impl VolumeConfig {
@@ -53,6 +56,7 @@ impl VolumeConfig {
             resync_checkpoint_blocks: 4096,
             resync_rate: 0,
             owner_node: String::new(),
+            scrub_rate: 0,
         }
     }
 }
@@ -117,6 +121,7 @@ impl ReplicatedVolume {
                     resync_resumed_from: 0,
                 })
                 .collect(),
+            heal: Arc::default(),
         }));
         let (tx, rx) = mpsc::channel(cfg.queue_depth.max(1));
         let (attached_tx, attached_rx) = oneshot::channel();
@@ -133,6 +138,17 @@ impl ReplicatedVolume {
     /// The epoch this engine attached under.
     pub fn epoch(&self) -> u64 {
         self.lock().epoch
+    }
+
+    /// Runs one scrub pass now, unthrottled (see `heal.rs`), and reports what it found
+    /// once every repair it queued was applied.
+    pub async fn scrub_now(&self) -> Result<ScrubReport> {
+        self.call(|reply| Request::ScrubNow { reply }).await
+    }
+
+    /// Read repair and scrub counters (for metrics).
+    pub fn heal_stats(&self) -> Arc<HealStats> {
+        self.lock().heal.clone()
     }
 
     /// Replica states (for the CLI and metrics).

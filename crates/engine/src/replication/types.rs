@@ -139,6 +139,8 @@ pub enum FailReason {
     /// The read lease expired (no write quorum confirmed this engine's epoch recently) and
     /// could not be renewed before the deadline (reads only).
     NoLease,
+    /// Every replica the read could go to failed its checksum (reads only).
+    Corrupt,
 }
 
 impl FailReason {
@@ -160,6 +162,10 @@ impl FailReason {
             FailReason::Conflict => Error::Conflict(format!(
                 "volume {volume}: another engine attached it at the same moment and won; detach it there first"
             )),
+            FailReason::Corrupt => Error::Io {
+                context: format!("volume {volume}: every up-to-date replica failed its checksum for this read"),
+                source: std::io::Error::other("checksum mismatch"),
+            },
             FailReason::NoLease => Error::Unavailable(format!(
                 "volume {volume}: no write quorum confirmed this engine recently (read lease expired); another engine may own the volume"
             )),

@@ -320,6 +320,28 @@ impl VolumeManager {
     }
 
     /// Grows a volume, online when it is attached.
+    /// One scrub pass now on the engine serving `volume` (see `replication/heal.rs`).
+    pub async fn scrub(&self, volume: &str) -> Result<vpb::ScrubVolumeResponse> {
+        let r = match self.route(volume).await {
+            Route::Local(engine) => engine.scrub_now().await?,
+            Route::Remote(node) => {
+                let mut c = self.cluster.volumes(&node)?;
+                let req = vpb::ScrubVolumeRequest { name: volume.into() };
+                return bounded(&node, async move { c.scrub_volume(req).await }).await.map(|r| r.into_inner());
+            }
+            Route::Detached => self.with_temp_engine(volume, async |e| e.scrub_now().await).await?,
+        };
+        Ok(vpb::ScrubVolumeResponse {
+            name: volume.into(),
+            blocks: r.blocks,
+            corrupt: r.corrupt,
+            repaired: r.repaired,
+            divergent: r.divergent,
+            unrecoverable: r.unrecoverable,
+            replicas: r.replicas,
+        })
+    }
+
     pub async fn expand(&self, volume: &str, size: u64) -> Result<vpb::Volume> {
         match self.route(volume).await {
             Route::Local(engine) => engine.expand(size).await?,
