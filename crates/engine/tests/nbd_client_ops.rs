@@ -132,7 +132,6 @@ async fn errors_map_to_engine_kinds() {
         (ErrorKind::Io, ErrorKind::Io),
         (ErrorKind::Corruption, ErrorKind::Io),
         (ErrorKind::InvalidArgument, ErrorKind::InvalidArgument),
-        (ErrorKind::StaleEpoch, ErrorKind::StaleEpoch),
     ] {
         dev.fail_at(Some((8192, kind)));
         let err = c.read(8192, 10).await.unwrap_err();
@@ -140,6 +139,13 @@ async fn errors_map_to_engine_kinds() {
     }
     dev.fail_at(None);
     assert_eq!(c.read(8192, 10).await.unwrap(), vec![0u8; 10], "the connection survives errors");
+    // Fenced: ESHUTDOWN, then the server closes the connection (a new one works).
+    dev.fail_at(Some((8192, ErrorKind::StaleEpoch)));
+    assert_eq!(c.read(8192, 10).await.unwrap_err().kind(), ErrorKind::StaleEpoch);
+    dev.fail_at(None);
+    assert!(c.read(8192, 10).await.is_err(), "the fenced connection was closed");
+    let c = connect(&h.uri("vol")).await;
+    assert_eq!(c.read(8192, 10).await.unwrap(), vec![0u8; 10]);
 
     // Checked before sending: outside the export.
     assert_eq!(c.read(SIZE - 1, 2).await.unwrap_err().kind(), ErrorKind::OutOfRange);

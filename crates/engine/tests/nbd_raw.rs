@@ -157,7 +157,6 @@ async fn device_errors_map_to_errno() {
         (ErrorKind::Corruption, EIO),
         (ErrorKind::Unavailable, EIO),
         (ErrorKind::Io, EIO),
-        (ErrorKind::StaleEpoch, ESHUTDOWN),
         (ErrorKind::InvalidArgument, EINVAL),
     ] {
         dev.fail_at(Some((8192, kind)));
@@ -168,6 +167,14 @@ async fn device_errors_map_to_errno() {
     assert_eq!(c.call(CMD_WRITE, 0, 8192, 4096, &[1u8; 4096]).await.0, ENOSPC);
     assert_eq!(c.call(CMD_READ, 0, 8192, 4096, &[]).await.0, EINVAL);
     dev.fail_at(None);
+    assert_eq!(c.call(CMD_READ, 0, 8000, 400, &[]).await, (0, vec![0u8; 400]));
+    // A fenced device answers ESHUTDOWN and the server then closes the connection, so the
+    // client reconnects to whichever engine holds the volume now.
+    dev.fail_at(Some((8192, ErrorKind::StaleEpoch)));
+    assert_eq!(c.call(CMD_WRITE, 0, 8192, 1, b"x").await.0, ESHUTDOWN);
+    assert!(c.closed_by_server().await, "a fenced device's connection is closed");
+    dev.fail_at(None);
+    let mut c = RawClient::go(h.tcp, "vol").await;
     assert_eq!(c.call(CMD_READ, 0, 8000, 400, &[]).await, (0, vec![0u8; 400]));
     h.shutdown().await;
 }

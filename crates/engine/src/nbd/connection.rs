@@ -6,7 +6,8 @@
 //! completion order (the client matches them by cookie). In-flight work is bounded by a
 //! byte budget ([`IN_FLIGHT_BUDGET`]): the reader stops reading when it is spent.
 //!
-//! Ending: on `NBD_CMD_DISC`, on shutdown, on EOF, or after a protocol violation, the
+//! Ending: on `NBD_CMD_DISC`, on shutdown, on EOF, after a reply with `ESHUTDOWN` (the
+//! device was fenced by a newer engine), or after a protocol violation, the
 //! reader stops, every in-flight request still completes and gets its reply, then the
 //! connection closes. A reply is sent only after the device operation returned, which is
 //! what makes `CAN_MULTI_CONN` honest for a device that reports `multi_conn()`.
@@ -22,7 +23,7 @@ use super::block_io;
 use super::errno::errno_for;
 use super::export_io::OpClass;
 use super::handshake::{Disconnect, Transmission};
-use super::proto::{REQUEST_HEADER_LEN, SIMPLE_REPLY_MAGIC};
+use super::proto::{ESHUTDOWN, REQUEST_HEADER_LEN, SIMPLE_REPLY_MAGIC};
 use super::registry::Export;
 use super::request::{plan_for_export, Op, Plan, RequestHeader, MAX_PAYLOAD};
 use super::stats::NbdStats;
@@ -232,6 +233,13 @@ async fn write_replies<W: AsyncWrite + Unpin>(
                 header[8..16].copy_from_slice(&reply.cookie.to_be_bytes());
                 out.write_all(&header).await?;
                 out.write_all(&reply.data).await?;
+                if reply.error == ESHUTDOWN {
+                    // The device was fenced by a newer engine: it will never serve again.
+                    // Stop reading requests; the in-flight ones still get their replies,
+                    // then the connection closes and the client reconnects (to the new
+                    // engine, wherever the volume is attached now).
+                    cancel.cancel();
+                }
                 match rx.try_recv() {
                     Ok(next) => reply = next,
                     Err(_) => break,
