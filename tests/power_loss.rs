@@ -42,10 +42,20 @@ fn wait_attached_healthy(c: &Cluster, volume: &str, node: &str) -> serde_json::V
     })
 }
 
-/// Reads the whole replica of `volume` on every node and asserts they are identical.
+/// Reads the whole replica of `volume` on every node of its replica set (after a replace,
+/// not the node it left) and asserts they are identical.
 fn assert_replicas_identical(c: &Cluster, volume: &str) {
+    let st = c.status();
+    let v = Cluster::volume_of(&st, volume).unwrap_or_else(|| panic!("no volume {volume} in {st}"));
+    let set: Vec<String> = v["replica_set"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no replica_set in {v}"))
+        .iter()
+        .map(|n| n.as_str().expect("node id").to_string())
+        .collect();
+    assert_eq!(set.len(), 3, "{v}");
     let mut first: Option<(String, Vec<u8>)> = None;
-    for id in ["n1", "n2", "n3"] {
+    for id in &set {
         let ep = c.endpoint(id);
         let mut cmd = c.command();
         cmd.args(["replica", "read", volume, "--endpoint", &ep, "--offset", "0", "--length", &SIZE.to_string()]);
@@ -54,7 +64,7 @@ fn assert_replicas_identical(c: &Cluster, volume: &str) {
         let data = out.stdout;
         assert_eq!(data.len() as u64, SIZE, "replica read on {id} returned {} bytes", data.len());
         match &first {
-            None => first = Some((id.to_string(), data)),
+            None => first = Some((id.clone(), data)),
             Some((fid, fdata)) => {
                 let diff = (0..SIZE as usize / 4096)
                     .find(|b| fdata[b * 4096..(b + 1) * 4096] != data[b * 4096..(b + 1) * 4096]);
