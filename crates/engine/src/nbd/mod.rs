@@ -28,7 +28,9 @@
 //!   all send unaligned requests when allowed to).
 //! - TRIM discards only the whole blocks inside its range (TRIM is advisory; partial edge
 //!   blocks keep their data). WRITE_ZEROES zeroes exactly its range.
-//! - A fenced engine (`StaleEpoch`) answers `ESHUTDOWN`, telling the client to disconnect.
+//! - A fenced engine (`StaleEpoch`) answers `ESHUTDOWN`, then the server closes the
+//!   connection (in-flight requests still get their replies): the client reconnects and
+//!   reaches the engine that holds the volume now.
 //! - Read-only exports (`ExportRegistry::insert_read_only`, e.g. snapshots) advertise
 //!   `NBD_FLAG_READ_ONLY` and answer writes, trims and zeroings with `EPERM`.
 
