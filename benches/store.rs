@@ -4,7 +4,7 @@
 //! Run: `cargo bench --bench store`. Criterion prints time per operation and throughput.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use hlstore_engine::replica::{DiskStore, ReplicaStore, VolumeRecord, BLOCK_SIZE};
+use hlstore_store::{DiskStore, ReplicaStore, VolumeRecord, BLOCK_SIZE};
 
 const VOLUME_BYTES: u64 = 1 << 30;
 

@@ -233,7 +233,7 @@ fn dashboard_metrics(json: &serde_json::Value) -> BTreeSet<String> {
 fn exported_metric_names() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut files = vec![root().join("src/cli/backup_metrics.rs")];
-    for dir in ["crates/engine/src/node", "crates/engine/src/nbd"] {
+    for dir in ["crates/node/src", "crates/nbd/src"] {
         for e in std::fs::read_dir(root().join(dir)).unwrap().flatten() {
             files.push(e.path());
         }

@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hlstore_engine::replica::{DiskStore, ReplicaStore, BLOCK_SIZE};
+use hlstore_store::{DiskStore, ReplicaStore, BLOCK_SIZE};
 
 const BLOCKS: u64 = 1024;
 

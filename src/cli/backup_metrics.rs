@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hlstore_backup::snapshot::BackupStats;
-use hlstore_engine::metrics::Page;
+use hlstore_core::metrics::Page;
 
 /// Every metric name this module writes (the dashboard test checks against this list).
 pub const METRIC_NAMES: [&str; 7] = [

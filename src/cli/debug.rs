@@ -4,7 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use hlstore_engine::replica::{DiskStore, ReplicaStore, VolumeRecord, BLOCK_SIZE};
+use hlstore_store::{DiskStore, ReplicaStore, VolumeRecord, BLOCK_SIZE};
 
 /// Hidden diagnostic subcommands.
 #[derive(Debug, Subcommand)]

@@ -98,7 +98,7 @@ fn load(dir: &Path) -> anyhow::Result<Option<DevCluster>> {
 
 /// `cluster.json` written atomically and durably.
 fn save(dir: &Path, c: &DevCluster) -> anyhow::Result<()> {
-    hlstore_engine::durable_file::write_atomic(&cluster_path(dir), &serde_json::to_vec_pretty(c)?)?;
+    hlstore_core::durable_file::write_atomic(&cluster_path(dir), &serde_json::to_vec_pretty(c)?)?;
     Ok(())
 }
 
@@ -169,7 +169,7 @@ fn load_or_create(dir: &Path, n: usize) -> anyhow::Result<DevCluster> {
     if !(1..=16).contains(&n) {
         bail!("--nodes must be between 1 and 16");
     }
-    hlstore_engine::durable_file::create_dir_all(dir)?;
+    hlstore_core::durable_file::create_dir_all(dir)?;
     let ids: Vec<String> = (1..=n).map(|i| format!("n{i}")).collect();
     let c = new_cluster(&ids)?;
     save(dir, &c)?;
@@ -195,7 +195,7 @@ fn running_pid(dir: &Path, node: &DevNode) -> Option<i32> {
 
 fn start_node(dir: &Path, c: &DevCluster, node: &DevNode) -> anyhow::Result<i32> {
     let ndir = dir.join(&node.id);
-    hlstore_engine::durable_file::create_dir_all(&ndir)?;
+    hlstore_core::durable_file::create_dir_all(&ndir)?;
     let log = std::fs::OpenOptions::new().create(true).append(true).open(ndir.join("node.log"))?;
     let peers: Vec<String> = c.nodes.iter().map(|n| format!("{}={}", n.id, n.grpc)).collect();
     let exe = std::env::current_exe().context("finding the hlstore executable")?;

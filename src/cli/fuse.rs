@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hlstore_engine::fuse::{FuseMount, DEFAULT_FILE_NAME};
-use hlstore_engine::nbd_client::{ClientOptions, NbdClient, NbdUri};
+use hlstore_nbd_client::fuse::{FuseMount, DEFAULT_FILE_NAME};
+use hlstore_nbd_client::{ClientOptions, NbdClient, NbdUri};
 
 const EXAMPLE: &str = "\
 Example (as root; the kernel needs FUSE and loop devices):

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
-use hlstore_engine::node::cluster::parse_peers;
-use hlstore_engine::node::volumes::EngineTimeouts;
-use hlstore_engine::node::{self, NodeConfig};
+use hlstore_node::cluster::parse_peers;
+use hlstore_node::volumes::EngineTimeouts;
+use hlstore_node::NodeConfig;
 
 /// Run a node agent: this node's replica store, the replica and volume gRPC services, the
 /// engines of the volumes attached here (exported over NBD), and Prometheus metrics.
@@ -111,7 +111,7 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
         }
     };
-    node::run(config, shutdown, |b| {
+    hlstore_node::run(config, shutdown, |b| {
         // One machine-readable line for scripts and tests that wait for readiness.
         let metrics = b.metrics.map(|m| m.to_string()).unwrap_or_else(|| "-".into());
         println!("listening grpc={} metrics={metrics} nbd={}", b.grpc, b.nbd);

@@ -79,8 +79,8 @@ pub async fn connect(endpoint: &str) -> anyhow::Result<ReplicaClient<Channel>> {
         .await
         .with_context(|| format!("cannot reach the node agent at {endpoint}; is `hlstore node` running there?"))?;
     Ok(ReplicaClient::new(ch)
-        .max_decoding_message_size(hlstore_engine::node::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(hlstore_engine::node::MAX_MESSAGE_BYTES))
+        .max_decoding_message_size(hlstore_node::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(hlstore_node::MAX_MESSAGE_BYTES))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use hlstore_backup::volume::{VolumeAgent, VolumeSnapshot};
 use hlstore_backup::{Error, RestoreSink, Result};
-use hlstore_engine::nbd_client::{ClientOptions, NbdClient, NbdUri};
+use hlstore_nbd_client::{ClientOptions, NbdClient, NbdUri};
 use hlstore_proto::volume as vpb;
 use hlstore_proto::volume::volumes_client::VolumesClient;
 use tokio::runtime::Handle;

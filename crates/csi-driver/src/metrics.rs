@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use hlstore_engine::metrics::Page;
+use hlstore_core::metrics::Page;
 use tonic::codegen::http;
 
 /// Calls and seconds per (method, gRPC code).

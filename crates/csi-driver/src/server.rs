@@ -104,11 +104,11 @@ pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send 
             .await
             .map_err(|e| CsiError::io(format!("binding the metrics listener {addr}"), e))?;
         let m = metrics.clone();
-        let render: hlstore_engine::metrics::Render = std::sync::Arc::new(move || {
+        let render: hlstore_core::metrics::Render = std::sync::Arc::new(move || {
             let m = m.clone();
             Box::pin(async move { m.render() })
         });
-        tokio::spawn(hlstore_engine::metrics::serve(l, render, async move {
+        tokio::spawn(hlstore_core::metrics::serve(l, render, async move {
             let _ = metrics_stopped.await;
         }));
         tracing::info!(%addr, "CSI metrics on /metrics");

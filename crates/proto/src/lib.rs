@@ -1,6 +1,6 @@
 //! Generated protobuf and gRPC code. Nothing else lives here: generated types stay at the
 //! edge of the other crates, which convert them to domain types on entry (see
-//! `hlstore_engine::grpc`).
+//! `hlstore_replication::rpc` and `hlstore_node`'s service).
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 

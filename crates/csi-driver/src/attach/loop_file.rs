@@ -37,7 +37,7 @@ impl LoopAttacher {
     }
 
     fn file(&self, volume_id: &str) -> PathBuf {
-        self.mount_dir(volume_id).join(hlstore_engine::fuse::DEFAULT_FILE_NAME)
+        self.mount_dir(volume_id).join(hlstore_nbd_client::fuse::DEFAULT_FILE_NAME)
     }
 
     fn pid_file(&self, volume_id: &str) -> PathBuf {

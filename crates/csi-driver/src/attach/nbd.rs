@@ -15,8 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use hlstore_engine::nbd_client::handshake::negotiate;
-use hlstore_engine::nbd_client::{NbdAddress, NbdUri};
+use hlstore_nbd_client::handshake::negotiate;
+use hlstore_nbd_client::{NbdAddress, NbdUri};
 
 use super::netlink::{self, ConnectConfig, Reply};
 use super::Attacher;
@@ -77,7 +77,7 @@ impl NbdAttacher {
     /// Connects to the export and runs the handshake; the socket is then ready for the kernel.
     async fn connect_export(nbd_uri: &str) -> Result<(OwnedFd, u64, u16)> {
         let uri = NbdUri::parse(nbd_uri).map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
-        let agent = |e: hlstore_engine::error::Error| CsiError::Tool(format!("NBD handshake with {nbd_uri}: {e}"));
+        let agent = |e: hlstore_core::error::Error| CsiError::Tool(format!("NBD handshake with {nbd_uri}: {e}"));
         let io = |e: std::io::Error| CsiError::io(format!("connecting to {nbd_uri}"), e);
         let fut = async {
             match &uri.address {

@@ -1,0 +1,254 @@
+//! The node agent: one process per node. Owns the node's replica store, serves the replica
+//! and volume gRPC services, runs the engines of the volumes attached here (exported over
+//! NBD), and serves metrics.
+//!
+//! Invariant: a data directory belongs to one node id (recorded in `node.json` at first
+//! start, written atomically and durably); starting a different id on it is refused, so
+//! replicas cannot change owner. A missing, empty or unreadable `node.json` (an older
+//! version's file after a power cut) is re-recorded when the store holds no replica or
+//! every replica names this node; otherwise the start is refused (see `adopt_data_dir`).
+
+pub mod cluster;
+mod metrics_page;
+mod metrics_volume;
+mod service;
+pub mod volumes;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hlstore_proto::replica::replica_server::ReplicaServer;
+use hlstore_proto::volume::volumes_server::VolumesServer;
+use serde::{Deserialize, Serialize};
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
+
+use crate::service::VolumeService;
+use cluster::Cluster;
+use hlstore_core::durable_file;
+use hlstore_core::error::{Error, Result};
+use hlstore_core::metrics;
+use hlstore_nbd::{ExportRegistry, NbdServer};
+use hlstore_replication::rpc::ReplicaService;
+use hlstore_store::DiskStore;
+use volumes::{EngineTimeouts, VolumeManager};
+
+/// Largest gRPC message (a 32 MiB NBD request plus framing).
+pub use hlstore_replication::rpc::MAX_MESSAGE_BYTES;
+
+/// How a node agent is started.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: String,
+    pub data_dir: PathBuf,
+    pub listen: SocketAddr,
+    pub metrics_listen: Option<SocketAddr>,
+    /// Default NBD listener for attached volumes.
+    pub nbd_listen: SocketAddr,
+    /// Cluster members (id → gRPC endpoint). This node is added if missing.
+    pub peers: BTreeMap<String, String>,
+    pub timeouts: EngineTimeouts,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeIdentity {
+    node_id: String,
+}
+
+/// What `node.json` says about who owns a data directory.
+#[derive(Debug, PartialEq, Eq)]
+enum Identity {
+    /// It names this node.
+    Ours,
+    /// It is missing, empty or unreadable (why): a power cut can leave it so when it was
+    /// written by an older version without fsync. Decided by [`adopt_data_dir`].
+    Unrecorded(String),
+}
+
+/// Reads `node.json` of `data_dir` (creating the directory durably if needed). A file
+/// naming another node is an error: replicas never change owner.
+fn read_identity(data_dir: &Path, id: &str) -> Result<Identity> {
+    durable_file::create_dir_all(data_dir)?;
+    let path = data_dir.join("node.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Identity::Unrecorded("missing".into())),
+        Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+    };
+    let ident: NodeIdentity = match serde_json::from_slice(&bytes) {
+        Ok(i) => i,
+        Err(e) if bytes.is_empty() => return Ok(Identity::Unrecorded(format!("empty ({e})"))),
+        Err(e) => return Ok(Identity::Unrecorded(format!("unreadable ({} bytes: {e})", bytes.len()))),
+    };
+    if ident.node_id != id {
+        return Err(Error::InvalidArgument(format!(
+            "data directory {} belongs to node {:?}, not {id:?}; use --id {} or another --data-dir",
+            data_dir.display(),
+            ident.node_id,
+            ident.node_id
+        )));
+    }
+    Ok(Identity::Ours)
+}
+
+/// The rule for a data directory whose `node.json` is missing, empty or unreadable: the
+/// node takes it (and records `node.json` again) if the store holds no replica, or if
+/// every replica it holds names this node in its replica set — the data says whose it
+/// is. Otherwise it refuses, naming the volumes, and the operator decides.
+fn adopt_data_dir(data_dir: &Path, id: &str, why: &str, store: &DiskStore) -> Result<()> {
+    use hlstore_store::ReplicaStore;
+    let held = store.list()?;
+    let foreign: Vec<String> = held
+        .iter()
+        .filter(|r| !r.record.replica_set.iter().any(|n| n == id))
+        .map(|r| format!("{} (replicas on {})", r.record.volume_id, r.record.replica_set.join(",")))
+        .collect();
+    let path = data_dir.join("node.json");
+    if !foreign.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{} is {why} and {} holds replicas that do not name node {id:?}: {}; \
+             start the node they belong to with this --data-dir, or write {{\"node_id\": \"<id>\"}} to {} by hand",
+            path.display(),
+            data_dir.display(),
+            foreign.join(", "),
+            path.display()
+        )));
+    }
+    if !held.is_empty() || why != "missing" {
+        tracing::warn!(
+            node.id = id,
+            replicas = held.len(),
+            "{} is {why}; every replica here names this node, so the directory is taken back",
+            path.display()
+        );
+    }
+    let body = serde_json::to_vec_pretty(&NodeIdentity { node_id: id.to_string() })
+        .map_err(|e| Error::Internal(e.to_string()))?;
+    durable_file::write_atomic(&path, &body)
+}
+
+/// Bound addresses of a running node agent.
+#[derive(Debug, Clone, Copy)]
+pub struct Bound {
+    pub grpc: SocketAddr,
+    pub metrics: Option<SocketAddr>,
+    pub nbd: SocketAddr,
+}
+
+fn advertised(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        format!("127.0.0.1:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// Runs a node agent until `shutdown` resolves. `on_ready` gets the bound addresses once
+/// every listener is up.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(Bound),
+) -> Result<()> {
+    let identity = read_identity(&config.data_dir, &config.id)?;
+    let dir = config.data_dir.clone();
+    let store = tokio::task::spawn_blocking(move || DiskStore::open(dir))
+        .await
+        .map_err(|e| Error::Internal(format!("store open task: {e}")))??;
+    if let Identity::Unrecorded(why) = identity {
+        adopt_data_dir(&config.data_dir, &config.id, &why, &store)?;
+    }
+    let store = Arc::new(store);
+    let replica_svc = ReplicaService::new(store.clone());
+    let stats = replica_svc.stats();
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| Error::io(format!("binding gRPC listener {}", config.listen), e))?;
+    let grpc_addr = listener.local_addr().map_err(|e| Error::io("gRPC listener address", e))?;
+    let nbd_listener = tokio::net::TcpListener::bind(config.nbd_listen)
+        .await
+        .map_err(|e| Error::io(format!("binding NBD listener {}", config.nbd_listen), e))?;
+    let nbd_addr = nbd_listener.local_addr().map_err(|e| Error::io("NBD listener address", e))?;
+
+    let mut peers = config.peers.clone();
+    peers.entry(config.id.clone()).or_insert_with(|| format!("http://{}", advertised(grpc_addr)));
+    let cluster = Arc::new(Cluster::new(config.id.clone(), peers));
+    let nbd = NbdServer::new(ExportRegistry::new());
+    let mgr = Arc::new(
+        VolumeManager::new(
+            cluster,
+            nbd.clone(),
+            advertised(nbd_addr),
+            config.data_dir.join("attachments.json"),
+            config.timeouts,
+        )
+        .allow_remote_nbd(!config.nbd_listen.ip().is_loopback()),
+    );
+    let nbd_shutdown = nbd.shutdown_handle();
+    tokio::spawn(async move {
+        if let Err(e) = nbd.serve_tcp(nbd_listener).await {
+            tracing::error!(error = %e, "NBD listener failed");
+        }
+    });
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| Error::io(format!("binding metrics listener {addr}"), e))?;
+            let bound = l.local_addr().map_err(|e| Error::io("metrics listener address", e))?;
+            let (id, store, stats, mgr) = (config.id.clone(), store.clone(), stats.clone(), mgr.clone());
+            let data_dir = config.data_dir.clone();
+            let render: metrics::Render = Arc::new(move || {
+                let (id, store, stats, mgr) = (id.clone(), store.clone(), stats.clone(), mgr.clone());
+                let data_dir = data_dir.clone();
+                Box::pin(async move { metrics_page::render(&id, &data_dir, &store, &stats, &mgr).await })
+            });
+            let mut rx = stop_rx.clone();
+            tokio::spawn(metrics::serve(l, render, async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }));
+            Some(bound)
+        }
+        None => None,
+    };
+    tracing::info!(node.id = %config.id, grpc = %grpc_addr, nbd = %nbd_addr, metrics = ?metrics_addr, "node agent ready");
+    on_ready(Bound { grpc: grpc_addr, metrics: metrics_addr, nbd: nbd_addr });
+
+    let restorer = mgr.clone();
+    tokio::spawn(async move { restorer.restore_attachments().await });
+
+    let server_replica = ReplicaServer::new(replica_svc)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let server_volumes = VolumesServer::new(VolumeService::new(mgr.clone()));
+    let mut rx = stop_rx;
+    // tonic ignores its own nodelay setting for a caller-supplied incoming stream; without
+    // TCP_NODELAY small acks wait for delayed ACKs (~40 ms) on every request.
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|s| {
+            if let Err(e) = s.set_nodelay(true) {
+                tracing::warn!(error = %e, "could not set TCP_NODELAY on a gRPC connection");
+            }
+        })
+    });
+    let result = tonic::transport::Server::builder()
+        .add_service(server_replica)
+        .add_service(server_volumes)
+        .serve_with_incoming_shutdown(incoming, async move {
+            tokio::select! {
+                _ = shutdown => {}
+                _ = rx.wait_for(|s| *s) => {}
+            }
+        })
+        .await;
+    let _ = stop_tx.send(true);
+    nbd_shutdown.shutdown();
+    result.map_err(|e| Error::Unavailable(format!("gRPC server: {e}")))
+}

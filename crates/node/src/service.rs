@@ -1,0 +1,207 @@
+//! The tonic implementation of `hlstore.volume.v1.Volumes` over a [`VolumeManager`].
+
+use std::sync::Arc;
+
+use hlstore_proto::volume as vpb;
+use hlstore_proto::volume::volumes_server::Volumes;
+use tonic::{Request, Response, Status};
+
+use crate::volumes::VolumeManager;
+use hlstore_replication::rpc::status::to_status;
+
+#[derive(Clone)]
+pub struct VolumeService {
+    mgr: Arc<VolumeManager>,
+}
+
+impl VolumeService {
+    pub fn new(mgr: Arc<VolumeManager>) -> Self {
+        Self { mgr }
+    }
+}
+
+fn name(n: &str) -> Result<&str, Status> {
+    if n.is_empty() {
+        Err(Status::invalid_argument("name is required"))
+    } else {
+        Ok(n)
+    }
+}
+
+#[tonic::async_trait]
+impl Volumes for VolumeService {
+    async fn list_nodes(&self, _r: Request<vpb::ListNodesRequest>) -> Result<Response<vpb::ListNodesResponse>, Status> {
+        Ok(Response::new(vpb::ListNodesResponse { nodes: self.mgr.nodes_view() }))
+    }
+
+    async fn create_volume(&self, r: Request<vpb::CreateVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        if r.size == 0 {
+            return Err(Status::invalid_argument("size is required"));
+        }
+        self.mgr.create(r).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn delete_volume(
+        &self,
+        r: Request<vpb::DeleteVolumeRequest>,
+    ) -> Result<Response<vpb::DeleteVolumeResponse>, Status> {
+        let existed = self.mgr.delete(name(&r.get_ref().name)?).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(vpb::DeleteVolumeResponse { existed }))
+    }
+
+    async fn list_volumes(
+        &self,
+        _r: Request<vpb::ListVolumesRequest>,
+    ) -> Result<Response<vpb::ListVolumesResponse>, Status> {
+        Ok(Response::new(vpb::ListVolumesResponse { volumes: self.mgr.list().await }))
+    }
+
+    async fn get_volume(&self, r: Request<vpb::GetVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        self.mgr.get(name(&r.get_ref().name)?).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn attach_volume(&self, r: Request<vpb::AttachVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        self.mgr.attach(&r.name, &r.node, &r.nbd_listen, r.force).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn detach_volume(&self, r: Request<vpb::DetachVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        self.mgr.detach(name(&r.get_ref().name)?).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn replace_replica(&self, r: Request<vpb::ReplaceReplicaRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        if r.from_node.is_empty() || r.to_node.is_empty() {
+            return Err(Status::invalid_argument("from_node and to_node are required"));
+        }
+        self.mgr.replace(&r.name, &r.from_node, &r.to_node).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn list_attachments(
+        &self,
+        _r: Request<vpb::ListAttachmentsRequest>,
+    ) -> Result<Response<vpb::ListAttachmentsResponse>, Status> {
+        Ok(Response::new(vpb::ListAttachmentsResponse { volumes: self.mgr.local_attachments().await }))
+    }
+
+    async fn scrub_volume(
+        &self,
+        r: Request<vpb::ScrubVolumeRequest>,
+    ) -> Result<Response<vpb::ScrubVolumeResponse>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        self.mgr.scrub(&r.name).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn expand_volume(&self, r: Request<vpb::ExpandVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        if r.size == 0 {
+            return Err(Status::invalid_argument("size is required"));
+        }
+        self.mgr.expand(&r.name, r.size).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn create_snapshot(&self, r: Request<vpb::CreateSnapshotRequest>) -> Result<Response<vpb::Snapshot>, Status> {
+        let r = r.into_inner();
+        name(&r.volume)?;
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("snapshot name is required"));
+        }
+        self.mgr.create_snapshot(r).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        r: Request<vpb::DeleteSnapshotRequest>,
+    ) -> Result<Response<vpb::DeleteSnapshotResponse>, Status> {
+        let r = r.into_inner();
+        name(&r.volume)?;
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("snapshot name is required"));
+        }
+        let existed = self.mgr.delete_snapshot(r).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(vpb::DeleteSnapshotResponse { existed }))
+    }
+
+    async fn list_snapshots(
+        &self,
+        r: Request<vpb::ListSnapshotsRequest>,
+    ) -> Result<Response<vpb::ListSnapshotsResponse>, Status> {
+        let r = r.into_inner();
+        let snapshots = self.mgr.list_snapshots(&r.volume).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(vpb::ListSnapshotsResponse { snapshots }))
+    }
+
+    async fn revert_snapshot(&self, r: Request<vpb::RevertSnapshotRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.volume)?;
+        if r.name.is_empty() {
+            return Err(Status::invalid_argument("snapshot name is required"));
+        }
+        self.mgr.revert_snapshot(&r.volume, &r.name).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn clone_volume(&self, r: Request<vpb::CloneVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.source)?;
+        name(&r.name)?;
+        self.mgr.clone_volume(r).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    async fn changed_blocks(
+        &self,
+        r: Request<vpb::ChangedBlocksRequest>,
+    ) -> Result<Response<vpb::ChangedBlocksResponse>, Status> {
+        let r = r.into_inner();
+        name(&r.volume)?;
+        self.mgr.changed_blocks(&r.volume, &r.from, &r.to).await.map(Response::new).map_err(|e| to_status(&e))
+    }
+
+    type ReadSnapshotStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<vpb::ReadSnapshotChunk, Status>> + Send + 'static>>;
+
+    async fn read_snapshot(
+        &self,
+        r: Request<vpb::ReadSnapshotRequest>,
+    ) -> Result<Response<Self::ReadSnapshotStream>, Status> {
+        const PIECE: u64 = 1 << 20;
+        let r = r.into_inner();
+        name(&r.volume)?;
+        let mgr = self.mgr.clone();
+        // Fail fast on an unknown snapshot or a bad range, before the stream starts.
+        let end = r
+            .offset
+            .checked_add(r.length)
+            .ok_or_else(|| Status::invalid_argument(format!("offset {} + length {} overflows", r.offset, r.length)))?;
+        let first = PIECE.min(r.length);
+        let (node, _) = mgr.holder(&r.volume, &r.name).await.map_err(|e| to_status(&e))?;
+        let head =
+            mgr.read_snapshot_from(&node, &r.volume, &r.name, r.offset, first).await.map_err(|e| to_status(&e))?;
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        tokio::spawn(async move {
+            if tx.send(Ok(vpb::ReadSnapshotChunk { offset: r.offset, data: head })).await.is_err() {
+                return;
+            }
+            let mut at = r.offset + first;
+            while at < end {
+                let n = PIECE.min(end - at);
+                let msg = mgr
+                    .read_snapshot_from(&node, &r.volume, &r.name, at, n)
+                    .await
+                    .map(|data| vpb::ReadSnapshotChunk { offset: at, data })
+                    .map_err(|e| to_status(&e));
+                let failed = msg.is_err();
+                if tx.send(msg).await.is_err() || failed {
+                    return;
+                }
+                at += n;
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}

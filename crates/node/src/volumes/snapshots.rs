@@ -1,0 +1,386 @@
+//! Snapshot, revert, clone, expand and changed-block calls of [`VolumeManager`].
+//!
+//! Routing: an operation that needs the engine (create/delete a snapshot, revert, clone,
+//! expand) runs on the engine of an attached volume — here, or forwarded to the node that
+//! has it attached. A detached volume gets a short-lived engine on this node for the
+//! call (under the attach lock, so no attach runs meanwhile), which bumps its epoch like
+//! any attach. Reads (list, read, changed blocks) go to the replicas directly.
+//!
+//! Revert and clone copy data through an engine, so every replica gets it the normal way
+//! (quorum writes, resync for the absent): revert writes back only the blocks changed
+//! since the snapshot; a clone copies only the blocks the snapshot holds.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use hlstore_proto::replica as rpb;
+use hlstore_proto::volume as vpb;
+
+use super::{not_found, Takeover, VolumeManager};
+use crate::cluster::bounded;
+use hlstore_core::device::BlockDevice;
+use hlstore_core::error::{Error, Result};
+use hlstore_replication::ReplicatedVolume;
+use hlstore_store::SnapshotInfo;
+
+/// Largest piece copied in one read.
+const COPY_PIECE: u64 = 1 << 20;
+/// Label a clone carries: the volume it was cloned from.
+pub const CLONE_OF: &str = "hlstore.io/clone-of";
+
+/// Where a volume's engine runs.
+enum Route {
+    Local(Arc<ReplicatedVolume>),
+    Remote(String),
+    Detached,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
+}
+
+fn to_vpb(volume: &str, s: SnapshotInfo, ready: bool) -> vpb::Snapshot {
+    vpb::Snapshot {
+        volume: volume.to_string(),
+        name: s.name,
+        seq: s.seq,
+        size: s.size,
+        created: s.created,
+        ready,
+        labels: s.labels.into_iter().collect(),
+    }
+}
+
+impl VolumeManager {
+    async fn route(&self, name: &str) -> Route {
+        if let Some(a) = self.attached.lock().await.get(name) {
+            return Route::Local(a.engine.clone());
+        }
+        match self.attachments().await.remove(name) {
+            Some((node, _)) if node != self.cluster.self_id => Route::Remote(node),
+            _ => Route::Detached,
+        }
+    }
+
+    /// Runs `f` on a short-lived engine of the detached volume `name`.
+    async fn with_temp_engine<T>(&self, name: &str, f: impl AsyncFnOnce(&ReplicatedVolume) -> Result<T>) -> Result<T> {
+        let _serial = self.attach_lock.lock().await;
+        if self.attached.lock().await.contains_key(name) {
+            return Err(Error::Unavailable(format!("volume {name} was attached meanwhile; retry")));
+        }
+        let gathered = self.gather().await;
+        let record = gathered.get(name).ok_or_else(|| not_found(name))?.record.clone();
+        // Never a takeover: a volume held by an engine elsewhere (even one that cannot be
+        // reached) is refused, not fenced.
+        let engine = self.start_engine(&record, Takeover::default()).await?;
+        let res = f(&engine).await;
+        engine.close().await;
+        res
+    }
+
+    /// Replica-set nodes of `name`, with the snapshots each holds.
+    async fn snapshots_by_node(&self, name: &str) -> Result<(Vec<String>, BTreeMap<String, Vec<SnapshotInfo>>)> {
+        let gathered = self.gather().await;
+        let set = gathered.get(name).ok_or_else(|| not_found(name))?.record.replica_set.clone();
+        let calls = set.iter().map(|node| async move {
+            let res = match self.cluster.replica(node) {
+                Ok(mut c) => {
+                    let req = rpb::ListSnapshotsRequest { volume_id: name.to_string() };
+                    bounded(node, async move { c.list_snapshots(req).await }).await
+                }
+                Err(e) => Err(e),
+            };
+            (node.clone(), res)
+        });
+        let mut out = BTreeMap::new();
+        for (node, res) in futures::future::join_all(calls).await {
+            if let Ok(r) = res {
+                let list = r
+                    .into_inner()
+                    .snapshots
+                    .into_iter()
+                    .map(hlstore_replication::rpc::snapshots::snapshot_from_pb)
+                    .collect();
+                out.insert(node, list);
+            }
+        }
+        Ok((set, out))
+    }
+
+    /// A node holding snapshot `snap` of `name` (this node first), with the snapshot.
+    pub(crate) async fn holder(&self, name: &str, snap: &str) -> Result<(String, SnapshotInfo)> {
+        let (_, by_node) = self.snapshots_by_node(name).await?;
+        let mut found: Vec<(String, SnapshotInfo)> = by_node
+            .into_iter()
+            .filter_map(|(node, list)| list.into_iter().find(|s| s.name == snap && !s.partial).map(|s| (node, s)))
+            .collect();
+        found.sort_by_key(|(node, _)| *node != self.cluster.self_id);
+        found.into_iter().next().ok_or_else(|| {
+            Error::NotFound(format!("volume {name} has no snapshot {snap:?} (see: hlstore snapshot list {name})"))
+        })
+    }
+
+    pub async fn create_snapshot(&self, req: vpb::CreateSnapshotRequest) -> Result<vpb::Snapshot> {
+        let name = req.volume.clone();
+        let snap = SnapshotInfo {
+            name: req.name.clone(),
+            seq: 0,
+            size: 0,
+            created: unix_now(),
+            labels: req.labels.clone().into_iter().collect(),
+            partial: false,
+        };
+        let got = match self.route(&name).await {
+            Route::Local(engine) => engine.snapshot(snap).await?,
+            Route::Remote(node) => {
+                let mut c = self.cluster.volumes(&node)?;
+                return bounded(&node, async move { c.create_snapshot(req).await }).await.map(|r| r.into_inner());
+            }
+            Route::Detached => self.with_temp_engine(&name, async |e| e.snapshot(snap).await).await?,
+        };
+        let (set, by_node) = self.snapshots_by_node(&name).await?;
+        let held = by_node.values().filter(|l| l.iter().any(|s| s.name == got.name && !s.partial)).count();
+        Ok(to_vpb(&name, got, held == set.len()))
+    }
+
+    pub async fn delete_snapshot(&self, req: vpb::DeleteSnapshotRequest) -> Result<bool> {
+        let name = req.volume.clone();
+        match self.route(&name).await {
+            Route::Local(engine) => engine.delete_snapshot(&req.name).await,
+            Route::Remote(node) => {
+                let mut c = self.cluster.volumes(&node)?;
+                bounded(&node, async move { c.delete_snapshot(req).await }).await.map(|r| r.into_inner().existed)
+            }
+            Route::Detached => {
+                let snap = req.name.clone();
+                self.with_temp_engine(&name, async |e| e.delete_snapshot(&snap).await).await
+            }
+        }
+    }
+
+    /// Snapshots of `volume` (every volume when empty), oldest first; `ready` when every
+    /// replica holds it.
+    pub async fn list_snapshots(&self, volume: &str) -> Result<Vec<vpb::Snapshot>> {
+        let names: Vec<String> =
+            if volume.is_empty() { self.gather().await.into_keys().collect() } else { vec![volume.to_string()] };
+        let mut out = Vec::new();
+        for name in names {
+            let (set, by_node) = self.snapshots_by_node(&name).await?;
+            let mut seen: BTreeMap<(u64, String), (SnapshotInfo, usize)> = BTreeMap::new();
+            for s in by_node.into_values().flatten() {
+                let complete = usize::from(!s.partial);
+                seen.entry((s.seq, s.name.clone())).or_insert((SnapshotInfo { partial: false, ..s }, 0)).1 += complete;
+            }
+            out.extend(seen.into_values().map(|(s, n)| to_vpb(&name, s, n == set.len())));
+        }
+        Ok(out)
+    }
+
+    /// Runs of blocks that may differ between two snapshots (or a snapshot and the live
+    /// volume), from a replica holding them (the engine's node first for the live view).
+    pub async fn changed_blocks(&self, volume: &str, from: &str, to: &str) -> Result<vpb::ChangedBlocksResponse> {
+        let probe = if from.is_empty() { to } else { from };
+        let node = if probe.is_empty() {
+            return Err(Error::InvalidArgument("name a snapshot in `from` or `to`".into()));
+        } else {
+            self.holder(volume, probe).await?.0
+        };
+        let mut c = self.cluster.replica(&node)?;
+        let req = rpb::ChangedBlocksRequest { volume_id: volume.into(), from: from.into(), to: to.into() };
+        let r = bounded(&node, async move { c.changed_blocks(req).await }).await?.into_inner();
+        let bs = u64::from(r.block_size);
+        Ok(vpb::ChangedBlocksResponse {
+            extents: r.runs.into_iter().map(|r| vpb::Extent { offset: r.start * bs, length: r.count * bs }).collect(),
+            block_size: bs,
+        })
+    }
+
+    pub(crate) async fn read_snapshot_from(
+        &self,
+        node: &str,
+        volume: &str,
+        snap: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<u8>> {
+        let mut c = self.cluster.replica(node)?;
+        let req = rpb::ReadSnapshotRequest { volume_id: volume.into(), name: snap.into(), offset, length: len };
+        Ok(bounded(node, async move { c.read_snapshot(req).await }).await?.into_inner().data)
+    }
+
+    /// Writes the runs of snapshot `snap` (held by `node`) into `engine`; blocks the
+    /// snapshot does not hold (past its size) and all-zero pieces become trims.
+    async fn copy_runs(
+        &self,
+        node: &str,
+        volume: &str,
+        snap: &SnapshotInfo,
+        runs: Vec<vpb::Extent>,
+        engine: &ReplicatedVolume,
+    ) -> Result<u64> {
+        let mut copied = 0;
+        for run in runs {
+            let mut at = run.offset;
+            let end = run.offset + run.length;
+            while at < end {
+                let n = COPY_PIECE.min(end - at);
+                let data = if at + n <= snap.size {
+                    self.read_snapshot_from(node, volume, &snap.name, at, n).await?
+                } else {
+                    vec![0; n as usize]
+                };
+                if data.iter().all(|&b| b == 0) {
+                    engine.trim(at, n).await?;
+                } else {
+                    engine.write(at, data, false).await?;
+                    copied += n;
+                }
+                at += n;
+            }
+        }
+        engine.flush().await?;
+        Ok(copied)
+    }
+
+    /// Rolls `volume` back to `snap`. The volume must be detached.
+    pub async fn revert_snapshot(&self, volume: &str, snap: &str) -> Result<vpb::Volume> {
+        let attached_on = match self.route(volume).await {
+            Route::Detached => None,
+            Route::Local(_) => Some(self.cluster.self_id.clone()),
+            Route::Remote(node) => Some(node),
+        };
+        if let Some(node) = attached_on {
+            return Err(Error::InvalidArgument(format!(
+                "volume {volume} is attached on node {node}; detach it first (hlstore volume detach {volume})"
+            )));
+        }
+        let (node, info) = self.holder(volume, snap).await?;
+        let runs = self.changed_blocks(volume, snap, "").await?.extents;
+        let copied =
+            self.with_temp_engine(volume, async |e| self.copy_runs(&node, volume, &info, runs, e).await).await?;
+        tracing::info!(volume.id = volume, snapshot = snap, bytes = copied, "volume reverted");
+        self.get(volume).await
+    }
+
+    /// A new volume with the content of a snapshot of `source` (a fresh one when none is
+    /// named, deleted afterwards).
+    pub async fn clone_volume(&self, req: vpb::CloneVolumeRequest) -> Result<vpb::Volume> {
+        let gathered = self.gather().await;
+        if let Some(g) = gathered.get(&req.name) {
+            if g.record.labels.get(CLONE_OF) == Some(&req.source) {
+                return self.get(&req.name).await;
+            }
+            return Err(Error::AlreadyExists(format!(
+                "volume {} exists and is not a clone of {}",
+                req.name, req.source
+            )));
+        }
+        if !gathered.contains_key(&req.source) {
+            return Err(not_found(&req.source));
+        }
+        let temp = req.snapshot.is_empty();
+        let snap = if temp { format!("clone-{}", req.name) } else { req.snapshot.clone() };
+        if temp {
+            let create = vpb::CreateSnapshotRequest {
+                volume: req.source.clone(),
+                name: snap.clone(),
+                labels: Default::default(),
+            };
+            self.create_snapshot(create).await?;
+        }
+        let (node, info) = self.holder(&req.source, &snap).await?;
+        let mut labels = req.labels.clone();
+        labels.insert(CLONE_OF.into(), req.source.clone());
+        let create = vpb::CreateVolumeRequest {
+            name: req.name.clone(),
+            size: info.size.max(req.size),
+            replicas: req.replicas,
+            nodes: req.nodes.clone(),
+            write_quorum: 0,
+            labels,
+        };
+        self.create(create).await?;
+        let runs = self.changed_blocks(&req.source, "", &snap).await?.extents;
+        let copied = match self
+            .with_temp_engine(&req.name, async |e| self.copy_runs(&node, &req.source, &info, runs, e).await)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                // A half-copied clone must not pass for a finished one on retry.
+                if let Err(d) = self.delete(&req.name).await {
+                    tracing::warn!(volume.id = %req.name, error = %d, "could not delete an unfinished clone");
+                }
+                return Err(e);
+            }
+        };
+        tracing::info!(volume.id = %req.name, source = %req.source, snapshot = %snap, bytes = copied, "volume cloned");
+        if temp {
+            let del = vpb::DeleteSnapshotRequest { volume: req.source.clone(), name: snap };
+            if let Err(e) = self.delete_snapshot(del).await {
+                tracing::warn!(volume.id = %req.source, error = %e, "could not delete the snapshot made for a clone");
+            }
+        }
+        self.get(&req.name).await
+    }
+
+    /// Grows a volume, online when it is attached.
+    /// One scrub pass now on the engine serving `volume` (see `replication/heal.rs`).
+    pub async fn scrub(&self, volume: &str) -> Result<vpb::ScrubVolumeResponse> {
+        let r = match self.route(volume).await {
+            Route::Local(engine) => engine.scrub_now().await?,
+            Route::Remote(node) => {
+                let mut c = self.cluster.volumes(&node)?;
+                let req = vpb::ScrubVolumeRequest { name: volume.into() };
+                return bounded(&node, async move { c.scrub_volume(req).await }).await.map(|r| r.into_inner());
+            }
+            Route::Detached => self.with_temp_engine(volume, async |e| e.scrub_now().await).await?,
+        };
+        Ok(vpb::ScrubVolumeResponse {
+            name: volume.into(),
+            blocks: r.blocks,
+            corrupt: r.corrupt,
+            repaired: r.repaired,
+            divergent: r.divergent,
+            unrecoverable: r.unrecoverable,
+            replicas: r.replicas,
+        })
+    }
+
+    pub async fn expand(&self, volume: &str, size: u64) -> Result<vpb::Volume> {
+        match self.route(volume).await {
+            Route::Local(engine) => engine.expand(size).await?,
+            Route::Remote(node) => {
+                let mut c = self.cluster.volumes(&node)?;
+                let req = vpb::ExpandVolumeRequest { name: volume.into(), size };
+                return bounded(&node, async move { c.expand_volume(req).await }).await.map(|r| r.into_inner());
+            }
+            Route::Detached => self.with_temp_engine(volume, async |e| e.expand(size).await).await?,
+        }
+        let mut att = self.attached.lock().await;
+        if let Some(a) = att.get_mut(volume) {
+            a.record.size = a.record.size.max(size);
+        }
+        drop(att);
+        self.get(volume).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hlstore_store::BLOCK_SIZE;
+
+    #[test]
+    fn snapshot_view_carries_every_field() {
+        let mut labels = BTreeMap::new();
+        labels.insert("k".to_string(), "v".to_string());
+        let s = SnapshotInfo { name: "s".into(), seq: 7, size: 8 * BLOCK_SIZE, created: 5, labels, partial: false };
+        let v = to_vpb("vol", s, true);
+        assert_eq!(
+            (v.volume.as_str(), v.name.as_str(), v.seq, v.size, v.created, v.ready),
+            ("vol", "s", 7, 32768, 5, true)
+        );
+        assert_eq!(v.labels.get("k").map(String::as_str), Some("v"));
+    }
+}

@@ -1,0 +1,330 @@
+//! The ordered pipeline to one replica: one task per connection that owns the replica's
+//! write stream and serialises everything that changes the replica's data.
+//!
+//! Invariant: operations are applied on the replica in the order the actor queued them.
+//! Foreground writes are pipelined on the ordered write stream; unary calls (trim, flush,
+//! history and resync mark, resync chunks, end of resync) wait until every earlier stream
+//! request was acked, and later ones are sent only once they returned, so they can neither
+//! overtake nor be overtaken by a write. Consecutive resync chunks go out as
+//! one `apply_resync` batch. A request unanswered for `timeout` fails the link; the actor
+//! then reports the replica as failed.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+use tokio::time::Instant;
+
+use super::transport::{ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream};
+use super::types::{History, ReplicaId, Seq};
+use hlstore_core::error::{Error, ErrorKind, Result};
+
+/// A resync permit, shared by the pieces of one chunk: the resync task may have a bounded
+/// number of chunks in flight.
+pub(super) type Permit = Arc<OwnedSemaphorePermit>;
+
+/// What the actor asks a link to do.
+pub(super) enum LinkOp {
+    Write {
+        seq: Seq,
+        offset: u64,
+        data: Bytes,
+        fua: bool,
+    },
+    Trim {
+        seq: Seq,
+        offset: u64,
+        len: u64,
+    },
+    Resync {
+        chunk: ResyncChunk,
+        permit: Permit,
+    },
+    Flush,
+    /// Record the volume's history and, with `resync_from`, the resync mark (durably,
+    /// before anything queued after it).
+    Record {
+        history: Box<History>,
+        resync_from: Option<Seq>,
+    },
+    EndResync,
+    /// Flush the target and record resync progress below `offset`.
+    CheckpointResync {
+        offset: u64,
+    },
+    /// Record a snapshot after every write queued before it.
+    Snapshot {
+        snap: SnapshotInfo,
+        reply: oneshot::Sender<Result<SnapshotInfo>>,
+    },
+    DeleteSnapshot {
+        name: String,
+        reply: oneshot::Sender<Result<bool>>,
+    },
+    Expand {
+        size: u64,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    /// Read after every write queued before it (a check of replicas against each other,
+    /// see `heal.rs`). Its error goes to the caller; it does not fail the link.
+    Read {
+        offset: u64,
+        len: u64,
+        reply: oneshot::Sender<Result<Vec<u8>>>,
+    },
+    /// Rewrite blocks that failed their checksum with the good content, after every write
+    /// queued before it (`apply_resync`; see `heal.rs` for the seq they carry). Answers
+    /// how many blocks were applied; its error does not fail the link.
+    Repair {
+        chunks: Vec<ResyncChunk>,
+        reply: oneshot::Sender<Result<u64>>,
+    },
+}
+
+/// What a link reports to the actor.
+#[derive(Debug)]
+pub(super) enum LinkEvent {
+    Acked { seq: Seq, durable_seq: Seq },
+    Flushed { durable_seq: Seq },
+    ResyncEnded { durable_seq: Seq },
+    Failed(Error),
+}
+
+/// Reports go to the actor tagged with the replica and the link generation.
+pub(super) type Reports = mpsc::UnboundedSender<(ReplicaId, u64, LinkEvent)>;
+
+/// Stream requests awaiting their ack, at most. Kept below the transports' stream queue
+/// depth so that sending never blocks while acks wait to be read.
+pub(super) const MAX_IN_FLIGHT: usize = 128;
+
+/// Bytes of writes queued on one link and not yet acked, at most. A replica that falls
+/// this far behind is left behind: its link fails (the machine marks it failed and
+/// resyncs it when it is back) instead of the queue growing without bound.
+pub(super) const MAX_QUEUED_BYTES: u64 = 64 << 20;
+
+/// Bytes of writes queued on a link and not yet acked (shared by the actor, which adds,
+/// and the link, which subtracts on ack).
+pub(super) type QueuedBytes = Arc<std::sync::atomic::AtomicU64>;
+
+/// Resync chunks sent in one `apply_resync` call, at most.
+const RESYNC_BATCH: usize = 64;
+
+struct InFlight {
+    seq: Seq,
+    sent: Instant,
+    /// Write payload bytes (counted in `queued` until acked).
+    bytes: u64,
+}
+
+struct Link<T> {
+    replica: Arc<T>,
+    epoch: u64,
+    id: ReplicaId,
+    gen: u64,
+    reports: Reports,
+    timeout: Duration,
+    inflight: VecDeque<InFlight>,
+    /// An op taken from the queue while batching, to run next.
+    next: Option<LinkOp>,
+    queued: QueuedBytes,
+}
+
+/// Runs a link until the actor drops its queue or the replica fails.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run<T: ReplicaTransport>(
+    replica: Arc<T>,
+    epoch: u64,
+    id: ReplicaId,
+    gen: u64,
+    ops: mpsc::UnboundedReceiver<LinkOp>,
+    reports: Reports,
+    timeout: Duration,
+    queued: QueuedBytes,
+) {
+    let mut link = Link { replica, epoch, id, gen, reports, timeout, inflight: VecDeque::new(), next: None, queued };
+    if let Err(e) = link.serve(ops).await {
+        link.report(LinkEvent::Failed(e));
+    }
+}
+
+impl<T: ReplicaTransport> Link<T> {
+    fn report(&self, ev: LinkEvent) {
+        // The actor is gone when this fails: nothing left to tell.
+        let _ = self.reports.send((self.id, self.gen, ev));
+    }
+
+    async fn serve(&mut self, mut ops: mpsc::UnboundedReceiver<LinkOp>) -> Result<()> {
+        let WriteStream { requests, mut acks } =
+            with_timeout(self.timeout, "open write stream", self.replica.write_stream(self.epoch)).await?;
+        loop {
+            if let Some(op) = self.next.take() {
+                self.execute(op, &mut ops, &requests, &mut acks).await?;
+                continue;
+            }
+            let deadline = self.inflight.front().map(|f| f.sent + self.timeout);
+            tokio::select! {
+                ack = acks.next(), if !self.inflight.is_empty() => self.on_ack(ack)?,
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                    return Err(Error::Unavailable(format!("replica {}: write not acked within {:?}", self.replica.name(), self.timeout)));
+                }
+                op = ops.recv(), if self.inflight.len() < MAX_IN_FLIGHT => {
+                    let Some(op) = op else { return Ok(()) };
+                    self.execute(op, &mut ops, &requests, &mut acks).await?;
+                }
+            }
+        }
+    }
+
+    fn on_ack(&mut self, ack: Option<Result<WriteAck>>) -> Result<()> {
+        let ack =
+            ack.ok_or_else(|| Error::Unavailable(format!("replica {}: write stream closed", self.replica.name())))??;
+        match self.inflight.pop_front() {
+            Some(InFlight { seq, bytes, .. }) => {
+                self.queued.fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+                self.report(LinkEvent::Acked { seq, durable_seq: ack.durable_seq });
+                Ok(())
+            }
+            None => Err(Error::Internal(format!("replica {}: ack without a request", self.replica.name()))),
+        }
+    }
+
+    /// Waits until every stream request was acked (before a unary call).
+    async fn drain(&mut self, acks: &mut futures::stream::BoxStream<'static, Result<WriteAck>>) -> Result<()> {
+        while let Some(first) = self.inflight.front() {
+            let left = (first.sent + self.timeout).saturating_duration_since(Instant::now());
+            let ack = tokio::time::timeout(left, acks.next()).await.map_err(|_| {
+                Error::Unavailable(format!(
+                    "replica {}: write not acked within {:?}",
+                    self.replica.name(),
+                    self.timeout
+                ))
+            })?;
+            self.on_ack(ack)?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, requests: &mpsc::Sender<WriteReq>, req: WriteReq, entry: InFlight) -> Result<()> {
+        requests
+            .send(req)
+            .await
+            .map_err(|_| Error::Unavailable(format!("replica {}: write stream closed", self.replica.name())))?;
+        self.inflight.push_back(entry);
+        Ok(())
+    }
+
+    async fn execute(
+        &mut self,
+        op: LinkOp,
+        ops: &mut mpsc::UnboundedReceiver<LinkOp>,
+        requests: &mpsc::Sender<WriteReq>,
+        acks: &mut futures::stream::BoxStream<'static, Result<WriteAck>>,
+    ) -> Result<()> {
+        let now = Instant::now();
+        let (r, epoch, t) = (self.replica.clone(), self.epoch, self.timeout);
+        match op {
+            LinkOp::Write { seq, offset, data, fua } => {
+                let bytes = data.len() as u64;
+                let req = WriteReq { seq, offset, data, fua };
+                self.send(requests, req, InFlight { seq, sent: now, bytes }).await
+            }
+            LinkOp::Trim { seq, offset, len } => {
+                self.drain(acks).await?;
+                with_timeout(t, "trim", r.trim(epoch, seq, offset, len)).await?;
+                self.report(LinkEvent::Acked { seq, durable_seq: 0 });
+                Ok(())
+            }
+            LinkOp::Resync { chunk, permit } => {
+                let (mut chunks, mut permits) = (vec![chunk], vec![permit]);
+                while chunks.len() < RESYNC_BATCH {
+                    match ops.try_recv() {
+                        Ok(LinkOp::Resync { chunk, permit }) => {
+                            chunks.push(chunk);
+                            permits.push(permit);
+                        }
+                        Ok(other) => {
+                            self.next = Some(other);
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                self.drain(acks).await?;
+                with_timeout(t, "apply resync", r.apply_resync(epoch, chunks)).await?;
+                drop(permits);
+                Ok(())
+            }
+            LinkOp::Flush => {
+                self.drain(acks).await?;
+                let durable_seq = with_timeout(t, "flush", r.flush(epoch)).await?;
+                self.report(LinkEvent::Flushed { durable_seq });
+                Ok(())
+            }
+            LinkOp::Snapshot { snap, reply } => {
+                // Its answer goes to the caller; it does not fail the link (a replica
+                // that cannot take it is reconciled by resync).
+                self.drain(acks).await?;
+                let _ = reply.send(with_timeout(t, "create snapshot", r.create_snapshot(epoch, snap)).await);
+                Ok(())
+            }
+            LinkOp::Expand { size, reply } => {
+                self.drain(acks).await?;
+                let _ = reply.send(with_timeout(t, "expand", r.expand(epoch, size)).await);
+                Ok(())
+            }
+            LinkOp::DeleteSnapshot { name, reply } => {
+                self.drain(acks).await?;
+                let _ = reply.send(with_timeout(t, "delete snapshot", r.delete_snapshot(epoch, &name)).await);
+                Ok(())
+            }
+            LinkOp::Read { offset, len, reply } => {
+                self.drain(acks).await?;
+                let _ = reply.send(with_timeout(t, "read", r.read(epoch, offset, len)).await);
+                Ok(())
+            }
+            LinkOp::Repair { chunks, reply } => {
+                self.drain(acks).await?;
+                let _ = reply.send(with_timeout(t, "repair", r.apply_resync(epoch, chunks)).await);
+                Ok(())
+            }
+            LinkOp::CheckpointResync { offset } => {
+                self.drain(acks).await?;
+                with_timeout(t, "checkpoint resync", r.checkpoint_resync(epoch, offset)).await?;
+                Ok(())
+            }
+            LinkOp::Record { history, resync_from: Some(from) } => {
+                self.drain(acks).await?;
+                with_timeout(t, "begin resync", r.begin_resync(epoch, from, true, *history)).await?;
+                Ok(())
+            }
+            LinkOp::Record { history, resync_from: None } => {
+                self.drain(acks).await?;
+                match with_timeout(t, "record history", r.set_history(epoch, *history)).await {
+                    // A replica that keeps no history is related to others by epochs.
+                    Err(e) if e.kind() == ErrorKind::Unsupported => Ok(()),
+                    res => res,
+                }
+            }
+            LinkOp::EndResync => {
+                self.drain(acks).await?;
+                let durable_seq = with_timeout(t, "end resync", r.end_resync(epoch)).await?;
+                self.report(LinkEvent::ResyncEnded { durable_seq });
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Runs `fut`, failing with `Unavailable` after `timeout`.
+pub(super) async fn with_timeout<R>(
+    timeout: Duration,
+    what: &str,
+    fut: impl std::future::Future<Output = Result<R>>,
+) -> Result<R> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .map_err(|_| Error::Unavailable(format!("{what}: no answer within {timeout:?}")))?
+}

@@ -1,0 +1,404 @@
+//! The tonic implementation of `hlstore.replica.v1.Replica` over a `ReplicaStore`.
+//!
+//! Store calls are blocking (disk I/O) and run on the blocking pool. Writes on one `Write`
+//! stream are applied strictly in arrival order and acknowledged in that order.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::Stream;
+use hlstore_proto::replica as pb;
+use hlstore_proto::replica::replica_server::Replica;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::convert::{self, volume_id};
+use super::status::to_status;
+use hlstore_core::error::{Error, Result};
+use hlstore_store::{Change, ChunkData, ReplicaStore, ResyncChunk, BLOCK_SIZE};
+
+/// Counters of the service, exported as metrics by the node agent.
+#[derive(Debug, Default)]
+pub struct ServiceStats {
+    pub writes: AtomicU64,
+    pub write_bytes: AtomicU64,
+    pub reads: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub trims: AtomicU64,
+    pub stale_epoch_rejections: AtomicU64,
+    pub corruptions: AtomicU64,
+    /// Blocks sent by `Resync` (source side).
+    pub resync_blocks_sent: AtomicU64,
+    /// Chunks applied by `ApplyResync` (target side).
+    pub resync_chunks_applied: AtomicU64,
+}
+
+/// The replica service. Cheap to clone.
+pub struct ReplicaService<S> {
+    store: Arc<S>,
+    stats: Arc<ServiceStats>,
+}
+
+impl<S> Clone for ReplicaService<S> {
+    fn clone(&self) -> Self {
+        Self { store: self.store.clone(), stats: self.stats.clone() }
+    }
+}
+
+impl<S: ReplicaStore> ReplicaService<S> {
+    pub fn new(store: Arc<S>) -> Self {
+        Self { store, stats: Arc::default() }
+    }
+
+    pub fn stats(&self) -> Arc<ServiceStats> {
+        self.stats.clone()
+    }
+
+    pub fn store(&self) -> &Arc<S> {
+        &self.store
+    }
+
+    /// Runs a blocking store call on the blocking pool and maps its error.
+    pub(super) async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&S) -> Result<T> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.store.clone();
+        let stats = self.stats.clone();
+        let res = tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Status::internal(format!("store task failed: {e}")))?;
+        res.map_err(|e| {
+            count_error(&stats, &e);
+            to_status(&e)
+        })
+    }
+}
+
+fn count_error(stats: &ServiceStats, e: &Error) {
+    match e.kind() {
+        hlstore_core::ErrorKind::StaleEpoch => stats.stale_epoch_rejections.fetch_add(1, Ordering::Relaxed),
+        hlstore_core::ErrorKind::Corruption => stats.corruptions.fetch_add(1, Ordering::Relaxed),
+        _ => 0,
+    };
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Blocks read per batch when serving a resync stream.
+const RESYNC_BATCH_BLOCKS: usize = 64;
+
+#[tonic::async_trait]
+impl<S: ReplicaStore> Replica for ReplicaService<S> {
+    async fn create_replica(
+        &self,
+        req: Request<pb::CreateReplicaRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let record = convert::record_from_pb(req.into_inner().record)?;
+        let info = self.call(move |s| s.create(record)).await?;
+        Ok(Response::new(convert::info_to_pb(&info)))
+    }
+
+    async fn delete_replica(
+        &self,
+        req: Request<pb::DeleteReplicaRequest>,
+    ) -> Result<Response<pb::DeleteReplicaResponse>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let epoch = r.epoch;
+        let existed = self
+            .call(move |s| {
+                match s.state(&v) {
+                    Ok(st) if epoch < st.epoch => {
+                        return Err(Error::StaleEpoch { volume: v.clone(), got: epoch, current: st.epoch })
+                    }
+                    _ => {}
+                }
+                s.delete(&v)
+            })
+            .await?;
+        Ok(Response::new(pb::DeleteReplicaResponse { existed }))
+    }
+
+    async fn list_replicas(
+        &self,
+        _req: Request<pb::ListReplicasRequest>,
+    ) -> Result<Response<pb::ListReplicasResponse>, Status> {
+        let list = self.call(|s| s.list()).await?;
+        Ok(Response::new(pb::ListReplicasResponse { replicas: list.iter().map(convert::info_to_pb).collect() }))
+    }
+
+    async fn open(&self, req: Request<pb::OpenRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let vv = v.clone();
+        let claim = convert::claim_from_pb(&r)?;
+        let st = self.call(move |s| s.claim(&vv, &claim)).await?;
+        Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    async fn ping(&self, req: Request<pb::PingRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let vv = v.clone();
+        let st = self.call(move |s| s.state(&vv)).await?;
+        hlstore_store::check_epoch(&v, st.epoch, r.epoch).map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    async fn state(&self, req: Request<pb::StateRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        let v = volume_id(&req.get_ref().volume_id)?.to_string();
+        let vv = v.clone();
+        let st = self.call(move |s| s.state(&vv)).await?;
+        Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    type WriteStream = BoxStream<pb::WriteAck>;
+
+    async fn write(&self, req: Request<Streaming<pb::WriteRequest>>) -> Result<Response<Self::WriteStream>, Status> {
+        let mut incoming = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = incoming.next().await {
+                let w = match msg {
+                    Ok(w) => w,
+                    Err(_) => break,
+                };
+                let (seq, len) = (w.seq, w.data.len() as u64);
+                let res = this
+                    .call(move |s| s.write(&w.volume_id, w.epoch, w.seq, w.offset, &w.data, w.fua))
+                    .await
+                    .map(|durable_seq| pb::WriteAck { seq, durable_seq });
+                if res.is_ok() {
+                    this.stats.writes.fetch_add(1, Ordering::Relaxed);
+                    this.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
+                }
+                let failed = res.is_err();
+                if tx.send(res).await.is_err() || failed {
+                    // After a failed write the stream ends: later writes must not be applied
+                    // past a gap.
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let data = self.call(move |s| s.read(&r.volume_id, r.epoch, r.offset, r.length)).await?;
+        self.stats.reads.fetch_add(1, Ordering::Relaxed);
+        self.stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
+        Ok(Response::new(pb::ReadResponse { data }))
+    }
+
+    async fn flush(&self, req: Request<pb::FlushRequest>) -> Result<Response<pb::FlushResponse>, Status> {
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let durable_seq = self.call(move |s| s.flush(&r.volume_id, r.epoch)).await?;
+        self.stats.flushes.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(pb::FlushResponse { durable_seq }))
+    }
+
+    async fn trim(&self, req: Request<pb::TrimRequest>) -> Result<Response<pb::WriteAck>, Status> {
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let (v, seq) = (r.volume_id.clone(), r.seq);
+        let st = self
+            .call(move |s| {
+                s.trim(&r.volume_id, r.epoch, r.seq, r.offset, r.length)?;
+                s.state(&v)
+            })
+            .await?;
+        self.stats.trims.fetch_add(1, Ordering::Relaxed);
+        Ok(Response::new(pb::WriteAck { seq, durable_seq: st.durable_seq }))
+    }
+
+    async fn expand(&self, req: Request<pb::ExpandRequest>) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let info = self.call(move |s| s.expand(&r.volume_id, r.epoch, r.new_size)).await?;
+        Ok(Response::new(convert::info_to_pb(&info)))
+    }
+
+    async fn set_replica_set(
+        &self,
+        req: Request<pb::SetReplicaSetRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        if r.replica_set.is_empty() {
+            return Err(Status::invalid_argument("replica_set must name at least one node"));
+        }
+        let info = self.call(move |s| s.set_replica_set(&r.volume_id, r.epoch, r.replica_set)).await?;
+        Ok(Response::new(convert::info_to_pb(&info)))
+    }
+
+    type ResyncStream = BoxStream<pb::ResyncChunk>;
+
+    async fn resync(&self, req: Request<pb::ResyncRequest>) -> Result<Response<Self::ResyncStream>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let (vv, epoch) = (v.clone(), r.epoch);
+        let changes = self
+            .call(move |s| match r.resume_below {
+                0 => s.changes_since(&vv, epoch, r.since_seq),
+                below => s.changes_since_split(&vv, epoch, r.since_seq, (below, r.resume_seq)),
+            })
+            .await?;
+        let (tx, rx) = mpsc::channel(4);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut blocks = Vec::new();
+            for c in changes {
+                match c {
+                    Change::Trim { offset, len, seq } => {
+                        let chunk = ResyncChunk { offset, seq, data: ChunkData::Trim(len) };
+                        if tx.send(Ok(convert::chunk_to_pb(chunk))).await.is_err() {
+                            return;
+                        }
+                    }
+                    Change::Block { offset, seq } => blocks.push((offset, seq)),
+                }
+            }
+            for batch in blocks.chunks(RESYNC_BATCH_BLOCKS) {
+                let batch = batch.to_vec();
+                let v = v.clone();
+                // The blocks before a failing one are sent, then the error: a block that
+                // fails its checksum ends the stream right at it (the engine fetches it
+                // elsewhere and resumes past it).
+                let res = this
+                    .call(move |s| {
+                        let mut chunks = Vec::new();
+                        for (offset, seq) in batch {
+                            match s.read(&v, epoch, offset, BLOCK_SIZE) {
+                                Ok(data) => chunks.push(ResyncChunk { offset, seq, data: ChunkData::Data(data) }),
+                                Err(e) => return Ok((chunks, Some(e))),
+                            }
+                        }
+                        Ok((chunks, None))
+                    })
+                    .await;
+                let (chunks, failed) = match res {
+                    Ok((chunks, failed)) => {
+                        let failed = failed.map(|e| {
+                            count_error(&this.stats, &e);
+                            to_status(&e)
+                        });
+                        (chunks, failed)
+                    }
+                    Err(status) => (Vec::new(), Some(status)),
+                };
+                this.stats.resync_blocks_sent.fetch_add(chunks.len() as u64, Ordering::Relaxed);
+                for c in chunks {
+                    if tx.send(Ok(convert::chunk_to_pb(c))).await.is_err() {
+                        return;
+                    }
+                }
+                if let Some(status) = failed {
+                    let _ = tx.send(Err(status)).await;
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn begin_resync(&self, req: Request<pb::BeginResyncRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let vv = v.clone();
+        let (from_seq, resume, epoch) = (r.from_seq, r.resume, r.epoch);
+        let history = convert::history_from_pb(&r.history)?;
+        let st = self.call(move |s| s.begin_resync(&vv, epoch, from_seq, resume, history)).await?;
+        tracing::info!(volume.id = %v, epoch, from_seq, resume, checkpoint = ?st.resync_done, history = ?st.history, "resync into this replica begins");
+        Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    async fn set_history(&self, req: Request<pb::SetHistoryRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let vv = v.clone();
+        let history = convert::history_from_pb(&r.history)?;
+        let st = self.call(move |s| s.set_history(&vv, r.epoch, history)).await?;
+        tracing::debug!(volume.id = %v, epoch = r.epoch, history = ?st.history, "epoch history recorded");
+        Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    async fn checkpoint_resync(
+        &self,
+        req: Request<pb::CheckpointResyncRequest>,
+    ) -> Result<Response<pb::ReplicaState>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let vv = v.clone();
+        let st = self.call(move |s| s.checkpoint_resync(&vv, r.epoch, r.offset)).await?;
+        tracing::debug!(volume.id = %v, checkpoint = ?st.resync_done, "resync checkpoint recorded");
+        Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    async fn apply_resync(
+        &self,
+        req: Request<pb::ApplyResyncRequest>,
+    ) -> Result<Response<pb::ApplyResyncResponse>, Status> {
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let chunks: Vec<ResyncChunk> = r.chunks.into_iter().map(convert::chunk_from_pb).collect();
+        let stats = self.call(move |s| s.apply_resync(&r.volume_id, r.epoch, &chunks)).await?;
+        self.stats.resync_chunks_applied.fetch_add(stats.applied, Ordering::Relaxed);
+        Ok(Response::new(pb::ApplyResyncResponse { applied: stats.applied, skipped_newer: stats.skipped_newer }))
+    }
+
+    async fn end_resync(&self, req: Request<pb::EndResyncRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        let r = req.into_inner();
+        let v = volume_id(&r.volume_id)?.to_string();
+        let vv = v.clone();
+        let st = self.call(move |s| s.end_resync(&vv, r.epoch)).await?;
+        Ok(Response::new(convert::state_to_pb(&v, &st)))
+    }
+
+    async fn create_snapshot(
+        &self,
+        req: Request<pb::CreateSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        self.snapshot_create(req).await
+    }
+
+    async fn delete_snapshot(
+        &self,
+        req: Request<pb::DeleteSnapshotRequest>,
+    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
+        self.snapshot_delete(req).await
+    }
+
+    async fn list_snapshots(
+        &self,
+        req: Request<pb::ListSnapshotsRequest>,
+    ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
+        self.snapshot_list(req).await
+    }
+
+    async fn install_snapshot(
+        &self,
+        req: Request<pb::InstallSnapshotRequest>,
+    ) -> Result<Response<pb::SnapshotInfo>, Status> {
+        self.snapshot_install(req).await
+    }
+
+    async fn read_snapshot(&self, req: Request<pb::ReadSnapshotRequest>) -> Result<Response<pb::ReadResponse>, Status> {
+        self.snapshot_read(req).await
+    }
+
+    async fn changed_blocks(
+        &self,
+        req: Request<pb::ChangedBlocksRequest>,
+    ) -> Result<Response<pb::ChangedBlocksResponse>, Status> {
+        self.snapshot_changed(req).await
+    }
+}

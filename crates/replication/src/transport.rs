@@ -1,0 +1,140 @@
+//! `ReplicaTransport`: how the runtime talks to one replica of a volume.
+//!
+//! Two implementations: [`GrpcReplica`] (the replica service over tonic; the real one) and
+//! [`MemReplica`] (a replica in memory with knobs to delay, fail, kill and crash it; for
+//! tests of the replication runtime).
+//!
+//! Ordering contract: requests sent on one [`WriteStream`] are applied in order and
+//! answered in order. Unary calls (`trim`, `flush`, `apply_resync`, `end_resync`) are not
+//! ordered against the stream; the runtime issues them only when the stream has nothing in
+//! flight.
+
+use std::future::Future;
+
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use tokio::sync::mpsc;
+
+pub use super::grpc_replica::GrpcReplica;
+#[cfg(any(test, feature = "testing"))]
+pub use super::mem_replica::{MemReplica, MemStats};
+use super::types::{History, ReplicaSeqs, Seq};
+use hlstore_core::error::Result;
+pub use hlstore_store::{Claim, ClaimMode, SnapshotInfo};
+
+/// One request on a replica's write stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteReq {
+    pub seq: Seq,
+    pub offset: u64,
+    pub data: Bytes,
+    /// Durable before the ack.
+    pub fua: bool,
+}
+
+/// A replica's answer to one write: it applied everything up to `seq`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteAck {
+    pub seq: Seq,
+    pub durable_seq: Seq,
+}
+
+/// An open write stream: requests in, one ack per request out, in order. Dropping the
+/// sender ends the stream.
+pub struct WriteStream {
+    pub requests: mpsc::Sender<WriteReq>,
+    pub acks: BoxStream<'static, Result<WriteAck>>,
+}
+
+/// The payload of a resync chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChunkData {
+    /// One block of data.
+    Data(Bytes),
+    /// One block that reads as zeroes (unallocated).
+    Zero,
+    /// A deallocated range of this many bytes.
+    Trim(u64),
+}
+
+/// One unit of a resync stream: the current content of a block (or a trimmed range) and
+/// the seq that wrote it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResyncChunk {
+    pub offset: u64,
+    pub seq: Seq,
+    pub data: ChunkData,
+}
+
+/// The operations the replication runtime needs from one replica of one volume.
+pub trait ReplicaTransport: Send + Sync + 'static {
+    /// The replica's node name, for logs.
+    fn name(&self) -> &str;
+    fn state(&self) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
+    /// Claims the replica for an engine (see [`Claim`]): `StaleEpoch` if its epoch is
+    /// older than the replica's, `Conflict` if a compare-and-set lost.
+    fn open(&self, claim: Claim) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
+    /// Checks that the replica still accepts `epoch` (`StaleEpoch` once a newer engine
+    /// claimed it). Renews the engine's read lease; no disk I/O.
+    fn ping(&self, epoch: u64) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
+    fn write_stream(&self, epoch: u64) -> impl Future<Output = Result<WriteStream>> + Send;
+    fn read(&self, epoch: u64, offset: u64, len: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    /// Makes everything applied durable; returns the durable seq.
+    fn flush(&self, epoch: u64) -> impl Future<Output = Result<Seq>> + Send;
+    /// Deallocates a range.
+    fn trim(&self, epoch: u64, seq: Seq, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send;
+    /// Every trim and block whose content was written after `since` (trims first, then
+    /// blocks in offset order); with `resume = Some((below, after))`, blocks below `below`
+    /// only if written after `after`.
+    fn resync_stream(
+        &self,
+        epoch: u64,
+        since: Seq,
+        resume: Option<(u64, Seq)>,
+    ) -> impl Future<Output = Result<BoxStream<'static, Result<ResyncChunk>>>> + Send;
+    /// Marks the replica incomplete from `from_seq` (durably, with `history` unless it is
+    /// empty) until `end_resync`. With `resume`, returns the checkpoint `(offset, seq)` an
+    /// unfinished resync from the same `from_seq` left (see `checkpoint_resync`).
+    fn begin_resync(
+        &self,
+        epoch: u64,
+        from_seq: Seq,
+        resume: bool,
+        history: History,
+    ) -> impl Future<Output = Result<Option<(u64, Seq)>>> + Send;
+    /// Records (durably) the epoch history the replica's data belongs to from now on.
+    /// `Unsupported` from a replica that keeps no history.
+    fn set_history(&self, epoch: u64, history: History) -> impl Future<Output = Result<()>> + Send;
+    /// Flushes, then records that every block below `offset` is complete up to the durable
+    /// seq.
+    fn checkpoint_resync(&self, epoch: u64, offset: u64) -> impl Future<Output = Result<()>> + Send;
+    /// Flushes, then records snapshot `snap` at `snap.seq` (ordered after every write up
+    /// to it by the caller). Idempotent by name.
+    fn create_snapshot(&self, epoch: u64, snap: SnapshotInfo) -> impl Future<Output = Result<SnapshotInfo>> + Send;
+    /// Deletes a snapshot; `false` if there was none.
+    fn delete_snapshot(&self, epoch: u64, name: &str) -> impl Future<Output = Result<bool>> + Send;
+    fn list_snapshots(&self) -> impl Future<Output = Result<Vec<SnapshotInfo>>> + Send;
+    /// Resync of a snapshot the replica lacks (see `ReplicaStore::install_snapshot`).
+    fn install_snapshot(
+        &self,
+        epoch: u64,
+        snap: SnapshotInfo,
+        blocks: Vec<(u64, Option<Vec<u8>>)>,
+        last: bool,
+    ) -> impl Future<Output = Result<()>> + Send;
+    /// Grows the replica to `new_size`.
+    fn expand(&self, epoch: u64, new_size: u64) -> impl Future<Output = Result<()>> + Send;
+    fn read_snapshot(&self, name: &str, offset: u64, len: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    /// Runs `(first block, count)` that may differ between snapshot `from` (None: empty)
+    /// and `to` (None: live).
+    fn changed_blocks(
+        &self,
+        from: Option<&str>,
+        to: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<(u64, u64)>>> + Send;
+    /// Applies copied chunks; a chunk never replaces a block written at a newer seq (see
+    /// [`crate`], "Resync ordering"). Returns how many were applied.
+    fn apply_resync(&self, epoch: u64, chunks: Vec<ResyncChunk>) -> impl Future<Output = Result<u64>> + Send;
+    /// Flushes and clears the resync mark; returns the durable seq.
+    fn end_resync(&self, epoch: u64) -> impl Future<Output = Result<Seq>> + Send;
+}

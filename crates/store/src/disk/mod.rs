@@ -1,0 +1,847 @@
+//! `DiskStore`: replicas as sparse slot files plus RocksDB metadata.
+//!
+//! Layout under the data directory: `meta/` (RocksDB, see [`keys`]) and
+//! `volumes/<vid>.slots` (one sparse file of 4 KiB slots per replica).
+//!
+//! Write path (copy-on-write): take free slots, write the data into them, then commit one
+//! RocksDB batch that points the blocks at the new slots, records their crc and seq, and
+//! marks the old slots free. The old slots are only *reused* (and hole-punched) after a
+//! flush made that batch durable, so after any crash the recovered map points either at the
+//! old content (batch lost) or at the new content (batch kept; data written before it).
+//!
+//! Flush: fdatasync the slot file, write the durable mark (`S.durable_seq`), fsync the
+//! RocksDB WAL. RocksDB recovers a prefix of its WAL, so a recovered durable mark implies
+//! every batch before it was recovered too, and the data sync came before it.
+//!
+//! Recovery on open (power loss before a flush): for every block written after the durable
+//! mark (`Q` keys above it), verify the new slot; if it does not hold what its crc says,
+//! roll the block back to the entry it replaced (kept in the `Q` value). Then flush.
+
+mod file;
+mod keys;
+mod recovery;
+mod snap;
+mod volume;
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
+
+use hlstore_core::error::{Error, Result};
+
+use super::check;
+use super::history::History;
+use super::record::{
+    ApplyStats, Change, ChunkData, Claim, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord,
+    BLOCK_SIZE,
+};
+use super::store::ReplicaStore;
+use file::SlotFile;
+use keys::{Entry, PersistState, StoredVolume};
+use volume::{Alloc, VolInner, Volume};
+
+/// A raw RocksDB key and value.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+/// The on-disk [`ReplicaStore`]. See the module docs for the write, flush and recovery
+/// protocols.
+pub struct DiskStore {
+    root: PathBuf,
+    db: DB,
+    volumes: RwLock<HashMap<String, Arc<Volume>>>,
+    /// Serialises create/delete (volume numbering and the volume map).
+    admin: Mutex<()>,
+    /// Power-loss simulation: slot files remember what no fdatasync covered yet.
+    track_unsynced: bool,
+}
+
+fn meta_err(context: impl Into<String>) -> impl FnOnce(rocksdb::Error) -> Error {
+    let context = context.into();
+    move |e| Error::Meta { context, message: e.into_string() }
+}
+
+fn corrupt_meta(what: &str) -> Error {
+    Error::Meta { context: "decoding".into(), message: format!("malformed {what} record in the metadata store") }
+}
+
+/// Blocks of a byte range.
+fn blocks(offset: u64, len: u64) -> std::ops::Range<u64> {
+    offset / BLOCK_SIZE..(offset + len) / BLOCK_SIZE
+}
+
+impl DiskStore {
+    /// Opens (or creates) the store under `root`, recovering every volume.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(root, false)
+    }
+
+    /// Opens the store for power-loss tests: every slot file remembers which slots were
+    /// written since its last fdatasync, and [`power_cut`](Self::power_cut) drops them.
+    /// Costs a set insert per written slot; not for production use.
+    pub fn open_simulating_power_loss(root: impl AsRef<Path>) -> Result<Self> {
+        Self::open_with(root, true)
+    }
+
+    /// Simulates a power cut (store opened with
+    /// [`open_simulating_power_loss`](Self::open_simulating_power_loss)): every slot no
+    /// fdatasync covered loses its data (reads as zeroes), then the store closes without a
+    /// flush. Metadata already handed to RocksDB survives (the hardest case for recovery:
+    /// the map points at data that never reached the disk). Returns the slots lost.
+    pub fn power_cut(self) -> Result<u64> {
+        let vols: Vec<Arc<Volume>> = self.volumes.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut lost = 0;
+        for v in vols {
+            lost += v.file.lose_unsynced().map_err(|e| Error::io("simulated power cut", e))?;
+        }
+        Ok(lost)
+    }
+
+    fn open_with(root: impl AsRef<Path>, track_unsynced: bool) -> Result<Self> {
+        let root = root.as_ref().to_path_buf();
+        hlstore_core::durable_file::create_dir_all(&root.join("volumes"))?;
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        // Point-in-time recovery: RocksDB recovers a consistent prefix of the WAL.
+        opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
+        let db = DB::open(&opts, root.join("meta")).map_err(meta_err(format!("opening {}/meta", root.display())))?;
+        // RocksDB syncs its own directory, not the entry of `meta` in ours.
+        hlstore_core::durable_file::sync_dir(&root)?;
+        let store = Self { root, db, volumes: RwLock::new(HashMap::new()), admin: Mutex::new(()), track_unsynced };
+        store.load_volumes()?;
+        Ok(store)
+    }
+
+    /// Bytes the volume's slot file occupies on disk (for space-reclaim checks).
+    pub fn disk_usage(&self, volume: &str) -> Result<u64> {
+        let v = self.vol(volume)?;
+        v.file.disk_usage().map_err(|e| Error::io(format!("volume {volume}: stat"), e))
+    }
+
+    /// Where the block at `offset` is stored: the slot file and the byte offset in it
+    /// (None if the block is unallocated). For diagnostics and damage tests.
+    pub fn block_location(&self, volume: &str, offset: u64) -> Result<Option<(PathBuf, u64)>> {
+        let v = self.vol(volume)?;
+        let b = offset / BLOCK_SIZE;
+        let entry = self.map_range(v.vid, b..b + 1)?.first().map(|(_, e)| *e);
+        Ok(entry.map(|e| (self.slot_path(v.vid), e.slot * BLOCK_SIZE)))
+    }
+
+    fn slot_path(&self, vid: u32) -> PathBuf {
+        self.root.join("volumes").join(format!("{vid}.slots"))
+    }
+
+    fn load_volumes(&self) -> Result<()> {
+        let prefix = [keys::VOLUME];
+        let mut found = Vec::new();
+        for item in self.db.iterator(IteratorMode::From(&prefix, Direction::Forward)) {
+            let (k, v) = item.map_err(meta_err("listing volumes"))?;
+            if k.first() != Some(&keys::VOLUME) {
+                break;
+            }
+            let sv: StoredVolume = serde_json::from_slice(&v).map_err(|_| corrupt_meta("volume"))?;
+            found.push(sv);
+        }
+        let mut map = HashMap::new();
+        for sv in found {
+            let name = sv.record.volume_id.clone();
+            let vol = self.load_volume(sv)?;
+            recovery::recover(self, &name, &vol)?;
+            map.insert(name, Arc::new(vol));
+        }
+        *self.volumes.write().unwrap_or_else(|p| p.into_inner()) = map;
+        Ok(())
+    }
+
+    fn load_volume(&self, sv: StoredVolume) -> Result<Volume> {
+        let name = &sv.record.volume_id;
+        let st = match self.db.get(keys::state(sv.vid)).map_err(meta_err(format!("volume {name}: state")))? {
+            Some(b) => PersistState::decode(&b).ok_or_else(|| corrupt_meta("state"))?,
+            None => PersistState::default(),
+        };
+        let mut free = BTreeSet::new();
+        for (k, _) in self.scan(&keys::vid_prefix(keys::FREE, sv.vid), None)? {
+            free.insert(keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("free"))?);
+        }
+        let snaps = self.load_snapshots(sv.vid)?;
+        let file = SlotFile::open(&self.slot_path(sv.vid), self.track_unsynced)
+            .map_err(|e| Error::io(format!("volume {name}: opening slot file"), e))?;
+        Ok(Volume {
+            vid: sv.vid,
+            file,
+            inner: RwLock::new(VolInner::new(sv.record, st, free, snaps)),
+            flush_lock: Mutex::new(()),
+        })
+    }
+
+    /// All keys in `[prefix + from, end of prefix)` (from defaults to the prefix itself).
+    fn scan(&self, prefix: &[u8], from: Option<&[u8]>) -> Result<Vec<KeyValue>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::prefix_end(prefix));
+        let start = from.unwrap_or(prefix);
+        let mut out = Vec::new();
+        for item in self.db.iterator_opt(IteratorMode::From(start, Direction::Forward), ro) {
+            out.push(item.map_err(meta_err("scanning"))?);
+        }
+        Ok(out)
+    }
+
+    /// Map entries of blocks in `range`, as (block, entry).
+    fn map_range(&self, vid: u32, range: std::ops::Range<u64>) -> Result<Vec<(u64, Entry)>> {
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::map(vid, range.end));
+        let start = keys::map(vid, range.start);
+        let mut out = Vec::new();
+        for item in self.db.iterator_opt(IteratorMode::From(&start, Direction::Forward), ro) {
+            let (k, v) = item.map_err(meta_err("reading the block map"))?;
+            let b = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("map key"))?;
+            out.push((b, Entry::decode(&v).ok_or_else(|| corrupt_meta("map entry"))?));
+        }
+        Ok(out)
+    }
+
+    fn vol(&self, volume: &str) -> Result<Arc<Volume>> {
+        self.volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(volume)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("volume {volume} has no replica on this node")))
+    }
+
+    fn commit(&self, batch: WriteBatch, sync: bool, context: &str) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(sync);
+        self.db.write_opt(batch, &wo).map_err(meta_err(context.to_string()))
+    }
+
+    fn put_record(&self, vid: u32, record: &VolumeRecord) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        Self::stage_record(&mut batch, vid, record)?;
+        self.commit(batch, true, "writing volume record")
+    }
+
+    fn stage_record(batch: &mut WriteBatch, vid: u32, record: &VolumeRecord) -> Result<()> {
+        let sv = StoredVolume { vid, record: record.clone() };
+        batch
+            .put(keys::volume(&record.volume_id), serde_json::to_vec(&sv).map_err(|e| Error::Internal(e.to_string()))?);
+        Ok(())
+    }
+
+    /// Writes `data` (whole blocks) for the blocks starting at `first`, each with `seq`.
+    /// `olds[i]` is the current entry of block `first + i`. Caller holds the write lock and
+    /// has checked epoch and range. Adds the metadata to `batch`; returns the allocations
+    /// (so the caller can undo them if the batch fails).
+    #[allow(clippy::too_many_arguments)]
+    fn stage_blocks(
+        &self,
+        name: &str,
+        v: &Volume,
+        g: &mut VolInner,
+        batch: &mut WriteBatch,
+        first: u64,
+        data: &[u8],
+        olds: &[Option<Entry>],
+        seq: u64,
+    ) -> Result<Vec<Alloc>> {
+        let n = data.len() / BLOCK_SIZE as usize;
+        let hwm_before = g.st.hwm;
+        let allocs = g.alloc(n);
+        let slots: Vec<u64> = allocs.iter().map(|a| a.slot).collect();
+        let bs = BLOCK_SIZE as usize;
+        let written = file::runs(&slots, |i, slot, count| v.file.write(slot, &data[i * bs..(i + count as usize) * bs]));
+        if let Err(e) = written {
+            g.unalloc(&allocs, hwm_before);
+            return Err(Error::io(format!("volume {name}: writing block data"), e));
+        }
+        g.changes += 1;
+        for (i, a) in allocs.iter().enumerate() {
+            let b = first + i as u64;
+            let entry = Entry { slot: a.slot, crc: check::crc(&data[i * bs..(i + 1) * bs]), seq };
+            batch.put(keys::map(v.vid, b), entry.encode());
+            // What to roll back to if this content is lost: the newest durable entry. If the
+            // current one is not durable itself, it rolls back with this one.
+            let qv = match olds[i] {
+                Some(old) => {
+                    let qk = keys::seq(v.vid, old.seq, b);
+                    let qv = if g.is_unsynced(b, old.seq) {
+                        let before = match self.db.get(&qk).map_err(meta_err(format!("volume {name}: seq index")))? {
+                            Some(val) => keys::QValue::decode(&val).ok_or_else(|| corrupt_meta("seq value"))?,
+                            None => keys::QValue::default(),
+                        };
+                        keys::QValue {
+                            prev: before.prev,
+                            skipped: Some(before.skipped.map_or(old.seq, |s| s.min(old.seq))),
+                        }
+                    } else {
+                        keys::QValue { prev: Some(old), skipped: None }
+                    };
+                    batch.delete(qk);
+                    if volume::preserves(&g.snaps, old.seq, seq) {
+                        batch.put(keys::preserved(v.vid, b, old.seq), Entry { seq, ..old }.encode());
+                    } else {
+                        batch.put(keys::free(v.vid, old.slot), []);
+                    }
+                    qv
+                }
+                None => keys::QValue::default(),
+            };
+            batch.put(keys::seq(v.vid, seq, b), qv.encode());
+            // Content at or below the durable mark is not covered by recovery's scan of the
+            // seqs above it: mark it until a flush synced it.
+            if seq <= g.st.durable_seq {
+                batch.put(keys::unsynced(v.vid, b), []);
+                g.unsynced.insert(b, g.changes);
+            } else if g.unsynced.contains_key(&b) {
+                batch.delete(keys::unsynced(v.vid, b));
+            }
+            if a.from_free {
+                batch.delete(keys::free(v.vid, a.slot));
+            }
+        }
+        Ok(allocs)
+    }
+
+    /// After a staged batch for the blocks from `first` committed: account freed slots,
+    /// allocation changes and unsynced marks.
+    fn account(g: &mut VolInner, first: u64, olds: &[Option<Entry>], seq: u64) {
+        if seq > g.st.durable_seq {
+            for b in first..first + olds.len() as u64 {
+                g.unsynced.remove(&b);
+            }
+        }
+        for old in olds.iter().flatten() {
+            if !volume::preserves(&g.snaps, old.seq, seq) {
+                g.pending.push((seq, old.slot));
+            }
+        }
+        g.st.allocated_blocks += olds.iter().filter(|o| o.is_none()).count() as u64;
+    }
+
+    /// Removes the blocks in `range` whose seq is older than `older_than` (all if None),
+    /// adding the metadata to `batch`. Returns the removed entries.
+    #[allow(clippy::too_many_arguments)]
+    fn stage_trim(
+        &self,
+        v: &Volume,
+        snaps: &volume::Snaps,
+        batch: &mut WriteBatch,
+        range: std::ops::Range<u64>,
+        seq: u64,
+        older_than: Option<u64>,
+    ) -> Result<Vec<Entry>> {
+        let mut removed = Vec::new();
+        for (b, e) in self.map_range(v.vid, range.clone())? {
+            if older_than.is_some_and(|s| e.seq >= s) {
+                continue;
+            }
+            batch.delete(keys::map(v.vid, b));
+            batch.delete(keys::seq(v.vid, e.seq, b));
+            if volume::preserves(snaps, e.seq, seq) {
+                batch.put(keys::preserved(v.vid, b, e.seq), Entry { seq, ..e }.encode());
+            } else {
+                batch.put(keys::free(v.vid, e.slot), []);
+            }
+            removed.push(e);
+        }
+        batch.put(
+            keys::trim(v.vid, seq, range.start * BLOCK_SIZE),
+            ((range.end - range.start) * BLOCK_SIZE).to_be_bytes(),
+        );
+        Ok(removed)
+    }
+
+    fn account_trim(g: &mut VolInner, removed: &[Entry], seq: u64) {
+        for e in removed {
+            if !volume::preserves(&g.snaps, e.seq, seq) {
+                g.pending.push((seq, e.slot));
+            }
+        }
+        g.st.allocated_blocks -= removed.len() as u64;
+    }
+
+    /// The flush protocol (see module docs). Returns the durable seq.
+    fn flush_volume(&self, name: &str, v: &Volume) -> Result<u64> {
+        let _serial = v.flush_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (target, changes, unsynced) = {
+            let g = volume::read(v);
+            // Seqs alone cannot tell whether anything is unsynced: resync chunks carry
+            // seqs at or below the durable mark.
+            if g.st.last_seq == g.st.durable_seq && g.pending.is_empty() && g.changes == g.synced_changes {
+                return Ok(g.st.durable_seq);
+            }
+            (g.st.last_seq, g.changes, g.unsynced.clone())
+        };
+        v.file.sync().map_err(|e| Error::io(format!("volume {name}: fdatasync"), e))?;
+        {
+            let mut g = volume::write(v);
+            let mut st = g.st;
+            st.durable_seq = st.durable_seq.max(target);
+            let mut batch = WriteBatch::default();
+            batch.put(keys::state(v.vid), st.encode());
+            // Blocks synced above and not rewritten since lose their unsynced mark.
+            for (b, at) in unsynced {
+                if g.unsynced.get(&b) == Some(&at) {
+                    batch.delete(keys::unsynced(v.vid, b));
+                    g.unsynced.remove(&b);
+                }
+            }
+            self.commit(batch, false, "writing durable mark")?;
+            g.st.durable_seq = st.durable_seq;
+            g.synced_changes = g.synced_changes.max(changes);
+        }
+        self.db.flush_wal(true).map_err(meta_err(format!("volume {name}: syncing metadata")))?;
+        // Slots freed by writes that are now durable can be reused: punch them first.
+        let mut g = volume::write(v);
+        let (ready, keep): (Vec<_>, Vec<_>) = g.pending.iter().partition(|(s, _)| *s <= target);
+        g.pending = keep;
+        let mut slots: Vec<u64> = ready.into_iter().map(|(_, slot)| slot).collect();
+        slots.sort_unstable();
+        let punched = file::runs(&slots, |_, slot, count| v.file.punch(slot, count));
+        if let Err(e) = punched {
+            tracing::warn!(volume.id = name, error = %e, "could not punch freed slots; space is reused but not returned");
+        }
+        g.free.extend(slots);
+        Ok(g.st.durable_seq)
+    }
+
+    fn with_io<T>(&self, name: &str, epoch: u64, f: impl FnOnce(&Volume, &mut VolInner) -> Result<T>) -> Result<T> {
+        let v = self.vol(name)?;
+        let mut g = volume::write(&v);
+        check::epoch(name, g.record.epoch, epoch)?;
+        f(&v, &mut g)
+    }
+}
+
+impl ReplicaStore for DiskStore {
+    fn create(&self, record: VolumeRecord) -> Result<ReplicaInfo> {
+        check::record(&record)?;
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        if let Ok(v) = self.vol(&record.volume_id) {
+            let g = volume::read(&v);
+            if g.record.same_definition(&record) {
+                return Ok(ReplicaInfo { record: g.record.clone(), state: g.state() });
+            }
+            return Err(Error::AlreadyExists(format!(
+                "volume {} exists with a different definition",
+                record.volume_id
+            )));
+        }
+        let vid = match self.db.get(keys::NEXT_VID).map_err(meta_err("reading volume counter"))? {
+            Some(b) => u32::from_be_bytes(b.as_slice().try_into().map_err(|_| corrupt_meta("volume counter"))?),
+            None => 1,
+        };
+        let file = SlotFile::open(&self.slot_path(vid), self.track_unsynced)
+            .map_err(|e| Error::io(format!("volume {}: creating slot file", record.volume_id), e))?;
+        // The slot file's name must be durable before the record that points to it.
+        hlstore_core::durable_file::sync_dir(&self.root.join("volumes"))?;
+        let sv = StoredVolume { vid, record: record.clone() };
+        let mut batch = WriteBatch::default();
+        batch.put(keys::NEXT_VID, (vid + 1).to_be_bytes());
+        batch
+            .put(keys::volume(&record.volume_id), serde_json::to_vec(&sv).map_err(|e| Error::Internal(e.to_string()))?);
+        batch.put(keys::state(vid), PersistState::default().encode());
+        self.commit(batch, true, "creating volume")?;
+        let vol = Volume {
+            vid,
+            file,
+            inner: RwLock::new(VolInner::new(record, PersistState::default(), BTreeSet::new(), Default::default())),
+            flush_lock: Mutex::new(()),
+        };
+        let info = ReplicaInfo { record: volume::read(&vol).record.clone(), state: volume::read(&vol).state() };
+        self.volumes.write().unwrap_or_else(|p| p.into_inner()).insert(info.record.volume_id.clone(), Arc::new(vol));
+        Ok(info)
+    }
+
+    fn delete(&self, name: &str) -> Result<bool> {
+        let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
+        let Ok(v) = self.vol(name) else { return Ok(false) };
+        let _g = volume::write(&v);
+        let mut batch = WriteBatch::default();
+        batch.delete(keys::volume(name));
+        for tag in keys::PER_VOLUME {
+            let p = keys::vid_prefix(tag, v.vid);
+            batch.delete_range(&p, &keys::prefix_end(&p));
+        }
+        self.commit(batch, true, "deleting volume")?;
+        self.volumes.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        if let Err(e) = std::fs::remove_file(self.slot_path(v.vid)) {
+            tracing::warn!(volume.id = name, error = %e, "could not remove slot file");
+        }
+        Ok(true)
+    }
+
+    fn list(&self) -> Result<Vec<ReplicaInfo>> {
+        let vols: Vec<Arc<Volume>> = self.volumes.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let mut out: Vec<ReplicaInfo> = vols
+            .iter()
+            .map(|v| {
+                let g = volume::read(v);
+                ReplicaInfo { record: g.record.clone(), state: g.state() }
+            })
+            .collect();
+        out.sort_by(|a, b| a.record.volume_id.cmp(&b.record.volume_id));
+        Ok(out)
+    }
+
+    fn info(&self, name: &str) -> Result<ReplicaInfo> {
+        let v = self.vol(name)?;
+        let g = volume::read(&v);
+        Ok(ReplicaInfo { record: g.record.clone(), state: g.state() })
+    }
+
+    fn claim(&self, name: &str, claim: &Claim) -> Result<ReplicaState> {
+        check::new_epoch(name, claim.epoch)?;
+        let v = self.vol(name)?;
+        let mut g = volume::write(&v);
+        if let Some((epoch, owner)) = check::claim(name, g.record.epoch, g.record.owner, claim)? {
+            let mut rec = g.record.clone();
+            rec.epoch = epoch;
+            rec.owner = owner;
+            rec.owner_node = if owner == 0 { String::new() } else { claim.owner_node.clone() };
+            self.put_record(v.vid, &rec)?;
+            g.record = rec;
+        }
+        Ok(g.state())
+    }
+
+    fn state(&self, name: &str) -> Result<ReplicaState> {
+        Ok(volume::read(&*self.vol(name)?).state())
+    }
+
+    fn write(&self, name: &str, epoch: u64, seq: u64, offset: u64, data: &[u8], fua: bool) -> Result<u64> {
+        let durable = self.with_io(name, epoch, |v, g| {
+            check::range(name, g.record.size, offset, data.len() as u64)?;
+            check::seq(name, seq)?;
+            if data.is_empty() {
+                return Ok(g.st.durable_seq);
+            }
+            let range = blocks(offset, data.len() as u64);
+            let mut olds: Vec<Option<Entry>> = vec![None; (range.end - range.start) as usize];
+            for (b, e) in self.map_range(v.vid, range.clone())? {
+                olds[(b - range.start) as usize] = Some(e);
+            }
+            let mut batch = WriteBatch::default();
+            let hwm_before = g.st.hwm;
+            let allocs = self.stage_blocks(name, v, g, &mut batch, range.start, data, &olds, seq)?;
+            let mut st = g.st;
+            st.last_seq = st.last_seq.max(seq);
+            st.allocated_blocks += olds.iter().filter(|o| o.is_none()).count() as u64;
+            batch.put(keys::state(v.vid), st.encode());
+            if let Err(e) = self.commit(batch, false, "writing block map") {
+                g.unalloc(&allocs, hwm_before);
+                return Err(e);
+            }
+            Self::account(g, range.start, &olds, seq);
+            g.st.last_seq = st.last_seq;
+            Ok(g.st.durable_seq)
+        })?;
+        if fua {
+            let v = self.vol(name)?;
+            return self.flush_volume(name, &v);
+        }
+        Ok(durable)
+    }
+
+    fn read(&self, name: &str, epoch: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let v = self.vol(name)?;
+        let g = volume::read(&v);
+        check::epoch(name, g.record.epoch, epoch)?;
+        check::range(name, g.record.size, offset, len)?;
+        check::read_len(name, len)?;
+        let mut out = vec![0u8; len as usize];
+        let range = blocks(offset, len);
+        let entries = self.map_range(v.vid, range.clone())?;
+        let bs = BLOCK_SIZE as usize;
+        // Read runs of blocks that are consecutive both in the volume and in the file.
+        let mut i = 0;
+        while i < entries.len() {
+            let mut j = i + 1;
+            while j < entries.len()
+                && entries[j].0 == entries[j - 1].0 + 1
+                && entries[j].1.slot == entries[j - 1].1.slot + 1
+            {
+                j += 1;
+            }
+            let at = (entries[i].0 - range.start) as usize * bs;
+            let buf = &mut out[at..at + (j - i) * bs];
+            v.file
+                .read(entries[i].1.slot, buf)
+                .map_err(|e| Error::io(format!("volume {name}: reading block data"), e))?;
+            for (k, (b, e)) in entries[i..j].iter().enumerate() {
+                let actual = check::crc(&buf[k * bs..(k + 1) * bs]);
+                if actual != e.crc {
+                    return Err(Error::Corruption {
+                        volume: name.into(),
+                        offset: b * BLOCK_SIZE,
+                        expected: e.crc,
+                        actual,
+                    });
+                }
+            }
+            i = j;
+        }
+        Ok(out)
+    }
+
+    fn flush(&self, name: &str, epoch: u64) -> Result<u64> {
+        let v = self.vol(name)?;
+        check::epoch(name, volume::read(&v).record.epoch, epoch)?;
+        self.flush_volume(name, &v)
+    }
+
+    fn trim(&self, name: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()> {
+        self.with_io(name, epoch, |v, g| {
+            check::range(name, g.record.size, offset, len)?;
+            check::seq(name, seq)?;
+            if len == 0 {
+                return Ok(());
+            }
+            let mut batch = WriteBatch::default();
+            let removed = self.stage_trim(v, &g.snaps, &mut batch, blocks(offset, len), seq, None)?;
+            let mut st = g.st;
+            st.last_seq = st.last_seq.max(seq);
+            st.allocated_blocks -= removed.len() as u64;
+            batch.put(keys::state(v.vid), st.encode());
+            g.changes += 1;
+            self.commit(batch, false, "trimming")?;
+            Self::account_trim(g, &removed, seq);
+            g.st.last_seq = st.last_seq;
+            Ok(())
+        })
+    }
+
+    fn expand(&self, name: &str, epoch: u64, new_size: u64) -> Result<ReplicaInfo> {
+        self.with_io(name, epoch, |v, g| {
+            check::new_size(name, g.record.size, new_size)?;
+            let mut rec = g.record.clone();
+            rec.size = new_size;
+            self.put_record(v.vid, &rec)?;
+            g.record = rec;
+            Ok(ReplicaInfo { record: g.record.clone(), state: g.state() })
+        })
+    }
+
+    fn set_replica_set(&self, name: &str, epoch: u64, replica_set: Vec<String>) -> Result<ReplicaInfo> {
+        check::new_epoch(name, epoch)?;
+        let v = self.vol(name)?;
+        let mut g = volume::write(&v);
+        if epoch < g.record.epoch {
+            return Err(Error::StaleEpoch { volume: name.into(), got: epoch, current: g.record.epoch });
+        }
+        let mut rec = g.record.clone();
+        if epoch > rec.epoch {
+            // A new epoch belongs to no engine until one claims it.
+            rec.owner = 0;
+            rec.owner_node.clear();
+        }
+        rec.epoch = epoch;
+        rec.replica_set = replica_set;
+        self.put_record(v.vid, &rec)?;
+        g.record = rec;
+        Ok(ReplicaInfo { record: g.record.clone(), state: g.state() })
+    }
+
+    fn changes_since(&self, name: &str, epoch: u64, since: u64) -> Result<Vec<Change>> {
+        let v = self.vol(name)?;
+        let _g = volume::read(&v);
+        check::epoch(name, _g.record.epoch, epoch)?;
+        let from_seq = since.saturating_add(1);
+        let mut out = Vec::new();
+        let tp = keys::vid_prefix(keys::TRIM, v.vid);
+        for (k, val) in self.scan(&tp, Some(&keys::with_u64(keys::TRIM, v.vid, from_seq)))? {
+            let seq = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("trim key"))?;
+            let offset = keys::u64_at(&k, keys::FIELD1).ok_or_else(|| corrupt_meta("trim key"))?;
+            let len = keys::u64_at(&val, 0).ok_or_else(|| corrupt_meta("trim value"))?;
+            out.push(Change::Trim { offset, len, seq });
+        }
+        let qp = keys::vid_prefix(keys::SEQ, v.vid);
+        let mut blocks: Vec<(u64, u64)> = Vec::new();
+        for (k, _) in self.scan(&qp, Some(&keys::with_u64(keys::SEQ, v.vid, from_seq)))? {
+            let seq = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("seq key"))?;
+            let b = keys::u64_at(&k, keys::FIELD1).ok_or_else(|| corrupt_meta("seq key"))?;
+            blocks.push((b, seq));
+        }
+        blocks.sort_unstable();
+        out.extend(blocks.into_iter().map(|(b, seq)| Change::Block { offset: b * BLOCK_SIZE, seq }));
+        Ok(out)
+    }
+
+    fn begin_resync(
+        &self,
+        name: &str,
+        epoch: u64,
+        from_seq: u64,
+        resume: bool,
+        history: History,
+    ) -> Result<ReplicaState> {
+        check::seq(name, from_seq)?;
+        self.with_io(name, epoch, |v, g| {
+            let mut st = g.st;
+            if !resume || st.resync_from != Some(from_seq) || st.resync_done_epoch != epoch {
+                st.resync_done = None;
+            }
+            st.resync_from = Some(st.resync_from.map_or(from_seq, |f| f.min(from_seq)));
+            let mut batch = WriteBatch::default();
+            batch.put(keys::state(v.vid), st.encode());
+            // The mark and the history it is a point of are durable together.
+            let mut rec = g.record.clone();
+            if !history.is_empty() {
+                rec.history = history.entries().to_vec();
+                Self::stage_record(&mut batch, v.vid, &rec)?;
+            }
+            self.commit(batch, true, "marking resync")?;
+            g.st.resync_from = st.resync_from;
+            g.st.resync_done = st.resync_done;
+            g.record = rec;
+            Ok(g.state())
+        })
+    }
+
+    fn set_history(&self, name: &str, epoch: u64, history: History) -> Result<ReplicaState> {
+        self.with_io(name, epoch, |v, g| {
+            let mut rec = g.record.clone();
+            rec.history = history.entries().to_vec();
+            if rec != g.record {
+                self.put_record(v.vid, &rec)?;
+                g.record = rec;
+            }
+            Ok(g.state())
+        })
+    }
+
+    fn checkpoint_resync(&self, name: &str, epoch: u64, offset: u64) -> Result<ReplicaState> {
+        let v = self.vol(name)?;
+        check::epoch(name, volume::read(&v).record.epoch, epoch)?;
+        // Everything applied so far (every chunk below `offset`) becomes durable first.
+        let durable = self.flush_volume(name, &v)?;
+        self.with_io(name, epoch, |v, g| {
+            if g.st.resync_from.is_none() {
+                return Err(Error::InvalidArgument(format!("volume {name}: no resync in progress")));
+            }
+            let mut st = g.st;
+            st.resync_done = Some((offset, durable));
+            st.resync_done_epoch = epoch;
+            let mut batch = WriteBatch::default();
+            batch.put(keys::state(v.vid), st.encode());
+            self.commit(batch, true, "recording resync progress")?;
+            g.st.resync_done = st.resync_done;
+            g.st.resync_done_epoch = st.resync_done_epoch;
+            Ok(g.state())
+        })
+    }
+
+    fn apply_resync(&self, name: &str, epoch: u64, chunks: &[ResyncChunk]) -> Result<ApplyStats> {
+        self.with_io(name, epoch, |v, g| {
+            let mut stats = ApplyStats::default();
+            for c in chunks {
+                let len = match &c.data {
+                    ChunkData::Data(d) => d.len() as u64,
+                    ChunkData::Zero => BLOCK_SIZE,
+                    ChunkData::Trim(len) => *len,
+                };
+                check::range(name, g.record.size, c.offset, len)?;
+                check::seq(name, c.seq)?;
+                if matches!(&c.data, ChunkData::Data(d) if d.len() as u64 != BLOCK_SIZE) {
+                    return Err(Error::InvalidArgument(format!("resync chunk at {} is not one block", c.offset)));
+                }
+                let range = blocks(c.offset, len);
+                let mut batch = WriteBatch::default();
+                let mut st = g.st;
+                st.last_seq = st.last_seq.max(c.seq);
+                match &c.data {
+                    ChunkData::Trim(_) => {
+                        let removed = self.stage_trim(v, &g.snaps, &mut batch, range, c.seq, Some(c.seq))?;
+                        st.allocated_blocks -= removed.len() as u64;
+                        batch.put(keys::state(v.vid), st.encode());
+                        g.changes += 1;
+                        self.commit(batch, false, "applying resync trim")?;
+                        Self::account_trim(g, &removed, c.seq);
+                    }
+                    data => {
+                        let old = self.map_range(v.vid, range.clone())?.first().map(|(_, e)| *e);
+                        if old.is_some_and(|e| e.seq >= c.seq) {
+                            stats.skipped_newer += 1;
+                            continue;
+                        }
+                        match data {
+                            ChunkData::Data(d) => {
+                                let hwm_before = g.st.hwm;
+                                let allocs =
+                                    self.stage_blocks(name, v, g, &mut batch, range.start, d, &[old], c.seq)?;
+                                st.hwm = g.st.hwm;
+                                st.allocated_blocks += u64::from(old.is_none());
+                                batch.put(keys::state(v.vid), st.encode());
+                                if let Err(e) = self.commit(batch, false, "applying resync block") {
+                                    g.unalloc(&allocs, hwm_before);
+                                    return Err(e);
+                                }
+                                Self::account(g, range.start, &[old], c.seq);
+                            }
+                            _ => {
+                                let removed = self.stage_trim(v, &g.snaps, &mut batch, range, c.seq, None)?;
+                                st.allocated_blocks -= removed.len() as u64;
+                                batch.put(keys::state(v.vid), st.encode());
+                                g.changes += 1;
+                                self.commit(batch, false, "applying resync zero block")?;
+                                Self::account_trim(g, &removed, c.seq);
+                            }
+                        }
+                    }
+                }
+                g.st.last_seq = st.last_seq;
+                stats.applied += 1;
+            }
+            Ok(stats)
+        })
+    }
+
+    fn create_snapshot(&self, name: &str, epoch: u64, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        self.snap_create(name, epoch, snap)
+    }
+
+    fn delete_snapshot(&self, name: &str, epoch: u64, snap: &str) -> Result<bool> {
+        self.snap_delete(name, epoch, snap)
+    }
+
+    fn install_snapshot(
+        &self,
+        name: &str,
+        epoch: u64,
+        snap: SnapshotInfo,
+        blocks: &[(u64, Option<Vec<u8>>)],
+        last: bool,
+    ) -> Result<SnapshotInfo> {
+        self.snap_install(name, epoch, snap, blocks, last)
+    }
+
+    fn list_snapshots(&self, name: &str) -> Result<Vec<SnapshotInfo>> {
+        self.snap_list(name)
+    }
+
+    fn read_snapshot(&self, name: &str, snap: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        self.snap_read(name, snap, offset, len)
+    }
+
+    fn changed_blocks(&self, name: &str, from: Option<&str>, to: Option<&str>) -> Result<Vec<u64>> {
+        self.snap_changed(name, from, to)
+    }
+
+    fn end_resync(&self, name: &str, epoch: u64) -> Result<ReplicaState> {
+        let v = self.vol(name)?;
+        check::epoch(name, volume::read(&v).record.epoch, epoch)?;
+        self.flush_volume(name, &v)?;
+        self.with_io(name, epoch, |v, g| {
+            let mut st = g.st;
+            st.resync_from = None;
+            st.resync_done = None;
+            let mut batch = WriteBatch::default();
+            batch.put(keys::state(v.vid), st.encode());
+            self.commit(batch, true, "clearing resync mark")?;
+            g.st.resync_from = None;
+            g.st.resync_done = None;
+            Ok(g.state())
+        })
+    }
+}
