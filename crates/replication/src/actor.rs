@@ -20,9 +20,8 @@ use super::heal::{self, Answer, Cause, Check, Checks, Fetched, HealStats, Scrub,
 use super::link::{self, LinkEvent, LinkOp, Permit};
 use super::machine::{Machine, Phase};
 use super::resync::{ResyncJob, ResyncMsg, ResyncReports};
-use super::runtime::{ReplicaHealth, VolumeConfig};
 use super::transport::{ChunkData, Claim, ClaimMode, ReplicaTransport, ResyncChunk, SnapshotInfo};
-use super::types::{FailReason, OpId, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq};
+use super::types::{FailReason, OpId, ReplicaError, ReplicaHealth, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq, VolumeConfig};
 use hlstore_core::error::{Error, ErrorKind, Result};
 
 #[derive(Debug, Default)]

@@ -1,6 +1,7 @@
 //! Domain types shared by the replication state machine and its runtime.
 
 use std::fmt;
+use std::time::Duration;
 
 use hlstore_core::error::{Error, ErrorKind, Result};
 pub use hlstore_store::History;
@@ -266,4 +267,58 @@ impl MachineConfig {
         }
         Ok(w)
     }
+}
+
+/// Configuration of a replicated volume.
+#[derive(Debug, Clone)]
+pub struct VolumeConfig {
+    pub name: String,
+    pub size: u64,
+    pub block_size: u32,
+    pub machine: MachineConfig,
+    /// How often deadlines are checked.
+    pub tick: Duration,
+    /// Client requests queued before callers wait.
+    pub queue_depth: usize,
+    /// Resync chunks in flight per resync.
+    pub resync_window: usize,
+    /// Blocks copied between resync checkpoints (0: none; an interrupted resync restarts).
+    pub resync_checkpoint_blocks: u64,
+    /// Resync copy rate limit in bytes per second (0: unlimited).
+    pub resync_rate: u64,
+    /// The node this engine runs on, recorded with its claim on the replicas.
+    pub owner_node: String,
+    /// Background scrub rate in bytes per second, per volume (0: off). See `heal.rs`.
+    pub scrub_rate: u64,
+}
+
+impl VolumeConfig {
+    pub fn new(name: impl Into<String>, size: u64, machine: MachineConfig) -> Self {
+        Self {
+            name: name.into(),
+            size,
+            block_size: 4096,
+            machine,
+            tick: Duration::from_millis(50),
+            queue_depth: 256,
+            resync_window: 64,
+            resync_checkpoint_blocks: 4096,
+            resync_rate: 0,
+            owner_node: String::new(),
+            scrub_rate: 0,
+        }
+    }
+}
+
+/// One replica as operators see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaHealth {
+    pub name: String,
+    pub status: ReplicaStatus,
+    pub acked_seq: Seq,
+    pub durable_seq: Seq,
+    /// Resync blocks/ranges queued to this replica since the volume attached.
+    pub resync_chunks: u64,
+    /// Offset the last resync into this replica resumed from (0: none resumed).
+    pub resync_resumed_from: u64,
 }
