@@ -21,7 +21,9 @@ use super::link::{self, LinkEvent, LinkOp, Permit};
 use super::machine::{Machine, Phase};
 use super::resync::{ResyncJob, ResyncMsg, ResyncReports};
 use super::transport::{ChunkData, Claim, ClaimMode, ReplicaTransport, ResyncChunk, SnapshotInfo};
-use super::types::{FailReason, OpId, ReplicaError, ReplicaHealth, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq, VolumeConfig};
+use super::types::{
+    FailReason, OpId, ReplicaError, ReplicaHealth, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq, VolumeConfig,
+};
 use hlstore_core::error::{Error, ErrorKind, Result};
 
 #[derive(Debug, Default)]
