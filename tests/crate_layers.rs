@@ -17,7 +17,7 @@ fn cargo() -> Command {
 /// `cargo tree` lines (no prefix) for `package`'s normal dependencies.
 fn tree(package: &str, extra: &[&str]) -> Vec<String> {
     let out = cargo()
-        .args(["tree", "--offline", "--locked", "-p", package, "-e", "normal", "--prefix", "none"])
+        .args(["tree", "--locked", "-p", package, "-e", "normal", "--prefix", "none"])
         .args(extra)
         .output()
         .expect("running cargo tree");
@@ -91,7 +91,7 @@ fn the_binary_is_built_without_test_doubles() {
     assert!(testing.is_empty(), "the binary's normal graph enables test doubles: {testing:?}");
     // The check above can fail: the replication crate's own tests do enable them.
     let dev = cargo()
-        .args(["tree", "--offline", "--locked", "-p", "hlstore-replication", "-e", "features", "--prefix", "none"])
+        .args(["tree", "--locked", "-p", "hlstore-replication", "-e", "features", "--prefix", "none"])
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&dev.stdout).contains("feature \"testing\""));

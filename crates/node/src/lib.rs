@@ -2,6 +2,11 @@
 //! and volume gRPC services, runs the engines of the volumes attached here (exported over
 //! NBD), and serves metrics.
 //!
+//! Modules: [`cluster`] (static membership, channels, fan-out), [`volumes`] (the
+//! `VolumeManager`: create/list/delete/attach/snapshots across the cluster, engines attached
+//! here), `service` (the `hlstore.volume.v1` gRPC service over the manager),
+//! `metrics_page`/`metrics_volume` (the `/metrics` page).
+//!
 //! Invariant: a data directory belongs to one node id (recorded in `node.json` at first
 //! start, written atomically and durably); starting a different id on it is refused, so
 //! replicas cannot change owner. A missing, empty or unreadable `node.json` (an older

@@ -6,7 +6,9 @@
 //! over tonic, `mem_replica.rs` in memory for tests), [`ReplicatedVolume`] (`runtime.rs`
 //! the handle and `BlockDevice`; `actor.rs` the one task per volume that drives the
 //! machine; `link.rs` the ordered per-replica pipeline; `resync.rs` the copy task;
-//! `heal.rs` read repair and the scrub).
+//! `heal.rs` read repair and the scrub), [`rpc`] (the `hlstore.replica.v1` server over a
+//! store, its conversions and the one `Status` ↔ error mapping; `grpc_replica.rs` is the
+//! client).
 //!
 //! # Contract (enforced by [`Machine`])
 //!

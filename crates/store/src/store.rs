@@ -8,7 +8,7 @@ use super::record::{
 };
 
 /// A node's store of volume replicas. Methods are blocking (disk I/O); async callers use
-/// `spawn_blocking`. See the module docs of [`crate::replica`] for the invariants.
+/// `spawn_blocking`. See the crate docs for the invariants.
 ///
 /// Epoch rules: `create` stores the record's epoch; `open(e)` raises it to `e` (durably) or
 /// fails with `StaleEpoch` if `e` is older. Every other call that carries an epoch fails
