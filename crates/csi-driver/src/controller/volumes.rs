@@ -284,7 +284,12 @@ impl ControllerService {
     ) -> Result<csi::ControllerUnpublishVolumeResponse> {
         required(&r.volume_id, "volume_id")?;
         let _g = self.locks.try_lock(&r.volume_id, "ControllerUnpublishVolume")?;
-        let v = self.require_volume(&r.volume_id).await?;
+        // A volume that no longer exists is unpublished from every node: OK, as the spec's
+        // idempotency rule asks (the external-attacher retries until it gets it).
+        let Some(v) = self.get_volume(&r.volume_id).await? else {
+            tracing::info!(volume.id = %r.volume_id, "unpublish of a volume that does not exist: nothing to do");
+            return Ok(csi::ControllerUnpublishVolumeResponse {});
+        };
         if v.attached_node.is_empty() || (!r.node_id.is_empty() && r.node_id != v.attached_node) {
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         }

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hlstore_proto::replica as rpb;
 use hlstore_proto::volume as vpb;
@@ -20,7 +21,7 @@ use super::{not_found, Takeover, VolumeManager};
 use crate::cluster::bounded;
 use hlstore_core::device::BlockDevice;
 use hlstore_core::error::{Error, Result};
-use hlstore_replication::ReplicatedVolume;
+use hlstore_replication::{ReplicaStatus, ReplicatedVolume};
 use hlstore_store::SnapshotInfo;
 
 /// Largest piece copied in one read.
@@ -73,9 +74,37 @@ impl VolumeManager {
         // Never a takeover: a volume held by an engine elsewhere (even one that cannot be
         // reached) is refused, not fenced.
         let engine = self.start_engine(&record, Takeover::default()).await?;
+        self.settle(&engine).await;
         let res = f(&engine).await;
         engine.close().await;
         res
+    }
+
+    /// Waits until every replica of a just-attached short-lived engine has settled: in
+    /// sync, or failed (unreachable). The engine serves once a majority answered, but what
+    /// a short-lived engine does is meant for every replica: a snapshot taken before the
+    /// last replica joined would never be on it (never ready), a snapshot deletion would
+    /// leave it there (still listed), and an expansion needs every replica in sync.
+    /// Bounded by the failure timeout; a replica still resyncing then is left to the next
+    /// engine.
+    async fn settle(&self, engine: &ReplicatedVolume) {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(self.timeouts.failure_ms.max(100));
+        loop {
+            let pending: Vec<String> = engine
+                .replicas()
+                .into_iter()
+                .filter(|r| matches!(r.status, ReplicaStatus::Unknown | ReplicaStatus::Resyncing))
+                .map(|r| r.name)
+                .collect();
+            if pending.is_empty() {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::info!(volume.id = %engine.name(), replicas = ?pending, "short-lived engine goes on without replicas still joining");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Replica-set nodes of `name`, with the snapshots each holds.
