@@ -4,6 +4,7 @@
 //! Run: `cargo bench --bench store`. Criterion prints time per operation and throughput.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use hlstore_core::{Epoch, Offset, Seq};
 use hlstore_store::{DiskStore, ReplicaStore, VolumeRecord, BLOCK_SIZE};
 
 const VOLUME_BYTES: u64 = 1 << 30;
@@ -12,7 +13,7 @@ fn setup() -> (tempfile::TempDir, DiskStore) {
     let dir = tempfile::tempdir().unwrap();
     let store = DiskStore::open(dir.path()).unwrap();
     store.create(VolumeRecord::new("bench", VOLUME_BYTES)).unwrap();
-    store.open("bench", 1).unwrap();
+    store.open("bench", Epoch(1)).unwrap();
     (dir, store)
 }
 
@@ -31,9 +32,9 @@ fn writes(c: &mut Criterion) {
                     seq += 1;
                     // Scatter 4 KiB writes; 1 MiB writes go sequentially.
                     let slot = if size == BLOCK_SIZE { seq.wrapping_mul(7919) % slots } else { seq % slots };
-                    store.write("bench", 1, seq, slot * size, &data, false).unwrap();
+                    store.write("bench", Epoch(1), Seq(seq), Offset(slot * size), &data, false).unwrap();
                     if flush {
-                        store.flush("bench", 1).unwrap();
+                        store.flush("bench", Epoch(1)).unwrap();
                     }
                 })
             });
@@ -48,9 +49,9 @@ fn reads(c: &mut Criterion) {
     // 64 MiB of data written sequentially in 1 MiB writes.
     let chunk: Vec<u8> = (0..(1u64 << 20)).map(|i| (i % 253) as u8).collect();
     for i in 0..64u64 {
-        store.write("bench", 1, i + 1, i << 20, &chunk, false).unwrap();
+        store.write("bench", Epoch(1), Seq(i + 1), Offset(i << 20), &chunk, false).unwrap();
     }
-    store.flush("bench", 1).unwrap();
+    store.flush("bench", Epoch(1)).unwrap();
     for (label, size) in [("4KiB", 4096u64), ("1MiB", 1 << 20)] {
         let span = (64u64 << 20) / size;
         let mut i = 0u64;
@@ -59,7 +60,7 @@ fn reads(c: &mut Criterion) {
             b.iter(|| {
                 i += 1;
                 let at = (i.wrapping_mul(7919) % span) * size;
-                criterion::black_box(store.read("bench", 1, at, size).unwrap());
+                criterion::black_box(store.read("bench", Epoch(1), Offset(at), size).unwrap());
             })
         });
     }

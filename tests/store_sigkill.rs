@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hlstore_core::{Epoch, Offset};
 use hlstore_store::{DiskStore, ReplicaStore, BLOCK_SIZE};
 
 const BLOCKS: u64 = 1024;
@@ -84,7 +85,7 @@ fn check(dir: &std::path::Path, write_blocks: u64, flushed: u64) {
             must_have[b as usize] = seq;
         }
     }
-    let all = store.read("crash", 1, 0, BLOCKS * BLOCK_SIZE).expect("no block may fail its checksum");
+    let all = store.read("crash", Epoch(1), Offset(0), BLOCKS * BLOCK_SIZE).expect("no block may fail its checksum");
     for b in 0..BLOCKS {
         let data = &all[(b * BLOCK_SIZE) as usize..((b + 1) * BLOCK_SIZE) as usize];
         match decode(data) {

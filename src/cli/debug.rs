@@ -4,6 +4,7 @@ use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Subcommand;
+use hlstore_core::{Epoch, Offset, Seq};
 use hlstore_store::{DiskStore, ReplicaStore, VolumeRecord, BLOCK_SIZE};
 
 /// Hidden diagnostic subcommands.
@@ -165,9 +166,9 @@ pub fn run(cmd: DebugCommand) -> anyhow::Result<()> {
                 for b in first..first + n {
                     data.extend_from_slice(&pattern_data(seq, b));
                 }
-                store.write(&volume, 1, seq, first * BLOCK_SIZE, &data, false)?;
+                store.write(&volume, Epoch(1), Seq(seq), Offset(first * BLOCK_SIZE), &data, false)?;
                 if seq % flush_every == 0 {
-                    let durable = store.flush(&volume, 1)?;
+                    let durable = store.flush(&volume, Epoch(1))?;
                     writeln!(out, "flushed {durable}")?;
                     out.flush()?;
                 }

@@ -4,6 +4,7 @@
 //! - [`device`]: `BlockDevice`, the boundary between frontends and volumes.
 //! - [`durable_file`]: small state files written atomically and durably (tmp, fsync,
 //!   rename, fsync dir); every state file goes through it.
+//! - [`ids`]: `Epoch`, `Seq`, `Offset` newtypes for the store and replication APIs.
 //! - [`metrics`]: Prometheus text-format pages and their HTTP endpoint.
 //!
 //! This crate depends on no other hlstore crate.
@@ -11,7 +12,9 @@
 pub mod device;
 pub mod durable_file;
 pub mod error;
+pub mod ids;
 pub mod metrics;
 
 pub use device::BlockDevice;
 pub use error::{Error, ErrorKind, Result};
+pub use ids::{Epoch, Offset, Seq};

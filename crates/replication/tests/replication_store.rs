@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hlstore_core::{BlockDevice, ErrorKind};
+use hlstore_core::{Epoch, Offset};
 use hlstore_proto::replica::replica_server::ReplicaServer;
 use hlstore_replication::rpc::ReplicaService;
 use hlstore_replication::{GrpcReplica, MachineConfig, ReplicaHealth, ReplicaStatus, ReplicatedVolume, VolumeConfig};
@@ -171,7 +172,7 @@ async fn wait_for(vol: &ReplicatedVolume, what: &str, pred: impl Fn(&[ReplicaHea
 
 /// Reads the whole volume straight from one store.
 fn image(n: &Node, epoch: u64) -> Vec<u8> {
-    n.store.read(VOLUME, epoch, 0, SIZE).unwrap()
+    n.store.read(VOLUME, Epoch(epoch), Offset(0), SIZE).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -221,7 +222,7 @@ async fn replicated_volume_over_disk_stores_survives_a_partition_and_resyncs_inc
     assert!(second.read(0, BS).await.unwrap() == block(3, 0), "read after takeover");
     wait_for(&second, "all nodes applied it", |r| r.iter().all(|i| i.acked_seq == r[0].acked_seq)).await;
     for (i, n) in nodes.iter().enumerate() {
-        assert!(n.store.read(VOLUME, 2, 0, BS).unwrap() == block(3, 0), "node-{i}");
+        assert!(n.store.read(VOLUME, Epoch(2), Offset(0), BS).unwrap() == block(3, 0), "node-{i}");
     }
     second.close().await;
     vol.close().await;
@@ -244,7 +245,10 @@ async fn without_quorum_the_volume_stops_writing_instead_of_acking_a_minority() 
     wait_for(&vol, "node-1 healthy", |r| r[1].status == ReplicaStatus::Healthy).await;
     vol.write(2 * BS, block(3, 2), false).await.unwrap();
     vol.flush().await.unwrap();
-    assert!(nodes[1].store.read(VOLUME, 1, 2 * BS, BS).unwrap() == block(3, 2), "node-1 has the new write");
+    assert!(
+        nodes[1].store.read(VOLUME, Epoch(1), Offset(2 * BS), BS).unwrap() == block(3, 2),
+        "node-1 has the new write"
+    );
     vol.close().await;
 }
 

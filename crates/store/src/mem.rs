@@ -18,6 +18,7 @@ use super::record::{
     ApplyStats, Change, ChunkData, Claim, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord, BLOCK_SIZE,
 };
 use super::store::ReplicaStore;
+use hlstore_core::{Epoch, Offset, Seq};
 
 #[derive(Clone)]
 struct Block {
@@ -227,7 +228,10 @@ impl ReplicaStore for MemStore {
         self.with(volume, |v| Ok(v.state()))
     }
 
-    fn write(&self, volume: &str, epoch: u64, seq: u64, offset: u64, data: &[u8], fua: bool) -> Result<u64> {
+    fn write(&self, volume: &str, epoch: Epoch, seq: Seq, offset: Offset, data: &[u8], fua: bool) -> Result<Seq> {
+        let epoch = epoch.get();
+        let seq = seq.get();
+        let offset = offset.get();
         self.with_io(volume, epoch, |v| {
             check::range(volume, v.record.size, offset, data.len() as u64)?;
             check::seq(volume, seq)?;
@@ -238,9 +242,12 @@ impl ReplicaStore for MemStore {
             v.bump_seq(seq);
             Ok(if fua { v.flush() } else { v.durable_seq })
         })
+        .map(Seq)
     }
 
-    fn read(&self, volume: &str, epoch: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
+    fn read(&self, volume: &str, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>> {
+        let epoch = epoch.get();
+        let offset = offset.get();
         self.with_io(volume, epoch, |v| {
             check::range(volume, v.record.size, offset, len)?;
             check::read_len(volume, len)?;
@@ -263,11 +270,15 @@ impl ReplicaStore for MemStore {
         })
     }
 
-    fn flush(&self, volume: &str, epoch: u64) -> Result<u64> {
-        self.with_io(volume, epoch, |v| Ok(v.flush()))
+    fn flush(&self, volume: &str, epoch: Epoch) -> Result<Seq> {
+        let epoch = epoch.get();
+        self.with_io(volume, epoch, |v| Ok(v.flush())).map(Seq)
     }
 
-    fn trim(&self, volume: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()> {
+    fn trim(&self, volume: &str, epoch: Epoch, seq: Seq, offset: Offset, len: u64) -> Result<()> {
+        let epoch = epoch.get();
+        let seq = seq.get();
+        let offset = offset.get();
         self.with_io(volume, epoch, |v| {
             check::range(volume, v.record.size, offset, len)?;
             check::seq(volume, seq)?;
@@ -276,7 +287,8 @@ impl ReplicaStore for MemStore {
         })
     }
 
-    fn expand(&self, volume: &str, epoch: u64, new_size: u64) -> Result<ReplicaInfo> {
+    fn expand(&self, volume: &str, epoch: Epoch, new_size: u64) -> Result<ReplicaInfo> {
+        let epoch = epoch.get();
         self.with_io(volume, epoch, |v| {
             check::new_size(volume, v.record.size, new_size)?;
             v.record.size = new_size;
@@ -284,7 +296,8 @@ impl ReplicaStore for MemStore {
         })
     }
 
-    fn set_replica_set(&self, volume: &str, epoch: u64, replica_set: Vec<String>) -> Result<ReplicaInfo> {
+    fn set_replica_set(&self, volume: &str, epoch: Epoch, replica_set: Vec<String>) -> Result<ReplicaInfo> {
+        let epoch = epoch.get();
         check::new_epoch(volume, epoch)?;
         self.with(volume, |v| {
             if epoch < v.record.epoch {
@@ -300,7 +313,9 @@ impl ReplicaStore for MemStore {
         })
     }
 
-    fn changes_since(&self, volume: &str, epoch: u64, since: u64) -> Result<Vec<Change>> {
+    fn changes_since(&self, volume: &str, epoch: Epoch, since: Seq) -> Result<Vec<Change>> {
+        let epoch = epoch.get();
+        let since = since.get();
         self.with_io(volume, epoch, |v| {
             let mut out: Vec<Change> = v
                 .trims
@@ -325,11 +340,13 @@ impl ReplicaStore for MemStore {
     fn begin_resync(
         &self,
         volume: &str,
-        epoch: u64,
-        from_seq: u64,
+        epoch: Epoch,
+        from_seq: Seq,
         resume: bool,
         history: History,
     ) -> Result<ReplicaState> {
+        let epoch = epoch.get();
+        let from_seq = from_seq.get();
         check::seq(volume, from_seq)?;
         self.with_io(volume, epoch, |v| {
             if !history.is_empty() {
@@ -343,14 +360,17 @@ impl ReplicaStore for MemStore {
         })
     }
 
-    fn set_history(&self, volume: &str, epoch: u64, history: History) -> Result<ReplicaState> {
+    fn set_history(&self, volume: &str, epoch: Epoch, history: History) -> Result<ReplicaState> {
+        let epoch = epoch.get();
         self.with_io(volume, epoch, |v| {
             v.record.history = history.entries().to_vec();
             Ok(v.state())
         })
     }
 
-    fn checkpoint_resync(&self, volume: &str, epoch: u64, offset: u64) -> Result<ReplicaState> {
+    fn checkpoint_resync(&self, volume: &str, epoch: Epoch, offset: Offset) -> Result<ReplicaState> {
+        let epoch = epoch.get();
+        let offset = offset.get();
         self.with_io(volume, epoch, |v| {
             if v.resync_from.is_none() {
                 return Err(Error::InvalidArgument(format!("volume {volume}: no resync in progress")));
@@ -362,7 +382,8 @@ impl ReplicaStore for MemStore {
         })
     }
 
-    fn apply_resync(&self, volume: &str, epoch: u64, chunks: &[ResyncChunk]) -> Result<ApplyStats> {
+    fn apply_resync(&self, volume: &str, epoch: Epoch, chunks: &[ResyncChunk]) -> Result<ApplyStats> {
+        let epoch = epoch.get();
         self.with_io(volume, epoch, |v| {
             let mut stats = ApplyStats::default();
             for c in chunks {
@@ -401,7 +422,8 @@ impl ReplicaStore for MemStore {
         })
     }
 
-    fn end_resync(&self, volume: &str, epoch: u64) -> Result<ReplicaState> {
+    fn end_resync(&self, volume: &str, epoch: Epoch) -> Result<ReplicaState> {
+        let epoch = epoch.get();
         self.with_io(volume, epoch, |v| {
             v.flush();
             v.resync_from = None;

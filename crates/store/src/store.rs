@@ -1,6 +1,7 @@
 //! The `ReplicaStore` trait: the contract every store implementation keeps.
 
 use hlstore_core::error::Result;
+use hlstore_core::{Epoch, Offset, Seq};
 
 use super::history::History;
 use super::record::{
@@ -25,31 +26,31 @@ pub trait ReplicaStore: Send + Sync + 'static {
     /// Applies an engine's claim (see [`Claim`] for the rules; durable before it returns).
     fn claim(&self, volume: &str, claim: &Claim) -> Result<ReplicaState>;
     /// Raises the epoch to `epoch` (a `Join` claim by no engine in particular).
-    fn open(&self, volume: &str, epoch: u64) -> Result<ReplicaState> {
-        self.claim(volume, &Claim::raise(epoch))
+    fn open(&self, volume: &str, epoch: Epoch) -> Result<ReplicaState> {
+        self.claim(volume, &Claim::raise(epoch.get()))
     }
     fn state(&self, volume: &str) -> Result<ReplicaState>;
     /// Writes whole blocks at `offset`. Returns the durable seq after the write (with
     /// `fua`, at least `seq`).
-    fn write(&self, volume: &str, epoch: u64, seq: u64, offset: u64, data: &[u8], fua: bool) -> Result<u64>;
-    fn read(&self, volume: &str, epoch: u64, offset: u64, len: u64) -> Result<Vec<u8>>;
+    fn write(&self, volume: &str, epoch: Epoch, seq: Seq, offset: Offset, data: &[u8], fua: bool) -> Result<Seq>;
+    fn read(&self, volume: &str, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>>;
     /// Makes every write applied before the call durable; returns the durable seq.
-    fn flush(&self, volume: &str, epoch: u64) -> Result<u64>;
+    fn flush(&self, volume: &str, epoch: Epoch) -> Result<Seq>;
     /// Deallocates a range: it reads as zeroes and its space is freed (on disk, once the
     /// trim is durable).
-    fn trim(&self, volume: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()>;
+    fn trim(&self, volume: &str, epoch: Epoch, seq: Seq, offset: Offset, len: u64) -> Result<()>;
     /// Grows the replica to `new_size` bytes.
-    fn expand(&self, volume: &str, epoch: u64, new_size: u64) -> Result<ReplicaInfo>;
+    fn expand(&self, volume: &str, epoch: Epoch, new_size: u64) -> Result<ReplicaInfo>;
     /// Replaces the record's replica set, raising the epoch to `epoch` like `open` (an
     /// older epoch is `StaleEpoch`).
-    fn set_replica_set(&self, volume: &str, epoch: u64, replica_set: Vec<String>) -> Result<ReplicaInfo>;
+    fn set_replica_set(&self, volume: &str, epoch: Epoch, replica_set: Vec<String>) -> Result<ReplicaInfo>;
     /// Every trim and block whose current content was written after `since`: trims first
     /// (in seq order), then blocks in offset order.
-    fn changes_since(&self, volume: &str, epoch: u64, since: u64) -> Result<Vec<Change>>;
+    fn changes_since(&self, volume: &str, epoch: Epoch, since: Seq) -> Result<Vec<Change>>;
     /// [`changes_since`](Self::changes_since) for a resumed resync: blocks below
     /// `split.0` only when written after `split.1` (they were copied up to there before);
     /// trims and the other blocks as written after `since`.
-    fn changes_since_split(&self, volume: &str, epoch: u64, since: u64, split: (u64, u64)) -> Result<Vec<Change>> {
+    fn changes_since_split(&self, volume: &str, epoch: Epoch, since: Seq, split: (u64, u64)) -> Result<Vec<Change>> {
         let (below, after) = split;
         let mut out = self.changes_since(volume, epoch, since)?;
         out.retain(|c| match *c {
@@ -66,32 +67,32 @@ pub trait ReplicaStore: Send + Sync + 'static {
     fn begin_resync(
         &self,
         volume: &str,
-        epoch: u64,
-        from_seq: u64,
+        epoch: Epoch,
+        from_seq: Seq,
         resume: bool,
         history: History,
     ) -> Result<ReplicaState>;
     /// Records the history the replica's data belongs to from now on (durably; the
     /// engine sends it before any write of its activation).
-    fn set_history(&self, volume: &str, epoch: u64, history: History) -> Result<ReplicaState>;
+    fn set_history(&self, volume: &str, epoch: Epoch, history: History) -> Result<ReplicaState>;
     /// Flushes, then records that every block below `offset` is complete up to the
     /// durable seq (the resync streams blocks in offset order). Requires a resync mark.
-    fn checkpoint_resync(&self, volume: &str, epoch: u64, offset: u64) -> Result<ReplicaState>;
+    fn checkpoint_resync(&self, volume: &str, epoch: Epoch, offset: Offset) -> Result<ReplicaState>;
     /// Applies resync chunks; a chunk never replaces a block written at a newer seq.
-    fn apply_resync(&self, volume: &str, epoch: u64, chunks: &[ResyncChunk]) -> Result<ApplyStats>;
+    fn apply_resync(&self, volume: &str, epoch: Epoch, chunks: &[ResyncChunk]) -> Result<ApplyStats>;
     /// Flushes and clears the resync mark.
-    fn end_resync(&self, volume: &str, epoch: u64) -> Result<ReplicaState>;
+    fn end_resync(&self, volume: &str, epoch: Epoch) -> Result<ReplicaState>;
 
     /// Flushes, then records a snapshot `name` at `seq`: the volume as it is after every
     /// write with seq <= `seq` (the caller orders it after those writes and before later
     /// ones). O(1): later writes keep the versions it sees. Idempotent by name.
-    fn create_snapshot(&self, volume: &str, epoch: u64, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+    fn create_snapshot(&self, volume: &str, epoch: Epoch, snap: SnapshotInfo) -> Result<SnapshotInfo> {
         let _ = (volume, epoch, snap);
         Err(hlstore_core::Error::Unsupported("snapshots are not supported by this store".into()))
     }
     /// Deletes a snapshot and frees the block versions only it kept. `Ok(false)` if there
     /// was none. Works in bounded steps so writes are not held up for long.
-    fn delete_snapshot(&self, volume: &str, epoch: u64, name: &str) -> Result<bool> {
+    fn delete_snapshot(&self, volume: &str, epoch: Epoch, name: &str) -> Result<bool> {
         let _ = (volume, epoch, name);
         Err(hlstore_core::Error::Unsupported("snapshots are not supported by this store".into()))
     }
@@ -101,7 +102,7 @@ pub trait ReplicaStore: Send + Sync + 'static {
     fn install_snapshot(
         &self,
         volume: &str,
-        epoch: u64,
+        epoch: Epoch,
         snap: SnapshotInfo,
         blocks: &[(u64, Option<Vec<u8>>)],
         last: bool,
@@ -115,7 +116,7 @@ pub trait ReplicaStore: Send + Sync + 'static {
         Err(hlstore_core::Error::Unsupported("snapshots are not supported by this store".into()))
     }
     /// Reads from snapshot `name` (checksums verified like live reads).
-    fn read_snapshot(&self, volume: &str, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    fn read_snapshot(&self, volume: &str, name: &str, offset: Offset, len: u64) -> Result<Vec<u8>> {
         let _ = (volume, name, offset, len);
         Err(hlstore_core::Error::Unsupported("snapshots are not supported by this store".into()))
     }
@@ -127,15 +128,17 @@ pub trait ReplicaStore: Send + Sync + 'static {
     }
 
     /// Writes zeroes to a range keeping it allocated (NBD WRITE_ZEROES with NO_HOLE).
-    fn write_zeroes(&self, volume: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()> {
+    fn write_zeroes(&self, volume: &str, epoch: Epoch, seq: Seq, offset: Offset, len: u64) -> Result<()> {
         const STEP: u64 = 256 * BLOCK_SIZE;
         let zeroes = vec![0u8; STEP.min(len) as usize];
-        let mut at = offset;
-        let end =
-            offset.checked_add(len).ok_or_else(|| hlstore_core::Error::InvalidArgument("length overflows".into()))?;
+        let mut at = offset.get();
+        let end = offset
+            .get()
+            .checked_add(len)
+            .ok_or_else(|| hlstore_core::Error::InvalidArgument("length overflows".into()))?;
         while at < end {
             let n = STEP.min(end - at);
-            self.write(volume, epoch, seq, at, &zeroes[..n as usize], false)?;
+            self.write(volume, epoch, seq, Offset(at), &zeroes[..n as usize], false)?;
             at += n;
         }
         Ok(())

@@ -5,6 +5,7 @@ mod common;
 
 use common::{DiskHarness, Harness, MemHarness};
 use hlstore_core::ErrorKind;
+use hlstore_core::{Epoch, Offset, Seq};
 use hlstore_store::Change;
 use hlstore_store::{ChunkData, History, HistoryEntry, ReplicaStore, ResyncChunk, VolumeRecord, BLOCK_SIZE};
 
@@ -17,7 +18,7 @@ fn block(fill: u8) -> Vec<u8> {
 /// Creates `name` with `blocks` blocks and opens it at epoch 1.
 fn make<H: Harness>(h: &H, name: &str, blocks: u64) {
     h.store().create(VolumeRecord::new(name, blocks * BS)).unwrap();
-    h.store().open(name, 1).unwrap();
+    h.store().open(name, Epoch(1)).unwrap();
 }
 
 fn create_list_delete<H: Harness>(h: H) {
@@ -45,20 +46,24 @@ fn create_list_delete<H: Harness>(h: H) {
 fn write_read_roundtrip<H: Harness>(h: H) {
     make(&h, "v", 64);
     let s = h.store();
-    assert_eq!(s.read("v", 1, 0, 4 * BS).unwrap(), vec![0; 4 * BS as usize], "unwritten blocks read as zeroes");
+    assert_eq!(
+        s.read("v", Epoch(1), Offset(0), 4 * BS).unwrap(),
+        vec![0; 4 * BS as usize],
+        "unwritten blocks read as zeroes"
+    );
     let mut data = Vec::new();
     for i in 0..8u8 {
         data.extend_from_slice(&block(i + 1));
     }
-    s.write("v", 1, 1, 4 * BS, &data, false).unwrap();
-    assert_eq!(s.read("v", 1, 4 * BS, 8 * BS).unwrap(), data);
+    s.write("v", Epoch(1), Seq(1), Offset(4 * BS), &data, false).unwrap();
+    assert_eq!(s.read("v", Epoch(1), Offset(4 * BS), 8 * BS).unwrap(), data);
     // A read spanning written and unwritten blocks.
-    let r = s.read("v", 1, 2 * BS, 4 * BS).unwrap();
+    let r = s.read("v", Epoch(1), Offset(2 * BS), 4 * BS).unwrap();
     assert_eq!(&r[..2 * BS as usize], &vec![0; 2 * BS as usize][..]);
     assert_eq!(&r[2 * BS as usize..], &data[..2 * BS as usize]);
     // Overwrite part of it.
-    s.write("v", 1, 2, 5 * BS, &block(0xee), false).unwrap();
-    let r = s.read("v", 1, 4 * BS, 3 * BS).unwrap();
+    s.write("v", Epoch(1), Seq(2), Offset(5 * BS), &block(0xee), false).unwrap();
+    let r = s.read("v", Epoch(1), Offset(4 * BS), 3 * BS).unwrap();
     assert_eq!(&r[BS as usize..2 * BS as usize], &block(0xee)[..]);
     assert_eq!(&r[2 * BS as usize..], &block(3)[..]);
     assert_eq!(s.state("v").unwrap().allocated_bytes, 8 * BS);
@@ -68,84 +73,93 @@ fn write_read_roundtrip<H: Harness>(h: H) {
 fn rejects_bad_ranges<H: Harness>(h: H) {
     make(&h, "v", 16);
     let s = h.store();
-    s.write("v", 1, 1, 0, &block(7), false).unwrap();
-    let unaligned = s.write("v", 1, 2, 100, &block(1), false).unwrap_err();
+    s.write("v", Epoch(1), Seq(1), Offset(0), &block(7), false).unwrap();
+    let unaligned = s.write("v", Epoch(1), Seq(2), Offset(100), &block(1), false).unwrap_err();
     assert_eq!(unaligned.kind(), ErrorKind::InvalidArgument);
     assert!(unaligned.to_string().contains("multiples of 4096"), "{unaligned}");
-    assert_eq!(s.write("v", 1, 2, 0, &[1u8; 100], false).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    let oor = s.write("v", 1, 2, 16 * BS, &block(1), false).unwrap_err();
+    assert_eq!(
+        s.write("v", Epoch(1), Seq(2), Offset(0), &[1u8; 100], false).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    let oor = s.write("v", Epoch(1), Seq(2), Offset(16 * BS), &block(1), false).unwrap_err();
     assert_eq!(oor.kind(), ErrorKind::OutOfRange);
     assert!(oor.to_string().contains("volume v"), "{oor}");
-    assert_eq!(s.read("v", 1, 15 * BS, 2 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(s.read("v", Epoch(1), Offset(15 * BS), 2 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
     assert_eq!(
-        s.read("v", 1, u64::MAX - BS + 1, BS).unwrap_err().kind(),
+        s.read("v", Epoch(1), Offset(u64::MAX - BS + 1), BS).unwrap_err().kind(),
         ErrorKind::OutOfRange,
         "offset+len overflows"
     );
-    assert_eq!(s.read("v", 1, (u64::MAX / BS) * BS, 2 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
-    assert_eq!(s.trim("v", 1, 2, 8 * BS, 9 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(s.read("v", Epoch(1), Offset((u64::MAX / BS) * BS), 2 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(s.trim("v", Epoch(1), Seq(2), Offset(8 * BS), 9 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
     // Nothing changed.
-    assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(7));
+    assert_eq!(s.read("v", Epoch(1), Offset(0), BS).unwrap(), block(7));
     assert_eq!(s.state("v").unwrap().last_seq, 1);
-    assert_eq!(s.read("nope", 1, 0, BS).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(s.read("nope", Epoch(1), Offset(0), BS).unwrap_err().kind(), ErrorKind::NotFound);
 }
 
 fn epoch_fencing<H: Harness>(h: H) {
     make(&h, "v", 16);
     let s = h.store();
-    s.write("v", 1, 1, 0, &block(1), false).unwrap();
-    assert_eq!(s.open("v", 3).unwrap().epoch, 3);
+    s.write("v", Epoch(1), Seq(1), Offset(0), &block(1), false).unwrap();
+    assert_eq!(s.open("v", Epoch(3)).unwrap().epoch, 3);
     for err in [
-        s.write("v", 1, 2, 0, &block(2), false).unwrap_err(),
-        s.read("v", 1, 0, BS).unwrap_err(),
-        s.flush("v", 1).unwrap_err(),
-        s.trim("v", 1, 2, 0, BS).unwrap_err(),
-        s.open("v", 2).unwrap_err(),
+        s.write("v", Epoch(1), Seq(2), Offset(0), &block(2), false).unwrap_err(),
+        s.read("v", Epoch(1), Offset(0), BS).unwrap_err(),
+        s.flush("v", Epoch(1)).unwrap_err(),
+        s.trim("v", Epoch(1), Seq(2), Offset(0), BS).unwrap_err(),
+        s.open("v", Epoch(2)).unwrap_err(),
     ] {
         assert_eq!(err.kind(), ErrorKind::StaleEpoch, "{err}");
     }
     // A newer epoch than the opened one must be opened first.
-    assert_eq!(s.write("v", 4, 2, 0, &block(2), false).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(s.read("v", 3, 0, BS).unwrap(), block(1));
+    assert_eq!(
+        s.write("v", Epoch(4), Seq(2), Offset(0), &block(2), false).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    assert_eq!(s.read("v", Epoch(3), Offset(0), BS).unwrap(), block(1));
     // The epoch is durable.
     drop(s);
     let mut h = h;
     h.crash();
     assert_eq!(h.store().state("v").unwrap().epoch, 3);
-    assert_eq!(h.store().write("v", 2, 2, 0, &block(2), false).unwrap_err().kind(), ErrorKind::StaleEpoch);
+    assert_eq!(
+        h.store().write("v", Epoch(2), Seq(2), Offset(0), &block(2), false).unwrap_err().kind(),
+        ErrorKind::StaleEpoch
+    );
 }
 
 fn trim_frees_space<H: Harness>(h: H) {
     make(&h, "v", 256);
     let s = h.store();
     let data: Vec<u8> = (0..64 * BS).map(|i| (i % 251) as u8).collect();
-    s.write("v", 1, 1, 0, &data, false).unwrap();
-    s.flush("v", 1).unwrap();
+    s.write("v", Epoch(1), Seq(1), Offset(0), &data, false).unwrap();
+    s.flush("v", Epoch(1)).unwrap();
     assert_eq!(s.state("v").unwrap().allocated_bytes, 64 * BS);
-    s.trim("v", 1, 2, 16 * BS, 32 * BS).unwrap();
+    s.trim("v", Epoch(1), Seq(2), Offset(16 * BS), 32 * BS).unwrap();
     assert_eq!(s.state("v").unwrap().allocated_bytes, 32 * BS);
-    assert_eq!(s.read("v", 1, 16 * BS, 32 * BS).unwrap(), vec![0; 32 * BS as usize]);
-    assert_eq!(s.read("v", 1, 0, 16 * BS).unwrap(), &data[..16 * BS as usize]);
+    assert_eq!(s.read("v", Epoch(1), Offset(16 * BS), 32 * BS).unwrap(), vec![0; 32 * BS as usize]);
+    assert_eq!(s.read("v", Epoch(1), Offset(0), 16 * BS).unwrap(), &data[..16 * BS as usize]);
     // Trim of a range with nothing allocated is fine and changes nothing.
-    s.trim("v", 1, 3, 128 * BS, 128 * BS).unwrap();
+    s.trim("v", Epoch(1), Seq(3), Offset(128 * BS), 128 * BS).unwrap();
     assert_eq!(s.state("v").unwrap().allocated_bytes, 32 * BS);
     // write_zeroes without a hole keeps the blocks allocated.
-    s.write_zeroes("v", 1, 4, 16 * BS, 4 * BS).unwrap();
+    s.write_zeroes("v", Epoch(1), Seq(4), Offset(16 * BS), 4 * BS).unwrap();
     assert_eq!(s.state("v").unwrap().allocated_bytes, 36 * BS);
-    assert_eq!(s.read("v", 1, 16 * BS, 4 * BS).unwrap(), vec![0; 4 * BS as usize]);
+    assert_eq!(s.read("v", Epoch(1), Offset(16 * BS), 4 * BS).unwrap(), vec![0; 4 * BS as usize]);
     h.after_flush_space_check("v", 36 * BS);
 }
 
 fn thin_provisioning<H: Harness>(h: H) {
     let s = h.store();
     s.create(VolumeRecord::new("big", 1 << 40)).unwrap();
-    s.open("big", 1).unwrap();
+    s.open("big", Epoch(1)).unwrap();
     assert_eq!(s.state("big").unwrap().allocated_bytes, 0);
-    s.write("big", 1, 1, (1 << 40) - BS, &block(9), false).unwrap();
-    s.write("big", 1, 2, 1 << 39, &block(8), false).unwrap();
-    s.flush("big", 1).unwrap();
+    s.write("big", Epoch(1), Seq(1), Offset((1 << 40) - BS), &block(9), false).unwrap();
+    s.write("big", Epoch(1), Seq(2), Offset(1 << 39), &block(8), false).unwrap();
+    s.flush("big", Epoch(1)).unwrap();
     assert_eq!(s.state("big").unwrap().allocated_bytes, 2 * BS);
-    assert_eq!(s.read("big", 1, (1 << 40) - BS, BS).unwrap(), block(9));
+    assert_eq!(s.read("big", Epoch(1), Offset((1 << 40) - BS), BS).unwrap(), block(9));
     h.after_flush_space_check("big", 2 * BS);
 }
 
@@ -153,21 +167,21 @@ fn flush_survives_crash<H: Harness>(mut h: H) {
     make(&h, "v", 64);
     let s = h.store();
     for seq in 1..=10u64 {
-        s.write("v", 1, seq, seq * BS, &block(seq as u8), false).unwrap();
+        s.write("v", Epoch(1), Seq(seq), Offset(seq * BS), &block(seq as u8), false).unwrap();
     }
-    assert_eq!(s.flush("v", 1).unwrap(), 10);
-    s.write("v", 1, 11, 11 * BS, &block(11), true).unwrap();
-    s.write("v", 1, 12, 12 * BS, &block(12), false).unwrap();
-    s.write("v", 1, 13, BS, &block(13), false).unwrap();
+    assert_eq!(s.flush("v", Epoch(1)).unwrap(), Seq(10));
+    s.write("v", Epoch(1), Seq(11), Offset(11 * BS), &block(11), true).unwrap();
+    s.write("v", Epoch(1), Seq(12), Offset(12 * BS), &block(12), false).unwrap();
+    s.write("v", Epoch(1), Seq(13), Offset(BS), &block(13), false).unwrap();
     drop(s);
     h.crash();
     let s = h.store();
     for seq in 2..=11u64 {
-        assert_eq!(s.read("v", 1, seq * BS, BS).unwrap(), block(seq as u8), "flushed block {seq}");
+        assert_eq!(s.read("v", Epoch(1), Offset(seq * BS), BS).unwrap(), block(seq as u8), "flushed block {seq}");
     }
-    let b1 = s.read("v", 1, BS, BS).unwrap();
+    let b1 = s.read("v", Epoch(1), Offset(BS), BS).unwrap();
     assert!(b1 == block(1) || b1 == block(13), "block 1 holds its old or new content");
-    let b12 = s.read("v", 1, 12 * BS, BS).unwrap();
+    let b12 = s.read("v", Epoch(1), Offset(12 * BS), BS).unwrap();
     assert!(b12 == block(0) || b12 == block(12));
     let st = s.state("v").unwrap();
     assert!(st.durable_seq >= 11);
@@ -176,27 +190,27 @@ fn flush_survives_crash<H: Harness>(mut h: H) {
 fn expand_grows<H: Harness>(h: H) {
     make(&h, "v", 16);
     let s = h.store();
-    s.write("v", 1, 1, 15 * BS, &block(5), false).unwrap();
-    let info = s.expand("v", 1, 32 * BS).unwrap();
+    s.write("v", Epoch(1), Seq(1), Offset(15 * BS), &block(5), false).unwrap();
+    let info = s.expand("v", Epoch(1), 32 * BS).unwrap();
     assert_eq!(info.record.size, 32 * BS);
-    s.write("v", 1, 2, 31 * BS, &block(6), false).unwrap();
-    assert_eq!(s.read("v", 1, 15 * BS, 17 * BS).unwrap()[..BS as usize], block(5)[..]);
-    assert_eq!(s.read("v", 1, 31 * BS, BS).unwrap(), block(6));
-    assert_eq!(s.expand("v", 1, 8 * BS).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(s.expand("v", 1, 40 * BS + 1).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    s.write("v", Epoch(1), Seq(2), Offset(31 * BS), &block(6), false).unwrap();
+    assert_eq!(s.read("v", Epoch(1), Offset(15 * BS), 17 * BS).unwrap()[..BS as usize], block(5)[..]);
+    assert_eq!(s.read("v", Epoch(1), Offset(31 * BS), BS).unwrap(), block(6));
+    assert_eq!(s.expand("v", Epoch(1), 8 * BS).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.expand("v", Epoch(1), 40 * BS + 1).unwrap_err().kind(), ErrorKind::InvalidArgument);
     assert_eq!(s.info("v").unwrap().record.size, 32 * BS);
 }
 
 fn changes_since_lists_exactly<H: Harness>(h: H) {
     make(&h, "v", 64);
     let s = h.store();
-    s.write("v", 1, 1, 0, &block(1), false).unwrap();
-    s.write("v", 1, 2, 10 * BS, &[block(2), block(2)].concat(), false).unwrap();
-    s.write("v", 1, 3, 20 * BS, &block(3), false).unwrap();
-    s.write("v", 1, 4, 0, &block(4), false).unwrap(); // overwrites seq 1
-    s.trim("v", 1, 5, 20 * BS, 4 * BS).unwrap(); // removes seq 3
-    s.write("v", 1, 6, 30 * BS, &block(6), false).unwrap();
-    let c = s.changes_since("v", 1, 2).unwrap();
+    s.write("v", Epoch(1), Seq(1), Offset(0), &block(1), false).unwrap();
+    s.write("v", Epoch(1), Seq(2), Offset(10 * BS), &[block(2), block(2)].concat(), false).unwrap();
+    s.write("v", Epoch(1), Seq(3), Offset(20 * BS), &block(3), false).unwrap();
+    s.write("v", Epoch(1), Seq(4), Offset(0), &block(4), false).unwrap(); // overwrites seq 1
+    s.trim("v", Epoch(1), Seq(5), Offset(20 * BS), 4 * BS).unwrap(); // removes seq 3
+    s.write("v", Epoch(1), Seq(6), Offset(30 * BS), &block(6), false).unwrap();
+    let c = s.changes_since("v", Epoch(1), Seq(2)).unwrap();
     assert_eq!(
         c,
         vec![
@@ -205,7 +219,7 @@ fn changes_since_lists_exactly<H: Harness>(h: H) {
             Change::Block { offset: 30 * BS, seq: 6 },
         ]
     );
-    let all = s.changes_since("v", 1, 0).unwrap();
+    let all = s.changes_since("v", Epoch(1), Seq(0)).unwrap();
     let blocks: Vec<u64> = all
         .iter()
         .filter_map(|c| match c {
@@ -214,35 +228,35 @@ fn changes_since_lists_exactly<H: Harness>(h: H) {
         })
         .collect();
     assert_eq!(blocks, [0, 10, 11, 30]);
-    assert!(s.changes_since("v", 1, 6).unwrap().is_empty());
+    assert!(s.changes_since("v", Epoch(1), Seq(6)).unwrap().is_empty());
 }
 
 fn resync_never_overwrites_newer<H: Harness>(h: H) {
     make(&h, "v", 64);
     let s = h.store();
-    s.begin_resync("v", 1, 0, false, History::default()).unwrap();
+    s.begin_resync("v", Epoch(1), Seq(0), false, History::default()).unwrap();
     assert_eq!(s.state("v").unwrap().resync_from, Some(0));
-    s.write("v", 1, 10, 0, &block(10), false).unwrap(); // foreground write during resync
+    s.write("v", Epoch(1), Seq(10), Offset(0), &block(10), false).unwrap(); // foreground write during resync
     let chunks = vec![
         ResyncChunk { offset: 0, seq: 5, data: ChunkData::Data(block(5)) }, // older: skipped
         ResyncChunk { offset: BS, seq: 6, data: ChunkData::Data(block(6)) },
         ResyncChunk { offset: 2 * BS, seq: 7, data: ChunkData::Data(block(7)) },
         ResyncChunk { offset: 3 * BS, seq: 8, data: ChunkData::Zero },
     ];
-    let stats = s.apply_resync("v", 1, &chunks).unwrap();
+    let stats = s.apply_resync("v", Epoch(1), &chunks).unwrap();
     assert_eq!((stats.applied, stats.skipped_newer), (3, 1));
-    assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(10));
-    assert_eq!(s.read("v", 1, BS, BS).unwrap(), block(6));
+    assert_eq!(s.read("v", Epoch(1), Offset(0), BS).unwrap(), block(10));
+    assert_eq!(s.read("v", Epoch(1), Offset(BS), BS).unwrap(), block(6));
     // A trim chunk removes only blocks older than itself.
-    s.write("v", 1, 11, 4 * BS, &block(11), false).unwrap();
+    s.write("v", Epoch(1), Seq(11), Offset(4 * BS), &block(11), false).unwrap();
     let trim = ResyncChunk { offset: 0, seq: 9, data: ChunkData::Trim(8 * BS) };
-    s.apply_resync("v", 1, &[trim]).unwrap();
-    assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(10), "seq 10 is newer than the trim");
-    assert_eq!(s.read("v", 1, BS, BS).unwrap(), block(0), "seq 6 is older than the trim");
-    assert_eq!(s.read("v", 1, 4 * BS, BS).unwrap(), block(11));
+    s.apply_resync("v", Epoch(1), &[trim]).unwrap();
+    assert_eq!(s.read("v", Epoch(1), Offset(0), BS).unwrap(), block(10), "seq 10 is newer than the trim");
+    assert_eq!(s.read("v", Epoch(1), Offset(BS), BS).unwrap(), block(0), "seq 6 is older than the trim");
+    assert_eq!(s.read("v", Epoch(1), Offset(4 * BS), BS).unwrap(), block(11));
     let bad = ResyncChunk { offset: 0, seq: 12, data: ChunkData::Data(vec![1; 10]) };
-    assert_eq!(s.apply_resync("v", 1, &[bad]).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    let st = s.end_resync("v", 1).unwrap();
+    assert_eq!(s.apply_resync("v", Epoch(1), &[bad]).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    let st = s.end_resync("v", Epoch(1)).unwrap();
     assert_eq!(st.resync_from, None);
     assert_eq!(st.durable_seq, st.last_seq);
 }
@@ -250,35 +264,42 @@ fn resync_never_overwrites_newer<H: Harness>(h: H) {
 fn resync_checkpoints_resume_only_the_same_resync<H: Harness>(mut h: H) {
     make(&h, "v", 64);
     let s = h.store();
-    assert_eq!(s.checkpoint_resync("v", 1, 0).unwrap_err().kind(), ErrorKind::InvalidArgument, "no resync");
-    assert_eq!(s.begin_resync("v", 1, 3, true, History::default()).unwrap().resync_done, None);
+    assert_eq!(
+        s.checkpoint_resync("v", Epoch(1), Offset(0)).unwrap_err().kind(),
+        ErrorKind::InvalidArgument,
+        "no resync"
+    );
+    assert_eq!(s.begin_resync("v", Epoch(1), Seq(3), true, History::default()).unwrap().resync_done, None);
     let chunks: Vec<_> =
         (0..8).map(|i| ResyncChunk { offset: i * BS, seq: 4 + i, data: ChunkData::Data(block(i as u8)) }).collect();
-    s.apply_resync("v", 1, &chunks).unwrap();
-    let st = s.checkpoint_resync("v", 1, 8 * BS).unwrap();
+    s.apply_resync("v", Epoch(1), &chunks).unwrap();
+    let st = s.checkpoint_resync("v", Epoch(1), Offset(8 * BS)).unwrap();
     assert_eq!(st.resync_done, Some((8 * BS, 11)), "checkpoint at the durable seq");
     assert_eq!(st.durable_seq, 11);
     // Survives later writes and a crash; kept by a resume of the same resync under the
     // same epoch.
-    s.apply_resync("v", 1, &[ResyncChunk { offset: 9 * BS, seq: 12, data: ChunkData::Data(block(9)) }]).unwrap();
-    s.flush("v", 1).unwrap();
+    s.apply_resync("v", Epoch(1), &[ResyncChunk { offset: 9 * BS, seq: 12, data: ChunkData::Data(block(9)) }]).unwrap();
+    s.flush("v", Epoch(1)).unwrap();
     drop(s);
     h.crash();
     let s = h.store();
     assert_eq!(s.state("v").unwrap().resync_done, Some((8 * BS, 11)));
-    assert_eq!(s.read("v", 1, 7 * BS, BS).unwrap(), block(7), "checkpointed data is durable");
-    assert_eq!(s.begin_resync("v", 1, 3, true, History::default()).unwrap().resync_done, Some((8 * BS, 11)));
+    assert_eq!(s.read("v", Epoch(1), Offset(7 * BS), BS).unwrap(), block(7), "checkpointed data is durable");
+    assert_eq!(
+        s.begin_resync("v", Epoch(1), Seq(3), true, History::default()).unwrap().resync_done,
+        Some((8 * BS, 11))
+    );
     // Dropped when not resuming, from another point, or under another epoch.
-    s.checkpoint_resync("v", 1, 8 * BS).unwrap();
-    assert_eq!(s.begin_resync("v", 1, 3, false, History::default()).unwrap().resync_done, None);
-    s.checkpoint_resync("v", 1, 8 * BS).unwrap();
-    assert_eq!(s.begin_resync("v", 1, 2, true, History::default()).unwrap().resync_done, None);
-    s.checkpoint_resync("v", 1, 8 * BS).unwrap();
-    s.open("v", 2).unwrap();
-    assert_eq!(s.begin_resync("v", 2, 2, true, History::default()).unwrap().resync_done, None);
+    s.checkpoint_resync("v", Epoch(1), Offset(8 * BS)).unwrap();
+    assert_eq!(s.begin_resync("v", Epoch(1), Seq(3), false, History::default()).unwrap().resync_done, None);
+    s.checkpoint_resync("v", Epoch(1), Offset(8 * BS)).unwrap();
+    assert_eq!(s.begin_resync("v", Epoch(1), Seq(2), true, History::default()).unwrap().resync_done, None);
+    s.checkpoint_resync("v", Epoch(1), Offset(8 * BS)).unwrap();
+    s.open("v", Epoch(2)).unwrap();
+    assert_eq!(s.begin_resync("v", Epoch(2), Seq(2), true, History::default()).unwrap().resync_done, None);
     // The split change list: blocks below the checkpoint only when written after its seq.
-    s.write("v", 2, 20, 2 * BS, &block(20), false).unwrap();
-    let split = s.changes_since_split("v", 2, 3, (4 * BS, 11)).unwrap();
+    s.write("v", Epoch(2), Seq(20), Offset(2 * BS), &block(20), false).unwrap();
+    let split = s.changes_since_split("v", Epoch(2), Seq(3), (4 * BS, 11)).unwrap();
     let blocks: Vec<u64> = split
         .iter()
         .filter_map(|c| match c {
@@ -287,7 +308,7 @@ fn resync_checkpoints_resume_only_the_same_resync<H: Harness>(mut h: H) {
         })
         .collect();
     assert_eq!(blocks, [2, 4, 5, 6, 7, 9]);
-    let st = s.end_resync("v", 2).unwrap();
+    let st = s.end_resync("v", Epoch(2)).unwrap();
     assert_eq!((st.resync_from, st.resync_done), (None, None));
 }
 
@@ -300,26 +321,30 @@ fn clean_prefix(st: &hlstore_store::ReplicaState) -> u64 {
 fn power_cut_before_a_flush_claims_only_what_survived<H: Harness>(mut h: H) {
     make(&h, "v", 64);
     let s = h.store();
-    s.write("v", 1, 1, 0, &block(1), false).unwrap();
-    s.write("v", 1, 2, BS, &block(2), false).unwrap();
-    assert_eq!(s.flush("v", 1).unwrap(), 2);
+    s.write("v", Epoch(1), Seq(1), Offset(0), &block(1), false).unwrap();
+    s.write("v", Epoch(1), Seq(2), Offset(BS), &block(2), false).unwrap();
+    assert_eq!(s.flush("v", Epoch(1)).unwrap(), Seq(2));
     // Unflushed: an overwrite of block 0 (twice), a new block 5, an overwrite of block 1.
-    s.write("v", 1, 3, 0, &block(3), false).unwrap();
-    s.write("v", 1, 4, 0, &block(4), false).unwrap();
-    s.write("v", 1, 5, 5 * BS, &block(5), false).unwrap();
-    s.write("v", 1, 6, BS, &block(6), false).unwrap();
+    s.write("v", Epoch(1), Seq(3), Offset(0), &block(3), false).unwrap();
+    s.write("v", Epoch(1), Seq(4), Offset(0), &block(4), false).unwrap();
+    s.write("v", Epoch(1), Seq(5), Offset(5 * BS), &block(5), false).unwrap();
+    s.write("v", Epoch(1), Seq(6), Offset(BS), &block(6), false).unwrap();
     drop(s);
     h.power_cut();
     let s = h.store();
     // Every block holds the content of a write the replica still claims, or older.
-    assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(1), "both unflushed overwrites of block 0 were lost");
-    assert_eq!(s.read("v", 1, BS, BS).unwrap(), block(2));
-    assert_eq!(s.read("v", 1, 5 * BS, BS).unwrap(), block(0));
+    assert_eq!(
+        s.read("v", Epoch(1), Offset(0), BS).unwrap(),
+        block(1),
+        "both unflushed overwrites of block 0 were lost"
+    );
+    assert_eq!(s.read("v", Epoch(1), Offset(BS), BS).unwrap(), block(2));
+    assert_eq!(s.read("v", Epoch(1), Offset(5 * BS), BS).unwrap(), block(0));
     let st = s.state("v").unwrap();
     assert_eq!(clean_prefix(&st), 2, "the replica lost seqs 3..=6 and must not claim them: {st:?}");
     assert!(st.durable_seq <= 2, "durable_seq claims lost writes: {st:?}");
     // A later flush does not bring the claim back.
-    s.flush("v", 1).unwrap();
+    s.flush("v", Epoch(1)).unwrap();
     assert_eq!(clean_prefix(&s.state("v").unwrap()), 2, "{:?}", s.state("v").unwrap());
 }
 
@@ -327,21 +352,25 @@ fn resync_chunks_below_the_durable_mark_are_flushed_for_real<H: Harness>(mut h: 
     make(&h, "v", 64);
     let s = h.store();
     for seq in 1..=10u64 {
-        s.write("v", 1, seq, (20 + seq) * BS, &block(seq as u8), false).unwrap();
+        s.write("v", Epoch(1), Seq(seq), Offset((20 + seq) * BS), &block(seq as u8), false).unwrap();
     }
-    assert_eq!(s.flush("v", 1).unwrap(), 10);
+    assert_eq!(s.flush("v", Epoch(1)).unwrap(), Seq(10));
     // A resync copies older blocks (seqs below the durable mark) into blocks 0..8.
-    s.begin_resync("v", 1, 0, false, History::default()).unwrap();
+    s.begin_resync("v", Epoch(1), Seq(0), false, History::default()).unwrap();
     let chunks: Vec<_> = (0..8)
         .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) })
         .collect();
-    s.apply_resync("v", 1, &chunks).unwrap();
-    assert_eq!(s.flush("v", 1).unwrap(), 10);
+    s.apply_resync("v", Epoch(1), &chunks).unwrap();
+    assert_eq!(s.flush("v", Epoch(1)).unwrap(), Seq(10));
     drop(s);
     h.power_cut();
     let s = h.store();
     for i in 0..8u64 {
-        assert_eq!(s.read("v", 1, i * BS, BS).unwrap(), block(0x80 + i as u8), "flushed resync block {i}");
+        assert_eq!(
+            s.read("v", Epoch(1), Offset(i * BS), BS).unwrap(),
+            block(0x80 + i as u8),
+            "flushed resync block {i}"
+        );
     }
 }
 
@@ -349,78 +378,78 @@ fn unflushed_resync_chunks_lost_in_a_power_cut_are_copied_again<H: Harness>(mut 
     make(&h, "v", 64);
     let s = h.store();
     for seq in 1..=10u64 {
-        s.write("v", 1, seq, (20 + seq) * BS, &block(seq as u8), false).unwrap();
+        s.write("v", Epoch(1), Seq(seq), Offset((20 + seq) * BS), &block(seq as u8), false).unwrap();
     }
-    assert_eq!(s.flush("v", 1).unwrap(), 10);
-    s.write("v", 1, 11, 3 * BS, &block(11), true).unwrap();
-    s.begin_resync("v", 1, 1, false, History::default()).unwrap();
+    assert_eq!(s.flush("v", Epoch(1)).unwrap(), Seq(10));
+    s.write("v", Epoch(1), Seq(11), Offset(3 * BS), &block(11), true).unwrap();
+    s.begin_resync("v", Epoch(1), Seq(1), false, History::default()).unwrap();
     let chunks: Vec<_> = (0..4)
         .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) })
         .collect();
-    s.apply_resync("v", 1, &chunks).unwrap();
+    s.apply_resync("v", Epoch(1), &chunks).unwrap();
     drop(s);
     h.power_cut();
     let s = h.store();
     // Lost chunks read as what the block held before (never a checksum error), and a new
     // resync from the replica's mark copies them again (not skipped as "same seq").
     for i in 0..3u64 {
-        assert_eq!(s.read("v", 1, i * BS, BS).unwrap(), block(0), "lost resync block {i} rolled back");
+        assert_eq!(s.read("v", Epoch(1), Offset(i * BS), BS).unwrap(), block(0), "lost resync block {i} rolled back");
     }
-    assert_eq!(s.read("v", 1, 3 * BS, BS).unwrap(), block(11), "a newer durable write is kept");
+    assert_eq!(s.read("v", Epoch(1), Offset(3 * BS), BS).unwrap(), block(11), "a newer durable write is kept");
     let st = s.state("v").unwrap();
     assert!(st.resync_from.is_some_and(|f| f <= 1), "still marked as resyncing: {st:?}");
-    let stats = s.apply_resync("v", 1, &chunks).unwrap();
+    let stats = s.apply_resync("v", Epoch(1), &chunks).unwrap();
     assert_eq!((stats.applied, stats.skipped_newer), (3, 1));
-    s.flush("v", 1).unwrap();
+    s.flush("v", Epoch(1)).unwrap();
     drop(s);
     h.power_cut();
     for i in 0..3u64 {
-        assert_eq!(h.store().read("v", 1, i * BS, BS).unwrap(), block(0x80 + i as u8));
+        assert_eq!(h.store().read("v", Epoch(1), Offset(i * BS), BS).unwrap(), block(0x80 + i as u8));
     }
 }
 
 fn corruption_is_reported<H: Harness>(h: H) {
     make(&h, "v", 16);
     let s = h.store();
-    s.write("v", 1, 1, 0, &[block(1), block(2), block(3)].concat(), false).unwrap();
-    s.flush("v", 1).unwrap();
+    s.write("v", Epoch(1), Seq(1), Offset(0), &[block(1), block(2), block(3)].concat(), false).unwrap();
+    s.flush("v", Epoch(1)).unwrap();
     h.corrupt("v", BS + 17);
-    let err = s.read("v", 1, 0, 3 * BS).unwrap_err();
+    let err = s.read("v", Epoch(1), Offset(0), 3 * BS).unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Corruption);
     let msg = err.to_string();
     assert!(msg.contains("volume v") && msg.contains(&format!("offset {BS}")), "{msg}");
     // Healthy neighbours still read; the damaged block keeps failing until rewritten.
-    assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(1));
-    assert_eq!(s.read("v", 1, 2 * BS, BS).unwrap(), block(3));
-    assert_eq!(s.read("v", 1, BS, BS).unwrap_err().kind(), ErrorKind::Corruption);
-    s.write("v", 1, 2, BS, &block(4), false).unwrap();
-    assert_eq!(s.read("v", 1, BS, BS).unwrap(), block(4));
+    assert_eq!(s.read("v", Epoch(1), Offset(0), BS).unwrap(), block(1));
+    assert_eq!(s.read("v", Epoch(1), Offset(2 * BS), BS).unwrap(), block(3));
+    assert_eq!(s.read("v", Epoch(1), Offset(BS), BS).unwrap_err().kind(), ErrorKind::Corruption);
+    s.write("v", Epoch(1), Seq(2), Offset(BS), &block(4), false).unwrap();
+    assert_eq!(s.read("v", Epoch(1), Offset(BS), BS).unwrap(), block(4));
 }
 
 fn delete_and_recreate<H: Harness>(mut h: H) {
     make(&h, "v", 16);
-    h.store().write("v", 1, 1, 0, &block(1), true).unwrap();
+    h.store().write("v", Epoch(1), Seq(1), Offset(0), &block(1), true).unwrap();
     assert!(h.store().delete("v").unwrap());
     h.crash();
     assert_eq!(h.store().state("v").unwrap_err().kind(), ErrorKind::NotFound);
     make(&h, "v", 16);
-    assert_eq!(h.store().read("v", 1, 0, BS).unwrap(), block(0));
+    assert_eq!(h.store().read("v", Epoch(1), Offset(0), BS).unwrap(), block(0));
     assert_eq!(h.store().state("v").unwrap().allocated_bytes, 0);
 }
 
 fn set_replica_set_is_durable_and_fenced<H: Harness>(mut h: H) {
     make(&h, "v", 16);
     let s = h.store();
-    s.write("v", 1, 1, 0, &block(1), true).unwrap();
-    let info = s.set_replica_set("v", 2, vec!["a".into(), "b".into(), "d".into()]).unwrap();
+    s.write("v", Epoch(1), Seq(1), Offset(0), &block(1), true).unwrap();
+    let info = s.set_replica_set("v", Epoch(2), vec!["a".into(), "b".into(), "d".into()]).unwrap();
     assert_eq!((info.record.epoch, info.record.replica_set.clone()), (2, vec!["a".into(), "b".into(), "d".into()]));
-    assert_eq!(s.set_replica_set("v", 1, vec!["x".into()]).unwrap_err().kind(), ErrorKind::StaleEpoch);
+    assert_eq!(s.set_replica_set("v", Epoch(1), vec!["x".into()]).unwrap_err().kind(), ErrorKind::StaleEpoch);
     drop(s);
     h.crash();
     let info = h.store().info("v").unwrap();
     assert_eq!(info.record.replica_set, ["a", "b", "d"]);
     assert_eq!(info.record.epoch, 2);
-    assert_eq!(h.store().read("v", 2, 0, BS).unwrap(), block(1));
+    assert_eq!(h.store().read("v", Epoch(2), Offset(0), BS).unwrap(), block(1));
 }
 
 /// The epoch history is durable at once (set, or with a resync mark), kept by later
@@ -433,18 +462,18 @@ fn history_is_durable_and_fenced<H: Harness>(mut h: H) {
     let a2 = HistoryEntry { epoch: 2, start: 2 << 40, base: (1 << 40) + 5 };
     let one = History::from_entries(&[a1]).unwrap();
     let two = History::from_entries(&[a1, a2]).unwrap();
-    assert_eq!(s.set_history("v", 1, one).unwrap().history, one);
+    assert_eq!(s.set_history("v", Epoch(1), one).unwrap().history, one);
     drop(s);
     h.crash();
     let s = h.store();
     assert_eq!(s.state("v").unwrap().history, one);
-    s.open("v", 2).unwrap();
-    assert_eq!(s.set_history("v", 1, two).unwrap_err().kind(), ErrorKind::StaleEpoch);
-    let st = s.begin_resync("v", 2, 7, true, two).unwrap();
+    s.open("v", Epoch(2)).unwrap();
+    assert_eq!(s.set_history("v", Epoch(1), two).unwrap_err().kind(), ErrorKind::StaleEpoch);
+    let st = s.begin_resync("v", Epoch(2), Seq(7), true, two).unwrap();
     assert_eq!((st.history, st.resync_from), (two, Some(7)));
     // An empty history with a mark keeps the recorded one.
-    assert_eq!(s.begin_resync("v", 2, 7, true, History::default()).unwrap().history, two);
-    s.set_replica_set("v", 2, vec!["a".into()]).unwrap();
+    assert_eq!(s.begin_resync("v", Epoch(2), Seq(7), true, History::default()).unwrap().history, two);
+    s.set_replica_set("v", Epoch(2), vec!["a".into()]).unwrap();
     drop(s);
     h.crash();
     let s = h.store();

@@ -7,6 +7,7 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::{DiskHarness, Harness, MemHarness};
+use hlstore_core::{Epoch, Offset, Seq};
 use hlstore_store::{ReplicaStore, VolumeRecord, BLOCK_SIZE};
 use proptest::prelude::*;
 
@@ -70,7 +71,7 @@ impl Model {
 fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let s = h.store();
     s.create(VolumeRecord::new("m", BLOCKS * BLOCK_SIZE)).unwrap();
-    s.open("m", 1).unwrap();
+    s.open("m", Epoch(1)).unwrap();
     drop(s);
     let mut m = Model::default();
     let mut seq = 0u64;
@@ -80,34 +81,34 @@ fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Write { block, count } => {
                 seq += 1;
                 let data: Vec<u8> = (block..block + count).flat_map(|b| content(seq, b)).collect();
-                s.write("m", 1, seq, block * BLOCK_SIZE, &data, false).unwrap();
+                s.write("m", Epoch(1), Seq(seq), Offset(block * BLOCK_SIZE), &data, false).unwrap();
                 (block..block + count).for_each(|b| m.set(b, seq));
             }
             Op::Fua { block } => {
                 seq += 1;
-                s.write("m", 1, seq, block * BLOCK_SIZE, &content(seq, block), true).unwrap();
+                s.write("m", Epoch(1), Seq(seq), Offset(block * BLOCK_SIZE), &content(seq, block), true).unwrap();
                 m.set(block, seq);
                 m.flush();
             }
             Op::Trim { block, count } => {
                 seq += 1;
-                s.trim("m", 1, seq, block * BLOCK_SIZE, count * BLOCK_SIZE).unwrap();
+                s.trim("m", Epoch(1), Seq(seq), Offset(block * BLOCK_SIZE), count * BLOCK_SIZE).unwrap();
                 (block..block + count).for_each(|b| m.set(b, 0));
             }
             Op::WriteZeroes { block, count } => {
                 seq += 1;
-                s.write_zeroes("m", 1, seq, block * BLOCK_SIZE, count * BLOCK_SIZE).unwrap();
+                s.write_zeroes("m", Epoch(1), Seq(seq), Offset(block * BLOCK_SIZE), count * BLOCK_SIZE).unwrap();
                 (block..block + count).for_each(|b| m.set(b, 0));
             }
             Op::Flush => {
-                s.flush("m", 1).unwrap();
+                s.flush("m", Epoch(1)).unwrap();
                 m.flush();
             }
             Op::Crash => {
                 drop(s);
                 h.crash();
                 let s = h.store();
-                let all = s.read("m", 1, 0, BLOCKS * BLOCK_SIZE).unwrap();
+                let all = s.read("m", Epoch(1), Offset(0), BLOCKS * BLOCK_SIZE).unwrap();
                 for b in 0..BLOCKS {
                     let got = &all[b as usize * BS..(b as usize + 1) * BS];
                     let durable = m.durable.get(&b).copied().unwrap_or(0);
@@ -125,7 +126,7 @@ fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
             }
         }
         let s = h.store();
-        let all = s.read("m", 1, 0, BLOCKS * BLOCK_SIZE).unwrap();
+        let all = s.read("m", Epoch(1), Offset(0), BLOCKS * BLOCK_SIZE).unwrap();
         for b in 0..BLOCKS {
             let want = content(m.current.get(&b).copied().unwrap_or(0), b);
             prop_assert!(all[b as usize * BS..(b as usize + 1) * BS] == want[..], "block {b} differs from the model");

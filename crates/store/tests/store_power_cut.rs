@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 use std::os::unix::fs::FileExt;
 
+use hlstore_core::{Epoch, Offset, Seq};
 use hlstore_store::{DiskStore, ReplicaStore, VolumeRecord, BLOCK_SIZE};
 use proptest::prelude::*;
 
@@ -46,7 +47,7 @@ fn run(ops: &[Op], lose: &[bool]) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let store = DiskStore::open(dir.path()).unwrap();
     store.create(VolumeRecord::new("v", BLOCKS * BLOCK_SIZE)).unwrap();
-    store.open("v", 1).unwrap();
+    store.open("v", Epoch(1)).unwrap();
     // Per block: (seq, content) of every write and trim, in order.
     let mut history: BTreeMap<u64, Vec<Version>> = BTreeMap::new();
     let (mut seq, mut flushed) = (0u64, 0u64);
@@ -54,15 +55,15 @@ fn run(ops: &[Op], lose: &[bool]) -> Result<(), TestCaseError> {
         match *op {
             Op::Write { block } => {
                 seq += 1;
-                store.write("v", 1, seq, block * BLOCK_SIZE, &content(seq), false).unwrap();
+                store.write("v", Epoch(1), Seq(seq), Offset(block * BLOCK_SIZE), &content(seq), false).unwrap();
                 history.entry(block).or_default().push((seq, Some(content(seq))));
             }
             Op::Trim { block } => {
                 seq += 1;
-                store.trim("v", 1, seq, block * BLOCK_SIZE, BLOCK_SIZE).unwrap();
+                store.trim("v", Epoch(1), Seq(seq), Offset(block * BLOCK_SIZE), BLOCK_SIZE).unwrap();
                 history.entry(block).or_default().push((seq, None));
             }
-            Op::Flush => flushed = store.flush("v", 1).unwrap(),
+            Op::Flush => flushed = store.flush("v", Epoch(1)).unwrap().get(),
         }
     }
     // The power cut: the current data of some blocks written after the flush is lost.
@@ -86,7 +87,7 @@ fn run(ops: &[Op], lose: &[bool]) -> Result<(), TestCaseError> {
         prop_assert_eq!(cp, seq, "nothing was lost: {:?}", st);
     }
     for b in 0..BLOCKS {
-        let got = store.read("v", 1, b * BLOCK_SIZE, BLOCK_SIZE);
+        let got = store.read("v", Epoch(1), Offset(b * BLOCK_SIZE), BLOCK_SIZE);
         prop_assert!(got.is_ok(), "block {} after recovery: {:?}", b, got.err());
         let got = got.unwrap();
         let h = history.get(&b).cloned().unwrap_or_default();

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use hlstore_core::ErrorKind;
+use hlstore_core::{Epoch, Offset, Seq};
 use hlstore_store::{DiskStore, ReplicaStore, SnapshotInfo, VolumeRecord, BLOCK_SIZE};
 use proptest::prelude::*;
 
@@ -41,7 +42,7 @@ impl Store {
         let dir = tempfile::tempdir().unwrap();
         let s = Arc::new(DiskStore::open(dir.path()).unwrap());
         s.create(VolumeRecord::new("v", blocks * BS)).unwrap();
-        s.open("v", 1).unwrap();
+        s.open("v", Epoch(1)).unwrap();
         Self { dir, s: Some(s) }
     }
     fn s(&self) -> &DiskStore {
@@ -124,7 +125,7 @@ fn run(ops: Vec<Op>) {
             Op::Write { block, count } => {
                 seq += 1;
                 let data: Vec<u8> = (block..block + count).flat_map(|b| content(seq, b)).collect();
-                st.s().write("v", 1, seq, block * BS, &data, false).unwrap();
+                st.s().write("v", Epoch(1), Seq(seq), Offset(block * BS), &data, false).unwrap();
                 for b in block..block + count {
                     m.live.insert(b, seq);
                 }
@@ -132,7 +133,7 @@ fn run(ops: Vec<Op>) {
             }
             Op::Trim { block, count } => {
                 seq += 1;
-                st.s().trim("v", 1, seq, block * BS, count * BS).unwrap();
+                st.s().trim("v", Epoch(1), Seq(seq), Offset(block * BS), count * BS).unwrap();
                 for b in block..block + count {
                     m.live.remove(&b);
                 }
@@ -141,22 +142,22 @@ fn run(ops: Vec<Op>) {
             Op::Snapshot => {
                 n += 1;
                 let name = format!("s{n}");
-                let got = st.s().create_snapshot("v", 1, snap(&name, seq)).unwrap();
+                let got = st.s().create_snapshot("v", Epoch(1), snap(&name, seq)).unwrap();
                 assert_eq!((got.seq, got.size), (seq, BLOCKS * BS));
                 m.snaps.insert(name, (seq, m.live.clone()));
             }
             Op::Delete(i) => {
                 let Some(name) = m.snaps.keys().nth(i).cloned() else { continue };
-                assert!(st.s().delete_snapshot("v", 1, &name).unwrap());
-                assert!(!st.s().delete_snapshot("v", 1, &name).unwrap(), "second delete of {name}");
+                assert!(st.s().delete_snapshot("v", Epoch(1), &name).unwrap());
+                assert!(!st.s().delete_snapshot("v", Epoch(1), &name).unwrap(), "second delete of {name}");
                 m.snaps.remove(&name);
             }
             Op::Flush => {
-                st.s().flush("v", 1).unwrap();
+                st.s().flush("v", Epoch(1)).unwrap();
             }
             Op::Reopen => {
                 // Flushed first: this test is about snapshots, not torn writes.
-                st.s().flush("v", 1).unwrap();
+                st.s().flush("v", Epoch(1)).unwrap();
                 st.reopen();
             }
         }
@@ -165,7 +166,7 @@ fn run(ops: Vec<Op>) {
         want.sort();
         assert_eq!(listed, want.into_iter().map(|(_, k)| k).collect::<Vec<_>>());
         for (name, (sseq, img)) in &m.snaps {
-            let got = st.s().read_snapshot("v", name, 0, BLOCKS * BS).unwrap();
+            let got = st.s().read_snapshot("v", name, Offset(0), BLOCKS * BS).unwrap();
             assert!(got == image(img, BLOCKS), "snapshot {name} (seq {sseq}) reads wrong");
             let to_live = st.s().changed_blocks("v", Some(name), None).unwrap();
             check_changed(to_live, img, &m.live, m.touched(*sseq, u64::MAX), &format!("since {name}"));
@@ -178,13 +179,13 @@ fn run(ops: Vec<Op>) {
             let got = st.s().changed_blocks("v", Some(a.0), Some(b.0)).unwrap();
             check_changed(got, &a.1 .1, &b.1 .1, m.touched(a.1 .0, b.1 .0), &format!("{} to {}", a.0, b.0));
         }
-        assert!(st.s().read("v", 1, 0, BLOCKS * BS).unwrap() == image(&m.live, BLOCKS), "live image");
+        assert!(st.s().read("v", Epoch(1), Offset(0), BLOCKS * BS).unwrap() == image(&m.live, BLOCKS), "live image");
     }
     // Deleting every snapshot leaves only the live blocks on disk.
     for name in m.snaps.keys() {
-        st.s().delete_snapshot("v", 1, name).unwrap();
+        st.s().delete_snapshot("v", Epoch(1), name).unwrap();
     }
-    st.s().flush("v", 1).unwrap();
+    st.s().flush("v", Epoch(1)).unwrap();
     let used = st.s().disk_usage("v").unwrap();
     assert!(used <= m.live.len() as u64 * BS + 64 * 1024, "{used} bytes on disk for {} live blocks", m.live.len());
 }
@@ -201,25 +202,25 @@ proptest! {
 fn bad_requests_get_clear_errors() {
     let st = Store::new(8);
     let s = st.s();
-    s.write("v", 1, 1, 0, &content(1, 0), false).unwrap();
-    assert_eq!(s.create_snapshot("v", 1, snap("a/b", 1)).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(s.create_snapshot("v", 0, snap("x", 1)).unwrap_err().kind(), ErrorKind::StaleEpoch);
-    assert_eq!(s.create_snapshot("nope", 1, snap("x", 1)).unwrap_err().kind(), ErrorKind::NotFound);
+    s.write("v", Epoch(1), Seq(1), Offset(0), &content(1, 0), false).unwrap();
+    assert_eq!(s.create_snapshot("v", Epoch(1), snap("a/b", 1)).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.create_snapshot("v", Epoch(0), snap("x", 1)).unwrap_err().kind(), ErrorKind::StaleEpoch);
+    assert_eq!(s.create_snapshot("nope", Epoch(1), snap("x", 1)).unwrap_err().kind(), ErrorKind::NotFound);
     // A replica that already applied writes past the point cannot take it.
-    assert_eq!(s.create_snapshot("v", 1, snap("x", 0)).unwrap_err().kind(), ErrorKind::Unavailable);
-    s.create_snapshot("v", 1, snap("a", 1)).unwrap();
+    assert_eq!(s.create_snapshot("v", Epoch(1), snap("x", 0)).unwrap_err().kind(), ErrorKind::Unavailable);
+    s.create_snapshot("v", Epoch(1), snap("a", 1)).unwrap();
     // Idempotent by name.
-    assert_eq!(s.create_snapshot("v", 1, snap("a", 1)).unwrap().seq, 1);
-    s.write("v", 1, 2, BS, &content(2, 1), false).unwrap();
-    s.create_snapshot("v", 1, snap("b", 2)).unwrap();
-    assert_eq!(s.read_snapshot("v", "zz", 0, BS).unwrap_err().kind(), ErrorKind::NotFound);
-    assert_eq!(s.read_snapshot("v", "a", 0, 100).unwrap_err().kind(), ErrorKind::InvalidArgument);
-    assert_eq!(s.read_snapshot("v", "a", 0, 9 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
+    assert_eq!(s.create_snapshot("v", Epoch(1), snap("a", 1)).unwrap().seq, 1);
+    s.write("v", Epoch(1), Seq(2), Offset(BS), &content(2, 1), false).unwrap();
+    s.create_snapshot("v", Epoch(1), snap("b", 2)).unwrap();
+    assert_eq!(s.read_snapshot("v", "zz", Offset(0), BS).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(s.read_snapshot("v", "a", Offset(0), 100).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.read_snapshot("v", "a", Offset(0), 9 * BS).unwrap_err().kind(), ErrorKind::OutOfRange);
     assert_eq!(s.changed_blocks("v", Some("b"), Some("a")).unwrap_err().kind(), ErrorKind::InvalidArgument);
     assert_eq!(s.changed_blocks("v", Some("a"), Some("b")).unwrap(), [1]);
     assert_eq!(s.changed_blocks("v", None, Some("a")).unwrap(), [0]);
-    assert_eq!(s.delete_snapshot("v", 0, "a").unwrap_err().kind(), ErrorKind::StaleEpoch);
-    assert!(!s.delete_snapshot("v", 1, "zz").unwrap());
+    assert_eq!(s.delete_snapshot("v", Epoch(0), "a").unwrap_err().kind(), ErrorKind::StaleEpoch);
+    assert!(!s.delete_snapshot("v", Epoch(1), "zz").unwrap());
 }
 
 /// A thousand snapshots on one volume, each seeing a different version of one block; all
@@ -230,19 +231,19 @@ fn a_thousand_snapshots() {
     let s = st.s();
     for i in 1..=1000u64 {
         let b = i % 64;
-        s.write("v", 1, i, b * BS, &content(i, b), false).unwrap();
-        s.create_snapshot("v", 1, snap(&format!("s{i}"), i)).unwrap();
+        s.write("v", Epoch(1), Seq(i), Offset(b * BS), &content(i, b), false).unwrap();
+        s.create_snapshot("v", Epoch(1), snap(&format!("s{i}"), i)).unwrap();
     }
     assert_eq!(s.list_snapshots("v").unwrap().len(), 1000);
     for i in [1u64, 2, 63, 64, 65, 500, 999, 1000] {
         let b = i % 64;
-        assert_eq!(s.read_snapshot("v", &format!("s{i}"), b * BS, BS).unwrap(), content(i, b), "s{i}");
+        assert_eq!(s.read_snapshot("v", &format!("s{i}"), Offset(b * BS), BS).unwrap(), content(i, b), "s{i}");
     }
     assert!(s.disk_usage("v").unwrap() >= 1000 * BS, "every version is kept");
     for i in 1..=1000u64 {
-        assert!(s.delete_snapshot("v", 1, &format!("s{i}")).unwrap());
+        assert!(s.delete_snapshot("v", Epoch(1), &format!("s{i}")).unwrap());
     }
-    s.flush("v", 1).unwrap();
+    s.flush("v", Epoch(1)).unwrap();
     let used = s.disk_usage("v").unwrap();
     assert!(used <= 64 * BS + 64 * 1024, "{used} bytes on disk after deleting every snapshot");
 }

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::convert::{self, volume_id};
 use super::status::to_status;
 use hlstore_core::error::{Error, Result};
+use hlstore_core::{Epoch, Offset, Seq};
 use hlstore_store::{Change, ChunkData, ReplicaStore, ResyncChunk, BLOCK_SIZE};
 
 /// Counters of the service, exported as metrics by the node agent.
@@ -171,9 +172,9 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
                 };
                 let (seq, len) = (w.seq, w.data.len() as u64);
                 let res = this
-                    .call(move |s| s.write(&w.volume_id, w.epoch, w.seq, w.offset, &w.data, w.fua))
+                    .call(move |s| s.write(&w.volume_id, Epoch(w.epoch), Seq(w.seq), Offset(w.offset), &w.data, w.fua))
                     .await
-                    .map(|durable_seq| pb::WriteAck { seq, durable_seq });
+                    .map(|durable_seq| pb::WriteAck { seq, durable_seq: durable_seq.get() });
                 if res.is_ok() {
                     this.stats.writes.fetch_add(1, Ordering::Relaxed);
                     this.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
@@ -192,7 +193,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
         let r = req.into_inner();
         volume_id(&r.volume_id)?;
-        let data = self.call(move |s| s.read(&r.volume_id, r.epoch, r.offset, r.length)).await?;
+        let data = self.call(move |s| s.read(&r.volume_id, Epoch(r.epoch), Offset(r.offset), r.length)).await?;
         self.stats.reads.fetch_add(1, Ordering::Relaxed);
         self.stats.read_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
         Ok(Response::new(pb::ReadResponse { data }))
@@ -201,9 +202,9 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
     async fn flush(&self, req: Request<pb::FlushRequest>) -> Result<Response<pb::FlushResponse>, Status> {
         let r = req.into_inner();
         volume_id(&r.volume_id)?;
-        let durable_seq = self.call(move |s| s.flush(&r.volume_id, r.epoch)).await?;
+        let durable_seq = self.call(move |s| s.flush(&r.volume_id, Epoch(r.epoch))).await?;
         self.stats.flushes.fetch_add(1, Ordering::Relaxed);
-        Ok(Response::new(pb::FlushResponse { durable_seq }))
+        Ok(Response::new(pb::FlushResponse { durable_seq: durable_seq.get() }))
     }
 
     async fn trim(&self, req: Request<pb::TrimRequest>) -> Result<Response<pb::WriteAck>, Status> {
@@ -212,7 +213,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let (v, seq) = (r.volume_id.clone(), r.seq);
         let st = self
             .call(move |s| {
-                s.trim(&r.volume_id, r.epoch, r.seq, r.offset, r.length)?;
+                s.trim(&r.volume_id, Epoch(r.epoch), Seq(r.seq), Offset(r.offset), r.length)?;
                 s.state(&v)
             })
             .await?;
@@ -223,7 +224,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
     async fn expand(&self, req: Request<pb::ExpandRequest>) -> Result<Response<pb::ReplicaInfo>, Status> {
         let r = req.into_inner();
         volume_id(&r.volume_id)?;
-        let info = self.call(move |s| s.expand(&r.volume_id, r.epoch, r.new_size)).await?;
+        let info = self.call(move |s| s.expand(&r.volume_id, Epoch(r.epoch), r.new_size)).await?;
         Ok(Response::new(convert::info_to_pb(&info)))
     }
 
@@ -236,7 +237,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         if r.replica_set.is_empty() {
             return Err(Status::invalid_argument("replica_set must name at least one node"));
         }
-        let info = self.call(move |s| s.set_replica_set(&r.volume_id, r.epoch, r.replica_set)).await?;
+        let info = self.call(move |s| s.set_replica_set(&r.volume_id, Epoch(r.epoch), r.replica_set)).await?;
         Ok(Response::new(convert::info_to_pb(&info)))
     }
 
@@ -248,8 +249,8 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let (vv, epoch) = (v.clone(), r.epoch);
         let changes = self
             .call(move |s| match r.resume_below {
-                0 => s.changes_since(&vv, epoch, r.since_seq),
-                below => s.changes_since_split(&vv, epoch, r.since_seq, (below, r.resume_seq)),
+                0 => s.changes_since(&vv, Epoch(epoch), Seq(r.since_seq)),
+                below => s.changes_since_split(&vv, Epoch(epoch), Seq(r.since_seq), (below, r.resume_seq)),
             })
             .await?;
         let (tx, rx) = mpsc::channel(4);
@@ -277,7 +278,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
                     .call(move |s| {
                         let mut chunks = Vec::new();
                         for (offset, seq) in batch {
-                            match s.read(&v, epoch, offset, BLOCK_SIZE) {
+                            match s.read(&v, Epoch(epoch), Offset(offset), BLOCK_SIZE) {
                                 Ok(data) => chunks.push(ResyncChunk { offset, seq, data: ChunkData::Data(data) }),
                                 Err(e) => return Ok((chunks, Some(e))),
                             }
@@ -316,7 +317,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let vv = v.clone();
         let (from_seq, resume, epoch) = (r.from_seq, r.resume, r.epoch);
         let history = convert::history_from_pb(&r.history)?;
-        let st = self.call(move |s| s.begin_resync(&vv, epoch, from_seq, resume, history)).await?;
+        let st = self.call(move |s| s.begin_resync(&vv, Epoch(epoch), Seq(from_seq), resume, history)).await?;
         tracing::info!(volume.id = %v, epoch, from_seq, resume, checkpoint = ?st.resync_done, history = ?st.history, "resync into this replica begins");
         Ok(Response::new(convert::state_to_pb(&v, &st)))
     }
@@ -326,7 +327,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let v = volume_id(&r.volume_id)?.to_string();
         let vv = v.clone();
         let history = convert::history_from_pb(&r.history)?;
-        let st = self.call(move |s| s.set_history(&vv, r.epoch, history)).await?;
+        let st = self.call(move |s| s.set_history(&vv, Epoch(r.epoch), history)).await?;
         tracing::debug!(volume.id = %v, epoch = r.epoch, history = ?st.history, "epoch history recorded");
         Ok(Response::new(convert::state_to_pb(&v, &st)))
     }
@@ -338,7 +339,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let r = req.into_inner();
         let v = volume_id(&r.volume_id)?.to_string();
         let vv = v.clone();
-        let st = self.call(move |s| s.checkpoint_resync(&vv, r.epoch, r.offset)).await?;
+        let st = self.call(move |s| s.checkpoint_resync(&vv, Epoch(r.epoch), Offset(r.offset))).await?;
         tracing::debug!(volume.id = %v, checkpoint = ?st.resync_done, "resync checkpoint recorded");
         Ok(Response::new(convert::state_to_pb(&v, &st)))
     }
@@ -350,7 +351,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let r = req.into_inner();
         volume_id(&r.volume_id)?;
         let chunks: Vec<ResyncChunk> = r.chunks.into_iter().map(convert::chunk_from_pb).collect();
-        let stats = self.call(move |s| s.apply_resync(&r.volume_id, r.epoch, &chunks)).await?;
+        let stats = self.call(move |s| s.apply_resync(&r.volume_id, Epoch(r.epoch), &chunks)).await?;
         self.stats.resync_chunks_applied.fetch_add(stats.applied, Ordering::Relaxed);
         Ok(Response::new(pb::ApplyResyncResponse { applied: stats.applied, skipped_newer: stats.skipped_newer }))
     }
@@ -359,7 +360,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let r = req.into_inner();
         let v = volume_id(&r.volume_id)?.to_string();
         let vv = v.clone();
-        let st = self.call(move |s| s.end_resync(&vv, r.epoch)).await?;
+        let st = self.call(move |s| s.end_resync(&vv, Epoch(r.epoch))).await?;
         Ok(Response::new(convert::state_to_pb(&v, &st)))
     }
 

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 
 use super::convert::volume_id;
 use super::service::ReplicaService;
+use hlstore_core::{Epoch, Offset};
 use hlstore_store::{ReplicaStore, SnapshotInfo, BLOCK_SIZE};
 
 /// Largest snapshot read in one call.
@@ -56,7 +57,7 @@ impl<S: ReplicaStore> ReplicaService<S> {
         let r = req.into_inner();
         volume_id(&r.volume_id)?;
         let snap = r.snapshot.ok_or_else(|| Status::invalid_argument("snapshot is required"))?;
-        let got = self.call(move |s| s.create_snapshot(&r.volume_id, r.epoch, snapshot_from_pb(snap))).await?;
+        let got = self.call(move |s| s.create_snapshot(&r.volume_id, Epoch(r.epoch), snapshot_from_pb(snap))).await?;
         Ok(Response::new(snapshot_to_pb(got)))
     }
 
@@ -66,7 +67,7 @@ impl<S: ReplicaStore> ReplicaService<S> {
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let r = req.into_inner();
         volume_id(&r.volume_id)?;
-        let existed = self.call(move |s| s.delete_snapshot(&r.volume_id, r.epoch, &r.name)).await?;
+        let existed = self.call(move |s| s.delete_snapshot(&r.volume_id, Epoch(r.epoch), &r.name)).await?;
         Ok(Response::new(pb::DeleteSnapshotResponse { existed }))
     }
 
@@ -89,7 +90,7 @@ impl<S: ReplicaStore> ReplicaService<S> {
         if r.length > MAX_READ {
             return Err(Status::invalid_argument(format!("read of {} bytes: at most {MAX_READ} per call", r.length)));
         }
-        let data = self.call(move |s| s.read_snapshot(&r.volume_id, &r.name, r.offset, r.length)).await?;
+        let data = self.call(move |s| s.read_snapshot(&r.volume_id, &r.name, Offset(r.offset), r.length)).await?;
         Ok(Response::new(pb::ReadResponse { data }))
     }
 
@@ -114,7 +115,7 @@ impl<S: ReplicaStore> ReplicaService<S> {
         let blocks: Vec<(u64, Option<Vec<u8>>)> =
             r.blocks.into_iter().map(|b| (b.block, (!b.data.is_empty()).then_some(b.data))).collect();
         let got = self
-            .call(move |s| s.install_snapshot(&r.volume_id, r.epoch, snapshot_from_pb(snap), &blocks, r.last))
+            .call(move |s| s.install_snapshot(&r.volume_id, Epoch(r.epoch), snapshot_from_pb(snap), &blocks, r.last))
             .await?;
         Ok(Response::new(snapshot_to_pb(got)))
     }

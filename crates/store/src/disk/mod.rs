@@ -39,6 +39,7 @@ use super::record::{
 };
 use super::store::ReplicaStore;
 use file::SlotFile;
+use hlstore_core::{Epoch, Offset, Seq};
 use keys::{Entry, PersistState, StoredVolume};
 use volume::{Alloc, VolInner, Volume};
 
@@ -510,7 +511,10 @@ impl ReplicaStore for DiskStore {
         Ok(volume::read(&*self.vol(name)?).state())
     }
 
-    fn write(&self, name: &str, epoch: u64, seq: u64, offset: u64, data: &[u8], fua: bool) -> Result<u64> {
+    fn write(&self, name: &str, epoch: Epoch, seq: Seq, offset: Offset, data: &[u8], fua: bool) -> Result<Seq> {
+        let epoch = epoch.get();
+        let seq = seq.get();
+        let offset = offset.get();
         let durable = self.with_io(name, epoch, |v, g| {
             check::range(name, g.record.size, offset, data.len() as u64)?;
             check::seq(name, seq)?;
@@ -539,12 +543,14 @@ impl ReplicaStore for DiskStore {
         })?;
         if fua {
             let v = self.vol(name)?;
-            return self.flush_volume(name, &v);
+            return self.flush_volume(name, &v).map(Seq);
         }
-        Ok(durable)
+        Ok(Seq(durable))
     }
 
-    fn read(&self, name: &str, epoch: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
+    fn read(&self, name: &str, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>> {
+        let epoch = epoch.get();
+        let offset = offset.get();
         let v = self.vol(name)?;
         let g = volume::read(&v);
         check::epoch(name, g.record.epoch, epoch)?;
@@ -585,13 +591,17 @@ impl ReplicaStore for DiskStore {
         Ok(out)
     }
 
-    fn flush(&self, name: &str, epoch: u64) -> Result<u64> {
+    fn flush(&self, name: &str, epoch: Epoch) -> Result<Seq> {
+        let epoch = epoch.get();
         let v = self.vol(name)?;
         check::epoch(name, volume::read(&v).record.epoch, epoch)?;
-        self.flush_volume(name, &v)
+        self.flush_volume(name, &v).map(Seq)
     }
 
-    fn trim(&self, name: &str, epoch: u64, seq: u64, offset: u64, len: u64) -> Result<()> {
+    fn trim(&self, name: &str, epoch: Epoch, seq: Seq, offset: Offset, len: u64) -> Result<()> {
+        let epoch = epoch.get();
+        let seq = seq.get();
+        let offset = offset.get();
         self.with_io(name, epoch, |v, g| {
             check::range(name, g.record.size, offset, len)?;
             check::seq(name, seq)?;
@@ -612,7 +622,8 @@ impl ReplicaStore for DiskStore {
         })
     }
 
-    fn expand(&self, name: &str, epoch: u64, new_size: u64) -> Result<ReplicaInfo> {
+    fn expand(&self, name: &str, epoch: Epoch, new_size: u64) -> Result<ReplicaInfo> {
+        let epoch = epoch.get();
         self.with_io(name, epoch, |v, g| {
             check::new_size(name, g.record.size, new_size)?;
             let mut rec = g.record.clone();
@@ -623,7 +634,8 @@ impl ReplicaStore for DiskStore {
         })
     }
 
-    fn set_replica_set(&self, name: &str, epoch: u64, replica_set: Vec<String>) -> Result<ReplicaInfo> {
+    fn set_replica_set(&self, name: &str, epoch: Epoch, replica_set: Vec<String>) -> Result<ReplicaInfo> {
+        let epoch = epoch.get();
         check::new_epoch(name, epoch)?;
         let v = self.vol(name)?;
         let mut g = volume::write(&v);
@@ -643,7 +655,9 @@ impl ReplicaStore for DiskStore {
         Ok(ReplicaInfo { record: g.record.clone(), state: g.state() })
     }
 
-    fn changes_since(&self, name: &str, epoch: u64, since: u64) -> Result<Vec<Change>> {
+    fn changes_since(&self, name: &str, epoch: Epoch, since: Seq) -> Result<Vec<Change>> {
+        let epoch = epoch.get();
+        let since = since.get();
         let v = self.vol(name)?;
         let _g = volume::read(&v);
         check::epoch(name, _g.record.epoch, epoch)?;
@@ -671,11 +685,13 @@ impl ReplicaStore for DiskStore {
     fn begin_resync(
         &self,
         name: &str,
-        epoch: u64,
-        from_seq: u64,
+        epoch: Epoch,
+        from_seq: Seq,
         resume: bool,
         history: History,
     ) -> Result<ReplicaState> {
+        let epoch = epoch.get();
+        let from_seq = from_seq.get();
         check::seq(name, from_seq)?;
         self.with_io(name, epoch, |v, g| {
             let mut st = g.st;
@@ -699,7 +715,8 @@ impl ReplicaStore for DiskStore {
         })
     }
 
-    fn set_history(&self, name: &str, epoch: u64, history: History) -> Result<ReplicaState> {
+    fn set_history(&self, name: &str, epoch: Epoch, history: History) -> Result<ReplicaState> {
+        let epoch = epoch.get();
         self.with_io(name, epoch, |v, g| {
             let mut rec = g.record.clone();
             rec.history = history.entries().to_vec();
@@ -711,7 +728,9 @@ impl ReplicaStore for DiskStore {
         })
     }
 
-    fn checkpoint_resync(&self, name: &str, epoch: u64, offset: u64) -> Result<ReplicaState> {
+    fn checkpoint_resync(&self, name: &str, epoch: Epoch, offset: Offset) -> Result<ReplicaState> {
+        let epoch = epoch.get();
+        let offset = offset.get();
         let v = self.vol(name)?;
         check::epoch(name, volume::read(&v).record.epoch, epoch)?;
         // Everything applied so far (every chunk below `offset`) becomes durable first.
@@ -732,7 +751,8 @@ impl ReplicaStore for DiskStore {
         })
     }
 
-    fn apply_resync(&self, name: &str, epoch: u64, chunks: &[ResyncChunk]) -> Result<ApplyStats> {
+    fn apply_resync(&self, name: &str, epoch: Epoch, chunks: &[ResyncChunk]) -> Result<ApplyStats> {
+        let epoch = epoch.get();
         self.with_io(name, epoch, |v, g| {
             let mut stats = ApplyStats::default();
             for c in chunks {
@@ -797,22 +817,25 @@ impl ReplicaStore for DiskStore {
         })
     }
 
-    fn create_snapshot(&self, name: &str, epoch: u64, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+    fn create_snapshot(&self, name: &str, epoch: Epoch, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        let epoch = epoch.get();
         self.snap_create(name, epoch, snap)
     }
 
-    fn delete_snapshot(&self, name: &str, epoch: u64, snap: &str) -> Result<bool> {
+    fn delete_snapshot(&self, name: &str, epoch: Epoch, snap: &str) -> Result<bool> {
+        let epoch = epoch.get();
         self.snap_delete(name, epoch, snap)
     }
 
     fn install_snapshot(
         &self,
         name: &str,
-        epoch: u64,
+        epoch: Epoch,
         snap: SnapshotInfo,
         blocks: &[(u64, Option<Vec<u8>>)],
         last: bool,
     ) -> Result<SnapshotInfo> {
+        let epoch = epoch.get();
         self.snap_install(name, epoch, snap, blocks, last)
     }
 
@@ -820,7 +843,8 @@ impl ReplicaStore for DiskStore {
         self.snap_list(name)
     }
 
-    fn read_snapshot(&self, name: &str, snap: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    fn read_snapshot(&self, name: &str, snap: &str, offset: Offset, len: u64) -> Result<Vec<u8>> {
+        let offset = offset.get();
         self.snap_read(name, snap, offset, len)
     }
 
@@ -828,7 +852,8 @@ impl ReplicaStore for DiskStore {
         self.snap_changed(name, from, to)
     }
 
-    fn end_resync(&self, name: &str, epoch: u64) -> Result<ReplicaState> {
+    fn end_resync(&self, name: &str, epoch: Epoch) -> Result<ReplicaState> {
+        let epoch = epoch.get();
         let v = self.vol(name)?;
         check::epoch(name, volume::read(&v).record.epoch, epoch)?;
         self.flush_volume(name, &v)?;

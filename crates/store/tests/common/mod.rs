@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use hlstore_core::Epoch;
 use hlstore_store::{DiskStore, MemStore, ReplicaStore};
 
 /// A store under test plus the faults the tests inject.
@@ -90,7 +91,7 @@ impl Harness for DiskHarness {
     }
     fn after_flush_space_check(&self, volume: &str, bytes: u64) {
         let s = self.store();
-        s.flush(volume, s.state(volume).unwrap().epoch).unwrap();
+        s.flush(volume, Epoch(s.state(volume).unwrap().epoch)).unwrap();
         let used = s.disk_usage(volume).unwrap();
         assert!(used <= bytes + 64 * 1024, "slot file uses {used} bytes on disk for {bytes} live bytes");
     }
