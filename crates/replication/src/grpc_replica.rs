@@ -1,9 +1,11 @@
 //! [`GrpcReplica`]: [`ReplicaTransport`] over the replica gRPC service (`proto/replica.proto`).
 //!
 //! Generated types stay in this file: requests are built here and replies converted to
-//! domain types on arrival. `FAILED_PRECONDITION` is the replica's fencing answer and
-//! becomes `StaleEpoch` (current epoch parsed from the message when present); every other
-//! status becomes `Unavailable` naming the replica and the call.
+//! domain types on arrival. Statuses become engine errors by
+//! [`crate::rpc::status::replica_call_error`] (`FAILED_PRECONDITION` is the replica's
+//! fencing answer and becomes `StaleEpoch` with the current epoch the status carries;
+//! every status the engine has no rule for becomes `Unavailable` naming the replica and
+//! the call).
 
 use futures::stream::{BoxStream, StreamExt};
 use hlstore_proto::replica as pb;
@@ -18,6 +20,7 @@ use super::transport::{
 use super::types::{ReplicaSeqs, Seq};
 use crate::rpc::convert::{history_from_pb, history_to_pb};
 use crate::rpc::snapshots::{snapshot_from_pb, snapshot_to_pb};
+use crate::rpc::status::replica_call_error;
 use hlstore_core::error::{Error, Result};
 use hlstore_store::History;
 
@@ -54,41 +57,8 @@ impl GrpcReplica {
     }
 
     fn status(&self, call: &str, epoch: u64, s: tonic::Status) -> Error {
-        status_to_error(&self.name, &self.volume, call, epoch, s)
+        replica_call_error(&self.name, &self.volume, call, epoch, &s)
     }
-}
-
-/// Converts a replica's gRPC status to the engine error.
-pub fn status_to_error(replica: &str, volume: &str, call: &str, epoch: u64, s: tonic::Status) -> Error {
-    if s.code() == tonic::Code::FailedPrecondition {
-        // The replica service words it "... the current epoch N ...".
-        let current = s
-            .message()
-            .split_once("current epoch ")
-            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(epoch + 1);
-        return Error::StaleEpoch { volume: volume.to_string(), got: epoch, current };
-    }
-    if s.code() == tonic::Code::Aborted {
-        return Error::Conflict(format!("replica {replica}, volume {volume}, {call}: {}", s.message()));
-    }
-    if s.code() == tonic::Code::DataLoss {
-        // A block failed its checksum on the replica: the replica is fine, the block is
-        // not (the engine repairs it). The service words it "... block at offset N ...".
-        let offset = s
-            .message()
-            .split_once("at offset ")
-            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-        return Error::Corruption { volume: volume.to_string(), offset, expected: 0, actual: 0 };
-    }
-    if s.code() == tonic::Code::Unimplemented {
-        // An older or partial peer: callers decide whether they can do without the call.
-        return Error::Unsupported(format!("replica {replica}, volume {volume}, {call}: {}", s.message()));
-    }
-    Error::Unavailable(format!("replica {replica}, volume {volume}, {call}: {}: {}", s.code(), s.message()))
 }
 
 fn seqs(s: pb::ReplicaState) -> ReplicaSeqs {
@@ -143,7 +113,7 @@ impl ReplicaTransport for GrpcReplica {
         let acks = inbound
             .map(move |r| {
                 r.map(|a| WriteAck { seq: a.seq, durable_seq: a.durable_seq })
-                    .map_err(|s| status_to_error(&name, &volume, "write", epoch, s))
+                    .map_err(|s| replica_call_error(&name, &volume, "write", epoch, &s))
             })
             .boxed();
         Ok(WriteStream { requests: tx, acks })
@@ -198,7 +168,7 @@ impl ReplicaTransport for GrpcReplica {
                         ChunkData::Data(c.data.into())
                     },
                 })
-                .map_err(|s| status_to_error(&name, &volume, "resync", epoch, s))
+                .map_err(|s| replica_call_error(&name, &volume, "resync", epoch, &s))
             })
             .boxed())
     }
