@@ -14,6 +14,14 @@ export HLSTORE_REQUIRE_S3=1
 export HLSTORE_REQUIRE_NETNS=1
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+echo "== cargo deny (licenses, bans, sources; deny.toml)"
+# The RustSec advisory database is fetched from GitHub, which CI cannot reach: advisories
+# are checked only where it can (`cargo deny check advisories`).
+DENY_VERSION=0.20.2
+if ! cargo deny --version 2>/dev/null | grep -q "$DENY_VERSION"; then
+    cargo install cargo-deny --locked --version "$DENY_VERSION" --quiet
+fi
+cargo deny --log-level warn check licenses bans sources
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"

@@ -97,6 +97,13 @@ async fn node_round_trip_over_grpc() {
     assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
     let err = c.open(pb::OpenRequest { volume_id: "vol".into(), epoch: 1, ..Default::default() }).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
+    // The current epoch travels as structured data (status metadata), not only as text.
+    match hlstore_replication::rpc::status::from_status(&err) {
+        hlstore_core::Error::StaleEpoch { volume, got, current } => {
+            assert_eq!((volume.as_str(), got, current), ("vol", 1, 2))
+        }
+        other => panic!("unexpected error {other:?}"),
+    }
 
     // Bad input gets clear errors.
     let err = c.read(pb::ReadRequest { volume_id: "vol".into(), epoch: 2, offset: 100, length: BS }).await.unwrap_err();

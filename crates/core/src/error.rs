@@ -5,7 +5,8 @@
 //! - `kind()` is stable and is what callers match on; the message is for humans.
 //! - Corruption is its own kind and is never turned into data: a read that fails its
 //!   checksum returns `Corruption`, never bytes.
-//! - Conversion to `tonic::Status` happens in one place (`hlstore_replication::rpc::status`), with an exhaustive
+//! - Conversion to and from `tonic::Status` happens in one place
+//!   (`hlstore_replication::rpc::status`), with an exhaustive
 //!   match on `ErrorKind`.
 
 use std::io;

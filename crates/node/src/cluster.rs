@@ -1,22 +1,15 @@
 //! `Cluster`: this node's view of its peers (node id → gRPC endpoint) and cached channels.
 //!
 //! Membership is static, given at start (`--peers`). Channels connect lazily and reconnect
-//! by themselves; every fan-out call is bounded by [`PEER_TIMEOUT`] so one dead node never
-//! stalls a listing.
+//! by themselves. The calls made over them live in `peers.rs`.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use hlstore_proto::replica::replica_client::ReplicaClient;
-use hlstore_proto::volume::volumes_client::VolumesClient;
 use tonic::transport::{Channel, Endpoint};
 
-use super::MAX_MESSAGE_BYTES;
 use hlstore_core::error::{Error, Result};
-
-/// Deadline of one call to a peer during fan-out.
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Cluster {
     pub self_id: String,
@@ -44,7 +37,7 @@ impl Cluster {
         })
     }
 
-    fn channel(&self, node: &str) -> Result<Channel> {
+    pub(crate) fn channel(&self, node: &str) -> Result<Channel> {
         let mut chans = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = chans.get(node) {
             return Ok(c.clone());
@@ -57,16 +50,6 @@ impl Cluster {
             .connect_lazy();
         chans.insert(node.to_string(), ch.clone());
         Ok(ch)
-    }
-
-    pub fn replica(&self, node: &str) -> Result<ReplicaClient<Channel>> {
-        Ok(ReplicaClient::new(self.channel(node)?)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES))
-    }
-
-    pub fn volumes(&self, node: &str) -> Result<VolumesClient<Channel>> {
-        Ok(VolumesClient::new(self.channel(node)?))
     }
 }
 
@@ -85,13 +68,4 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<String, String>> {
         out.insert(id.to_string(), ep);
     }
     Ok(out)
-}
-
-/// Runs `f` with the peer deadline; a timeout becomes `Unavailable`.
-pub async fn bounded<T>(node: &str, f: impl std::future::Future<Output = Result<T, tonic::Status>>) -> Result<T> {
-    match tokio::time::timeout(PEER_TIMEOUT, f).await {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(s)) => Err(hlstore_replication::rpc::status::from_status(&s)),
-        Err(_) => Err(Error::Unavailable(format!("node {node} did not answer within {PEER_TIMEOUT:?}"))),
-    }
 }

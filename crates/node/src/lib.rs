@@ -12,10 +12,24 @@
 //! replicas cannot change owner. A missing, empty or unreadable `node.json` (an older
 //! version's file after a power cut) is re-recorded when the store holds no replica or
 //! every replica names this node; otherwise the start is refused (see `adopt_data_dir`).
+//!
+//! Modules: [`cluster`] (membership and channels), [`volumes`] (the volume manager: the
+//! cluster-wide volume operations and the engines attached here), [`model`] (the domain
+//! values it takes and returns), `peers.rs` (its calls to other nodes' services),
+//! `service.rs` (the `hlstore.volume.v1` service), `metrics_*.rs` (the `/metrics` page).
+//!
+//! Boundary: generated protobuf types stay in `service.rs` (server side) and `peers.rs`
+//! (client side); `hlstore.volume.v1` messages are converted in `convert.rs` only, and
+//! `hlstore.replica.v1` ones in `hlstore_replication::rpc::convert`. The volume manager
+//! never sees a protobuf type. Errors cross the wire through
+//! `hlstore_replication::rpc::status` both ways.
 
 pub mod cluster;
+mod convert;
 mod metrics_page;
 mod metrics_volume;
+pub mod model;
+mod peers;
 mod service;
 pub mod volumes;
 
@@ -25,8 +39,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use hlstore_proto::replica::replica_server::ReplicaServer;
-use hlstore_proto::volume::volumes_server::VolumesServer;
 use serde::{Deserialize, Serialize};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
@@ -229,10 +241,8 @@ pub async fn run(
     let restorer = mgr.clone();
     tokio::spawn(async move { restorer.restore_attachments().await });
 
-    let server_replica = ReplicaServer::new(replica_svc)
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let server_volumes = VolumesServer::new(VolumeService::new(mgr.clone()));
+    let server_replica = replica_svc.into_server();
+    let server_volumes = VolumeService::new(mgr.clone()).into_server();
     let mut rx = stop_rx;
     // tonic ignores its own nodelay setting for a caller-supplied incoming stream; without
     // TCP_NODELAY small acks wait for delayed ACKs (~40 ms) on every request.

@@ -6,12 +6,12 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use hlstore_proto::volume as vpb;
-
 use hlstore_core::metrics::Page;
 use hlstore_nbd::export_io::{OpClass, LATENCY_BUCKETS};
 use hlstore_nbd::ExportIo;
 use hlstore_replication::HealStats;
+
+use crate::model::Volume;
 
 /// Per-volume I/O families from the NBD exports.
 pub fn io(p: &mut Page, exports: &[(String, Arc<ExportIo>)]) {
@@ -90,7 +90,7 @@ pub fn heal(p: &mut Page, engines: &[(String, Arc<HealStats>)]) {
 
 /// Per-replica lag behind the most advanced replica of each attached volume: 0 when in
 /// sync; while a replica resyncs it falls towards 0 (resync progress).
-pub fn lag(p: &mut Page, attached: &[vpb::Volume]) {
+pub fn lag(p: &mut Page, attached: &[Volume]) {
     p.family(
         "hlstore_volume_replica_lag_seq",
         "gauge",

@@ -1,11 +1,16 @@
 //! The tonic implementation of `hlstore.volume.v1.Volumes` over a [`VolumeManager`].
+//!
+//! Boundary: the volume manager takes and returns domain values ([`crate::model`]); this
+//! service validates requests on entry and converts, through [`crate::convert`] only.
+//! Errors become statuses through `hlstore_replication::rpc::status`.
 
 use std::sync::Arc;
 
 use hlstore_proto::volume as vpb;
-use hlstore_proto::volume::volumes_server::Volumes;
+use hlstore_proto::volume::volumes_server::{Volumes, VolumesServer};
 use tonic::{Request, Response, Status};
 
+use crate::convert;
 use crate::volumes::VolumeManager;
 use hlstore_replication::rpc::status::to_status;
 
@@ -18,6 +23,16 @@ impl VolumeService {
     pub fn new(mgr: Arc<VolumeManager>) -> Self {
         Self { mgr }
     }
+
+    /// The tonic server of this service.
+    pub fn into_server(self) -> VolumesServer<Self> {
+        VolumesServer::new(self)
+    }
+}
+
+/// A volume reply.
+fn volume(v: hlstore_core::error::Result<crate::model::Volume>) -> Result<Response<vpb::Volume>, Status> {
+    v.map(|v| Response::new(convert::volume_to_pb(v))).map_err(|e| to_status(&e))
 }
 
 fn name(n: &str) -> Result<&str, Status> {
@@ -31,7 +46,8 @@ fn name(n: &str) -> Result<&str, Status> {
 #[tonic::async_trait]
 impl Volumes for VolumeService {
     async fn list_nodes(&self, _r: Request<vpb::ListNodesRequest>) -> Result<Response<vpb::ListNodesResponse>, Status> {
-        Ok(Response::new(vpb::ListNodesResponse { nodes: self.mgr.nodes_view() }))
+        let nodes = self.mgr.nodes_view().into_iter().map(convert::node_to_pb).collect();
+        Ok(Response::new(vpb::ListNodesResponse { nodes }))
     }
 
     async fn create_volume(&self, r: Request<vpb::CreateVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
@@ -40,7 +56,7 @@ impl Volumes for VolumeService {
         if r.size == 0 {
             return Err(Status::invalid_argument("size is required"));
         }
-        self.mgr.create(r).await.map(Response::new).map_err(|e| to_status(&e))
+        volume(self.mgr.create(convert::new_volume_from_pb(r)).await)
     }
 
     async fn delete_volume(
@@ -55,21 +71,22 @@ impl Volumes for VolumeService {
         &self,
         _r: Request<vpb::ListVolumesRequest>,
     ) -> Result<Response<vpb::ListVolumesResponse>, Status> {
-        Ok(Response::new(vpb::ListVolumesResponse { volumes: self.mgr.list().await }))
+        let volumes = self.mgr.list().await.into_iter().map(convert::volume_to_pb).collect();
+        Ok(Response::new(vpb::ListVolumesResponse { volumes }))
     }
 
     async fn get_volume(&self, r: Request<vpb::GetVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
-        self.mgr.get(name(&r.get_ref().name)?).await.map(Response::new).map_err(|e| to_status(&e))
+        volume(self.mgr.get(name(&r.get_ref().name)?).await)
     }
 
     async fn attach_volume(&self, r: Request<vpb::AttachVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
         let r = r.into_inner();
         name(&r.name)?;
-        self.mgr.attach(&r.name, &r.node, &r.nbd_listen, r.force).await.map(Response::new).map_err(|e| to_status(&e))
+        volume(self.mgr.attach(&r.name, &r.node, &r.nbd_listen, r.force).await)
     }
 
     async fn detach_volume(&self, r: Request<vpb::DetachVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
-        self.mgr.detach(name(&r.get_ref().name)?).await.map(Response::new).map_err(|e| to_status(&e))
+        volume(self.mgr.detach(name(&r.get_ref().name)?).await)
     }
 
     async fn replace_replica(&self, r: Request<vpb::ReplaceReplicaRequest>) -> Result<Response<vpb::Volume>, Status> {
@@ -78,14 +95,15 @@ impl Volumes for VolumeService {
         if r.from_node.is_empty() || r.to_node.is_empty() {
             return Err(Status::invalid_argument("from_node and to_node are required"));
         }
-        self.mgr.replace(&r.name, &r.from_node, &r.to_node).await.map(Response::new).map_err(|e| to_status(&e))
+        volume(self.mgr.replace(&r.name, &r.from_node, &r.to_node).await)
     }
 
     async fn list_attachments(
         &self,
         _r: Request<vpb::ListAttachmentsRequest>,
     ) -> Result<Response<vpb::ListAttachmentsResponse>, Status> {
-        Ok(Response::new(vpb::ListAttachmentsResponse { volumes: self.mgr.local_attachments().await }))
+        let volumes = self.mgr.local_attachments().await.into_iter().map(convert::volume_to_pb).collect();
+        Ok(Response::new(vpb::ListAttachmentsResponse { volumes }))
     }
 
     async fn scrub_volume(
@@ -94,7 +112,7 @@ impl Volumes for VolumeService {
     ) -> Result<Response<vpb::ScrubVolumeResponse>, Status> {
         let r = r.into_inner();
         name(&r.name)?;
-        self.mgr.scrub(&r.name).await.map(Response::new).map_err(|e| to_status(&e))
+        self.mgr.scrub(&r.name).await.map(|s| Response::new(convert::scrub_to_pb(s))).map_err(|e| to_status(&e))
     }
 
     async fn expand_volume(&self, r: Request<vpb::ExpandVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
@@ -103,7 +121,7 @@ impl Volumes for VolumeService {
         if r.size == 0 {
             return Err(Status::invalid_argument("size is required"));
         }
-        self.mgr.expand(&r.name, r.size).await.map(Response::new).map_err(|e| to_status(&e))
+        volume(self.mgr.expand(&r.name, r.size).await)
     }
 
     async fn create_snapshot(&self, r: Request<vpb::CreateSnapshotRequest>) -> Result<Response<vpb::Snapshot>, Status> {
@@ -112,7 +130,9 @@ impl Volumes for VolumeService {
         if r.name.is_empty() {
             return Err(Status::invalid_argument("snapshot name is required"));
         }
-        self.mgr.create_snapshot(r).await.map(Response::new).map_err(|e| to_status(&e))
+        let labels = r.labels.into_iter().collect();
+        let snap = self.mgr.create_snapshot(&r.volume, &r.name, labels).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::snapshot_to_pb(snap)))
     }
 
     async fn delete_snapshot(
@@ -124,7 +144,7 @@ impl Volumes for VolumeService {
         if r.name.is_empty() {
             return Err(Status::invalid_argument("snapshot name is required"));
         }
-        let existed = self.mgr.delete_snapshot(r).await.map_err(|e| to_status(&e))?;
+        let existed = self.mgr.delete_snapshot(&r.volume, &r.name).await.map_err(|e| to_status(&e))?;
         Ok(Response::new(vpb::DeleteSnapshotResponse { existed }))
     }
 
@@ -134,6 +154,7 @@ impl Volumes for VolumeService {
     ) -> Result<Response<vpb::ListSnapshotsResponse>, Status> {
         let r = r.into_inner();
         let snapshots = self.mgr.list_snapshots(&r.volume).await.map_err(|e| to_status(&e))?;
+        let snapshots = snapshots.into_iter().map(convert::snapshot_to_pb).collect();
         Ok(Response::new(vpb::ListSnapshotsResponse { snapshots }))
     }
 
@@ -143,14 +164,14 @@ impl Volumes for VolumeService {
         if r.name.is_empty() {
             return Err(Status::invalid_argument("snapshot name is required"));
         }
-        self.mgr.revert_snapshot(&r.volume, &r.name).await.map(Response::new).map_err(|e| to_status(&e))
+        volume(self.mgr.revert_snapshot(&r.volume, &r.name).await)
     }
 
     async fn clone_volume(&self, r: Request<vpb::CloneVolumeRequest>) -> Result<Response<vpb::Volume>, Status> {
         let r = r.into_inner();
         name(&r.source)?;
         name(&r.name)?;
-        self.mgr.clone_volume(r).await.map(Response::new).map_err(|e| to_status(&e))
+        volume(self.mgr.clone_volume(convert::clone_from_pb(r)).await)
     }
 
     async fn changed_blocks(
@@ -159,7 +180,8 @@ impl Volumes for VolumeService {
     ) -> Result<Response<vpb::ChangedBlocksResponse>, Status> {
         let r = r.into_inner();
         name(&r.volume)?;
-        self.mgr.changed_blocks(&r.volume, &r.from, &r.to).await.map(Response::new).map_err(|e| to_status(&e))
+        let changed = self.mgr.changed_blocks(&r.volume, &r.from, &r.to).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(convert::changed_blocks_to_pb(changed)))
     }
 
     type ReadSnapshotStream =

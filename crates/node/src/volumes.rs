@@ -21,17 +21,15 @@ use std::os::unix::fs::FileTypeExt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use hlstore_proto::replica as rpb;
-use hlstore_proto::volume as vpb;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
-use super::cluster::{bounded, Cluster};
+use super::cluster::Cluster;
+use crate::model::{NewVolume, NodeInfo, Volume, VolumeReplica};
 use hlstore_core::error::{Error, Result};
 use hlstore_nbd::{NbdServer, ShutdownHandle};
-use hlstore_replication::rpc::convert;
 use hlstore_replication::{GrpcReplica, MachineConfig, ReplicaSpec, ReplicatedVolume, VolumeConfig};
-use hlstore_store::VolumeRecord;
+use hlstore_store::{ReplicaInfo, VolumeRecord};
 
 /// How often a volume attached before a restart is retried while its peers come up.
 const REATTACH_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -151,7 +149,7 @@ fn new_owner_id() -> u64 {
 struct Gathered {
     record: VolumeRecord,
     /// node → replica info.
-    replicas: BTreeMap<String, rpb::ReplicaInfo>,
+    replicas: BTreeMap<String, ReplicaInfo>,
 }
 
 /// How often a replace checks whether its new replica is in sync.
@@ -171,11 +169,8 @@ async fn delete_replaced_when_filled(cluster: Arc<Cluster>, name: String, from: 
             return;
         }
         tokio::time::sleep(REPLACE_POLL).await;
-        let Ok(mut c) = cluster.volumes(&me) else { continue };
-        let req = vpb::GetVolumeRequest { name: name.clone() };
-        match bounded(&me, async move { c.get_volume(req).await }).await {
+        match cluster.get_volume(&me, &name).await {
             Ok(v) => {
-                let v = v.into_inner();
                 if !v.replica_set.contains(&to) {
                     return; // replaced again meanwhile
                 }
@@ -189,17 +184,15 @@ async fn delete_replaced_when_filled(cluster: Arc<Cluster>, name: String, from: 
             Err(_) => {}
         }
     }
-    match cluster.replica(&from) {
-        Ok(mut c) => {
-            let req = rpb::DeleteReplicaRequest { volume_id: name.clone(), epoch };
-            match bounded(&from, async move { c.delete_replica(req).await }).await {
-                Ok(_) => tracing::info!(volume.id = %name, node = %from, "replaced replica deleted"),
-                Err(e) => {
-                    tracing::warn!(volume.id = %name, node = %from, error = %e, "old replica not deleted (node down?); delete it by hand when it is back")
-                }
-            }
+    if let Err(e) = cluster.endpoint(&from) {
+        tracing::warn!(volume.id = %name, node = %from, error = %e, "old replica not deleted");
+        return;
+    }
+    match cluster.delete_replica(&from, &name, epoch).await {
+        Ok(_) => tracing::info!(volume.id = %name, node = %from, "replaced replica deleted"),
+        Err(e) => {
+            tracing::warn!(volume.id = %name, node = %from, error = %e, "old replica not deleted (node down?); delete it by hand when it is back")
         }
-        Err(e) => tracing::warn!(volume.id = %name, node = %from, error = %e, "old replica not deleted"),
     }
 }
 
@@ -311,16 +304,13 @@ impl VolumeManager {
     async fn gather(&self) -> BTreeMap<String, Gathered> {
         let mut out: BTreeMap<String, Gathered> = BTreeMap::new();
         let calls = self.cluster.nodes().into_iter().map(|n| async move {
-            let res = match self.cluster.replica(&n) {
-                Ok(mut c) => bounded(&n, async move { c.list_replicas(rpb::ListReplicasRequest {}).await }).await,
-                Err(e) => Err(e),
-            };
+            let res = self.cluster.list_replicas(&n).await;
             (n, res)
         });
         for (node, res) in futures::future::join_all(calls).await {
             let Ok(list) = res else { continue };
-            for info in list.into_inner().replicas {
-                let Ok(record) = convert::record_from_pb(info.record.clone()) else { continue };
+            for info in list {
+                let record = info.record.clone();
                 let g = out
                     .entry(record.volume_id.clone())
                     .or_insert_with(|| Gathered { record: record.clone(), replicas: BTreeMap::new() });
@@ -334,18 +324,13 @@ impl VolumeManager {
     }
 
     /// Attachments reported by every reachable node: volume → (node, volume view).
-    async fn attachments(&self) -> BTreeMap<String, (String, vpb::Volume)> {
+    async fn attachments(&self) -> BTreeMap<String, (String, Volume)> {
         let mut out = BTreeMap::new();
         let calls = self.cluster.nodes().into_iter().map(|n| async move {
             if n == self.cluster.self_id {
                 return (n, Ok(self.local_attachments().await));
             }
-            let res = match self.cluster.volumes(&n) {
-                Ok(mut c) => bounded(&n, async move { c.list_attachments(vpb::ListAttachmentsRequest {}).await })
-                    .await
-                    .map(|r| r.into_inner().volumes),
-                Err(e) => Err(e),
-            };
+            let res = self.cluster.list_attachments(&n).await;
             (n, res)
         });
         for (node, res) in futures::future::join_all(calls).await {
@@ -356,21 +341,20 @@ impl VolumeManager {
         out
     }
 
-    /// The engines on this node.
     /// The engines on this node, and the volumes being attached here (with no NBD URI yet),
     /// so that no other node attaches them meanwhile.
-    pub async fn local_attachments(&self) -> Vec<vpb::Volume> {
+    pub async fn local_attachments(&self) -> Vec<Volume> {
         let att = self.attached.lock().await;
-        let mut out: Vec<vpb::Volume> = att.iter().map(|(name, a)| self.attached_view(name, a)).collect();
+        let mut out: Vec<Volume> = att.iter().map(|(name, a)| self.attached_view(name, a)).collect();
         let attaching = self.attaching.lock().unwrap_or_else(|e| e.into_inner()).clone();
         for name in attaching.into_iter().filter(|n| !att.contains_key(n)) {
-            out.push(vpb::Volume { name, attached_node: self.cluster.self_id.clone(), ..Default::default() });
+            out.push(Volume { name, attached_node: self.cluster.self_id.clone(), ..Default::default() });
         }
         out
     }
 
-    fn attached_view(&self, name: &str, a: &Attached) -> vpb::Volume {
-        vpb::Volume {
+    fn attached_view(&self, name: &str, a: &Attached) -> Volume {
+        Volume {
             name: name.to_string(),
             size: a.record.size,
             replica_set: a.record.replica_set.clone(),
@@ -382,7 +366,7 @@ impl VolumeManager {
                 .engine
                 .replicas()
                 .into_iter()
-                .map(|h| vpb::ReplicaStatus {
+                .map(|h| VolumeReplica {
                     node: h.name,
                     state: h.status.as_cli_str().to_string(),
                     last_seq: h.acked_seq,
@@ -392,13 +376,13 @@ impl VolumeManager {
                     resync_resumed_from: h.resync_resumed_from,
                 })
                 .collect(),
-            labels: a.record.labels.clone().into_iter().collect(),
+            labels: a.record.labels.clone(),
         }
     }
 
-    fn detached_view(g: &Gathered) -> vpb::Volume {
-        let newest = g.replicas.values().map(|i| i.last_seq).max().unwrap_or(0);
-        vpb::Volume {
+    fn detached_view(g: &Gathered) -> Volume {
+        let newest = g.replicas.values().map(|i| i.state.last_seq).max().unwrap_or(0);
+        Volume {
             name: g.record.volume_id.clone(),
             size: g.record.size,
             replica_set: g.record.replica_set.clone(),
@@ -411,23 +395,23 @@ impl VolumeManager {
                 .replica_set
                 .iter()
                 .map(|node| match g.replicas.get(node) {
-                    Some(i) => vpb::ReplicaStatus {
+                    Some(i) => VolumeReplica {
                         node: node.clone(),
-                        state: if i.last_seq >= newest { "healthy" } else { "resyncing" }.to_string(),
-                        last_seq: i.last_seq,
-                        durable_seq: i.durable_seq,
-                        allocated_bytes: i.allocated_bytes,
+                        state: if i.state.last_seq >= newest { "healthy" } else { "resyncing" }.to_string(),
+                        last_seq: i.state.last_seq,
+                        durable_seq: i.state.durable_seq,
+                        allocated_bytes: i.state.allocated_bytes,
                         resync_chunks: 0,
                         resync_resumed_from: 0,
                     },
-                    None => vpb::ReplicaStatus { node: node.clone(), state: "failed".into(), ..Default::default() },
+                    None => VolumeReplica { node: node.clone(), state: "failed".into(), ..Default::default() },
                 })
                 .collect(),
-            labels: g.record.labels.clone().into_iter().collect(),
+            labels: g.record.labels.clone(),
         }
     }
 
-    pub async fn list(&self) -> Vec<vpb::Volume> {
+    pub async fn list(&self) -> Vec<Volume> {
         let gathered = self.gather().await;
         let mut att = self.attachments().await;
         gathered
@@ -435,16 +419,14 @@ impl VolumeManager {
             .map(|g| {
                 let mut v = match att.remove(&g.record.volume_id) {
                     // Being attached: the replicas' view, with the node.
-                    Some((node, v)) if v.nbd_uri.is_empty() => {
-                        vpb::Volume { attached_node: node, ..Self::detached_view(g) }
-                    }
+                    Some((node, v)) if v.nbd_uri.is_empty() => Volume { attached_node: node, ..Self::detached_view(g) },
                     Some((_, v)) => v,
                     None => Self::detached_view(g),
                 };
                 // Allocation comes from the replicas themselves.
                 for r in &mut v.replicas {
                     if let Some(i) = g.replicas.get(&r.node) {
-                        r.allocated_bytes = i.allocated_bytes;
+                        r.allocated_bytes = i.state.allocated_bytes;
                     }
                 }
                 v
@@ -452,15 +434,15 @@ impl VolumeManager {
             .collect()
     }
 
-    pub async fn get(&self, name: &str) -> Result<vpb::Volume> {
+    pub async fn get(&self, name: &str) -> Result<Volume> {
         self.list().await.into_iter().find(|v| v.name == name).ok_or_else(|| not_found(name))
     }
 
-    pub fn nodes_view(&self) -> Vec<vpb::Node> {
+    pub fn nodes_view(&self) -> Vec<NodeInfo> {
         self.cluster
             .nodes()
             .into_iter()
-            .map(|n| vpb::Node {
+            .map(|n| NodeInfo {
                 endpoint: self.cluster.endpoint(&n).unwrap_or_default().to_string(),
                 id: n,
                 reachable: true,
@@ -470,7 +452,7 @@ impl VolumeManager {
 
     // ----- create / delete -----
 
-    pub async fn create(&self, req: vpb::CreateVolumeRequest) -> Result<vpb::Volume> {
+    pub async fn create(&self, req: NewVolume) -> Result<Volume> {
         let gathered = self.gather().await;
         if let Some(g) = gathered.get(&req.name) {
             if g.record.size == req.size {
@@ -517,7 +499,7 @@ impl VolumeManager {
         let mut record = VolumeRecord::new(req.name.clone(), req.size);
         record.replica_set = nodes.clone();
         record.write_quorum = req.write_quorum;
-        record.labels = req.labels.clone().into_iter().collect();
+        record.labels = req.labels.clone();
         MachineConfig {
             replicas: specs(&record.replica_set, ""),
             write_quorum: quorum(&record),
@@ -526,22 +508,12 @@ impl VolumeManager {
         .quorum()?;
         let mut created = Vec::new();
         for node in &nodes {
-            let mut c = self.cluster.replica(node)?;
-            let rec = convert::record_to_pb(&record);
-            let res =
-                bounded(node, async move { c.create_replica(rpb::CreateReplicaRequest { record: Some(rec) }).await })
-                    .await;
-            match res {
+            self.cluster.endpoint(node)?;
+            match self.cluster.create_replica(node, &record).await {
                 Ok(_) => created.push(node.clone()),
                 Err(e) => {
                     for done in &created {
-                        if let Ok(mut c) = self.cluster.replica(done) {
-                            let v = req.name.clone();
-                            let _ = bounded(done, async move {
-                                c.delete_replica(rpb::DeleteReplicaRequest { volume_id: v, epoch: 0 }).await
-                            })
-                            .await;
-                        }
+                        let _ = self.cluster.delete_replica(done, &req.name, 0).await;
                     }
                     return Err(Error::Unavailable(format!(
                         "creating the replica of {} on node {node} failed ({e}); nothing was created",
@@ -563,19 +535,7 @@ impl VolumeManager {
         let Some(g) = gathered.get(name) else { return Ok(false) };
         let mut failed = Vec::new();
         for node in g.replicas.keys() {
-            let res = match self.cluster.replica(node) {
-                Ok(mut c) => {
-                    let (v, epoch) = (name.to_string(), g.record.epoch);
-                    bounded(
-                        node,
-                        async move { c.delete_replica(rpb::DeleteReplicaRequest { volume_id: v, epoch }).await },
-                    )
-                    .await
-                    .map(|_| ())
-                }
-                Err(e) => Err(e),
-            };
-            if let Err(e) = res {
+            if let Err(e) = self.cluster.delete_replica(node, name, g.record.epoch).await {
                 failed.push(format!("{node}: {e}"));
             }
         }
@@ -594,7 +554,7 @@ impl VolumeManager {
     /// holds the volume; another node's engine is taken over only when that node says it
     /// let go, or with `force` (its node is gone): an unreachable node is "unknown", never
     /// "not attached".
-    pub async fn attach_local(&self, name: &str, nbd_listen: &str, force: bool) -> Result<vpb::Volume> {
+    pub async fn attach_local(&self, name: &str, nbd_listen: &str, force: bool) -> Result<Volume> {
         let _serial = self.attach_lock.lock().await;
         // The node's own default listener is not a dedicated one.
         let nbd_listen = if nbd_listen == self.default_nbd { "" } else { nbd_listen };
@@ -666,7 +626,7 @@ impl VolumeManager {
         let holders: BTreeMap<u64, String> = g
             .replicas
             .values()
-            .filter_map(|i| i.record.as_ref())
+            .map(|i| &i.record)
             .filter(|r| r.owner != 0)
             .map(|r| (r.owner, r.owner_node.clone()))
             .collect();
@@ -705,12 +665,7 @@ impl VolumeManager {
                 let names = self.attached.lock().await.keys().cloned().collect();
                 return (n, Ok(names));
             }
-            let res = match self.cluster.volumes(&n) {
-                Ok(mut c) => bounded(&n, async move { c.list_attachments(vpb::ListAttachmentsRequest {}).await })
-                    .await
-                    .map(|r| r.into_inner().volumes.into_iter().map(|v| v.name).collect()),
-                Err(e) => Err(e),
-            };
+            let res = self.cluster.list_attachments(&n).await.map(|l| l.into_iter().map(|v| v.name).collect());
             (n, res)
         });
         futures::future::join_all(calls).await.into_iter().collect()
@@ -773,7 +728,7 @@ impl VolumeManager {
     }
 
     /// Detaches `name` from this node: stops exporting it, flushes and stops the engine.
-    pub async fn detach_local(&self, name: &str) -> Result<Option<vpb::Volume>> {
+    pub async fn detach_local(&self, name: &str) -> Result<Option<Volume>> {
         let _serial = self.attach_lock.lock().await;
         let mut att = self.attached.lock().await;
         let Some(a) = att.remove(name) else { return Ok(None) };
@@ -796,35 +751,21 @@ impl VolumeManager {
     }
 
     /// Attach on `node`, forwarding when it is another agent.
-    pub async fn attach(&self, name: &str, node: &str, nbd_listen: &str, force: bool) -> Result<vpb::Volume> {
+    pub async fn attach(&self, name: &str, node: &str, nbd_listen: &str, force: bool) -> Result<Volume> {
         let node = if node.is_empty() { self.cluster.self_id.as_str() } else { node };
         if node == self.cluster.self_id {
             return self.attach_local(name, nbd_listen, force).await;
         }
-        let mut c = self.cluster.volumes(node)?;
-        let req =
-            vpb::AttachVolumeRequest { name: name.into(), node: node.into(), nbd_listen: nbd_listen.into(), force };
-        let res = tokio::time::timeout(std::time::Duration::from_secs(60), c.attach_volume(req)).await;
-        match res {
-            Ok(Ok(v)) => Ok(v.into_inner()),
-            Ok(Err(s)) => Err(hlstore_replication::rpc::status::from_status(&s)),
-            Err(_) => Err(Error::Unavailable(format!("node {node} did not finish attaching {name} within 60s"))),
-        }
+        self.cluster.attach_volume(node, name, nbd_listen, force).await
     }
 
     /// Detach wherever the volume is attached.
-    pub async fn detach(&self, name: &str) -> Result<vpb::Volume> {
+    pub async fn detach(&self, name: &str) -> Result<Volume> {
         if let Some(v) = self.detach_local(name).await? {
             return Ok(v);
         }
         match self.attachments().await.remove(name) {
-            Some((node, _)) => {
-                let mut c = self.cluster.volumes(&node)?;
-                let v = name.to_string();
-                Ok(bounded(&node, async move { c.detach_volume(vpb::DetachVolumeRequest { name: v }).await })
-                    .await?
-                    .into_inner())
-            }
+            Some((node, _)) => self.cluster.detach_volume(&node, name).await,
             None => self.get(name).await,
         }
     }
@@ -832,7 +773,7 @@ impl VolumeManager {
     /// Moves the replica of `name` on `from` to `to` (see `ReplaceReplica` in
     /// proto/volume.proto). The volume is detached for the change and re-attached where it
     /// was; the new replica is then filled by the engine's resync from a healthy replica.
-    pub async fn replace(&self, name: &str, from: &str, to: &str) -> Result<vpb::Volume> {
+    pub async fn replace(&self, name: &str, from: &str, to: &str) -> Result<Volume> {
         self.cluster.endpoint(to)?;
         let gathered = self.gather().await;
         let g = gathered.get(name).ok_or_else(|| not_found(name))?;
@@ -858,15 +799,8 @@ impl VolumeManager {
             .map(|r| format!("{} is {}", r.node, r.state))
             .collect();
         for node in old_set.iter().filter(|n| *n != from) {
-            let state = match self.cluster.replica(node) {
-                Ok(mut c) => {
-                    let req = rpb::StateRequest { volume_id: name.to_string() };
-                    bounded(node, async move { c.state(req).await }).await
-                }
-                Err(e) => Err(e),
-            };
-            match state {
-                Ok(st) if st.get_ref().resync_from.is_some() => behind.push(format!("{node} has an unfinished resync")),
+            match self.cluster.replica_state(node, name).await {
+                Ok(st) if st.resync_from.is_some() => behind.push(format!("{node} has an unfinished resync")),
                 Ok(_) => {}
                 Err(_) => behind.push(format!("{node} did not answer")),
             }
@@ -888,13 +822,10 @@ impl VolumeManager {
         let mut record = g.record.clone();
         record.replica_set = new_set.clone();
         record.epoch = epoch;
-        let mut c = self.cluster.replica(to)?;
-        let rec = convert::record_to_pb(&record);
-        bounded(to, async move { c.create_replica(rpb::CreateReplicaRequest { record: Some(rec) }).await }).await?;
+        self.cluster.create_replica(to, &record).await?;
         for node in new_set.iter().filter(|n| *n != to) {
-            let mut c = self.cluster.replica(node)?;
-            let req = rpb::SetReplicaSetRequest { volume_id: name.to_string(), epoch, replica_set: new_set.clone() };
-            bounded(node, async move { c.set_replica_set(req).await }).await.map_err(|e| {
+            self.cluster.endpoint(node)?;
+            self.cluster.set_replica_set(node, name, epoch, new_set.clone()).await.map_err(|e| {
                 Error::Unavailable(format!(
                     "volume {name}: could not record the new replica set on node {node} ({e}); run the replace again once it is up"
                 ))
@@ -970,7 +901,7 @@ impl VolumeManager {
                 let holder = g
                     .replicas
                     .values()
-                    .filter_map(|i| i.record.as_ref())
+                    .map(|i| &i.record)
                     .find(|r| r.owner != 0 && r.owner_node != self.cluster.self_id)
                     .map(|r| r.owner_node.clone());
                 if let Some(node) = holder {

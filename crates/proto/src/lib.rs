@@ -1,6 +1,7 @@
 //! Generated protobuf and gRPC code. Nothing else lives here: generated types stay at the
-//! edge of the other crates, which convert them to domain types on entry (see
-//! `hlstore_replication::rpc` and `hlstore_node`'s service).
+//! edge of the other crates, which convert them to domain types on entry, in one module
+//! per package (`hlstore_replication::rpc::convert` for the replica service, the node
+//! agent's `convert.rs` for the volume service).
 
 #![allow(clippy::all, clippy::pedantic, missing_docs)]
 

@@ -1,9 +1,11 @@
 //! [`GrpcReplica`]: [`ReplicaTransport`] over the replica gRPC service (`proto/replica.proto`).
 //!
-//! Generated types stay in this file: requests are built here and replies converted to
-//! domain types on arrival. `FAILED_PRECONDITION` is the replica's fencing answer and
-//! becomes `StaleEpoch` (current epoch parsed from the message when present); every other
-//! status becomes `Unavailable` naming the replica and the call.
+//! Requests are built here; replies are converted to domain types on arrival by
+//! [`crate::rpc::convert`], and statuses to engine errors by
+//! [`crate::rpc::status::replica_call_error`] (`FAILED_PRECONDITION` is the replica's
+//! fencing answer and becomes `StaleEpoch` with the current epoch the status carries;
+//! every status the engine has no rule for becomes `Unavailable` naming the replica and
+//! the call).
 
 use futures::stream::{BoxStream, StreamExt};
 use hlstore_proto::replica as pb;
@@ -12,12 +14,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
-use super::transport::{
-    ChunkData, Claim, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream,
-};
+use super::transport::{Claim, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream};
 use super::types::{ReplicaSeqs, Seq};
-use crate::rpc::convert::{history_from_pb, history_to_pb};
-use crate::rpc::snapshots::{snapshot_from_pb, snapshot_to_pb};
+use crate::rpc::convert::{self, history_to_pb, snapshot_from_pb, snapshot_to_pb};
+use crate::rpc::status::replica_call_error;
 use hlstore_core::error::{Error, Result};
 use hlstore_store::History;
 
@@ -54,52 +54,7 @@ impl GrpcReplica {
     }
 
     fn status(&self, call: &str, epoch: u64, s: tonic::Status) -> Error {
-        status_to_error(&self.name, &self.volume, call, epoch, s)
-    }
-}
-
-/// Converts a replica's gRPC status to the engine error.
-pub fn status_to_error(replica: &str, volume: &str, call: &str, epoch: u64, s: tonic::Status) -> Error {
-    if s.code() == tonic::Code::FailedPrecondition {
-        // The replica service words it "... the current epoch N ...".
-        let current = s
-            .message()
-            .split_once("current epoch ")
-            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(epoch + 1);
-        return Error::StaleEpoch { volume: volume.to_string(), got: epoch, current };
-    }
-    if s.code() == tonic::Code::Aborted {
-        return Error::Conflict(format!("replica {replica}, volume {volume}, {call}: {}", s.message()));
-    }
-    if s.code() == tonic::Code::DataLoss {
-        // A block failed its checksum on the replica: the replica is fine, the block is
-        // not (the engine repairs it). The service words it "... block at offset N ...".
-        let offset = s
-            .message()
-            .split_once("at offset ")
-            .and_then(|(_, rest)| rest.split(|c: char| !c.is_ascii_digit()).next())
-            .and_then(|n| n.parse::<u64>().ok())
-            .unwrap_or(0);
-        return Error::Corruption { volume: volume.to_string(), offset, expected: 0, actual: 0 };
-    }
-    if s.code() == tonic::Code::Unimplemented {
-        // An older or partial peer: callers decide whether they can do without the call.
-        return Error::Unsupported(format!("replica {replica}, volume {volume}, {call}: {}", s.message()));
-    }
-    Error::Unavailable(format!("replica {replica}, volume {volume}, {call}: {}: {}", s.code(), s.message()))
-}
-
-fn seqs(s: pb::ReplicaState) -> ReplicaSeqs {
-    ReplicaSeqs {
-        epoch: s.epoch,
-        owner: s.owner,
-        last_seq: s.last_seq,
-        durable_seq: s.durable_seq,
-        resync_from: s.resync_from,
-        // A malformed history is as good as none: the replica is then related by epochs.
-        history: history_from_pb(&s.history).unwrap_or_default(),
+        replica_call_error(&self.name, &self.volume, call, epoch, &s)
     }
 }
 
@@ -111,19 +66,19 @@ impl ReplicaTransport for GrpcReplica {
     async fn state(&self) -> Result<ReplicaSeqs> {
         let req = pb::StateRequest { volume_id: self.volume.clone() };
         let r = self.client.clone().state(req).await.map_err(|s| self.status("state", 0, s))?;
-        Ok(seqs(r.into_inner()))
+        Ok(convert::seqs_from_pb(r.into_inner()))
     }
 
     async fn open(&self, claim: Claim) -> Result<ReplicaSeqs> {
-        let req = crate::rpc::convert::claim_to_pb(&self.volume, &claim);
+        let req = convert::claim_to_pb(&self.volume, &claim);
         let r = self.client.clone().open(req).await.map_err(|s| self.status("open", claim.epoch, s))?;
-        Ok(seqs(r.into_inner()))
+        Ok(convert::seqs_from_pb(r.into_inner()))
     }
 
     async fn ping(&self, epoch: u64) -> Result<ReplicaSeqs> {
         let req = pb::PingRequest { volume_id: self.volume.clone(), epoch };
         let r = self.client.clone().ping(req).await.map_err(|s| self.status("ping", epoch, s))?;
-        Ok(seqs(r.into_inner()))
+        Ok(convert::seqs_from_pb(r.into_inner()))
     }
 
     async fn write_stream(&self, epoch: u64) -> Result<WriteStream> {
@@ -143,7 +98,7 @@ impl ReplicaTransport for GrpcReplica {
         let acks = inbound
             .map(move |r| {
                 r.map(|a| WriteAck { seq: a.seq, durable_seq: a.durable_seq })
-                    .map_err(|s| status_to_error(&name, &volume, "write", epoch, s))
+                    .map_err(|s| replica_call_error(&name, &volume, "write", epoch, &s))
             })
             .boxed();
         Ok(WriteStream { requests: tx, acks })
@@ -187,18 +142,8 @@ impl ReplicaTransport for GrpcReplica {
         let (name, volume) = (self.name.clone(), self.volume.clone());
         Ok(inbound
             .map(move |r| {
-                r.map(|c| ResyncChunk {
-                    offset: c.offset,
-                    seq: c.seq,
-                    data: if c.trim_length > 0 {
-                        ChunkData::Trim(c.trim_length)
-                    } else if c.data.is_empty() {
-                        ChunkData::Zero
-                    } else {
-                        ChunkData::Data(c.data.into())
-                    },
-                })
-                .map_err(|s| status_to_error(&name, &volume, "resync", epoch, s))
+                r.map(convert::transport_chunk_from_pb)
+                    .map_err(|s| replica_call_error(&name, &volume, "resync", epoch, &s))
             })
             .boxed())
     }
@@ -230,17 +175,7 @@ impl ReplicaTransport for GrpcReplica {
     }
 
     async fn apply_resync(&self, epoch: u64, chunks: Vec<ResyncChunk>) -> Result<u64> {
-        let chunks = chunks
-            .into_iter()
-            .map(|c| {
-                let (data, trim_length) = match c.data {
-                    ChunkData::Data(d) => (d.to_vec(), 0),
-                    ChunkData::Zero => (Vec::new(), 0),
-                    ChunkData::Trim(len) => (Vec::new(), len),
-                };
-                pb::ResyncChunk { offset: c.offset, data, seq: c.seq, trim_length }
-            })
-            .collect();
+        let chunks = chunks.into_iter().map(convert::transport_chunk_to_pb).collect();
         let req = pb::ApplyResyncRequest { volume_id: self.volume.clone(), epoch, chunks };
         let r = self.client.clone().apply_resync(req).await.map_err(|s| self.status("apply resync", epoch, s))?;
         Ok(r.into_inner().applied)
@@ -276,10 +211,7 @@ impl ReplicaTransport for GrpcReplica {
             volume_id: self.volume.clone(),
             epoch,
             snapshot: Some(snapshot_to_pb(snap)),
-            blocks: blocks
-                .into_iter()
-                .map(|(block, d)| pb::SnapshotBlock { block, data: d.unwrap_or_default() })
-                .collect(),
+            blocks: convert::snapshot_blocks_to_pb(blocks),
             last,
         };
         self.client.clone().install_snapshot(req).await.map_err(|s| self.status("install snapshot", epoch, s))?;
@@ -312,6 +244,6 @@ impl ReplicaTransport for GrpcReplica {
             to: to.unwrap_or_default().to_string(),
         };
         let r = self.client.clone().changed_blocks(req).await.map_err(|s| self.status("changed blocks", 0, s))?;
-        Ok(r.into_inner().runs.into_iter().map(|r| (r.start, r.count)).collect())
+        Ok(convert::runs_from_pb(r.into_inner().runs))
     }
 }

@@ -24,14 +24,9 @@ const BS: u64 = 4096;
 const SIZE: u64 = 64 * BS;
 const VOLUME: &str = "vol-grpc";
 
+/// Errors go on the wire through the one mapping every hlstore server uses.
 fn status(e: Error) -> Status {
-    match e.kind() {
-        ErrorKind::StaleEpoch => Status::failed_precondition(e.to_string()),
-        ErrorKind::InvalidArgument => Status::invalid_argument(e.to_string()),
-        ErrorKind::OutOfRange => Status::out_of_range(e.to_string()),
-        ErrorKind::Conflict => Status::aborted(e.to_string()),
-        _ => Status::unavailable(e.to_string()),
-    }
+    hlstore_replication::rpc::status::to_status(&e)
 }
 
 fn state(s: hlstore_replication::ReplicaSeqs) -> pb::ReplicaState {
@@ -393,6 +388,45 @@ async fn grpc_errors_map_to_engine_kinds() {
     let gone = GrpcReplica::connect_lazy("gone", VOLUME, &format!("http://{addr}")).unwrap();
     assert_eq!(gone.state().await.unwrap_err().kind(), ErrorKind::Unavailable);
     assert_eq!(GrpcReplica::connect_lazy("bad", VOLUME, "not a url").unwrap_err().kind(), ErrorKind::InvalidArgument);
+}
+
+/// The current epoch of a fencing answer and the offset of a corrupt block cross the wire
+/// as structured data, on unary calls and in the trailers of streams alike.
+#[tokio::test]
+async fn fencing_epoch_and_corrupt_offset_cross_the_wire() {
+    let (mems, _servers, clients) = cluster().await;
+    let c = &clients[0];
+    c.open(Claim::raise(5)).await.unwrap();
+    match c.open(Claim::raise(2)).await.unwrap_err() {
+        Error::StaleEpoch { volume, got, current } => assert_eq!((volume.as_str(), got, current), (VOLUME, 2, 5)),
+        other => panic!("unexpected error {other:?}"),
+    }
+    let mut ws = c.write_stream(3).await.unwrap();
+    ws.requests.send(WriteReq { seq: 1, offset: 0, data: block(7).into(), fua: false }).await.unwrap();
+    match ws.acks.next().await {
+        Some(Err(Error::StaleEpoch { got, current, .. })) => assert_eq!((got, current), (3, 5)),
+        other => panic!("unexpected ack {other:?}"),
+    }
+    let mut ws = c.write_stream(5).await.unwrap();
+    ws.requests.send(WriteReq { seq: 1, offset: 3 * BS, data: block(7).into(), fua: true }).await.unwrap();
+    assert!(ws.acks.next().await.unwrap().is_ok());
+    mems[0].corrupt_block(3);
+    match c.read(5, 2 * BS, 2 * BS).await.unwrap_err() {
+        Error::Corruption { volume, offset, .. } => assert_eq!((volume.as_str(), offset), (VOLUME, 3 * BS)),
+        other => panic!("unexpected error {other:?}"),
+    }
+    let mut rs = c.resync_stream(5, 0, None).await.unwrap();
+    let mut failed = None;
+    while let Some(item) = rs.next().await {
+        if let Err(e) = item {
+            failed = Some(e);
+            break;
+        }
+    }
+    match failed {
+        Some(Error::Corruption { offset, .. }) => assert_eq!(offset, 3 * BS),
+        other => panic!("the resync stream should end at the corrupt block: {other:?}"),
+    }
 }
 
 /// Far more concurrent writes than the per-replica in-flight limit: the pipeline must

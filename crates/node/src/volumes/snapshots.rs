@@ -14,11 +14,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hlstore_proto::replica as rpb;
-use hlstore_proto::volume as vpb;
-
 use super::{not_found, Takeover, VolumeManager};
-use crate::cluster::bounded;
+use crate::model::{ChangedBlocks, CloneSpec, Extent, NewVolume, Snapshot, Volume, VolumeScrub};
 use hlstore_core::device::BlockDevice;
 use hlstore_core::error::{Error, Result};
 use hlstore_replication::{ReplicaStatus, ReplicatedVolume};
@@ -40,15 +37,16 @@ fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
-fn to_vpb(volume: &str, s: SnapshotInfo, ready: bool) -> vpb::Snapshot {
-    vpb::Snapshot {
+/// The volume API's view of a replica's snapshot.
+fn snapshot_view(volume: &str, s: SnapshotInfo, ready: bool) -> Snapshot {
+    Snapshot {
         volume: volume.to_string(),
         name: s.name,
         seq: s.seq,
         size: s.size,
         created: s.created,
         ready,
-        labels: s.labels.into_iter().collect(),
+        labels: s.labels,
     }
 }
 
@@ -111,25 +109,11 @@ impl VolumeManager {
     async fn snapshots_by_node(&self, name: &str) -> Result<(Vec<String>, BTreeMap<String, Vec<SnapshotInfo>>)> {
         let gathered = self.gather().await;
         let set = gathered.get(name).ok_or_else(|| not_found(name))?.record.replica_set.clone();
-        let calls = set.iter().map(|node| async move {
-            let res = match self.cluster.replica(node) {
-                Ok(mut c) => {
-                    let req = rpb::ListSnapshotsRequest { volume_id: name.to_string() };
-                    bounded(node, async move { c.list_snapshots(req).await }).await
-                }
-                Err(e) => Err(e),
-            };
-            (node.clone(), res)
-        });
+        let calls =
+            set.iter().map(|node| async move { (node.clone(), self.cluster.replica_snapshots(node, name).await) });
         let mut out = BTreeMap::new();
         for (node, res) in futures::future::join_all(calls).await {
-            if let Ok(r) = res {
-                let list = r
-                    .into_inner()
-                    .snapshots
-                    .into_iter()
-                    .map(hlstore_replication::rpc::snapshots::snapshot_from_pb)
-                    .collect();
+            if let Ok(list) = res {
                 out.insert(node, list);
             }
         }
@@ -149,47 +133,44 @@ impl VolumeManager {
         })
     }
 
-    pub async fn create_snapshot(&self, req: vpb::CreateSnapshotRequest) -> Result<vpb::Snapshot> {
-        let name = req.volume.clone();
-        let snap = SnapshotInfo {
-            name: req.name.clone(),
+    /// Snapshot `snap` of `volume` (idempotent), taken by the engine serving the volume.
+    pub async fn create_snapshot(
+        &self,
+        volume: &str,
+        snap: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<Snapshot> {
+        let name = volume.to_string();
+        let snap_info = SnapshotInfo {
+            name: snap.to_string(),
             seq: 0,
             size: 0,
             created: unix_now(),
-            labels: req.labels.clone().into_iter().collect(),
+            labels: labels.clone(),
             partial: false,
         };
         let got = match self.route(&name).await {
-            Route::Local(engine) => engine.snapshot(snap).await?,
-            Route::Remote(node) => {
-                let mut c = self.cluster.volumes(&node)?;
-                return bounded(&node, async move { c.create_snapshot(req).await }).await.map(|r| r.into_inner());
-            }
-            Route::Detached => self.with_temp_engine(&name, async |e| e.snapshot(snap).await).await?,
+            Route::Local(engine) => engine.snapshot(snap_info).await?,
+            Route::Remote(node) => return self.cluster.create_snapshot(&node, volume, snap, labels).await,
+            Route::Detached => self.with_temp_engine(&name, async |e| e.snapshot(snap_info).await).await?,
         };
         let (set, by_node) = self.snapshots_by_node(&name).await?;
         let held = by_node.values().filter(|l| l.iter().any(|s| s.name == got.name && !s.partial)).count();
-        Ok(to_vpb(&name, got, held == set.len()))
+        Ok(snapshot_view(&name, got, held == set.len()))
     }
 
-    pub async fn delete_snapshot(&self, req: vpb::DeleteSnapshotRequest) -> Result<bool> {
-        let name = req.volume.clone();
-        match self.route(&name).await {
-            Route::Local(engine) => engine.delete_snapshot(&req.name).await,
-            Route::Remote(node) => {
-                let mut c = self.cluster.volumes(&node)?;
-                bounded(&node, async move { c.delete_snapshot(req).await }).await.map(|r| r.into_inner().existed)
-            }
-            Route::Detached => {
-                let snap = req.name.clone();
-                self.with_temp_engine(&name, async |e| e.delete_snapshot(&snap).await).await
-            }
+    /// Deletes snapshot `snap` of `volume`; whether it existed.
+    pub async fn delete_snapshot(&self, volume: &str, snap: &str) -> Result<bool> {
+        match self.route(volume).await {
+            Route::Local(engine) => engine.delete_snapshot(snap).await,
+            Route::Remote(node) => self.cluster.delete_snapshot(&node, volume, snap).await,
+            Route::Detached => self.with_temp_engine(volume, async |e| e.delete_snapshot(snap).await).await,
         }
     }
 
     /// Snapshots of `volume` (every volume when empty), oldest first; `ready` when every
     /// replica holds it.
-    pub async fn list_snapshots(&self, volume: &str) -> Result<Vec<vpb::Snapshot>> {
+    pub async fn list_snapshots(&self, volume: &str) -> Result<Vec<Snapshot>> {
         let names: Vec<String> =
             if volume.is_empty() { self.gather().await.into_keys().collect() } else { vec![volume.to_string()] };
         let mut out = Vec::new();
@@ -200,26 +181,23 @@ impl VolumeManager {
                 let complete = usize::from(!s.partial);
                 seen.entry((s.seq, s.name.clone())).or_insert((SnapshotInfo { partial: false, ..s }, 0)).1 += complete;
             }
-            out.extend(seen.into_values().map(|(s, n)| to_vpb(&name, s, n == set.len())));
+            out.extend(seen.into_values().map(|(s, n)| snapshot_view(&name, s, n == set.len())));
         }
         Ok(out)
     }
 
     /// Runs of blocks that may differ between two snapshots (or a snapshot and the live
     /// volume), from a replica holding them (the engine's node first for the live view).
-    pub async fn changed_blocks(&self, volume: &str, from: &str, to: &str) -> Result<vpb::ChangedBlocksResponse> {
+    pub async fn changed_blocks(&self, volume: &str, from: &str, to: &str) -> Result<ChangedBlocks> {
         let probe = if from.is_empty() { to } else { from };
         let node = if probe.is_empty() {
             return Err(Error::InvalidArgument("name a snapshot in `from` or `to`".into()));
         } else {
             self.holder(volume, probe).await?.0
         };
-        let mut c = self.cluster.replica(&node)?;
-        let req = rpb::ChangedBlocksRequest { volume_id: volume.into(), from: from.into(), to: to.into() };
-        let r = bounded(&node, async move { c.changed_blocks(req).await }).await?.into_inner();
-        let bs = u64::from(r.block_size);
-        Ok(vpb::ChangedBlocksResponse {
-            extents: r.runs.into_iter().map(|r| vpb::Extent { offset: r.start * bs, length: r.count * bs }).collect(),
+        let (runs, bs) = self.cluster.replica_changed_blocks(&node, volume, from, to).await?;
+        Ok(ChangedBlocks {
+            extents: runs.into_iter().map(|(start, count)| Extent { offset: start * bs, length: count * bs }).collect(),
             block_size: bs,
         })
     }
@@ -232,9 +210,7 @@ impl VolumeManager {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>> {
-        let mut c = self.cluster.replica(node)?;
-        let req = rpb::ReadSnapshotRequest { volume_id: volume.into(), name: snap.into(), offset, length: len };
-        Ok(bounded(node, async move { c.read_snapshot(req).await }).await?.into_inner().data)
+        self.cluster.read_replica_snapshot(node, volume, snap, offset, len).await
     }
 
     /// Writes the runs of snapshot `snap` (held by `node`) into `engine`; blocks the
@@ -244,7 +220,7 @@ impl VolumeManager {
         node: &str,
         volume: &str,
         snap: &SnapshotInfo,
-        runs: Vec<vpb::Extent>,
+        runs: Vec<Extent>,
         engine: &ReplicatedVolume,
     ) -> Result<u64> {
         let mut copied = 0;
@@ -272,7 +248,7 @@ impl VolumeManager {
     }
 
     /// Rolls `volume` back to `snap`. The volume must be detached.
-    pub async fn revert_snapshot(&self, volume: &str, snap: &str) -> Result<vpb::Volume> {
+    pub async fn revert_snapshot(&self, volume: &str, snap: &str) -> Result<Volume> {
         let attached_on = match self.route(volume).await {
             Route::Detached => None,
             Route::Local(_) => Some(self.cluster.self_id.clone()),
@@ -293,7 +269,7 @@ impl VolumeManager {
 
     /// A new volume with the content of a snapshot of `source` (a fresh one when none is
     /// named, deleted afterwards).
-    pub async fn clone_volume(&self, req: vpb::CloneVolumeRequest) -> Result<vpb::Volume> {
+    pub async fn clone_volume(&self, req: CloneSpec) -> Result<Volume> {
         let gathered = self.gather().await;
         if let Some(g) = gathered.get(&req.name) {
             if g.record.labels.get(CLONE_OF) == Some(&req.source) {
@@ -310,17 +286,12 @@ impl VolumeManager {
         let temp = req.snapshot.is_empty();
         let snap = if temp { format!("clone-{}", req.name) } else { req.snapshot.clone() };
         if temp {
-            let create = vpb::CreateSnapshotRequest {
-                volume: req.source.clone(),
-                name: snap.clone(),
-                labels: Default::default(),
-            };
-            self.create_snapshot(create).await?;
+            self.create_snapshot(&req.source, &snap, BTreeMap::new()).await?;
         }
         let (node, info) = self.holder(&req.source, &snap).await?;
         let mut labels = req.labels.clone();
         labels.insert(CLONE_OF.into(), req.source.clone());
-        let create = vpb::CreateVolumeRequest {
+        let create = NewVolume {
             name: req.name.clone(),
             size: info.size.max(req.size),
             replicas: req.replicas,
@@ -345,45 +316,28 @@ impl VolumeManager {
         };
         tracing::info!(volume.id = %req.name, source = %req.source, snapshot = %snap, bytes = copied, "volume cloned");
         if temp {
-            let del = vpb::DeleteSnapshotRequest { volume: req.source.clone(), name: snap };
-            if let Err(e) = self.delete_snapshot(del).await {
+            if let Err(e) = self.delete_snapshot(&req.source, &snap).await {
                 tracing::warn!(volume.id = %req.source, error = %e, "could not delete the snapshot made for a clone");
             }
         }
         self.get(&req.name).await
     }
 
-    /// Grows a volume, online when it is attached.
     /// One scrub pass now on the engine serving `volume` (see `replication/heal.rs`).
-    pub async fn scrub(&self, volume: &str) -> Result<vpb::ScrubVolumeResponse> {
-        let r = match self.route(volume).await {
+    pub async fn scrub(&self, volume: &str) -> Result<VolumeScrub> {
+        let report = match self.route(volume).await {
             Route::Local(engine) => engine.scrub_now().await?,
-            Route::Remote(node) => {
-                let mut c = self.cluster.volumes(&node)?;
-                let req = vpb::ScrubVolumeRequest { name: volume.into() };
-                return bounded(&node, async move { c.scrub_volume(req).await }).await.map(|r| r.into_inner());
-            }
+            Route::Remote(node) => return self.cluster.scrub_volume(&node, volume).await,
             Route::Detached => self.with_temp_engine(volume, async |e| e.scrub_now().await).await?,
         };
-        Ok(vpb::ScrubVolumeResponse {
-            name: volume.into(),
-            blocks: r.blocks,
-            corrupt: r.corrupt,
-            repaired: r.repaired,
-            divergent: r.divergent,
-            unrecoverable: r.unrecoverable,
-            replicas: r.replicas,
-        })
+        Ok(VolumeScrub { name: volume.into(), report })
     }
 
-    pub async fn expand(&self, volume: &str, size: u64) -> Result<vpb::Volume> {
+    /// Grows a volume, online when it is attached.
+    pub async fn expand(&self, volume: &str, size: u64) -> Result<Volume> {
         match self.route(volume).await {
             Route::Local(engine) => engine.expand(size).await?,
-            Route::Remote(node) => {
-                let mut c = self.cluster.volumes(&node)?;
-                let req = vpb::ExpandVolumeRequest { name: volume.into(), size };
-                return bounded(&node, async move { c.expand_volume(req).await }).await.map(|r| r.into_inner());
-            }
+            Route::Remote(node) => return self.cluster.expand_volume(&node, volume, size).await,
             Route::Detached => self.with_temp_engine(volume, async |e| e.expand(size).await).await?,
         }
         let mut att = self.attached.lock().await;
@@ -405,7 +359,7 @@ mod tests {
         let mut labels = BTreeMap::new();
         labels.insert("k".to_string(), "v".to_string());
         let s = SnapshotInfo { name: "s".into(), seq: 7, size: 8 * BLOCK_SIZE, created: 5, labels, partial: false };
-        let v = to_vpb("vol", s, true);
+        let v = snapshot_view("vol", s, true);
         assert_eq!(
             (v.volume.as_str(), v.name.as_str(), v.seq, v.size, v.created, v.ready),
             ("vol", "s", 7, 32768, 5, true)

@@ -1,10 +1,15 @@
-//! Protobuf ↔ domain conversions, one per type. Requests are validated here on entry.
+//! `hlstore.replica.v1` ↔ domain conversions, one per type, for the service (`service.rs`),
+//! the engine's transport (`grpc_replica.rs`) and the node agent's calls to replicas.
+//! Requests are validated here on entry: a malformed one is `INVALID_ARGUMENT`.
 
 use hlstore_proto::replica as pb;
 use tonic::Status;
 
+use crate::transport;
+use crate::types::ReplicaSeqs;
 use hlstore_store::{
-    ChunkData, Claim, ClaimMode, History, HistoryEntry, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord,
+    ChunkData, Claim, ClaimMode, History, HistoryEntry, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo,
+    VolumeRecord,
 };
 
 pub fn record_from_pb(r: Option<pb::VolumeRecord>) -> Result<VolumeRecord, Status> {
@@ -91,6 +96,36 @@ pub fn info_to_pb(i: &ReplicaInfo) -> pb::ReplicaInfo {
     }
 }
 
+/// A replica listing entry (`ListReplicas`, `CreateReplica`): the record, and a state with
+/// what the message carries (seqs and allocation; epoch, owner and size from the record),
+/// the other fields at their defaults.
+pub fn info_from_pb(i: pb::ReplicaInfo) -> Result<ReplicaInfo, Status> {
+    let record = record_from_pb(i.record)?;
+    let state = ReplicaState {
+        epoch: record.epoch,
+        owner: record.owner,
+        last_seq: i.last_seq,
+        durable_seq: i.durable_seq,
+        allocated_bytes: i.allocated_bytes,
+        size: record.size,
+        ..ReplicaState::default()
+    };
+    Ok(ReplicaInfo { record, state })
+}
+
+/// The sequence numbers the engine needs from a replica's state.
+pub fn seqs_from_pb(s: pb::ReplicaState) -> ReplicaSeqs {
+    ReplicaSeqs {
+        epoch: s.epoch,
+        owner: s.owner,
+        last_seq: s.last_seq,
+        durable_seq: s.durable_seq,
+        resync_from: s.resync_from,
+        // A malformed history is as good as none: the replica is then related by epochs.
+        history: history_from_pb(&s.history).unwrap_or_default(),
+    }
+}
+
 pub fn chunk_from_pb(c: pb::ResyncChunk) -> ResyncChunk {
     let data = if c.trim_length > 0 {
         ChunkData::Trim(c.trim_length)
@@ -109,6 +144,81 @@ pub fn chunk_to_pb(c: ResyncChunk) -> pb::ResyncChunk {
         ChunkData::Trim(len) => (Vec::new(), len),
     };
     pb::ResyncChunk { offset: c.offset, data, seq: c.seq, trim_length }
+}
+
+/// A resync chunk as the engine's transport carries it (shared buffers).
+pub fn transport_chunk_from_pb(c: pb::ResyncChunk) -> transport::ResyncChunk {
+    let data = if c.trim_length > 0 {
+        transport::ChunkData::Trim(c.trim_length)
+    } else if c.data.is_empty() {
+        transport::ChunkData::Zero
+    } else {
+        transport::ChunkData::Data(c.data.into())
+    };
+    transport::ResyncChunk { offset: c.offset, seq: c.seq, data }
+}
+
+pub fn transport_chunk_to_pb(c: transport::ResyncChunk) -> pb::ResyncChunk {
+    let (data, trim_length) = match c.data {
+        transport::ChunkData::Data(d) => (d.to_vec(), 0),
+        transport::ChunkData::Zero => (Vec::new(), 0),
+        transport::ChunkData::Trim(len) => (Vec::new(), len),
+    };
+    pb::ResyncChunk { offset: c.offset, data, seq: c.seq, trim_length }
+}
+
+pub fn snapshot_to_pb(s: SnapshotInfo) -> pb::SnapshotInfo {
+    pb::SnapshotInfo {
+        name: s.name,
+        seq: s.seq,
+        size: s.size,
+        created: s.created,
+        labels: s.labels.into_iter().collect(),
+        partial: s.partial,
+    }
+}
+
+pub fn snapshot_from_pb(s: pb::SnapshotInfo) -> SnapshotInfo {
+    SnapshotInfo {
+        name: s.name,
+        seq: s.seq,
+        size: s.size,
+        created: s.created,
+        labels: s.labels.into_iter().collect(),
+        partial: s.partial,
+    }
+}
+
+/// Snapshot blocks to install: `(block index, data)`, `None` for a block that reads as
+/// zeroes (sent as empty data).
+pub fn snapshot_blocks_to_pb(blocks: Vec<(u64, Option<Vec<u8>>)>) -> Vec<pb::SnapshotBlock> {
+    blocks.into_iter().map(|(block, d)| pb::SnapshotBlock { block, data: d.unwrap_or_default() }).collect()
+}
+
+pub fn snapshot_blocks_from_pb(blocks: Vec<pb::SnapshotBlock>) -> Vec<(u64, Option<Vec<u8>>)> {
+    blocks.into_iter().map(|b| (b.block, (!b.data.is_empty()).then_some(b.data))).collect()
+}
+
+/// Runs of consecutive block indices (`blocks` ascending).
+pub fn runs_to_pb(blocks: &[u64]) -> Vec<pb::BlockRun> {
+    let mut out: Vec<pb::BlockRun> = Vec::new();
+    for &b in blocks {
+        match out.last_mut() {
+            Some(r) if r.start + r.count == b => r.count += 1,
+            _ => out.push(pb::BlockRun { start: b, count: 1 }),
+        }
+    }
+    out
+}
+
+/// Runs of blocks as `(first block, count)`.
+pub fn runs_from_pb(runs: Vec<pb::BlockRun>) -> Vec<(u64, u64)> {
+    runs.into_iter().map(|r| (r.start, r.count)).collect()
+}
+
+/// An optional name: empty means none.
+pub fn opt_name(s: String) -> Option<String> {
+    (!s.is_empty()).then_some(s)
 }
 
 /// Checks a volume id argument is present.

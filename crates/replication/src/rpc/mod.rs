@@ -1,12 +1,14 @@
-//! The replica gRPC service (tonic) over any [`hlstore_store::ReplicaStore`].
+//! The `hlstore.replica.v1` gRPC boundary: the replica service (tonic) over any
+//! [`hlstore_store::ReplicaStore`], and what its clients share.
 //!
-//! Boundary: protobuf types exist only in this module and in the replication transport.
-//! Requests are validated and converted to domain types on entry ([`convert`]); errors are
-//! mapped to `tonic::Status` in exactly one place ([`status`]).
+//! Boundary: generated protobuf types of this package are converted to domain types in
+//! exactly one module, [`convert`] (requests are validated there on entry); engine errors
+//! and `tonic::Status` are mapped in exactly one module, [`status`], for the servers and
+//! the clients of every hlstore service. The clients (the engine's transport,
+//! `grpc_replica.rs`, and the node agent) build requests and convert replies with them.
 
 pub mod convert;
 mod service;
-pub mod snapshots;
 pub mod status;
 
 pub use service::{ReplicaService, ServiceStats};

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use futures::Stream;
 use hlstore_proto::replica as pb;
-use hlstore_proto::replica::replica_server::Replica;
+use hlstore_proto::replica::replica_server::{Replica, ReplicaServer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -63,11 +63,15 @@ impl<S: ReplicaStore> ReplicaService<S> {
         &self.store
     }
 
+    /// The tonic server of this service, with hlstore's message size limits.
+    pub fn into_server(self) -> ReplicaServer<Self> {
+        ReplicaServer::new(self)
+            .max_decoding_message_size(super::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(super::MAX_MESSAGE_BYTES)
+    }
+
     /// Runs a blocking store call on the blocking pool and maps its error.
-    pub(super) async fn call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&S) -> Result<T> + Send + 'static,
-    ) -> Result<T, Status> {
+    async fn call<T: Send + 'static>(&self, f: impl FnOnce(&S) -> Result<T> + Send + 'static) -> Result<T, Status> {
         let store = self.store.clone();
         let stats = self.stats.clone();
         let res = tokio::task::spawn_blocking(move || f(&store))
@@ -92,6 +96,8 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 /// Blocks read per batch when serving a resync stream.
 const RESYNC_BATCH_BLOCKS: usize = 64;
+/// Largest snapshot read in one call.
+const MAX_SNAPSHOT_READ: u64 = 4 << 20;
 
 #[tonic::async_trait]
 impl<S: ReplicaStore> Replica for ReplicaService<S> {
@@ -368,38 +374,73 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         &self,
         req: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::SnapshotInfo>, Status> {
-        self.snapshot_create(req).await
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let snap = r.snapshot.ok_or_else(|| Status::invalid_argument("snapshot is required"))?;
+        let snap = convert::snapshot_from_pb(snap);
+        let got = self.call(move |s| s.create_snapshot(&r.volume_id, Epoch(r.epoch), snap)).await?;
+        Ok(Response::new(convert::snapshot_to_pb(got)))
     }
 
     async fn delete_snapshot(
         &self,
         req: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        self.snapshot_delete(req).await
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let existed = self.call(move |s| s.delete_snapshot(&r.volume_id, Epoch(r.epoch), &r.name)).await?;
+        Ok(Response::new(pb::DeleteSnapshotResponse { existed }))
     }
 
     async fn list_snapshots(
         &self,
         req: Request<pb::ListSnapshotsRequest>,
     ) -> Result<Response<pb::ListSnapshotsResponse>, Status> {
-        self.snapshot_list(req).await
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let list = self.call(move |s| s.list_snapshots(&r.volume_id)).await?;
+        Ok(Response::new(pb::ListSnapshotsResponse {
+            snapshots: list.into_iter().map(convert::snapshot_to_pb).collect(),
+        }))
     }
 
     async fn install_snapshot(
         &self,
         req: Request<pb::InstallSnapshotRequest>,
     ) -> Result<Response<pb::SnapshotInfo>, Status> {
-        self.snapshot_install(req).await
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let snap = r.snapshot.ok_or_else(|| Status::invalid_argument("snapshot is required"))?;
+        let snap = convert::snapshot_from_pb(snap);
+        let blocks = convert::snapshot_blocks_from_pb(r.blocks);
+        let got = self.call(move |s| s.install_snapshot(&r.volume_id, Epoch(r.epoch), snap, &blocks, r.last)).await?;
+        Ok(Response::new(convert::snapshot_to_pb(got)))
     }
 
     async fn read_snapshot(&self, req: Request<pb::ReadSnapshotRequest>) -> Result<Response<pb::ReadResponse>, Status> {
-        self.snapshot_read(req).await
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        if r.length > MAX_SNAPSHOT_READ {
+            return Err(Status::invalid_argument(format!(
+                "read of {} bytes: at most {MAX_SNAPSHOT_READ} per call",
+                r.length
+            )));
+        }
+        let data = self.call(move |s| s.read_snapshot(&r.volume_id, &r.name, Offset(r.offset), r.length)).await?;
+        Ok(Response::new(pb::ReadResponse { data }))
     }
 
     async fn changed_blocks(
         &self,
         req: Request<pb::ChangedBlocksRequest>,
     ) -> Result<Response<pb::ChangedBlocksResponse>, Status> {
-        self.snapshot_changed(req).await
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let (from, to) = (convert::opt_name(r.from), convert::opt_name(r.to));
+        let blocks = self.call(move |s| s.changed_blocks(&r.volume_id, from.as_deref(), to.as_deref())).await?;
+        Ok(Response::new(pb::ChangedBlocksResponse {
+            runs: convert::runs_to_pb(&blocks),
+            block_size: BLOCK_SIZE as u32,
+        }))
     }
 }
