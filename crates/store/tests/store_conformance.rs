@@ -233,6 +233,9 @@ fn resync_never_overwrites_newer<H: Harness>(h: H) {
     assert_eq!((stats.applied, stats.skipped_newer), (3, 1));
     assert_eq!(s.read("v", 1, 0, BS).unwrap(), block(10));
     assert_eq!(s.read("v", 1, BS, BS).unwrap(), block(6));
+    // A zero block is kept as a one-block trim, which a resync from this replica carries on.
+    let zero = Change::Trim { offset: 3 * BS, len: BS, seq: 8 };
+    assert!(s.changes_since("v", 1, 7).unwrap().contains(&zero), "{:?}", s.changes_since("v", 1, 7));
     // A trim chunk removes only blocks older than itself.
     s.write("v", 1, 11, 4 * BS, &block(11), false).unwrap();
     let trim = ResyncChunk { offset: 0, seq: 9, data: ChunkData::Trim(8 * BS) };
