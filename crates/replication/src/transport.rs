@@ -1,8 +1,8 @@
 //! `ReplicaTransport`: how the runtime talks to one replica of a volume.
 //!
 //! Two implementations: [`GrpcReplica`] (the replica service over tonic; the real one) and
-//! [`MemReplica`] (a replica in memory with knobs to delay, fail, kill and crash it; for
-//! tests of the replication runtime).
+//! [`MemReplica`] (a `MemStore` served in memory, with switches to delay, fail, kill,
+//! crash and corrupt it; for tests of the replication runtime).
 //!
 //! Ordering contract: requests sent on one [`WriteStream`] are applied in order and
 //! answered in order. Unary calls (`trim`, `flush`, `apply_resync`, `end_resync`) are not

@@ -35,7 +35,7 @@ mod store;
 pub use disk::DiskStore;
 pub use history::{History, HistoryEntry, HISTORY_LEN};
 #[cfg(any(test, feature = "testing"))]
-pub use mem::MemStore;
+pub use mem::{MemStore, StoredBlock};
 pub use record::{
     ApplyStats, Change, ChunkData, Claim, ClaimMode, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo,
     VolumeRecord, BLOCK_SIZE,

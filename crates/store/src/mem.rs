@@ -6,8 +6,11 @@
 //! all-lost case of the disk store's recovery rule (which, losing only some writes, also
 //! lowers its resync mark to the clean prefix).
 //! `corrupt()` flips a stored byte without updating its checksum.
+//!
+//! Snapshots follow the disk store's rules (see `disk/snap.rs`); each one keeps a copy of
+//! the block versions it sees instead of sharing them with the live volume.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 
 use hlstore_core::error::{Error, Result};
@@ -15,16 +18,33 @@ use hlstore_core::error::{Error, Result};
 use super::check;
 use super::history::History;
 use super::record::{
-    ApplyStats, Change, ChunkData, Claim, ReplicaInfo, ReplicaState, ResyncChunk, VolumeRecord, BLOCK_SIZE,
+    ApplyStats, Change, ChunkData, Claim, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord,
+    BLOCK_SIZE,
 };
 use super::store::ReplicaStore;
 use hlstore_core::{Epoch, Offset, Seq};
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 struct Block {
     data: Vec<u8>,
     crc: u32,
     seq: u64,
+}
+
+/// A block as stored, seen behind the store's back (see [`MemStore::stored_block`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlock {
+    pub data: Vec<u8>,
+    /// The seq that wrote it.
+    pub seq: u64,
+    /// Whether its content still matches its checksum.
+    pub intact: bool,
+}
+
+/// A snapshot: its record and the block versions it sees (absent: zeroes).
+struct MemSnap {
+    info: SnapshotInfo,
+    blocks: BTreeMap<u64, Block>,
 }
 
 enum Undo {
@@ -43,6 +63,8 @@ struct MemVolume {
     resync_done: Option<(u64, u64)>,
     resync_done_epoch: u64,
     undo: Vec<Undo>,
+    /// By `(seq, name)`: listed oldest first.
+    snaps: BTreeMap<(u64, String), MemSnap>,
 }
 
 impl MemVolume {
@@ -89,6 +111,17 @@ impl MemVolume {
         self.trims.push((seq, offset, len));
         self.undo.push(Undo::Trim);
         self.bump_seq(seq);
+    }
+
+    fn snap_key(&self, name: &str) -> Option<(u64, String)> {
+        self.snaps.keys().find(|k| k.1 == name).cloned()
+    }
+
+    fn snap(&self, volume: &str, name: &str) -> Result<&MemSnap> {
+        self.snaps
+            .values()
+            .find(|s| s.info.name == name)
+            .ok_or_else(|| Error::NotFound(format!("volume {volume} has no snapshot {name:?} on this replica")))
     }
 
     fn flush(&mut self) -> u64 {
@@ -147,6 +180,14 @@ impl MemStore {
         }
     }
 
+    /// The block `block` of `volume` as stored (None: unallocated), bypassing epochs and
+    /// checksums: for tests that inspect a replica.
+    pub fn stored_block(&self, volume: &str, block: u64) -> Option<StoredBlock> {
+        let vols = self.lock();
+        let blk = vols.get(volume)?.blocks.get(&block)?;
+        Some(StoredBlock { data: blk.data.clone(), seq: blk.seq, intact: check::crc(&blk.data) == blk.crc })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, MemVolume>> {
         // A panic while holding the lock leaves the map consistent (every mutation is a
         // single insert/remove), so a poisoned lock is still usable.
@@ -169,6 +210,22 @@ impl MemStore {
 
 fn not_found(volume: &str) -> Error {
     Error::NotFound(format!("volume {volume} has no replica on this node"))
+}
+
+/// Reads `[offset, offset + len)` (checked) out of `blocks`, verifying every checksum.
+fn read_blocks(volume: &str, blocks: &BTreeMap<u64, Block>, offset: u64, len: u64) -> Result<Vec<u8>> {
+    check::read_len(volume, len)?;
+    let mut out = vec![0u8; len as usize];
+    let first = offset / BLOCK_SIZE;
+    for (b, blk) in blocks.range(first..first + len / BLOCK_SIZE) {
+        let actual = check::crc(&blk.data);
+        if actual != blk.crc {
+            return Err(Error::Corruption { volume: volume.into(), offset: b * BLOCK_SIZE, expected: blk.crc, actual });
+        }
+        let at = ((b - first) * BLOCK_SIZE) as usize;
+        out[at..at + BLOCK_SIZE as usize].copy_from_slice(&blk.data);
+    }
+    Ok(out)
 }
 
 impl ReplicaStore for MemStore {
@@ -194,6 +251,7 @@ impl ReplicaStore for MemStore {
             resync_done: None,
             resync_done_epoch: 0,
             undo: Vec::new(),
+            snaps: BTreeMap::new(),
         };
         let info = v.info();
         vols.insert(record.volume_id, v);
@@ -250,23 +308,7 @@ impl ReplicaStore for MemStore {
         let offset = offset.get();
         self.with_io(volume, epoch, |v| {
             check::range(volume, v.record.size, offset, len)?;
-            check::read_len(volume, len)?;
-            let mut out = vec![0u8; len as usize];
-            let first = offset / BLOCK_SIZE;
-            for (b, blk) in v.blocks.range(first..first + len / BLOCK_SIZE) {
-                let actual = check::crc(&blk.data);
-                if actual != blk.crc {
-                    return Err(Error::Corruption {
-                        volume: volume.into(),
-                        offset: b * BLOCK_SIZE,
-                        expected: blk.crc,
-                        actual,
-                    });
-                }
-                let at = ((b - first) * BLOCK_SIZE) as usize;
-                out[at..at + BLOCK_SIZE as usize].copy_from_slice(&blk.data);
-            }
-            Ok(out)
+            read_blocks(volume, &v.blocks, offset, len)
         })
     }
 
@@ -413,7 +455,9 @@ impl ReplicaStore for MemStore {
                     ChunkData::Data(d) => {
                         v.set_block(b, Some(Block { data: d.clone(), crc: check::crc(d), seq: c.seq }))
                     }
-                    ChunkData::Zero => v.set_block(b, None),
+                    // Recorded as a one-block trim, as on disk, so a resync from this
+                    // replica carries it on.
+                    ChunkData::Zero => v.trim(c.seq, c.offset, BLOCK_SIZE, false),
                 }
                 v.bump_seq(c.seq);
                 stats.applied += 1;
@@ -429,6 +473,127 @@ impl ReplicaStore for MemStore {
             v.resync_from = None;
             v.resync_done = None;
             Ok(v.state())
+        })
+    }
+
+    fn create_snapshot(&self, volume: &str, epoch: Epoch, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        let epoch = epoch.get();
+        check::snapshot_name(volume, &snap.name)?;
+        check::seq(volume, snap.seq)?;
+        self.with_io(volume, epoch, |v| {
+            if let Ok(s) = v.snap(volume, &snap.name) {
+                return Ok(s.info.clone());
+            }
+            if v.resync_from.is_some() {
+                return Err(Error::Unavailable(format!(
+                    "volume {volume}: this replica is being resynced; snapshot {:?} must come from an in-sync replica",
+                    snap.name
+                )));
+            }
+            if v.last_seq > snap.seq {
+                return Err(Error::Unavailable(format!(
+                    "volume {volume}: this replica already applied seq {} past the snapshot point {}",
+                    v.last_seq, snap.seq
+                )));
+            }
+            v.flush();
+            let info = SnapshotInfo { size: v.record.size, ..snap };
+            let blocks = v.blocks.clone();
+            v.snaps.insert((info.seq, info.name.clone()), MemSnap { info: info.clone(), blocks });
+            Ok(info)
+        })
+    }
+
+    fn delete_snapshot(&self, volume: &str, epoch: Epoch, name: &str) -> Result<bool> {
+        let epoch = epoch.get();
+        self.with_io(volume, epoch, |v| Ok(v.snap_key(name).and_then(|k| v.snaps.remove(&k)).is_some()))
+    }
+
+    fn install_snapshot(
+        &self,
+        volume: &str,
+        epoch: Epoch,
+        snap: SnapshotInfo,
+        blocks: &[(u64, Option<Vec<u8>>)],
+        last: bool,
+    ) -> Result<SnapshotInfo> {
+        let epoch = epoch.get();
+        check::snapshot_name(volume, &snap.name)?;
+        check::seq(volume, snap.seq)?;
+        self.with_io(volume, epoch, |v| {
+            let key = v.snap_key(&snap.name);
+            let info = match key.as_ref().and_then(|k| v.snaps.get(k)) {
+                Some(s) if !s.info.partial => return Ok(s.info.clone()),
+                Some(s) => s.info.clone(),
+                None => SnapshotInfo { partial: true, ..snap },
+            };
+            for (b, data) in blocks {
+                if *b >= info.size / BLOCK_SIZE {
+                    return Err(Error::InvalidArgument(format!(
+                        "volume {volume}: snapshot block {b} is past its size"
+                    )));
+                }
+                if data.as_ref().is_some_and(|d| d.len() as u64 != BLOCK_SIZE) {
+                    return Err(Error::InvalidArgument(format!(
+                        "volume {volume}: snapshot block {b} is not one block"
+                    )));
+                }
+            }
+            let mut s = match key.and_then(|k| v.snaps.remove(&k)) {
+                Some(s) => s,
+                None => {
+                    // A new (partial) snapshot sees the live versions up to its seq.
+                    let seen = v.blocks.iter().filter(|(_, blk)| blk.seq <= info.seq);
+                    let blocks = seen.map(|(b, blk)| (*b, blk.clone())).collect();
+                    MemSnap { info, blocks }
+                }
+            };
+            for (b, data) in blocks {
+                match data {
+                    Some(d) => s.blocks.insert(*b, Block { data: d.clone(), crc: check::crc(d), seq: s.info.seq }),
+                    None => s.blocks.remove(b),
+                };
+            }
+            s.info.partial = !last;
+            let info = s.info.clone();
+            v.snaps.insert((info.seq, info.name.clone()), s);
+            Ok(info)
+        })
+    }
+
+    fn list_snapshots(&self, volume: &str) -> Result<Vec<SnapshotInfo>> {
+        self.with(volume, |v| Ok(v.snaps.values().map(|s| s.info.clone()).collect()))
+    }
+
+    fn read_snapshot(&self, volume: &str, name: &str, offset: Offset, len: u64) -> Result<Vec<u8>> {
+        let offset = offset.get();
+        self.with(volume, |v| {
+            let s = v.snap(volume, name)?;
+            if s.info.partial {
+                return Err(Error::Unavailable(format!(
+                    "volume {volume}: snapshot {name} is still being copied to this replica; read it from another one"
+                )));
+            }
+            check::range(volume, s.info.size, offset, len)?;
+            read_blocks(volume, &s.blocks, offset, len)
+        })
+    }
+
+    fn changed_blocks(&self, volume: &str, from: Option<&str>, to: Option<&str>) -> Result<Vec<u64>> {
+        self.with(volume, |v| {
+            let a = from.map(|n| v.snap(volume, n)).transpose()?;
+            let b = to.map(|n| v.snap(volume, n)).transpose()?;
+            if a.map_or(0, |s| s.info.seq) > b.map_or(u64::MAX, |s| s.info.seq) {
+                return Err(Error::InvalidArgument(format!(
+                    "volume {volume}: snapshot {:?} is newer than {:?}",
+                    from.unwrap_or(""),
+                    to.unwrap_or("the live volume")
+                )));
+            }
+            let empty = BTreeMap::new();
+            let (x, y) = (a.map_or(&empty, |s| &s.blocks), b.map_or(&v.blocks, |s| &s.blocks));
+            let differ = x.keys().chain(y.keys()).filter(|k| x.get(k) != y.get(k));
+            Ok(differ.copied().collect::<BTreeSet<u64>>().into_iter().collect())
         })
     }
 }

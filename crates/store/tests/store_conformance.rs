@@ -247,6 +247,13 @@ fn resync_never_overwrites_newer<H: Harness>(h: H) {
     assert_eq!((stats.applied, stats.skipped_newer), (3, 1));
     assert_eq!(s.read("v", Epoch(1), Offset(0), BS).unwrap(), block(10));
     assert_eq!(s.read("v", Epoch(1), Offset(BS), BS).unwrap(), block(6));
+    // A zero block is kept as a one-block trim, which a resync from this replica carries on.
+    let zero = Change::Trim { offset: 3 * BS, len: BS, seq: 8 };
+    assert!(
+        s.changes_since("v", Epoch(1), Seq(7)).unwrap().contains(&zero),
+        "{:?}",
+        s.changes_since("v", Epoch(1), Seq(7))
+    );
     // A trim chunk removes only blocks older than itself.
     s.write("v", Epoch(1), Seq(11), Offset(4 * BS), &block(11), false).unwrap();
     let trim = ResyncChunk { offset: 0, seq: 9, data: ChunkData::Trim(8 * BS) };

@@ -1,7 +1,8 @@
-//! Snapshots of the disk store against a model: random writes, trims, snapshot creates and
-//! deletes, flushes and reopen; every snapshot must read back exactly the image it was
-//! taken of, `changed_blocks` must hold every block that differs and only blocks written or
-//! trimmed in between, and deleting snapshots must give their space back.
+//! Snapshots of the disk store (and of the memory store, which keeps the same rules)
+//! against a model: random writes, trims, snapshot creates and deletes, flushes and
+//! reopen; every snapshot must read back exactly the image it was taken of,
+//! `changed_blocks` must hold every block that differs and only blocks written or trimmed
+//! in between, and deleting snapshots must give their space back.
 
 mod common;
 
@@ -10,7 +11,7 @@ use std::sync::Arc;
 
 use hlstore_core::ErrorKind;
 use hlstore_core::{Epoch, Offset, Seq};
-use hlstore_store::{DiskStore, ReplicaStore, SnapshotInfo, VolumeRecord, BLOCK_SIZE};
+use hlstore_store::{DiskStore, MemStore, ReplicaStore, SnapshotInfo, VolumeRecord, BLOCK_SIZE};
 use proptest::prelude::*;
 
 const BLOCKS: u64 = 24;
@@ -32,25 +33,47 @@ fn snap(name: &str, seq: u64) -> SnapshotInfo {
     SnapshotInfo { name: name.into(), seq, size: 0, created: 0, labels: BTreeMap::new(), partial: false }
 }
 
+/// The store under test: the disk store, or the memory store (whose snapshots must keep
+/// the same rules; a "reopen" of it is a power loss right after a flush).
 struct Store {
     dir: tempfile::TempDir,
-    s: Option<Arc<DiskStore>>,
+    disk: Option<Arc<DiskStore>>,
+    mem: Option<Arc<MemStore>>,
 }
 
 impl Store {
     fn new(blocks: u64) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let s = Arc::new(DiskStore::open(dir.path()).unwrap());
-        s.create(VolumeRecord::new("v", blocks * BS)).unwrap();
-        s.open("v", Epoch(1)).unwrap();
-        Self { dir, s: Some(s) }
+        Self::with(Self { dir, disk: Some(s), mem: None }, blocks)
     }
-    fn s(&self) -> &DiskStore {
-        self.s.as_ref().unwrap()
+    fn mem(blocks: u64) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::with(Self { dir, disk: None, mem: Some(Arc::new(MemStore::new())) }, blocks)
+    }
+    fn with(self, blocks: u64) -> Self {
+        self.s().create(VolumeRecord::new("v", blocks * BS)).unwrap();
+        self.s().open("v", Epoch(1)).unwrap();
+        self
+    }
+    fn s(&self) -> &dyn ReplicaStore {
+        match (&self.disk, &self.mem) {
+            (Some(d), _) => d.as_ref(),
+            (None, Some(m)) => m.as_ref(),
+            (None, None) => unreachable!("a store is always open"),
+        }
     }
     fn reopen(&mut self) {
-        drop(self.s.take());
-        self.s = Some(Arc::new(DiskStore::open(self.dir.path()).unwrap()));
+        if let Some(m) = &self.mem {
+            m.crash();
+            return;
+        }
+        drop(self.disk.take());
+        self.disk = Some(Arc::new(DiskStore::open(self.dir.path()).unwrap()));
+    }
+    /// Bytes on disk (None for the memory store).
+    fn disk_usage(&self) -> Option<u64> {
+        self.disk.as_ref().map(|d| d.disk_usage("v").unwrap())
     }
 }
 
@@ -115,8 +138,7 @@ fn image(m: &BTreeMap<u64, u64>, blocks: u64) -> Vec<u8> {
     (0..blocks).flat_map(|b| content(m.get(&b).copied().unwrap_or(0), b)).collect()
 }
 
-fn run(ops: Vec<Op>) {
-    let mut st = Store::new(BLOCKS);
+fn run(mut st: Store, ops: Vec<Op>) {
     let mut m = Model::default();
     let mut seq = 0u64;
     let mut n = 0;
@@ -186,21 +208,27 @@ fn run(ops: Vec<Op>) {
         st.s().delete_snapshot("v", Epoch(1), name).unwrap();
     }
     st.s().flush("v", Epoch(1)).unwrap();
-    let used = st.s().disk_usage("v").unwrap();
-    assert!(used <= m.live.len() as u64 * BS + 64 * 1024, "{used} bytes on disk for {} live blocks", m.live.len());
+    if let Some(used) = st.disk_usage() {
+        assert!(used <= m.live.len() as u64 * BS + 64 * 1024, "{used} bytes on disk for {} live blocks", m.live.len());
+    }
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
     fn snapshots_match_the_model(ops in proptest::collection::vec(op(), 1..60)) {
-        run(ops);
+        run(Store::new(BLOCKS), ops.clone());
+        run(Store::mem(BLOCKS), ops);
     }
 }
 
 #[test]
 fn bad_requests_get_clear_errors() {
-    let st = Store::new(8);
+    bad_requests(Store::new(8));
+    bad_requests(Store::mem(8));
+}
+
+fn bad_requests(st: Store) {
     let s = st.s();
     s.write("v", Epoch(1), Seq(1), Offset(0), &content(1, 0), false).unwrap();
     assert_eq!(s.create_snapshot("v", Epoch(1), snap("a/b", 1)).unwrap_err().kind(), ErrorKind::InvalidArgument);
@@ -239,11 +267,11 @@ fn a_thousand_snapshots() {
         let b = i % 64;
         assert_eq!(s.read_snapshot("v", &format!("s{i}"), Offset(b * BS), BS).unwrap(), content(i, b), "s{i}");
     }
-    assert!(s.disk_usage("v").unwrap() >= 1000 * BS, "every version is kept");
+    assert!(st.disk_usage().unwrap() >= 1000 * BS, "every version is kept");
     for i in 1..=1000u64 {
         assert!(s.delete_snapshot("v", Epoch(1), &format!("s{i}")).unwrap());
     }
     s.flush("v", Epoch(1)).unwrap();
-    let used = s.disk_usage("v").unwrap();
+    let used = st.disk_usage().unwrap();
     assert!(used <= 64 * BS + 64 * 1024, "{used} bytes on disk after deleting every snapshot");
 }
