@@ -25,6 +25,7 @@ use super::types::{
     FailReason, OpId, ReplicaError, ReplicaHealth, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq, VolumeConfig,
 };
 use hlstore_core::error::{Error, ErrorKind, Result};
+use hlstore_core::{Epoch, Offset};
 
 #[derive(Debug, Default)]
 pub(super) struct Shared {
@@ -569,7 +570,7 @@ impl<T: ReplicaTransport> Actor<T> {
                 let (t, tx, timeout) = (self.replicas[replica].clone(), self.internal.0.clone(), self.timeout);
                 let epoch = self.machine.epoch();
                 self.tasks.spawn(async move {
-                    let res = link::with_timeout(timeout, "ping", t.ping(epoch)).await;
+                    let res = link::with_timeout(timeout, "ping", t.ping(Epoch(epoch))).await;
                     let _ = tx.send(Internal::Ping(replica, res));
                 });
             }
@@ -623,7 +624,7 @@ impl<T: ReplicaTransport> Actor<T> {
                 let (t, tx, timeout, epoch) =
                     (self.replicas[replica].clone(), self.internal.0.clone(), self.timeout, self.machine.epoch());
                 self.tasks.spawn(async move {
-                    let res = link::with_timeout(timeout, "read", t.read(epoch, offset, len)).await;
+                    let res = link::with_timeout(timeout, "read", t.read(Epoch(epoch), Offset(offset), len)).await;
                     let _ = tx.send(Internal::Read { op, replica, res });
                 });
             }
@@ -793,7 +794,8 @@ impl<T: ReplicaTransport> Actor<T> {
                         // Which blocks: read them one by one.
                         let mut bad = Vec::new();
                         for b in offset / bs..(offset + len) / bs {
-                            let res = link::with_timeout(timeout, "probe", t.read(epoch, b * bs, bs)).await;
+                            let res =
+                                link::with_timeout(timeout, "probe", t.read(Epoch(epoch), Offset(b * bs), bs)).await;
                             if res.is_err_and(|e| e.kind() == ErrorKind::Corruption) {
                                 bad.push(b);
                             }

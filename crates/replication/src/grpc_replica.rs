@@ -19,6 +19,7 @@ use super::types::{ReplicaSeqs, Seq};
 use crate::rpc::convert::{self, history_to_pb, snapshot_from_pb, snapshot_to_pb};
 use crate::rpc::status::replica_call_error;
 use hlstore_core::error::{Error, Result};
+use hlstore_core::{Epoch, Offset};
 use hlstore_store::History;
 
 /// Depth of the request queue of a write stream (above the link's in-flight limit).
@@ -75,13 +76,15 @@ impl ReplicaTransport for GrpcReplica {
         Ok(convert::seqs_from_pb(r.into_inner()))
     }
 
-    async fn ping(&self, epoch: u64) -> Result<ReplicaSeqs> {
+    async fn ping(&self, epoch: Epoch) -> Result<ReplicaSeqs> {
+        let epoch = epoch.get();
         let req = pb::PingRequest { volume_id: self.volume.clone(), epoch };
         let r = self.client.clone().ping(req).await.map_err(|s| self.status("ping", epoch, s))?;
         Ok(convert::seqs_from_pb(r.into_inner()))
     }
 
-    async fn write_stream(&self, epoch: u64) -> Result<WriteStream> {
+    async fn write_stream(&self, epoch: Epoch) -> Result<WriteStream> {
+        let epoch = epoch.get();
         let (tx, rx) = mpsc::channel::<WriteReq>(STREAM_QUEUE);
         let volume = self.volume.clone();
         let outbound = ReceiverStream::new(rx).map(move |r| pb::WriteRequest {
@@ -104,7 +107,9 @@ impl ReplicaTransport for GrpcReplica {
         Ok(WriteStream { requests: tx, acks })
     }
 
-    async fn read(&self, epoch: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
+    async fn read(&self, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>> {
+        let epoch = epoch.get();
+        let offset = offset.get();
         let req = pb::ReadRequest { volume_id: self.volume.clone(), epoch, offset, length: len };
         let r = self.client.clone().read(req).await.map_err(|s| self.status("read", epoch, s))?.into_inner();
         if r.data.len() as u64 != len {
@@ -117,13 +122,16 @@ impl ReplicaTransport for GrpcReplica {
         Ok(r.data)
     }
 
-    async fn flush(&self, epoch: u64) -> Result<Seq> {
+    async fn flush(&self, epoch: Epoch) -> Result<Seq> {
+        let epoch = epoch.get();
         let req = pb::FlushRequest { volume_id: self.volume.clone(), epoch };
         let r = self.client.clone().flush(req).await.map_err(|s| self.status("flush", epoch, s))?;
         Ok(r.into_inner().durable_seq)
     }
 
-    async fn trim(&self, epoch: u64, seq: Seq, offset: u64, len: u64) -> Result<()> {
+    async fn trim(&self, epoch: Epoch, seq: Seq, offset: Offset, len: u64) -> Result<()> {
+        let epoch = epoch.get();
+        let offset = offset.get();
         let req = pb::TrimRequest { volume_id: self.volume.clone(), epoch, seq, offset, length: len };
         self.client.clone().trim(req).await.map_err(|s| self.status("trim", epoch, s))?;
         Ok(())
@@ -131,10 +139,11 @@ impl ReplicaTransport for GrpcReplica {
 
     async fn resync_stream(
         &self,
-        epoch: u64,
+        epoch: Epoch,
         since: Seq,
         resume: Option<(u64, Seq)>,
     ) -> Result<BoxStream<'static, Result<ResyncChunk>>> {
+        let epoch = epoch.get();
         let (resume_below, resume_seq) = resume.unwrap_or((0, 0));
         let req =
             pb::ResyncRequest { volume_id: self.volume.clone(), epoch, since_seq: since, resume_below, resume_seq };
@@ -150,11 +159,12 @@ impl ReplicaTransport for GrpcReplica {
 
     async fn begin_resync(
         &self,
-        epoch: u64,
+        epoch: Epoch,
         from_seq: Seq,
         resume: bool,
         history: History,
     ) -> Result<Option<(u64, Seq)>> {
+        let epoch = epoch.get();
         let history = history_to_pb(&history);
         let req = pb::BeginResyncRequest { volume_id: self.volume.clone(), epoch, from_seq, resume, history };
         let r = self.client.clone().begin_resync(req).await.map_err(|s| self.status("begin resync", epoch, s))?;
@@ -162,39 +172,46 @@ impl ReplicaTransport for GrpcReplica {
         Ok(s.resync_done_offset.map(|o| (o, s.resync_done_seq)))
     }
 
-    async fn set_history(&self, epoch: u64, history: History) -> Result<()> {
+    async fn set_history(&self, epoch: Epoch, history: History) -> Result<()> {
+        let epoch = epoch.get();
         let req = pb::SetHistoryRequest { volume_id: self.volume.clone(), epoch, history: history_to_pb(&history) };
         self.client.clone().set_history(req).await.map_err(|s| self.status("set history", epoch, s))?;
         Ok(())
     }
 
-    async fn checkpoint_resync(&self, epoch: u64, offset: u64) -> Result<()> {
+    async fn checkpoint_resync(&self, epoch: Epoch, offset: Offset) -> Result<()> {
+        let epoch = epoch.get();
+        let offset = offset.get();
         let req = pb::CheckpointResyncRequest { volume_id: self.volume.clone(), epoch, offset };
         self.client.clone().checkpoint_resync(req).await.map_err(|s| self.status("checkpoint resync", epoch, s))?;
         Ok(())
     }
 
-    async fn apply_resync(&self, epoch: u64, chunks: Vec<ResyncChunk>) -> Result<u64> {
+    async fn apply_resync(&self, epoch: Epoch, chunks: Vec<ResyncChunk>) -> Result<u64> {
+        let epoch = epoch.get();
         let chunks = chunks.into_iter().map(convert::transport_chunk_to_pb).collect();
         let req = pb::ApplyResyncRequest { volume_id: self.volume.clone(), epoch, chunks };
         let r = self.client.clone().apply_resync(req).await.map_err(|s| self.status("apply resync", epoch, s))?;
         Ok(r.into_inner().applied)
     }
 
-    async fn end_resync(&self, epoch: u64) -> Result<Seq> {
+    async fn end_resync(&self, epoch: Epoch) -> Result<Seq> {
+        let epoch = epoch.get();
         let req = pb::EndResyncRequest { volume_id: self.volume.clone(), epoch };
         let r = self.client.clone().end_resync(req).await.map_err(|s| self.status("end resync", epoch, s))?;
         Ok(r.into_inner().durable_seq)
     }
 
-    async fn create_snapshot(&self, epoch: u64, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+    async fn create_snapshot(&self, epoch: Epoch, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        let epoch = epoch.get();
         let req =
             pb::CreateSnapshotRequest { volume_id: self.volume.clone(), epoch, snapshot: Some(snapshot_to_pb(snap)) };
         let r = self.client.clone().create_snapshot(req).await.map_err(|s| self.status("create snapshot", epoch, s))?;
         Ok(snapshot_from_pb(r.into_inner()))
     }
 
-    async fn delete_snapshot(&self, epoch: u64, name: &str) -> Result<bool> {
+    async fn delete_snapshot(&self, epoch: Epoch, name: &str) -> Result<bool> {
+        let epoch = epoch.get();
         let req = pb::DeleteSnapshotRequest { volume_id: self.volume.clone(), epoch, name: name.to_string() };
         let r = self.client.clone().delete_snapshot(req).await.map_err(|s| self.status("delete snapshot", epoch, s))?;
         Ok(r.into_inner().existed)
@@ -202,11 +219,12 @@ impl ReplicaTransport for GrpcReplica {
 
     async fn install_snapshot(
         &self,
-        epoch: u64,
+        epoch: Epoch,
         snap: SnapshotInfo,
         blocks: Vec<(u64, Option<Vec<u8>>)>,
         last: bool,
     ) -> Result<()> {
+        let epoch = epoch.get();
         let req = pb::InstallSnapshotRequest {
             volume_id: self.volume.clone(),
             epoch,
@@ -218,7 +236,8 @@ impl ReplicaTransport for GrpcReplica {
         Ok(())
     }
 
-    async fn expand(&self, epoch: u64, new_size: u64) -> Result<()> {
+    async fn expand(&self, epoch: Epoch, new_size: u64) -> Result<()> {
+        let epoch = epoch.get();
         let req = pb::ExpandRequest { volume_id: self.volume.clone(), epoch, new_size };
         self.client.clone().expand(req).await.map_err(|s| self.status("expand", epoch, s))?;
         Ok(())
@@ -230,7 +249,8 @@ impl ReplicaTransport for GrpcReplica {
         Ok(r.into_inner().snapshots.into_iter().map(snapshot_from_pb).collect())
     }
 
-    async fn read_snapshot(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+    async fn read_snapshot(&self, name: &str, offset: Offset, len: u64) -> Result<Vec<u8>> {
+        let offset = offset.get();
         let req =
             pb::ReadSnapshotRequest { volume_id: self.volume.clone(), name: name.to_string(), offset, length: len };
         let r = self.client.clone().read_snapshot(req).await.map_err(|s| self.status("read snapshot", 0, s))?;

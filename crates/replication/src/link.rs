@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::transport::{ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream};
 use super::types::{History, ReplicaId, Seq};
 use hlstore_core::error::{Error, ErrorKind, Result};
+use hlstore_core::{Epoch, Offset};
 
 /// A resync permit, shared by the pieces of one chunk: the resync task may have a bounded
 /// number of chunks in flight.
@@ -158,7 +159,7 @@ impl<T: ReplicaTransport> Link<T> {
 
     async fn serve(&mut self, mut ops: mpsc::UnboundedReceiver<LinkOp>) -> Result<()> {
         let WriteStream { requests, mut acks } =
-            with_timeout(self.timeout, "open write stream", self.replica.write_stream(self.epoch)).await?;
+            with_timeout(self.timeout, "open write stream", self.replica.write_stream(Epoch(self.epoch))).await?;
         loop {
             if let Some(op) = self.next.take() {
                 self.execute(op, &mut ops, &requests, &mut acks).await?;
@@ -233,7 +234,7 @@ impl<T: ReplicaTransport> Link<T> {
             }
             LinkOp::Trim { seq, offset, len } => {
                 self.drain(acks).await?;
-                with_timeout(t, "trim", r.trim(epoch, seq, offset, len)).await?;
+                with_timeout(t, "trim", r.trim(Epoch(epoch), seq, Offset(offset), len)).await?;
                 self.report(LinkEvent::Acked { seq, durable_seq: 0 });
                 Ok(())
             }
@@ -253,13 +254,13 @@ impl<T: ReplicaTransport> Link<T> {
                     }
                 }
                 self.drain(acks).await?;
-                with_timeout(t, "apply resync", r.apply_resync(epoch, chunks)).await?;
+                with_timeout(t, "apply resync", r.apply_resync(Epoch(epoch), chunks)).await?;
                 drop(permits);
                 Ok(())
             }
             LinkOp::Flush => {
                 self.drain(acks).await?;
-                let durable_seq = with_timeout(t, "flush", r.flush(epoch)).await?;
+                let durable_seq = with_timeout(t, "flush", r.flush(Epoch(epoch))).await?;
                 self.report(LinkEvent::Flushed { durable_seq });
                 Ok(())
             }
@@ -267,42 +268,42 @@ impl<T: ReplicaTransport> Link<T> {
                 // Its answer goes to the caller; it does not fail the link (a replica
                 // that cannot take it is reconciled by resync).
                 self.drain(acks).await?;
-                let _ = reply.send(with_timeout(t, "create snapshot", r.create_snapshot(epoch, snap)).await);
+                let _ = reply.send(with_timeout(t, "create snapshot", r.create_snapshot(Epoch(epoch), snap)).await);
                 Ok(())
             }
             LinkOp::Expand { size, reply } => {
                 self.drain(acks).await?;
-                let _ = reply.send(with_timeout(t, "expand", r.expand(epoch, size)).await);
+                let _ = reply.send(with_timeout(t, "expand", r.expand(Epoch(epoch), size)).await);
                 Ok(())
             }
             LinkOp::DeleteSnapshot { name, reply } => {
                 self.drain(acks).await?;
-                let _ = reply.send(with_timeout(t, "delete snapshot", r.delete_snapshot(epoch, &name)).await);
+                let _ = reply.send(with_timeout(t, "delete snapshot", r.delete_snapshot(Epoch(epoch), &name)).await);
                 Ok(())
             }
             LinkOp::Read { offset, len, reply } => {
                 self.drain(acks).await?;
-                let _ = reply.send(with_timeout(t, "read", r.read(epoch, offset, len)).await);
+                let _ = reply.send(with_timeout(t, "read", r.read(Epoch(epoch), Offset(offset), len)).await);
                 Ok(())
             }
             LinkOp::Repair { chunks, reply } => {
                 self.drain(acks).await?;
-                let _ = reply.send(with_timeout(t, "repair", r.apply_resync(epoch, chunks)).await);
+                let _ = reply.send(with_timeout(t, "repair", r.apply_resync(Epoch(epoch), chunks)).await);
                 Ok(())
             }
             LinkOp::CheckpointResync { offset } => {
                 self.drain(acks).await?;
-                with_timeout(t, "checkpoint resync", r.checkpoint_resync(epoch, offset)).await?;
+                with_timeout(t, "checkpoint resync", r.checkpoint_resync(Epoch(epoch), Offset(offset))).await?;
                 Ok(())
             }
             LinkOp::Record { history, resync_from: Some(from) } => {
                 self.drain(acks).await?;
-                with_timeout(t, "begin resync", r.begin_resync(epoch, from, true, *history)).await?;
+                with_timeout(t, "begin resync", r.begin_resync(Epoch(epoch), from, true, *history)).await?;
                 Ok(())
             }
             LinkOp::Record { history, resync_from: None } => {
                 self.drain(acks).await?;
-                match with_timeout(t, "record history", r.set_history(epoch, *history)).await {
+                match with_timeout(t, "record history", r.set_history(Epoch(epoch), *history)).await {
                     // A replica that keeps no history is related to others by epochs.
                     Err(e) if e.kind() == ErrorKind::Unsupported => Ok(()),
                     res => res,
@@ -310,7 +311,7 @@ impl<T: ReplicaTransport> Link<T> {
             }
             LinkOp::EndResync => {
                 self.drain(acks).await?;
-                let durable_seq = with_timeout(t, "end resync", r.end_resync(epoch)).await?;
+                let durable_seq = with_timeout(t, "end resync", r.end_resync(Epoch(epoch))).await?;
                 self.report(LinkEvent::ResyncEnded { durable_seq });
                 Ok(())
             }

@@ -220,13 +220,13 @@ impl ReplicaTransport for MemReplica {
         self.call(|s| s.claim(VOLUME, &claim).map(seqs)).await
     }
 
-    async fn ping(&self, epoch: u64) -> Result<ReplicaSeqs> {
+    async fn ping(&self, epoch: Epoch) -> Result<ReplicaSeqs> {
         let st = self.call(|s| s.state(VOLUME)).await?;
-        store::check_epoch(VOLUME, st.epoch, epoch)?;
+        store::check_epoch(VOLUME, st.epoch, epoch.get())?;
         Ok(seqs(st))
     }
 
-    async fn write_stream(&self, epoch: u64) -> Result<WriteStream> {
+    async fn write_stream(&self, epoch: Epoch) -> Result<WriteStream> {
         self.ping(epoch).await?;
         // Deeper than the link's in-flight limit: sending never waits for unread acks.
         let depth = 2 * super::link::MAX_IN_FLIGHT;
@@ -235,7 +235,7 @@ impl ReplicaTransport for MemReplica {
         let me = self.clone();
         tokio::spawn(async move {
             while let Some(req) = rx.recv().await {
-                let res = me.write(epoch, &req).await;
+                let res = me.write(epoch.get(), &req).await;
                 let failed = res.is_err();
                 // After a failed write the stream ends, as the service's does.
                 if atx.send(res).await.is_err() || failed {
@@ -246,24 +246,24 @@ impl ReplicaTransport for MemReplica {
         Ok(WriteStream { requests: tx, acks: ReceiverStream::new(arx).boxed() })
     }
 
-    async fn read(&self, epoch: u64, offset: u64, len: u64) -> Result<Vec<u8>> {
-        self.call(|s| s.read(VOLUME, Epoch(epoch), Offset(offset), len)).await
+    async fn read(&self, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>> {
+        self.call(|s| s.read(VOLUME, epoch, offset, len)).await
     }
 
-    async fn flush(&self, epoch: u64) -> Result<Seq> {
-        self.call(|s| s.flush(VOLUME, Epoch(epoch))).await.map(ids::Seq::get)
+    async fn flush(&self, epoch: Epoch) -> Result<Seq> {
+        self.call(|s| s.flush(VOLUME, epoch)).await.map(ids::Seq::get)
     }
 
-    async fn trim(&self, epoch: u64, seq: Seq, offset: u64, len: u64) -> Result<()> {
+    async fn trim(&self, epoch: Epoch, seq: Seq, offset: Offset, len: u64) -> Result<()> {
         self.enter_write().await?;
-        self.store.trim(VOLUME, Epoch(epoch), ids::Seq(seq), Offset(offset), len)?;
+        self.store.trim(VOLUME, epoch, ids::Seq(seq), offset, len)?;
         self.count(|s| s.writes += 1);
         Ok(())
     }
 
     async fn resync_stream(
         &self,
-        epoch: u64,
+        epoch: Epoch,
         since: Seq,
         resume: Option<(u64, Seq)>,
     ) -> Result<BoxStream<'static, Result<ResyncChunk>>> {
@@ -272,8 +272,8 @@ impl ReplicaTransport for MemReplica {
             return Err(Error::io(format!("replica {}", self.name), std::io::Error::other("injected resync failure")));
         }
         let changes = match resume {
-            Some(split) => self.store.changes_since_split(VOLUME, Epoch(epoch), ids::Seq(since), split)?,
-            None => self.store.changes_since(VOLUME, Epoch(epoch), ids::Seq(since))?,
+            Some(split) => self.store.changes_since_split(VOLUME, epoch, ids::Seq(since), split)?,
+            None => self.store.changes_since(VOLUME, epoch, ids::Seq(since))?,
         };
         // Like the replica service: the stream ends with the first block that fails its
         // checksum.
@@ -283,7 +283,7 @@ impl ReplicaTransport for MemReplica {
                 Change::Trim { offset, len, seq } => Ok(ResyncChunk { offset, seq, data: ChunkData::Trim(len) }),
                 Change::Block { offset, seq } => self
                     .store
-                    .read(VOLUME, Epoch(epoch), Offset(offset), BLOCK_SIZE)
+                    .read(VOLUME, epoch, Offset(offset), BLOCK_SIZE)
                     .map(|d| ResyncChunk { offset, seq, data: ChunkData::Data(d.into()) }),
             };
             let failed = chunk.is_err();
@@ -297,29 +297,27 @@ impl ReplicaTransport for MemReplica {
 
     async fn begin_resync(
         &self,
-        epoch: u64,
+        epoch: Epoch,
         from_seq: Seq,
         resume: bool,
         history: History,
     ) -> Result<Option<(u64, Seq)>> {
         let mark_delay = self.switches().mark_delay;
         tokio::time::sleep(mark_delay).await;
-        self.call(|s| s.begin_resync(VOLUME, Epoch(epoch), ids::Seq(from_seq), resume, history))
-            .await
-            .map(|st| st.resync_done)
+        self.call(|s| s.begin_resync(VOLUME, epoch, ids::Seq(from_seq), resume, history)).await.map(|st| st.resync_done)
     }
 
-    async fn set_history(&self, epoch: u64, history: History) -> Result<()> {
-        self.call(|s| s.set_history(VOLUME, Epoch(epoch), history).map(drop)).await
+    async fn set_history(&self, epoch: Epoch, history: History) -> Result<()> {
+        self.call(|s| s.set_history(VOLUME, epoch, history).map(drop)).await
     }
 
-    async fn checkpoint_resync(&self, epoch: u64, offset: u64) -> Result<()> {
-        self.call(|s| s.checkpoint_resync(VOLUME, Epoch(epoch), Offset(offset))).await?;
+    async fn checkpoint_resync(&self, epoch: Epoch, offset: Offset) -> Result<()> {
+        self.call(|s| s.checkpoint_resync(VOLUME, epoch, offset)).await?;
         self.count(|s| s.checkpoints += 1);
         Ok(())
     }
 
-    async fn apply_resync(&self, epoch: u64, chunks: Vec<ResyncChunk>) -> Result<u64> {
+    async fn apply_resync(&self, epoch: Epoch, chunks: Vec<ResyncChunk>) -> Result<u64> {
         self.enter_write().await?;
         let chunks: Vec<store::ResyncChunk> = chunks
             .into_iter()
@@ -334,24 +332,24 @@ impl ReplicaTransport for MemReplica {
             })
             .collect();
         let applied = if self.switches().naive_resync {
-            self.apply_naively(epoch, &chunks)?
+            self.apply_naively(epoch.get(), &chunks)?
         } else {
-            self.store.apply_resync(VOLUME, Epoch(epoch), &chunks)?.applied
+            self.store.apply_resync(VOLUME, epoch, &chunks)?.applied
         };
         self.count(|s| s.resync_writes += chunks.len() as u64);
         Ok(applied)
     }
 
-    async fn end_resync(&self, epoch: u64) -> Result<Seq> {
-        self.call(|s| s.end_resync(VOLUME, Epoch(epoch))).await.map(|st| st.durable_seq)
+    async fn end_resync(&self, epoch: Epoch) -> Result<Seq> {
+        self.call(|s| s.end_resync(VOLUME, epoch)).await.map(|st| st.durable_seq)
     }
 
-    async fn create_snapshot(&self, epoch: u64, snap: SnapshotInfo) -> Result<SnapshotInfo> {
-        self.call(|s| s.create_snapshot(VOLUME, Epoch(epoch), snap)).await
+    async fn create_snapshot(&self, epoch: Epoch, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        self.call(|s| s.create_snapshot(VOLUME, epoch, snap)).await
     }
 
-    async fn delete_snapshot(&self, epoch: u64, name: &str) -> Result<bool> {
-        self.call(|s| s.delete_snapshot(VOLUME, Epoch(epoch), name)).await
+    async fn delete_snapshot(&self, epoch: Epoch, name: &str) -> Result<bool> {
+        self.call(|s| s.delete_snapshot(VOLUME, epoch, name)).await
     }
 
     async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
@@ -360,20 +358,20 @@ impl ReplicaTransport for MemReplica {
 
     async fn install_snapshot(
         &self,
-        epoch: u64,
+        epoch: Epoch,
         snap: SnapshotInfo,
         blocks: Vec<(u64, Option<Vec<u8>>)>,
         last: bool,
     ) -> Result<()> {
-        self.call(|s| s.install_snapshot(VOLUME, Epoch(epoch), snap, &blocks, last).map(drop)).await
+        self.call(|s| s.install_snapshot(VOLUME, epoch, snap, &blocks, last).map(drop)).await
     }
 
-    async fn expand(&self, epoch: u64, new_size: u64) -> Result<()> {
-        self.call(|s| s.expand(VOLUME, Epoch(epoch), new_size).map(drop)).await
+    async fn expand(&self, epoch: Epoch, new_size: u64) -> Result<()> {
+        self.call(|s| s.expand(VOLUME, epoch, new_size).map(drop)).await
     }
 
-    async fn read_snapshot(&self, name: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
-        self.call(|s| s.read_snapshot(VOLUME, name, Offset(offset), len)).await
+    async fn read_snapshot(&self, name: &str, offset: Offset, len: u64) -> Result<Vec<u8>> {
+        self.call(|s| s.read_snapshot(VOLUME, name, offset, len)).await
     }
 
     async fn changed_blocks(&self, from: Option<&str>, to: Option<&str>) -> Result<Vec<(u64, u64)>> {

@@ -43,6 +43,7 @@ use super::link::{with_timeout, Permit};
 use super::transport::{ChunkData, ReplicaTransport, ResyncChunk, SnapshotInfo};
 use super::types::{History, ReplicaId, Seq};
 use hlstore_core::error::{Error, ErrorKind, Result};
+use hlstore_core::{Epoch, Offset};
 
 /// Snapshot blocks sent in one install call, at most.
 const INSTALL_BATCH: usize = 256;
@@ -116,7 +117,7 @@ impl<T: ReplicaTransport> ResyncJob<T> {
         let resume = with_timeout(
             self.timeout,
             "begin resync",
-            self.target.begin_resync(self.epoch, self.consistent, true, self.history),
+            self.target.begin_resync(Epoch(self.epoch), self.consistent, true, self.history),
         )
         .await
         .map_err(on_target)?
@@ -126,10 +127,13 @@ impl<T: ReplicaTransport> ResyncJob<T> {
         }
         let mut target_only = BTreeSet::new();
         if self.two_sided {
-            let mut own =
-                with_timeout(self.timeout, "resync list", self.target.resync_stream(self.epoch, self.since, resume))
-                    .await
-                    .map_err(on_target)?;
+            let mut own = with_timeout(
+                self.timeout,
+                "resync list",
+                self.target.resync_stream(Epoch(self.epoch), self.since, resume),
+            )
+            .await
+            .map_err(on_target)?;
             while let Some(c) = own.next().await {
                 let c = c.map_err(on_target)?;
                 let len = match c.data {
@@ -147,7 +151,7 @@ impl<T: ReplicaTransport> ResyncJob<T> {
         let mut last_bad = None;
         'stream: loop {
             let mut chunks =
-                with_timeout(self.timeout, "resync", self.source.resync_stream(self.epoch, self.since, from))
+                with_timeout(self.timeout, "resync", self.source.resync_stream(Epoch(self.epoch), self.since, from))
                     .await
                     .map_err(on_source)?;
             while let Some(c) = chunks.next().await {
@@ -242,7 +246,7 @@ impl<T: ReplicaTransport> ResyncJob<T> {
             Err(e) => return Err((e, false)),
         };
         for s in tgt.iter().filter(|s| !src.iter().any(|x| x.name == s.name)) {
-            with_timeout(t, "delete snapshot", self.target.delete_snapshot(self.epoch, &s.name))
+            with_timeout(t, "delete snapshot", self.target.delete_snapshot(Epoch(self.epoch), &s.name))
                 .await
                 .map_err(|e| (e, false))?;
         }
@@ -257,7 +261,7 @@ impl<T: ReplicaTransport> ResyncJob<T> {
 
     async fn install(&self, s: &SnapshotInfo) -> std::result::Result<(), (Error, bool)> {
         let (t, bs) = (self.timeout, self.block_size);
-        let install = |blocks, last| self.target.install_snapshot(self.epoch, s.clone(), blocks, last);
+        let install = |blocks, last| self.target.install_snapshot(Epoch(self.epoch), s.clone(), blocks, last);
         with_timeout(t, "install snapshot", install(Vec::new(), false)).await.map_err(|e| (e, false))?;
         let mut runs = with_timeout(t, "changed blocks", self.source.changed_blocks(Some(&s.name), None))
             .await
@@ -274,7 +278,7 @@ impl<T: ReplicaTransport> ResyncJob<T> {
         let mut copied = 0u64;
         for piece in blocks.chunk_by(|a, b| b == &(a + 1)).flat_map(|run| run.chunks(INSTALL_BATCH)) {
             let (first, n) = (piece[0], piece.len() as u64);
-            let data = with_timeout(t, "read snapshot", self.source.read_snapshot(&s.name, first * bs, n * bs))
+            let data = with_timeout(t, "read snapshot", self.source.read_snapshot(&s.name, Offset(first * bs), n * bs))
                 .await
                 .map_err(|e| (e, true))?;
             let batch: Vec<(u64, Option<Vec<u8>>)> = data
@@ -311,8 +315,12 @@ impl<T: ReplicaTransport> ResyncJob<T> {
     /// Copies block `b` (one the target changed on its own) from the source.
     async fn copy_block(&self, b: u64, window: &Arc<Semaphore>, pace: &Pace) -> std::result::Result<(), (Error, bool)> {
         let offset = b * self.block_size;
-        let read =
-            with_timeout(self.timeout, "resync read", self.source.read(self.epoch, offset, self.block_size)).await;
+        let read = with_timeout(
+            self.timeout,
+            "resync read",
+            self.source.read(Epoch(self.epoch), Offset(offset), self.block_size),
+        )
+        .await;
         let data = match read {
             Err(e) if e.kind() == ErrorKind::Corruption => return self.heal_block(b, window).await,
             other => other.map_err(|e| (e, true))?,

@@ -20,6 +20,7 @@ pub use super::grpc_replica::GrpcReplica;
 pub use super::mem_replica::{MemReplica, MemStats};
 use super::types::{History, ReplicaSeqs, Seq};
 use hlstore_core::error::Result;
+use hlstore_core::{Epoch, Offset};
 pub use hlstore_store::{Claim, ClaimMode, SnapshotInfo};
 
 /// One request on a replica's write stream.
@@ -76,19 +77,19 @@ pub trait ReplicaTransport: Send + Sync + 'static {
     fn open(&self, claim: Claim) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
     /// Checks that the replica still accepts `epoch` (`StaleEpoch` once a newer engine
     /// claimed it). Renews the engine's read lease; no disk I/O.
-    fn ping(&self, epoch: u64) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
-    fn write_stream(&self, epoch: u64) -> impl Future<Output = Result<WriteStream>> + Send;
-    fn read(&self, epoch: u64, offset: u64, len: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    fn ping(&self, epoch: Epoch) -> impl Future<Output = Result<ReplicaSeqs>> + Send;
+    fn write_stream(&self, epoch: Epoch) -> impl Future<Output = Result<WriteStream>> + Send;
+    fn read(&self, epoch: Epoch, offset: Offset, len: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
     /// Makes everything applied durable; returns the durable seq.
-    fn flush(&self, epoch: u64) -> impl Future<Output = Result<Seq>> + Send;
+    fn flush(&self, epoch: Epoch) -> impl Future<Output = Result<Seq>> + Send;
     /// Deallocates a range.
-    fn trim(&self, epoch: u64, seq: Seq, offset: u64, len: u64) -> impl Future<Output = Result<()>> + Send;
+    fn trim(&self, epoch: Epoch, seq: Seq, offset: Offset, len: u64) -> impl Future<Output = Result<()>> + Send;
     /// Every trim and block whose content was written after `since` (trims first, then
     /// blocks in offset order); with `resume = Some((below, after))`, blocks below `below`
     /// only if written after `after`.
     fn resync_stream(
         &self,
-        epoch: u64,
+        epoch: Epoch,
         since: Seq,
         resume: Option<(u64, Seq)>,
     ) -> impl Future<Output = Result<BoxStream<'static, Result<ResyncChunk>>>> + Send;
@@ -97,34 +98,34 @@ pub trait ReplicaTransport: Send + Sync + 'static {
     /// unfinished resync from the same `from_seq` left (see `checkpoint_resync`).
     fn begin_resync(
         &self,
-        epoch: u64,
+        epoch: Epoch,
         from_seq: Seq,
         resume: bool,
         history: History,
     ) -> impl Future<Output = Result<Option<(u64, Seq)>>> + Send;
     /// Records (durably) the epoch history the replica's data belongs to from now on.
     /// `Unsupported` from a replica that keeps no history.
-    fn set_history(&self, epoch: u64, history: History) -> impl Future<Output = Result<()>> + Send;
+    fn set_history(&self, epoch: Epoch, history: History) -> impl Future<Output = Result<()>> + Send;
     /// Flushes, then records that every block below `offset` is complete up to the durable
     /// seq.
-    fn checkpoint_resync(&self, epoch: u64, offset: u64) -> impl Future<Output = Result<()>> + Send;
+    fn checkpoint_resync(&self, epoch: Epoch, offset: Offset) -> impl Future<Output = Result<()>> + Send;
     /// Flushes, then records snapshot `snap` at `snap.seq` (ordered after every write up
     /// to it by the caller). Idempotent by name.
-    fn create_snapshot(&self, epoch: u64, snap: SnapshotInfo) -> impl Future<Output = Result<SnapshotInfo>> + Send;
+    fn create_snapshot(&self, epoch: Epoch, snap: SnapshotInfo) -> impl Future<Output = Result<SnapshotInfo>> + Send;
     /// Deletes a snapshot; `false` if there was none.
-    fn delete_snapshot(&self, epoch: u64, name: &str) -> impl Future<Output = Result<bool>> + Send;
+    fn delete_snapshot(&self, epoch: Epoch, name: &str) -> impl Future<Output = Result<bool>> + Send;
     fn list_snapshots(&self) -> impl Future<Output = Result<Vec<SnapshotInfo>>> + Send;
     /// Resync of a snapshot the replica lacks (see `ReplicaStore::install_snapshot`).
     fn install_snapshot(
         &self,
-        epoch: u64,
+        epoch: Epoch,
         snap: SnapshotInfo,
         blocks: Vec<(u64, Option<Vec<u8>>)>,
         last: bool,
     ) -> impl Future<Output = Result<()>> + Send;
     /// Grows the replica to `new_size`.
-    fn expand(&self, epoch: u64, new_size: u64) -> impl Future<Output = Result<()>> + Send;
-    fn read_snapshot(&self, name: &str, offset: u64, len: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
+    fn expand(&self, epoch: Epoch, new_size: u64) -> impl Future<Output = Result<()>> + Send;
+    fn read_snapshot(&self, name: &str, offset: Offset, len: u64) -> impl Future<Output = Result<Vec<u8>>> + Send;
     /// Runs `(first block, count)` that may differ between snapshot `from` (None: empty)
     /// and `to` (None: live).
     fn changed_blocks(
@@ -134,7 +135,7 @@ pub trait ReplicaTransport: Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<(u64, u64)>>> + Send;
     /// Applies copied chunks; a chunk never replaces a block written at a newer seq (see
     /// [`crate`], "Resync ordering"). Returns how many were applied.
-    fn apply_resync(&self, epoch: u64, chunks: Vec<ResyncChunk>) -> impl Future<Output = Result<u64>> + Send;
+    fn apply_resync(&self, epoch: Epoch, chunks: Vec<ResyncChunk>) -> impl Future<Output = Result<u64>> + Send;
     /// Flushes and clears the resync mark; returns the durable seq.
-    fn end_resync(&self, epoch: u64) -> impl Future<Output = Result<Seq>> + Send;
+    fn end_resync(&self, epoch: Epoch) -> impl Future<Output = Result<Seq>> + Send;
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use hlstore_core::{BlockDevice, Error, ErrorKind};
+use hlstore_core::{Epoch, Offset};
 use hlstore_proto::replica as pb;
 use hlstore_proto::replica::replica_server::{Replica, ReplicaServer};
 use hlstore_replication::{
@@ -84,7 +85,7 @@ impl Replica for Fake {
         Ok(Response::new(state(self.0.open(claim).await.map_err(status)?)))
     }
     async fn ping(&self, r: Request<pb::PingRequest>) -> Result<Response<pb::ReplicaState>, Status> {
-        Ok(Response::new(state(self.0.ping(r.into_inner().epoch).await.map_err(status)?)))
+        Ok(Response::new(state(self.0.ping(Epoch(r.into_inner().epoch)).await.map_err(status)?)))
     }
     async fn state(&self, _: Request<pb::StateRequest>) -> Result<Response<pb::ReplicaState>, Status> {
         Ok(Response::new(state(self.0.state().await.map_err(status)?)))
@@ -100,7 +101,7 @@ impl Replica for Fake {
             let mut stream = None;
             while let Some(Ok(m)) = inbound.next().await {
                 if stream.is_none() {
-                    match mem.write_stream(m.epoch).await {
+                    match mem.write_stream(Epoch(m.epoch)).await {
                         Ok(s) => stream = Some(s),
                         Err(e) => {
                             let _ = tx.send(Err(status(e))).await;
@@ -129,16 +130,16 @@ impl Replica for Fake {
 
     async fn read(&self, r: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
         let r = r.into_inner();
-        let data = self.0.read(r.epoch, r.offset, r.length).await.map_err(status)?;
+        let data = self.0.read(Epoch(r.epoch), Offset(r.offset), r.length).await.map_err(status)?;
         Ok(Response::new(pb::ReadResponse { data }))
     }
     async fn flush(&self, r: Request<pb::FlushRequest>) -> Result<Response<pb::FlushResponse>, Status> {
-        let durable_seq = self.0.flush(r.into_inner().epoch).await.map_err(status)?;
+        let durable_seq = self.0.flush(Epoch(r.into_inner().epoch)).await.map_err(status)?;
         Ok(Response::new(pb::FlushResponse { durable_seq }))
     }
     async fn trim(&self, r: Request<pb::TrimRequest>) -> Result<Response<pb::WriteAck>, Status> {
         let r = r.into_inner();
-        self.0.trim(r.epoch, r.seq, r.offset, r.length).await.map_err(status)?;
+        self.0.trim(Epoch(r.epoch), r.seq, Offset(r.offset), r.length).await.map_err(status)?;
         Ok(Response::new(pb::WriteAck { seq: r.seq, durable_seq: 0 }))
     }
     async fn expand(&self, _: Request<pb::ExpandRequest>) -> Result<Response<pb::ReplicaInfo>, Status> {
@@ -189,7 +190,7 @@ impl Replica for Fake {
     async fn resync(&self, r: Request<pb::ResyncRequest>) -> Result<Response<Self::ResyncStream>, Status> {
         let r = r.into_inner();
         let resume = (r.resume_below > 0).then_some((r.resume_below, r.resume_seq));
-        let mut chunks = self.0.resync_stream(r.epoch, r.since_seq, resume).await.map_err(status)?;
+        let mut chunks = self.0.resync_stream(Epoch(r.epoch), r.since_seq, resume).await.map_err(status)?;
         let (tx, rx) = mpsc::channel(16);
         tokio::spawn(async move {
             while let Some(c) = chunks.next().await {
@@ -210,7 +211,8 @@ impl Replica for Fake {
     }
     async fn begin_resync(&self, r: Request<pb::BeginResyncRequest>) -> Result<Response<pb::ReplicaState>, Status> {
         let r = r.into_inner();
-        let done = self.0.begin_resync(r.epoch, r.from_seq, r.resume, history(&r.history)?).await.map_err(status)?;
+        let done =
+            self.0.begin_resync(Epoch(r.epoch), r.from_seq, r.resume, history(&r.history)?).await.map_err(status)?;
         let mut st = state(self.0.state().await.map_err(status)?);
         st.resync_done_offset = done.map(|d| d.0);
         st.resync_done_seq = done.map_or(0, |d| d.1);
@@ -218,7 +220,7 @@ impl Replica for Fake {
     }
     async fn set_history(&self, r: Request<pb::SetHistoryRequest>) -> Result<Response<pb::ReplicaState>, Status> {
         let r = r.into_inner();
-        self.0.set_history(r.epoch, history(&r.history)?).await.map_err(status)?;
+        self.0.set_history(Epoch(r.epoch), history(&r.history)?).await.map_err(status)?;
         Ok(Response::new(state(self.0.state().await.map_err(status)?)))
     }
     async fn checkpoint_resync(
@@ -226,7 +228,7 @@ impl Replica for Fake {
         r: Request<pb::CheckpointResyncRequest>,
     ) -> Result<Response<pb::ReplicaState>, Status> {
         let r = r.into_inner();
-        self.0.checkpoint_resync(r.epoch, r.offset).await.map_err(status)?;
+        self.0.checkpoint_resync(Epoch(r.epoch), Offset(r.offset)).await.map_err(status)?;
         Ok(Response::new(state(self.0.state().await.map_err(status)?)))
     }
     async fn apply_resync(
@@ -249,11 +251,11 @@ impl Replica for Fake {
                 },
             })
             .collect();
-        let applied = self.0.apply_resync(r.epoch, chunks).await.map_err(status)?;
+        let applied = self.0.apply_resync(Epoch(r.epoch), chunks).await.map_err(status)?;
         Ok(Response::new(pb::ApplyResyncResponse { applied, skipped_newer: 0 }))
     }
     async fn end_resync(&self, r: Request<pb::EndResyncRequest>) -> Result<Response<pb::ReplicaState>, Status> {
-        self.0.end_resync(r.into_inner().epoch).await.map_err(status)?;
+        self.0.end_resync(Epoch(r.into_inner().epoch)).await.map_err(status)?;
         Ok(Response::new(state(self.0.state().await.map_err(status)?)))
     }
 }
@@ -375,10 +377,10 @@ async fn grpc_errors_map_to_engine_kinds() {
     }
     let lost = Claim { epoch: 4, owner: 9, owner_node: "n9".into(), mode: ClaimMode::Cas { expect: 1 } };
     assert_eq!(c.open(lost).await.unwrap_err().kind(), ErrorKind::Conflict);
-    assert_eq!(c.ping(3).await.unwrap().epoch, 3);
-    assert_eq!(c.ping(2).await.unwrap_err().kind(), ErrorKind::StaleEpoch);
-    assert_eq!(c.read(3, BS, BS).await.unwrap(), block(0));
-    assert_eq!(c.read(3, SIZE, BS).await.unwrap_err().kind(), ErrorKind::Unavailable);
+    assert_eq!(c.ping(Epoch(3)).await.unwrap().epoch, 3);
+    assert_eq!(c.ping(Epoch(2)).await.unwrap_err().kind(), ErrorKind::StaleEpoch);
+    assert_eq!(c.read(Epoch(3), Offset(BS), BS).await.unwrap(), block(0));
+    assert_eq!(c.read(Epoch(3), Offset(SIZE), BS).await.unwrap_err().kind(), ErrorKind::Unavailable);
     mems[0].set_down(true);
     assert_eq!(c.state().await.unwrap_err().kind(), ErrorKind::Unavailable);
     // A replica that is not listening at all.
@@ -401,21 +403,21 @@ async fn fencing_epoch_and_corrupt_offset_cross_the_wire() {
         Error::StaleEpoch { volume, got, current } => assert_eq!((volume.as_str(), got, current), (VOLUME, 2, 5)),
         other => panic!("unexpected error {other:?}"),
     }
-    let mut ws = c.write_stream(3).await.unwrap();
+    let mut ws = c.write_stream(Epoch(3)).await.unwrap();
     ws.requests.send(WriteReq { seq: 1, offset: 0, data: block(7).into(), fua: false }).await.unwrap();
     match ws.acks.next().await {
         Some(Err(Error::StaleEpoch { got, current, .. })) => assert_eq!((got, current), (3, 5)),
         other => panic!("unexpected ack {other:?}"),
     }
-    let mut ws = c.write_stream(5).await.unwrap();
+    let mut ws = c.write_stream(Epoch(5)).await.unwrap();
     ws.requests.send(WriteReq { seq: 1, offset: 3 * BS, data: block(7).into(), fua: true }).await.unwrap();
     assert!(ws.acks.next().await.unwrap().is_ok());
     mems[0].corrupt_block(3);
-    match c.read(5, 2 * BS, 2 * BS).await.unwrap_err() {
+    match c.read(Epoch(5), Offset(2 * BS), 2 * BS).await.unwrap_err() {
         Error::Corruption { volume, offset, .. } => assert_eq!((volume.as_str(), offset), (VOLUME, 3 * BS)),
         other => panic!("unexpected error {other:?}"),
     }
-    let mut rs = c.resync_stream(5, 0, None).await.unwrap();
+    let mut rs = c.resync_stream(Epoch(5), 0, None).await.unwrap();
     let mut failed = None;
     while let Some(item) = rs.next().await {
         if let Err(e) = item {

@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use hlstore_core::Epoch;
 use hlstore_core::{BlockDevice, ErrorKind};
 use hlstore_replication::{
     ChunkData, HealStats, MachineConfig, MemReplica, ReplicaStatus, ReplicaTransport, ReplicatedVolume, ResyncChunk,
@@ -163,7 +164,7 @@ async fn the_scrub_repairs_corrupt_blocks_and_reports_divergence() {
     let epoch = vol.epoch();
     let stray = ResyncChunk { offset: 9 * BS, seq: 1, data: ChunkData::Data(Bytes::from(block(7, 9))) };
     reps[2].set_naive_resync(true);
-    reps[2].apply_resync(epoch, vec![stray]).await.unwrap();
+    reps[2].apply_resync(Epoch(epoch), vec![stray]).await.unwrap();
     until("divergence reported", 10, || get(&h.divergent_blocks) >= 1).await;
     assert!(all_healthy(&vol), "{:?}", vol.replicas());
     vol.close().await;

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use hlstore_core::Offset;
 use hlstore_core::{BlockDevice, ErrorKind};
 use hlstore_replication::{MachineConfig, MemReplica, ReplicaStatus, ReplicatedVolume, VolumeConfig};
 
@@ -247,8 +248,12 @@ async fn snapshots_missed_while_down_are_carried_by_resync() {
     };
     assert_eq!(names(&reps[2]).await, [("new".to_string(), new.seq, false)]);
     assert_eq!(names(&reps[0]).await, names(&reps[2]).await);
-    let want = reps[0].read_snapshot("new", 0, SIZE).await.unwrap();
-    assert_same(&reps[2].read_snapshot("new", 0, SIZE).await.unwrap(), &want, "snapshot on the resynced replica");
+    let want = reps[0].read_snapshot("new", Offset(0), SIZE).await.unwrap();
+    assert_same(
+        &reps[2].read_snapshot("new", Offset(0), SIZE).await.unwrap(),
+        &want,
+        "snapshot on the resynced replica",
+    );
     assert_eq!(&want[..8], &block(2, 0)[..8], "the snapshot saw the second write, not the trim");
     assert_same(&reps[2].contents(), &reps[0].contents(), "replica contents");
     vol.close().await;
