@@ -21,7 +21,7 @@ DENY_VERSION=0.20.2
 if ! cargo deny --version 2>/dev/null | grep -q "$DENY_VERSION"; then
     cargo install cargo-deny --locked --version "$DENY_VERSION" --quiet
 fi
-cargo deny --log-level warn check licenses bans sources
+cargo deny --log-level warn check --hide-inclusion-graph licenses bans sources
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
