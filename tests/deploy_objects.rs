@@ -271,3 +271,69 @@ fn dashboard_uses_only_exported_metrics() {
     let prod = rendered("production");
     assert!(prod.contains("hlstore-dashboard.json") && prod.contains("grafana_dashboard"));
 }
+
+#[test]
+fn alerts_cover_the_failures_and_use_only_exported_metrics() {
+    let objs = objects("production");
+    let rules = of_kind(&objs, "PrometheusRule");
+    assert_eq!(rules.len(), 1, "production ships one PrometheusRule");
+    let rule = rules[0];
+    assert_eq!(s(&rule["apiVersion"], "apiVersion"), "monitoring.coreos.com/v1");
+    // kube-prometheus-stack selects rules and monitors by its release label.
+    for o in rules.iter().chain(of_kind(&objs, "PodMonitor").iter()) {
+        assert!(o["metadata"]["labels"]["release"].is_string(), "{} has no release label", name(o));
+    }
+    let exported = exported_metric_names();
+    let mut alerts = BTreeSet::new();
+    let groups = rule["spec"]["groups"].as_sequence().expect("spec.groups");
+    for g in groups {
+        for r in g["rules"].as_sequence().expect("rules") {
+            let alert = s(&r["alert"], "alert");
+            assert!(alert.starts_with("Hlstore"), "{alert}");
+            let expr = s(&r["expr"], "expr");
+            assert!(["critical", "warning", "info"].contains(&s(&r["labels"]["severity"], "severity")), "{alert}");
+            assert!(!s(&r["annotations"]["summary"], "summary").is_empty());
+            assert!(!s(&r["annotations"]["description"], "description").is_empty());
+            if let Some(f) = r["for"].as_str() {
+                assert!(f.ends_with('m') || f.ends_with('s') || f.ends_with('h'), "{alert}: for {f}");
+            }
+            let used: Vec<&str> = expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("hlstore_"))
+                .collect();
+            for m in &used {
+                assert!(exported.contains(*m), "{alert} uses {m}, which no code exports");
+            }
+            alerts.insert(alert.to_string());
+        }
+    }
+    for want in [
+        "HlstoreVolumeWithoutWriteQuorum",
+        "HlstoreVolumeDegraded",
+        "HlstoreResyncStuck",
+        "HlstoreCorruptionDetected",
+        "HlstoreUnrecoverableBlocks",
+        "HlstoreNodeDiskAlmostFull",
+        "HlstoreBackupTooOld",
+        "HlstoreBackupJobFailed",
+    ] {
+        assert!(alerts.contains(want), "no alert {want}: {alerts:?}");
+    }
+    // promtool, where a Debian `prometheus` package provides it, checks the PromQL too.
+    if let Ok(out) = Command::new("promtool").arg("--version").output() {
+        if out.status.success() {
+            let dir = tempfile::tempdir().unwrap();
+            let file = dir.path().join("rules.yaml");
+            std::fs::write(&file, serde_yaml::to_string(&rule["spec"]).unwrap()).unwrap();
+            let check = Command::new("promtool").arg("check").arg("rules").arg(&file).output().unwrap();
+            assert!(
+                check.status.success(),
+                "promtool check rules:\n{}{}",
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+    } else {
+        eprintln!("promtool not installed: PromQL syntax not checked");
+    }
+}
