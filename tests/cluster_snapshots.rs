@@ -68,13 +68,18 @@ fn snapshot_revert_clone_expand() {
 
     // A snapshot reads back while the volume keeps being written: clone s1.
     qemu_io(&uri, &["write -P 0x33 32M 1M"]);
-    cli(&["volume", "clone", VOLUME, "c1", "--snapshot", "s1"]);
-    let c1 = cli(&["volume", "attach", "c1", "--node", "n2"]).trim().to_string();
+    let clone = json(&c, &["volume", "clone", VOLUME, "c1", "--snapshot", "s1", "--json", "--endpoint", &ep]);
+    assert_eq!((clone["name"].as_str(), clone["size"].as_u64()), (Some("c1"), Some(64 * MIB)), "{clone}");
+    let attached = json(&c, &["volume", "attach", "c1", "--node", "n2", "--json", "--endpoint", &ep]);
+    assert_eq!(attached["attached_node"], "n2", "{attached}");
+    let c1 = attached["nbd_uri"].as_str().expect("nbd_uri").to_string();
     qemu_io(&c1, &["read -P 0x11 0 8M", "read -P 0 8M 56M"]);
-    cli(&["volume", "detach", "c1"]);
+    let detached = json(&c, &["volume", "detach", "c1", "--json", "--endpoint", &ep]);
+    assert_eq!(detached, serde_json::json!({"volume": "c1", "detached": true}));
 
     // Online expand: a new connection sees the new size and can use it.
-    cli(&["volume", "expand", VOLUME, "--size", "128MiB"]);
+    let expanded = json(&c, &["volume", "expand", VOLUME, "--size", "128MiB", "--json", "--endpoint", &ep]);
+    assert_eq!(expanded["size"].as_u64(), Some(128 * MIB), "{expanded}");
     assert_eq!(export_size(&uri), 128 * MIB);
     qemu_io(&uri, &["write -P 0x44 100M 1M", "read -P 0x44 100M 1M"]);
     let (ok, _, err) = c.try_cli(&["volume", "expand", VOLUME, "--size", "64MiB", "--endpoint", &ep]);
@@ -84,17 +89,23 @@ fn snapshot_revert_clone_expand() {
     let (ok, _, err) = c.try_cli(&["snapshot", "revert", VOLUME, "s1", "--endpoint", &ep]);
     assert!(!ok && err.contains("detach it first"), "revert while attached: {err}");
     cli(&["volume", "detach", VOLUME]);
-    cli(&["snapshot", "revert", VOLUME, "s1"]);
+    let reverted = json(&c, &["snapshot", "revert", VOLUME, "s1", "--json", "--endpoint", &ep]);
+    assert_eq!(reverted, serde_json::json!({"volume": VOLUME, "reverted_to": "s1"}));
     let uri = cli(&["volume", "attach", VOLUME, "--node", "n1"]).trim().to_string();
     qemu_io(&uri, &["read -P 0x11 0 8M", "read -P 0 8M 120M"]);
 
     // Delete: gone from every replica; unknown names are reported, not errors.
-    cli(&["snapshot", "delete", VOLUME, "s2"]);
+    let deleted = json(&c, &["snapshot", "delete", VOLUME, "s2", "--json", "--endpoint", &ep]);
+    assert_eq!(deleted, serde_json::json!({"volume": VOLUME, "snapshot": "s2", "existed": true}));
     let list = json(&c, &["snapshot", "list", VOLUME, "--json", "--endpoint", &ep]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
     assert!(cli(&["snapshot", "delete", VOLUME, "s2"]).contains("did not exist"));
     let (ok, _, err) = c.try_cli(&["snapshot", "revert", VOLUME, "nope", "--endpoint", &ep]);
     assert!(!ok && !err.is_empty(), "revert to an unknown snapshot must fail");
+    let gone = json(&c, &["volume", "delete", "c1", "--json", "--endpoint", &ep]);
+    assert_eq!(gone, serde_json::json!({"volume": "c1", "existed": true}));
+    let again = json(&c, &["volume", "delete", "c1", "--json", "--endpoint", &ep]);
+    assert_eq!(again, serde_json::json!({"volume": "c1", "existed": false}));
     let out = run_tool(Command::new(env!("CARGO_BIN_EXE_hlstore")).args(["snapshot", "--help"]), TOOL_TIMEOUT);
     assert!(String::from_utf8_lossy(&out.stdout).contains("revert"));
 }

@@ -29,10 +29,22 @@ pub enum SnapshotCommand {
         json: bool,
     },
     /// Delete a snapshot; the blocks only it kept are freed.
-    Delete { volume: String, name: String },
+    Delete {
+        volume: String,
+        name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Roll a volume back to a snapshot (detach it first). Only blocks changed since the
     /// snapshot are rewritten; the snapshot stays.
-    Revert { volume: String, name: String },
+    Revert {
+        volume: String,
+        name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Blocks changed between two snapshots, or since one (for incremental copies).
     Diff {
         volume: String,
@@ -90,19 +102,27 @@ pub async fn run(endpoint: &str, cmd: SnapshotCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        SnapshotCommand::Delete { volume, name } => {
+        SnapshotCommand::Delete { volume, name, json } => {
             let req = vpb::DeleteSnapshotRequest { volume: volume.clone(), name: name.clone() };
             let existed = c.delete_snapshot(req).await.map_err(status_err)?.into_inner().existed;
-            if existed {
+            if json {
+                let v = serde_json::json!({ "volume": volume, "snapshot": name, "existed": existed });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if existed {
                 println!("snapshot {name} of {volume} deleted");
             } else {
                 println!("snapshot {name} of {volume} did not exist");
             }
         }
-        SnapshotCommand::Revert { volume, name } => {
+        SnapshotCommand::Revert { volume, name, json } => {
             let req = vpb::RevertSnapshotRequest { volume: volume.clone(), name: name.clone() };
             c.revert_snapshot(req).await.map_err(status_err)?;
-            println!("volume {volume} reverted to snapshot {name}");
+            if json {
+                let v = serde_json::json!({ "volume": volume, "reverted_to": name });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("volume {volume} reverted to snapshot {name}");
+            }
         }
         SnapshotCommand::Diff { volume, from, to, json } => {
             let req = vpb::ChangedBlocksRequest { volume, from, to: to.unwrap_or_default() };

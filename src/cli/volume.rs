@@ -29,6 +29,9 @@ pub enum VolumeCommand {
         /// Write quorum (default: a majority of the replicas).
         #[arg(long)]
         write_quorum: Option<u32>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List volumes with their replicas and where they are attached.
     List {
@@ -60,9 +63,17 @@ pub enum VolumeCommand {
         /// before serving, so no client ever reads data older than what was acknowledged.
         #[arg(long)]
         force: bool,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Flush and stop the volume's engine.
-    Detach { name: String },
+    Detach {
+        name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move a replica to another node, e.g. off a dead node.
     ///
     /// The volume is detached briefly, the replica set is rewritten under a new epoch, and
@@ -79,9 +90,17 @@ pub enum VolumeCommand {
         /// Node that gets the new replica.
         #[arg(long)]
         to: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a volume and all its replicas (it must be detached).
-    Delete { name: String },
+    Delete {
+        name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create a new, independent volume with the content of SOURCE (a snapshot of it).
     ///
     /// Only the blocks the snapshot holds are copied. Without --snapshot, a snapshot of
@@ -100,6 +119,9 @@ pub enum VolumeCommand {
         /// Size of the clone (default: the snapshot's size; larger grows it).
         #[arg(long, value_parser = parse_size)]
         size: Option<u64>,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Grow a volume (online when attached: NBD clients see the new size on reconnect).
     ///
@@ -109,6 +131,9 @@ pub enum VolumeCommand {
         /// New size (at least the current one; KiB, MiB, GiB, TiB).
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Run one scrub pass now: read every block from every in-sync replica, compare, and
     /// rewrite blocks that fail their checksum from a good copy. Unthrottled (the
@@ -157,6 +182,11 @@ pub fn volume_json(v: &vpb::Volume) -> serde_json::Value {
     })
 }
 
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
 fn print_table(vols: &[vpb::Volume]) {
     println!("{:<24} {:>10} {:<10} {:<40} REPLICAS", "NAME", "SIZE", "ATTACHED", "NBD URI");
     for v in vols {
@@ -175,7 +205,7 @@ fn print_table(vols: &[vpb::Volume]) {
 pub async fn run(endpoint: &str, cmd: VolumeCommand) -> anyhow::Result<()> {
     let mut c = connect(endpoint).await?;
     match cmd {
-        VolumeCommand::Create { name, size, replicas, nodes, write_quorum } => {
+        VolumeCommand::Create { name, size, replicas, nodes, write_quorum, json } => {
             let req = vpb::CreateVolumeRequest {
                 name: name.clone(),
                 size,
@@ -185,7 +215,11 @@ pub async fn run(endpoint: &str, cmd: VolumeCommand) -> anyhow::Result<()> {
                 labels: Default::default(),
             };
             let v = c.create_volume(req).await.map_err(status_err)?.into_inner();
-            println!("volume {name} ({}) on {}", format_size(v.size), v.replica_set.join(", "));
+            if json {
+                print_json(&volume_json(&v))?;
+            } else {
+                println!("volume {name} ({}) on {}", format_size(v.size), v.replica_set.join(", "));
+            }
         }
         VolumeCommand::List { json } => {
             let vols = c.list_volumes(vpb::ListVolumesRequest {}).await.map_err(status_err)?.into_inner().volumes;
@@ -217,21 +251,33 @@ pub async fn run(endpoint: &str, cmd: VolumeCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        VolumeCommand::Attach { name, node, nbd_listen, force } => {
+        VolumeCommand::Attach { name, node, nbd_listen, force, json } => {
             let req = vpb::AttachVolumeRequest { name, node, nbd_listen: nbd_listen.unwrap_or_default(), force };
             let v = c.attach_volume(req).await.map_err(status_err)?.into_inner();
-            println!("{}", v.nbd_uri);
+            if json {
+                print_json(&volume_json(&v))?;
+            } else {
+                println!("{}", v.nbd_uri);
+            }
         }
-        VolumeCommand::Detach { name } => {
+        VolumeCommand::Detach { name, json } => {
             c.detach_volume(vpb::DetachVolumeRequest { name: name.clone() }).await.map_err(status_err)?;
-            println!("volume {name} detached");
+            if json {
+                print_json(&serde_json::json!({ "volume": name, "detached": true }))?;
+            } else {
+                println!("volume {name} detached");
+            }
         }
-        VolumeCommand::ReplaceReplica { name, from, to } => {
+        VolumeCommand::ReplaceReplica { name, from, to, json } => {
             let req = vpb::ReplaceReplicaRequest { name: name.clone(), from_node: from.clone(), to_node: to.clone() };
             let v = c.replace_replica(req).await.map_err(status_err)?.into_inner();
-            println!("volume {name}: replica moved from {from} to {to}; replicas now {}", v.replica_set.join(", "));
+            if json {
+                print_json(&volume_json(&v))?;
+            } else {
+                println!("volume {name}: replica moved from {from} to {to}; replicas now {}", v.replica_set.join(", "));
+            }
         }
-        VolumeCommand::Clone { source, name, snapshot, replicas, size } => {
+        VolumeCommand::Clone { source, name, snapshot, replicas, size, json } => {
             let req = vpb::CloneVolumeRequest {
                 source: source.clone(),
                 name: name.clone(),
@@ -242,12 +288,24 @@ pub async fn run(endpoint: &str, cmd: VolumeCommand) -> anyhow::Result<()> {
                 size: size.unwrap_or(0),
             };
             let v = c.clone_volume(req).await.map_err(status_err)?.into_inner();
-            println!("volume {name} ({}) cloned from {source} on {}", format_size(v.size), v.replica_set.join(", "));
+            if json {
+                print_json(&volume_json(&v))?;
+            } else {
+                println!(
+                    "volume {name} ({}) cloned from {source} on {}",
+                    format_size(v.size),
+                    v.replica_set.join(", ")
+                );
+            }
         }
-        VolumeCommand::Expand { name, size } => {
+        VolumeCommand::Expand { name, size, json } => {
             let req = vpb::ExpandVolumeRequest { name: name.clone(), size };
             let v = c.expand_volume(req).await.map_err(status_err)?.into_inner();
-            println!("volume {name} is now {}", format_size(v.size));
+            if json {
+                print_json(&volume_json(&v))?;
+            } else {
+                println!("volume {name} is now {}", format_size(v.size));
+            }
         }
         VolumeCommand::Scrub { name, json } => {
             let r = c.scrub_volume(vpb::ScrubVolumeRequest { name }).await.map_err(status_err)?.into_inner();
@@ -267,9 +325,12 @@ pub async fn run(endpoint: &str, cmd: VolumeCommand) -> anyhow::Result<()> {
                 anyhow::bail!("volume {}: the scrub found blocks it could not repair (see the node's log)", r.name);
             }
         }
-        VolumeCommand::Delete { name } => {
+        VolumeCommand::Delete { name, json } => {
             let r = c.delete_volume(vpb::DeleteVolumeRequest { name: name.clone() }).await.map_err(status_err)?;
-            if r.into_inner().existed {
+            let existed = r.into_inner().existed;
+            if json {
+                print_json(&serde_json::json!({ "volume": name, "existed": existed }))?;
+            } else if existed {
                 println!("volume {name} deleted");
             } else {
                 println!("volume {name} did not exist");
