@@ -114,6 +114,10 @@ pub(super) struct Actor<T> {
     /// The payload of the client write being stepped, and payloads sequenced in this step.
     current: Option<Payload>,
     payloads: HashMap<Seq, Payload>,
+    /// Links found over their byte bound while a step's commands were applied: failed
+    /// once the step is done (failing one steps the machine, which must not happen in the
+    /// middle of another step: the commands left of it would lose their payloads).
+    left_behind: Vec<(ReplicaId, u64, Error)>,
     statuses: Vec<ReplicaStatus>,
     links: Vec<Option<LinkHandle>>,
     /// Running resync per target: (generation, task, source).
@@ -159,6 +163,7 @@ impl<T: ReplicaTransport> Actor<T> {
             ops: HashMap::new(),
             current: None,
             payloads: HashMap::new(),
+            left_behind: Vec::new(),
             statuses: vec![ReplicaStatus::Unknown; n],
             links: (0..n).map(|_| None).collect(),
             resyncs: (0..n).map(|_| None).collect(),
@@ -533,6 +538,9 @@ impl<T: ReplicaTransport> Actor<T> {
             self.apply(cmd);
         }
         self.payloads.clear();
+        for (r, gen, e) in std::mem::take(&mut self.left_behind) {
+            self.on_link(r, gen, LinkEvent::Failed(e));
+        }
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         for (r, info) in shared.replicas.iter_mut().enumerate() {
             let v = self.machine.view(r);
@@ -872,8 +880,18 @@ impl<T: ReplicaTransport> Actor<T> {
     }
 
     fn send_write(&mut self, replica: ReplicaId, seq: Seq, fua: bool) {
+        if self.left_behind.iter().any(|(r, ..)| *r == replica) {
+            // Its link fails at the end of this step: nothing more goes on it (a later
+            // write must not reach the replica past the one it skipped).
+            return;
+        }
         let Some(p) = self.payloads.get(&seq).cloned() else {
+            // Never leave a gap in a replica's ordered stream: acks are cumulative, so a
+            // later write's ack would cover the one never sent. Fail the link instead.
             tracing::error!(volume.id = %self.cfg.name, seq, "write without a payload");
+            let gen = self.link(replica).gen;
+            let e = Error::Internal(format!("write {seq} lost its payload before reaching its replica"));
+            self.left_behind.push((replica, gen, e));
             return;
         };
         if self.statuses[replica] == ReplicaStatus::Resyncing {
@@ -900,7 +918,8 @@ impl<T: ReplicaTransport> Actor<T> {
                 self.replicas[replica].name(),
                 link::MAX_QUEUED_BYTES >> 20
             ));
-            self.on_link(replica, gen, LinkEvent::Failed(e));
+            queued.fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
+            self.left_behind.push((replica, gen, e));
             return;
         }
         let _ = self.link(replica).ops.send(op);

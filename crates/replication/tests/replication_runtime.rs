@@ -541,31 +541,40 @@ async fn attach_without_a_majority_fails() {
 /// A replica that stops answering while writes keep coming is left behind once its queue
 /// holds `MAX_QUEUED_BYTES` (64 MiB) of unacked writes, long before its failure timeout:
 /// the queue is bounded in bytes, the quorum keeps acking, and the replica catches up by
-/// resync once it answers again.
+/// resync once it answers again. Every write goes to its own place, so a write lost on the
+/// way (the write whose send trips the bound must still reach the other replicas) shows
+/// as a hole on every replica.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_replica_is_left_behind_when_its_queue_is_full_of_bytes() {
+    const BIG: u64 = 128 << 20;
     let mut c = config(3, None);
+    c.size = BIG;
     c.machine.failure_timeout_ms = 120_000;
-    let reps = replicas(3);
+    let reps: Vec<MemReplica> = (0..3).map(|i| MemReplica::new(format!("node-{i}"), BIG)).collect();
     let vol = attach(c, &reps).await;
-    reps[2].set_delay(Duration::from_secs(2));
+    // The first replica stalls: the write whose send to it trips the bound is then
+    // still to be sent to the two others in the same step.
+    reps[0].set_delay(Duration::from_secs(2));
     let piece = 64 * BS;
-    let mut last = Vec::new();
-    for i in 0..1200u64 {
-        let data: Vec<u8> = (0..piece).map(|j| (i as u8).wrapping_add((j / BS) as u8)).collect();
-        let at = (i % (SIZE / piece)) * piece;
+    let mut expect = vec![0u8; BIG as usize];
+    for i in 0..(BIG / piece) {
+        let data: Vec<u8> = (0..piece).map(|j| (i as u8).wrapping_add((j / BS) as u8) | 1).collect();
+        let at = i * piece;
         vol.write(at, data.clone(), false).await.expect("the quorum acks without the stalled replica");
-        last.push((at, data));
+        expect[at as usize..(at + piece) as usize].copy_from_slice(&data);
     }
     wait_for(&vol, "the stalled replica to be left behind", |r| {
-        !matches!(r[2].status, ReplicaStatus::Healthy | ReplicaStatus::Lagging)
+        !matches!(r[0].status, ReplicaStatus::Healthy | ReplicaStatus::Lagging)
     })
     .await;
-    reps[2].set_delay(Duration::ZERO);
     vol.flush().await.unwrap();
+    assert_same(&reps[1].contents(), &expect, "replica 1: every acknowledged write");
+    assert_same(&reps[2].contents(), &expect, "replica 2: every acknowledged write");
+    reps[0].set_delay(Duration::ZERO);
     wait_for(&vol, "every replica healthy again", |r| r.iter().all(|h| h.status == ReplicaStatus::Healthy)).await;
     vol.flush().await.unwrap();
-    assert_same(&reps[2].contents(), &reps[0].contents(), "the left-behind replica after its resync");
+    assert_same(&reps[0].contents(), &expect, "the left-behind replica after its resync");
+    vol.close().await;
 }
 
 /// A returning replica is marked as resyncing on its ordered link before any new write
