@@ -27,6 +27,8 @@ pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
 pub const INDEX_BATCH: usize = 16;
 /// Most reader threads a source may ask for ([`Source::parallel_reads`]).
 pub const MAX_READERS: usize = 16;
+/// Granularity of incremental reads (the block size of volumes).
+pub const CHANGE_ALIGN: u64 = 4096;
 
 /// Options of one backup run.
 #[derive(Clone)]
@@ -91,7 +93,7 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
     }
     let condemned = repo.condemned_packs()?;
     let index = if condemned.is_empty() { load.index } else { load.index.without_packs(&condemned) };
-    let chunker = repo.config().chunker;
+    let chunker = repo.config().chunker_for(source.changed_block_tracking());
     let size = source.size();
     let name = source.name();
     let parent = match &opts.parent {
@@ -101,12 +103,15 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
             None => None,
         },
     };
-    // With a changed-range hint and a compatible parent, read only what changed.
+    // With a changed-range hint and a compatible parent, read only what changed: whole
+    // chunks in version 1 repositories, 4 KiB blocks otherwise (the unchanged rest of a
+    // chunk is kept as a partial reference to the parent's chunk).
     let read_ranges: Vec<Range<u64>> = match (&parent, source.changed_ranges(), chunker) {
         (Some(p), Some(changed), ChunkerConfig::Fixed { size: cs })
             if p.meta.chunker == chunker && p.meta.size == size =>
         {
-            align_ranges(&changed, cs as u64, size)
+            let align = if repo.partial_refs() { CHANGE_ALIGN.min(cs as u64) } else { cs as u64 };
+            align_ranges(&changed, align, size)
         }
         _ => std::iter::once(0..size).collect(),
     };
@@ -186,17 +191,10 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
     if let Some(p) = &parent {
         let whole = read_ranges.len() == 1 && read_ranges[0] == (0..size);
         if !whole {
-            // Take unchanged chunks over from the parent.
-            let mut i = 0;
-            for c in &p.chunks {
-                while i < read_ranges.len() && read_ranges[i].end <= c.offset {
-                    i += 1;
-                }
-                let inside = i < read_ranges.len() && read_ranges[i].start <= c.offset;
-                if !inside {
-                    refs.push(*c);
-                    stats.bytes_skipped += c.len as u64;
-                }
+            // Take what was not read over from the parent.
+            for c in unread_parts(&p.chunks, &read_ranges) {
+                stats.bytes_skipped += c.len as u64;
+                refs.push(c);
             }
         }
     }
@@ -239,6 +237,48 @@ fn align_ranges(changed: &[Range<u64>], cs: u64, size: u64) -> Vec<Range<u64>> {
     out
 }
 
+/// The parts of `chunks` (sorted by offset, not overlapping) outside `read` (sorted,
+/// merged): whole chunks where nothing was read, trimmed references (`skip`, `len`)
+/// where part of a chunk was.
+fn unread_parts(chunks: &[ChunkRef], read: &[Range<u64>]) -> Vec<ChunkRef> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    for c in chunks {
+        while i < read.len() && read[i].end <= c.offset {
+            i += 1;
+        }
+        let mut pos = c.offset;
+        let end = c.end();
+        let mut j = i;
+        while pos < end {
+            match read.get(j) {
+                Some(r) if r.start < end => {
+                    if r.start > pos {
+                        out.push(ChunkRef {
+                            offset: pos,
+                            len: (r.start - pos) as u32,
+                            id: c.id,
+                            skip: c.skip + (pos - c.offset) as u32,
+                        });
+                    }
+                    pos = pos.max(r.end);
+                    j += 1;
+                }
+                _ => {
+                    out.push(ChunkRef {
+                        offset: pos,
+                        len: (end - pos) as u32,
+                        id: c.id,
+                        skip: c.skip + (pos - c.offset) as u32,
+                    });
+                    pos = end;
+                }
+            }
+        }
+    }
+    out
+}
+
 fn read_source(
     run: &Run<'_>,
     source: &dyn Source,
@@ -252,11 +292,14 @@ fn read_source(
             let step = (BATCH_BYTES / cs).max(1) * cs;
             // Batches are independent (chunk boundaries are fixed; refs are sorted at the
             // end), so sources that gain from it are read by several threads at once.
+            // Batches end on the chunk grid; a range that starts or ends off the grid (an
+            // incremental read of changed blocks) gives shorter chunks at its edges.
             let mut jobs: Vec<(u64, usize)> = Vec::new();
             for r in ranges {
                 let mut off = r.start;
                 while off < r.end {
-                    let n = step.min((r.end - off) as usize);
+                    let to_grid = step - (off % cs as u64) as usize;
+                    let n = to_grid.min((r.end - off) as usize);
                     jobs.push((off, n));
                     off += n as u64;
                 }
@@ -272,7 +315,9 @@ fn read_source(
                     };
                     let mut data = vec![0u8; n];
                     source.read_at(off, &mut data)?;
-                    let ends = (1..=n.div_ceil(cs)).map(|k| (k * cs).min(n)).collect();
+                    // Chunk ends: the grid lines inside the batch, then its end.
+                    let first = cs - (off % cs as u64) as usize;
+                    let ends = (0..).map(|k| first + k * cs).take_while(|&e| e < n).chain(std::iter::once(n)).collect();
                     if tx.send(Batch { base: off, data, ends }).is_err() {
                         return Ok(());
                     }
@@ -362,7 +407,7 @@ fn work(run: &Run<'_>, rx: Arc<Mutex<Receiver<Batch>>>, tx: SyncSender<Processed
                 continue;
             }
             let id = key.chunk_id(data);
-            out.refs.push(ChunkRef { offset, len: data.len() as u32, id });
+            out.refs.push(ChunkRef::whole(offset, data.len() as u32, id));
             if run.index.contains(&id) {
                 continue;
             }
@@ -444,6 +489,17 @@ fn upload(run: &Run<'_>, rx: Arc<Mutex<Receiver<FinishedPack>>>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unread_parts_trim_chunks_around_what_was_read() {
+        let id = ChunkId([1; 32]);
+        let c = |offset, len, skip| ChunkRef { offset, len, id, skip };
+        let chunks = vec![c(0, 100, 0), c(100, 100, 0), c(200, 50, 30), c(300, 100, 0)];
+        let parts = unread_parts(&chunks, &[10..20, 90..110, 300..400]);
+        assert_eq!(parts, vec![c(0, 10, 0), c(20, 70, 20), c(110, 90, 10), c(200, 50, 30)]);
+        assert_eq!(unread_parts(&chunks, &[]), chunks);
+        assert!(unread_parts(&chunks, &[0..1000]).is_empty());
+    }
 
     #[test]
     fn ranges_align_and_merge() {

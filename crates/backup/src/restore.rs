@@ -53,10 +53,13 @@ pub struct RestoreStats {
     pub packs_resumed: u64,
 }
 
+/// Where a chunk's bytes go: (source offset, skip into the chunk, length).
+type Piece = (u64, u32, u32);
+
 struct Job {
     pack: String,
-    /// (blob location, chunk, every offset it goes to), sorted by blob offset.
-    chunks: Vec<(Location, ChunkId, Vec<u64>)>,
+    /// (blob location, chunk, every piece of it to write), sorted by blob offset.
+    chunks: Vec<(Location, ChunkId, Vec<Piece>)>,
 }
 
 /// Restores snapshot `id` (a unique prefix is enough) to `target`.
@@ -140,21 +143,32 @@ pub fn restore_into(repo: &Repository, id: &str, sink: &dyn RestoreSink, opts: R
 /// chunk fails early.
 fn plan_jobs(repo: &Repository, id: &str, chunks: &[ChunkRef]) -> Result<Vec<Job>> {
     let index = repo.load_index()?.index;
-    let mut by_chunk: HashMap<ChunkId, Vec<u64>> = HashMap::new();
+    // Prefer copies in packs no prune has condemned (a repack leaves two copies until the
+    // old pack goes), so a restore does not race the deletion of the old pack.
+    let condemned = repo.condemned_packs()?;
+    let preferred = (!condemned.is_empty()).then(|| index.without_packs(&condemned));
+    let mut by_chunk: HashMap<ChunkId, Vec<Piece>> = HashMap::new();
     for c in chunks {
-        by_chunk.entry(c.id).or_default().push(c.offset);
+        by_chunk.entry(c.id).or_default().push((c.offset, c.skip, c.len));
     }
-    let mut by_pack: BTreeMap<u32, Vec<(Location, ChunkId, Vec<u64>)>> = BTreeMap::new();
+    let mut by_pack: BTreeMap<String, Vec<(Location, ChunkId, Vec<Piece>)>> = BTreeMap::new();
     for (cid, offs) in by_chunk {
-        let loc =
-            index.get(&cid).ok_or_else(|| Error::MissingChunk { snapshot: id.to_string(), chunk: cid.to_hex() })?;
-        by_pack.entry(loc.pack).or_default().push((*loc, cid, offs));
+        let (ix, loc) = match preferred.as_ref().and_then(|p| p.get(&cid).map(|l| (p, l))) {
+            Some(found) => found,
+            None => (
+                &index,
+                index
+                    .get(&cid)
+                    .ok_or_else(|| Error::MissingChunk { snapshot: id.to_string(), chunk: cid.to_hex() })?,
+            ),
+        };
+        by_pack.entry(ix.pack_id(loc).to_string()).or_default().push((*loc, cid, offs));
     }
     Ok(by_pack
         .into_iter()
-        .map(|(p, mut chunks)| {
+        .map(|(pack, mut chunks)| {
             chunks.sort_by_key(|c| c.0.offset);
-            Job { pack: index.packs[p as usize].0.clone(), chunks }
+            Job { pack, chunks }
         })
         .collect())
 }
@@ -245,9 +259,12 @@ fn restore_pack(repo: &Repository, job: &Job, sink: &dyn RestoreSink) -> Result<
             .get(a..a + e.length as usize)
             .ok_or_else(|| Error::corrupt(format!("pack {}", job.pack), "shorter than its index says"))?;
         let plain = decode_blob(repo.key(), &e, blob, &job.pack)?;
-        for &o in offs {
-            sink.write_at(o, &plain)?;
-            n += plain.len() as u64;
+        for &(o, skip, len) in offs {
+            let piece = plain.get(skip as usize..skip as usize + len as usize).ok_or_else(|| {
+                Error::corrupt(format!("pack {} chunk {cid}", job.pack), "backup references bytes past the chunk's end")
+            })?;
+            sink.write_at(o, piece)?;
+            n += len as u64;
         }
     }
     Ok(n)
