@@ -307,7 +307,10 @@ pub struct RestoreArgs {
     /// it is written.
     #[arg(long, env = "HLSTORE_ENDPOINT", default_value = DEFAULT_ENDPOINT)]
     pub endpoint: String,
-    /// Resume-state file (default: <file>.hlstore-restore for --to-file).
+    /// Resume-state file: records the packs written, so running the same restore again
+    /// after a crash or a lost connection continues where it stopped (default:
+    /// <file>.hlstore-restore for --to-file, $TMPDIR/hlstore-restore-<volume>.state for
+    /// --to-volume; in a Kubernetes Job, point it at a volume that survives restarts).
     #[arg(long)]
     pub state_file: Option<PathBuf>,
     /// Parallel pack downloads.

@@ -5,7 +5,8 @@
 //! state file (`<target>.hlstore-restore` for files, `--state-file` for devices); a rerun
 //! for the same backup skips those packs. The state file is removed on success.
 //! [`restore_into`] writes to any [`RestoreSink`] (a fresh thin volume over NBD): only the
-//! chunk records are written, holes are left to the target.
+//! chunk records are written, holes are left to the target; it resumes the same way when
+//! given a state file.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -120,23 +121,53 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
 }
 
 /// Restores snapshot `id` into `sink`, which must read as zeros where the backup has holes
-/// (a fresh thin volume): only chunk records are written, no resume state is kept. Ends
-/// with `sink.sync()`.
+/// (a fresh thin volume): only chunk records are written. With `opts.state_file`, the run
+/// is resumable: after each pack's chunks are written and `sink.sync()`ed, the pack is
+/// recorded; a rerun for the same backup skips recorded packs; the file is removed on
+/// success. Ends with `sink.sync()`.
 pub fn restore_into(repo: &Repository, id: &str, sink: &dyn RestoreSink, opts: RestoreOptions) -> Result<RestoreStats> {
     let id = repo.resolve_snapshot(id)?;
     let snap = repo.load_snapshot(&id)?;
-    let jobs = plan_jobs(repo, &id, &snap.chunks)?;
-    let packs = jobs.len() as u64;
-    let written = run_jobs(repo, jobs, sink, &opts, &|_| Ok(()))?;
+    let mut jobs = plan_jobs(repo, &id, &snap.chunks)?;
+    let done = opts.state_file.as_deref().and_then(|p| read_state(p, &id));
+    let resuming = done.is_some();
+    let done = done.unwrap_or_default();
+    let state = match &opts.state_file {
+        Some(p) => Some(Mutex::new(open_state(p, &id, resuming)?)),
+        None => None,
+    };
+    let before = jobs.len();
+    jobs.retain(|j| !done.contains(&j.pack));
+    let resumed = (before - jobs.len()) as u64;
+    let after_pack = |job: &Job| -> Result<()> {
+        match &state {
+            Some(st) => {
+                sink.sync()?;
+                let mut f = st.lock().unwrap_or_else(|p| p.into_inner());
+                writeln!(f, "{}", job.pack).map_err(|e| Error::io("write restore state", e))?;
+                f.sync_data().map_err(|e| Error::io("sync restore state", e))
+            }
+            None => Ok(()),
+        }
+    };
+    let written = run_jobs(repo, jobs, sink, &opts, &after_pack)?;
     sink.sync()?;
+    if let Some(p) = &opts.state_file {
+        let _ = std::fs::remove_file(p);
+    }
     opts.progress.finish();
     Ok(RestoreStats {
         snapshot: id,
         size: snap.meta.size,
         bytes_written: written,
-        packs_fetched: packs,
-        packs_resumed: 0,
+        packs_fetched: before as u64 - resumed,
+        packs_resumed: resumed,
     })
+}
+
+/// True when `state_file` records an interrupted restore of backup `id`.
+pub fn has_resume_state(state_file: &Path, id: &str) -> bool {
+    read_state(state_file, id).is_some()
 }
 
 /// Groups the chunks by pack, in blob order. Done before touching the target, so a missing

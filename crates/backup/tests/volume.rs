@@ -233,3 +233,36 @@ fn restore_never_writes_into_an_existing_volume() {
     let err = backup_volume(&repo, &a, "missing", VolumeBackupOptions::default()).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
 }
+
+#[test]
+fn an_interrupted_restore_to_a_volume_resumes_byte_identical() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = repo(&t.path().join("repo"));
+    // Incompressible data: six 1 MiB packs.
+    let a = FakeAgent::new();
+    a.volume_with("pg", 16 * MIB, &random_image(6 * MIB as usize, 12));
+    let r = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    let want = a.snapshot_contents("pg", &r.volume_snapshot);
+    let state = t.path().join("restore.state");
+    let opts = VolumeRestoreOptions { replicas: 1, workers: 1, state_file: Some(state.clone()), ..Default::default() };
+
+    // The connection drops after 2.5 MiB: the volume and the state stay.
+    a.fail_writes_after.store(5 * MIB / 2, Ordering::Relaxed);
+    let e = restore_to_volume(&repo, &a, &r.backup.meta.id, "pg-new", opts.clone()).unwrap_err();
+    assert!(e.to_string().contains("run the same restore again"), "{e}");
+    assert!(a.volume_size("pg-new").unwrap().is_some(), "volume kept");
+    assert!(state.exists());
+    let first = a.bytes_written.load(Ordering::Relaxed);
+
+    // Another backup's restore cannot take the kept volume over.
+    let other = VolumeRestoreOptions { state_file: Some(t.path().join("other.state")), ..opts.clone() };
+    assert!(restore_to_volume(&repo, &a, &r.backup.meta.id, "pg-new", other).is_err());
+
+    a.fail_writes_after.store(0, Ordering::Relaxed);
+    let rep = restore_to_volume(&repo, &a, &r.backup.meta.id, "pg-new", opts).unwrap();
+    assert!(rep.stats.packs_resumed > 0, "{:?}", rep.stats);
+    assert!(a.bytes_written.load(Ordering::Relaxed) - first < 6 * MIB, "resumed, not restarted");
+    assert_eq!(blake(&a.contents("pg-new")), blake(&want));
+    assert!(!state.exists(), "state removed on success");
+    assert!(!a.is_attached("pg-new"));
+}
