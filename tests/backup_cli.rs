@@ -299,7 +299,8 @@ fn cli_key_add_list_remove_passwd() {
     // passwd from a file; the old password is refused, the backup still restores.
     let pwfile = t.path().join("newpw");
     std::fs::write(&pwfile, "third\n").unwrap();
-    let mut c = with("second", &["backup", "key", "passwd", "--repo", repo, "--new-password-file", p(&pwfile), "--json"]);
+    let mut c =
+        with("second", &["backup", "key", "passwd", "--repo", repo, "--new-password-file", p(&pwfile), "--json"]);
     c.env_remove("HLSTORE_NEW_PASSWORD");
     let changed = json(&ok(c));
     assert_eq!(changed["removed"], second.as_str());

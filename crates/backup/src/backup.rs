@@ -2,7 +2,8 @@
 //!
 //! Threads: one reader, N workers (zero check, keyed hash, dedup, zstd, seal), the calling
 //! thread as packer, M uploaders. Every hand-off is a bounded channel, so memory stays
-//! near `(2N + 2) × batch + (M + 2) × pack size` whatever the source size.
+//! near `(2N + 2) × batch + (M + 2) × pack size` whatever the source size (a content-defined
+//! batch keeps its whole read of [`CDC_READ_BYTES`] alive).
 //! Order of writes: pack, then index (every [`INDEX_BATCH`] packs), then the snapshot. A
 //! run killed at any point leaves packs the next run finds (their trailers) and reuses.
 
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use crate::chunk::{cdc, is_zero, ChunkId, ChunkerConfig};
 use crate::error::{Error, Result};
 use crate::index::{IndexedPack, MasterIndex};
-use crate::pack::{encode_blob, pack_key, FinishedPack, PackWriter};
+use crate::pack::{encode_blob_with, pack_key, FinishedPack, PackWriter};
 use crate::progress::Progress;
 use crate::repo::{Lease, Repository};
 use crate::snapshot::{hostname, now_precise, BackupStats, ChunkRef, Snapshot, SnapshotMeta};
@@ -23,6 +24,8 @@ use crate::source::Source;
 
 /// Bytes the reader hands to a worker at a time.
 pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes a content-defined reader reads at once (cut into batches sharing the buffer).
+pub const CDC_READ_BYTES: usize = 16 * 1024 * 1024;
 /// Packs per index file written during a backup.
 pub const INDEX_BATCH: usize = 16;
 /// Most reader threads a source may ask for ([`Source::parallel_reads`]).
@@ -51,7 +54,8 @@ impl Default for BackupOptions {
 
 struct Batch {
     base: u64,
-    data: Vec<u8>,
+    /// Shared with the other batches cut from the same read (no copy per batch).
+    data: bytes::Bytes,
     /// End offsets (in `data`) of each chunk.
     ends: Vec<usize>,
 }
@@ -318,7 +322,7 @@ fn read_source(
                     // Chunk ends: the grid lines inside the batch, then its end.
                     let first = cs - (off % cs as u64) as usize;
                     let ends = (0..).map(|k| first + k * cs).take_while(|&e| e < n).chain(std::iter::once(n)).collect();
-                    if tx.send(Batch { base: off, data, ends }).is_err() {
+                    if tx.send(Batch { base: off, data: data.into(), ends }).is_err() {
                         return Ok(());
                     }
                 }
@@ -347,38 +351,55 @@ fn read_source(
             })
         }
         ChunkerConfig::Cdc { min, avg, max } => {
+            // Sequential: each cut point depends on the previous one. One large read is
+            // cut into batches that share its buffer; only the tail after the last cut
+            // (less than `max`) is copied into the next read's buffer.
             let (min, avg, max) = (min as usize, avg as usize, max as usize);
             let size = source.size();
-            let mut buf: Vec<u8> = Vec::new();
-            let mut buf_base = 0u64; // source offset of buf[0]
+            let mut carry: Vec<u8> = Vec::new();
+            let mut base = 0u64; // source offset of carry[0]
             let mut read_to = 0u64;
             loop {
                 if run.abort.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                let want = BATCH_BYTES + max;
-                if buf.len() < want && read_to < size {
-                    let n = ((want - buf.len()) as u64).min(size - read_to) as usize;
-                    let old = buf.len();
-                    buf.resize(old + n, 0);
-                    source.read_at(read_to, &mut buf[old..])?;
-                    read_to += n as u64;
-                }
+                let n = (CDC_READ_BYTES as u64).min(size - read_to) as usize;
+                let mut buf = Vec::with_capacity(carry.len() + n);
+                buf.extend_from_slice(&carry);
+                buf.resize(carry.len() + n, 0);
+                source.read_at(read_to, &mut buf[carry.len()..])?;
+                read_to += n as u64;
+                let eof = read_to >= size;
                 if buf.is_empty() {
                     return Ok(());
                 }
-                let eof = read_to >= size;
-                let mut ends = Vec::new();
+                let buf = bytes::Bytes::from(buf);
                 let mut pos = 0;
-                while pos < buf.len() && (eof || buf.len() - pos >= max) && pos < BATCH_BYTES {
+                let mut start = 0;
+                let mut ends = Vec::new();
+                while pos < buf.len() && (eof || buf.len() - pos >= max) {
                     pos += cdc::cut(&buf[pos..], min, avg, max);
-                    ends.push(pos);
+                    ends.push(pos - start);
+                    if pos - start >= BATCH_BYTES {
+                        let data = buf.slice(start..pos);
+                        if tx.send(Batch { base: base + start as u64, data, ends: std::mem::take(&mut ends) }).is_err()
+                        {
+                            return Ok(());
+                        }
+                        start = pos;
+                    }
                 }
-                let data: Vec<u8> = buf.drain(..pos).collect();
-                if tx.send(Batch { base: buf_base, data, ends }).is_err() {
+                if !ends.is_empty() {
+                    let data = buf.slice(start..pos);
+                    if tx.send(Batch { base: base + start as u64, data, ends }).is_err() {
+                        return Ok(());
+                    }
+                }
+                carry = buf[pos..].to_vec();
+                base += pos as u64;
+                if eof && carry.is_empty() {
                     return Ok(());
                 }
-                buf_base += pos as u64;
             }
         }
     }
@@ -387,6 +408,8 @@ fn read_source(
 fn work(run: &Run<'_>, rx: Arc<Mutex<Receiver<Batch>>>, tx: SyncSender<Processed>) -> Result<()> {
     let key = run.repo.key();
     let level = run.repo.config().zstd_level;
+    let mut compressor =
+        zstd::bulk::Compressor::new(level).map_err(|e| Error::Invalid(format!("zstd level {level}: {e}")))?;
     loop {
         let batch = {
             let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
@@ -413,7 +436,7 @@ fn work(run: &Run<'_>, rx: Arc<Mutex<Receiver<Batch>>>, tx: SyncSender<Processed
             }
             let fresh = run.inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
             if fresh {
-                let (blob, flags) = encode_blob(key, &id, data, level);
+                let (blob, flags) = encode_blob_with(&mut compressor, key, &id, data);
                 out.new.push(NewBlob { id, blob, raw_len: data.len() as u32, flags });
             }
         }

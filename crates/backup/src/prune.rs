@@ -222,8 +222,11 @@ pub fn prune_lease(repo: &Repository) -> Result<Lease> {
     let backend = repo.backend();
     for attempt in 0..PRUNE_LEASE_ATTEMPTS {
         let lease = Lease::acquire(backend.clone(), "prune")?;
-        let others: Vec<LeaseInfo> =
-            Lease::live_keyed(backend.as_ref())?.into_iter().filter(|(k, l)| l.purpose == "prune" && k != lease.key()).map(|(_, l)| l).collect();
+        let others: Vec<LeaseInfo> = Lease::live_keyed(backend.as_ref())?
+            .into_iter()
+            .filter(|(k, l)| l.purpose == "prune" && k != lease.key())
+            .map(|(_, l)| l)
+            .collect();
         let Some(other) = others.first() else {
             return Ok(lease);
         };
@@ -260,7 +263,12 @@ pub fn gc(repo: &Repository, grace_secs: u64, report: &mut PruneReport) -> Resul
 
 /// Garbage collection: condemn unreferenced packs (and repack partly used ones when
 /// `repack_unused_pct` is set), then delete what is safe to delete.
-pub fn gc_with(repo: &Repository, grace_secs: u64, repack_unused_pct: Option<u8>, report: &mut PruneReport) -> Result<()> {
+pub fn gc_with(
+    repo: &Repository,
+    grace_secs: u64,
+    repack_unused_pct: Option<u8>,
+    report: &mut PruneReport,
+) -> Result<()> {
     let backend = repo.backend().as_ref();
     let load = repo.load_index()?;
     let mut index = load.index.clone();
@@ -333,9 +341,9 @@ pub fn gc_with(repo: &Repository, grace_secs: u64, repack_unused_pct: Option<u8>
     // that is not condemned.
     let safe = |pack: &str| -> bool {
         let Some(pos) = index.pack_index(pack) else { return true };
-        chunks_of.get(&pos).is_none_or(|cs| {
-            cs.iter().all(|c| index.locations(c).any(|l| !condemned.contains(index.pack_id(l))))
-        })
+        chunks_of
+            .get(&pos)
+            .is_none_or(|cs| cs.iter().all(|c| index.locations(c).any(|l| !condemned.contains(index.pack_id(l)))))
     };
     let now = now_secs();
     let mut deleted: HashSet<String> = HashSet::new();
@@ -418,9 +426,8 @@ fn repack(
         let bytes = repo.backend().get(&pack_key(&pid))?;
         for (cid, loc) in chunks {
             // Already elsewhere in a pack that stays, or copied from another old pack.
-            let elsewhere = index.locations(&cid).any(|l| {
-                !old.contains(&l.pack) && !condemned.contains(index.pack_id(l))
-            });
+            let elsewhere =
+                index.locations(&cid).any(|l| !old.contains(&l.pack) && !condemned.contains(index.pack_id(l)));
             if elsewhere || !copied.insert(cid) {
                 continue;
             }

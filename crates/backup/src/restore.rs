@@ -24,6 +24,9 @@ use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot::ChunkRef;
 
+/// Parallel fetches by default.
+pub const DEFAULT_WORKERS: usize = 4;
+
 /// Where a restore goes.
 #[derive(Debug, Clone)]
 pub enum RestoreTarget {
@@ -57,8 +60,14 @@ pub struct RestoreStats {
 /// Where a chunk's bytes go: (source offset, skip into the chunk, length).
 type Piece = (u64, u32, u32);
 
+/// Blob bytes fetched by one restore job at most: packs are split into ranges this size so
+/// a handful of packs still keeps every worker busy.
+pub const JOB_BYTES: u64 = 8 * 1024 * 1024;
+
 struct Job {
     pack: String,
+    /// Name in the resume state: `<pack>@<offset of the first blob>`.
+    key: String,
     /// (blob location, chunk, every piece of it to write), sorted by blob offset.
     chunks: Vec<(Location, ChunkId, Vec<Piece>)>,
 }
@@ -92,7 +101,7 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
     };
     let mut stats = RestoreStats { snapshot: id.clone(), size: snap.meta.size, ..Default::default() };
     let before = jobs.len();
-    jobs.retain(|j| !done.contains(&j.pack));
+    jobs.retain(|j| !done.contains(&j.key));
     stats.packs_resumed = (before - jobs.len()) as u64;
     if is_device && !resuming {
         stats.bytes_written += zero_gaps(&file, &snap.chunks, snap.meta.size, &path)?;
@@ -104,7 +113,7 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
             Some(st) => {
                 file.sync_data().map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
                 let mut f = st.lock().unwrap_or_else(|p| p.into_inner());
-                writeln!(f, "{}", job.pack).map_err(|e| Error::io("write restore state", e))
+                writeln!(f, "{}", job.key).map_err(|e| Error::io("write restore state", e))
             }
             None => Ok(()),
         }
@@ -137,14 +146,14 @@ pub fn restore_into(repo: &Repository, id: &str, sink: &dyn RestoreSink, opts: R
         None => None,
     };
     let before = jobs.len();
-    jobs.retain(|j| !done.contains(&j.pack));
+    jobs.retain(|j| !done.contains(&j.key));
     let resumed = (before - jobs.len()) as u64;
     let after_pack = |job: &Job| -> Result<()> {
         match &state {
             Some(st) => {
                 sink.sync()?;
                 let mut f = st.lock().unwrap_or_else(|p| p.into_inner());
-                writeln!(f, "{}", job.pack).map_err(|e| Error::io("write restore state", e))?;
+                writeln!(f, "{}", job.key).map_err(|e| Error::io("write restore state", e))?;
                 f.sync_data().map_err(|e| Error::io("sync restore state", e))
             }
             None => Ok(()),
@@ -188,20 +197,33 @@ fn plan_jobs(repo: &Repository, id: &str, chunks: &[ChunkRef]) -> Result<Vec<Job
             Some(found) => found,
             None => (
                 &index,
-                index
-                    .get(&cid)
-                    .ok_or_else(|| Error::MissingChunk { snapshot: id.to_string(), chunk: cid.to_hex() })?,
+                index.get(&cid).ok_or_else(|| Error::MissingChunk { snapshot: id.to_string(), chunk: cid.to_hex() })?,
             ),
         };
         by_pack.entry(ix.pack_id(loc).to_string()).or_default().push((*loc, cid, offs));
     }
-    Ok(by_pack
-        .into_iter()
-        .map(|(pack, mut chunks)| {
-            chunks.sort_by_key(|c| c.0.offset);
-            Job { pack, chunks }
-        })
-        .collect())
+    let mut jobs = Vec::new();
+    for (pack, mut chunks) in by_pack {
+        chunks.sort_by_key(|c| c.0.offset);
+        let mut cur: Vec<(Location, ChunkId, Vec<Piece>)> = Vec::new();
+        let mut start = 0u64;
+        for c in chunks {
+            let end = c.0.offset as u64 + c.0.length as u64;
+            if !cur.is_empty() && end - start > JOB_BYTES {
+                jobs.push(Job { pack: pack.clone(), key: format!("{pack}@{start}"), chunks: std::mem::take(&mut cur) });
+            }
+            if cur.is_empty() {
+                start = c.0.offset as u64;
+            }
+            cur.push(c);
+        }
+        if !cur.is_empty() {
+            jobs.push(Job { pack: pack.clone(), key: format!("{pack}@{start}"), chunks: cur });
+        }
+    }
+    // Workers pop from the end: start with the first ranges of each pack.
+    jobs.reverse();
+    Ok(jobs)
 }
 
 /// Fetches and writes the jobs' packs on `opts.workers` threads; `after_pack` runs after
@@ -215,7 +237,7 @@ fn run_jobs(
 ) -> Result<u64> {
     let written = AtomicU64::new(0);
     let queue = Mutex::new(jobs);
-    let workers = if opts.workers == 0 { 4 } else { opts.workers };
+    let workers = if opts.workers == 0 { DEFAULT_WORKERS } else { opts.workers };
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
     let fail = |e: Error| {
         if let Ok(mut fe) = first_err.lock() {

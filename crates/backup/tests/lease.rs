@@ -55,9 +55,14 @@ fn a_backup_outliving_the_lease_ttl_keeps_its_lease_and_its_data() {
     let mut pruned = None;
     while !writer.is_finished() {
         let live = Lease::live(b.as_ref()).unwrap();
-        assert!(writer.is_finished() || live.iter().any(|l| l.purpose == "backup"), "lease expired after {:?}", started.elapsed());
+        assert!(
+            writer.is_finished() || live.iter().any(|l| l.purpose == "backup"),
+            "lease expired after {:?}",
+            started.elapsed()
+        );
         if pruned.is_none() && started.elapsed() > Duration::from_secs(3) {
-            let opts = PruneOptions { grace_secs: 0, ..PruneOptions::new(KeepPolicy { last: 1, ..Default::default() }) };
+            let opts =
+                PruneOptions { grace_secs: 0, ..PruneOptions::new(KeepPolicy { last: 1, ..Default::default() }) };
             pruned = Some(prune(&repo, opts).unwrap());
         }
         std::thread::sleep(Duration::from_millis(100));

@@ -16,7 +16,8 @@ pub const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
 /// Default chunker for sources without changed-block information (chosen by measurement,
 /// see `benches/README.md`).
-pub const DEFAULT_FILE_CHUNKER: ChunkerConfig = ChunkerConfig::Cdc { min: 128 * 1024, avg: 512 * 1024, max: 2048 * 1024 };
+pub const DEFAULT_FILE_CHUNKER: ChunkerConfig =
+    ChunkerConfig::Cdc { min: 128 * 1024, avg: 512 * 1024, max: 2048 * 1024 };
 
 /// Contents of the `config` object.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -25,7 +25,11 @@ pub const LEASE_TTL_ENV: &str = "HLSTORE_LEASE_TTL_SECS";
 
 /// The TTL in effect: [`LEASE_TTL_ENV`] when set to a positive number, else the default.
 pub fn lease_ttl_secs() -> u64 {
-    std::env::var(LEASE_TTL_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()).filter(|&v| v > 0).unwrap_or(LEASE_TTL_SECS)
+    std::env::var(LEASE_TTL_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(LEASE_TTL_SECS)
 }
 
 /// Contents of a lease object.
