@@ -107,7 +107,9 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
         stats.bytes_written += zero_gaps(&file, &snap.chunks, snap.meta.size, &path)?;
     }
 
-    let sink = FileSink { file: &file, path: &path };
+    // A file is created empty (or holds the interrupted run's writes, which are the same
+    // bytes), so it reads zeros wherever nothing was written; a device may hold anything.
+    let sink = FileSink { file: &file, path: &path, zeroed: !is_device };
     let after_pack = |job: &Job| -> Result<()> {
         match &state {
             Some(st) => {
@@ -275,6 +277,12 @@ fn run_jobs(
 pub trait RestoreSink: Sync {
     /// Writes `data` at `offset`.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// True when the target reads zeros wherever nothing was written (a new sparse file,
+    /// a fresh thin volume): all-zero blocks inside chunks are then skipped, so they stay
+    /// unallocated.
+    fn reads_zeros(&self) -> bool {
+        true
+    }
     /// Makes everything written so far durable.
     fn sync(&self) -> Result<()>;
 }
@@ -282,6 +290,7 @@ pub trait RestoreSink: Sync {
 struct FileSink<'a> {
     file: &'a File,
     path: &'a Path,
+    zeroed: bool,
 }
 
 impl RestoreSink for FileSink<'_> {
@@ -294,6 +303,46 @@ impl RestoreSink for FileSink<'_> {
     fn sync(&self) -> Result<()> {
         self.file.sync_all().map_err(|e| Error::io(format!("sync {}", self.path.display()), e))
     }
+
+    fn reads_zeros(&self) -> bool {
+        self.zeroed
+    }
+}
+
+/// Block size below which zeros inside a chunk are written rather than skipped.
+pub const ZERO_SKIP_BLOCK: u64 = 4096;
+
+/// Writes `data` at `offset`, skipping the all-zero 4 KiB blocks (aligned to the target)
+/// when the sink reads zeros anyway. Returns the bytes written.
+fn write_piece(sink: &dyn RestoreSink, offset: u64, data: &[u8]) -> Result<u64> {
+    if !sink.reads_zeros() {
+        sink.write_at(offset, data)?;
+        return Ok(data.len() as u64);
+    }
+    let end = offset + data.len() as u64;
+    let mut written = 0u64;
+    let mut run: Option<u64> = None; // start of the pending non-zero run
+    let mut pos = offset;
+    while pos < end {
+        let next = ((pos / ZERO_SKIP_BLOCK + 1) * ZERO_SKIP_BLOCK).min(end);
+        let block = &data[(pos - offset) as usize..(next - offset) as usize];
+        let zero = crate::chunk::is_zero(block);
+        match (zero, run) {
+            (false, None) => run = Some(pos),
+            (true, Some(r)) => {
+                sink.write_at(r, &data[(r - offset) as usize..(pos - offset) as usize])?;
+                written += pos - r;
+                run = None;
+            }
+            _ => {}
+        }
+        pos = next;
+    }
+    if let Some(r) = run {
+        sink.write_at(r, &data[(r - offset) as usize..])?;
+        written += end - r;
+    }
+    Ok(written)
 }
 
 fn restore_pack(repo: &Repository, job: &Job, sink: &dyn RestoreSink) -> Result<u64> {
@@ -316,8 +365,7 @@ fn restore_pack(repo: &Repository, job: &Job, sink: &dyn RestoreSink) -> Result<
             let piece = plain.get(skip as usize..skip as usize + len as usize).ok_or_else(|| {
                 Error::corrupt(format!("pack {} chunk {cid}", job.pack), "backup references bytes past the chunk's end")
             })?;
-            sink.write_at(o, piece)?;
-            n += len as u64;
+            n += write_piece(sink, o, piece)?;
         }
     }
     Ok(n)
