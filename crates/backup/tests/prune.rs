@@ -303,3 +303,51 @@ fn two_prunes_at_once_take_turns() {
     let v = verify(&repo, true, Default::default()).unwrap();
     assert!(v.ok && v.problems.is_empty(), "{v:?}");
 }
+
+#[test]
+fn a_damaged_pack_stops_the_repack_with_a_clear_error_and_loses_nothing() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("repo");
+    let (b, repo) = fs_repo(&dir);
+    let x = random_image(2 << 20, 95);
+    let mut y = x.clone();
+    let fresh = random_image(2 << 20, 96);
+    for k in (0..y.len()).step_by(128 * 1024) {
+        y[k..k + 64 * 1024].copy_from_slice(&fresh[k..k + 64 * 1024]);
+    }
+    let (xp, yp) = (t.path().join("x"), t.path().join("y"));
+    write(&xp, &x);
+    write(&yp, &y);
+    let sx = backup(&repo, &FileSource::open(&xp).unwrap(), BackupOptions::default()).unwrap();
+    let sy = backup(&repo, &FileSource::open(&yp).unwrap(), BackupOptions::default()).unwrap();
+    // Damage a live blob (one Y shares with X) inside one of X's packs, which are half
+    // dead (Y kept every other 64 KiB), so the repack has to read it.
+    let idx = repo.load_index().unwrap().index;
+    let shared = sy.chunks.iter().find(|c| c.offset == 64 * 1024).unwrap();
+    let loc = idx.get(&shared.id).unwrap();
+    let damaged = idx.pack_id(loc).to_string();
+    let path = dir.join("data").join(&damaged[..2]).join(&damaged);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(loc.offset + loc.length / 2) as usize] ^= 0x40;
+    std::fs::write(&path, bytes).unwrap();
+    let x_packs: Vec<String> = {
+        let mut v: Vec<String> = sx.chunks.iter().map(|c| idx.pack_id(idx.get(&c.id).unwrap()).to_string()).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    assert!(x_packs.contains(&damaged));
+    repo.forget(&sx.meta.id).unwrap();
+    let e = prune(&repo, keep_last(5, 0)).unwrap_err();
+    assert!(e.to_string().contains(&format!("corrupt object pack {damaged}")), "{e}");
+    // Nothing was condemned or deleted; the lease is gone.
+    assert!(b.list("trash/").unwrap().is_empty());
+    assert!(b.list("locks/").unwrap().is_empty());
+    for p in &x_packs {
+        assert!(dir.join("data").join(&p[..2]).join(p).exists());
+    }
+    assert_eq!(repo.snapshot_ids().unwrap(), vec![sy.meta.id.clone()]);
+    // Without repacking, prune still does its other work.
+    let opts = PruneOptions { repack_unused_pct: None, ..keep_last(5, 0) };
+    prune(&repo, opts).unwrap();
+}
