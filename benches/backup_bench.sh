@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Whole-system backup benchmark: hlstore vs restic vs borg on the same mixed image.
 #
-# Usage: benches/backup_bench.sh [--size-mib N] [--workdir DIR] [--keep] [--no-volume]
+# Usage: benches/backup_bench.sh [--size-mib N] [--workdir DIR] [--keep] [--no-volume] [--no-fs]
 #   --size-mib   image size (default 1024)
 #   --workdir    scratch directory (default: a fresh temp dir, removed unless --keep)
 #   --no-volume  skip the volume case
+#   --no-fs      skip the real-filesystem case (needs root: it loop-mounts the image)
 # Env: HLSTORE_BIN (default: builds `cargo build --release --bin hlstore`); PY_NBD, a
 # python with the libnbd module (default /usr/bin/python3).
 #
@@ -12,7 +13,11 @@
 # scattered 64 KiB runs, restore time, repository size, repository growth after the
 # change (and growth / changed bytes), peak RSS. All tools encrypt (hlstore:
 # XChaCha20-Poly1305; restic: AES-256; borg: repokey-blake2) and compress
-# (hlstore zstd 1, restic auto, borg lz4). Page cache is warm for everyone.
+# (hlstore zstd 3, restic auto, borg zstd 3). Page cache is warm for everyone.
+#
+# Real-filesystem case: a 1.5 GiB ext4 image made by mkfs.ext4 -d from /usr/share and
+# Python's standard library (backup_mkimage.py mkfs); the change deletes a tree, adds the
+# PostgreSQL binaries and appends to 300 files through a loop mount (fschange).
 #
 # Volume case: a 3-node local cluster (`hlstore dev up`) with a volume holding the same
 # image; `hlstore backup create --volume` (full), the same 1 % change written to the image
@@ -27,13 +32,15 @@ SIZE_MIB=1024
 WORK=""
 KEEP=0
 VOLUME=1
+FS=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --size-mib) SIZE_MIB="$2"; shift 2 ;;
     --workdir) WORK="$2"; shift 2 ;;
     --keep) KEEP=1; shift ;;
     --no-volume) VOLUME=0; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    --no-fs) FS=0; shift ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -62,6 +69,14 @@ IMG="$WORK/image.img"
 echo "building ${SIZE_MIB} MiB mixed image..." >&2
 python3 "$ROOT/benches/backup_mkimage.py" mkimage "$IMG" "$SIZE_MIB"
 cp --sparse=always "$IMG" "$WORK/orig.img"
+MIXED_IMG="$IMG"
+FS_IMG="$WORK/fs.img"
+if [ "$FS" = 1 ]; then
+  echo "building the 1.5 GiB ext4 image..." >&2
+  python3 "$ROOT/benches/backup_mkimage.py" mkfs "$FS_IMG" 1536 >/dev/null
+  cp --sparse=always "$FS_IMG" "$WORK/fs-orig.img"
+fi
+CASE=mixed
 
 # timed NAME CMD...: runs CMD, records "<seconds> <peak RSS KiB>" in $WORK/NAME.time.
 timed() {
@@ -74,13 +89,19 @@ rss() { cut -d' ' -f2 "$WORK/$1.time"; }
 size() { du -sb "$1" | cut -f1; }
 same() { cmp -s "$1" "$IMG" && echo ok || echo MISMATCH; }
 
-reset_image() { cp --sparse=always "$WORK/orig.img" "$IMG"; }
+reset_image() {
+  if [ "$CASE" = fs ]; then cp --sparse=always "$WORK/fs-orig.img" "$IMG"; else cp --sparse=always "$WORK/orig.img" "$IMG"; fi
+}
+change_image() {
+  if [ "$CASE" = fs ]; then python3 "$ROOT/benches/backup_mkimage.py" fschange "$IMG"
+  else python3 "$ROOT/benches/backup_mkimage.py" change "$IMG" 1 64 7; fi
+}
 
 declare -A FULL INCR REST SZ GROW RSS CHECK
 CHANGED=0
 
 run_tool() {
-  local tool="$1" repo="$WORK/repo-$1"
+  local tool="$1" repo="$WORK/repo-$1-$CASE"
   reset_image
   case "$tool" in
     hlstore)
@@ -91,14 +112,14 @@ run_tool() {
       timed restic-full restic -r "$repo" backup "$IMG" ;;
     borg)
       borg init -e repokey-blake2 "$repo" >/dev/null 2>&1
-      timed borg-full borg create --compression lz4 "$repo::full" "$IMG" ;;
+      timed borg-full borg create --compression zstd,3 "$repo::full" "$IMG" ;;
   esac
   local s1; s1=$(size "$repo")
-  CHANGED=$(python3 "$ROOT/benches/backup_mkimage.py" change "$IMG" 1 64 7)
+  CHANGED=$(change_image)
   case "$tool" in
     hlstore) timed hlstore-incr "$HLSTORE_BIN" backup create --repo "$repo" --source "$IMG" --json ;;
     restic) timed restic-incr restic -r "$repo" backup "$IMG" ;;
-    borg) timed borg-incr borg create --compression lz4 "$repo::incr" "$IMG" ;;
+    borg) timed borg-incr borg create --compression zstd,3 "$repo::incr" "$IMG" ;;
   esac
   local s2; s2=$(size "$repo")
   local out="$WORK/restore-$tool"
@@ -122,22 +143,44 @@ run_tool() {
   RSS[$tool]=$(printf '%s\n' "$m1" "$m2" "$m3" | sort -n | tail -1)
 }
 
+mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+CORES=$(nproc)
+table() {
+  printf '| %-8s | %11s | %11s | %10s | %13s | %13s | %13s | %13s | %13s | %7s |\n' tool "full backup s" "2nd backup s" "restore s" "MiB/s/core" "repo MiB" "growth MiB" "growth/change" "peak RSS MiB" restore
+  printf '|%s|\n' "----------|-------------|-------------|------------|---------------|---------------|---------------|---------------|---------------|---------"
+  for tool in hlstore restic borg; do
+    printf '| %-8s | %11s | %11s | %10s | %13s | %13s | %13s | %13s | %13s | %7s |\n' "$tool" "${FULL[$tool]}" "${INCR[$tool]}" "${REST[$tool]}" \
+      "$(awk -v s="${FULL[$tool]}" -v b="$ALLOC" -v c="$CORES" 'BEGIN { printf "%.1f", b / 1048576 / s / c }')" \
+      "$(mib "${SZ[$tool]}")" "$(mib "${GROW[$tool]}")" \
+      "$(awk -v g="${GROW[$tool]}" -v c="$CHANGED" 'BEGIN { printf "%.2fx", g / c }')" \
+      "$(awk -v k="${RSS[$tool]}" 'BEGIN { printf "%.0f", k / 1024 }')" "${CHECK[$tool]}"
+  done
+}
+
 for tool in hlstore restic borg; do
-  echo "running $tool..." >&2
+  echo "running $tool (mixed image)..." >&2
   run_tool "$tool"
 done
-
-mib() { awk -v b="$1" 'BEGIN { printf "%.1f", b / 1048576 }'; }
+ALLOC=$(du -B1 "$WORK/orig.img" | cut -f1)
 echo
-echo "image: ${SIZE_MIB} MiB mixed (random, zeros, text, system libraries); change: $(mib "$CHANGED") MiB in scattered 64 KiB runs"
-printf '| %-8s | %11s | %11s | %10s | %13s | %13s | %13s | %13s | %7s |\n' tool "full backup s" "1% backup s" "restore s" "repo MiB" "growth MiB" "growth/change" "peak RSS MiB" restore
-printf '|%s|\n' "----------|-------------|-------------|------------|---------------|---------------|---------------|---------------|---------"
-for tool in hlstore restic borg; do
-  printf '| %-8s | %11s | %11s | %10s | %13s | %13s | %13s | %13s | %7s |\n' "$tool" "${FULL[$tool]}" "${INCR[$tool]}" "${REST[$tool]}" \
-    "$(mib "${SZ[$tool]}")" "$(mib "${GROW[$tool]}")" \
-    "$(awk -v g="${GROW[$tool]}" -v c="$CHANGED" 'BEGIN { printf "%.2fx", g / c }')" \
-    "$(awk -v k="${RSS[$tool]}" 'BEGIN { printf "%.0f", k / 1024 }')" "${CHECK[$tool]}"
-done
+echo "image: ${SIZE_MIB} MiB mixed (random, zeros, text, system libraries), $(mib "$ALLOC") MiB allocated; change: $(mib "$CHANGED") MiB in scattered 64 KiB runs; MiB/s/core = allocated MiB / full backup s / $CORES cores"
+table
+
+if [ "$FS" = 1 ]; then
+  CASE=fs
+  IMG="$FS_IMG"
+  for tool in hlstore restic borg; do
+    echo "running $tool (ext4 image)..." >&2
+    run_tool "$tool"
+  done
+  ALLOC=$(du -B1 "$WORK/fs-orig.img" | cut -f1)
+  echo
+  echo "ext4 image: 1.5 GiB, $(mib "$ALLOC") MiB allocated (/usr/share + Python's standard library); change: a tree deleted, PostgreSQL's binaries added, 300 files appended ($(mib "$CHANGED") MiB written)"
+  table
+  rm -rf "$WORK"/repo-*-fs "$WORK/fs-orig.img" "$FS_IMG"
+  CASE=mixed
+  IMG="$MIXED_IMG"
+fi
 
 [ "$VOLUME" = 1 ] || exit 0
 # Debian's python3-libnbd lives in the system interpreter.
@@ -155,7 +198,7 @@ VREPO="$WORK/repo-volume"
 timed hlstore-vol-full "$HLSTORE_BIN" backup create --repo "$VREPO" --volume bvol --endpoint "$EP" --json
 VCHANGED=$("$PY_NBD" "$ROOT/benches/backup_mkimage.py" change "$IMG" 1 64 7 "$URI")
 timed hlstore-vol-incr "$HLSTORE_BIN" backup create --repo "$VREPO" --volume bvol --endpoint "$EP" --json
-timed restic-vol-incr restic -r "$WORK/repo-restic" backup "$IMG"
+timed restic-vol-incr restic -r "$WORK/repo-restic-mixed" backup "$IMG"
 field() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(v[sys.argv[2]])' "$WORK/$1.out" "$2"; }
 VID=$(field hlstore-vol-incr id)
 VREAD=$(field hlstore-vol-incr bytes_read)

@@ -260,3 +260,57 @@ fn cli_s3_repository() {
     let e = fail(s3(&["backup", "list", "--repo", "s3://no-such-bucket/x", "--s3-endpoint", ep]));
     assert!(stderr(&e).contains("does not exist"), "{e:?}");
 }
+
+#[test]
+fn cli_key_add_list_remove_passwd() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = t.path().join("repo");
+    let repo = p(&repo);
+    let init = json(&ok(hl(&["backup", "init", "--repo", repo, "--json"])));
+    assert_eq!(init["config"]["version"], 2);
+    let src = t.path().join("img");
+    image(&src, 1 << 20, 5);
+    let id = json(&ok(hl(&["backup", "create", "--repo", repo, "--source", p(&src), "--json"])))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let with = |pw: &str, args: &[&str]| {
+        let mut c = hl(args);
+        c.env("HLSTORE_REPO_PASSWORD", pw);
+        c
+    };
+
+    let mut c = hl(&["backup", "key", "add", "--repo", repo, "--json"]);
+    c.env("HLSTORE_NEW_PASSWORD", "second");
+    let second = json(&ok(c))["added"].as_str().unwrap().to_string();
+    let keys = json(&ok(with("second", &["backup", "key", "list", "--repo", repo, "--json"])));
+    let keys = keys.as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    let first = keys.iter().find(|k| k["current"] == false).unwrap()["id"].as_str().unwrap().to_string();
+    assert!(keys.iter().any(|k| k["id"] == second.as_str() && k["current"] == true));
+
+    // The second password removes the first; the first is refused from then on.
+    let e = fail(with("second", &["backup", "key", "remove", &second, "--repo", repo]));
+    assert!(stderr(&e).contains("passwd"), "{e:?}");
+    ok(with("second", &["backup", "key", "remove", &first, "--repo", repo]));
+    let e = fail(hl(&["backup", "list", "--repo", repo]));
+    assert!(stderr(&e).contains("wrong repository password"), "{e:?}");
+
+    // passwd from a file; the old password is refused, the backup still restores.
+    let pwfile = t.path().join("newpw");
+    std::fs::write(&pwfile, "third\n").unwrap();
+    let mut c =
+        with("second", &["backup", "key", "passwd", "--repo", repo, "--new-password-file", p(&pwfile), "--json"]);
+    c.env_remove("HLSTORE_NEW_PASSWORD");
+    let changed = json(&ok(c));
+    assert_eq!(changed["removed"], second.as_str());
+    let e = fail(with("second", &["backup", "list", "--repo", repo]));
+    assert!(stderr(&e).contains("wrong repository password"), "{e:?}");
+    let out = t.path().join("out");
+    ok(with("third", &["restore", &id, "--repo", repo, "--to-file", p(&out)]));
+    assert_eq!(std::fs::read(&out).unwrap(), std::fs::read(&src).unwrap());
+    let mut c = with("third", &["backup", "key", "add", "--repo", repo]);
+    c.env_remove("HLSTORE_NEW_PASSWORD");
+    let e = fail(c);
+    assert!(stderr(&e).contains("HLSTORE_NEW_PASSWORD"), "{e:?}");
+}

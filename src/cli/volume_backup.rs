@@ -67,19 +67,30 @@ pub fn restore(r: &Repository, args: &RestoreArgs, volume: &str) -> anyhow::Resu
         bail!("--replicas must be between 1 and 5");
     }
     let agent = GrpcAgent::connect(Handle::current(), &args.endpoint)?;
-    let opts = VolumeRestoreOptions { replicas: args.replicas, progress: true, workers: args.parallel.max(1) };
+    // Resumable by default: a rerun of the same command continues an interrupted restore.
+    let state_file = args
+        .state_file
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("hlstore-restore-{}.state", volume.replace('/', "_"))));
+    let opts = VolumeRestoreOptions {
+        replicas: args.replicas,
+        progress: true,
+        workers: args.parallel.max(1),
+        state_file: Some(state_file),
+    };
     let rep = restore_to_volume(r, &agent, &args.id, volume, opts)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rep)?);
     } else {
         println!(
-            "restored backup {} into new volume {} ({}, {} replicas): {} written, {} packs fetched",
+            "restored backup {} into new volume {} ({}, {} replicas): {} written, {} packs fetched, {} resumed",
             rep.stats.snapshot,
             rep.volume,
             format_size(rep.volume_size),
             rep.replicas,
             format_size(rep.stats.bytes_written),
-            rep.stats.packs_fetched
+            rep.stats.packs_fetched,
+            rep.stats.packs_resumed
         );
     }
     Ok(())

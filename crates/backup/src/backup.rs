@@ -2,7 +2,8 @@
 //!
 //! Threads: one reader, N workers (zero check, keyed hash, dedup, zstd, seal), the calling
 //! thread as packer, M uploaders. Every hand-off is a bounded channel, so memory stays
-//! near `(2N + 2) × batch + (M + 2) × pack size` whatever the source size.
+//! near `(2N + 2) × batch + (M + 2) × pack size` whatever the source size (a content-defined
+//! batch keeps its whole read of [`CDC_READ_BYTES`] alive).
 //! Order of writes: pack, then index (every [`INDEX_BATCH`] packs), then the snapshot. A
 //! run killed at any point leaves packs the next run finds (their trailers) and reuses.
 
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use crate::chunk::{cdc, is_zero, ChunkId, ChunkerConfig};
 use crate::error::{Error, Result};
 use crate::index::{IndexedPack, MasterIndex};
-use crate::pack::{encode_blob, pack_key, FinishedPack, PackWriter};
+use crate::pack::{encode_blob_with, pack_key, FinishedPack, PackWriter};
 use crate::progress::Progress;
 use crate::repo::{Lease, Repository};
 use crate::snapshot::{hostname, now_precise, BackupStats, ChunkRef, Snapshot, SnapshotMeta};
@@ -23,10 +24,14 @@ use crate::source::Source;
 
 /// Bytes the reader hands to a worker at a time.
 pub const BATCH_BYTES: usize = 4 * 1024 * 1024;
+/// Bytes a content-defined reader reads at once (cut into batches sharing the buffer).
+pub const CDC_READ_BYTES: usize = 16 * 1024 * 1024;
 /// Packs per index file written during a backup.
 pub const INDEX_BATCH: usize = 16;
 /// Most reader threads a source may ask for ([`Source::parallel_reads`]).
 pub const MAX_READERS: usize = 16;
+/// Granularity of incremental reads (the block size of volumes).
+pub const CHANGE_ALIGN: u64 = 4096;
 
 /// Options of one backup run.
 #[derive(Clone)]
@@ -49,7 +54,8 @@ impl Default for BackupOptions {
 
 struct Batch {
     base: u64,
-    data: Vec<u8>,
+    /// Shared with the other batches cut from the same read (no copy per batch).
+    data: bytes::Bytes,
     /// End offsets (in `data`) of each chunk.
     ends: Vec<usize>,
 }
@@ -91,7 +97,7 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
     }
     let condemned = repo.condemned_packs()?;
     let index = if condemned.is_empty() { load.index } else { load.index.without_packs(&condemned) };
-    let chunker = repo.config().chunker;
+    let chunker = repo.config().chunker_for(source.changed_block_tracking());
     let size = source.size();
     let name = source.name();
     let parent = match &opts.parent {
@@ -101,12 +107,15 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
             None => None,
         },
     };
-    // With a changed-range hint and a compatible parent, read only what changed.
+    // With a changed-range hint and a compatible parent, read only what changed: whole
+    // chunks in version 1 repositories, 4 KiB blocks otherwise (the unchanged rest of a
+    // chunk is kept as a partial reference to the parent's chunk).
     let read_ranges: Vec<Range<u64>> = match (&parent, source.changed_ranges(), chunker) {
         (Some(p), Some(changed), ChunkerConfig::Fixed { size: cs })
             if p.meta.chunker == chunker && p.meta.size == size =>
         {
-            align_ranges(&changed, cs as u64, size)
+            let align = if repo.partial_refs() { CHANGE_ALIGN.min(cs as u64) } else { cs as u64 };
+            align_ranges(&changed, align, size)
         }
         _ => std::iter::once(0..size).collect(),
     };
@@ -186,17 +195,10 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
     if let Some(p) = &parent {
         let whole = read_ranges.len() == 1 && read_ranges[0] == (0..size);
         if !whole {
-            // Take unchanged chunks over from the parent.
-            let mut i = 0;
-            for c in &p.chunks {
-                while i < read_ranges.len() && read_ranges[i].end <= c.offset {
-                    i += 1;
-                }
-                let inside = i < read_ranges.len() && read_ranges[i].start <= c.offset;
-                if !inside {
-                    refs.push(*c);
-                    stats.bytes_skipped += c.len as u64;
-                }
+            // Take what was not read over from the parent.
+            for c in unread_parts(&p.chunks, &read_ranges) {
+                stats.bytes_skipped += c.len as u64;
+                refs.push(c);
             }
         }
     }
@@ -239,6 +241,48 @@ fn align_ranges(changed: &[Range<u64>], cs: u64, size: u64) -> Vec<Range<u64>> {
     out
 }
 
+/// The parts of `chunks` (sorted by offset, not overlapping) outside `read` (sorted,
+/// merged): whole chunks where nothing was read, trimmed references (`skip`, `len`)
+/// where part of a chunk was.
+fn unread_parts(chunks: &[ChunkRef], read: &[Range<u64>]) -> Vec<ChunkRef> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    for c in chunks {
+        while i < read.len() && read[i].end <= c.offset {
+            i += 1;
+        }
+        let mut pos = c.offset;
+        let end = c.end();
+        let mut j = i;
+        while pos < end {
+            match read.get(j) {
+                Some(r) if r.start < end => {
+                    if r.start > pos {
+                        out.push(ChunkRef {
+                            offset: pos,
+                            len: (r.start - pos) as u32,
+                            id: c.id,
+                            skip: c.skip + (pos - c.offset) as u32,
+                        });
+                    }
+                    pos = pos.max(r.end);
+                    j += 1;
+                }
+                _ => {
+                    out.push(ChunkRef {
+                        offset: pos,
+                        len: (end - pos) as u32,
+                        id: c.id,
+                        skip: c.skip + (pos - c.offset) as u32,
+                    });
+                    pos = end;
+                }
+            }
+        }
+    }
+    out
+}
+
 fn read_source(
     run: &Run<'_>,
     source: &dyn Source,
@@ -252,11 +296,14 @@ fn read_source(
             let step = (BATCH_BYTES / cs).max(1) * cs;
             // Batches are independent (chunk boundaries are fixed; refs are sorted at the
             // end), so sources that gain from it are read by several threads at once.
+            // Batches end on the chunk grid; a range that starts or ends off the grid (an
+            // incremental read of changed blocks) gives shorter chunks at its edges.
             let mut jobs: Vec<(u64, usize)> = Vec::new();
             for r in ranges {
                 let mut off = r.start;
                 while off < r.end {
-                    let n = step.min((r.end - off) as usize);
+                    let to_grid = step - (off % cs as u64) as usize;
+                    let n = to_grid.min((r.end - off) as usize);
                     jobs.push((off, n));
                     off += n as u64;
                 }
@@ -272,8 +319,10 @@ fn read_source(
                     };
                     let mut data = vec![0u8; n];
                     source.read_at(off, &mut data)?;
-                    let ends = (1..=n.div_ceil(cs)).map(|k| (k * cs).min(n)).collect();
-                    if tx.send(Batch { base: off, data, ends }).is_err() {
+                    // Chunk ends: the grid lines inside the batch, then its end.
+                    let first = cs - (off % cs as u64) as usize;
+                    let ends = (0..).map(|k| first + k * cs).take_while(|&e| e < n).chain(std::iter::once(n)).collect();
+                    if tx.send(Batch { base: off, data: data.into(), ends }).is_err() {
                         return Ok(());
                     }
                 }
@@ -302,38 +351,55 @@ fn read_source(
             })
         }
         ChunkerConfig::Cdc { min, avg, max } => {
+            // Sequential: each cut point depends on the previous one. One large read is
+            // cut into batches that share its buffer; only the tail after the last cut
+            // (less than `max`) is copied into the next read's buffer.
             let (min, avg, max) = (min as usize, avg as usize, max as usize);
             let size = source.size();
-            let mut buf: Vec<u8> = Vec::new();
-            let mut buf_base = 0u64; // source offset of buf[0]
+            let mut carry: Vec<u8> = Vec::new();
+            let mut base = 0u64; // source offset of carry[0]
             let mut read_to = 0u64;
             loop {
                 if run.abort.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                let want = BATCH_BYTES + max;
-                if buf.len() < want && read_to < size {
-                    let n = ((want - buf.len()) as u64).min(size - read_to) as usize;
-                    let old = buf.len();
-                    buf.resize(old + n, 0);
-                    source.read_at(read_to, &mut buf[old..])?;
-                    read_to += n as u64;
-                }
+                let n = (CDC_READ_BYTES as u64).min(size - read_to) as usize;
+                let mut buf = Vec::with_capacity(carry.len() + n);
+                buf.extend_from_slice(&carry);
+                buf.resize(carry.len() + n, 0);
+                source.read_at(read_to, &mut buf[carry.len()..])?;
+                read_to += n as u64;
+                let eof = read_to >= size;
                 if buf.is_empty() {
                     return Ok(());
                 }
-                let eof = read_to >= size;
-                let mut ends = Vec::new();
+                let buf = bytes::Bytes::from(buf);
                 let mut pos = 0;
-                while pos < buf.len() && (eof || buf.len() - pos >= max) && pos < BATCH_BYTES {
+                let mut start = 0;
+                let mut ends = Vec::new();
+                while pos < buf.len() && (eof || buf.len() - pos >= max) {
                     pos += cdc::cut(&buf[pos..], min, avg, max);
-                    ends.push(pos);
+                    ends.push(pos - start);
+                    if pos - start >= BATCH_BYTES {
+                        let data = buf.slice(start..pos);
+                        if tx.send(Batch { base: base + start as u64, data, ends: std::mem::take(&mut ends) }).is_err()
+                        {
+                            return Ok(());
+                        }
+                        start = pos;
+                    }
                 }
-                let data: Vec<u8> = buf.drain(..pos).collect();
-                if tx.send(Batch { base: buf_base, data, ends }).is_err() {
+                if !ends.is_empty() {
+                    let data = buf.slice(start..pos);
+                    if tx.send(Batch { base: base + start as u64, data, ends }).is_err() {
+                        return Ok(());
+                    }
+                }
+                carry = buf[pos..].to_vec();
+                base += pos as u64;
+                if eof && carry.is_empty() {
                     return Ok(());
                 }
-                buf_base += pos as u64;
             }
         }
     }
@@ -342,6 +408,8 @@ fn read_source(
 fn work(run: &Run<'_>, rx: Arc<Mutex<Receiver<Batch>>>, tx: SyncSender<Processed>) -> Result<()> {
     let key = run.repo.key();
     let level = run.repo.config().zstd_level;
+    let mut compressor =
+        zstd::bulk::Compressor::new(level).map_err(|e| Error::Invalid(format!("zstd level {level}: {e}")))?;
     loop {
         let batch = {
             let guard = rx.lock().unwrap_or_else(|p| p.into_inner());
@@ -362,13 +430,13 @@ fn work(run: &Run<'_>, rx: Arc<Mutex<Receiver<Batch>>>, tx: SyncSender<Processed
                 continue;
             }
             let id = key.chunk_id(data);
-            out.refs.push(ChunkRef { offset, len: data.len() as u32, id });
+            out.refs.push(ChunkRef::whole(offset, data.len() as u32, id));
             if run.index.contains(&id) {
                 continue;
             }
             let fresh = run.inflight.lock().unwrap_or_else(|p| p.into_inner()).insert(id);
             if fresh {
-                let (blob, flags) = encode_blob(key, &id, data, level);
+                let (blob, flags) = encode_blob_with(&mut compressor, key, &id, data);
                 out.new.push(NewBlob { id, blob, raw_len: data.len() as u32, flags });
             }
         }
@@ -444,6 +512,18 @@ fn upload(run: &Run<'_>, rx: Arc<Mutex<Receiver<FinishedPack>>>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unread_parts_trim_chunks_around_what_was_read() {
+        let id = ChunkId([1; 32]);
+        let c = |offset, len, skip| ChunkRef { offset, len, id, skip };
+        let chunks = vec![c(0, 100, 0), c(100, 100, 0), c(200, 50, 30), c(300, 100, 0)];
+        let parts = unread_parts(&chunks, &[10..20, 90..110, 300..400]);
+        assert_eq!(parts, vec![c(0, 10, 0), c(20, 70, 20), c(110, 90, 10), c(200, 50, 30)]);
+        assert_eq!(unread_parts(&chunks, &[]), chunks);
+        let all: Vec<Range<u64>> = std::iter::once(0..1000).collect();
+        assert!(unread_parts(&chunks, &all).is_empty());
+    }
 
     #[test]
     fn ranges_align_and_merge() {

@@ -50,6 +50,8 @@ pub enum Error {
     },
     #[error("node agent: {0}")]
     Agent(String),
+    #[error("repository busy: {0}")]
+    Busy(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
 }

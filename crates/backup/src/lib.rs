@@ -6,15 +6,16 @@
 //!   place that does storage IO. One conformance suite covers every backend.
 //! - `crypto/` — master key, password key files (argon2id), keyed-BLAKE3 chunk ids,
 //!   XChaCha20-Poly1305 envelopes.
-//! - `chunk/` — fixed-size (block images, default 64 KiB) and content-defined chunking,
-//!   zero detection.
+//! - `chunk/` — fixed-size (volumes, default 64 KiB) and content-defined chunking (files
+//!   and devices, which have no changed-block record), zero detection.
 //! - `pack/` — packs of sealed chunks with their own trailer index; `index/` — index files
 //!   and the in-memory master index.
 //! - `repo/` — object layout, init/open, index loading (recovering unindexed packs from
 //!   their trailers), writer leases.
 //! - `snapshot.rs` manifests; `backup.rs` the parallel pipeline; `restore.rs` parallel,
-//!   out-of-order, resumable restore; `verify.rs` damage reports; `prune.rs` retention and
-//!   two-phase garbage collection; `source.rs` what can be backed up; `progress.rs` bars.
+//!   out-of-order, resumable restore; `verify.rs` damage reports; `prune.rs` retention,
+//!   repack and two-phase garbage collection; `source.rs` what can be backed up;
+//!   `progress.rs` bars on a terminal, progress lines in logs.
 //! - `volume/` — backups of live hlstore volumes: snapshot, changed-block (incremental)
 //!   reads, snapshot retention, restore into a new volume, over a node-agent trait.
 //!

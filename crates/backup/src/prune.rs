@@ -9,8 +9,14 @@
 //! that finished saved its snapshot before dropping its lease). Packs that became referenced
 //! again are rescued. Nothing here makes a concurrent backup fail.
 //!
-//! Limitation: only whole unreferenced packs are removed; packs that are partly referenced
-//! are reported (`partial_reclaimable_bytes`) but not rewritten.
+//! Repack: packs whose unreferenced share reaches a threshold have their live chunks copied
+//! into new packs (stored and indexed first), then are condemned like unreferenced packs.
+//! A condemned pack is deleted only when every chunk any snapshot references in it has a
+//! copy in a pack that is not condemned — so a backup that started before the repack and
+//! deduplicated against a chunk the repack did not copy keeps the old pack alive (it is
+//! "rescued") until a later prune copies that chunk too.
+//!
+//! Concurrency: prunes take a `prune` lease ([`prune_lease`]); a second prune backs off.
 
 use std::collections::{HashMap, HashSet};
 
@@ -19,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use crate::backend::Backend;
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
-use crate::pack::pack_key;
-use crate::repo::{Lease, Repository};
+use crate::index::{IndexedPack, Location, MasterIndex};
+use crate::pack::{decode_blob, pack_key, PackWriter};
+use crate::repo::{Lease, LeaseInfo, Repository};
 use crate::snapshot::{now_secs, SnapshotMeta};
 
 /// Default time between condemning a pack and deleting it.
@@ -141,14 +148,34 @@ pub struct PruneOptions {
     pub policy: KeepPolicy,
     pub grace_secs: u64,
     pub dry_run: bool,
+    /// Repack packs whose unreferenced share is at least this percentage of their size
+    /// (copy the live chunks into new packs, condemn the old ones); `None`: never repack.
+    pub repack_unused_pct: Option<u8>,
 }
+
+impl PruneOptions {
+    /// A policy with the default grace period and repacking.
+    pub fn new(policy: KeepPolicy) -> Self {
+        PruneOptions {
+            policy,
+            grace_secs: DEFAULT_GRACE_SECS,
+            dry_run: false,
+            repack_unused_pct: Some(DEFAULT_REPACK_UNUSED_PCT),
+        }
+    }
+}
+
+/// Default repack threshold: packs at least this % unreferenced are rewritten.
+pub const DEFAULT_REPACK_UNUSED_PCT: u8 = 10;
+/// Attempts at taking the prune lease while another prune holds one.
+pub const PRUNE_LEASE_ATTEMPTS: u32 = 5;
 
 /// What prune did.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct PruneReport {
     pub kept: Vec<String>,
     pub forgotten: Vec<String>,
-    /// Packs newly condemned by this run.
+    /// Packs newly condemned by this run (unreferenced, or repacked).
     pub condemned_packs: u64,
     pub deleted_packs: u64,
     pub deleted_bytes: u64,
@@ -156,11 +183,19 @@ pub struct PruneReport {
     pub postponed_packs: u64,
     /// Condemned packs referenced again, kept.
     pub rescued_packs: u64,
-    /// Unreferenced bytes inside packs that are still partly used.
+    /// Partly used packs whose live chunks were copied into new packs.
+    pub repacked_packs: u64,
+    /// Live bytes copied by the repack.
+    pub repacked_bytes: u64,
+    /// New packs written by the repack.
+    pub new_packs: u64,
+    /// Unreferenced bytes left inside partly used packs (below the repack threshold).
     pub partial_reclaimable_bytes: u64,
 }
 
-/// Applies the keep policy, then collects garbage.
+/// Applies the keep policy, then collects garbage. Only one prune runs at a time per
+/// repository: a prune that finds another's live lease retries briefly, then fails with
+/// [`Error::Busy`] without changing anything.
 pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     if opts.policy.is_empty() {
         return Err(Error::Invalid("no --keep-* rule given; refusing to forget every backup".into()));
@@ -171,20 +206,45 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     if opts.dry_run {
         return Ok(report);
     }
+    let _lease = prune_lease(repo)?;
     for id in &report.forgotten {
         repo.forget(id)?;
     }
-    gc(repo, opts.grace_secs, &mut report)?;
+    gc_with(repo, opts.grace_secs, opts.repack_unused_pct, &mut report)?;
     Ok(report)
 }
 
-/// Garbage collection only (two phases, see the module header).
-pub fn gc(repo: &Repository, grace_secs: u64, report: &mut PruneReport) -> Result<()> {
-    let backend = repo.backend().as_ref();
-    let load = repo.load_index()?;
-    let index = &load.index;
-    // Leases before snapshots: see the module header for why the order matters.
-    let leases = Lease::live(backend)?;
+/// Takes the repository's prune lease: write ours, then list; any other live prune lease
+/// means another prune may be running, so ours is withdrawn. Because each prune lists only
+/// after writing, two prunes can never both see themselves alone (at worst both withdraw
+/// and retry after a random pause).
+pub fn prune_lease(repo: &Repository) -> Result<Lease> {
+    let backend = repo.backend();
+    for attempt in 0..PRUNE_LEASE_ATTEMPTS {
+        let lease = Lease::acquire(backend.clone(), "prune")?;
+        let others: Vec<LeaseInfo> = Lease::live_keyed(backend.as_ref())?
+            .into_iter()
+            .filter(|(k, l)| l.purpose == "prune" && k != lease.key())
+            .map(|(_, l)| l)
+            .collect();
+        let Some(other) = others.first() else {
+            return Ok(lease);
+        };
+        drop(lease);
+        if attempt + 1 == PRUNE_LEASE_ATTEMPTS {
+            return Err(Error::Busy(format!(
+                "another prune is running (host {}, pid {}, started {}); try again when it is done",
+                other.host, other.pid, other.started
+            )));
+        }
+        let pause = 100 + rand::random::<u64>() % 400;
+        std::thread::sleep(std::time::Duration::from_millis(pause));
+    }
+    Err(Error::Busy("another prune is running".into()))
+}
+
+/// Chunks referenced by every snapshot in the repository now.
+fn referenced_chunks(repo: &Repository) -> Result<HashSet<ChunkId>> {
     let mut referenced: HashSet<ChunkId> = HashSet::new();
     for id in repo.snapshot_ids()? {
         match repo.load_snapshot(&id) {
@@ -193,29 +253,69 @@ pub fn gc(repo: &Repository, grace_secs: u64, report: &mut PruneReport) -> Resul
             Err(e) => return Err(Error::Invalid(format!("cannot read backup {id} ({e}); not deleting anything"))),
         }
     }
-    let mut used = vec![false; index.packs.len()];
-    let mut unused_bytes = vec![0u64; index.packs.len()];
-    for (cid, loc) in index.iter() {
+    Ok(referenced)
+}
+
+/// Garbage collection only, without repacking (two phases, see the module header).
+pub fn gc(repo: &Repository, grace_secs: u64, report: &mut PruneReport) -> Result<()> {
+    gc_with(repo, grace_secs, None, report)
+}
+
+/// Garbage collection: condemn unreferenced packs (and repack partly used ones when
+/// `repack_unused_pct` is set), then delete what is safe to delete.
+pub fn gc_with(
+    repo: &Repository,
+    grace_secs: u64,
+    repack_unused_pct: Option<u8>,
+    report: &mut PruneReport,
+) -> Result<()> {
+    let backend = repo.backend().as_ref();
+    let load = repo.load_index()?;
+    let mut index = load.index.clone();
+    let referenced = referenced_chunks(repo)?;
+    let markers = read_markers(backend)?;
+    let already: HashSet<String> = markers.iter().flat_map(|m| m.1.packs.iter().cloned()).collect();
+
+    // Live and dead bytes per pack (every copy of a chunk counts where it is).
+    let n = index.packs.len();
+    let mut live = vec![0u64; n];
+    let mut dead = vec![0u64; n];
+    for (cid, loc) in index.iter_all() {
         if referenced.contains(cid) {
-            used[loc.pack as usize] = true;
+            live[loc.pack as usize] += loc.length as u64;
         } else {
-            unused_bytes[loc.pack as usize] += loc.length as u64;
+            dead[loc.pack as usize] += loc.length as u64;
         }
     }
-    report.partial_reclaimable_bytes = (0..used.len()).filter(|&i| used[i]).map(|i| unused_bytes[i]).sum();
-    let is_used: HashMap<&str, bool> =
-        index.packs.iter().enumerate().map(|(i, (id, _))| (id.as_str(), used[i])).collect();
+    let mut fresh: Vec<String> = Vec::new();
+    let mut to_repack: Vec<u32> = Vec::new();
+    for (i, (id, len)) in index.packs.iter().enumerate() {
+        if already.contains(id) {
+            continue;
+        }
+        if live[i] == 0 {
+            fresh.push(id.clone());
+        } else if dead[i] > 0 {
+            match repack_unused_pct {
+                Some(pct) if dead[i] * 100 >= *len * pct as u64 => to_repack.push(i as u32),
+                _ => report.partial_reclaimable_bytes += dead[i],
+            }
+        }
+    }
 
-    // Phase 1: condemn.
-    let markers = read_markers(backend)?;
-    let already: HashSet<&String> = markers.iter().flat_map(|m| m.1.packs.iter()).collect();
-    let fresh: Vec<String> = index
-        .packs
-        .iter()
-        .enumerate()
-        .filter(|(i, (id, _))| !used[*i] && !already.contains(id))
-        .map(|(_, (id, _))| id.clone())
-        .collect();
+    // Phase 1a: copy the live chunks of partly used packs into new packs (stored and
+    // indexed before the old packs are condemned).
+    if !to_repack.is_empty() {
+        let new = repack(repo, &index, &to_repack, &referenced, &already, report)?;
+        for p in &new {
+            index.add_pack(p);
+        }
+        for &i in &to_repack {
+            fresh.push(index.packs[i as usize].0.clone());
+        }
+    }
+
+    // Phase 1b: condemn.
     let mut markers = markers;
     if !fresh.is_empty() {
         let m = Marker { created: now_secs(), packs: fresh };
@@ -225,7 +325,26 @@ pub fn gc(repo: &Repository, grace_secs: u64, report: &mut PruneReport) -> Resul
         markers.push((key, m));
     }
 
-    // Phase 2: delete what is safe to delete.
+    // Phase 2: delete what is safe to delete. Leases first, then the snapshots again: a
+    // backup that finished since the first read saved its snapshot before dropping its
+    // lease, so whatever it references is seen here.
+    let leases = Lease::live(backend)?;
+    let referenced = referenced_chunks(repo)?;
+    let condemned: HashSet<&str> = markers.iter().flat_map(|m| m.1.packs.iter().map(String::as_str)).collect();
+    let mut chunks_of: HashMap<u32, Vec<ChunkId>> = HashMap::new();
+    for (cid, loc) in index.iter_all() {
+        if referenced.contains(cid) {
+            chunks_of.entry(loc.pack).or_default().push(*cid);
+        }
+    }
+    // A condemned pack may go when every referenced chunk in it has a copy in a pack
+    // that is not condemned.
+    let safe = |pack: &str| -> bool {
+        let Some(pos) = index.pack_index(pack) else { return true };
+        chunks_of
+            .get(&pos)
+            .is_none_or(|cs| cs.iter().all(|c| index.locations(c).any(|l| !condemned.contains(index.pack_id(l)))))
+    };
     let now = now_secs();
     let mut deleted: HashSet<String> = HashSet::new();
     for (key, m) in &markers {
@@ -236,16 +355,22 @@ pub fn gc(repo: &Repository, grace_secs: u64, report: &mut PruneReport) -> Resul
             continue;
         }
         for p in &m.packs {
-            if is_used.get(p.as_str()).copied().unwrap_or(false) {
+            if !safe(p) {
                 report.rescued_packs += 1;
                 continue;
             }
-            backend.delete(&pack_key(p))?;
+            match backend.delete(&pack_key(p)) {
+                Ok(()) | Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
             report.deleted_bytes += load.pack_sizes.get(p).copied().unwrap_or(0);
             report.deleted_packs += 1;
             deleted.insert(p.clone());
         }
-        backend.delete(key)?;
+        match backend.delete(key) {
+            Ok(()) | Err(Error::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
     }
 
     // Rewrite the index without the deleted packs, then drop the files it replaces.
@@ -256,10 +381,77 @@ pub fn gc(repo: &Repository, grace_secs: u64, report: &mut PruneReport) -> Resul
             repo.write_index(&packs)?;
         }
         for f in &load.index_files {
-            backend.delete(f)?;
+            match backend.delete(f) {
+                Ok(()) | Err(Error::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
     }
     Ok(())
+}
+
+/// Copies the referenced chunks of packs `which` that have no copy outside them into new
+/// packs; stores the packs and one index file naming them. Blobs are copied sealed, after
+/// checking each one opens and hashes to its id (damage is reported, never copied).
+fn repack(
+    repo: &Repository,
+    index: &MasterIndex,
+    which: &[u32],
+    referenced: &HashSet<ChunkId>,
+    condemned: &HashSet<String>,
+    report: &mut PruneReport,
+) -> Result<Vec<IndexedPack>> {
+    let old: HashSet<u32> = which.iter().copied().collect();
+    let mut wanted: HashMap<u32, Vec<(ChunkId, Location)>> = HashMap::new();
+    for (cid, loc) in index.iter_all() {
+        if old.contains(&loc.pack) && referenced.contains(cid) {
+            wanted.entry(loc.pack).or_default().push((*cid, *loc));
+        }
+    }
+    let pack_size = repo.config().pack_size as usize;
+    let key = repo.key();
+    let mut copied: HashSet<ChunkId> = HashSet::new();
+    let mut out: Vec<IndexedPack> = Vec::new();
+    let mut w = PackWriter::new();
+    let flush = |w: PackWriter, out: &mut Vec<IndexedPack>| -> Result<()> {
+        let p = w.finish(key);
+        repo.backend().put(&pack_key(&p.id), &p.bytes)?;
+        out.push(IndexedPack { id: p.id, len: p.bytes.len() as u64, entries: p.entries });
+        Ok(())
+    };
+    for &i in which {
+        let pid = index.packs[i as usize].0.clone();
+        let Some(mut chunks) = wanted.remove(&i) else { continue };
+        chunks.sort_by_key(|c| c.1.offset);
+        let bytes = repo.backend().get(&pack_key(&pid))?;
+        for (cid, loc) in chunks {
+            // Already elsewhere in a pack that stays, or copied from another old pack.
+            let elsewhere =
+                index.locations(&cid).any(|l| !old.contains(&l.pack) && !condemned.contains(index.pack_id(l)));
+            if elsewhere || !copied.insert(cid) {
+                continue;
+            }
+            let e = loc.entry(cid);
+            let blob = bytes
+                .get(e.offset as usize..e.end() as usize)
+                .ok_or_else(|| Error::corrupt(format!("pack {pid}"), "shorter than its index says"))?;
+            decode_blob(key, &e, blob, &pid)?;
+            w.add(cid, blob, e.raw_len, e.flags);
+            report.repacked_bytes += blob.len() as u64;
+            if w.len() >= pack_size {
+                flush(std::mem::take(&mut w), &mut out)?;
+            }
+        }
+        report.repacked_packs += 1;
+    }
+    if !w.is_empty() {
+        flush(w, &mut out)?;
+    }
+    if !out.is_empty() {
+        repo.write_index(&out)?;
+    }
+    report.new_packs += out.len() as u64;
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! state file (`<target>.hlstore-restore` for files, `--state-file` for devices); a rerun
 //! for the same backup skips those packs. The state file is removed on success.
 //! [`restore_into`] writes to any [`RestoreSink`] (a fresh thin volume over NBD): only the
-//! chunk records are written, holes are left to the target.
+//! chunk records are written, holes are left to the target; it resumes the same way when
+//! given a state file.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -22,6 +23,9 @@ use crate::pack::decode_blob;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot::ChunkRef;
+
+/// Parallel fetches by default.
+pub const DEFAULT_WORKERS: usize = 4;
 
 /// Where a restore goes.
 #[derive(Debug, Clone)]
@@ -53,10 +57,19 @@ pub struct RestoreStats {
     pub packs_resumed: u64,
 }
 
+/// Where a chunk's bytes go: (source offset, skip into the chunk, length).
+type Piece = (u64, u32, u32);
+
+/// Blob bytes fetched by one restore job at most: packs are split into ranges this size so
+/// a handful of packs still keeps every worker busy.
+pub const JOB_BYTES: u64 = 8 * 1024 * 1024;
+
 struct Job {
     pack: String,
-    /// (blob location, chunk, every offset it goes to), sorted by blob offset.
-    chunks: Vec<(Location, ChunkId, Vec<u64>)>,
+    /// Name in the resume state: `<pack>@<offset of the first blob>`.
+    key: String,
+    /// (blob location, chunk, every piece of it to write), sorted by blob offset.
+    chunks: Vec<(Location, ChunkId, Vec<Piece>)>,
 }
 
 /// Restores snapshot `id` (a unique prefix is enough) to `target`.
@@ -88,19 +101,21 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
     };
     let mut stats = RestoreStats { snapshot: id.clone(), size: snap.meta.size, ..Default::default() };
     let before = jobs.len();
-    jobs.retain(|j| !done.contains(&j.pack));
+    jobs.retain(|j| !done.contains(&j.key));
     stats.packs_resumed = (before - jobs.len()) as u64;
     if is_device && !resuming {
         stats.bytes_written += zero_gaps(&file, &snap.chunks, snap.meta.size, &path)?;
     }
 
-    let sink = FileSink { file: &file, path: &path };
+    // A file is created empty (or holds the interrupted run's writes, which are the same
+    // bytes), so it reads zeros wherever nothing was written; a device may hold anything.
+    let sink = FileSink { file: &file, path: &path, zeroed: !is_device };
     let after_pack = |job: &Job| -> Result<()> {
         match &state {
             Some(st) => {
                 file.sync_data().map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
                 let mut f = st.lock().unwrap_or_else(|p| p.into_inner());
-                writeln!(f, "{}", job.pack).map_err(|e| Error::io("write restore state", e))
+                writeln!(f, "{}", job.key).map_err(|e| Error::io("write restore state", e))
             }
             None => Ok(()),
         }
@@ -117,46 +132,100 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
 }
 
 /// Restores snapshot `id` into `sink`, which must read as zeros where the backup has holes
-/// (a fresh thin volume): only chunk records are written, no resume state is kept. Ends
-/// with `sink.sync()`.
+/// (a fresh thin volume): only chunk records are written. With `opts.state_file`, the run
+/// is resumable: after each pack's chunks are written and `sink.sync()`ed, the pack is
+/// recorded; a rerun for the same backup skips recorded packs; the file is removed on
+/// success. Ends with `sink.sync()`.
 pub fn restore_into(repo: &Repository, id: &str, sink: &dyn RestoreSink, opts: RestoreOptions) -> Result<RestoreStats> {
     let id = repo.resolve_snapshot(id)?;
     let snap = repo.load_snapshot(&id)?;
-    let jobs = plan_jobs(repo, &id, &snap.chunks)?;
-    let packs = jobs.len() as u64;
-    let written = run_jobs(repo, jobs, sink, &opts, &|_| Ok(()))?;
+    let mut jobs = plan_jobs(repo, &id, &snap.chunks)?;
+    let done = opts.state_file.as_deref().and_then(|p| read_state(p, &id));
+    let resuming = done.is_some();
+    let done = done.unwrap_or_default();
+    let state = match &opts.state_file {
+        Some(p) => Some(Mutex::new(open_state(p, &id, resuming)?)),
+        None => None,
+    };
+    let before = jobs.len();
+    jobs.retain(|j| !done.contains(&j.key));
+    let resumed = (before - jobs.len()) as u64;
+    let after_pack = |job: &Job| -> Result<()> {
+        match &state {
+            Some(st) => {
+                sink.sync()?;
+                let mut f = st.lock().unwrap_or_else(|p| p.into_inner());
+                writeln!(f, "{}", job.key).map_err(|e| Error::io("write restore state", e))?;
+                f.sync_data().map_err(|e| Error::io("sync restore state", e))
+            }
+            None => Ok(()),
+        }
+    };
+    let written = run_jobs(repo, jobs, sink, &opts, &after_pack)?;
     sink.sync()?;
+    if let Some(p) = &opts.state_file {
+        let _ = std::fs::remove_file(p);
+    }
     opts.progress.finish();
     Ok(RestoreStats {
         snapshot: id,
         size: snap.meta.size,
         bytes_written: written,
-        packs_fetched: packs,
-        packs_resumed: 0,
+        packs_fetched: before as u64 - resumed,
+        packs_resumed: resumed,
     })
+}
+
+/// True when `state_file` records an interrupted restore of backup `id`.
+pub fn has_resume_state(state_file: &Path, id: &str) -> bool {
+    read_state(state_file, id).is_some()
 }
 
 /// Groups the chunks by pack, in blob order. Done before touching the target, so a missing
 /// chunk fails early.
 fn plan_jobs(repo: &Repository, id: &str, chunks: &[ChunkRef]) -> Result<Vec<Job>> {
     let index = repo.load_index()?.index;
-    let mut by_chunk: HashMap<ChunkId, Vec<u64>> = HashMap::new();
+    // Prefer copies in packs no prune has condemned (a repack leaves two copies until the
+    // old pack goes), so a restore does not race the deletion of the old pack.
+    let condemned = repo.condemned_packs()?;
+    let preferred = (!condemned.is_empty()).then(|| index.without_packs(&condemned));
+    let mut by_chunk: HashMap<ChunkId, Vec<Piece>> = HashMap::new();
     for c in chunks {
-        by_chunk.entry(c.id).or_default().push(c.offset);
+        by_chunk.entry(c.id).or_default().push((c.offset, c.skip, c.len));
     }
-    let mut by_pack: BTreeMap<u32, Vec<(Location, ChunkId, Vec<u64>)>> = BTreeMap::new();
+    let mut by_pack: BTreeMap<String, Vec<(Location, ChunkId, Vec<Piece>)>> = BTreeMap::new();
     for (cid, offs) in by_chunk {
-        let loc =
-            index.get(&cid).ok_or_else(|| Error::MissingChunk { snapshot: id.to_string(), chunk: cid.to_hex() })?;
-        by_pack.entry(loc.pack).or_default().push((*loc, cid, offs));
+        let (ix, loc) = match preferred.as_ref().and_then(|p| p.get(&cid).map(|l| (p, l))) {
+            Some(found) => found,
+            None => (
+                &index,
+                index.get(&cid).ok_or_else(|| Error::MissingChunk { snapshot: id.to_string(), chunk: cid.to_hex() })?,
+            ),
+        };
+        by_pack.entry(ix.pack_id(loc).to_string()).or_default().push((*loc, cid, offs));
     }
-    Ok(by_pack
-        .into_iter()
-        .map(|(p, mut chunks)| {
-            chunks.sort_by_key(|c| c.0.offset);
-            Job { pack: index.packs[p as usize].0.clone(), chunks }
-        })
-        .collect())
+    let mut jobs = Vec::new();
+    for (pack, mut chunks) in by_pack {
+        chunks.sort_by_key(|c| c.0.offset);
+        let mut cur: Vec<(Location, ChunkId, Vec<Piece>)> = Vec::new();
+        let mut start = 0u64;
+        for c in chunks {
+            let end = c.0.offset as u64 + c.0.length as u64;
+            if !cur.is_empty() && end - start > JOB_BYTES {
+                jobs.push(Job { pack: pack.clone(), key: format!("{pack}@{start}"), chunks: std::mem::take(&mut cur) });
+            }
+            if cur.is_empty() {
+                start = c.0.offset as u64;
+            }
+            cur.push(c);
+        }
+        if !cur.is_empty() {
+            jobs.push(Job { pack: pack.clone(), key: format!("{pack}@{start}"), chunks: cur });
+        }
+    }
+    // Workers pop from the end: start with the first ranges of each pack.
+    jobs.reverse();
+    Ok(jobs)
 }
 
 /// Fetches and writes the jobs' packs on `opts.workers` threads; `after_pack` runs after
@@ -170,7 +239,7 @@ fn run_jobs(
 ) -> Result<u64> {
     let written = AtomicU64::new(0);
     let queue = Mutex::new(jobs);
-    let workers = if opts.workers == 0 { 4 } else { opts.workers };
+    let workers = if opts.workers == 0 { DEFAULT_WORKERS } else { opts.workers };
     let first_err: Mutex<Option<Error>> = Mutex::new(None);
     let fail = |e: Error| {
         if let Ok(mut fe) = first_err.lock() {
@@ -208,6 +277,12 @@ fn run_jobs(
 pub trait RestoreSink: Sync {
     /// Writes `data` at `offset`.
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
+    /// True when the target reads zeros wherever nothing was written (a new sparse file,
+    /// a fresh thin volume): all-zero blocks inside chunks are then skipped, so they stay
+    /// unallocated.
+    fn reads_zeros(&self) -> bool {
+        true
+    }
     /// Makes everything written so far durable.
     fn sync(&self) -> Result<()>;
 }
@@ -215,6 +290,7 @@ pub trait RestoreSink: Sync {
 struct FileSink<'a> {
     file: &'a File,
     path: &'a Path,
+    zeroed: bool,
 }
 
 impl RestoreSink for FileSink<'_> {
@@ -227,6 +303,46 @@ impl RestoreSink for FileSink<'_> {
     fn sync(&self) -> Result<()> {
         self.file.sync_all().map_err(|e| Error::io(format!("sync {}", self.path.display()), e))
     }
+
+    fn reads_zeros(&self) -> bool {
+        self.zeroed
+    }
+}
+
+/// Block size below which zeros inside a chunk are written rather than skipped.
+pub const ZERO_SKIP_BLOCK: u64 = 4096;
+
+/// Writes `data` at `offset`, skipping the all-zero 4 KiB blocks (aligned to the target)
+/// when the sink reads zeros anyway. Returns the bytes written.
+fn write_piece(sink: &dyn RestoreSink, offset: u64, data: &[u8]) -> Result<u64> {
+    if !sink.reads_zeros() {
+        sink.write_at(offset, data)?;
+        return Ok(data.len() as u64);
+    }
+    let end = offset + data.len() as u64;
+    let mut written = 0u64;
+    let mut run: Option<u64> = None; // start of the pending non-zero run
+    let mut pos = offset;
+    while pos < end {
+        let next = ((pos / ZERO_SKIP_BLOCK + 1) * ZERO_SKIP_BLOCK).min(end);
+        let block = &data[(pos - offset) as usize..(next - offset) as usize];
+        let zero = crate::chunk::is_zero(block);
+        match (zero, run) {
+            (false, None) => run = Some(pos),
+            (true, Some(r)) => {
+                sink.write_at(r, &data[(r - offset) as usize..(pos - offset) as usize])?;
+                written += pos - r;
+                run = None;
+            }
+            _ => {}
+        }
+        pos = next;
+    }
+    if let Some(r) = run {
+        sink.write_at(r, &data[(r - offset) as usize..])?;
+        written += end - r;
+    }
+    Ok(written)
 }
 
 fn restore_pack(repo: &Repository, job: &Job, sink: &dyn RestoreSink) -> Result<u64> {
@@ -245,9 +361,11 @@ fn restore_pack(repo: &Repository, job: &Job, sink: &dyn RestoreSink) -> Result<
             .get(a..a + e.length as usize)
             .ok_or_else(|| Error::corrupt(format!("pack {}", job.pack), "shorter than its index says"))?;
         let plain = decode_blob(repo.key(), &e, blob, &job.pack)?;
-        for &o in offs {
-            sink.write_at(o, &plain)?;
-            n += plain.len() as u64;
+        for &(o, skip, len) in offs {
+            let piece = plain.get(skip as usize..skip as usize + len as usize).ok_or_else(|| {
+                Error::corrupt(format!("pack {} chunk {cid}", job.pack), "backup references bytes past the chunk's end")
+            })?;
+            n += write_piece(sink, o, piece)?;
         }
     }
     Ok(n)

@@ -2,8 +2,11 @@
 //! parent, chunker, statistics) and the chunk list that rebuilds it.
 //!
 //! Encoding: `"HLSN" u32 version u64 plain_len | sealed(zstd(u32 json_len | json |
-//! record*))`, each record `u64 offset | u32 len | id[32]` (44 bytes). All-zero chunks have
-//! no record: a restore leaves holes there.
+//! record*))`. Version 1 records are `u64 offset | u32 len | id[32]` (44 bytes, whole
+//! chunks); version 2 records are `u64 offset | u32 len | u32 skip | id[32]` (48 bytes):
+//! bytes `skip..skip + len` of the chunk, so an incremental volume backup can keep the
+//! unchanged part of a chunk without reading it. All-zero chunks have no record: a restore
+//! leaves holes there.
 
 use std::collections::BTreeMap;
 
@@ -14,9 +17,12 @@ use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
 
 const MAGIC: &[u8; 4] = b"HLSN";
-const VERSION: u32 = 1;
+/// Newest snapshot version (records with `skip`); version 1 is still read and written
+/// (into version 1 repositories).
+pub const VERSION: u32 = 2;
 const AAD: &[u8] = b"hlstore-snapshot-v1";
-const RECORD_LEN: usize = 44;
+const RECORD_LEN_V1: usize = 44;
+const RECORD_LEN_V2: usize = 48;
 
 /// Seconds since the Unix epoch.
 pub fn now_secs() -> u64 {
@@ -79,12 +85,26 @@ pub struct SnapshotMeta {
     pub stats: BackupStats,
 }
 
-/// One chunk of the source.
+/// One piece of the source: bytes `skip..skip + len` of chunk `id`, at `offset`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ChunkRef {
     pub offset: u64,
     pub len: u32,
     pub id: ChunkId,
+    /// Start of the piece inside the chunk (0 for whole chunks).
+    pub skip: u32,
+}
+
+impl ChunkRef {
+    /// A whole chunk.
+    pub fn whole(offset: u64, len: u32, id: ChunkId) -> Self {
+        ChunkRef { offset, len, id, skip: 0 }
+    }
+
+    /// One past the last source byte.
+    pub fn end(&self) -> u64 {
+        self.offset + self.len as u64
+    }
 }
 
 /// A full snapshot: metadata plus chunk list sorted by offset.
@@ -100,21 +120,35 @@ impl Snapshot {
         hex::encode(rand::random::<[u8; 16]>())
     }
 
-    /// Encodes and seals.
+    /// Encodes and seals in the newest version.
     pub fn encode(&self, key: &MasterKey) -> Result<Vec<u8>> {
+        self.encode_as(key, VERSION)
+    }
+
+    /// Encodes and seals in `version` (1 only holds whole chunks).
+    pub fn encode_as(&self, key: &MasterKey, version: u32) -> Result<Vec<u8>> {
         let json = serde_json::to_vec(&self.meta).map_err(|e| Error::Invalid(e.to_string()))?;
-        let mut plain = Vec::with_capacity(4 + json.len() + self.chunks.len() * RECORD_LEN);
+        let mut plain = Vec::with_capacity(4 + json.len() + self.chunks.len() * RECORD_LEN_V2);
         plain.extend_from_slice(&(json.len() as u32).to_le_bytes());
         plain.extend_from_slice(&json);
+        match version {
+            1 if self.chunks.iter().all(|c| c.skip == 0) => {}
+            1 => return Err(Error::Invalid("partial chunk references need snapshot version 2".into())),
+            VERSION => {}
+            v => return Err(Error::UnsupportedVersion(v, VERSION)),
+        }
         for c in &self.chunks {
             plain.extend_from_slice(&c.offset.to_le_bytes());
             plain.extend_from_slice(&c.len.to_le_bytes());
+            if version >= 2 {
+                plain.extend_from_slice(&c.skip.to_le_bytes());
+            }
             plain.extend_from_slice(&c.id.0);
         }
         let z = zstd::bulk::compress(&plain, 3).map_err(|e| Error::io("compress snapshot", e))?;
         let mut out = Vec::with_capacity(z.len() + 56);
         out.extend_from_slice(MAGIC);
-        out.extend_from_slice(&VERSION.to_le_bytes());
+        out.extend_from_slice(&version.to_le_bytes());
         out.extend_from_slice(&(plain.len() as u64).to_le_bytes());
         out.extend_from_slice(&key.seal(&z, AAD));
         Ok(out)
@@ -127,7 +161,7 @@ impl Snapshot {
             return Err(Error::corrupt(&obj, "not a snapshot"));
         }
         let v = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
-        if v != VERSION {
+        if !(1..=VERSION).contains(&v) {
             return Err(Error::UnsupportedVersion(v, VERSION));
         }
         let plen = u64::from_le_bytes(bytes[8..16].try_into().unwrap_or([0; 8]));
@@ -145,15 +179,18 @@ impl Snapshot {
             return Err(Error::corrupt(&obj, "id does not match object name"));
         }
         let recs = &plain[4 + jlen..];
-        if recs.len() % RECORD_LEN != 0 {
+        let rlen = if v == 1 { RECORD_LEN_V1 } else { RECORD_LEN_V2 };
+        if recs.len() % rlen != 0 {
             return Err(bad());
         }
+        let u32_at = |r: &[u8], i: usize| u32::from_le_bytes(r[i..i + 4].try_into().unwrap_or([0; 4]));
         let chunks = recs
-            .chunks_exact(RECORD_LEN)
+            .chunks_exact(rlen)
             .map(|r| ChunkRef {
                 offset: u64::from_le_bytes(r[..8].try_into().unwrap_or([0; 8])),
-                len: u32::from_le_bytes(r[8..12].try_into().unwrap_or([0; 4])),
-                id: ChunkId::from_slice(&r[12..]).unwrap_or(ChunkId([0; 32])),
+                len: u32_at(r, 8),
+                skip: if v == 1 { 0 } else { u32_at(r, 12) },
+                id: ChunkId::from_slice(&r[rlen - 32..]).unwrap_or(ChunkId([0; 32])),
             })
             .collect();
         Ok(Snapshot { meta, chunks })

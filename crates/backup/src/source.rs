@@ -19,6 +19,12 @@ pub trait Source: Send + Sync {
     fn changed_ranges(&self) -> Option<Vec<Range<u64>>> {
         None
     }
+    /// True for sources that can report changed blocks (volumes): they are cut into fixed
+    /// chunks whose boundaries never move, so an incremental backup reads only what
+    /// changed. Other sources are cut by content (`RepoConfig::chunker_for`).
+    fn changed_block_tracking(&self) -> bool {
+        false
+    }
     /// Reads worth running at once (a network source hides its latency with several;
     /// fixed-size chunking only, a CDC reader is sequential).
     fn parallel_reads(&self) -> usize {

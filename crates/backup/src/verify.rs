@@ -179,8 +179,13 @@ pub fn verify(repo: &Repository, read_data: bool, progress: Progress) -> Result<
         for c in &snap.chunks {
             let culprit = match bad_chunks.get(&c.id) {
                 Some(k) => Some(k.clone()),
-                None if !index.contains(&c.id) => Some("(chunk in no pack or index)".into()),
-                None => None,
+                None => match index.get(&c.id) {
+                    None => Some("(chunk in no pack or index)".into()),
+                    Some(l) if c.skip as u64 + c.len as u64 > l.raw_len as u64 => {
+                        Some(format!("snapshots/{id} (a piece past its chunk's end)"))
+                    }
+                    Some(_) => None,
+                },
             };
             if let Some(k) = culprit {
                 if seen.insert(c.id) {

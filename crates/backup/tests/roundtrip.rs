@@ -102,6 +102,7 @@ fn content_defined_chunking_round_trips_and_survives_insertions() {
     let b: Arc<dyn Backend> = Arc::new(FsBackend::new(t.path().join("repo")));
     let cfg = RepoConfig {
         chunker: ChunkerConfig::Cdc { min: 4096, avg: 16384, max: 65536 },
+        file_chunker: None,
         pack_size: 1 << 20,
         ..RepoConfig::default()
     };

@@ -19,8 +19,12 @@ fn s3_round_trip_dedup_damage_and_prune() {
     let Some(w) = weed() else { return };
     let b: Arc<dyn Backend> = Arc::new(w.backend(BUCKETS[2]));
     // Packs above the multipart threshold.
-    let cfg =
-        RepoConfig { chunker: ChunkerConfig::Fixed { size: 64 * 1024 }, pack_size: 18 << 20, ..RepoConfig::default() };
+    let cfg = RepoConfig {
+        chunker: ChunkerConfig::Fixed { size: 64 * 1024 },
+        file_chunker: None,
+        pack_size: 18 << 20,
+        ..RepoConfig::default()
+    };
     let repo = init_repo(b.clone(), cfg);
     let t = tempfile::tempdir().unwrap();
     let src = t.path().join("img");
@@ -66,7 +70,7 @@ fn s3_round_trip_dedup_damage_and_prune() {
     repo.forget(&s1.meta.id).unwrap();
     repo.forget(&s2.meta.id).unwrap();
     let policy = KeepPolicy { last: 1, ..Default::default() };
-    let rep = prune(&repo, PruneOptions { policy, grace_secs: 0, dry_run: false }).unwrap();
+    let rep = prune(&repo, PruneOptions { grace_secs: 0, ..PruneOptions::new(policy) }).unwrap();
     assert!(rep.forgotten.is_empty());
     assert!(rep.deleted_packs > 0, "{rep:?}");
     let v = verify(&repo, true, Default::default()).unwrap();

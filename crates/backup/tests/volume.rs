@@ -86,9 +86,8 @@ fn incremental_backup_reads_only_changed_chunks_and_restores_byte_identical() {
     assert_eq!(r2.base.as_deref(), Some(r1.backup.meta.id.as_str()));
     assert_eq!(r2.backup.meta.parent.as_deref(), Some(r1.backup.meta.id.as_str()));
     assert_eq!(r2.bytes_changed, changed);
-    // Only the chunks holding changed blocks are read: the aligned runs exactly, plus the
-    // one chunk around the unaligned 4 KiB write.
-    assert_eq!(r2.bytes_read, changed - 4096 + CHUNK, "{}", brief(&r2));
+    // Only the changed blocks are read: the aligned runs and the unaligned 4 KiB write.
+    assert_eq!(r2.bytes_read, changed, "{}", brief(&r2));
     assert_eq!(a.bytes_read.load(Ordering::Relaxed), r2.bytes_read);
     assert!(r2.backup.meta.stats.bytes_skipped > 0);
     // Retention: the first backup's snapshot is gone, the new one is the next base.
@@ -107,14 +106,48 @@ fn incremental_backup_reads_only_changed_chunks_and_restores_byte_identical() {
     assert!(!a.is_attached("pg-copy"), "detached after the restore");
     assert!(a.syncs.load(Ordering::Relaxed) >= 1, "flushed");
     assert_eq!(blake(&a.contents("pg-copy")), blake(&snap2), "restore equals the snapshot it came from");
-    // Thin: only non-zero chunks were written, each once.
-    let nonzero = snap2.chunks(CHUNK as usize).filter(|c| c.iter().any(|&b| b != 0)).count() as u64 * CHUNK;
+    // Thin: only the non-zero 4 KiB blocks of the backup's pieces were written, each once.
+    let nonzero = snap2.chunks(4096).filter(|c| c.iter().any(|&b| b != 0)).count() as u64 * 4096;
     assert_eq!(a.bytes_written.load(Ordering::Relaxed), nonzero);
     assert_eq!(rep.stats.bytes_written, nonzero);
 
     // The full backup restores to its own snapshot's content too.
     restore_to_volume(&repo, &a, &r1.backup.meta.id, "pg-old", ropts).unwrap();
     assert_eq!(blake(&a.contents("pg-old")), blake(&snap1));
+}
+
+#[test]
+fn incrementals_read_only_changed_blocks_when_changes_straddle_chunks() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = repo(&t.path().join("repo"));
+    let (a, _) = agent_with_volume();
+    backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    // Two rounds of 64 KiB runs at 4 KiB-aligned (not chunk-aligned) offsets, so every run
+    // straddles two chunks; the second round lands on the first round's partial chunks.
+    let mut backups = Vec::new();
+    for round in 0..2u64 {
+        let mut changed = 0;
+        for i in 0..12u64 {
+            let off = (i * 21 + round * 5 + 3) * 4096 + i * 19 * CHUNK;
+            a.write("pg", off, &random_image(CHUNK as usize, 600 + round * 100 + i));
+            changed += CHUNK;
+        }
+        let r = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+        assert!(r.incremental, "{}", brief(&r));
+        assert!(r.bytes_read * 10 <= changed * 11, "read {} for {changed} changed: {}", r.bytes_read, brief(&r));
+        assert!(r.backup.chunks.iter().any(|c| c.skip > 0), "unchanged parts kept as partial references");
+        backups.push((r.backup.meta.id.clone(), a.snapshot_contents("pg", &r.volume_snapshot)));
+    }
+    for (i, (id, want)) in backups.iter().enumerate() {
+        let name = format!("pg-r{i}");
+        restore_to_volume(&repo, &a, id, &name, VolumeRestoreOptions { replicas: 1, ..Default::default() }).unwrap();
+        assert_eq!(blake(&a.contents(&name)), blake(want), "backup {i}");
+    }
+    let file = t.path().join("out");
+    let target = hlstore_backup::RestoreTarget::File(file.clone());
+    hlstore_backup::restore(&repo, &backups[1].0, &target, Default::default()).unwrap();
+    assert_eq!(blake(&std::fs::read(&file).unwrap()), blake(&backups[1].1));
+    assert!(hlstore_backup::verify(&repo, true, Default::default()).unwrap().ok);
 }
 
 #[test]
@@ -196,4 +229,37 @@ fn restore_never_writes_into_an_existing_volume() {
     assert_eq!(a.volume_size("new").unwrap(), None, "nothing created for an unknown backup");
     let err = backup_volume(&repo, &a, "missing", VolumeBackupOptions::default()).unwrap_err();
     assert!(err.to_string().contains("missing"), "{err}");
+}
+
+#[test]
+fn an_interrupted_restore_to_a_volume_resumes_byte_identical() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = repo(&t.path().join("repo"));
+    // Incompressible data: six 1 MiB packs.
+    let a = FakeAgent::new();
+    a.volume_with("pg", 16 * MIB, &random_image(6 * MIB as usize, 12));
+    let r = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    let want = a.snapshot_contents("pg", &r.volume_snapshot);
+    let state = t.path().join("restore.state");
+    let opts = VolumeRestoreOptions { replicas: 1, workers: 1, state_file: Some(state.clone()), ..Default::default() };
+
+    // The connection drops after 2.5 MiB: the volume and the state stay.
+    a.fail_writes_after.store(5 * MIB / 2, Ordering::Relaxed);
+    let e = restore_to_volume(&repo, &a, &r.backup.meta.id, "pg-new", opts.clone()).unwrap_err();
+    assert!(e.to_string().contains("run the same restore again"), "{e}");
+    assert!(a.volume_size("pg-new").unwrap().is_some(), "volume kept");
+    assert!(state.exists());
+    let first = a.bytes_written.load(Ordering::Relaxed);
+
+    // Another backup's restore cannot take the kept volume over.
+    let other = VolumeRestoreOptions { state_file: Some(t.path().join("other.state")), ..opts.clone() };
+    assert!(restore_to_volume(&repo, &a, &r.backup.meta.id, "pg-new", other).is_err());
+
+    a.fail_writes_after.store(0, Ordering::Relaxed);
+    let rep = restore_to_volume(&repo, &a, &r.backup.meta.id, "pg-new", opts).unwrap();
+    assert!(rep.stats.packs_resumed > 0, "{:?}", rep.stats);
+    assert!(a.bytes_written.load(Ordering::Relaxed) - first < 6 * MIB, "resumed, not restarted");
+    assert_eq!(blake(&a.contents("pg-new")), blake(&want));
+    assert!(!state.exists(), "state removed on success");
+    assert!(!a.is_attached("pg-new"));
 }

@@ -31,10 +31,16 @@ fn mask(bits: u32) -> u64 {
 
 /// Length of the first chunk of `data` (which is either the whole remaining source or at
 /// least `max` bytes long). Returns `data.len()` when no cut point is found before the end.
+///
+/// A chunk that would start with `max` zero bytes is cut at `max` without hashing (free
+/// space in filesystem images): all-zero chunks are holes, never stored.
 pub fn cut(data: &[u8], min: usize, avg: usize, max: usize) -> usize {
     let n = data.len();
     if n <= min {
         return n;
+    }
+    if n >= max && super::is_zero(&data[..max]) {
+        return max;
     }
     let end = n.min(max);
     let bits = (avg as f64).log2().round() as u32;

@@ -31,6 +31,9 @@ pub struct MasterIndex {
     pub packs: Vec<(String, u64)>,
     pack_pos: HashMap<String, u32>,
     chunks: HashMap<ChunkId, Location>,
+    /// Further locations of chunks stored in more than one pack (a repack copies chunks
+    /// before the old pack goes; concurrent backups may store the same new chunk twice).
+    dups: HashMap<ChunkId, Vec<Location>>,
 }
 
 impl MasterIndex {
@@ -43,13 +46,13 @@ impl MasterIndex {
         self.packs.push((p.id.clone(), p.len));
         self.pack_pos.insert(p.id.clone(), n);
         for e in &p.entries {
-            self.chunks.entry(e.id).or_insert(Location {
-                pack: n,
-                offset: e.offset,
-                length: e.length,
-                raw_len: e.raw_len,
-                flags: e.flags,
-            });
+            let loc = Location { pack: n, offset: e.offset, length: e.length, raw_len: e.raw_len, flags: e.flags };
+            match self.chunks.entry(e.id) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(loc);
+                }
+                std::collections::hash_map::Entry::Occupied(_) => self.dups.entry(e.id).or_default().push(loc),
+            }
         }
     }
 
@@ -68,6 +71,11 @@ impl MasterIndex {
         self.pack_pos.contains_key(id)
     }
 
+    /// Position of a pack in [`MasterIndex::packs`].
+    pub fn pack_index(&self, id: &str) -> Option<u32> {
+        self.pack_pos.get(id).copied()
+    }
+
     /// Pack id of a location.
     pub fn pack_id(&self, loc: &Location) -> &str {
         &self.packs[loc.pack as usize].0
@@ -83,15 +91,25 @@ impl MasterIndex {
         self.chunks.is_empty()
     }
 
-    /// Every (chunk, location).
+    /// Every (chunk, location), one location per chunk.
     pub fn iter(&self) -> impl Iterator<Item = (&ChunkId, &Location)> {
         self.chunks.iter()
+    }
+
+    /// Every (chunk, location), all copies of a chunk stored in several packs.
+    pub fn iter_all(&self) -> impl Iterator<Item = (&ChunkId, &Location)> {
+        self.chunks.iter().chain(self.dups.iter().flat_map(|(id, v)| v.iter().map(move |l| (id, l))))
+    }
+
+    /// Every location of a chunk.
+    pub fn locations(&self, id: &ChunkId) -> impl Iterator<Item = &Location> {
+        self.chunks.get(id).into_iter().chain(self.dups.get(id).into_iter().flatten())
     }
 
     /// Every pack with its entries (for writing a consolidated index).
     pub fn to_indexed_packs(&self) -> Vec<IndexedPack> {
         let mut by_pack: HashMap<u32, Vec<PackEntry>> = HashMap::new();
-        for (id, loc) in &self.chunks {
+        for (id, loc) in self.iter_all() {
             by_pack.entry(loc.pack).or_default().push(loc.entry(*id));
         }
         self.packs
@@ -108,7 +126,7 @@ impl MasterIndex {
     /// A copy without the given packs (used by backups that must not reuse condemned packs).
     pub fn without_packs(&self, drop: &std::collections::HashSet<String>) -> MasterIndex {
         let mut by_pack: HashMap<u32, Vec<PackEntry>> = HashMap::new();
-        for (id, loc) in &self.chunks {
+        for (id, loc) in self.iter_all() {
             by_pack.entry(loc.pack).or_default().push(loc.entry(*id));
         }
         let mut out = MasterIndex::default();

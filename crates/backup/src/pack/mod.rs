@@ -37,7 +37,21 @@ pub fn pack_id_from_key(key: &str) -> Option<&str> {
 
 /// Compresses (when it helps) and seals one chunk. Returns the blob and its flags.
 pub fn encode_blob(key: &MasterKey, id: &ChunkId, plain: &[u8], level: i32) -> (Vec<u8>, u8) {
-    let compressed = zstd::bulk::compress(plain, level).ok();
+    match zstd::bulk::Compressor::new(level) {
+        Ok(mut c) => encode_blob_with(&mut c, key, id, plain),
+        Err(_) => (key.seal(plain, &id.0), 0),
+    }
+}
+
+/// [`encode_blob`] with a compressor the caller keeps (one per thread: a zstd context is
+/// costly to set up for every chunk).
+pub fn encode_blob_with(
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    key: &MasterKey,
+    id: &ChunkId,
+    plain: &[u8],
+) -> (Vec<u8>, u8) {
+    let compressed = compressor.compress(plain).ok();
     match compressed {
         Some(c) if c.len() + 16 < plain.len() => (key.seal(&c, &id.0), FLAG_COMPRESSED),
         _ => (key.seal(plain, &id.0), 0),

@@ -1,7 +1,9 @@
 //! Writer leases (`locks/<id>`): a running backup announces itself and refreshes the lease
 //! so prune knows which packs a writer may still reference. Leases are not locks: nothing
 //! ever waits for one; prune only postpones deleting condemned packs while a lease that
-//! started before the condemnation is alive.
+//! started before the condemnation is alive. A `prune` lease keeps a second prune away
+//! (`prune::prune_lease`). A lease is refreshed [`LEASE_REFRESHES_PER_TTL`] times per TTL
+//! for as long as its holder runs, however long that is.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -15,8 +17,20 @@ use crate::snapshot::now_secs;
 
 /// A lease expires this long after its last refresh (a killed writer stops blocking prune).
 pub const LEASE_TTL_SECS: u64 = 300;
-/// Refresh period.
-pub const LEASE_REFRESH: Duration = Duration::from_secs(60);
+/// Leases are refreshed this many times per TTL (every 60 s by default), so a few failed
+/// refreshes in a row still leave the lease alive.
+pub const LEASE_REFRESHES_PER_TTL: u32 = 5;
+/// Environment knob for the TTL in seconds (tests shorten it to watch refreshes work).
+pub const LEASE_TTL_ENV: &str = "HLSTORE_LEASE_TTL_SECS";
+
+/// The TTL in effect: [`LEASE_TTL_ENV`] when set to a positive number, else the default.
+pub fn lease_ttl_secs() -> u64 {
+    std::env::var(LEASE_TTL_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|&v| v > 0)
+        .unwrap_or(LEASE_TTL_SECS)
+}
 
 /// Contents of a lease object.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -41,10 +55,12 @@ impl Lease {
     pub fn acquire(backend: Arc<dyn Backend>, purpose: &str) -> Result<Lease> {
         let key = format!("locks/{}", hex::encode(rand::random::<[u8; 8]>()));
         let started = now_secs();
+        let ttl = lease_ttl_secs();
+        let refresh = Duration::from_millis(ttl * 1000 / LEASE_REFRESHES_PER_TTL as u64);
         let info = LeaseInfo {
             purpose: purpose.into(),
             started,
-            expires: started + LEASE_TTL_SECS,
+            expires: started + ttl,
             host: crate::snapshot::hostname(),
             pid: std::process::id(),
         };
@@ -55,14 +71,14 @@ impl Lease {
             .name("hlstore-lease".into())
             .spawn(move || {
                 let mut info = info;
-                let step = Duration::from_millis(200);
+                let step = Duration::from_millis(100);
                 let mut waited = Duration::ZERO;
                 while !s.load(Ordering::Relaxed) {
                     std::thread::sleep(step);
                     waited += step;
-                    if waited >= LEASE_REFRESH {
+                    if waited >= refresh {
                         waited = Duration::ZERO;
-                        info.expires = now_secs() + LEASE_TTL_SECS;
+                        info.expires = now_secs() + ttl;
                         if let Err(e) = b.put(&k, &serde_json::to_vec(&info).unwrap_or_default()) {
                             tracing::warn!(lease = %k, error = %e, "lease refresh failed");
                         }
@@ -73,15 +89,25 @@ impl Lease {
         Ok(Lease { key, backend, stop, thread })
     }
 
+    /// Object key of this lease.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
     /// Live leases in the repository (expired ones are ignored).
     pub fn live(backend: &dyn Backend) -> Result<Vec<LeaseInfo>> {
+        Ok(Self::live_keyed(backend)?.into_iter().map(|(_, l)| l).collect())
+    }
+
+    /// Live leases with their object keys.
+    pub fn live_keyed(backend: &dyn Backend) -> Result<Vec<(String, LeaseInfo)>> {
         let now = now_secs();
         let mut out = Vec::new();
         for o in backend.list("locks/")? {
             let Ok(b) = backend.get(&o.key) else { continue };
             if let Ok(info) = serde_json::from_slice::<LeaseInfo>(&b) {
                 if info.expires > now {
-                    out.push(info);
+                    out.push((o.key, info));
                 }
             }
         }

@@ -10,6 +10,6 @@ mod config;
 mod lease;
 mod open;
 
-pub use config::RepoConfig;
-pub use lease::{Lease, LeaseInfo, LEASE_TTL_SECS};
-pub use open::{IndexLoad, Repository};
+pub use config::{RepoConfig, DEFAULT_FILE_CHUNKER, DEFAULT_ZSTD_LEVEL, FORMAT_VERSION};
+pub use lease::{lease_ttl_secs, Lease, LeaseInfo, LEASE_TTL_ENV, LEASE_TTL_SECS};
+pub use open::{IndexLoad, KeyInfo, Repository};

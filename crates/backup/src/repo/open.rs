@@ -3,7 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::config::{RepoConfig, FORMAT_VERSION};
+use super::config::RepoConfig;
 use crate::backend::Backend;
 use crate::crypto::{KdfParams, KeyFile, MasterKey};
 use crate::error::{Error, Result};
@@ -16,6 +16,21 @@ pub struct Repository {
     backend: Arc<dyn Backend>,
     key: MasterKey,
     config: RepoConfig,
+    /// The key file the password opened (`keys/<id>`).
+    key_id: String,
+}
+
+/// One key file (password) of the repository.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct KeyInfo {
+    /// Key file id (`keys/<id>`).
+    pub id: String,
+    /// Unix seconds.
+    pub created: u64,
+    pub kdf: String,
+    pub params: KdfParams,
+    /// True for the key the current password opened.
+    pub current: bool,
 }
 
 impl std::fmt::Debug for Repository {
@@ -46,7 +61,7 @@ pub struct IndexLoad {
 impl Repository {
     /// Creates a new repository; fails if one exists.
     pub fn init(backend: Arc<dyn Backend>, password: &[u8], config: RepoConfig, kdf: KdfParams) -> Result<Repository> {
-        config.chunker.validate()?;
+        config.validate()?;
         match backend.get("config") {
             Ok(_) => return Err(Error::RepositoryExists(backend.location())),
             Err(Error::NotFound(_)) => {}
@@ -57,7 +72,7 @@ impl Repository {
         let kid = hex::encode(rand::random::<[u8; 8]>());
         backend.put(&format!("keys/{kid}"), &serde_json::to_vec_pretty(&kf).unwrap_or_default())?;
         backend.put("config", &serde_json::to_vec_pretty(&config).unwrap_or_default())?;
-        Ok(Repository { backend, key, config })
+        Ok(Repository { backend, key, config, key_id: kid })
     }
 
     /// Opens an existing repository with a password.
@@ -68,9 +83,7 @@ impl Repository {
             Err(e) => return Err(e),
         };
         let config: RepoConfig = serde_json::from_slice(&raw).map_err(|e| Error::corrupt("config", e.to_string()))?;
-        if config.version != FORMAT_VERSION {
-            return Err(Error::UnsupportedVersion(config.version, FORMAT_VERSION));
-        }
+        config.validate()?;
         let keys = backend.list("keys/")?;
         if keys.is_empty() {
             return Err(Error::corrupt("keys/", "no key files"));
@@ -86,11 +99,76 @@ impl Repository {
                 }
             };
             match kf.open(password, &k.key) {
-                Ok(key) => return Ok(Repository { backend, key, config }),
+                Ok(key) => {
+                    let key_id = k.key.strip_prefix("keys/").unwrap_or(&k.key).to_string();
+                    return Ok(Repository { backend, key, config, key_id });
+                }
                 Err(e) => last = e,
             }
         }
         Err(last)
+    }
+
+    /// Id of the key file the password opened.
+    pub fn key_id(&self) -> &str {
+        &self.key_id
+    }
+
+    /// Every key file (password) of the repository, oldest first.
+    pub fn list_keys(&self) -> Result<Vec<KeyInfo>> {
+        let mut out = Vec::new();
+        for o in self.backend.list("keys/")? {
+            let id = o.key.strip_prefix("keys/").unwrap_or(&o.key).to_string();
+            let b = self.backend.get(&o.key)?;
+            let kf: KeyFile = serde_json::from_slice(&b).map_err(|e| Error::corrupt(&o.key, e.to_string()))?;
+            let current = id == self.key_id;
+            out.push(KeyInfo { id, created: kf.created, kdf: kf.kdf, params: kf.params, current });
+        }
+        out.sort_by(|a, b| (a.created, &a.id).cmp(&(b.created, &b.id)));
+        Ok(out)
+    }
+
+    /// Adds a password: a new key file sealing the same master key. Returns its id.
+    pub fn add_key(&self, password: &[u8], kdf: KdfParams) -> Result<String> {
+        if password.is_empty() {
+            return Err(Error::Invalid("empty password".into()));
+        }
+        let kf = KeyFile::create(&self.key, password, kdf)?;
+        let id = hex::encode(rand::random::<[u8; 8]>());
+        self.backend.put(&format!("keys/{id}"), &serde_json::to_vec_pretty(&kf).unwrap_or_default())?;
+        Ok(id)
+    }
+
+    /// Removes a password (a unique id prefix is enough). The key in use and the last key
+    /// cannot be removed (use [`Repository::change_password`] for the one in use).
+    pub fn remove_key(&self, id: &str) -> Result<String> {
+        let keys = self.list_keys()?;
+        let m: Vec<&KeyInfo> = keys.iter().filter(|k| !id.is_empty() && k.id.starts_with(id)).collect();
+        let k = match m[..] {
+            [k] => k,
+            [] => return Err(Error::Invalid(format!("no key matches id {id:?}"))),
+            _ => return Err(Error::Invalid(format!("key id prefix {id:?} is ambiguous"))),
+        };
+        if k.current {
+            return Err(Error::Invalid(format!(
+                "key {} is the one this password opened; change it with `hlstore backup key passwd`, or remove it with another password",
+                k.id
+            )));
+        }
+        if keys.len() < 2 {
+            return Err(Error::Invalid("cannot remove the last key".into()));
+        }
+        self.backend.delete(&format!("keys/{}", k.id))?;
+        Ok(k.id.clone())
+    }
+
+    /// Replaces the current password: writes a key file for `new` (same master key), then
+    /// deletes the one the old password opened. Returns the new key id.
+    pub fn change_password(&mut self, new: &[u8], kdf: KdfParams) -> Result<String> {
+        let id = self.add_key(new, kdf)?;
+        self.backend.delete(&format!("keys/{}", self.key_id))?;
+        self.key_id = id.clone();
+        Ok(id)
     }
 
     pub fn backend(&self) -> &Arc<dyn Backend> {
@@ -220,9 +298,16 @@ impl Repository {
         Ok(out)
     }
 
+    /// True when snapshots may reference parts of chunks (format version 2).
+    pub fn partial_refs(&self) -> bool {
+        self.config.version >= 2
+    }
+
     /// Stores a snapshot (the last step of a backup).
     pub fn save_snapshot(&self, s: &Snapshot) -> Result<()> {
-        self.backend.put(&format!("snapshots/{}", s.meta.id), &s.encode(&self.key)?)
+        // Version 1 repositories keep version 1 manifests (older builds read them).
+        let version = if self.config.version < 2 { 1 } else { crate::snapshot::VERSION };
+        self.backend.put(&format!("snapshots/{}", s.meta.id), &s.encode_as(&self.key, version)?)
     }
 
     /// Removes a snapshot.

@@ -19,11 +19,15 @@ pub struct VolumeRestoreOptions {
     pub progress: bool,
     /// Parallel pack downloads (0: default 4).
     pub workers: usize,
+    /// Resume state: with a file, an interrupted restore keeps its volume and the file
+    /// records the packs written; the same restore run again continues where it stopped.
+    /// Without one, an interrupted restore deletes its volume.
+    pub state_file: Option<std::path::PathBuf>,
 }
 
 impl Default for VolumeRestoreOptions {
     fn default() -> Self {
-        VolumeRestoreOptions { replicas: 3, progress: false, workers: 0 }
+        VolumeRestoreOptions { replicas: 3, progress: false, workers: 0, state_file: None }
     }
 }
 
@@ -52,12 +56,25 @@ pub fn restore_to_volume(
     let id = repo.resolve_snapshot(id)?;
     let meta = repo.load_snapshot(&id)?.meta;
     let size = plan::restore_size(&meta)?;
-    if let Some(have) = agent.volume_size(volume)? {
-        return Err(Error::Invalid(format!(
-            "volume {volume} already exists ({have} bytes); restore into a new volume name (nothing was written)"
-        )));
+    let resumable = opts.state_file.as_deref().is_some_and(|p| crate::restore::has_resume_state(p, &id));
+    match agent.volume_size(volume)? {
+        // Our own interrupted restore of this backup: continue it.
+        Some(have) if resumable && have == size => {
+            tracing::info!(volume, backup = %id, "resuming an interrupted restore");
+        }
+        Some(have) => {
+            return Err(Error::Invalid(format!(
+                "volume {volume} already exists ({have} bytes); restore into a new volume name (nothing was written)"
+            )))
+        }
+        None => {
+            if let Some(p) = &opts.state_file {
+                // State of an earlier restore whose volume is gone: start over.
+                let _ = std::fs::remove_file(p);
+            }
+            agent.create_volume(volume, size, opts.replicas)?;
+        }
     }
-    agent.create_volume(volume, size, opts.replicas)?;
     let written = write_volume(repo, agent, &id, volume, size, &opts);
     let detached = agent.detach_volume(volume);
     match (written, detached) {
@@ -65,13 +82,19 @@ pub fn restore_to_volume(
             Ok(VolumeRestoreReport { volume: volume.into(), volume_size: size, replicas: opts.replicas, stats })
         }
         (Ok(_), Err(e)) => Err(e),
-        (Err(e), _) => {
-            // The volume is new and incomplete: remove it so a rerun can use the name.
-            if let Err(d) = agent.delete_volume(volume) {
-                tracing::warn!(volume, "cannot delete the incomplete restored volume: {d}");
+        (Err(e), _) => match &opts.state_file {
+            Some(p) => Err(Error::Invalid(format!(
+                "{e}; the partly restored volume {volume} is kept and {} records its progress: run the same restore again to resume",
+                p.display()
+            ))),
+            None => {
+                // The volume is new and incomplete: remove it so a rerun can use the name.
+                if let Err(d) = agent.delete_volume(volume) {
+                    tracing::warn!(volume, "cannot delete the incomplete restored volume: {d}");
+                }
+                Err(e)
             }
-            Err(e)
-        }
+        },
     }
 }
 
@@ -86,6 +109,6 @@ fn write_volume(
     let uri = agent.attach_volume(volume)?;
     let sink = agent.open_writer(&uri)?;
     let progress = if opts.progress { Progress::auto(&format!("restore {volume}"), size) } else { Progress::hidden() };
-    let ropts = RestoreOptions { progress, workers: opts.workers, state_file: None };
+    let ropts = RestoreOptions { progress, workers: opts.workers, state_file: opts.state_file.clone() };
     restore_into(repo, id, sink.as_ref(), ropts)
 }

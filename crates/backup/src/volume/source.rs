@@ -95,6 +95,10 @@ impl Source for VolumeSource<'_> {
         self.changed.clone()
     }
 
+    fn changed_block_tracking(&self) -> bool {
+        true
+    }
+
     fn parallel_reads(&self) -> usize {
         PARALLEL_READS
     }

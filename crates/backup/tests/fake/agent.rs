@@ -45,6 +45,8 @@ pub struct FakeAgent {
     pub bytes_written: AtomicU64,
     pub syncs: AtomicU64,
     pub fail_reads: AtomicBool,
+    /// When non-zero, writes fail once this many bytes were written (a lost connection).
+    pub fail_writes_after: AtomicU64,
 }
 
 fn no(what: &str) -> Error {
@@ -205,6 +207,10 @@ impl RestoreSink for FakeSink<'_> {
         let v = st.vols.get_mut(&self.volume).ok_or_else(|| no(&self.volume))?;
         if !v.attached {
             return Err(Error::Agent("write to a detached volume".into()));
+        }
+        let limit = self.agent.fail_writes_after.load(Ordering::Relaxed);
+        if limit > 0 && self.agent.bytes_written.load(Ordering::Relaxed) >= limit {
+            return Err(Error::Agent("connection lost".into()));
         }
         let end = offset as usize + data.len();
         v.data

@@ -17,9 +17,15 @@ pub fn test_kdf() -> KdfParams {
     KdfParams { m_cost_kib: 64, t_cost: 1, p_cost: 1 }
 }
 
-/// Small packs and chunks so tests exercise many packs.
+/// Small packs and chunks so tests exercise many packs; one fixed chunker for every source
+/// (the version 1 layout), so tests can reason about chunk boundaries.
 pub fn test_config() -> RepoConfig {
-    RepoConfig { chunker: ChunkerConfig::Fixed { size: 16 * 1024 }, pack_size: 1 << 20, ..RepoConfig::default() }
+    RepoConfig {
+        chunker: ChunkerConfig::Fixed { size: 16 * 1024 },
+        file_chunker: None,
+        pack_size: 1 << 20,
+        ..RepoConfig::default()
+    }
 }
 
 pub fn init_repo(backend: Arc<dyn Backend>, config: RepoConfig) -> Repository {
