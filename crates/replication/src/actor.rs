@@ -768,7 +768,7 @@ impl<T: ReplicaTransport> Actor<T> {
     }
 
     /// Starts a check of `[offset, offset + len)` across the in-sync replicas (see
-    /// `heal.rs`): ordered reads on their links now, the verdict in `on_checked`.
+    /// `heal.rs`): reads queued on their links now, the verdict in `on_checked`.
     fn start_check(&mut self, offset: u64, len: u64, cause: Cause, fetch: Option<oneshot::Sender<Fetched>>) {
         let ids: Vec<ReplicaId> = match self.machine.phase() {
             Phase::Active => (0..self.replicas.len()).filter(|&r| self.machine.status(r).in_sync()).collect(),
@@ -785,7 +785,14 @@ impl<T: ReplicaTransport> Actor<T> {
         for r in ids {
             let (tx, rx) = oneshot::channel();
             let l = self.link(r);
-            let _ = l.ops.send(LinkOp::Read { offset, len, reply: tx });
+            // The scrub reads beside the write pipeline (ordered only against writes to
+            // its range); the checks of a corrupt read or resync source are rare and read
+            // at one point of the stream (the resync needs that point's content).
+            let op = match cause {
+                Cause::Scrub | Cause::ScrubNow => LinkOp::RangeRead { offset, len, reply: tx },
+                Cause::Read | Cause::Resync => LinkOp::Read { offset, len, reply: tx },
+            };
+            let _ = l.ops.send(op);
             gens.push((r, l.gen));
             waits.push((r, self.replicas[r].clone(), rx));
         }

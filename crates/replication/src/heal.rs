@@ -2,10 +2,21 @@
 //!
 //! All three use one mechanism, a *check* of a block range (run by the actor):
 //!
-//! 1. The actor queues an ordered read of the range ([`super::link::LinkOp::Read`]) on
-//!    the link of every in-sync replica in the same step. Links apply operations in the
-//!    order they were queued, so every read sees exactly the writes sequenced before the
-//!    check (call that point T): healthy replicas answer the same bytes.
+//! 1. The actor queues a read of the range on the link of every in-sync replica in the
+//!    same step (call that point of the write stream T). Every read sees every write to
+//!    the range sequenced before T; a block that a write sequenced after T touches is
+//!    *dirty* (the actor records it, [`Checks::touch`]) and left out of the verdict. So
+//!    on every block judged, healthy replicas answer the same bytes. Two kinds of read:
+//!    - the scrub's ([`super::link::LinkOp::RangeRead`]) is ordered only against the
+//!      writes to its range: the link waits for the acks of the overlapping writes in
+//!      flight, then reads beside its pipeline. It never waits for other writes and
+//!      never holds back a write queued after it, so **a scrub check never stalls
+//!      foreground writes** (`the_scrub_never_stalls_writes_in_flight`); it may or may
+//!      not see writes sequenced after T, which are dirty;
+//!    - a check after a corrupt client read or resync source
+//!      ([`super::link::LinkOp::Read`]) reads after every write queued before it (the
+//!      link drains its pipeline): the range is exactly at T, which a resync fetch needs
+//!      for the content it hands the target. These are rare (one per corrupt block met).
 //! 2. A replica whose read fails its checksum is probed block by block (plain reads) to
 //!    find which blocks are bad.
 //! 3. The answers are judged per block ([`judge`]): the good content is what the replicas
@@ -23,7 +34,10 @@
 //! Read repair: a client read answered `Corruption` goes to another replica (the machine
 //! keeps the bad one in service, see `Event::ReadCorrupt`), then the read's range is
 //! checked. Scrub: the actor checks the volume range after range at `scrub_rate` bytes per
-//! second. Resync: a source whose stream hits a bad block makes the resync task ask the
+//! second ([`SCRUB_CHUNK`] at a time, one check in flight); over each pass every block
+//! not written during its check is compared across the in-sync replicas, a copy failing
+//! its checksum is rewritten from the agreeing ones, and a block that was written during
+//! its check was rewritten on every replica anyway (its next pass compares it). Resync: a source whose stream hits a bad block makes the resync task ask the
 //! actor to check that block; the good copy (if any) is both handed to the target and
 //! written back to the source; with no good copy the block is skipped and counted as
 //! unrecoverable, and the resync goes on past it (never a loop).
@@ -194,25 +208,28 @@ pub(super) fn judge(offset: u64, len: u64, bs: u64, answers: &[(ReplicaId, Answe
         if copies.is_empty() && bad.is_empty() {
             continue;
         }
-        v.blocks += 1;
-        let good = match copies.split_first() {
+        let agreed = match copies.split_first() {
             Some((one, rest)) if rest.iter().all(|c| c == one) => Some(Bytes::copy_from_slice(one)),
-            Some(_) => {
-                v.divergent.push(b);
-                None
-            }
-            None => {
-                v.unrecoverable.push(b);
-                None
-            }
+            _ => None,
         };
         if b == first {
-            v.first = good.clone();
+            v.first = agreed.clone();
         }
-        let Some(good) = good else { continue };
+        // Written since the reads were queued: a range read may have seen that write on
+        // one replica and not on another, and the write replaces the block anyway. Left
+        // to the next check (never repaired, never called divergent or lost).
         if dirty.contains(&b) {
             continue;
         }
+        v.blocks += 1;
+        let Some(good) = agreed else {
+            if copies.is_empty() {
+                v.unrecoverable.push(b);
+            } else {
+                v.divergent.push(b);
+            }
+            continue;
+        };
         for r in bad {
             repairs.entry(r).or_default().push((b, good.clone()));
         }
@@ -342,5 +359,18 @@ mod tests {
         );
         assert_eq!(lost.unrecoverable, vec![0]);
         assert!(lost.repairs.is_empty() && lost.first.is_none());
+    }
+
+    #[test]
+    fn judge_leaves_blocks_written_since_to_the_next_check() {
+        // A range read saw the newer write on replica 1 only: neither divergent nor lost.
+        let answers = vec![
+            (0, Answer::Data(b"aaaabbbb".to_vec())),
+            (1, Answer::Data(b"aaaaBBBB".to_vec())),
+            (2, Answer::Corrupt(vec![1])),
+        ];
+        let v = judge(0, 8, BS, &answers, &HashSet::from([1]));
+        assert!(v.divergent.is_empty() && v.unrecoverable.is_empty() && v.repairs.is_empty());
+        assert_eq!(v.blocks, 1);
     }
 }

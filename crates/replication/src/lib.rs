@@ -67,6 +67,15 @@
 //!   A replica whose read fails its checksum stays in service: the read goes to another
 //!   such replica (or fails with `Corruption`, EIO, if none is left) and the bad blocks
 //!   are rewritten from a good copy (`heal.rs`, which also holds the scrub).
+//! - **Scrub.** At `scrub_rate` bytes per second the runtime compares the volume, range
+//!   after range, across the in-sync replicas: a block failing its checksum on some of
+//!   them is rewritten from the copy the others agree on (never over a newer write),
+//!   copies that read fine but differ are reported as divergent, a block bad everywhere
+//!   as unrecoverable. Each pass compares every block not written during its own check
+//!   (a written block was replaced on every replica; the next pass compares it). **It
+//!   never stalls foreground writes:** a scrub read waits only for the in-flight writes
+//!   to its own range and runs beside the replica's write pipeline, never draining it
+//!   nor holding back a write queued after it (`link.rs`, `LinkOp::RangeRead`).
 //! - **Read lease (no stale reads).** A replica's answer to any request under this engine's
 //!   epoch (write ack, flush, open, `Ping`) sent at time `t` is a vote until `t + lease_ms`;
 //!   reads are served only while W replicas' votes hold, else they wait (pings renew the

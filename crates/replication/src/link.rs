@@ -8,6 +8,13 @@
 //! overtake nor be overtaken by a write. Consecutive resync chunks go out as
 //! one `apply_resync` batch. A request unanswered for `timeout` fails the link; the actor
 //! then reports the replica as failed.
+//!
+//! One exception, for the scrub: a [`LinkOp::RangeRead`] is ordered only against the
+//! writes to its own range. It waits for the acks of the in-flight writes that overlap it
+//! (never for the others), then runs beside the pipeline: the link keeps sending and
+//! acking writes while it is answered. So a scrub check never stalls foreground writes;
+//! writes queued after it may or may not be seen by it (the actor knows which blocks they
+//! touched and leaves those out of the verdict, see `heal.rs`).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -76,6 +83,14 @@ pub(super) enum LinkOp {
         len: u64,
         reply: oneshot::Sender<Result<Vec<u8>>>,
     },
+    /// Read after every write queued before it *to an overlapping range*, without holding
+    /// back anything else: it waits for the acks of the overlapping writes in flight, then
+    /// runs beside the pipeline (module docs). Its error goes to the caller.
+    RangeRead {
+        offset: u64,
+        len: u64,
+        reply: oneshot::Sender<Result<Vec<u8>>>,
+    },
     /// Rewrite blocks that failed their checksum with the good content, after every write
     /// queued before it (`apply_resync`; see `heal.rs` for the seq they carry). Answers
     /// how many blocks were applied; its error does not fail the link.
@@ -118,6 +133,22 @@ struct InFlight {
     sent: Instant,
     /// Write payload bytes (counted in `queued` until acked).
     bytes: u64,
+    /// The volume byte range it writes.
+    offset: u64,
+}
+
+impl InFlight {
+    fn overlaps(&self, offset: u64, len: u64) -> bool {
+        self.offset < offset + len && offset < self.offset + self.bytes
+    }
+}
+
+/// A range read waiting for the ack of the last overlapping write queued before it.
+struct Parked {
+    until: Seq,
+    offset: u64,
+    len: u64,
+    reply: oneshot::Sender<Result<Vec<u8>>>,
 }
 
 struct Link<T> {
@@ -131,6 +162,10 @@ struct Link<T> {
     /// An op taken from the queue while batching, to run next.
     next: Option<LinkOp>,
     queued: QueuedBytes,
+    /// Range reads waiting for overlapping writes to be acked.
+    parked: Vec<Parked>,
+    /// Range reads running beside the pipeline (aborted with the link).
+    reads: tokio::task::JoinSet<()>,
 }
 
 /// Runs a link until the actor drops its queue or the replica fails.
@@ -145,7 +180,19 @@ pub(super) async fn run<T: ReplicaTransport>(
     timeout: Duration,
     queued: QueuedBytes,
 ) {
-    let mut link = Link { replica, epoch, id, gen, reports, timeout, inflight: VecDeque::new(), next: None, queued };
+    let mut link = Link {
+        replica,
+        epoch,
+        id,
+        gen,
+        reports,
+        timeout,
+        inflight: VecDeque::new(),
+        next: None,
+        queued,
+        parked: Vec::new(),
+        reads: tokio::task::JoinSet::new(),
+    };
     if let Err(e) = link.serve(ops).await {
         link.report(LinkEvent::Failed(e));
     }
@@ -168,6 +215,7 @@ impl<T: ReplicaTransport> Link<T> {
             let deadline = self.inflight.front().map(|f| f.sent + self.timeout);
             tokio::select! {
                 ack = acks.next(), if !self.inflight.is_empty() => self.on_ack(ack)?,
+                Some(_) = self.reads.join_next(), if !self.reads.is_empty() => {}
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     return Err(Error::Unavailable(format!("replica {}: write not acked within {:?}", self.replica.name(), self.timeout)));
                 }
@@ -186,6 +234,7 @@ impl<T: ReplicaTransport> Link<T> {
             Some(InFlight { seq, bytes, .. }) => {
                 self.queued.fetch_sub(bytes, std::sync::atomic::Ordering::AcqRel);
                 self.report(LinkEvent::Acked { seq, durable_seq: ack.durable_seq });
+                self.unpark();
                 Ok(())
             }
             None => Err(Error::Internal(format!("replica {}: ack without a request", self.replica.name()))),
@@ -206,6 +255,28 @@ impl<T: ReplicaTransport> Link<T> {
             self.on_ack(ack)?;
         }
         Ok(())
+    }
+
+    /// Starts the parked range reads whose overlapping writes are all acked.
+    fn unpark(&mut self) {
+        if self.parked.is_empty() {
+            return;
+        }
+        let oldest = self.inflight.front().map(|f| f.seq);
+        let (ready, wait): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.parked).into_iter().partition(|p| oldest.is_none_or(|s| s > p.until));
+        self.parked = wait;
+        for p in ready {
+            self.start_read(p.offset, p.len, p.reply);
+        }
+    }
+
+    /// Runs a range read beside the pipeline.
+    fn start_read(&mut self, offset: u64, len: u64, reply: oneshot::Sender<Result<Vec<u8>>>) {
+        let (r, epoch, t) = (self.replica.clone(), self.epoch, self.timeout);
+        self.reads.spawn(async move {
+            let _ = reply.send(with_timeout(t, "range read", r.read(Epoch(epoch), Offset(offset), len)).await);
+        });
     }
 
     async fn send(&mut self, requests: &mpsc::Sender<WriteReq>, req: WriteReq, entry: InFlight) -> Result<()> {
@@ -230,7 +301,7 @@ impl<T: ReplicaTransport> Link<T> {
             LinkOp::Write { seq, offset, data, fua } => {
                 let bytes = data.len() as u64;
                 let req = WriteReq { seq, offset, data, fua };
-                self.send(requests, req, InFlight { seq, sent: now, bytes }).await
+                self.send(requests, req, InFlight { seq, sent: now, bytes, offset }).await
             }
             LinkOp::Trim { seq, offset, len } => {
                 self.drain(acks).await?;
@@ -284,6 +355,15 @@ impl<T: ReplicaTransport> Link<T> {
             LinkOp::Read { offset, len, reply } => {
                 self.drain(acks).await?;
                 let _ = reply.send(with_timeout(t, "read", r.read(Epoch(epoch), Offset(offset), len)).await);
+                Ok(())
+            }
+            LinkOp::RangeRead { offset, len, reply } => {
+                // Writes are in flight in seq order: the last overlapping one is the one
+                // to wait for. Nothing is drained.
+                match self.inflight.iter().rev().find(|f| f.overlaps(offset, len)) {
+                    Some(f) => self.parked.push(Parked { until: f.seq, offset, len, reply }),
+                    None => self.start_read(offset, len, reply),
+                }
                 Ok(())
             }
             LinkOp::Repair { chunks, reply } => {

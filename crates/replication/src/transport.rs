@@ -7,7 +7,9 @@
 //! Ordering contract: requests sent on one [`WriteStream`] are applied in order and
 //! answered in order. Unary calls (`trim`, `flush`, `apply_resync`, `end_resync`) are not
 //! ordered against the stream; the runtime issues them only when the stream has nothing in
-//! flight.
+//! flight. A `read` may run beside the stream: it sees every write acked before it was
+//! sent, and may or may not see those in flight (the scrub waits for the acks of the ones
+//! overlapping its range).
 
 use std::future::Future;
 
