@@ -42,7 +42,8 @@
 //!   `Failed`: its connection and in-flight requests are dropped, and every
 //!   `retry_interval_ms` it is re-opened. A replica whose link holds more than
 //!   `MAX_QUEUED_BYTES` of unacked writes is failed the same way (queues are bounded in
-//!   bytes, not only by their deadlines). A replica that comes back is resynced from its
+//!   bytes, not only by their deadlines), after the step that found it: a write stream
+//!   never skips a write, since acks are cumulative. A replica that comes back is resynced from its
 //!   durable seq (incremental) while it receives new writes, and becomes healthy when the
 //!   copy is done and flushed.
 //! - **One writer: attach is a compare-and-set.** Replicas record, with their epoch, the
