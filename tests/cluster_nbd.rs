@@ -59,6 +59,25 @@ fn assert_same(what: &str, got: &[u8], want: &[u8]) {
     }
 }
 
+/// `dev up --json` and `dev down --json` print what they did.
+#[test]
+fn dev_up_and_down_print_json() {
+    let c = Cluster::new();
+    let dir = c.path().to_str().expect("utf-8 temp dir").to_string();
+    let out = c.cli(&["dev", "up", "--dir", &dir, "--nodes", "3", "--volume", "j", "--size", "16MiB", "--json"]);
+    let up: serde_json::Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("dev up --json ({e}):\n{out}"));
+    assert_eq!(up["nodes"].as_array().map(Vec::len), Some(3), "{up}");
+    assert_eq!(up["endpoint"], c.endpoint("n1"), "{up}");
+    assert_eq!(up["volume"]["name"], "j", "{up}");
+    assert_eq!(up["volume"]["size"], 16 * MIB, "{up}");
+    let uri = up["volume"]["nbd_uri"].as_str().expect("nbd_uri").to_string();
+    qemu_io(&uri, &["write -P 0x5a 0 64k", "read -P 0x5a 0 64k"]);
+    let out = c.cli(&["dev", "down", "--dir", &dir, "--json"]);
+    let down: serde_json::Value =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("dev down --json ({e}):\n{out}"));
+    assert_eq!(down, serde_json::json!({"stopped": ["n1", "n2", "n3"]}));
+}
+
 #[test]
 fn nbdinfo_reports_size_and_capabilities() {
     let (_c, uri) = cluster_with_volume("info", "48MiB");

@@ -43,6 +43,9 @@ pub enum DevCommand {
         /// Replicas of --volume (default: min(3, nodes)).
         #[arg(long)]
         replicas: Option<u32>,
+        /// Print the cluster (nodes, endpoint, the volume and its NBD URI) as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Show nodes and volumes.
     Status {
@@ -55,6 +58,9 @@ pub enum DevCommand {
     Down {
         #[arg(long)]
         dir: PathBuf,
+        /// Print the stopped nodes as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -256,7 +262,7 @@ fn first_running(dir: &Path, c: &DevCluster) -> Option<DevNode> {
 
 pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
     match cmd {
-        DevCommand::Up { dir, nodes, volume, size, replicas } => {
+        DevCommand::Up { dir, nodes, volume, size, replicas, json } => {
             let c = load_for_up(&dir, nodes)?;
             for node in &c.nodes {
                 match running_pid(&dir, node) {
@@ -270,6 +276,7 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
             for node in &c.nodes {
                 wait_ready(node, &dir).await?;
             }
+            let mut attached = None;
             if let (Some(name), Some(size)) = (volume, size) {
                 let first = &c.nodes[0];
                 let mut client = connect(&format!("http://{}", first.grpc)).await?;
@@ -279,7 +286,30 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                 let req =
                     vpb::AttachVolumeRequest { name, node: first.id.clone(), nbd_listen: String::new(), force: false };
                 let v = client.attach_volume(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
-                println!("{}", v.nbd_uri);
+                if !json {
+                    println!("{}", v.nbd_uri);
+                }
+                attached = Some(v);
+            }
+            if json {
+                let nodes: Vec<serde_json::Value> = c
+                    .nodes
+                    .iter()
+                    .map(|n| {
+                        serde_json::json!({
+                            "id": n.id, "pid": running_pid(&dir, n),
+                            "endpoint": format!("http://{}", n.grpc), "metrics": format!("http://{}/metrics", n.metrics),
+                            "nbd": n.nbd,
+                        })
+                    })
+                    .collect();
+                let out = serde_json::json!({
+                    "dir": dir,
+                    "endpoint": format!("http://{}", c.nodes[0].grpc),
+                    "nodes": nodes,
+                    "volume": attached.as_ref().map(volume_json),
+                });
+                println!("{}", serde_json::to_string_pretty(&out)?);
             }
             eprintln!(
                 "cluster of {} node(s) up; `hlstore dev status --dir {}`; for `hlstore volume ...`: export HLSTORE_ENDPOINT=http://{}",
@@ -337,7 +367,7 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        DevCommand::Down { dir } => {
+        DevCommand::Down { dir, json } => {
             let Some(c) = load(&dir)? else { bail!("no cluster in {}", dir.display()) };
             let pids: Vec<(String, i32)> =
                 c.nodes.iter().filter_map(|n| running_pid(&dir, n).map(|p| (n.id.clone(), p))).collect();
@@ -356,6 +386,10 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                     unsafe { libc::kill(*pid, libc::SIGKILL) };
                 }
                 eprintln!("node {id} stopped");
+            }
+            if json {
+                let stopped: Vec<&str> = pids.iter().map(|(id, _)| id.as_str()).collect();
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "stopped": stopped }))?);
             }
         }
     }
