@@ -13,7 +13,7 @@ use hlstore_backup::{
     self as hb, ChunkerConfig, KdfParams, KeepPolicy, Progress, PruneOptions, RepoConfig, Repository, RestoreTarget,
 };
 
-use super::size::format_size;
+use super::size::{format_size, parse_size};
 use super::volume_backup;
 
 /// Where the repository is and how to open it.
@@ -320,24 +320,6 @@ pub struct RestoreArgs {
     pub json: bool,
 }
 
-fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let m = match s[i..].to_ascii_uppercase().trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                other => return Err(format!("unknown size unit {other:?}")),
-            };
-            (&s[..i], m)
-        }
-        None => (s, 1),
-    };
-    num.parse::<u64>().map(|n| n * mul).map_err(|_| format!("bad size {s:?}"))
-}
-
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -368,6 +350,10 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
         BackupCommand::Init { repo, chunk_size, file_chunk_size, cdc, pack_size, zstd_level, json } => {
             let pw = repo.password()?;
             let cs = u32::try_from(chunk_size).context("--chunk-size too large")?;
+            if cs == 0 || cs % 4096 != 0 {
+                // Volume backups read changed 4 KiB blocks: chunks must hold whole blocks.
+                bail!("--chunk-size must be a positive multiple of 4 KiB, got {chunk_size} bytes (KB is decimal: use KiB, e.g. 64KiB)");
+            }
             let fcs = u32::try_from(file_chunk_size).context("--file-chunk-size too large")?;
             let (chunker, file_chunker) = if cdc {
                 (ChunkerConfig::Cdc { min: cs / 4, avg: cs, max: cs * 4 }, None)

@@ -18,7 +18,13 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "tb" => 1_000_000_000_000,
         other => return Err(format!("unknown size unit {other:?} in {s:?}; use KiB, MiB, GiB or TiB (e.g. 10GiB)")),
     };
-    let value: f64 = num.parse().map_err(|_| format!("{s:?} is not a size; write e.g. 10GiB, 512MiB or 4096"))?;
+    let not_a_size = || format!("{s:?} is not a size; write e.g. 10GiB, 512MiB or 4096");
+    if !num.contains('.') {
+        // Whole numbers are exact (no float rounding of large byte counts).
+        let n: u64 = num.parse().map_err(|_| not_a_size())?;
+        return n.checked_mul(mult).ok_or_else(|| format!("size {s:?} is out of range"));
+    }
+    let value: f64 = num.parse().map_err(|_| not_a_size())?;
     let bytes = value * mult as f64;
     if !(bytes.is_finite() && bytes >= 0.0 && bytes < u64::MAX as f64) {
         return Err(format!("size {s:?} is out of range"));
@@ -55,6 +61,11 @@ mod tests {
         assert_eq!(parse_size("2TiB"), Ok(2 << 40));
         assert_eq!(parse_size("1GB"), Ok(1_000_000_000));
         assert!(parse_size("10 parsecs").is_err());
+        assert_eq!(parse_size("64K"), Ok(64 << 10));
+        assert_eq!(parse_size("64KB"), Ok(64_000), "KB is decimal, KiB binary");
+        assert_eq!(parse_size("9007199254740993"), Ok(9_007_199_254_740_993), "exact, not rounded");
+        assert!(parse_size("20000000TiB").unwrap_err().contains("out of range"));
+        assert!(parse_size("-1").is_err());
         assert!(parse_size("GiB").is_err());
     }
 
