@@ -2,7 +2,7 @@
 
 use hlstore_core::error::{Error, Result};
 
-use super::record::{Claim, ClaimMode, VolumeRecord, BLOCK_SIZE};
+use super::record::{ChunkData, Claim, ClaimMode, ResyncChunk, VolumeRecord, BLOCK_SIZE};
 
 /// Longest accepted volume id.
 const MAX_VOLUME_ID: usize = 128;
@@ -57,6 +57,22 @@ pub(crate) fn range(volume: &str, size: u64, offset: u64, len: u64) -> Result<()
 }
 
 /// Checks the caller's epoch against the stored one (see `ReplicaStore` for the rules).
+/// A resync chunk: in range, a valid seq, one whole block of data (or a zero block, or a
+/// trimmed range). Returns the bytes it covers.
+pub(crate) fn resync_chunk(volume: &str, size: u64, c: &ResyncChunk) -> Result<u64> {
+    let len = match &c.data {
+        ChunkData::Data(d) => d.len() as u64,
+        ChunkData::Zero => BLOCK_SIZE,
+        ChunkData::Trim(len) => *len,
+    };
+    range(volume, size, c.offset, len)?;
+    seq(volume, c.seq)?;
+    if matches!(&c.data, ChunkData::Data(d) if d.len() as u64 != BLOCK_SIZE) {
+        return Err(Error::InvalidArgument(format!("resync chunk at {} is not one block", c.offset)));
+    }
+    Ok(len)
+}
+
 pub(crate) fn epoch(volume: &str, stored: u64, got: u64) -> Result<()> {
     if got < stored {
         return Err(Error::StaleEpoch { volume: volume.to_string(), got, current: stored });

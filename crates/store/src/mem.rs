@@ -429,18 +429,7 @@ impl ReplicaStore for MemStore {
         self.with_io(volume, epoch, |v| {
             let mut stats = ApplyStats::default();
             for c in chunks {
-                let len = match &c.data {
-                    ChunkData::Data(d) => d.len() as u64,
-                    ChunkData::Zero => BLOCK_SIZE,
-                    ChunkData::Trim(len) => *len,
-                };
-                check::range(volume, v.record.size, c.offset, len)?;
-                check::seq(volume, c.seq)?;
-                if let ChunkData::Data(d) = &c.data {
-                    if d.len() as u64 != BLOCK_SIZE {
-                        return Err(Error::InvalidArgument(format!("resync chunk at {} is not one block", c.offset)));
-                    }
-                }
+                check::resync_chunk(volume, v.record.size, c)?;
                 let b = c.offset / BLOCK_SIZE;
                 match &c.data {
                     ChunkData::Trim(len) => {

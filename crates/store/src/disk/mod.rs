@@ -756,16 +756,7 @@ impl ReplicaStore for DiskStore {
         self.with_io(name, epoch, |v, g| {
             let mut stats = ApplyStats::default();
             for c in chunks {
-                let len = match &c.data {
-                    ChunkData::Data(d) => d.len() as u64,
-                    ChunkData::Zero => BLOCK_SIZE,
-                    ChunkData::Trim(len) => *len,
-                };
-                check::range(name, g.record.size, c.offset, len)?;
-                check::seq(name, c.seq)?;
-                if matches!(&c.data, ChunkData::Data(d) if d.len() as u64 != BLOCK_SIZE) {
-                    return Err(Error::InvalidArgument(format!("resync chunk at {} is not one block", c.offset)));
-                }
+                let len = check::resync_chunk(name, g.record.size, c)?;
                 let range = blocks(c.offset, len);
                 let mut batch = WriteBatch::default();
                 let mut st = g.st;
