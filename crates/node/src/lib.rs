@@ -204,7 +204,8 @@ pub async fn run(
             config.data_dir.join("attachments.json"),
             config.timeouts,
         )
-        .allow_remote_nbd(!config.nbd_listen.ip().is_loopback()),
+        .allow_remote_nbd(!config.nbd_listen.ip().is_loopback())
+        .with_local_store(store.clone(), stats.clone()),
     );
     let nbd_shutdown = nbd.shutdown_handle();
     tokio::spawn(async move {

@@ -28,8 +28,11 @@ use super::cluster::Cluster;
 use crate::model::{NewVolume, NodeInfo, Volume, VolumeReplica};
 use hlstore_core::error::{Error, Result};
 use hlstore_nbd::{NbdServer, ShutdownHandle};
-use hlstore_replication::{GrpcReplica, MachineConfig, ReplicaSpec, ReplicatedVolume, VolumeConfig};
-use hlstore_store::{ReplicaInfo, VolumeRecord};
+use hlstore_replication::rpc::ServiceStats;
+use hlstore_replication::{
+    AnyReplica, GrpcReplica, LocalReplica, MachineConfig, ReplicaSpec, ReplicatedVolume, VolumeConfig,
+};
+use hlstore_store::{DiskStore, ReplicaInfo, VolumeRecord};
 
 /// How often a volume attached before a restart is retried while its peers come up.
 const REATTACH_RETRY: std::time::Duration = std::time::Duration::from_secs(2);
@@ -100,7 +103,13 @@ pub struct VolumeManager {
     /// Whether a dedicated NBD listener may bind a non-loopback address (only when the
     /// node's own NBD listener was configured on one).
     remote_nbd: bool,
+    /// This node's store and replica counters: engines reach their replica on this node
+    /// in process (`LocalReplica`) instead of over gRPC.
+    local: Option<(Arc<DiskStore>, Arc<ServiceStats>)>,
 }
+
+/// How an engine reaches one of its replicas.
+type Transport = AnyReplica<LocalReplica<DiskStore>, GrpcReplica>;
 
 /// Which previous holder of a volume a new engine may take over (its read lease is then
 /// waited out before the new engine serves).
@@ -267,7 +276,15 @@ impl VolumeManager {
             state_path,
             timeouts,
             remote_nbd: false,
+            local: None,
         }
+    }
+
+    /// Engines on this node reach the replica in `store` in process (counted in `stats`,
+    /// the replica service's counters) instead of over gRPC.
+    pub fn with_local_store(mut self, store: Arc<DiskStore>, stats: Arc<ServiceStats>) -> Self {
+        self.local = Some((store, stats));
+        self
     }
 
     /// Lets `attach` bind dedicated NBD listeners on non-loopback addresses (the node's own
@@ -693,7 +710,20 @@ impl VolumeManager {
         let transports = record
             .replica_set
             .iter()
-            .map(|node| GrpcReplica::connect_lazy(node.clone(), record.volume_id.clone(), self.cluster.endpoint(node)?))
+            .map(|node| -> Result<Transport> {
+                match &self.local {
+                    Some((store, stats)) if *node == self.cluster.self_id => Ok(AnyReplica::Local(LocalReplica::new(
+                        node.clone(),
+                        record.volume_id.clone(),
+                        store.clone(),
+                        stats.clone(),
+                    ))),
+                    _ => {
+                        GrpcReplica::connect_lazy(node.clone(), record.volume_id.clone(), self.cluster.endpoint(node)?)
+                            .map(AnyReplica::Remote)
+                    }
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         let mut cfg = VolumeConfig::new(record.volume_id.clone(), record.size, machine);
         cfg.resync_rate = t.resync_rate;

@@ -187,16 +187,20 @@ mod attach;
 mod grpc_replica;
 mod heal;
 mod link;
+mod local_replica;
 #[cfg(any(test, feature = "testing"))]
 mod mem_replica;
 mod resync;
 pub mod rpc;
+mod serve;
 
 pub use event::{Command, Event};
 pub use heal::{HealStats, ScrubReport};
 pub use machine::{Machine, Phase, ReplicaView};
 pub use runtime::{ReplicaHealth, ReplicatedVolume, VolumeConfig};
-pub use transport::{ChunkData, GrpcReplica, ReplicaTransport, ResyncChunk, WriteAck, WriteReq, WriteStream};
+pub use transport::{
+    AnyReplica, ChunkData, GrpcReplica, LocalReplica, ReplicaTransport, ResyncChunk, WriteAck, WriteReq, WriteStream,
+};
 #[cfg(any(test, feature = "testing"))]
 pub use transport::{MemReplica, MemStats};
 pub use types::{

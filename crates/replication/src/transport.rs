@@ -18,6 +18,7 @@ use futures::stream::BoxStream;
 use tokio::sync::mpsc;
 
 pub use super::grpc_replica::GrpcReplica;
+pub use super::local_replica::LocalReplica;
 #[cfg(any(test, feature = "testing"))]
 pub use super::mem_replica::{MemReplica, MemStats};
 use super::types::{History, ReplicaSeqs, Seq};
@@ -140,4 +141,104 @@ pub trait ReplicaTransport: Send + Sync + 'static {
     fn apply_resync(&self, epoch: Epoch, chunks: Vec<ResyncChunk>) -> impl Future<Output = Result<u64>> + Send;
     /// Flushes and clears the resync mark; returns the durable seq.
     fn end_resync(&self, epoch: Epoch) -> impl Future<Output = Result<Seq>> + Send;
+}
+
+/// One of two transports: a volume's replicas are reached in process ([`LocalReplica`], the
+/// engine's own node) or over gRPC ([`GrpcReplica`]), and the runtime takes one type.
+#[derive(Debug, Clone)]
+pub enum AnyReplica<L, R> {
+    Local(L),
+    Remote(R),
+}
+
+macro_rules! either {
+    ($self:ident, $t:ident => $e:expr) => {
+        match $self {
+            AnyReplica::Local($t) => $e,
+            AnyReplica::Remote($t) => $e,
+        }
+    };
+}
+
+impl<L: ReplicaTransport, R: ReplicaTransport> ReplicaTransport for AnyReplica<L, R> {
+    fn name(&self) -> &str {
+        either!(self, t => t.name())
+    }
+    async fn state(&self) -> Result<ReplicaSeqs> {
+        either!(self, t => t.state().await)
+    }
+    async fn open(&self, claim: Claim) -> Result<ReplicaSeqs> {
+        either!(self, t => t.open(claim).await)
+    }
+    async fn ping(&self, epoch: Epoch) -> Result<ReplicaSeqs> {
+        either!(self, t => t.ping(epoch).await)
+    }
+    async fn write_stream(&self, epoch: Epoch) -> Result<WriteStream> {
+        either!(self, t => t.write_stream(epoch).await)
+    }
+    async fn read(&self, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>> {
+        either!(self, t => t.read(epoch, offset, len).await)
+    }
+    async fn flush(&self, epoch: Epoch) -> Result<Seq> {
+        either!(self, t => t.flush(epoch).await)
+    }
+    async fn trim(&self, epoch: Epoch, seq: Seq, offset: Offset, len: u64) -> Result<()> {
+        either!(self, t => t.trim(epoch, seq, offset, len).await)
+    }
+    async fn resync_stream(
+        &self,
+        epoch: Epoch,
+        since: Seq,
+        resume: Option<(u64, Seq)>,
+    ) -> Result<BoxStream<'static, Result<ResyncChunk>>> {
+        either!(self, t => t.resync_stream(epoch, since, resume).await)
+    }
+    async fn begin_resync(
+        &self,
+        epoch: Epoch,
+        from_seq: Seq,
+        resume: bool,
+        history: History,
+    ) -> Result<Option<(u64, Seq)>> {
+        either!(self, t => t.begin_resync(epoch, from_seq, resume, history).await)
+    }
+    async fn set_history(&self, epoch: Epoch, history: History) -> Result<()> {
+        either!(self, t => t.set_history(epoch, history).await)
+    }
+    async fn checkpoint_resync(&self, epoch: Epoch, offset: Offset) -> Result<()> {
+        either!(self, t => t.checkpoint_resync(epoch, offset).await)
+    }
+    async fn create_snapshot(&self, epoch: Epoch, snap: SnapshotInfo) -> Result<SnapshotInfo> {
+        either!(self, t => t.create_snapshot(epoch, snap).await)
+    }
+    async fn delete_snapshot(&self, epoch: Epoch, name: &str) -> Result<bool> {
+        either!(self, t => t.delete_snapshot(epoch, name).await)
+    }
+    async fn list_snapshots(&self) -> Result<Vec<SnapshotInfo>> {
+        either!(self, t => t.list_snapshots().await)
+    }
+    async fn install_snapshot(
+        &self,
+        epoch: Epoch,
+        snap: SnapshotInfo,
+        blocks: Vec<(u64, Option<Vec<u8>>)>,
+        last: bool,
+    ) -> Result<()> {
+        either!(self, t => t.install_snapshot(epoch, snap, blocks, last).await)
+    }
+    async fn expand(&self, epoch: Epoch, new_size: u64) -> Result<()> {
+        either!(self, t => t.expand(epoch, new_size).await)
+    }
+    async fn read_snapshot(&self, name: &str, offset: Offset, len: u64) -> Result<Vec<u8>> {
+        either!(self, t => t.read_snapshot(name, offset, len).await)
+    }
+    async fn changed_blocks(&self, from: Option<&str>, to: Option<&str>) -> Result<Vec<(u64, u64)>> {
+        either!(self, t => t.changed_blocks(from, to).await)
+    }
+    async fn apply_resync(&self, epoch: Epoch, chunks: Vec<ResyncChunk>) -> Result<u64> {
+        either!(self, t => t.apply_resync(epoch, chunks).await)
+    }
+    async fn end_resync(&self, epoch: Epoch) -> Result<Seq> {
+        either!(self, t => t.end_resync(epoch).await)
+    }
 }

@@ -11,7 +11,9 @@ use hlstore_core::{BlockDevice, ErrorKind};
 use hlstore_core::{Epoch, Offset};
 use hlstore_proto::replica::replica_server::ReplicaServer;
 use hlstore_replication::rpc::ReplicaService;
-use hlstore_replication::{GrpcReplica, MachineConfig, ReplicaHealth, ReplicaStatus, ReplicatedVolume, VolumeConfig};
+use hlstore_replication::{
+    AnyReplica, GrpcReplica, LocalReplica, MachineConfig, ReplicaHealth, ReplicaStatus, ReplicatedVolume, VolumeConfig,
+};
 use hlstore_store::{DiskStore, ReplicaStore, VolumeRecord};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::AbortHandle;
@@ -288,4 +290,73 @@ async fn a_replica_that_lost_unflushed_writes_in_a_power_cut_is_resynced() {
     }
     assert!(st.durable_seq < last, "node-2 claimed durability it lost: {st:?}");
     second.close().await;
+}
+
+type Mixed = AnyReplica<LocalReplica<DiskStore>, GrpcReplica>;
+
+/// node-0 in process (the engine's own node), the others over gRPC.
+fn mixed_clients(nodes: &[Node]) -> Vec<Mixed> {
+    clients(nodes)
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| match i {
+            0 => AnyReplica::Local(LocalReplica::new("node-0", VOLUME, nodes[0].store.clone(), Arc::default())),
+            _ => AnyReplica::Remote(c),
+        })
+        .collect()
+}
+
+/// The engine's own replica reached in process keeps every rule the service keeps: it
+/// takes writes with group commit, serves as a resync source, is resynced into after it
+/// missed writes, and fences an engine whose epoch is stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_local_replica_in_process_replicates_resyncs_both_ways_and_fences() {
+    let nodes = vec![node(0).await, node(1).await, node(2).await];
+    let vol = ReplicatedVolume::attach(config(), mixed_clients(&nodes)).await.unwrap();
+    wait_for(&vol, "all healthy", |r| r.iter().all(|i| i.status == ReplicaStatus::Healthy)).await;
+    // Many writes in flight at once, so the streams apply them in groups.
+    let writes = (0..96u64).map(|i| vol.write((i % 64) * BS, block(1 + (i / 64) as u8, i % 64), i % 16 == 5));
+    for r in futures::future::join_all(writes).await {
+        r.unwrap();
+    }
+    vol.flush().await.unwrap();
+
+    // node-2 misses writes and is resynced (node-0 or node-1 is the source).
+    nodes[2].link.cut();
+    for i in [3u64, 9, 70, 71, 72, 100] {
+        vol.write(i * BS, block(5, i), false).await.unwrap();
+    }
+    vol.trim(20 * BS, 2 * BS).await.unwrap();
+    wait_for(&vol, "node-2 failed", |r| r[2].status == ReplicaStatus::Failed).await;
+    nodes[2].link.restore();
+    wait_for(&vol, "node-2 healthy", |r| r[2].status == ReplicaStatus::Healthy).await;
+    let want = vol.read(0, SIZE).await.unwrap();
+    for (i, n) in nodes.iter().enumerate() {
+        assert!(image(n, vol.epoch()) == want, "node-{i} differs from the volume after resync");
+    }
+
+    // A second engine over gRPC only, with node-0 cut off, writes without it; the first
+    // engine (in process to node-0) is then fenced on every replica it reaches.
+    nodes[0].link.cut();
+    let second = ReplicatedVolume::attach(config(), clients(&nodes)).await.unwrap();
+    let err = vol.write(0, block(9, 0), false).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::StaleEpoch, "{err}");
+    vol.close().await;
+    for i in [0u64, 1, 2, 64, 65, 127] {
+        second.write(i * BS, block(7, i), false).await.unwrap();
+    }
+    second.flush().await.unwrap();
+    let want = second.read(0, SIZE).await.unwrap();
+    second.close().await;
+    nodes[0].link.restore();
+
+    // A third engine in process to node-0, which missed the second's writes: node-0 is
+    // resynced through the in-process path.
+    let third = ReplicatedVolume::attach(config(), mixed_clients(&nodes)).await.unwrap();
+    wait_for(&third, "all healthy", |r| r.iter().all(|i| i.status == ReplicaStatus::Healthy)).await;
+    assert!(third.read(0, SIZE).await.unwrap() == want, "the third engine reads the second's writes");
+    for (i, n) in nodes.iter().enumerate() {
+        assert!(image(n, third.epoch()) == want, "node-{i} differs after the in-process resync");
+    }
+    third.close().await;
 }

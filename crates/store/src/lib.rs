@@ -40,7 +40,7 @@ pub use record::{
     ApplyStats, Change, ChunkData, Claim, ClaimMode, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo,
     VolumeRecord, BLOCK_SIZE,
 };
-pub use store::ReplicaStore;
+pub use store::{BlockWrite, ReplicaStore};
 
 /// Checks a request's epoch against a replica's (older: `StaleEpoch`; newer: invalid).
 pub fn check_epoch(volume: &str, stored: u64, got: u64) -> hlstore_core::error::Result<()> {

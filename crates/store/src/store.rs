@@ -8,6 +8,14 @@ use super::record::{
     ApplyStats, Change, Claim, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord, BLOCK_SIZE,
 };
 
+/// One write of a group (`ReplicaStore::write_many`): whole blocks at `offset`.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockWrite<'a> {
+    pub seq: Seq,
+    pub offset: Offset,
+    pub data: &'a [u8],
+}
+
 /// A node's store of volume replicas. Methods are blocking (disk I/O); async callers use
 /// `spawn_blocking`. See the crate docs for the invariants.
 ///
@@ -33,6 +41,21 @@ pub trait ReplicaStore: Send + Sync + 'static {
     /// Writes whole blocks at `offset`. Returns the durable seq after the write (with
     /// `fua`, at least `seq`).
     fn write(&self, volume: &str, epoch: Epoch, seq: Seq, offset: Offset, data: &[u8], fua: bool) -> Result<Seq>;
+    /// Applies `writes` in order, as `write` would one after the other, then with `fua`
+    /// makes them durable. Returns the durable seq. This is the group commit of a write
+    /// stream: a store may apply the group with one metadata batch (the disk store does).
+    /// On error any prefix of the group may have been applied; the caller treats the
+    /// stream as failed (the engine resyncs the replica).
+    fn write_many(&self, volume: &str, epoch: Epoch, writes: &[BlockWrite<'_>], fua: bool) -> Result<Seq> {
+        let mut durable = Seq(0);
+        for (i, w) in writes.iter().enumerate() {
+            durable = self.write(volume, epoch, w.seq, w.offset, w.data, fua && i + 1 == writes.len())?;
+        }
+        if writes.is_empty() && fua {
+            return self.flush(volume, epoch);
+        }
+        Ok(durable)
+    }
     fn read(&self, volume: &str, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>>;
     /// Makes every write applied before the call durable; returns the durable seq.
     fn flush(&self, volume: &str, epoch: Epoch) -> Result<Seq>;

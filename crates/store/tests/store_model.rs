@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::{DiskHarness, Harness, MemHarness};
 use hlstore_core::{Epoch, Offset, Seq};
-use hlstore_store::{ReplicaStore, VolumeRecord, BLOCK_SIZE};
+use hlstore_store::{BlockWrite, Change, ReplicaStore, VolumeRecord, BLOCK_SIZE};
 use proptest::prelude::*;
 
 const BLOCKS: u64 = 32;
@@ -16,11 +16,27 @@ const BS: usize = BLOCK_SIZE as usize;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write { block: u64, count: u64 },
-    Trim { block: u64, count: u64 },
-    WriteZeroes { block: u64, count: u64 },
+    Write {
+        block: u64,
+        count: u64,
+    },
+    /// Several writes (they may overlap) applied as one `write_many` group.
+    Group {
+        writes: Vec<(u64, u64)>,
+        fua: bool,
+    },
+    Trim {
+        block: u64,
+        count: u64,
+    },
+    WriteZeroes {
+        block: u64,
+        count: u64,
+    },
     Flush,
-    Fua { block: u64 },
+    Fua {
+        block: u64,
+    },
     Crash,
 }
 
@@ -28,6 +44,8 @@ fn op() -> impl Strategy<Value = Op> {
     let range = (0..BLOCKS).prop_flat_map(|b| (Just(b), 1..=(BLOCKS - b).min(6)));
     prop_oneof![
         6 => range.clone().prop_map(|(block, count)| Op::Write { block, count }),
+        3 => (proptest::collection::vec(range.clone(), 1..6), any::<bool>())
+            .prop_map(|(writes, fua)| Op::Group { writes, fua }),
         2 => range.clone().prop_map(|(block, count)| Op::Trim { block, count }),
         1 => range.prop_map(|(block, count)| Op::WriteZeroes { block, count }),
         2 => Just(Op::Flush),
@@ -55,10 +73,14 @@ struct Model {
     current: BTreeMap<u64, u64>,
     durable: BTreeMap<u64, u64>,
     since_flush: BTreeMap<u64, BTreeSet<u64>>,
+    /// Allocated blocks and the seq that wrote them: what the change index must list and
+    /// what `allocated_bytes` must count (re-read from the store after a crash).
+    index: BTreeMap<u64, u64>,
 }
 
 impl Model {
     fn set(&mut self, block: u64, seq: u64) {
+        self.index.insert(block, seq);
         self.current.insert(block, seq);
         self.since_flush.entry(block).or_default().insert(seq);
     }
@@ -66,6 +88,17 @@ impl Model {
         self.durable = self.current.clone();
         self.since_flush.clear();
     }
+}
+
+/// The blocks `changes_since(0)` lists, with their seqs (a block listed twice fails).
+fn block_index(s: &impl ReplicaStore) -> BTreeMap<u64, u64> {
+    let mut out = BTreeMap::new();
+    for c in s.changes_since("m", Epoch(1), Seq(0)).unwrap() {
+        if let Change::Block { offset, seq } = c {
+            assert!(out.insert(offset / BLOCK_SIZE, seq).is_none(), "block {} listed twice", offset / BLOCK_SIZE);
+        }
+    }
+    out
 }
 
 fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
@@ -84,6 +117,25 @@ fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 s.write("m", Epoch(1), Seq(seq), Offset(block * BLOCK_SIZE), &data, false).unwrap();
                 (block..block + count).for_each(|b| m.set(b, seq));
             }
+            Op::Group { writes, fua } => {
+                let mut datas = Vec::new();
+                for &(block, count) in &writes {
+                    seq += 1;
+                    datas.push((seq, block, (block..block + count).flat_map(|b| content(seq, b)).collect::<Vec<u8>>()));
+                }
+                let group: Vec<BlockWrite<'_>> = datas
+                    .iter()
+                    .map(|(seq, block, data)| BlockWrite { seq: Seq(*seq), offset: Offset(block * BLOCK_SIZE), data })
+                    .collect();
+                let durable = s.write_many("m", Epoch(1), &group, fua).unwrap();
+                for (seq, block, data) in &datas {
+                    (*block..block + data.len() as u64 / BLOCK_SIZE).for_each(|b| m.set(b, *seq));
+                }
+                if fua {
+                    prop_assert!(durable.get() >= seq, "a FUA group returned durable {durable:?} < {seq}");
+                    m.flush();
+                }
+            }
             Op::Fua { block } => {
                 seq += 1;
                 s.write("m", Epoch(1), Seq(seq), Offset(block * BLOCK_SIZE), &content(seq, block), true).unwrap();
@@ -93,12 +145,18 @@ fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Trim { block, count } => {
                 seq += 1;
                 s.trim("m", Epoch(1), Seq(seq), Offset(block * BLOCK_SIZE), count * BLOCK_SIZE).unwrap();
-                (block..block + count).for_each(|b| m.set(b, 0));
+                (block..block + count).for_each(|b| {
+                    m.set(b, 0);
+                    m.index.remove(&b);
+                });
             }
             Op::WriteZeroes { block, count } => {
                 seq += 1;
                 s.write_zeroes("m", Epoch(1), Seq(seq), Offset(block * BLOCK_SIZE), count * BLOCK_SIZE).unwrap();
-                (block..block + count).for_each(|b| m.set(b, 0));
+                (block..block + count).for_each(|b| {
+                    m.set(b, 0);
+                    m.index.insert(b, seq);
+                });
             }
             Op::Flush => {
                 s.flush("m", Epoch(1)).unwrap();
@@ -122,6 +180,7 @@ fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     m.current.insert(b, *hit.unwrap());
                 }
                 m.flush();
+                m.index = block_index(&*s);
                 continue;
             }
         }
@@ -132,8 +191,8 @@ fn run<H: Harness>(mut h: H, ops: Vec<Op>) -> Result<(), TestCaseError> {
             prop_assert!(all[b as usize * BS..(b as usize + 1) * BS] == want[..], "block {b} differs from the model");
         }
         let allocated = s.state("m").unwrap().allocated_bytes;
-        let live = m.current.values().filter(|&&v| v != 0).count() as u64;
-        prop_assert!(allocated >= live * BLOCK_SIZE, "allocated {allocated} < live data");
+        prop_assert_eq!(allocated, m.index.len() as u64 * BLOCK_SIZE, "allocated bytes");
+        prop_assert_eq!(block_index(&*s), m.index.clone(), "the change index lists each block once, at its last seq");
     }
     Ok(())
 }

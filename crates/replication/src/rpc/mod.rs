@@ -15,3 +15,6 @@ pub use service::{ReplicaService, ServiceStats};
 
 /// Largest gRPC message (a 32 MiB NBD request plus framing).
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// Largest snapshot read in one call.
+pub const MAX_SNAPSHOT_READ: u64 = 4 << 20;

@@ -17,9 +17,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, volume_id};
 use super::status::to_status;
+use crate::serve::{self, StreamWrite};
 use hlstore_core::error::{Error, Result};
 use hlstore_core::{Epoch, Offset, Seq};
-use hlstore_store::{Change, ChunkData, ReplicaStore, ResyncChunk, BLOCK_SIZE};
+use hlstore_store::{ReplicaStore, ResyncChunk, BLOCK_SIZE};
 
 /// Counters of the service, exported as metrics by the node agent.
 #[derive(Debug, Default)]
@@ -78,26 +79,23 @@ impl<S: ReplicaStore> ReplicaService<S> {
             .await
             .map_err(|e| Status::internal(format!("store task failed: {e}")))?;
         res.map_err(|e| {
-            count_error(&stats, &e);
+            serve::count_error(&stats, &e);
             to_status(&e)
         })
     }
 }
 
-fn count_error(stats: &ServiceStats, e: &Error) {
-    match e.kind() {
-        hlstore_core::ErrorKind::StaleEpoch => stats.stale_epoch_rejections.fetch_add(1, Ordering::Relaxed),
-        hlstore_core::ErrorKind::Corruption => stats.corruptions.fetch_add(1, Ordering::Relaxed),
-        _ => 0,
-    };
-}
-
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Blocks read per batch when serving a resync stream.
-const RESYNC_BATCH_BLOCKS: usize = 64;
-/// Largest snapshot read in one call.
-const MAX_SNAPSHOT_READ: u64 = 4 << 20;
+/// A stream fed by a task: `f` gets the sender.
+fn async_stream<T: Send + 'static, F>(f: impl FnOnce(mpsc::Sender<Result<T, Status>>) -> F) -> BoxStream<T>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(f(tx));
+    Box::pin(ReceiverStream::new(rx))
+}
 
 #[tonic::async_trait]
 impl<S: ReplicaStore> Replica for ReplicaService<S> {
@@ -167,33 +165,27 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
     type WriteStream = BoxStream<pb::WriteAck>;
 
     async fn write(&self, req: Request<Streaming<pb::WriteRequest>>) -> Result<Response<Self::WriteStream>, Status> {
-        let mut incoming = req.into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        let this = self.clone();
-        tokio::spawn(async move {
-            while let Some(msg) = incoming.next().await {
-                let w = match msg {
-                    Ok(w) => w,
-                    Err(_) => break,
-                };
-                let (seq, len) = (w.seq, w.data.len() as u64);
-                let res = this
-                    .call(move |s| s.write(&w.volume_id, Epoch(w.epoch), Seq(w.seq), Offset(w.offset), &w.data, w.fua))
-                    .await
-                    .map(|durable_seq| pb::WriteAck { seq, durable_seq: durable_seq.get() });
-                if res.is_ok() {
-                    this.stats.writes.fetch_add(1, Ordering::Relaxed);
-                    this.stats.write_bytes.fetch_add(len, Ordering::Relaxed);
-                }
-                let failed = res.is_err();
-                if tx.send(res).await.is_err() || failed {
-                    // After a failed write the stream ends: later writes must not be applied
-                    // past a gap.
-                    break;
+        let incoming = req.into_inner().map(|m| {
+            m.ok().map(|w| StreamWrite {
+                volume: w.volume_id,
+                epoch: w.epoch,
+                seq: w.seq,
+                offset: w.offset,
+                data: w.data.into(),
+                fua: w.fua,
+            })
+        });
+        let (tx, mut rx) = mpsc::channel(2 * serve::MAX_GROUP_WRITES);
+        tokio::spawn(serve::apply_write_stream(self.store.clone(), Box::pin(incoming), tx, self.stats.clone()));
+        let acks = async_stream(move |out| async move {
+            while let Some(a) = rx.recv().await {
+                let msg = a.map(|(seq, durable_seq)| pb::WriteAck { seq, durable_seq }).map_err(|e| to_status(&e));
+                if out.send(msg).await.is_err() {
+                    return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(acks))
     }
 
     async fn read(&self, req: Request<pb::ReadRequest>) -> Result<Response<pb::ReadResponse>, Status> {
@@ -253,68 +245,20 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         let r = req.into_inner();
         let v = volume_id(&r.volume_id)?.to_string();
         let (vv, epoch) = (v.clone(), r.epoch);
-        let changes = self
-            .call(move |s| match r.resume_below {
-                0 => s.changes_since(&vv, Epoch(epoch), Seq(r.since_seq)),
-                below => s.changes_since_split(&vv, Epoch(epoch), Seq(r.since_seq), (below, r.resume_seq)),
-            })
-            .await?;
-        let (tx, rx) = mpsc::channel(4);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut blocks = Vec::new();
-            for c in changes {
-                match c {
-                    Change::Trim { offset, len, seq } => {
-                        let chunk = ResyncChunk { offset, seq, data: ChunkData::Trim(len) };
-                        if tx.send(Ok(convert::chunk_to_pb(chunk))).await.is_err() {
-                            return;
-                        }
-                    }
-                    Change::Block { offset, seq } => blocks.push((offset, seq)),
-                }
-            }
-            for batch in blocks.chunks(RESYNC_BATCH_BLOCKS) {
-                let batch = batch.to_vec();
-                let v = v.clone();
-                // The blocks before a failing one are sent, then the error: a block that
-                // fails its checksum ends the stream right at it (the engine fetches it
-                // elsewhere and resumes past it).
-                let res = this
-                    .call(move |s| {
-                        let mut chunks = Vec::new();
-                        for (offset, seq) in batch {
-                            match s.read(&v, Epoch(epoch), Offset(offset), BLOCK_SIZE) {
-                                Ok(data) => chunks.push(ResyncChunk { offset, seq, data: ChunkData::Data(data) }),
-                                Err(e) => return Ok((chunks, Some(e))),
-                            }
-                        }
-                        Ok((chunks, None))
-                    })
-                    .await;
-                let (chunks, failed) = match res {
-                    Ok((chunks, failed)) => {
-                        let failed = failed.map(|e| {
-                            count_error(&this.stats, &e);
-                            to_status(&e)
-                        });
-                        (chunks, failed)
-                    }
-                    Err(status) => (Vec::new(), Some(status)),
-                };
-                this.stats.resync_blocks_sent.fetch_add(chunks.len() as u64, Ordering::Relaxed);
-                for c in chunks {
-                    if tx.send(Ok(convert::chunk_to_pb(c))).await.is_err() {
-                        return;
-                    }
-                }
-                if let Some(status) = failed {
-                    let _ = tx.send(Err(status)).await;
+        let resume = (r.resume_below != 0).then_some((r.resume_below, r.resume_seq));
+        let changes = serve::resync_changes(&self.store, &vv, epoch, r.since_seq, resume).await.map_err(|e| {
+            serve::count_error(&self.stats, &e);
+            to_status(&e)
+        })?;
+        let mut chunks = serve::resync_source(self.store.clone(), v, epoch, changes, self.stats.clone());
+        let out = async_stream(move |out| async move {
+            while let Some(c) = chunks.recv().await {
+                if out.send(c.map(convert::chunk_to_pb).map_err(|e| to_status(&e))).await.is_err() {
                     return;
                 }
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(out))
     }
 
     async fn begin_resync(&self, req: Request<pb::BeginResyncRequest>) -> Result<Response<pb::ReplicaState>, Status> {
@@ -420,10 +364,11 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
     async fn read_snapshot(&self, req: Request<pb::ReadSnapshotRequest>) -> Result<Response<pb::ReadResponse>, Status> {
         let r = req.into_inner();
         volume_id(&r.volume_id)?;
-        if r.length > MAX_SNAPSHOT_READ {
+        if r.length > super::MAX_SNAPSHOT_READ {
             return Err(Status::invalid_argument(format!(
-                "read of {} bytes: at most {MAX_SNAPSHOT_READ} per call",
-                r.length
+                "read of {} bytes: at most {} per call",
+                r.length,
+                super::MAX_SNAPSHOT_READ
             )));
         }
         let data = self.call(move |s| s.read_snapshot(&r.volume_id, &r.name, Offset(r.offset), r.length)).await?;

@@ -37,7 +37,7 @@ use super::record::{
     ApplyStats, Change, ChunkData, Claim, ReplicaInfo, ReplicaState, ResyncChunk, SnapshotInfo, VolumeRecord,
     BLOCK_SIZE,
 };
-use super::store::ReplicaStore;
+use super::store::{BlockWrite, ReplicaStore};
 use file::SlotFile;
 use hlstore_core::{Epoch, Offset, Seq};
 use keys::{Entry, PersistState, StoredVolume};
@@ -70,6 +70,19 @@ fn corrupt_meta(what: &str) -> Error {
 /// Blocks of a byte range.
 fn blocks(offset: u64, len: u64) -> std::ops::Range<u64> {
     offset / BLOCK_SIZE..(offset + len) / BLOCK_SIZE
+}
+
+/// How many writes from the start of `writes` touch no block twice (at least one).
+fn disjoint_prefix(writes: &[BlockWrite<'_>]) -> usize {
+    let mut seen: Vec<std::ops::Range<u64>> = Vec::with_capacity(writes.len());
+    for (i, w) in writes.iter().enumerate() {
+        let r = blocks(w.offset.get(), w.data.len() as u64);
+        if seen.iter().any(|s| s.start < r.end && r.start < s.end) {
+            return i.max(1);
+        }
+        seen.push(r);
+    }
+    writes.len()
 }
 
 impl DiskStore {
@@ -320,6 +333,52 @@ impl DiskStore {
         g.st.allocated_blocks += olds.iter().filter(|o| o.is_none()).count() as u64;
     }
 
+    /// Applies writes whose block ranges do not overlap with one RocksDB batch (each
+    /// block's current entry is read from RocksDB, so one batch never writes a block twice).
+    /// Caller holds the write lock and has checked epoch, ranges and seqs.
+    fn commit_writes(&self, name: &str, v: &Volume, g: &mut VolInner, writes: &[BlockWrite<'_>]) -> Result<()> {
+        let mut batch = WriteBatch::default();
+        let hwm_before = g.st.hwm;
+        let mut allocs = Vec::new();
+        let mut staged = Vec::with_capacity(writes.len());
+        for w in writes.iter().filter(|w| !w.data.is_empty()) {
+            let range = blocks(w.offset.get(), w.data.len() as u64);
+            let mut olds: Vec<Option<Entry>> = vec![None; (range.end - range.start) as usize];
+            let found = self.map_range(v.vid, range.clone()).and_then(|entries| {
+                for (b, e) in entries {
+                    olds[(b - range.start) as usize] = Some(e);
+                }
+                self.stage_blocks(name, v, g, &mut batch, range.start, w.data, &olds, w.seq.get())
+            });
+            match found {
+                Ok(a) => allocs.extend(a),
+                Err(e) => {
+                    g.unalloc(&allocs, hwm_before);
+                    return Err(e);
+                }
+            }
+            staged.push((range.start, olds, w.seq.get()));
+        }
+        if staged.is_empty() {
+            return Ok(());
+        }
+        let mut st = g.st;
+        for (_, olds, seq) in &staged {
+            st.last_seq = st.last_seq.max(*seq);
+            st.allocated_blocks += olds.iter().filter(|o| o.is_none()).count() as u64;
+        }
+        batch.put(keys::state(v.vid), st.encode());
+        if let Err(e) = self.commit(batch, false, "writing block map") {
+            g.unalloc(&allocs, hwm_before);
+            return Err(e);
+        }
+        for (first, olds, seq) in &staged {
+            Self::account(g, *first, olds, *seq);
+        }
+        g.st.last_seq = st.last_seq;
+        Ok(())
+    }
+
     /// Removes the blocks in `range` whose seq is older than `older_than` (all if None),
     /// adding the metadata to `batch`. Returns the removed entries.
     #[allow(clippy::too_many_arguments)]
@@ -512,33 +571,21 @@ impl ReplicaStore for DiskStore {
     }
 
     fn write(&self, name: &str, epoch: Epoch, seq: Seq, offset: Offset, data: &[u8], fua: bool) -> Result<Seq> {
-        let epoch = epoch.get();
-        let seq = seq.get();
-        let offset = offset.get();
-        let durable = self.with_io(name, epoch, |v, g| {
-            check::range(name, g.record.size, offset, data.len() as u64)?;
-            check::seq(name, seq)?;
-            if data.is_empty() {
-                return Ok(g.st.durable_seq);
+        self.write_many(name, epoch, &[BlockWrite { seq, offset, data }], fua)
+    }
+
+    fn write_many(&self, name: &str, epoch: Epoch, writes: &[BlockWrite<'_>], fua: bool) -> Result<Seq> {
+        let durable = self.with_io(name, epoch.get(), |v, g| {
+            for w in writes {
+                check::range(name, g.record.size, w.offset.get(), w.data.len() as u64)?;
+                check::seq(name, w.seq.get())?;
             }
-            let range = blocks(offset, data.len() as u64);
-            let mut olds: Vec<Option<Entry>> = vec![None; (range.end - range.start) as usize];
-            for (b, e) in self.map_range(v.vid, range.clone())? {
-                olds[(b - range.start) as usize] = Some(e);
+            let mut rest = writes;
+            while !rest.is_empty() {
+                let n = disjoint_prefix(rest);
+                self.commit_writes(name, v, g, &rest[..n])?;
+                rest = &rest[n..];
             }
-            let mut batch = WriteBatch::default();
-            let hwm_before = g.st.hwm;
-            let allocs = self.stage_blocks(name, v, g, &mut batch, range.start, data, &olds, seq)?;
-            let mut st = g.st;
-            st.last_seq = st.last_seq.max(seq);
-            st.allocated_blocks += olds.iter().filter(|o| o.is_none()).count() as u64;
-            batch.put(keys::state(v.vid), st.encode());
-            if let Err(e) = self.commit(batch, false, "writing block map") {
-                g.unalloc(&allocs, hwm_before);
-                return Err(e);
-            }
-            Self::account(g, range.start, &olds, seq);
-            g.st.last_seq = st.last_seq;
             Ok(g.st.durable_seq)
         })?;
         if fua {
