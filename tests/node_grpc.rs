@@ -20,7 +20,7 @@ fn w(epoch: u64, seq: u64, offset: u64, fill: u8, blocks: u64) -> pb::WriteReque
         epoch,
         seq,
         offset,
-        data: vec![fill; (blocks * BS) as usize],
+        data: vec![fill; (blocks * BS) as usize].into(),
         fua: false,
     }
 }

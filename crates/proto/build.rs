@@ -10,6 +10,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }
-    tonic_prost_build::configure().compile_protos(&files, &[root])?;
+    // Write payloads as `Bytes`: one buffer from the NBD request to every replica's stream
+    // (encoding copies it into the frame; no copy per replica before that).
+    tonic_prost_build::configure()
+        .bytes(".hlstore.replica.v1.WriteRequest.data")
+        .compile_protos(&files, &[root])?;
     Ok(())
 }

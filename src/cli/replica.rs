@@ -173,7 +173,7 @@ pub async fn run(ep: Endpoint, cmd: ReplicaCommand) -> anyhow::Result<()> {
                 epoch: st.epoch,
                 seq: st.last_seq + 1,
                 offset,
-                data,
+                data: data.into(),
                 fua: true,
             };
             let mut acks = c.write(tokio_stream::iter([req])).await.map_err(status_err)?.into_inner();

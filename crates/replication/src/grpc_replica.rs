@@ -92,7 +92,7 @@ impl ReplicaTransport for GrpcReplica {
             epoch,
             seq: r.seq,
             offset: r.offset,
-            data: r.data.to_vec(),
+            data: r.data,
             fua: r.fua,
         });
         let inbound =
