@@ -12,8 +12,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // Write payloads as `Bytes`: one buffer from the NBD request to every replica's stream
     // (encoding copies it into the frame; no copy per replica before that).
-    tonic_prost_build::configure()
-        .bytes(".hlstore.replica.v1.WriteRequest.data")
-        .compile_protos(&files, &[root])?;
+    tonic_prost_build::configure().bytes(".hlstore.replica.v1.WriteRequest.data").compile_protos(&files, &[root])?;
     Ok(())
 }

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::{AbortHandle, JoinSet};
 use tokio::time::Instant;
@@ -101,6 +102,32 @@ struct LinkHandle {
     queued: link::QueuedBytes,
 }
 
+/// Lets client reads go straight to the local replica between actor steps (see
+/// `Machine::local_read_until`): the actor publishes after every step, before that step's
+/// commands run (so before any client sees an ack of it), until when such reads are
+/// allowed; a reader checks the clock against it.
+#[derive(Debug)]
+pub(super) struct ReadGate {
+    start: Instant,
+    /// Runtime milliseconds (since `start`) before which reads may bypass the actor; 0:
+    /// closed.
+    until: AtomicU64,
+    epoch: AtomicU64,
+}
+
+impl ReadGate {
+    pub(super) fn new() -> Self {
+        Self { start: Instant::now(), until: AtomicU64::new(0), epoch: AtomicU64::new(0) }
+    }
+
+    /// The epoch to read under, if a read may go straight to the local replica now.
+    pub(super) fn open(&self) -> Option<u64> {
+        let until = self.until.load(AtomicOrdering::SeqCst);
+        let now = self.start.elapsed().as_millis() as u64;
+        (until != 0 && now < until).then(|| self.epoch.load(AtomicOrdering::SeqCst))
+    }
+}
+
 pub(super) struct Actor<T> {
     cfg: VolumeConfig,
     machine: Machine,
@@ -108,6 +135,7 @@ pub(super) struct Actor<T> {
     shared: Arc<Mutex<Shared>>,
     attached: Option<oneshot::Sender<Result<u64>>>,
     start: Instant,
+    gate: Arc<ReadGate>,
     timeout: Duration,
     next_op: OpId,
     ops: HashMap<OpId, Reply>,
@@ -146,6 +174,7 @@ impl<T: ReplicaTransport> Actor<T> {
         replicas: Vec<Arc<T>>,
         shared: Arc<Mutex<Shared>>,
         attached: oneshot::Sender<Result<u64>>,
+        gate: Arc<ReadGate>,
     ) -> Self {
         let n = replicas.len();
         let timeout = Duration::from_millis(cfg.machine.failure_timeout_ms.max(1));
@@ -157,7 +186,8 @@ impl<T: ReplicaTransport> Actor<T> {
             replicas,
             shared,
             attached: Some(attached),
-            start: Instant::now(),
+            start: gate.start,
+            gate,
             timeout,
             next_op: 1,
             ops: HashMap::new(),
@@ -534,7 +564,9 @@ impl<T: ReplicaTransport> Actor<T> {
     }
 
     fn step(&mut self, ev: Event) {
-        for cmd in self.machine.step(ev) {
+        let cmds = self.machine.step(ev);
+        self.publish_read_gate();
+        for cmd in cmds {
             self.apply(cmd);
         }
         self.payloads.clear();
@@ -550,6 +582,13 @@ impl<T: ReplicaTransport> Actor<T> {
             info.resync_chunks = self.resync_chunks[r];
             info.resync_resumed_from = self.resumed[r];
         }
+    }
+
+    /// Publishes `Machine::local_read_until` (before the step's commands run).
+    fn publish_read_gate(&self) {
+        let until = self.machine.local_read_until().map_or(0, |(_, until)| until);
+        self.gate.epoch.store(self.machine.epoch(), AtomicOrdering::SeqCst);
+        self.gate.until.store(until, AtomicOrdering::SeqCst);
     }
 
     fn epoch_error(&self, reason: FailReason) -> Error {

@@ -386,6 +386,27 @@ impl Machine {
         self.reps.iter().filter(|r| r.lease_until > now).count() >= self.w
     }
 
+    /// The local replica and until when (exclusive, runtime milliseconds) a client read
+    /// may go straight to it without a step: the engine is active, the local replica is
+    /// healthy and acknowledged every write acknowledged to a client, and the read lease
+    /// holds (until the lease's end). The same replica `dispatch_read` would pick first,
+    /// under the same lease. The runtime recomputes it after every step, before that step's
+    /// commands run, so a client never sees an ack the gate does not account for.
+    pub fn local_read_until(&self) -> Option<(ReplicaId, Millis)> {
+        if self.phase != Phase::Active {
+            return None;
+        }
+        let (id, r) = self.reps.iter().enumerate().find(|&(id, _)| self.cfg.replicas[id].local)?;
+        if r.status != ReplicaStatus::Healthy || r.acked_seq < self.acked_client_seq {
+            return None;
+        }
+        // lease_valid(now) <=> now < the W-th latest lease end.
+        let mut ends: Vec<Millis> = self.reps.iter().map(|r| r.lease_until).collect();
+        ends.sort_unstable_by(|a, b| b.cmp(a));
+        let until = *ends.get(self.w.checked_sub(1)?)?;
+        (until > 0).then_some((id, until))
+    }
+
     /// Reads are served only under the read lease; without it they wait (the lease is
     /// renewed by pings) until their deadline. `exclude`: replicas that failed this
     /// read's checksum (a parked read forgets them; they answer `Corrupt` again).

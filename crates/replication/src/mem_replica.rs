@@ -44,6 +44,7 @@ struct Switches {
     naive_resync: bool,
     fail_resync_source: bool,
     delay: Duration,
+    write_delay: Duration,
     mark_delay: Duration,
     stats: MemStats,
 }
@@ -90,6 +91,11 @@ impl MemReplica {
     /// Every request waits this long before it is served.
     pub fn set_delay(&self, delay: Duration) {
         self.switches().delay = delay;
+    }
+    /// Every stream write waits this long before it is applied (reads do not): a replica
+    /// that is slow to apply but still answers.
+    pub fn set_write_delay(&self, delay: Duration) {
+        self.switches().write_delay = delay;
     }
     /// Resync chunks replace blocks whatever their seq (models a replica without the seq
     /// guard, to test the runtime's own ordering guard).
@@ -170,6 +176,10 @@ impl MemReplica {
     }
 
     async fn write(&self, epoch: u64, req: &WriteReq) -> Result<WriteAck> {
+        let delay = self.switches().write_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         self.enter_write().await?;
         let durable_seq =
             self.store.write(VOLUME, Epoch(epoch), ids::Seq(req.seq), Offset(req.offset), &req.data, req.fua)?;

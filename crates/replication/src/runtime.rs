@@ -11,14 +11,16 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
-use super::actor::{Actor, Payload, Request, Shared};
+use super::actor::{Actor, Payload, ReadGate, Request, Shared};
 use super::heal::{HealStats, ScrubReport};
 use super::machine::Machine;
 use super::transport::{ReplicaTransport, SnapshotInfo};
 use super::types::ReplicaStatus;
 pub use super::types::{ReplicaHealth, VolumeConfig};
+use futures::future::BoxFuture;
 use hlstore_core::device::BlockDevice;
 use hlstore_core::error::{Error, Result};
+use hlstore_core::{Epoch, Offset};
 
 /// A replicated volume. Dropping it (or [`ReplicatedVolume::close`]) stops its actor;
 /// pending requests then fail with `Unavailable`.
@@ -30,6 +32,16 @@ pub struct ReplicatedVolume {
     tx: mpsc::Sender<Request>,
     shared: Arc<Mutex<Shared>>,
     task: tokio::task::JoinHandle<()>,
+    /// Reads straight from the local replica while the actor's gate allows them.
+    local_read: Option<LocalRead>,
+}
+
+type ReadFn = dyn Fn(u64, u64, u64) -> BoxFuture<'static, Result<Vec<u8>>> + Send + Sync;
+
+/// The read path that bypasses the actor: the gate it publishes and the local replica.
+struct LocalRead {
+    gate: Arc<ReadGate>,
+    read: Arc<ReadFn>,
 }
 
 impl ReplicatedVolume {
@@ -71,13 +83,23 @@ impl ReplicatedVolume {
         }));
         let (tx, rx) = mpsc::channel(cfg.queue_depth.max(1));
         let (attached_tx, attached_rx) = oneshot::channel();
-        let actor =
-            Actor::new(cfg.clone(), machine, replicas.into_iter().map(Arc::new).collect(), shared.clone(), attached_tx);
+        let replicas: Vec<Arc<T>> = replicas.into_iter().map(Arc::new).collect();
+        let gate = Arc::new(ReadGate::new());
+        let local_read = cfg.machine.replicas.iter().position(|r| r.local).map(|i| {
+            let t = replicas[i].clone();
+            let read: Arc<ReadFn> = Arc::new(move |epoch, offset, len| {
+                let t = t.clone();
+                Box::pin(async move { t.read(Epoch(epoch), Offset(offset), len).await })
+            });
+            LocalRead { gate: gate.clone(), read }
+        });
+        let actor = Actor::new(cfg.clone(), machine, replicas, shared.clone(), attached_tx, gate);
         let task = tokio::spawn(actor.run(rx));
         let res = attached_rx
             .await
             .unwrap_or_else(|_| Err(Error::Internal(format!("volume {}: actor ended during attach", cfg.name))));
-        let vol = Self { name: cfg.name, size: cfg.size.into(), block_size: cfg.block_size, tx, shared, task };
+        let vol =
+            Self { name: cfg.name, size: cfg.size.into(), block_size: cfg.block_size, tx, shared, task, local_read };
         res.map(|_| vol)
     }
 
@@ -185,6 +207,17 @@ impl BlockDevice for ReplicatedVolume {
         self.check(offset, len)?;
         if len == 0 {
             return Ok(Vec::new());
+        }
+        if let Some(lr) = &self.local_read {
+            if let Some(epoch) = lr.gate.open() {
+                // Any failure (a checksum, a newer epoch, an I/O error) takes the actor's
+                // path, which repairs, fences or fails over.
+                if let Ok(data) = (lr.read)(epoch, offset, len).await {
+                    if data.len() as u64 == len {
+                        return Ok(data);
+                    }
+                }
+            }
         }
         self.call(|reply| Request::Read { offset, len, reply }).await
     }

@@ -110,7 +110,7 @@ impl Replica for Fake {
                     }
                 }
                 let Some(s) = stream.as_mut() else { return };
-                let req = WriteReq { seq: m.seq, offset: m.offset, data: m.data.into(), fua: m.fua };
+                let req = WriteReq { seq: m.seq, offset: m.offset, data: m.data, fua: m.fua };
                 if s.requests.send(req).await.is_err() {
                     return;
                 }

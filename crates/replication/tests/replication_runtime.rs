@@ -661,3 +661,52 @@ async fn a_replica_that_missed_three_attaches_resyncs_only_what_changed() {
     assert_same(&reps[1].contents(), &reps[0].contents(), "replica 1");
     vol.close().await;
 }
+
+/// Reads go straight to the local replica only while it holds every acknowledged write.
+/// Here the local replica is slow to apply (but answers reads at once and stays healthy):
+/// a write acknowledged by the two others must be visible to the next read, which must
+/// then not be served from the local replica's older copy.
+#[tokio::test]
+async fn a_read_after_an_ack_the_local_replica_has_not_applied_sees_the_write() {
+    let mut c = config(3, None);
+    c.machine.ack_timeout_ms = 5_000;
+    c.machine.failure_timeout_ms = 10_000;
+    let reps = replicas(3);
+    let vol = attach(c, &reps).await;
+    wait_for(&vol, "all healthy", |r| r.iter().all(|i| i.status == ReplicaStatus::Healthy)).await;
+    for round in 0..20u8 {
+        vol.write(0, block(round * 2 + 1, 0), false).await.unwrap();
+        wait_for(&vol, "every replica applied it", |r| r.iter().all(|i| i.acked_seq == r[1].acked_seq)).await;
+        assert!(vol.read(0, BS).await.unwrap() == block(round * 2 + 1, 0), "round {round}: read from the local copy");
+        reps[0].set_write_delay(Duration::from_millis(400));
+        vol.write(0, block(round * 2 + 2, 0), false).await.unwrap();
+        assert_eq!(vol.replicas()[0].status, ReplicaStatus::Healthy, "the slow local replica is still healthy");
+        let got = vol.read(0, BS).await.unwrap();
+        assert!(got == block(round * 2 + 2, 0), "round {round}: a read after the ack returned older data");
+        reps[0].set_write_delay(Duration::ZERO);
+    }
+    vol.close().await;
+}
+
+/// Reads straight from the local replica stop with the read lease: cut off from the
+/// others, the engine may be fenced by a newer one at any time, so a read must fail (after
+/// its deadline) instead of returning what the local replica holds.
+#[tokio::test]
+async fn without_the_read_lease_no_read_is_served_from_the_local_replica() {
+    let mut c = config(3, None);
+    c.machine.lease_ms = 300;
+    c.machine.io_timeout_ms = 1_000;
+    let reps = replicas(3);
+    let vol = attach(c, &reps).await;
+    wait_for(&vol, "all healthy", |r| r.iter().all(|i| i.status == ReplicaStatus::Healthy)).await;
+    vol.write(0, block(1, 0), false).await.unwrap();
+    assert!(vol.read(0, BS).await.unwrap() == block(1, 0));
+    reps[1].set_down(true);
+    reps[2].set_down(true);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let err = vol.read(0, BS).await.expect_err("a read without the lease");
+    assert_eq!(err.kind(), ErrorKind::Unavailable, "{err}");
+    reps[1].set_down(false);
+    reps[2].set_down(false);
+    vol.close().await;
+}

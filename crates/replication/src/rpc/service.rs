@@ -171,7 +171,7 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
                 epoch: w.epoch,
                 seq: w.seq,
                 offset: w.offset,
-                data: w.data.into(),
+                data: w.data,
                 fua: w.fua,
             })
         });
