@@ -17,6 +17,7 @@
 //! mark (`Q` keys above it), verify the new slot; if it does not hold what its crc says,
 //! roll the block back to the entry it replaced (kept in the `Q` value). Then flush.
 
+mod batch;
 mod file;
 mod keys;
 mod recovery;
@@ -27,7 +28,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteOptions, DB};
+use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB};
 
 use hlstore_core::error::{Error, Result};
 
@@ -38,6 +39,7 @@ use super::record::{
     BLOCK_SIZE,
 };
 use super::store::{BlockWrite, ReplicaStore};
+use batch::Batch;
 use file::SlotFile;
 use hlstore_core::{Epoch, Offset, Seq};
 use keys::{Entry, PersistState, StoredVolume};
@@ -224,19 +226,20 @@ impl DiskStore {
             .ok_or_else(|| Error::NotFound(format!("volume {volume} has no replica on this node")))
     }
 
-    fn commit(&self, batch: WriteBatch, sync: bool, context: &str) -> Result<()> {
+    fn commit(&self, batch: Batch, sync: bool, context: &str) -> Result<()> {
         let mut wo = WriteOptions::default();
         wo.set_sync(sync);
-        self.db.write_opt(batch, &wo).map_err(meta_err(context.to_string()))
+        wo.set_memtable_insert_hint_per_batch(true);
+        self.db.write_opt(batch.into_write_batch(), &wo).map_err(meta_err(context.to_string()))
     }
 
     fn put_record(&self, vid: u32, record: &VolumeRecord) -> Result<()> {
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         Self::stage_record(&mut batch, vid, record)?;
         self.commit(batch, true, "writing volume record")
     }
 
-    fn stage_record(batch: &mut WriteBatch, vid: u32, record: &VolumeRecord) -> Result<()> {
+    fn stage_record(batch: &mut Batch, vid: u32, record: &VolumeRecord) -> Result<()> {
         let sv = StoredVolume { vid, record: record.clone() };
         batch
             .put(keys::volume(&record.volume_id), serde_json::to_vec(&sv).map_err(|e| Error::Internal(e.to_string()))?);
@@ -253,7 +256,7 @@ impl DiskStore {
         name: &str,
         v: &Volume,
         g: &mut VolInner,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         first: u64,
         data: &[u8],
         olds: &[Option<Entry>],
@@ -337,7 +340,7 @@ impl DiskStore {
     /// block's current entry is read from RocksDB, so one batch never writes a block twice).
     /// Caller holds the write lock and has checked epoch, ranges and seqs.
     fn commit_writes(&self, name: &str, v: &Volume, g: &mut VolInner, writes: &[BlockWrite<'_>]) -> Result<()> {
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         let hwm_before = g.st.hwm;
         let mut allocs = Vec::new();
         let mut staged = Vec::with_capacity(writes.len());
@@ -386,7 +389,7 @@ impl DiskStore {
         &self,
         v: &Volume,
         snaps: &volume::Snaps,
-        batch: &mut WriteBatch,
+        batch: &mut Batch,
         range: std::ops::Range<u64>,
         seq: u64,
         older_than: Option<u64>,
@@ -438,7 +441,7 @@ impl DiskStore {
             let mut g = volume::write(v);
             let mut st = g.st;
             st.durable_seq = st.durable_seq.max(target);
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             batch.put(keys::state(v.vid), st.encode());
             // Blocks synced above and not rewritten since lose their unsynced mark.
             for (b, at) in unsynced {
@@ -497,7 +500,7 @@ impl ReplicaStore for DiskStore {
         // The slot file's name must be durable before the record that points to it.
         hlstore_core::durable_file::sync_dir(&self.root.join("volumes"))?;
         let sv = StoredVolume { vid, record: record.clone() };
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         batch.put(keys::NEXT_VID, (vid + 1).to_be_bytes());
         batch
             .put(keys::volume(&record.volume_id), serde_json::to_vec(&sv).map_err(|e| Error::Internal(e.to_string()))?);
@@ -518,7 +521,7 @@ impl ReplicaStore for DiskStore {
         let _admin = self.admin.lock().unwrap_or_else(|p| p.into_inner());
         let Ok(v) = self.vol(name) else { return Ok(false) };
         let _g = volume::write(&v);
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         batch.delete(keys::volume(name));
         for tag in keys::PER_VOLUME {
             let p = keys::vid_prefix(tag, v.vid);
@@ -655,7 +658,7 @@ impl ReplicaStore for DiskStore {
             if len == 0 {
                 return Ok(());
             }
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             let removed = self.stage_trim(v, &g.snaps, &mut batch, blocks(offset, len), seq, None)?;
             let mut st = g.st;
             st.last_seq = st.last_seq.max(seq);
@@ -746,7 +749,7 @@ impl ReplicaStore for DiskStore {
                 st.resync_done = None;
             }
             st.resync_from = Some(st.resync_from.map_or(from_seq, |f| f.min(from_seq)));
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             batch.put(keys::state(v.vid), st.encode());
             // The mark and the history it is a point of are durable together.
             let mut rec = g.record.clone();
@@ -789,7 +792,7 @@ impl ReplicaStore for DiskStore {
             let mut st = g.st;
             st.resync_done = Some((offset, durable));
             st.resync_done_epoch = epoch;
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             batch.put(keys::state(v.vid), st.encode());
             self.commit(batch, true, "recording resync progress")?;
             g.st.resync_done = st.resync_done;
@@ -805,7 +808,7 @@ impl ReplicaStore for DiskStore {
             for c in chunks {
                 let len = check::resync_chunk(name, g.record.size, c)?;
                 let range = blocks(c.offset, len);
-                let mut batch = WriteBatch::default();
+                let mut batch = Batch::default();
                 let mut st = g.st;
                 st.last_seq = st.last_seq.max(c.seq);
                 match &c.data {
@@ -899,7 +902,7 @@ impl ReplicaStore for DiskStore {
             let mut st = g.st;
             st.resync_from = None;
             st.resync_done = None;
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             batch.put(keys::state(v.vid), st.encode());
             self.commit(batch, true, "clearing resync mark")?;
             g.st.resync_from = None;

@@ -14,7 +14,7 @@
 //! takes it as complete only up to there and resyncs it two-sided (its strays are
 //! overwritten from the source).
 
-use rocksdb::WriteBatch;
+use super::batch::Batch;
 
 use hlstore_core::error::{Error, Result};
 
@@ -34,7 +34,7 @@ pub(super) fn recover(store: &DiskStore, name: &str, v: &Volume) -> Result<u64> 
         store,
         name,
         v,
-        batch: WriteBatch::default(),
+        batch: Batch::default(),
         buf: vec![0u8; BLOCK_SIZE as usize],
         lost: None,
         count: 0,
@@ -114,7 +114,7 @@ struct Rollback<'a> {
     store: &'a DiskStore,
     name: &'a str,
     v: &'a Volume,
-    batch: WriteBatch,
+    batch: Batch,
     buf: Vec<u8>,
     /// The lowest seq lost so far.
     lost: Option<u64>,

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use rocksdb::WriteBatch;
+use super::batch::Batch;
 
 use hlstore_core::error::{Error, Result};
 
@@ -93,7 +93,7 @@ impl DiskStore {
             return Ok(s.clone());
         }
         let snap = SnapshotInfo { size: g.record.size, ..snap };
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         let json = serde_json::to_vec(&snap).map_err(|e| Error::Internal(e.to_string()))?;
         batch.put(keys::snapshot(v.vid, snap.seq, &snap.name), json);
         self.commit(batch, true, "recording snapshot")?;
@@ -183,7 +183,7 @@ impl DiskStore {
             let mut g = volume::write(&v);
             check::epoch(name, g.record.epoch, epoch)?;
             let Ok(seq) = find(name, &g, snap).map(|s| s.seq) else { return Ok(false) };
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             batch.delete(keys::snapshot(v.vid, seq, snap));
             self.commit(batch, true, "deleting snapshot")?;
             g.snaps.remove(&(seq, snap.to_string()));
@@ -198,7 +198,7 @@ impl DiskStore {
         let mut freed = 0u64;
         for step in candidates.chunks(RECLAIM_STEP) {
             let mut g = volume::write(&v);
-            let mut batch = WriteBatch::default();
+            let mut batch = Batch::default();
             let mut slots = Vec::new();
             let mut dropped = 0;
             for p in step.iter().filter(|p| !preserves(&g.snaps, p.written, p.entry.seq)) {
@@ -250,7 +250,7 @@ impl DiskStore {
         let s = rec.seq;
         let until = g.st.last_seq.max(s) + 1;
         let bs = BLOCK_SIZE as usize;
-        let mut batch = WriteBatch::default();
+        let mut batch = Batch::default();
         let mut wrote = false;
         for (b, data) in blocks {
             if *b >= rec.size / BLOCK_SIZE {
