@@ -180,6 +180,7 @@ pub async fn run(
         adopt_data_dir(&config.data_dir, &config.id, &why, &store)?;
     }
     let store = Arc::new(store);
+    spawn_background_flush(store.clone());
     let replica_svc = ReplicaService::new(store.clone());
     let stats = replica_svc.stats();
 
@@ -267,4 +268,29 @@ pub async fn run(
     let _ = stop_tx.send(true);
     nbd_shutdown.shutdown();
     result.map_err(|e| Error::Unavailable(format!("gRPC server: {e}")))
+}
+
+/// How often the agent flushes replicas with unflushed changes.
+const BACKGROUND_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Flushes dirty replicas every [`BACKGROUND_FLUSH`], so slots freed by overwrites are
+/// reused (overwrites then land on pages already in the page cache and on disk, instead of
+/// growing the slot file) even when no client flushes, and the unsynced bookkeeping stays
+/// small. Durability still comes only from flushes; this adds some.
+fn spawn_background_flush(store: Arc<DiskStore>) {
+    let weak = Arc::downgrade(&store);
+    drop(store);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(BACKGROUND_FLUSH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(store) = weak.upgrade() else { return };
+            match tokio::task::spawn_blocking(move || store.flush_dirty()).await {
+                Ok(Err(e)) => tracing::warn!(error = %e, "background flush failed"),
+                Err(e) => tracing::warn!(error = %e, "background flush task failed"),
+                Ok(Ok(_)) => {}
+            }
+        }
+    });
 }

@@ -45,6 +45,12 @@ use hlstore_core::{Epoch, Offset, Seq};
 use keys::{Entry, PersistState, StoredVolume};
 use volume::{Alloc, VolInner, Volume};
 
+/// Free slots kept allocated for reuse: at most 1/KEEP_FREE_FRACTION of the allocated
+/// blocks...
+const KEEP_FREE_FRACTION: u64 = 8;
+/// ...and at most 64 MiB per volume.
+const KEEP_FREE_MAX_SLOTS: u64 = (64 << 20) / BLOCK_SIZE;
+
 /// A raw RocksDB key and value.
 type KeyValue = (Box<[u8]>, Box<[u8]>);
 
@@ -127,6 +133,33 @@ impl DiskStore {
         let store = Self { root, db, volumes: RwLock::new(HashMap::new()), admin: Mutex::new(()), track_unsynced };
         store.load_volumes()?;
         Ok(store)
+    }
+
+    /// Flushes every volume with changes since its last flush (the flush protocol of
+    /// `flush`, without an epoch check: it only makes durable what is already applied).
+    /// Run periodically by the node agent, so freed slots become reusable (and seq-index
+    /// rollback records stop growing) without waiting for a client FLUSH. Returns how many
+    /// volumes it flushed; the first error ends the pass.
+    pub fn flush_dirty(&self) -> Result<usize> {
+        let vols: Vec<(String, Arc<Volume>)> = self
+            .volumes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut flushed = 0;
+        for (name, v) in vols {
+            let dirty = {
+                let g = volume::read(&v);
+                g.st.last_seq != g.st.durable_seq || !g.pending.is_empty() || g.changes != g.synced_changes
+            };
+            if dirty {
+                self.flush_volume(&name, &v)?;
+                flushed += 1;
+            }
+        }
+        Ok(flushed)
     }
 
     /// Bytes the volume's slot file occupies on disk (for space-reclaim checks).
@@ -330,7 +363,7 @@ impl DiskStore {
         }
         for old in olds.iter().flatten() {
             if !volume::preserves(&g.snaps, old.seq, seq) {
-                g.pending.push((seq, old.slot));
+                g.pending.push((seq, old.slot, false));
             }
         }
         g.st.allocated_blocks += olds.iter().filter(|o| o.is_none()).count() as u64;
@@ -418,7 +451,7 @@ impl DiskStore {
     fn account_trim(g: &mut VolInner, removed: &[Entry], seq: u64) {
         for e in removed {
             if !volume::preserves(&g.snaps, e.seq, seq) {
-                g.pending.push((seq, e.slot));
+                g.pending.push((seq, e.slot, true));
             }
         }
         g.st.allocated_blocks -= removed.len() as u64;
@@ -457,15 +490,29 @@ impl DiskStore {
         self.db.flush_wal(true).map_err(meta_err(format!("volume {name}: syncing metadata")))?;
         // Slots freed by writes that are now durable can be reused: punch them first.
         let mut g = volume::write(v);
-        let (ready, keep): (Vec<_>, Vec<_>) = g.pending.iter().partition(|(s, _)| *s <= target);
+        let (ready, keep): (Vec<_>, Vec<_>) = g.pending.iter().partition(|(s, _, _)| *s <= target);
         g.pending = keep;
-        let mut slots: Vec<u64> = ready.into_iter().map(|(_, slot)| slot).collect();
+        // Slots freed by overwrites stay allocated for reuse (a write into them lands on
+        // pages already in the page cache and blocks already allocated), up to a bound;
+        // trimmed ones and the rest are punched, so the space goes back to the filesystem.
+        let keep_slots = (g.st.allocated_blocks / KEEP_FREE_FRACTION).min(KEEP_FREE_MAX_SLOTS) as usize;
+        let mut reuse: Vec<u64> = ready.iter().filter(|p| !p.2).map(|p| p.1).collect();
+        let mut slots: Vec<u64> = ready.iter().filter(|p| p.2).map(|p| p.1).collect();
+        reuse.sort_unstable();
+        // Over the bound (the live data shrank): punch the highest kept slots first.
+        while g.reusable.len() > keep_slots {
+            slots.extend(g.reusable.pop_last());
+        }
+        let room = keep_slots.saturating_sub(g.reusable.len()).min(reuse.len());
+        slots.extend(reuse.drain(room..));
         slots.sort_unstable();
         let punched = file::runs(&slots, |_, slot, count| v.file.punch(slot, count));
         if let Err(e) = punched {
             tracing::warn!(volume.id = name, error = %e, "could not punch freed slots; space is reused but not returned");
         }
         g.free.extend(slots);
+        g.free.extend(reuse.iter().copied());
+        g.reusable.extend(reuse);
         Ok(g.st.durable_seq)
     }
 
@@ -525,7 +572,7 @@ impl ReplicaStore for DiskStore {
         batch.delete(keys::volume(name));
         for tag in keys::PER_VOLUME {
             let p = keys::vid_prefix(tag, v.vid);
-            batch.delete_range(&p, &keys::prefix_end(&p));
+            batch.delete_range(&p, keys::prefix_end(&p));
         }
         self.commit(batch, true, "deleting volume")?;
         self.volumes.write().unwrap_or_else(|p| p.into_inner()).remove(name);

@@ -30,15 +30,8 @@ use super::{corrupt_meta, DiskStore};
 pub(super) fn recover(store: &DiskStore, name: &str, v: &Volume) -> Result<u64> {
     let mut g = volume::write(v);
     let durable = g.st.durable_seq;
-    let mut r = Rollback {
-        store,
-        name,
-        v,
-        batch: Batch::default(),
-        buf: vec![0u8; BLOCK_SIZE as usize],
-        lost: None,
-        count: 0,
-    };
+    let mut r =
+        Rollback { store, name, v, batch: Batch::default(), buf: vec![0u8; BLOCK_SIZE as usize], lost: None, count: 0 };
     // Blocks written above the durable mark.
     let from = keys::with_u64(keys::SEQ, v.vid, durable.saturating_add(1));
     for (k, val) in store.scan(&keys::vid_prefix(keys::SEQ, v.vid), Some(&from))? {

@@ -22,8 +22,12 @@ pub struct VolInner {
     pub st: PersistState,
     /// Slots free for reuse now.
     pub free: BTreeSet<u64>,
+    /// The free slots still allocated in the file (freed by overwrites, not punched); the
+    /// rest of `free` are holes.
+    pub reusable: BTreeSet<u64>,
     /// Slots freed by the write/trim with the given seq; reusable once that seq is durable.
-    pub pending: Vec<(u64, u64)>,
+    /// The flag: freed by a trim (the space is handed back to the filesystem then).
+    pub pending: Vec<(u64, u64, bool)>,
     /// Snapshots by (seq, name).
     pub snaps: Snaps,
     /// Blocks with a `U` key (content written at or below the durable mark, not synced
@@ -59,7 +63,10 @@ impl VolInner {
         let mut out = Vec::with_capacity(n);
         while out.len() < n {
             match self.free.pop_first() {
-                Some(slot) => out.push(Alloc { slot, from_free: true }),
+                Some(slot) => {
+                    self.reusable.remove(&slot);
+                    out.push(Alloc { slot, from_free: true })
+                }
                 None => {
                     out.push(Alloc { slot: self.st.hwm, from_free: false });
                     self.st.hwm += 1;
@@ -78,7 +85,17 @@ impl VolInner {
     }
 
     pub fn new(record: VolumeRecord, st: PersistState, free: BTreeSet<u64>, snaps: Snaps) -> Self {
-        Self { record, st, free, pending: Vec::new(), snaps, unsynced: BTreeMap::new(), changes: 0, synced_changes: 0 }
+        Self {
+            record,
+            st,
+            free,
+            reusable: BTreeSet::new(),
+            pending: Vec::new(),
+            snaps,
+            unsynced: BTreeMap::new(),
+            changes: 0,
+            synced_changes: 0,
+        }
     }
 
     /// Whether the current content of block `b`, written at `seq`, may not be on disk yet.
