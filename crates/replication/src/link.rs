@@ -126,7 +126,7 @@ pub(super) const MAX_QUEUED_BYTES: u64 = 64 << 20;
 pub(super) type QueuedBytes = Arc<std::sync::atomic::AtomicU64>;
 
 /// Resync chunks sent in one `apply_resync` call, at most.
-const RESYNC_BATCH: usize = 64;
+const RESYNC_BATCH: usize = 256;
 
 struct InFlight {
     seq: Seq,

@@ -80,6 +80,18 @@ fn blocks(offset: u64, len: u64) -> std::ops::Range<u64> {
     offset / BLOCK_SIZE..(offset + len) / BLOCK_SIZE
 }
 
+/// Resync data chunks staged for one metadata batch (`apply_resync`).
+#[derive(Default)]
+struct ResyncGroup {
+    batch: Batch,
+    allocs: Vec<Alloc>,
+    hwm_before: u64,
+    /// Blocks staged (a block seen again commits the group first).
+    blocks: std::collections::HashSet<u64>,
+    /// (block, its entry before, seq) per staged chunk.
+    accounts: Vec<(u64, Option<Entry>, u64)>,
+}
+
 /// How many writes from the start of `writes` touch no block twice (at least one).
 fn disjoint_prefix(writes: &[BlockWrite<'_>]) -> usize {
     let mut seen: Vec<std::ops::Range<u64>> = Vec::with_capacity(writes.len());
@@ -410,6 +422,30 @@ impl DiskStore {
         }
         for (first, olds, seq) in &staged {
             Self::account(g, *first, olds, *seq);
+        }
+        g.st.last_seq = st.last_seq;
+        Ok(())
+    }
+
+    /// Commits the resync data chunks staged in `group` (one batch) and accounts them.
+    fn commit_resync_group(&self, v: &Volume, g: &mut VolInner, group: &mut ResyncGroup) -> Result<()> {
+        if group.accounts.is_empty() {
+            return Ok(());
+        }
+        let group = std::mem::take(group);
+        let mut batch = group.batch;
+        let mut st = g.st;
+        for (_, old, seq) in &group.accounts {
+            st.last_seq = st.last_seq.max(*seq);
+            st.allocated_blocks += u64::from(old.is_none());
+        }
+        batch.put(keys::state(v.vid), st.encode());
+        if let Err(e) = self.commit(batch, false, "applying resync blocks") {
+            g.unalloc(&group.allocs, group.hwm_before);
+            return Err(e);
+        }
+        for (first, old, seq) in &group.accounts {
+            Self::account(g, *first, &[*old], *seq);
         }
         g.st.last_seq = st.last_seq;
         Ok(())
@@ -852,9 +888,37 @@ impl ReplicaStore for DiskStore {
         let epoch = epoch.get();
         self.with_io(name, epoch, |v, g| {
             let mut stats = ApplyStats::default();
+            // Data chunks of distinct blocks are applied with one metadata batch; a trim,
+            // a zero block or a block seen again in the group commits the group first.
+            let mut group = ResyncGroup::default();
             for c in chunks {
                 let len = check::resync_chunk(name, g.record.size, c)?;
                 let range = blocks(c.offset, len);
+                if let ChunkData::Data(d) = &c.data {
+                    if group.blocks.contains(&range.start) {
+                        self.commit_resync_group(v, g, &mut group)?;
+                    }
+                    let old = self.map_range(v.vid, range.clone())?.first().map(|(_, e)| *e);
+                    if old.is_some_and(|e| e.seq >= c.seq) {
+                        stats.skipped_newer += 1;
+                        continue;
+                    }
+                    if group.accounts.is_empty() {
+                        group.hwm_before = g.st.hwm;
+                    }
+                    match self.stage_blocks(name, v, g, &mut group.batch, range.start, d, &[old], c.seq) {
+                        Ok(allocs) => group.allocs.extend(allocs),
+                        Err(e) => {
+                            g.unalloc(&group.allocs, group.hwm_before);
+                            return Err(e);
+                        }
+                    }
+                    group.blocks.insert(range.start);
+                    group.accounts.push((range.start, old, c.seq));
+                    stats.applied += 1;
+                    continue;
+                }
+                self.commit_resync_group(v, g, &mut group)?;
                 let mut batch = Batch::default();
                 let mut st = g.st;
                 st.last_seq = st.last_seq.max(c.seq);
@@ -867,40 +931,24 @@ impl ReplicaStore for DiskStore {
                         self.commit(batch, false, "applying resync trim")?;
                         Self::account_trim(g, &removed, c.seq);
                     }
-                    data => {
+                    _ => {
                         let old = self.map_range(v.vid, range.clone())?.first().map(|(_, e)| *e);
                         if old.is_some_and(|e| e.seq >= c.seq) {
                             stats.skipped_newer += 1;
                             continue;
                         }
-                        match data {
-                            ChunkData::Data(d) => {
-                                let hwm_before = g.st.hwm;
-                                let allocs =
-                                    self.stage_blocks(name, v, g, &mut batch, range.start, d, &[old], c.seq)?;
-                                st.hwm = g.st.hwm;
-                                st.allocated_blocks += u64::from(old.is_none());
-                                batch.put(keys::state(v.vid), st.encode());
-                                if let Err(e) = self.commit(batch, false, "applying resync block") {
-                                    g.unalloc(&allocs, hwm_before);
-                                    return Err(e);
-                                }
-                                Self::account(g, range.start, &[old], c.seq);
-                            }
-                            _ => {
-                                let removed = self.stage_trim(v, &g.snaps, &mut batch, range, c.seq, None)?;
-                                st.allocated_blocks -= removed.len() as u64;
-                                batch.put(keys::state(v.vid), st.encode());
-                                g.changes += 1;
-                                self.commit(batch, false, "applying resync zero block")?;
-                                Self::account_trim(g, &removed, c.seq);
-                            }
-                        }
+                        let removed = self.stage_trim(v, &g.snaps, &mut batch, range, c.seq, None)?;
+                        st.allocated_blocks -= removed.len() as u64;
+                        batch.put(keys::state(v.vid), st.encode());
+                        g.changes += 1;
+                        self.commit(batch, false, "applying resync zero block")?;
+                        Self::account_trim(g, &removed, c.seq);
                     }
                 }
                 g.st.last_seq = st.last_seq;
                 stats.applied += 1;
             }
+            self.commit_resync_group(v, g, &mut group)?;
             Ok(stats)
         })
     }
