@@ -32,7 +32,9 @@ fn prepare(s: &impl ReplicaStore) {
 
 /// Content, allocated bytes and the change list (trims of one seq in offset order: the
 /// stores may list those in either order, and the same trim once or twice).
-fn view(s: &impl ReplicaStore) -> (Vec<u8>, u64, Vec<(u8, u64, u64, u64)>) {
+type View = (Vec<u8>, u64, Vec<(u8, u64, u64, u64)>);
+
+fn view(s: &impl ReplicaStore) -> View {
     let st = s.state("v").unwrap();
     let mut changes: Vec<(u8, u64, u64, u64)> = s
         .changes_since("v", Epoch(1), Seq(0))
