@@ -18,7 +18,7 @@ const MIB: u64 = 1 << 20;
 const BS: u64 = 4096;
 /// Blocks the returning replica misses (32 MiB).
 const MISSED: u64 = 8192;
-/// Engine default: blocks between checkpoints.
+/// Blocks between checkpoints (`HLSTORE_RESYNC_CHECKPOINT_MIB=16` below).
 const CHECKPOINT_EVERY: u64 = 4096;
 const WAIT: Duration = Duration::from_secs(120);
 
@@ -40,6 +40,7 @@ fn qemu_io(uri: &str, cmd: &str) {
 fn an_interrupted_resync_resumes_past_its_checkpoint() {
     let mut c = Cluster::new();
     c.env.push(("HLSTORE_RESYNC_MIBPS".into(), "4".into()));
+    c.env.push(("HLSTORE_RESYNC_CHECKPOINT_MIB".into(), (CHECKPOINT_EVERY * BS / MIB).to_string()));
     let uri = c.up(&["--nodes", "3", "--volume", VOLUME, "--size", "64MiB"]);
     let engine = c.status()["volumes"][0]["attached_node"].as_str().expect("attached").to_string();
     let target = ["n1", "n2", "n3"].into_iter().find(|n| *n != engine).expect("a replica node").to_string();

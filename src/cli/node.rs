@@ -55,6 +55,11 @@ pub struct NodeArgs {
     /// client I/O on a 1 GbE link (0 = unlimited).
     #[arg(long, env = "HLSTORE_RESYNC_MIBPS", default_value_t = 0)]
     pub resync_mibps: u64,
+    /// Resync progress is made durable every this many MiB copied (a resync interrupted
+    /// by a crash or a lost connection resumes from there; each checkpoint flushes the
+    /// target, so smaller means slower rebuilds).
+    #[arg(long, env = "HLSTORE_RESYNC_CHECKPOINT_MIB", default_value_t = 128)]
+    pub resync_checkpoint_mib: u64,
     /// Background scrub rate in MiB/s per attached volume: the engine reads every block
     /// from every in-sync replica, compares them and rewrites blocks that fail their
     /// checksum from a good copy (0 = off). Progress and findings are in /metrics
@@ -90,6 +95,11 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
     }
     timeouts.resync_rate =
         args.resync_mibps.checked_mul(1 << 20).ok_or_else(|| anyhow::anyhow!("--resync-mibps is too large"))?;
+    anyhow::ensure!(args.resync_checkpoint_mib > 0, "--resync-checkpoint-mib must be at least 1");
+    timeouts.resync_checkpoint_blocks = args
+        .resync_checkpoint_mib
+        .checked_mul(256)
+        .ok_or_else(|| anyhow::anyhow!("--resync-checkpoint-mib is too large"))?;
     timeouts.scrub_rate =
         args.scrub_mibps.checked_mul(1 << 20).ok_or_else(|| anyhow::anyhow!("--scrub-mibps is too large"))?;
     let config = NodeConfig {

@@ -52,6 +52,9 @@ pub struct EngineTimeouts {
     pub lease_ms: u64,
     /// Background scrub rate per attached volume, bytes per second (0: off).
     pub scrub_rate: u64,
+    /// Blocks a resync copies between checkpoints (see
+    /// `VolumeConfig::resync_checkpoint_blocks`).
+    pub resync_checkpoint_blocks: u64,
 }
 
 impl Default for EngineTimeouts {
@@ -65,6 +68,7 @@ impl Default for EngineTimeouts {
             resync_rate: 0,
             lease_ms: d.lease_ms,
             scrub_rate: 0,
+            resync_checkpoint_blocks: VolumeConfig::new("", 0, d).resync_checkpoint_blocks,
         }
     }
 }
@@ -727,6 +731,7 @@ impl VolumeManager {
             .collect::<Result<Vec<_>>>()?;
         let mut cfg = VolumeConfig::new(record.volume_id.clone(), record.size, machine);
         cfg.resync_rate = t.resync_rate;
+        cfg.resync_checkpoint_blocks = t.resync_checkpoint_blocks;
         cfg.scrub_rate = t.scrub_rate;
         cfg.owner_node = self.cluster.self_id.clone();
         ReplicatedVolume::attach(cfg, transports).await

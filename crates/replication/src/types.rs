@@ -302,7 +302,7 @@ impl VolumeConfig {
             tick: Duration::from_millis(50),
             queue_depth: 256,
             resync_window: 1024,
-            resync_checkpoint_blocks: 4096,
+            resync_checkpoint_blocks: 32768,
             resync_rate: 0,
             owner_node: String::new(),
             scrub_rate: 0,
