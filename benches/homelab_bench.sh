@@ -14,16 +14,16 @@
 #   HLSTORE_BIN=... use this binary instead of `cargo build --release --bin hlstore`
 #   KEEP=1          keep the work directory (node logs, fio JSON)
 #
-# Topology: n1 n2 n3 hold the volume's replicas, the engine and fio run on n1, n4 is the
-# spare that rebuilds take. Steps:
+# Topology: n1 n2 n3 hold the volume's replicas, the engine and fio run on n1, n4 and n5
+# are empty spares that the rebuilds fill. Steps:
 #   1. link limits, measured with plain TCP: n1 -> n2 alone, and n1 -> n2 + n1 -> n3 at
 #      once (fan-out: what a writer that sends every write to two peers can reach);
 #   2. fio (nbd engine, on n1): 1 MiB sequential write QD8 (prefill, then timed), 4 KiB
 #      random write QD32, 4 KiB random write QD1 (mean and p99 completion latency);
 #   3. rebuild, idle: `volume replace-replica --from n3 --to n4` of the filled volume,
 #      timed until every replica is healthy (bytes = the volume's allocated bytes);
-#   4. rebuild under load with n1's agent restarted with --resync-mibps CAP_MIBPS: back
-#      from n4 to n3 while fio writes; the copy rate must hold near the cap.
+#   4. rebuild under load with n1's agent restarted with --resync-mibps CAP_MIBPS: n4 to
+#      n5 while fio writes; the copy rate must hold near the cap.
 # Prints one table; everything it started (namespaces, agents) is removed on exit.
 set -euo pipefail
 
@@ -48,13 +48,15 @@ fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/hlstore-homelab-bench.XXXXXX")"
 NS="hlb$$"
-NODES=(n1 n2 n3 n4)
+NODES=(n1 n2 n3 n4 n5)
 GRPC=7400
-PEERS="$(for i in 1 2 3 4; do printf 'n%s=10.233.0.%s:%s,' "$i" "$i" "$GRPC"; done)"
+PEERS="$(for i in 1 2 3 4 5; do printf 'n%s=10.233.0.%s:%s,' "$i" "$i" "$GRPC"; done)"
 PEERS="${PEERS%,}"
 
 cleanup() {
   local rc=$?
+  [ "$KEEP" = 1 ] && echo "kept $WORK" >&2
+  exec 2>/dev/null
   for n in "${NODES[@]}"; do
     [ -f "$WORK/$n.pid" ] && kill -9 "$(cat "$WORK/$n.pid")" 2>/dev/null || true
   done
@@ -62,7 +64,7 @@ cleanup() {
     ip netns pids "$NS-$n" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
     ip netns del "$NS-$n" 2>/dev/null || true
   done
-  if [ "$KEEP" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+  [ "$KEEP" = 1 ] || rm -rf "$WORK"
   exit "$rc"
 }
 trap cleanup EXIT
@@ -76,7 +78,7 @@ ip -n "$NS-sw" link set lo up
 ip -n "$NS-sw" link add br0 type bridge
 ip -n "$NS-sw" link set br0 up
 SHAPING=""
-for i in 1 2 3 4; do
+for i in 1 2 3 4 5; do
   n="n$i"
   ip netns add "$NS-$n"
   ip -n "$NS-$n" link set lo up
@@ -134,12 +136,16 @@ start_agent() {
   local n="$1"; shift
   local i="${n#n}"
   mkdir -p "$WORK/$n"
-  in_ns "$n" env HLSTORE_SCRUB_MIBPS=0 "$HLSTORE_BIN" node --id "$n" --listen "10.233.0.$i:$GRPC" \
+  # Not through `in_ns`: a function in the background is a subshell, and $! must be the
+  # agent itself (`ip netns exec` and `env` exec into it) for kill and wait to reach it.
+  ip netns exec "$NS-$n" env HLSTORE_SCRUB_MIBPS=0 "$HLSTORE_BIN" node --id "$n" --listen "10.233.0.$i:$GRPC" \
     --nbd-listen 127.0.0.1:10809 --metrics-listen 127.0.0.1:9400 --peers "$PEERS" \
     --data-dir "$WORK/$n/data" "$@" >>"$WORK/$n/node.log" 2>&1 &
   echo $! >"$WORK/$n.pid"
+  local before
+  before="$(grep -c '^listening grpc=' "$WORK/$n/node.log" 2>/dev/null || true)"
   for _ in $(seq 200); do
-    grep -q '^listening grpc=' "$WORK/$n/node.log" 2>/dev/null && return 0
+    [ "$(grep -c '^listening grpc=' "$WORK/$n/node.log" 2>/dev/null || true)" -gt "${before:-0}" ] && return 0
     sleep 0.05
   done
   echo "agent $n did not start:" >&2; tail -20 "$WORK/$n/node.log" >&2; exit 1
@@ -164,16 +170,20 @@ run_fio seqwrite --rw=write --bs=1M --iodepth=8 "${timed[@]}"
 run_fio randwrite --rw=randwrite --bs=4k --iodepth=32 "${timed[@]}"
 run_fio latwrite --rw=randwrite --bs=4k --iodepth=1 "${timed[@]}"
 
-# wait_healthy: seconds until every replica of the volume is healthy.
+# wait_healthy [NODE BYTES]: seconds until every replica is healthy (and NODE's replica
+# holds at least BYTES: a rebuild target is only done once it has the data).
 wait_healthy() {
   local t0 now
   t0="$(date +%s.%N)"
   while true; do
     if cli volume show bench --json | python3 -c '
 import json, sys
-v = json.load(sys.stdin)
-r = v.get("replicas", [])
-sys.exit(0 if r and all(x.get("state") == "healthy" for x in r) else 1)'; then
+node, want = (sys.argv[1], int(sys.argv[2])) if len(sys.argv) > 2 else (None, 0)
+r = json.load(sys.stdin).get("replicas", [])
+ok = r and all(x.get("state") == "healthy" for x in r)
+if node:
+    ok = ok and any(x["node"] == node and x.get("allocated_bytes", 0) >= want for x in r)
+sys.exit(0 if ok else 1)' "$@"; then
       break
     fi
     sleep 0.1
@@ -190,26 +200,28 @@ ALLOC="$(allocated)"
 [ "$ALLOC" -gt 0 ] 2>/dev/null || ALLOC="$BYTES"
 echo "  rebuild n3 -> n4 (idle) ..." >&2
 cli volume replace-replica bench --from n3 --to n4 >/dev/null
-REBUILD_IDLE="$(wait_healthy)"
+REBUILD_IDLE="$(wait_healthy n4 "$ALLOC")"
 
 # Rebuild under load, capped: n1 (the engine's node) restarts with the cap.
 kill "$(cat "$WORK/n1.pid")"; wait "$(cat "$WORK/n1.pid")" 2>/dev/null || true
 start_agent n1 --resync-mibps "$CAP_MIBPS"
 wait_healthy >/dev/null
-echo "  rebuild n4 -> n3 under a 4 KiB QD8 write load, --resync-mibps $CAP_MIBPS ..." >&2
-in_ns n1 fio --name=load --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=8 \
+echo "  rebuild n4 -> n5 under a 4 KiB QD8 write load, --resync-mibps $CAP_MIBPS ..." >&2
+ip netns exec "$NS-n1" fio --name=load --ioengine=nbd --uri="$URI" --rw=randwrite --bs=4k --iodepth=8 \
   --time_based --runtime=600 --output-format=json --output="$WORK/fio-load.json" >/dev/null 2>&1 &
 LOAD=$!
 sleep 1
-cli volume replace-replica bench --from n4 --to n3 >/dev/null
-REBUILD_CAP="$(wait_healthy)"
+ALLOC_CAP="$(allocated)"
+cli volume replace-replica bench --from n4 --to n5 >/dev/null
+REBUILD_CAP="$(wait_healthy n5 "$ALLOC_CAP")"
 kill "$LOAD" 2>/dev/null || true; wait "$LOAD" 2>/dev/null || true
 echo "load after: $(uptime)" >&2
 
-python3 - "$WORK" "$LINK1" "$FANOUT" "$ALLOC" "$REBUILD_IDLE" "$REBUILD_CAP" "$CAP_MIBPS" "$SHAPING" <<'EOF'
+python3 - "$WORK" "$LINK1" "$FANOUT" "$ALLOC" "$REBUILD_IDLE" "$REBUILD_CAP" "$CAP_MIBPS" "$SHAPING" "$ALLOC_CAP" <<'EOF'
 import json, os, sys
-work, link1, fanout, alloc, idle, cap_s, cap, shaping = sys.argv[1:]
+work, link1, fanout, alloc, idle, cap_s, cap, shaping, alloc_cap = sys.argv[1:]
 link1, fanout, alloc, idle, cap_s, cap = float(link1), float(fanout), int(alloc), float(idle), float(cap_s), float(cap)
+alloc_cap = int(alloc_cap)
 def job(name):
     with open(os.path.join(work, f"fio-{name}.json")) as f:
         return json.load(f)["jobs"][0]["write"]
@@ -222,10 +234,31 @@ rw = job("randwrite")
 rows.append(("4 KiB randwrite QD32", f"{rw['iops']:,.0f} IOPS", f"{rw['iops'] * 4096 / mib:,.1f} MiB/s of {half:,.1f}", "", ""))
 lat = job("latwrite")["clat_ns"]
 rows.append(("4 KiB write QD1 mean / p99", f"{lat['mean'] / 1000:,.0f} / {lat['percentile']['99.000000'] / 1000:,.0f} µs", "", "", ""))
-r_idle = alloc / mib / idle
-rows.append(("rebuild, idle", f"{r_idle:,.1f} MiB/s", f"link {link1:,.1f} MiB/s", f"{r_idle / link1 * 100:.0f} %", ">= 90 %"))
-r_cap = alloc / mib / cap_s
-rows.append((f"rebuild under load, cap {cap:.0f} MiB/s", f"{r_cap:,.1f} MiB/s", f"cap {cap:.0f} MiB/s", f"{r_cap / cap * 100:.0f} %", "<= 100 %"))
+import re, datetime
+def copy_seconds(target):
+    """Seconds from `resync started` of `target` to its `status=healthy` in n1's log."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", open(os.path.join(work, "n1", "node.log")).read())
+    start = end = None
+    for line in text.splitlines():
+        ts = line.split(" ", 1)[0]
+        if f"replica.id={target}" not in line:
+            continue
+        if "resync started" in line and start is None:
+            start = ts
+        elif "status=healthy" in line and start is not None and end is None:
+            end = ts
+    if not (start and end):
+        return None
+    p = lambda t: datetime.datetime.fromisoformat(t.replace("Z", "+00:00"))
+    return (p(end) - p(start)).total_seconds()
+# The copy: from the engine's `resync started` to the target's `status=healthy` (what
+# replace-replica adds around it, detach and re-attach, is not rebuild throughput).
+c = copy_seconds("n4")
+r = alloc / mib / (c or idle)
+rows.append(("rebuild, idle (the copy)", f"{r:,.1f} MiB/s", f"link {link1:,.1f} MiB/s", f"{r / link1 * 100:.0f} %", ">= 90 %"))
+c = copy_seconds("n5")
+r_cap = alloc_cap / mib / (c or cap_s)
+rows.append((f"rebuild under load, cap {cap:.0f} MiB/s (the copy)", f"{r_cap:,.1f} MiB/s", f"cap {cap:.0f} MiB/s", f"{r_cap / cap * 100:.0f} %", "<= 100 %"))
 hdr = ("test", "hlstore", "limit", "of limit", "target")
 w = [max(len(r[i]) for r in rows + [hdr]) for i in range(5)]
 line = lambda r: "| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(r)) + " |"
