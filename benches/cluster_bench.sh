@@ -11,7 +11,8 @@
 #   KEEP=1          keep WORKDIR (cluster data, fio JSON, node logs) after the run
 #   HLSTORE_BIN=... use this binary instead of building `cargo build --release --bin hlstore`
 #
-# Jobs, each run against nbdkit and then hlstore (same order, same parameters):
+# Jobs, each run against nbdkit and then hlstore (job by job, a `sync` before each run;
+# same parameters):
 #   prefill      1 MiB sequential write of the whole volume, QD8 (untimed; informational)
 #   randread     4 KiB random read, QD32
 #   randwrite    4 KiB random write, QD32
@@ -124,17 +125,27 @@ agent_cpu() {
   echo "$total"
 }
 
-for target in nbdkit hlstore; do
-  if [ "$target" = nbdkit ]; then uri="$KIT_URI"; else uri="$HL_URI"; fi
-  run_fio "$target" "$uri" prefill --rw=write --bs=1M --iodepth=8 --size="$BYTES"
-  run_fio "$target" "$uri" randread --rw=randread --bs=4k --iodepth=32 "${timed[@]}"
-  cpu0="$(agent_cpu)"
-  run_fio "$target" "$uri" randwrite --rw=randwrite --bs=4k --iodepth=32 "${timed[@]}"
-  cpu1="$(agent_cpu)"
-  [ "$target" = hlstore ] && echo "$((cpu1 - cpu0))" >"$WORK/randwrite-ticks.txt"
-  run_fio "$target" "$uri" seqwrite --rw=write --bs=1M --iodepth=8 "${timed[@]}"
-  run_fio "$target" "$uri" latwrite --rw=randwrite --bs=4k --iodepth=1 "${timed[@]}"
-  run_fio "$target" "$uri" latwriteflush --rw=randwrite --bs=4k --iodepth=1 --fsync=1 "${timed[@]}"
+# Job by job, nbdkit then hlstore, so both run with the disk in a like state (the
+# writeback of the previous job's dirty pages goes on in the background).
+for job in prefill randread randwrite seqwrite latwrite latwriteflush; do
+  for target in nbdkit hlstore; do
+    if [ "$target" = nbdkit ]; then uri="$KIT_URI"; else uri="$HL_URI"; fi
+    sync
+    case "$job" in
+      prefill) run_fio "$target" "$uri" prefill --rw=write --bs=1M --iodepth=8 --size="$BYTES" ;;
+      randread) run_fio "$target" "$uri" randread --rw=randread --bs=4k --iodepth=32 "${timed[@]}" ;;
+      randwrite)
+        cpu0="$(agent_cpu)"
+        run_fio "$target" "$uri" randwrite --rw=randwrite --bs=4k --iodepth=32 "${timed[@]}"
+        cpu1="$(agent_cpu)"
+        [ "$target" = hlstore ] && echo "$((cpu1 - cpu0))" >"$WORK/randwrite-ticks.txt"
+        ;;
+      seqwrite) run_fio "$target" "$uri" seqwrite --rw=write --bs=1M --iodepth=8 "${timed[@]}" ;;
+      latwrite) run_fio "$target" "$uri" latwrite --rw=randwrite --bs=4k --iodepth=1 "${timed[@]}" ;;
+      latwriteflush)
+        run_fio "$target" "$uri" latwriteflush --rw=randwrite --bs=4k --iodepth=1 --fsync=1 "${timed[@]}" ;;
+    esac
+  done
 done
 
 # --- hlstore only: rebuild, incremental resync, memory -----------------------------------

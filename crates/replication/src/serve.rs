@@ -28,7 +28,7 @@ use hlstore_store::{BlockWrite, Change, ChunkData, ReplicaStore, ResyncChunk, BL
 pub const MAX_GROUP_WRITES: usize = 64;
 /// A group stops growing once it holds this many payload bytes.
 pub const MAX_GROUP_BYTES: usize = 8 << 20;
-/// Most blocks one resync read covers.
+/// Most blocks one blocking call of a resync source reads.
 pub const RESYNC_RUN_BLOCKS: u64 = 256;
 
 /// One write received on a write stream.
@@ -171,16 +171,12 @@ pub fn resync_source<S: ReplicaStore>(
                 Change::Block { offset, seq } => blocks.push((offset, seq)),
             }
         }
-        let mut rest = &blocks[..];
-        while !rest.is_empty() {
-            let mut n = 1;
-            while n < rest.len() && (n as u64) < RESYNC_RUN_BLOCKS && rest[n].0 == rest[0].0 + n as u64 * BLOCK_SIZE {
-                n += 1;
-            }
-            let run = rest[..n].to_vec();
-            rest = &rest[n..];
+        // One blocking call per RESYNC_RUN_BLOCKS blocks, each run of consecutive blocks
+        // in it read with one store read.
+        for batch in blocks.chunks(RESYNC_RUN_BLOCKS as usize) {
+            let batch = batch.to_vec();
             let v = volume.clone();
-            let (chunks, failed) = blocking(&store, move |s| Ok(read_run(s, &v, epoch, &run)))
+            let (chunks, failed) = blocking(&store, move |s| Ok(read_runs(s, &v, epoch, &batch)))
                 .await
                 .unwrap_or_else(|e| (Vec::new(), Some(e)));
             stats.resync_blocks_sent.fetch_add(chunks.len() as u64, Ordering::Relaxed);
@@ -197,6 +193,31 @@ pub fn resync_source<S: ReplicaStore>(
         }
     });
     rx
+}
+
+/// Reads `blocks` (ascending) run by run; stops at the first block that fails, returning
+/// the chunks before it with its error.
+fn read_runs<S: ReplicaStore>(
+    s: &S,
+    volume: &str,
+    epoch: u64,
+    blocks: &[(u64, u64)],
+) -> (Vec<ResyncChunk>, Option<Error>) {
+    let mut out = Vec::with_capacity(blocks.len());
+    let mut rest = blocks;
+    while !rest.is_empty() {
+        let mut n = 1;
+        while n < rest.len() && rest[n].0 == rest[0].0 + n as u64 * BLOCK_SIZE {
+            n += 1;
+        }
+        let (chunks, failed) = read_run(s, volume, epoch, &rest[..n]);
+        out.extend(chunks);
+        if failed.is_some() {
+            return (out, failed);
+        }
+        rest = &rest[n..];
+    }
+    (out, None)
 }
 
 /// Reads a run of consecutive blocks with one read; if that fails, block by block, so the
