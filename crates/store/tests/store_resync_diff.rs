@@ -31,7 +31,7 @@ fn prepare(s: &impl ReplicaStore) {
 }
 
 /// Content, allocated bytes and the change list (trims of one seq in offset order: the
-/// stores may list those in either order, and the same trim once or twice).
+/// stores may list those in either order, and trims at one seq and offset once or each).
 type View = (Vec<u8>, u64, Vec<(u8, u64, u64, u64)>);
 
 fn view(s: &impl ReplicaStore) -> View {
@@ -46,7 +46,14 @@ fn view(s: &impl ReplicaStore) -> View {
         })
         .collect();
     changes.sort_unstable();
-    changes.dedup();
+    // Trims at one (seq, offset): the longest covers the others.
+    changes.dedup_by(|later, kept| {
+        let same = later.0 == 0 && kept.0 == 0 && later.1 == kept.1 && later.2 == kept.2;
+        if same {
+            kept.3 = kept.3.max(later.3);
+        }
+        same
+    });
     (s.read("v", Epoch(1), Offset(0), BLOCKS * BS).unwrap(), st.allocated_bytes, changes)
 }
 
@@ -76,4 +83,26 @@ proptest! {
         let disk = DiskStore::open(dir.path()).unwrap();
         prop_assert!(view(&disk) == view(&mem), "disk store differs after a reopen");
     }
+}
+
+/// A resync may send a trim and a zero block with the same seq and offset: the second must
+/// not shorten the trim record the change index keeps (the longer range stays listed).
+#[test]
+fn a_zero_block_does_not_shorten_a_trim_with_the_same_seq_and_offset() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = DiskStore::open(dir.path()).unwrap();
+    prepare(&disk);
+    let trim = ResyncChunk { offset: 3 * BS, seq: 30, data: ChunkData::Trim(3 * BS) };
+    let zero = ResyncChunk { offset: 3 * BS, seq: 30, data: ChunkData::Zero };
+    disk.apply_resync("v", Epoch(1), &[trim, zero]).unwrap();
+    let trims: Vec<(u64, u64)> = disk
+        .changes_since("v", Epoch(1), Seq(25))
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| match c {
+            Change::Trim { offset, len, .. } => Some((offset, len)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(trims, vec![(3 * BS, 3 * BS)]);
 }

@@ -477,10 +477,14 @@ impl DiskStore {
             }
             removed.push(e);
         }
-        batch.put(
-            keys::trim(v.vid, seq, range.start * BLOCK_SIZE),
-            ((range.end - range.start) * BLOCK_SIZE).to_be_bytes(),
-        );
+        // One record per (seq, offset): a second trim there (a resync sends a trim and a
+        // zero block with the same seq and offset) must not shorten the first.
+        let key = keys::trim(v.vid, seq, range.start * BLOCK_SIZE);
+        let mut len = (range.end - range.start) * BLOCK_SIZE;
+        if let Some(old) = self.db.get(&key).map_err(meta_err("reading a trim record"))? {
+            len = len.max(keys::u64_at(&old, 0).ok_or_else(|| corrupt_meta("trim value"))?);
+        }
+        batch.put(key, len.to_be_bytes());
         Ok(removed)
     }
 
