@@ -243,8 +243,8 @@ def copy_seconds(target):
         ts = line.split(" ", 1)[0]
         if f"replica.id={target}" not in line:
             continue
-        if "resync started" in line and start is None:
-            start = ts
+        if "resync started" in line:
+            start, end = ts, None  # the last resync of the target is the one measured
         elif "status=healthy" in line and start is not None and end is None:
             end = ts
     if not (start and end):
