@@ -418,7 +418,14 @@ impl VolumeManager {
                 .map(|node| match g.replicas.get(node) {
                     Some(i) => VolumeReplica {
                         node: node.clone(),
-                        state: if i.state.last_seq >= newest { "healthy" } else { "resyncing" }.to_string(),
+                        // A replica behind the newest, or marked incomplete by an
+                        // unfinished resync (or a power cut), is not healthy.
+                        state: if i.state.last_seq >= newest && i.state.resync_from.is_none() {
+                            "healthy"
+                        } else {
+                            "resyncing"
+                        }
+                        .to_string(),
                         last_seq: i.state.last_seq,
                         durable_seq: i.state.durable_seq,
                         allocated_bytes: i.state.allocated_bytes,
@@ -995,4 +1002,35 @@ fn quorum(record: &VolumeRecord) -> Option<usize> {
 
 fn not_found(name: &str) -> Error {
     Error::NotFound(format!("volume {name} does not exist on any reachable node (see: hlstore volume list)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hlstore_store::ReplicaState;
+
+    fn info(record: &VolumeRecord, last_seq: u64, resync_from: Option<u64>) -> ReplicaInfo {
+        ReplicaInfo { record: record.clone(), state: ReplicaState { last_seq, resync_from, ..Default::default() } }
+    }
+
+    /// While detached, a replica whose resync was cut short holds the newest seq (new
+    /// writes reached it during the resync) but not every block: it is not healthy.
+    #[test]
+    fn a_detached_replica_with_a_resync_mark_is_not_healthy() {
+        let mut record = VolumeRecord::new("v", 1 << 20);
+        record.replica_set = vec!["n1".into(), "n2".into(), "n3".into()];
+        let g = Gathered {
+            record: record.clone(),
+            replicas: [
+                ("n1".to_string(), info(&record, 9, None)),
+                ("n2".to_string(), info(&record, 9, Some(4))),
+                ("n3".to_string(), info(&record, 7, None)),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let v = VolumeManager::detached_view(&g);
+        let states: Vec<(&str, &str)> = v.replicas.iter().map(|r| (r.node.as_str(), r.state.as_str())).collect();
+        assert_eq!(states, vec![("n1", "healthy"), ("n2", "resyncing"), ("n3", "resyncing")]);
+    }
 }
