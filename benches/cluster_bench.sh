@@ -174,7 +174,6 @@ ALLOC="$(allocated)"
 rebuild_run() { hl volume replace-replica bench --from n3 --to n4 >/dev/null; wait_healthy n4 "$ALLOC"; }
 seconds rebuild_run >"$WORK/rebuild-s.txt"
 echo "$ALLOC" >"$WORK/rebuild-bytes.txt"
-cp_run() { cp "$IMG" "$WORK/copy.img"; sync "$WORK/copy.img"; }
 head -c "$ALLOC" "$IMG" >"$WORK/src.img"; sync
 cp_part() { cp "$WORK/src.img" "$WORK/copy.img"; sync "$WORK/copy.img"; }
 seconds cp_part >"$WORK/cp-s.txt"

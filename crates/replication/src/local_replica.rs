@@ -6,6 +6,7 @@
 //! replica counters count these calls too. What it skips: protobuf encoding, HTTP/2,
 //! loopback TCP and one payload copy per write.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 
 use futures::stream::{BoxStream, StreamExt};
@@ -13,14 +14,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::serve::{self, StreamWrite};
-use super::transport::{
-    ChunkData, Claim, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream,
-};
-use super::types::{History, ReplicaSeqs, Seq};
+use super::transport::{Claim, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream};
+use super::types::{block_runs, History, ReplicaSeqs, Seq};
 use crate::rpc::ServiceStats;
 use hlstore_core::error::{Error, Result};
 use hlstore_core::{ids, Epoch, Offset};
-use hlstore_store::{self as store, ReplicaState, ReplicaStore};
+use hlstore_store::{self as store, ReplicaStore};
 
 /// A replica of `volume` in this process's store.
 pub struct LocalReplica<S> {
@@ -64,52 +63,23 @@ impl<S: ReplicaStore> LocalReplica<S> {
     }
 }
 
-fn seqs(s: ReplicaState) -> ReplicaSeqs {
-    ReplicaSeqs {
-        epoch: s.epoch,
-        owner: s.owner,
-        last_seq: s.last_seq,
-        durable_seq: s.durable_seq,
-        resync_from: s.resync_from,
-        history: s.history,
-    }
-}
-
-fn chunk_from_store(c: store::ResyncChunk) -> ResyncChunk {
-    let data = match c.data {
-        store::ChunkData::Data(d) => ChunkData::Data(d.into()),
-        store::ChunkData::Zero => ChunkData::Zero,
-        store::ChunkData::Trim(len) => ChunkData::Trim(len),
-    };
-    ResyncChunk { offset: c.offset, seq: c.seq, data }
-}
-
-fn chunk_to_store(c: ResyncChunk) -> store::ResyncChunk {
-    let data = match c.data {
-        ChunkData::Data(d) => store::ChunkData::Data(d.to_vec()),
-        ChunkData::Zero => store::ChunkData::Zero,
-        ChunkData::Trim(len) => store::ChunkData::Trim(len),
-    };
-    store::ResyncChunk { offset: c.offset, seq: c.seq, data }
-}
-
 impl<S: ReplicaStore> ReplicaTransport for LocalReplica<S> {
     fn name(&self) -> &str {
         &self.name
     }
 
     async fn state(&self) -> Result<ReplicaSeqs> {
-        self.call(|s, v| s.state(v).map(seqs)).await
+        self.call(|s, v| s.state(v).map(ReplicaSeqs::from)).await
     }
 
     async fn open(&self, claim: Claim) -> Result<ReplicaSeqs> {
-        self.call(move |s, v| s.claim(v, &claim).map(seqs)).await
+        self.call(move |s, v| s.claim(v, &claim).map(ReplicaSeqs::from)).await
     }
 
     async fn ping(&self, epoch: Epoch) -> Result<ReplicaSeqs> {
         let st = self.call(|s, v| s.state(v)).await?;
         store::check_epoch(&self.volume, st.epoch, epoch.get())?;
-        Ok(seqs(st))
+        Ok(st.into())
     }
 
     async fn write_stream(&self, epoch: Epoch) -> Result<WriteStream> {
@@ -134,20 +104,20 @@ impl<S: ReplicaStore> ReplicaTransport for LocalReplica<S> {
 
     async fn read(&self, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>> {
         let data = self.call(move |s, v| s.read(v, epoch, offset, len)).await?;
-        self.stats.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.stats.read_bytes.fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        self.stats.reads.fetch_add(1, Relaxed);
+        self.stats.read_bytes.fetch_add(len, Relaxed);
         Ok(data)
     }
 
     async fn flush(&self, epoch: Epoch) -> Result<Seq> {
         let d = self.call(move |s, v| s.flush(v, epoch)).await?;
-        self.stats.flushes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.flushes.fetch_add(1, Relaxed);
         Ok(d.get())
     }
 
     async fn trim(&self, epoch: Epoch, seq: Seq, offset: Offset, len: u64) -> Result<()> {
         self.call(move |s, v| s.trim(v, epoch, ids::Seq(seq), offset, len)).await?;
-        self.stats.trims.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.stats.trims.fetch_add(1, Relaxed);
         Ok(())
     }
 
@@ -160,7 +130,7 @@ impl<S: ReplicaStore> ReplicaTransport for LocalReplica<S> {
         let changes = serve::resync_changes(&self.store, &self.volume, epoch.get(), since, resume).await?;
         let chunks =
             serve::resync_source(self.store.clone(), self.volume.clone(), epoch.get(), changes, self.stats.clone());
-        Ok(ReceiverStream::new(chunks).map(|c| c.map(chunk_from_store)).boxed())
+        Ok(ReceiverStream::new(chunks).map(|c| c.map(ResyncChunk::from)).boxed())
     }
 
     async fn begin_resync(
@@ -184,9 +154,9 @@ impl<S: ReplicaStore> ReplicaTransport for LocalReplica<S> {
     }
 
     async fn apply_resync(&self, epoch: Epoch, chunks: Vec<ResyncChunk>) -> Result<u64> {
-        let chunks: Vec<store::ResyncChunk> = chunks.into_iter().map(chunk_to_store).collect();
+        let chunks: Vec<store::ResyncChunk> = chunks.into_iter().map(store::ResyncChunk::from).collect();
         let st = self.call(move |s, v| s.apply_resync(v, epoch, &chunks)).await?;
-        self.stats.resync_chunks_applied.fetch_add(st.applied, std::sync::atomic::Ordering::Relaxed);
+        self.stats.resync_chunks_applied.fetch_add(st.applied, Relaxed);
         Ok(st.applied)
     }
 
@@ -235,13 +205,6 @@ impl<S: ReplicaStore> ReplicaTransport for LocalReplica<S> {
     async fn changed_blocks(&self, from: Option<&str>, to: Option<&str>) -> Result<Vec<(u64, u64)>> {
         let (from, to) = (from.map(str::to_string), to.map(str::to_string));
         let blocks = self.call(move |s, v| s.changed_blocks(v, from.as_deref(), to.as_deref())).await?;
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for b in blocks {
-            match runs.last_mut() {
-                Some((start, count)) if *start + *count == b => *count += 1,
-                _ => runs.push((b, 1)),
-            }
-        }
-        Ok(runs)
+        Ok(block_runs(blocks))
     }
 }

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, VecDeque};
 use super::event::{Command, Event};
 use super::types::{
     FailReason, History, MachineConfig, Millis, OpId, ReplicaError, ReplicaId, ReplicaSeqs, ReplicaStatus, Seq,
-    SEQ_EPOCH_SHIFT,
+    MAX_REPLICAS, SEQ_EPOCH_SHIFT,
 };
 use hlstore_core::error::Result;
 
@@ -400,10 +400,15 @@ impl Machine {
         if r.status != ReplicaStatus::Healthy || r.acked_seq < self.acked_client_seq {
             return None;
         }
-        // lease_valid(now) <=> now < the W-th latest lease end.
-        let mut ends: Vec<Millis> = self.reps.iter().map(|r| r.lease_until).collect();
-        ends.sort_unstable_by(|a, b| b.cmp(a));
-        let until = *ends.get(self.w.checked_sub(1)?)?;
+        // lease_valid(now) <=> now < the W-th latest lease end. Runs after every step:
+        // no allocation (at most MAX_REPLICAS replicas).
+        let mut ends = [0 as Millis; MAX_REPLICAS];
+        let n = self.reps.len().min(MAX_REPLICAS);
+        for (end, r) in ends.iter_mut().zip(&self.reps) {
+            *end = r.lease_until;
+        }
+        ends[..n].sort_unstable_by(|a, b| b.cmp(a));
+        let until = *ends[..n].get(self.w.checked_sub(1)?)?;
         (until > 0).then_some((id, until))
     }
 

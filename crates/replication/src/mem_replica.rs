@@ -18,10 +18,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use super::transport::{
     ChunkData, Claim, ReplicaTransport, ResyncChunk, SnapshotInfo, WriteAck, WriteReq, WriteStream,
 };
-use super::types::{History, ReplicaSeqs, Seq};
+use super::types::{block_runs, History, ReplicaSeqs, Seq};
 use hlstore_core::error::{Error, Result};
 use hlstore_core::{ids, Epoch, Offset};
-use hlstore_store::{self as store, Change, MemStore, ReplicaState, ReplicaStore, VolumeRecord, BLOCK_SIZE};
+use hlstore_store::{self as store, Change, MemStore, ReplicaStore, VolumeRecord, BLOCK_SIZE};
 
 /// The volume id of the replica in its store.
 const VOLUME: &str = "mem-volume";
@@ -206,34 +206,23 @@ impl MemReplica {
     }
 }
 
-fn seqs(s: ReplicaState) -> ReplicaSeqs {
-    ReplicaSeqs {
-        epoch: s.epoch,
-        owner: s.owner,
-        last_seq: s.last_seq,
-        durable_seq: s.durable_seq,
-        resync_from: s.resync_from,
-        history: s.history,
-    }
-}
-
 impl ReplicaTransport for MemReplica {
     fn name(&self) -> &str {
         &self.name
     }
 
     async fn state(&self) -> Result<ReplicaSeqs> {
-        self.call(|s| s.state(VOLUME).map(seqs)).await
+        self.call(|s| s.state(VOLUME).map(ReplicaSeqs::from)).await
     }
 
     async fn open(&self, claim: Claim) -> Result<ReplicaSeqs> {
-        self.call(|s| s.claim(VOLUME, &claim).map(seqs)).await
+        self.call(|s| s.claim(VOLUME, &claim).map(ReplicaSeqs::from)).await
     }
 
     async fn ping(&self, epoch: Epoch) -> Result<ReplicaSeqs> {
         let st = self.call(|s| s.state(VOLUME)).await?;
         store::check_epoch(VOLUME, st.epoch, epoch.get())?;
-        Ok(seqs(st))
+        Ok(st.into())
     }
 
     async fn write_stream(&self, epoch: Epoch) -> Result<WriteStream> {
@@ -329,18 +318,7 @@ impl ReplicaTransport for MemReplica {
 
     async fn apply_resync(&self, epoch: Epoch, chunks: Vec<ResyncChunk>) -> Result<u64> {
         self.enter_write().await?;
-        let chunks: Vec<store::ResyncChunk> = chunks
-            .into_iter()
-            .map(|c| store::ResyncChunk {
-                offset: c.offset,
-                seq: c.seq,
-                data: match c.data {
-                    ChunkData::Data(d) => store::ChunkData::Data(d.to_vec()),
-                    ChunkData::Zero => store::ChunkData::Zero,
-                    ChunkData::Trim(len) => store::ChunkData::Trim(len),
-                },
-            })
-            .collect();
+        let chunks: Vec<store::ResyncChunk> = chunks.into_iter().map(store::ResyncChunk::from).collect();
         let applied = if self.switches().naive_resync {
             self.apply_naively(epoch.get(), &chunks)?
         } else {
@@ -385,13 +363,6 @@ impl ReplicaTransport for MemReplica {
     }
 
     async fn changed_blocks(&self, from: Option<&str>, to: Option<&str>) -> Result<Vec<(u64, u64)>> {
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for b in self.call(|s| s.changed_blocks(VOLUME, from, to)).await? {
-            match runs.last_mut() {
-                Some((start, count)) if *start + *count == b => *count += 1,
-                _ => runs.push((b, 1)),
-            }
-        }
-        Ok(runs)
+        Ok(block_runs(self.call(|s| s.changed_blocks(VOLUME, from, to)).await?))
     }
 }

@@ -70,6 +70,28 @@ pub struct ResyncChunk {
     pub data: ChunkData,
 }
 
+impl From<hlstore_store::ResyncChunk> for ResyncChunk {
+    fn from(c: hlstore_store::ResyncChunk) -> Self {
+        let data = match c.data {
+            hlstore_store::ChunkData::Data(d) => ChunkData::Data(d.into()),
+            hlstore_store::ChunkData::Zero => ChunkData::Zero,
+            hlstore_store::ChunkData::Trim(len) => ChunkData::Trim(len),
+        };
+        Self { offset: c.offset, seq: c.seq, data }
+    }
+}
+
+impl From<ResyncChunk> for hlstore_store::ResyncChunk {
+    fn from(c: ResyncChunk) -> Self {
+        let data = match c.data {
+            ChunkData::Data(d) => hlstore_store::ChunkData::Data(d.to_vec()),
+            ChunkData::Zero => hlstore_store::ChunkData::Zero,
+            ChunkData::Trim(len) => hlstore_store::ChunkData::Trim(len),
+        };
+        Self { offset: c.offset, seq: c.seq, data }
+    }
+}
+
 /// The operations the replication runtime needs from one replica of one volume.
 pub trait ReplicaTransport: Send + Sync + 'static {
     /// The replica's node name, for logs.

@@ -50,6 +50,31 @@ pub struct ReplicaSeqs {
     pub history: History,
 }
 
+impl From<hlstore_store::ReplicaState> for ReplicaSeqs {
+    fn from(s: hlstore_store::ReplicaState) -> Self {
+        Self {
+            epoch: s.epoch,
+            owner: s.owner,
+            last_seq: s.last_seq,
+            durable_seq: s.durable_seq,
+            resync_from: s.resync_from,
+            history: s.history,
+        }
+    }
+}
+
+/// Runs of consecutive block indices as `(first block, count)` (`blocks` ascending).
+pub fn block_runs(blocks: impl IntoIterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for b in blocks {
+        match runs.last_mut() {
+            Some((start, count)) if *start + *count == b => *count += 1,
+            _ => runs.push((b, 1)),
+        }
+    }
+    runs
+}
+
 /// Why a request to a replica failed, as far as the machine cares.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReplicaError {

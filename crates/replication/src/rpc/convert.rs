@@ -201,14 +201,10 @@ pub fn snapshot_blocks_from_pb(blocks: Vec<pb::SnapshotBlock>) -> Vec<(u64, Opti
 
 /// Runs of consecutive block indices (`blocks` ascending).
 pub fn runs_to_pb(blocks: &[u64]) -> Vec<pb::BlockRun> {
-    let mut out: Vec<pb::BlockRun> = Vec::new();
-    for &b in blocks {
-        match out.last_mut() {
-            Some(r) if r.start + r.count == b => r.count += 1,
-            _ => out.push(pb::BlockRun { start: b, count: 1 }),
-        }
-    }
-    out
+    crate::types::block_runs(blocks.iter().copied())
+        .into_iter()
+        .map(|(start, count)| pb::BlockRun { start, count })
+        .collect()
 }
 
 /// Runs of blocks as `(first block, count)`.

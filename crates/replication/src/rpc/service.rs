@@ -73,13 +73,8 @@ impl<S: ReplicaStore> ReplicaService<S> {
 
     /// Runs a blocking store call on the blocking pool and maps its error.
     async fn call<T: Send + 'static>(&self, f: impl FnOnce(&S) -> Result<T> + Send + 'static) -> Result<T, Status> {
-        let store = self.store.clone();
-        let stats = self.stats.clone();
-        let res = tokio::task::spawn_blocking(move || f(&store))
-            .await
-            .map_err(|e| Status::internal(format!("store task failed: {e}")))?;
-        res.map_err(|e| {
-            serve::count_error(&stats, &e);
+        serve::blocking(&self.store, f).await.map_err(|e| {
+            serve::count_error(&self.stats, &e);
             to_status(&e)
         })
     }

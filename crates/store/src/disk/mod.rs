@@ -94,6 +94,9 @@ struct ResyncGroup {
 
 /// How many writes from the start of `writes` touch no block twice (at least one).
 fn disjoint_prefix(writes: &[BlockWrite<'_>]) -> usize {
+    if writes.len() < 2 {
+        return writes.len().max(1);
+    }
     let mut seen: Vec<std::ops::Range<u64>> = Vec::with_capacity(writes.len());
     for (i, w) in writes.iter().enumerate() {
         let r = blocks(w.offset.get(), w.data.len() as u64);
