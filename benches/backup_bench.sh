@@ -189,6 +189,7 @@ command -v nbdcopy >/dev/null || { echo "missing nbdcopy" >&2; exit 1; }
 "$PY_NBD" -c 'import nbd' 2>/dev/null || { echo "missing python3-libnbd for $PY_NBD" >&2; exit 1; }
 echo "running the volume case..." >&2
 reset_image
+export HLSTORE_TLS_DIR="$WORK/cluster/tls/admin"  # the admin certificate `dev up` makes
 URI=$("$HLSTORE_BIN" dev up --dir "$WORK/cluster" --nodes 3 --volume bvol --size "${SIZE_MIB}MiB" --replicas 3)
 EP=$("$HLSTORE_BIN" dev status --dir "$WORK/cluster" --json \
   | python3 -c 'import json,sys; print([n for n in json.load(sys.stdin)["nodes"] if n["id"] == "n1"][0]["endpoint"])')

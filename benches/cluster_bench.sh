@@ -78,6 +78,7 @@ free_port() {
 
 # --- hlstore: 3 node agents on loopback, one volume attached on n1 --------------------------
 echo "starting a 3-node hlstore cluster in $CLUSTER ..." >&2
+export HLSTORE_TLS_DIR="$CLUSTER/tls/admin"  # the admin certificate `dev up` makes
 HL_URI="$("$HLSTORE_BIN" dev up --dir "$CLUSTER" --nodes 4 --replicas 3 --volume bench --size "$SIZE" 2>"$WORK/dev-up.log")" || {
   cat "$WORK/dev-up.log" >&2; exit 1; }
 HL_URI="$(printf '%s\n' "$HL_URI" | tail -n1)"
@@ -149,7 +150,7 @@ for job in prefill randread randwrite seqwrite latwrite latwriteflush; do
 done
 
 # --- hlstore only: rebuild, incremental resync, memory -----------------------------------
-hl() { "$HLSTORE_BIN" "$@" --endpoint "http://$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nodes"][0]["grpc"])' "$CLUSTER/cluster.json")"; }
+hl() { "$HLSTORE_BIN" "$@" --endpoint "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nodes"][0]["grpc"])' "$CLUSTER/cluster.json")"; }
 # seconds SCRIPT: wall-clock seconds a command takes.
 seconds() { local t0 t1; t0="$(date +%s.%N)"; "$@"; t1="$(date +%s.%N)"; python3 -c "print($t1 - $t0)"; }
 # wait_healthy [NODE BYTES]: until every replica is healthy (and NODE's holds BYTES).

@@ -132,13 +132,19 @@ wait "$SINK2" "$SINK3" 2>/dev/null || true
 echo "TCP n1->n2: $LINK1 MiB/s; n1->n2+n3 together: $FANOUT MiB/s" >&2
 
 # --- agents ---------------------------------------------------------------------------------
+# Mutual TLS on every hop, as deployed: a CA, a node certificate per agent, an admin one.
+"$HLSTORE_BIN" cert init --dir "$WORK/tls" >/dev/null
+"$HLSTORE_BIN" cert issue --ca-dir "$WORK/tls" --role admin --out "$WORK/tls/admin" >/dev/null
+for n in "${NODES[@]}"; do
+  "$HLSTORE_BIN" cert issue --ca-dir "$WORK/tls" --role node --node "$n" --ip "10.233.0.${n#n}" --out "$WORK/tls/$n" >/dev/null
+done
 start_agent() {
   local n="$1"; shift
   local i="${n#n}"
   mkdir -p "$WORK/$n"
   # Not through `in_ns`: a function in the background is a subshell, and $! must be the
   # agent itself (`ip netns exec` and `env` exec into it) for kill and wait to reach it.
-  ip netns exec "$NS-$n" env HLSTORE_SCRUB_MIBPS=0 "$HLSTORE_BIN" node --id "$n" --listen "10.233.0.$i:$GRPC" \
+  ip netns exec "$NS-$n" env HLSTORE_SCRUB_MIBPS=0 "$HLSTORE_BIN" --tls-dir "$WORK/tls/$n" node --id "$n" --listen "10.233.0.$i:$GRPC" \
     --nbd-listen 127.0.0.1:10809 --metrics-listen 127.0.0.1:9400 --peers "$PEERS" \
     --data-dir "$WORK/$n/data" "$@" >>"$WORK/$n/node.log" 2>&1 &
   echo $! >"$WORK/$n.pid"
@@ -151,7 +157,7 @@ start_agent() {
   echo "agent $n did not start:" >&2; tail -20 "$WORK/$n/node.log" >&2; exit 1
 }
 for n in "${NODES[@]}"; do start_agent "$n"; done
-cli() { in_ns n1 env HLSTORE_ENDPOINT="http://10.233.0.1:$GRPC" "$HLSTORE_BIN" "$@"; }
+cli() { in_ns n1 env HLSTORE_ENDPOINT="10.233.0.1:$GRPC" HLSTORE_TLS_DIR="$WORK/tls/admin" "$HLSTORE_BIN" "$@"; }
 
 cli volume create bench --size "$SIZE" --nodes n1,n2,n3 >/dev/null
 URI="$(cli volume attach bench --node n1 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["nbd_uri"])')"

@@ -31,6 +31,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
+export HLSTORE_TLS_DIR="$WORK/cluster/tls/admin"  # the admin certificate `dev up` makes
 URI="$("$HLSTORE_BIN" dev up --dir "$WORK/cluster" --nodes 3 --volume bench --size "$SIZE")"
 EP="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["nodes"][0]["grpc"])' "$WORK/cluster/cluster.json")"
 EP="http://${EP#http://}"

@@ -17,6 +17,8 @@ mkdir -p "$DIR"
 echo "== starting a 3-node cluster in $DIR"
 URI=$("$HL" dev up --dir "$DIR" --nodes 3 --volume demo --size 1GiB)
 echo "volume demo is exported at $URI"
+# `dev up` made the cluster's CA and certificates under $DIR/tls; the CLI uses the admin one.
+export HLSTORE_TLS_DIR="$DIR/tls/admin"
 
 echo "== writing 64 MiB through NBD (qemu-img), reading it back (nbdcopy, 4 connections)"
 head -c 64M /dev/urandom >"$DIR/image.bin"
@@ -37,3 +39,4 @@ cmp "$DIR/readback.bin" "$DIR/restored.bin"
 echo "backup $ID restored byte-identical"
 echo
 echo "The cluster is still running: hlstore dev status --dir $DIR ; stop it with hlstore dev down --dir $DIR"
+echo "For hlstore volume/snapshot commands: export HLSTORE_TLS_DIR=$DIR/tls/admin HLSTORE_ENDPOINT=\$(the endpoint in hlstore dev status)"

@@ -15,6 +15,8 @@ struct Cli {
     /// Log as JSON lines (for Loki and friends) instead of text.
     #[arg(long, global = true, env = "HLSTORE_LOG_JSON", value_parser = clap::builder::BoolishValueParser::new())]
     log_json: bool,
+    #[command(flatten)]
+    tls: cli::tls::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -33,7 +35,7 @@ enum Command {
     /// Create, list, attach and delete replicated volumes.
     Volume {
         /// Node agent gRPC endpoint (any node of the cluster).
-        #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "http://127.0.0.1:7400", global = true)]
+        #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "127.0.0.1:7400", global = true)]
         endpoint: String,
         #[command(subcommand)]
         command: cli::volume::VolumeCommand,
@@ -41,7 +43,7 @@ enum Command {
     /// Create, list, delete and revert crash-consistent volume snapshots.
     Snapshot {
         /// Node agent gRPC endpoint (any node of the cluster).
-        #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "http://127.0.0.1:7400", global = true)]
+        #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "127.0.0.1:7400", global = true)]
         endpoint: String,
         #[command(subcommand)]
         command: cli::snapshot::SnapshotCommand,
@@ -59,6 +61,10 @@ enum Command {
     Backup(cli::backup::BackupCommand),
     /// Restore a backup to a file, a block device or a new volume.
     Restore(cli::backup::RestoreArgs),
+    /// Make the cluster's CA and issue node, admin and backup certificates (mutual TLS
+    /// between every component).
+    #[command(subcommand)]
+    Cert(cli::tls::CertCommand),
     /// Diagnostic tools (for tests).
     #[command(subcommand, hide = true)]
     Debug(cli::debug::DebugCommand),
@@ -88,6 +94,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli, io_flusher: Option<std::io::Result<()>>) -> anyhow::Result<()> {
     init_logging(cli.log_json);
+    cli::tls::init(cli.tls.clone());
     if let Some(Err(e)) = io_flusher {
         tracing::warn!("PR_SET_IO_FLUSHER not set ({e}): needs CAP_SYS_RESOURCE");
     }
@@ -101,6 +108,7 @@ async fn run(cli: Cli, io_flusher: Option<std::io::Result<()>>) -> anyhow::Resul
         Command::Csi(args) => cli::csi::run(args).await,
         Command::Backup(cmd) => cli::backup::run_backup(cmd).await,
         Command::Restore(args) => cli::backup::run_restore(args).await,
+        Command::Cert(cmd) => cli::tls::run_cert(cmd),
         Command::Debug(cmd) => tokio::task::spawn_blocking(move || cli::debug::run(cmd)).await?,
     }
 }

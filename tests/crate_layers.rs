@@ -53,8 +53,12 @@ fn each_crate_depends_only_on_the_layers_below_it() {
         ("hlstore-replication", &["hlstore-core", "hlstore-store", "hlstore-proto"]),
         ("hlstore-nbd", &["hlstore-core"]),
         ("hlstore-nbd-client", &["hlstore-core", "hlstore-nbd"]),
-        ("hlstore-node", &["hlstore-core", "hlstore-store", "hlstore-replication", "hlstore-nbd", "hlstore-proto"]),
-        ("hlstore-csi", &["hlstore-core", "hlstore-nbd-client", "hlstore-proto"]),
+        ("hlstore-tls", &["hlstore-core"]),
+        (
+            "hlstore-node",
+            &["hlstore-core", "hlstore-store", "hlstore-replication", "hlstore-nbd", "hlstore-proto", "hlstore-tls"],
+        ),
+        ("hlstore-csi", &["hlstore-core", "hlstore-nbd-client", "hlstore-proto", "hlstore-tls"]),
         ("hlstore-backup", &[]),
         ("hlstore-faultfs", &[]),
     ];
@@ -74,6 +78,7 @@ fn lower_layers_do_not_pull_in_transport_or_fuse() {
         ("hlstore-nbd", &["tonic", "prost", "fuser", "rocksdb"]),
         ("hlstore-replication", &["fuser"]),
         ("hlstore-node", &["fuser"]),
+        ("hlstore-tls", &["rocksdb", "fuser", "prost"]),
     ];
     for (package, names) in forbidden {
         let all = closure(package);

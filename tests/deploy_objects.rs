@@ -153,6 +153,12 @@ fn no_secret_in_git_and_every_reference_resolves() {
                 if let Some(n) = v["configMap"]["name"].as_str() {
                     assert!(configmaps.iter().any(|cm| name(cm) == n), "{overlay}: missing ConfigMap {n}");
                 }
+                // TLS secrets come from cert-manager Certificates in the render.
+                if let Some(n) = v["secret"]["secretName"].as_str() {
+                    let made =
+                        of_kind(&objs, "Certificate").iter().any(|c| c["spec"]["secretName"].as_str() == Some(n));
+                    assert!(made, "{overlay}: {} mounts Secret {n}, which no Certificate makes", name(o));
+                }
             }
         }
     }

@@ -8,12 +8,22 @@ use std::process::{Command, Stdio};
 fn node_stderr(json_flag: bool, json_env: bool) -> String {
     let dir = tempfile::tempdir().unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hlstore"));
-    cmd.args(["node", "--id", "n1", "--listen", "127.0.0.1:0", "--nbd-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("HLSTORE_LOG", "info")
-        .env_remove("HLSTORE_LOG_JSON")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    cmd.args([
+        "--insecure",
+        "node",
+        "--id",
+        "n1",
+        "--listen",
+        "127.0.0.1:0",
+        "--nbd-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+    ])
+    .arg(dir.path())
+    .env("HLSTORE_LOG", "info")
+    .env_remove("HLSTORE_LOG_JSON")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
     if json_flag {
         cmd.arg("--log-json");
     }

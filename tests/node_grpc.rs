@@ -169,6 +169,16 @@ fn node_refuses_a_data_dir_of_another_node() {
 }
 
 #[test]
+fn node_keeps_nbd_on_loopback_unless_told_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let (ok, _, err) =
+        hlstore(&["node", "--id", "n1", "--listen", "127.0.0.1:0", "--nbd-listen", "0.0.0.0:0", "--data-dir", d]);
+    assert!(!ok);
+    assert!(err.contains("--allow-remote-nbd") && err.contains("0.0.0.0:0"), "{err}");
+}
+
+#[test]
 fn replica_cli_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let node = NodeProc::start("n1", dir.path());

@@ -10,13 +10,13 @@ const EXAMPLE: &str = "\
 Examples:
   # controller (a Deployment), talking to any node agent
   hlstore csi --mode controller --csi-endpoint unix:///csi/csi.sock --node-id ctrl \\
-    --agent http://hlstore-agent:7400
+    --agent hlstore-agent:7400 --tls-dir /etc/hlstore/tls
   # node plugin (a privileged DaemonSet), talking to the agent on its node
   hlstore csi --mode node --csi-endpoint unix:///csi/csi.sock --node-id $NODE_NAME \\
-    --agent http://127.0.0.1:7400 --attach nbd
+    --agent 127.0.0.1:7400 --tls-dir /etc/hlstore/tls --attach nbd
   # everything in one process, loop devices instead of kernel NBD (local cluster)
   hlstore csi --mode all --csi-endpoint unix:///tmp/csi.sock --node-id n1 \\
-    --agent http://127.0.0.1:7400 --attach loop --state-dir /tmp/hlstore-csi";
+    --agent 127.0.0.1:7400 --tls-dir /tmp/hl/tls/admin --attach loop --state-dir /tmp/hlstore-csi";
 
 /// Arguments of `hlstore csi`.
 #[derive(Debug, clap::Args)]
@@ -33,7 +33,7 @@ pub struct CsiArgs {
     pub node_id: String,
     /// Node agent gRPC endpoint. The controller may use any agent; the node plugin uses
     /// the agent on its own node.
-    #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "http://127.0.0.1:7400")]
+    #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "127.0.0.1:7400")]
     pub agent: String,
     /// How the node plugin turns a volume into a block device: nbd (kernel NBD over
     /// netlink) or loop (FUSE block file + loop device, for kernels without NBD).
@@ -62,6 +62,14 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
         state_dir: args.state_dir,
         max_volumes: args.max_volumes,
         metrics_listen: args.metrics_listen,
+        tls: match super::tls::state()? {
+            Some(s) => {
+                // cert-manager renews the mounted certificate: new connections use it.
+                s.watch(hlstore_tls::state::RELOAD_INTERVAL);
+                hlstore_tls::client::ClientTls::Tls(s)
+            }
+            None => hlstore_tls::client::ClientTls::Insecure,
+        },
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

@@ -3,7 +3,10 @@
 //! Layout under DIR: `cluster.json` (node ids and ports, fixed at the first `up`, written
 //! atomically and durably), and per node `DIR/<id>/` with `data/`, `node.pid` and
 //! `node.log`. `up` starts every node that is not running (keeping its data), `down` stops
-//! them all. A `DIR/<id>/data` that already exists is used as it is (a test can mount a
+//! them all. Mutual TLS by default: `up` makes a CA and certificates under `DIR/tls/`
+//! (`ca.crt`, `ca.key`; a TLS directory per node, `admin/` for the CLI, `backup/` for
+//! backups) and every agent serves and dials with its node's; `hlstore --insecure dev up`
+//! makes a plaintext cluster instead (recorded in `cluster.json`). A `DIR/<id>/data` that already exists is used as it is (a test can mount a
 //! file system there first). A damaged `cluster.json` (an older version's file after a
 //! power cut) is rebuilt by `up` from the node directories, with new ports.
 
@@ -19,7 +22,7 @@ use hlstore_proto::volume as vpb;
 use serde::{Deserialize, Serialize};
 
 use super::size::parse_size;
-use super::volume::{connect, volume_json};
+use super::volume::{status_err, volume_json};
 
 /// `hlstore dev` subcommands.
 #[derive(Debug, Subcommand)]
@@ -77,6 +80,39 @@ struct DevNode {
 #[serde(deny_unknown_fields)]
 struct DevCluster {
     nodes: Vec<DevNode>,
+    /// Plaintext gRPC (made with `--insecure`); TLS under `DIR/tls/` otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    insecure: bool,
+}
+
+fn tls_root(dir: &Path) -> PathBuf {
+    dir.join("tls")
+}
+
+fn scheme(c: &DevCluster) -> &'static str {
+    if c.insecure {
+        "http"
+    } else {
+        "https"
+    }
+}
+
+/// How `dev` itself reaches the cluster: with its admin certificate (whatever
+/// HLSTORE_TLS_DIR says), or in plaintext for an insecure cluster.
+fn dev_client(dir: &Path, c: &DevCluster) -> anyhow::Result<hlstore_tls::client::ClientTls> {
+    if c.insecure {
+        return Ok(hlstore_tls::client::ClientTls::Insecure);
+    }
+    Ok(hlstore_tls::client::ClientTls::Tls(hlstore_tls::TlsState::load(&tls_root(dir).join("admin"))?))
+}
+
+async fn dev_connect(
+    tls: &hlstore_tls::client::ClientTls,
+    grpc: &str,
+) -> anyhow::Result<vpb::volumes_client::VolumesClient<tonic::transport::Channel>> {
+    let ep = hlstore_tls::client::endpoint(grpc)?.connect_timeout(Duration::from_secs(5));
+    let ch = hlstore_tls::client::connect(ep, tls, hlstore_tls::Expect::AnyNode).await.map_err(anyhow::Error::msg)?;
+    Ok(vpb::volumes_client::VolumesClient::new(ch))
 }
 
 /// A free loopback port. The listener goes into `held` so that the next call cannot get
@@ -165,7 +201,7 @@ fn new_cluster(ids: &[String]) -> anyhow::Result<DevCluster> {
             nbd: format!("127.0.0.1:{}", free_port(&mut held)?),
         });
     }
-    Ok(DevCluster { nodes })
+    Ok(DevCluster { nodes, insecure: super::tls::insecure() })
 }
 
 fn load_or_create(dir: &Path, n: usize) -> anyhow::Result<DevCluster> {
@@ -205,7 +241,13 @@ fn start_node(dir: &Path, c: &DevCluster, node: &DevNode) -> anyhow::Result<i32>
     let log = std::fs::OpenOptions::new().create(true).append(true).open(ndir.join("node.log"))?;
     let peers: Vec<String> = c.nodes.iter().map(|n| format!("{}={}", n.id, n.grpc)).collect();
     let exe = std::env::current_exe().context("finding the hlstore executable")?;
-    let child = Command::new(exe)
+    let mut cmd = Command::new(exe);
+    if c.insecure {
+        cmd.arg("--insecure");
+    } else {
+        cmd.arg("--tls-dir").arg(tls_root(dir).join(&node.id));
+    }
+    let child = cmd
         .args(["node", "--id", &node.id, "--listen", &node.grpc, "--metrics-listen", &node.metrics])
         .args(["--nbd-listen", &node.nbd, "--peers", &peers.join(",")])
         .arg("--data-dir")
@@ -233,11 +275,10 @@ fn still_starting(dir: &Path, node: &DevNode) -> bool {
         .is_ok_and(|stat| !stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z')))
 }
 
-async fn wait_ready(node: &DevNode, dir: &Path) -> anyhow::Result<()> {
+async fn wait_ready(node: &DevNode, dir: &Path, tls: &hlstore_tls::client::ClientTls) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let ep = format!("http://{}", node.grpc);
     loop {
-        if let Ok(mut c) = connect(&ep).await {
+        if let Ok(mut c) = dev_connect(tls, &node.grpc).await {
             if c.list_nodes(vpb::ListNodesRequest {}).await.is_ok() {
                 return Ok(());
             }
@@ -256,6 +297,20 @@ async fn wait_ready(node: &DevNode, dir: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Where the dev cluster's certificates are (`null` for an insecure cluster).
+fn tls_json(dir: &Path, c: &DevCluster) -> serde_json::Value {
+    if c.insecure {
+        return serde_json::Value::Null;
+    }
+    let root = tls_root(dir);
+    serde_json::json!({
+        "ca": root.join(hlstore_tls::CA_FILE),
+        "admin": root.join("admin"),
+        "backup": root.join("backup"),
+        "nodes": c.nodes.iter().map(|n| (n.id.clone(), serde_json::json!(root.join(&n.id)))).collect::<serde_json::Map<_, _>>(),
+    })
+}
+
 fn first_running(dir: &Path, c: &DevCluster) -> Option<DevNode> {
     c.nodes.iter().find(|n| running_pid(dir, n).is_some()).cloned()
 }
@@ -264,6 +319,11 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
     match cmd {
         DevCommand::Up { dir, nodes, volume, size, replicas, json } => {
             let c = load_for_up(&dir, nodes)?;
+            if !c.insecure {
+                let ids: Vec<String> = c.nodes.iter().map(|n| n.id.clone()).collect();
+                super::tls::dev_certificates(&tls_root(&dir), &ids).context("making the dev cluster's certificates")?;
+            }
+            let tls = dev_client(&dir, &c)?;
             for node in &c.nodes {
                 match running_pid(&dir, node) {
                     Some(pid) => eprintln!("node {} already running (pid {pid})", node.id),
@@ -274,18 +334,18 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                 }
             }
             for node in &c.nodes {
-                wait_ready(node, &dir).await?;
+                wait_ready(node, &dir, &tls).await?;
             }
             let mut attached = None;
             if let (Some(name), Some(size)) = (volume, size) {
                 let first = &c.nodes[0];
-                let mut client = connect(&format!("http://{}", first.grpc)).await?;
+                let mut client = dev_connect(&tls, &first.grpc).await?;
                 let replicas = replicas.unwrap_or(c.nodes.len().min(3) as u32);
                 let req = vpb::CreateVolumeRequest { name: name.clone(), size, replicas, ..Default::default() };
-                client.create_volume(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+                client.create_volume(req).await.map_err(status_err)?;
                 let req =
                     vpb::AttachVolumeRequest { name, node: first.id.clone(), nbd_listen: String::new(), force: false };
-                let v = client.attach_volume(req).await.map_err(|s| anyhow::anyhow!("{}", s.message()))?.into_inner();
+                let v = client.attach_volume(req).await.map_err(status_err)?.into_inner();
                 if !json {
                     println!("{}", v.nbd_uri);
                 }
@@ -298,21 +358,28 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                     .map(|n| {
                         serde_json::json!({
                             "id": n.id, "pid": running_pid(&dir, n),
-                            "endpoint": format!("http://{}", n.grpc), "metrics": format!("http://{}/metrics", n.metrics),
+                            "endpoint": format!("{}://{}", scheme(&c), n.grpc), "metrics": format!("http://{}/metrics", n.metrics),
                             "nbd": n.nbd,
+                            "tls_dir": (!c.insecure).then(|| tls_root(&dir).join(&n.id)),
                         })
                     })
                     .collect();
                 let out = serde_json::json!({
                     "dir": dir,
-                    "endpoint": format!("http://{}", c.nodes[0].grpc),
+                    "endpoint": format!("{}://{}", scheme(&c), c.nodes[0].grpc),
+                    "tls": tls_json(&dir, &c),
                     "nodes": nodes,
                     "volume": attached.as_ref().map(volume_json),
                 });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             }
+            let tls_env = if c.insecure {
+                "HLSTORE_INSECURE=1".to_string()
+            } else {
+                format!("HLSTORE_TLS_DIR={}", tls_root(&dir).join("admin").display())
+            };
             eprintln!(
-                "cluster of {} node(s) up; `hlstore dev status --dir {}`; for `hlstore volume ...`: export HLSTORE_ENDPOINT=http://{}",
+                "cluster of {} node(s) up; `hlstore dev status --dir {}`; for `hlstore volume ...`: export HLSTORE_ENDPOINT={} {tls_env}",
                 c.nodes.len(),
                 dir.display(),
                 c.nodes[0].grpc
@@ -329,21 +396,22 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                     let pid = running_pid(&dir, n);
                     serde_json::json!({
                         "id": n.id, "pid": pid, "running": pid.is_some(),
-                        "endpoint": format!("http://{}", n.grpc), "metrics": format!("http://{}/metrics", n.metrics),
+                        "endpoint": format!("{}://{}", scheme(&c), n.grpc), "metrics": format!("http://{}/metrics", n.metrics),
                         "nbd": n.nbd,
+                        "tls_dir": (!c.insecure).then(|| tls_root(&dir).join(&n.id)),
                     })
                 })
                 .collect();
             let mut volumes = Vec::new();
-            if let Some(n) = first_running(&dir, &c) {
-                if let Ok(mut client) = connect(&format!("http://{}", n.grpc)).await {
+            if let (Some(n), Ok(tls)) = (first_running(&dir, &c), dev_client(&dir, &c)) {
+                if let Ok(mut client) = dev_connect(&tls, &n.grpc).await {
                     if let Ok(r) = client.list_volumes(vpb::ListVolumesRequest {}).await {
                         volumes = r.into_inner().volumes;
                     }
                 }
             }
             if json {
-                let out = serde_json::json!({ "nodes": nodes, "volumes": volumes.iter().map(volume_json).collect::<Vec<_>>() });
+                let out = serde_json::json!({ "tls": tls_json(&dir, &c), "nodes": nodes, "volumes": volumes.iter().map(volume_json).collect::<Vec<_>>() });
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 for n in &nodes {

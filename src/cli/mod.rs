@@ -10,6 +10,7 @@ pub mod node;
 pub mod replica;
 pub mod size;
 pub mod snapshot;
+pub mod tls;
 pub mod volume;
 pub mod volume_agent;
 pub mod volume_backup;

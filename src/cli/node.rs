@@ -15,8 +15,13 @@ use hlstore_node::NodeConfig;
 /// sparse slot files, metadata in RocksDB). Stop it with SIGTERM or Ctrl-C; kill -9 loses
 /// nothing that was flushed.
 ///
+/// Every gRPC hop is mutual TLS: --tls-dir names this node's certificate directory
+/// (ca.crt, tls.crt, tls.key; a node certificate for --id, from `hlstore cert issue --role
+/// node` or cert-manager). Peers are verified to be the node ids --peers names.
+///
 /// Example (node n1 of three):
 ///   hlstore node --id n1 --data-dir /var/lib/hlstore --listen 0.0.0.0:7400 \
+///     --tls-dir /etc/hlstore/tls \
 ///     --peers n1=10.0.0.1:7400,n2=10.0.0.2:7400,n3=10.0.0.3:7400
 #[derive(Debug, Args)]
 #[command(verbatim_doc_comment)]
@@ -33,9 +38,14 @@ pub struct NodeArgs {
     /// Prometheus metrics listen address (GET /metrics, /healthz).
     #[arg(long, env = "HLSTORE_METRICS_LISTEN")]
     pub metrics_listen: Option<SocketAddr>,
-    /// Default NBD listen address for volumes attached on this node.
+    /// Default NBD listen address for volumes attached on this node. NBD has no
+    /// authentication: loopback only, unless --allow-remote-nbd.
     #[arg(long, env = "HLSTORE_NBD_LISTEN", default_value = "127.0.0.1:10809")]
     pub nbd_listen: SocketAddr,
+    /// Let NBD exports (--nbd-listen and the address an attach asks for) bind addresses
+    /// other than loopback: anyone who reaches them reads and writes the volume.
+    #[arg(long, env = "HLSTORE_ALLOW_REMOTE_NBD", value_parser = clap::builder::BoolishValueParser::new())]
+    pub allow_remote_nbd: bool,
     /// Cluster members as ID=HOST:PORT,... (this node may be included).
     #[arg(long, env = "HLSTORE_PEERS", default_value = "")]
     pub peers: String,
@@ -108,8 +118,10 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         listen: args.listen,
         metrics_listen: args.metrics_listen,
         nbd_listen: args.nbd_listen,
+        allow_remote_nbd: args.allow_remote_nbd,
         peers: parse_peers(&args.peers)?,
         timeouts,
+        tls: super::tls::state()?,
     };
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

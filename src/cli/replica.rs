@@ -18,7 +18,7 @@ use super::size::{format_size, parse_size};
 #[derive(Debug, Args)]
 pub struct Endpoint {
     /// Node agent gRPC endpoint.
-    #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "http://127.0.0.1:7400", global = true)]
+    #[arg(long, env = "HLSTORE_ENDPOINT", default_value = "127.0.0.1:7400", global = true)]
     pub endpoint: String,
 }
 
@@ -73,18 +73,14 @@ pub enum ReplicaCommand {
 
 /// Connects to a node agent, with an error that says what to check.
 pub async fn connect(endpoint: &str) -> anyhow::Result<ReplicaClient<Channel>> {
-    let ch = Channel::from_shared(endpoint.to_string())
-        .with_context(|| format!("invalid endpoint {endpoint:?}; expected e.g. http://127.0.0.1:7400"))?
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the node agent at {endpoint}; is `hlstore node` running there?"))?;
+    let ch = super::tls::channel(endpoint).await?;
     Ok(ReplicaClient::new(ch)
         .max_decoding_message_size(hlstore_node::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(hlstore_node::MAX_MESSAGE_BYTES))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    anyhow::anyhow!("{}", super::tls::status_message(&s))
 }
 
 pub async fn run(ep: Endpoint, cmd: ReplicaCommand) -> anyhow::Result<()> {

@@ -1,6 +1,5 @@
 //! `hlstore volume ...`: create, list, attach and delete replicated volumes.
 
-use anyhow::Context;
 use clap::Subcommand;
 use hlstore_proto::volume as vpb;
 use hlstore_proto::volume::volumes_client::VolumesClient;
@@ -149,19 +148,13 @@ pub enum VolumeCommand {
     },
 }
 
+/// The volume API of the agent at `endpoint`, over mutual TLS (see `tls.rs`).
 pub async fn connect(endpoint: &str) -> anyhow::Result<VolumesClient<Channel>> {
-    let ch = Channel::from_shared(endpoint.to_string())
-        .with_context(|| format!("invalid endpoint {endpoint:?}; expected e.g. http://127.0.0.1:7400"))?
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach the node agent at {endpoint}; is `hlstore node` running there? (set --endpoint or HLSTORE_ENDPOINT)")
-        })?;
-    Ok(VolumesClient::new(ch))
+    Ok(VolumesClient::new(super::tls::channel(endpoint).await?))
 }
 
 pub fn status_err(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", s.message())
+    anyhow::anyhow!("{}", super::tls::status_message(&s))
 }
 
 /// The JSON shape of a volume (shared with `hlstore dev status`).

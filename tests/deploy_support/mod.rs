@@ -14,7 +14,7 @@ use serde_yaml::Value;
 pub const OVERLAYS: [&str; 2] = ["staging", "production"];
 
 /// Kinds whose schema kubernetes-validate does not ship (CRDs): checked by hand instead.
-pub const CRD_KINDS: [&str; 3] = ["VolumeSnapshotClass", "PodMonitor", "PrometheusRule"];
+pub const CRD_KINDS: [&str; 5] = ["VolumeSnapshotClass", "PodMonitor", "PrometheusRule", "Certificate", "Issuer"];
 
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

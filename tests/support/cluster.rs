@@ -143,7 +143,9 @@ impl Cluster {
     /// A command running the hlstore binary with the fast engine timeouts.
     pub fn command(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_hlstore"));
-        c.envs(FAST_TIMEOUTS).env_remove("HLSTORE_ENDPOINT");
+        c.envs(FAST_TIMEOUTS).env_remove("HLSTORE_ENDPOINT").env_remove("HLSTORE_INSECURE");
+        // The CLI talks to the dev cluster with the admin certificate `dev up` made.
+        c.env("HLSTORE_TLS_DIR", self.path().join("tls").join("admin"));
         c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
@@ -248,6 +250,8 @@ impl Cluster {
         let grpc = s(node, "grpc");
         let mut child = self
             .command()
+            .arg("--tls-dir")
+            .arg(self.path().join("tls").join(id))
             .args(["node", "--id", id, "--listen", &grpc, "--metrics-listen", &s(node, "metrics")])
             .args(["--nbd-listen", &s(node, "nbd"), "--peers", &peers.join(",")])
             .arg("--data-dir")

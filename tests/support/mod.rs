@@ -28,8 +28,11 @@ impl NodeProc {
     // The child is owned by the returned guard, whose Drop kills and reaps it.
     #[allow(clippy::zombie_processes)]
     pub fn start_on(id: &str, data_dir: &Path, listen: &str) -> Self {
+        // These agents are driven by raw gRPC clients (the replica protocol itself):
+        // plaintext. TLS is exercised by the dev and namespace clusters and tests/security.rs.
         let mut child = Command::new(env!("CARGO_BIN_EXE_hlstore"))
             .args([
+                "--insecure",
                 "node",
                 "--id",
                 id,
@@ -103,7 +106,12 @@ pub fn http_get(addr: &str, path: &str) -> String {
 
 /// Runs the hlstore CLI; returns (success, stdout, stderr).
 pub fn hlstore(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_hlstore")).args(args).output().expect("run hlstore");
+    // Talks to a `NodeProc` agent (plaintext) when it talks to one at all.
+    let out = Command::new(env!("CARGO_BIN_EXE_hlstore"))
+        .env("HLSTORE_INSECURE", "1")
+        .args(args)
+        .output()
+        .expect("run hlstore");
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

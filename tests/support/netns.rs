@@ -183,11 +183,38 @@ impl NetCluster {
             namespaces: Vec::new(),
         };
         c.build_network();
+        c.make_certificates();
         for i in 0..n {
             let id = c.nodes[i].id.clone();
             c.start_node(&id);
         }
         Some(c)
+    }
+
+    /// The cluster's CA (`DIR/tls/`), a node certificate per node (`DIR/tls/<id>/`) and an
+    /// admin certificate for the CLI (`DIR/tls/admin/`): every hop is mutual TLS, as
+    /// deployed.
+    fn make_certificates(&self) {
+        let tls = self.path().join("tls");
+        let bin = env!("CARGO_BIN_EXE_hlstore");
+        let t = tls.to_str().expect("utf-8 path");
+        run_ok(Command::new(bin).args(["cert", "init", "--dir", t]), Duration::from_secs(30));
+        let out = |name: &str| tls.join(name).to_str().expect("utf-8 path").to_string();
+        run_ok(
+            Command::new(bin).args(["cert", "issue", "--ca-dir", t, "--role", "admin", "--out", &out("admin")]),
+            Duration::from_secs(30),
+        );
+        for n in &self.nodes {
+            run_ok(
+                Command::new(bin).args(["cert", "issue", "--ca-dir", t, "--role", "node", "--node", &n.id]).args([
+                    "--ip",
+                    &n.ip,
+                    "--out",
+                    &out(&n.id),
+                ]),
+                Duration::from_secs(30),
+            );
+        }
     }
 
     fn add_ns(&mut self, ns: &str) {
@@ -239,6 +266,7 @@ impl NetCluster {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &n.ns, program]);
         c.envs(FAST_TIMEOUTS).env("HLSTORE_ENDPOINT", n.endpoint());
+        c.env("HLSTORE_TLS_DIR", self.path().join("tls").join("admin")).env_remove("HLSTORE_INSECURE");
         c.envs(self.env.iter().map(|(k, v)| (k, v)));
         c
     }
@@ -295,6 +323,8 @@ impl NetCluster {
         let peers: Vec<String> = self.nodes.iter().map(|p| format!("{}={}:{GRPC_PORT}", p.id, p.ip)).collect();
         let child = self
             .hlstore(id)
+            .arg("--tls-dir")
+            .arg(self.path().join("tls").join(id))
             .args(["node", "--id", id, "--listen", &format!("{}:{GRPC_PORT}", n.ip)])
             .args(["--metrics-listen", &format!("127.0.0.1:{METRICS_PORT}")])
             .args(["--nbd-listen", &format!("127.0.0.1:{NBD_PORT}"), "--peers", &peers.join(",")])

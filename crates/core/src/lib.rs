@@ -4,6 +4,7 @@
 //! - [`device`]: `BlockDevice`, the boundary between frontends and volumes.
 //! - [`durable_file`]: small state files written atomically and durably (tmp, fsync,
 //!   rename, fsync dir); every state file goes through it.
+//! - [`identity`]: the role and node a verified client certificate carries.
 //! - [`ids`]: `Epoch`, `Seq`, `Offset` newtypes for the store and replication APIs.
 //! - [`metrics`]: Prometheus text-format pages and their HTTP endpoint.
 //!
@@ -12,6 +13,7 @@
 pub mod device;
 pub mod durable_file;
 pub mod error;
+pub mod identity;
 pub mod ids;
 pub mod metrics;
 

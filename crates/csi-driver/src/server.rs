@@ -52,20 +52,28 @@ pub struct DriverConfig {
     pub max_volumes: i64,
     /// Serve Prometheus metrics (`/metrics`, `/healthz`) here.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How the driver reaches the agent: mutual TLS with its certificate (`admin` for the
+    /// controller, the node's `node` certificate for a node plugin), or plaintext.
+    pub tls: hlstore_tls::client::ClientTls,
 }
 
 /// Longest an agent call may take (an attach forwarded to another node is bounded by the
 /// agent at 60 s; the sidecars' own timeouts are usually shorter and the CO retries).
 const AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(150);
 
-fn agent_channel(agent: &str) -> Result<VolumesClient<Channel>> {
-    let url = if agent.contains("://") { agent.to_string() } else { format!("http://{agent}") };
-    let ch = Channel::from_shared(url.clone())
+/// The agent's volume API. A node plugin talks to the agent on its own node and checks
+/// that it is that node's agent; the controller takes any node of the cluster.
+fn agent_channel(cfg: &DriverConfig) -> Result<VolumesClient<Channel>> {
+    let agent = &cfg.agent;
+    let ep = hlstore_tls::client::endpoint(agent)
         .map_err(|e| CsiError::InvalidArgument(format!("--agent {agent:?}: {e}")))?
         .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(AGENT_TIMEOUT)
-        .connect_lazy();
-    Ok(VolumesClient::new(ch))
+        .timeout(AGENT_TIMEOUT);
+    let expect = match cfg.mode {
+        Mode::Node => hlstore_tls::Expect::Node(cfg.node_id.clone()),
+        Mode::Controller | Mode::All => hlstore_tls::Expect::AnyNode,
+    };
+    Ok(VolumesClient::new(hlstore_tls::client::lazy(ep, &cfg.tls, expect)))
 }
 
 /// Serves until `shutdown` resolves; removes the socket afterwards.
@@ -73,7 +81,7 @@ pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send 
     if cfg.node_id.is_empty() {
         return Err(CsiError::InvalidArgument("--node-id is required".into()));
     }
-    let agent = agent_channel(&cfg.agent)?;
+    let agent = agent_channel(&cfg)?;
     let path = crate::client::socket_path(&cfg.csi_endpoint)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| CsiError::io(format!("creating {}", dir.display()), e))?;

@@ -7,20 +7,34 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use hlstore_core::error::{Error, Result};
+use hlstore_tls::client::{channel_lazy, ClientTls};
+use hlstore_tls::Expect;
 
 pub struct Cluster {
     pub self_id: String,
     peers: BTreeMap<String, String>,
     channels: Mutex<BTreeMap<String, Channel>>,
+    /// How this agent reaches its peers: mutual TLS expecting each peer's own node
+    /// certificate, or plaintext (`--insecure`).
+    tls: ClientTls,
 }
 
 impl Cluster {
     /// `peers` must include this node.
-    pub fn new(self_id: String, peers: BTreeMap<String, String>) -> Self {
-        Self { self_id, peers, channels: Mutex::new(BTreeMap::new()) }
+    pub fn new(self_id: String, peers: BTreeMap<String, String>, tls: ClientTls) -> Self {
+        Self { self_id, peers, channels: Mutex::new(BTreeMap::new()), tls }
+    }
+
+    /// A new lazily connecting channel to `node` (its own connection: each attached
+    /// volume's replica traffic gets one, so one volume's writes do not queue behind
+    /// another's).
+    pub fn new_channel(&self, node: &str) -> Result<Channel> {
+        let url = self.endpoint(node)?;
+        channel_lazy(url, &self.tls, Expect::Node(node.to_string()), Duration::from_secs(5))
+            .map_err(|e| Error::InvalidArgument(format!("endpoint {url:?} of node {node}: {e}")))
     }
 
     /// Node ids, sorted.
@@ -42,18 +56,16 @@ impl Cluster {
         if let Some(c) = chans.get(node) {
             return Ok(c.clone());
         }
-        let url = self.endpoint(node)?.to_string();
-        let ch = Endpoint::from_shared(url.clone())
-            .map_err(|e| Error::InvalidArgument(format!("endpoint {url:?} of node {node}: {e}")))?
-            .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
+        let url = self.endpoint(node)?;
+        let ch = channel_lazy(url, &self.tls, Expect::Node(node.to_string()), Duration::from_secs(1))
+            .map_err(|e| Error::InvalidArgument(format!("endpoint {url:?} of node {node}: {e}")))?;
         chans.insert(node.to_string(), ch.clone());
         Ok(ch)
     }
 }
 
-/// Parses `--peers id=http://host:port,id2=...`.
+/// Parses `--peers id=host:port,id2=...` (an `http://` or `https://` prefix is accepted
+/// and ignored: whether a hop uses TLS is the agent's `--tls-dir` / `--insecure`).
 pub fn parse_peers(s: &str) -> Result<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {

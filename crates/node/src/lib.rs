@@ -24,6 +24,7 @@
 //! never sees a protobuf type. Errors cross the wire through
 //! `hlstore_replication::rpc::status` both ways.
 
+pub mod authz;
 pub mod cluster;
 mod convert;
 mod metrics_page;
@@ -40,8 +41,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
-use tokio_stream::wrappers::TcpListenerStream;
-use tokio_stream::StreamExt;
 
 use crate::service::VolumeService;
 use cluster::Cluster;
@@ -65,9 +64,15 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// Default NBD listener for attached volumes.
     pub nbd_listen: SocketAddr,
+    /// NBD has no authentication: exports (the node's listener and per-volume ones) bind
+    /// loopback or unix sockets only, unless this is set.
+    pub allow_remote_nbd: bool,
     /// Cluster members (id → gRPC endpoint). This node is added if missing.
     pub peers: BTreeMap<String, String>,
     pub timeouts: EngineTimeouts,
+    /// This agent's TLS directory (a `node` certificate for `id`), reloaded when its files
+    /// change; `None` serves and dials in plaintext (`--insecure`).
+    pub tls: Option<Arc<hlstore_tls::TlsState>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -171,6 +176,23 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_ready: impl FnOnce(Bound),
 ) -> Result<()> {
+    match &config.tls {
+        Some(tls) => {
+            check_node_certificate(tls, &config.id)?;
+            tls.watch(hlstore_tls::state::RELOAD_INTERVAL);
+        }
+        None => tracing::warn!(
+            "running with --insecure: the gRPC port takes plaintext from anyone who can reach it \
+             (any volume can be read, written or deleted); use it only on an isolated test machine"
+        ),
+    }
+    if !config.nbd_listen.ip().is_loopback() && !config.allow_remote_nbd {
+        return Err(Error::InvalidArgument(format!(
+            "--nbd-listen {} would serve every volume attached here, unauthenticated and in plaintext, to \
+             the network; NBD exports stay on loopback (or unix sockets) unless --allow-remote-nbd says otherwise",
+            config.nbd_listen
+        )));
+    }
     let identity = read_identity(&config.data_dir, &config.id)?;
     let dir = config.data_dir.clone();
     let store = tokio::task::spawn_blocking(move || DiskStore::open(dir))
@@ -195,7 +217,11 @@ pub async fn run(
 
     let mut peers = config.peers.clone();
     peers.entry(config.id.clone()).or_insert_with(|| format!("http://{}", advertised(grpc_addr)));
-    let cluster = Arc::new(Cluster::new(config.id.clone(), peers));
+    let client_tls = match &config.tls {
+        Some(t) => hlstore_tls::client::ClientTls::Tls(t.clone()),
+        None => hlstore_tls::client::ClientTls::Insecure,
+    };
+    let cluster = Arc::new(Cluster::new(config.id.clone(), peers, client_tls));
     let nbd = NbdServer::new(ExportRegistry::new());
     let mgr = Arc::new(
         VolumeManager::new(
@@ -205,7 +231,7 @@ pub async fn run(
             config.data_dir.join("attachments.json"),
             config.timeouts,
         )
-        .allow_remote_nbd(!config.nbd_listen.ip().is_loopback())
+        .allow_remote_nbd(config.allow_remote_nbd)
         .with_local_store(store.clone(), stats.clone()),
     );
     let nbd_shutdown = nbd.shutdown_handle();
@@ -246,16 +272,12 @@ pub async fn run(
     let server_replica = replica_svc.into_server();
     let server_volumes = VolumeService::new(mgr.clone()).into_server();
     let mut rx = stop_rx;
-    // tonic ignores its own nodelay setting for a caller-supplied incoming stream; without
-    // TCP_NODELAY small acks wait for delayed ACKs (~40 ms) on every request.
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|s| {
-            if let Err(e) = s.set_nodelay(true) {
-                tracing::warn!(error = %e, "could not set TCP_NODELAY on a gRPC connection");
-            }
-        })
-    });
+    // Connections get TCP_NODELAY there (tonic ignores its own setting for a supplied
+    // stream; without it small acks wait for delayed ACKs, ~40 ms, on every request).
+    let incoming = hlstore_tls::server::incoming(listener, config.tls.clone());
+    let policy: hlstore_tls::server::Policy = Arc::new(authz::authorize);
     let result = tonic::transport::Server::builder()
+        .layer(hlstore_tls::server::AuthLayer::new(policy))
         .add_service(server_replica)
         .add_service(server_volumes)
         .serve_with_incoming_shutdown(incoming, async move {
@@ -268,6 +290,25 @@ pub async fn run(
     let _ = stop_tx.send(true);
     nbd_shutdown.shutdown();
     result.map_err(|e| Error::Unavailable(format!("gRPC server: {e}")))
+}
+
+/// The agent's certificate must be a `node` certificate for this node: peers check that
+/// the agent they dial is the node they meant.
+fn check_node_certificate(tls: &hlstore_tls::TlsState, id: &str) -> Result<()> {
+    let me = tls.identity();
+    let cert = tls.dir().join(hlstore_tls::CERT_FILE);
+    match (me.role, me.node.as_deref()) {
+        (hlstore_tls::Role::Node, Some(n)) if n == id => Ok(()),
+        (hlstore_tls::Role::Node, Some(n)) => Err(Error::InvalidArgument(format!(
+            "TLS: {} is the certificate of node {n:?}, this agent is node {id:?}",
+            cert.display()
+        ))),
+        _ => Err(Error::InvalidArgument(format!(
+            "TLS: {} is a {me}; a node agent needs a node certificate for {id:?} \
+             (`hlstore cert issue --role node --node {id}`)",
+            cert.display()
+        ))),
+    }
 }
 
 /// How often the agent flushes replicas with unflushed changes.

@@ -139,11 +139,13 @@ impl Volumes for VolumeService {
         &self,
         r: Request<vpb::DeleteSnapshotRequest>,
     ) -> Result<Response<vpb::DeleteSnapshotResponse>, Status> {
+        let who = r.extensions().get::<hlstore_core::identity::PeerIdentity>().cloned();
         let r = r.into_inner();
         name(&r.volume)?;
         if r.name.is_empty() {
             return Err(Status::invalid_argument("snapshot name is required"));
         }
+        crate::authz::may_delete_snapshot(who.as_ref(), &r.name).map_err(Status::permission_denied)?;
         let existed = self.mgr.delete_snapshot(&r.volume, &r.name).await.map_err(|e| to_status(&e))?;
         Ok(Response::new(vpb::DeleteSnapshotResponse { existed }))
     }

@@ -718,24 +718,23 @@ impl VolumeManager {
             dead_owners: takeover.dead,
             ..MachineConfig::new(n)
         };
-        let transports = record
-            .replica_set
-            .iter()
-            .map(|node| -> Result<Transport> {
-                match &self.local {
-                    Some((store, stats)) if *node == self.cluster.self_id => Ok(AnyReplica::Local(LocalReplica::new(
-                        node.clone(),
-                        record.volume_id.clone(),
-                        store.clone(),
-                        stats.clone(),
-                    ))),
-                    _ => {
-                        GrpcReplica::connect_lazy(node.clone(), record.volume_id.clone(), self.cluster.endpoint(node)?)
-                            .map(AnyReplica::Remote)
+        let transports =
+            record
+                .replica_set
+                .iter()
+                .map(|node| -> Result<Transport> {
+                    match &self.local {
+                        Some((store, stats)) if *node == self.cluster.self_id => Ok(AnyReplica::Local(
+                            LocalReplica::new(node.clone(), record.volume_id.clone(), store.clone(), stats.clone()),
+                        )),
+                        _ => Ok(AnyReplica::Remote(GrpcReplica::with_channel(
+                            node.clone(),
+                            record.volume_id.clone(),
+                            self.cluster.new_channel(node)?,
+                        ))),
                     }
-                }
-            })
-            .collect::<Result<Vec<_>>>()?;
+                })
+                .collect::<Result<Vec<_>>>()?;
         let mut cfg = VolumeConfig::new(record.volume_id.clone(), record.size, machine);
         cfg.resync_rate = t.resync_rate;
         cfg.resync_checkpoint_blocks = t.resync_checkpoint_blocks;

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use futures::Stream;
+use hlstore_core::identity::PeerIdentity;
 use hlstore_proto::replica as pb;
 use hlstore_proto::replica::replica_server::{Replica, ReplicaServer};
 use tokio::sync::mpsc;
@@ -92,6 +93,22 @@ where
     Box::pin(ReceiverStream::new(rx))
 }
 
+/// An engine claims replicas for its own node only: over TLS the caller's node
+/// certificate must name the node the claim is made for (a node cannot take volumes over
+/// in another node's name). A release (detach) names no node: it only clears a claim whose
+/// exact (epoch, owner) the caller holds. Plaintext callers (`--insecure`) carry no identity.
+fn claimant_is_caller(caller: Option<&PeerIdentity>, owner_node: &str, release: bool) -> Result<(), Status> {
+    if release && owner_node.is_empty() {
+        return Ok(());
+    }
+    match caller {
+        Some(id) if id.node.as_deref() != Some(owner_node) => Err(Status::permission_denied(format!(
+            "permission denied: a {id} cannot claim replicas for node {owner_node:?}"
+        ))),
+        _ => Ok(()),
+    }
+}
+
 #[tonic::async_trait]
 impl<S: ReplicaStore> Replica for ReplicaService<S> {
     async fn create_replica(
@@ -133,7 +150,10 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
     }
 
     async fn open(&self, req: Request<pb::OpenRequest>) -> Result<Response<pb::ReplicaState>, Status> {
+        let caller = req.extensions().get::<PeerIdentity>().cloned();
         let r = req.into_inner();
+        let release = r.mode == pb::open_request::Mode::Release as i32;
+        claimant_is_caller(caller.as_ref(), &r.owner_node, release)?;
         let v = volume_id(&r.volume_id)?.to_string();
         let vv = v.clone();
         let claim = convert::claim_from_pb(&r)?;
