@@ -27,6 +27,12 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "== cargo test"
 LOG_DIR="${CARGO_TARGET_DIR:-target}"
 mkdir -p "$LOG_DIR"
+# Every agent log and CLI stderr of the run is kept here and scanned for secrets below.
+HLSTORE_TEST_LOG_DIR="$(cd "$LOG_DIR" && pwd)/test-logs"
+export HLSTORE_TEST_LOG_DIR
+rm -rf "$HLSTORE_TEST_LOG_DIR"
 cargo test --workspace --no-fail-fast 2>&1 | tee "$LOG_DIR/test.log"
 summary=$(grep -E '^test result:' "$LOG_DIR/test.log" | awk '{p+=$4; f+=$6; i+=$8} END {printf "%d passed, %d failed, %d skipped", p, f, i}')
 echo "$summary"
+echo "== secrets in the logs of the run"
+bash tests/scripts/scan_secrets.sh "$HLSTORE_TEST_LOG_DIR" "$LOG_DIR/test.log"

@@ -78,7 +78,8 @@ fn an_interrupted_resync_resumes_past_its_checkpoint() {
     let ep = c.endpoint(&target);
     let want = vec![0x22u8; (2 * MIB) as usize];
     for off in (0..32 * MIB).step_by((2 * MIB) as usize) {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hlstore"))
+        let out = c
+            .command()
             .args(["replica", "read", VOLUME, "--endpoint", &ep, "--offset", &off.to_string()])
             .args(["--length", &(2 * MIB).to_string(), "--output", "-"])
             .output()

@@ -115,7 +115,8 @@ fn replica_snapshot(c: &Cluster, node: &str, snap: &str, len: u64) -> Vec<u8> {
     let ep = c.endpoint(node);
     let mut out = Vec::new();
     for off in (0..len).step_by((2 * MIB) as usize) {
-        let o = Command::new(env!("CARGO_BIN_EXE_hlstore"))
+        let o = c
+            .command()
             .args(["replica", "read", VOLUME, "--snapshot", snap, "--endpoint", &ep])
             .args(["--offset", &off.to_string(), "--length", &(2 * MIB).to_string()])
             .output()

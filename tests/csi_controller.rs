@@ -36,7 +36,7 @@ async fn identity_and_controller_follow_the_spec() {
     let c = Cluster::new();
     c.up(&["--nodes", "3"]);
     let d = CsiDriver::start(&c, "n1");
-    let mut agent = VolumesClient::connect(c.endpoint("n2")).await.expect("agent");
+    let mut agent = c.volumes("n2").await;
 
     // ----- Identity -----
     let mut id = d.identity().await;

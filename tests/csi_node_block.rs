@@ -35,7 +35,7 @@ async fn raw_block_and_xfs_volumes() {
     for t in [Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition] {
         assert!(types.contains(&(t as i32)), "{t:?} missing from {types:?}");
     }
-    let mut agent = hlstore_proto::volume::volumes_client::VolumesClient::connect(c.endpoint("n1")).await.unwrap();
+    let mut agent = c.volumes("n1").await;
     let agent_expands = !matches!(
         agent.expand_volume(hlstore_proto::volume::ExpandVolumeRequest::default()).await,
         Err(s) if s.code() == Code::Unimplemented

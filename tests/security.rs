@@ -200,13 +200,17 @@ async fn a_node_certificate_cannot_claim_replicas_for_another_node() {
     assert!(err.message().contains("cannot claim replicas for node \"n1\""), "{err:?}");
     let after = as_n2.state(pb::StateRequest { volume_id: id.clone() }).await.unwrap().into_inner();
     assert_eq!((after.epoch, after.owner), (before.epoch, before.owner), "the refused claim changed nothing");
-    // The replica service takes node certificates only.
+    // The replica service lets an admin inspect, and changes come from nodes only.
     let mut as_admin = {
         let t = ClientTls::Tls(TlsState::load(&tls(&c, "admin")).unwrap());
         ReplicaClient::new(channel_lazy(&n1, &t, Expect::AnyNode, Duration::from_secs(5)).unwrap())
     };
-    let err = as_admin.list_replicas(pb::ListReplicasRequest {}).await.unwrap_err();
+    as_admin.list_replicas(pb::ListReplicasRequest {}).await.unwrap();
+    let err =
+        as_admin.delete_replica(pb::DeleteReplicaRequest { volume_id: id.clone(), epoch: u64::MAX }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
+    let after = as_n2.state(pb::StateRequest { volume_id: id.clone() }).await.unwrap().into_inner();
+    assert_eq!(after.epoch, before.epoch, "the replica is still there, unchanged");
     // A client expecting node n2 at n1's address (a wrong --peers) refuses n1's agent.
     let mut wrong = replica("n2", "n2");
     let err = wrong.list_replicas(pb::ListReplicasRequest {}).await.unwrap_err();
@@ -288,4 +292,36 @@ fn certificates_rotate_under_load_without_a_restart() {
         ops.iter().filter(|o| matches!(o, Op::Write { errno: Some(_), .. } | Op::Flush { errno: Some(_), .. })).count();
     assert_eq!(failed, 0, "writes failed during the rotation");
     verify_load(&uri, 1024, 0, &[&load.log]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restores_write_through_the_authenticated_api_not_nbd() {
+    use hlstore_proto::volume as vpb;
+    let (c, uri) = tokio::task::spawn_blocking(cluster).await.unwrap();
+    let mut admin = c.volumes("n1").await;
+    // Unaligned, as a file restore writes: read-modify-write through the engine.
+    let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+    let req = vpb::WriteVolumeRequest { name: VOLUME.into(), offset: 1000, data: data.clone(), fua: false };
+    admin.write_volume(req).await.unwrap();
+    admin.flush_volume(vpb::FlushVolumeRequest { name: VOLUME.into() }).await.unwrap();
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let path = out.path().to_str().unwrap().to_string();
+    let uri2 = uri.clone();
+    tokio::task::spawn_blocking(move || run_ok(Command::new("nbdcopy").args([&uri2, &path]), WAIT)).await.unwrap();
+    let back = std::fs::read(out.path()).unwrap();
+    assert_eq!(&back[1000..11_000], &data[..], "the bytes written over gRPC read back over NBD");
+    assert!(back[..1000].iter().all(|&b| b == 0) && back[11_000..12_288].iter().all(|&b| b == 0));
+    // Past the end: refused, nothing written.
+    let req = vpb::WriteVolumeRequest { name: VOLUME.into(), offset: 64 << 20, data: vec![1; 4096], fua: false };
+    assert_eq!(admin.write_volume(req).await.unwrap_err().code(), tonic::Code::OutOfRange);
+    // Not attached on the agent asked: refused (the engine is on n1).
+    let mut n2 = c.volumes("n2").await;
+    let req = vpb::WriteVolumeRequest { name: VOLUME.into(), offset: 0, data: vec![1; 4096], fua: false };
+    let err = n2.write_volume(req).await.unwrap_err();
+    assert!(err.message().contains("not attached on node n2"), "{err:?}");
+    // A backup certificate may not write.
+    let mut backup = support::cluster::volumes_client(&tls(&c, "backup"), &c.endpoint("n1")).await;
+    let req = vpb::WriteVolumeRequest { name: VOLUME.into(), offset: 0, data: vec![1; 4096], fua: false };
+    assert_eq!(backup.write_volume(req).await.unwrap_err().code(), tonic::Code::PermissionDenied);
+    tokio::task::spawn_blocking(move || drop(c)).await.unwrap();
 }

@@ -48,25 +48,25 @@ fn random(len: u64, seed: u64) -> Vec<u8> {
 }
 
 /// The node agent's snapshot API, straight from the test (independent of the CLI).
-fn rpc<T>(ep: &str, f: impl AsyncFnOnce(VolumesClient<tonic::transport::Channel>) -> T) -> T {
+fn rpc<T>(tls: &Path, ep: &str, f: impl AsyncFnOnce(VolumesClient<tonic::transport::Channel>) -> T) -> T {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
-        let c = VolumesClient::connect(ep.to_string()).await.expect("connect to the node agent");
+        let c = support::cluster::volumes_client(tls, ep).await;
         f(c).await
     })
 }
 
-fn snapshot_names(ep: &str, volume: &str) -> Vec<String> {
+fn snapshot_names(tls: &Path, ep: &str, volume: &str) -> Vec<String> {
     let req = vpb::ListSnapshotsRequest { volume: volume.into() };
-    let r = rpc(ep, async |mut c| c.list_snapshots(req).await.expect("list snapshots").into_inner());
+    let r = rpc(tls, ep, async |mut c| c.list_snapshots(req).await.expect("list snapshots").into_inner());
     let mut names: Vec<String> = r.snapshots.into_iter().filter(|s| s.volume == volume).map(|s| s.name).collect();
     names.sort();
     names
 }
 
-fn read_snapshot(ep: &str, volume: &str, name: &str) -> Vec<u8> {
+fn read_snapshot(tls: &Path, ep: &str, volume: &str, name: &str) -> Vec<u8> {
     let req = vpb::ReadSnapshotRequest { volume: volume.into(), name: name.into(), offset: 0, length: SIZE };
-    rpc(ep, async |mut c| {
+    rpc(tls, ep, async |mut c| {
         let mut s = c.read_snapshot(req).await.expect("read snapshot").into_inner();
         let mut out = Vec::new();
         while let Some(chunk) = s.message().await.expect("snapshot stream") {
@@ -115,7 +115,7 @@ fn incremental_volume_backup_reads_what_changed_and_restores_to_an_identical_vol
     assert_eq!(b1["labels"]["volume_snapshot"], b1["volume_snapshot"]);
     assert_eq!(b1["labels"]["app"], "test");
     let snap1 = b1["volume_snapshot"].as_str().unwrap().to_string();
-    assert_eq!(snapshot_names(&ep, "v"), vec![snap1.clone()]);
+    assert_eq!(snapshot_names(&c.admin_tls(), &ep, "v"), vec![snap1.clone()]);
 
     // Change 1 % of the volume: ten 64 KiB runs at scattered chunk-aligned offsets.
     let mut changed = 0;
@@ -139,11 +139,11 @@ fn incremental_volume_backup_reads_what_changed_and_restores_to_an_identical_vol
     // Retention: the first snapshot is deleted, the second kept for the next run.
     let snap2 = b2["volume_snapshot"].as_str().unwrap().to_string();
     assert_eq!(b2["deleted_snapshots"], serde_json::json!([snap1]));
-    assert_eq!(snapshot_names(&ep, "v"), vec![snap2.clone()]);
+    assert_eq!(snapshot_names(&c.admin_tls(), &ep, "v"), vec![snap2.clone()]);
 
     // Writes after the snapshot are not part of the backup.
     nbd_write(&uri, work.path(), 0, &random(MIB, 999));
-    let snap_bytes = read_snapshot(&ep, "v", &snap2);
+    let snap_bytes = read_snapshot(&c.admin_tls(), &ep, "v", &snap2);
     assert!(snap_bytes == model, "the snapshot holds what was written before it");
 
     let id2 = b2["id"].as_str().unwrap();
@@ -182,7 +182,7 @@ fn incremental_volume_backup_reads_what_changed_and_restores_to_an_identical_vol
     assert!(!ok && err.contains("already exists"), "{err}");
     let (ok, _, err) = c.try_cli(&["backup", "create", "--repo", &repo, "--volume", "nope", "--endpoint", &ep]);
     assert!(!ok && err.contains("nope"), "{err}");
-    assert_eq!(snapshot_names(&ep, "v"), vec![snap2]);
+    assert_eq!(snapshot_names(&c.admin_tls(), &ep, "v"), vec![snap2]);
 }
 
 #[test]

@@ -99,7 +99,12 @@ pub fn status_message(s: &tonic::Status) -> String {
         Some(src) => format!("{}: {}", s.message(), hlstore_tls::describe(src)),
         None => s.message().to_string(),
     };
-    if insecure() && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal) {
+    if insecure()
+        && matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled
+        )
+    {
         format!(
             "{msg} (this client runs with --insecure, in plaintext: an agent that serves TLS drops it; use --tls-dir)"
         )

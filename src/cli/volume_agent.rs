@@ -1,5 +1,6 @@
 //! `GrpcAgent`: [`hlstore_backup::volume::VolumeAgent`] over a node agent's `Volumes` gRPC
-//! service, and `NbdSink`, a restore target writing through the engine's NBD export.
+//! service; restores write through `GrpcSink` (the agent's `WriteVolume`, no NBD port
+//! needed) or, with agents older than that call, `NbdSink` (the engine's NBD export).
 //!
 //! The backup engine is synchronous and runs on plain threads, so each call blocks on the
 //! runtime handle (never from inside an async task). Protobuf types stop here.
@@ -21,13 +22,15 @@ pub struct GrpcAgent {
     handle: Handle,
     client: VolumesClient<Channel>,
     endpoint: String,
+    /// The volume `attach_volume` attached on this agent (restores write to it).
+    attached_volume: std::sync::Mutex<Option<String>>,
 }
 
 impl GrpcAgent {
     /// Connects to `endpoint` (blocking; call from a blocking thread).
     pub fn connect(handle: Handle, endpoint: &str) -> anyhow::Result<Self> {
         let client = handle.block_on(super::volume::connect(endpoint))?;
-        Ok(GrpcAgent { handle, client, endpoint: endpoint.to_string() })
+        Ok(GrpcAgent { handle, client, endpoint: endpoint.to_string(), attached_volume: Default::default() })
     }
 
     fn err(&self, op: &str, s: tonic::Status) -> Error {
@@ -165,6 +168,7 @@ impl VolumeAgent for GrpcAgent {
         if uri.is_empty() {
             return Err(Error::Agent(format!("attach {volume}: the agent returned no NBD URI")));
         }
+        *self.attached_volume.lock().unwrap_or_else(|p| p.into_inner()) = Some(volume.to_string());
         Ok(uri)
     }
 
@@ -177,6 +181,18 @@ impl VolumeAgent for GrpcAgent {
     }
 
     fn open_writer(&self, nbd_uri: &str) -> Result<Box<dyn RestoreSink + '_>> {
+        // Through the agent's authenticated API when it has it (no NBD port reached from
+        // here: a restore Job runs in another pod than the engine); older agents: NBD.
+        let volume = self.attached_volume.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(volume) = volume {
+            let mut c = self.client.clone();
+            let probe = vpb::FlushVolumeRequest { name: volume.clone() };
+            match self.handle.block_on(c.flush_volume(probe)) {
+                Ok(_) => return Ok(Box::new(GrpcSink { agent: self, volume })),
+                Err(s) if s.code() == tonic::Code::Unimplemented => {}
+                Err(s) => return Err(self.err(&format!("flush {volume}"), s)),
+            }
+        }
         let uri = NbdUri::parse(nbd_uri).map_err(|e| Error::Agent(e.to_string()))?;
         let opts = ClientOptions { request_timeout: Duration::from_secs(120), ..ClientOptions::default() };
         let client = self
@@ -184,6 +200,41 @@ impl VolumeAgent for GrpcAgent {
             .block_on(NbdClient::connect(&uri, opts))
             .map_err(|e| Error::Agent(format!("connecting to {uri}: {e}")))?;
         Ok(Box::new(NbdSink { handle: self.handle.clone(), client, uri: nbd_uri.to_string() }))
+    }
+}
+
+/// Writes to a volume attached on the agent through its `WriteVolume` / `FlushVolume`
+/// calls (mutual TLS, the caller's role checked); `sync` is quorum-durable.
+struct GrpcSink<'a> {
+    agent: &'a GrpcAgent,
+    volume: String,
+}
+
+/// `WriteVolume` takes at most 4 MiB per call.
+const GRPC_WRITE_PIECE: usize = 4 << 20;
+
+impl RestoreSink for GrpcSink<'_> {
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        let mut c = self.agent.client.clone();
+        for (i, piece) in data.chunks(GRPC_WRITE_PIECE).enumerate() {
+            let at = offset + (i * GRPC_WRITE_PIECE) as u64;
+            let req =
+                vpb::WriteVolumeRequest { name: self.volume.clone(), offset: at, data: piece.to_vec(), fua: false };
+            self.agent
+                .handle
+                .block_on(c.write_volume(req))
+                .map_err(|s| self.agent.err(&format!("write {} at {at}", self.volume), s))?;
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<()> {
+        let mut c = self.agent.client.clone();
+        self.agent
+            .handle
+            .block_on(c.flush_volume(vpb::FlushVolumeRequest { name: self.volume.clone() }))
+            .map_err(|s| self.agent.err(&format!("flush {}", self.volume), s))?;
+        Ok(())
     }
 }
 

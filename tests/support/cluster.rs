@@ -85,7 +85,9 @@ pub fn run_tool(cmd: &mut Command, timeout: Duration) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() }
+    let out = Output { status, stdout: t_out.join().unwrap_or_default(), stderr: t_err.join().unwrap_or_default() };
+    super::keep_log("cli.log", &out.stderr);
+    out
 }
 
 /// Like [`run_tool`], and panics unless the tool succeeded; returns its stdout.
@@ -338,6 +340,33 @@ impl Cluster {
     }
 }
 
+/// The volume API of the agent at `endpoint` with the certificate in `tls_dir` (mutual TLS,
+/// as the CLI talks to it).
+pub async fn volumes_client(
+    tls_dir: &Path,
+    endpoint: &str,
+) -> hlstore_proto::volume::volumes_client::VolumesClient<tonic::transport::Channel> {
+    let tls = hlstore_tls::client::ClientTls::Tls(hlstore_tls::TlsState::load(tls_dir).expect("TLS directory"));
+    let ep = hlstore_tls::client::endpoint(endpoint).expect("endpoint");
+    let ch = hlstore_tls::client::connect(ep, &tls, hlstore_tls::Expect::AnyNode).await.expect("connect to the agent");
+    hlstore_proto::volume::volumes_client::VolumesClient::new(ch)
+}
+
+impl Cluster {
+    /// The dev cluster's admin TLS directory (what the CLI uses).
+    pub fn admin_tls(&self) -> PathBuf {
+        self.path().join("tls").join("admin")
+    }
+
+    /// Node `id`'s volume API as the admin.
+    pub async fn volumes(
+        &self,
+        id: &str,
+    ) -> hlstore_proto::volume::volumes_client::VolumesClient<tonic::transport::Channel> {
+        volumes_client(&self.admin_tls(), &self.endpoint(id)).await
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let dir = self.dir_str();
@@ -348,6 +377,10 @@ impl Drop for Cluster {
         }
         if self.path().join("cluster.json").exists() {
             let _ = run_tool(self.command().args(["dev", "down", "--dir", &dir]), Duration::from_secs(60));
+        }
+        let run = self.path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        for id in self.node_ids() {
+            super::keep_log(&format!("{run}-{id}.log"), self.log(&id).as_bytes());
         }
         for id in self.node_ids() {
             let Ok(s) = std::fs::read_to_string(self.path().join(&id).join("node.pid")) else { continue };

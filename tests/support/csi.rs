@@ -28,6 +28,8 @@ pub struct CsiDriver {
     agent: String,
     /// `host:port` of the driver's `/metrics`.
     pub metrics: String,
+    /// The TLS directory the driver reaches the agent with (the dev cluster's admin one).
+    tls: std::path::PathBuf,
 }
 
 impl CsiDriver {
@@ -46,19 +48,30 @@ impl CsiDriver {
         };
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "--"]);
-        let child = Self::spawn(cmd, dir.path(), &endpoint, node_id, &agent, &metrics);
-        let mut d = CsiDriver { child, dir, endpoint, node_id: node_id.to_string(), agent, metrics };
+        let tls = c.path().join("tls").join("admin");
+        let child = Self::spawn(cmd, dir.path(), &endpoint, node_id, &agent, &metrics, &tls);
+        let mut d = CsiDriver { child, dir, endpoint, node_id: node_id.to_string(), agent, metrics, tls };
         d.wait_ready();
         d
     }
 
-    fn spawn(mut cmd: Command, dir: &Path, endpoint: &str, node_id: &str, agent: &str, metrics: &str) -> Child {
+    fn spawn(
+        mut cmd: Command,
+        dir: &Path,
+        endpoint: &str,
+        node_id: &str,
+        agent: &str,
+        metrics: &str,
+        tls: &Path,
+    ) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("csi.log")).expect("csi.log");
         cmd.arg(env!("CARGO_BIN_EXE_hlstore"))
             .args(["csi", "--mode", "all", "--csi-endpoint", endpoint, "--node-id", node_id])
             .args(["--agent", agent, "--attach", "loop", "--metrics-listen", metrics, "--state-dir"])
             .arg(dir.join("state"))
             .env("HLSTORE_LOG", "info,hlstore_csi=debug")
+            .env("HLSTORE_TLS_DIR", tls)
+            .env_remove("HLSTORE_INSECURE")
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -88,7 +101,8 @@ impl CsiDriver {
         let _ = std::fs::remove_file(self.dir.path().join("csi.sock"));
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--mount=/proc/{holder}/ns/mnt")).arg("--");
-        self.child = Self::spawn(cmd, self.dir.path(), &self.endpoint, &self.node_id, &self.agent, &self.metrics);
+        self.child =
+            Self::spawn(cmd, self.dir.path(), &self.endpoint, &self.node_id, &self.agent, &self.metrics, &self.tls);
         self.wait_ready();
     }
 

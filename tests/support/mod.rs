@@ -12,6 +12,21 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Appends `bytes` to `name` in $HLSTORE_TEST_LOG_DIR when it is set: `scripts/test.sh`
+/// collects every agent log and CLI stderr of a full run there and scans them for secrets
+/// (`tests/scripts/scan_secrets.sh`).
+pub fn keep_log(name: &str, bytes: &[u8]) {
+    use std::io::Write;
+    let Some(dir) = std::env::var_os("HLSTORE_TEST_LOG_DIR") else { return };
+    let dir = std::path::PathBuf::from(dir);
+    if std::fs::create_dir_all(&dir).is_err() {
+        return;
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(name)) {
+        let _ = f.write_all(bytes);
+    }
+}
+
 /// A running `hlstore node` process, killed on drop.
 pub struct NodeProc {
     pub child: Child,

@@ -513,6 +513,8 @@ impl Drop for NetCluster {
                 let _ = c.kill();
                 let _ = c.wait();
             }
+            let run = self.path().file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            super::keep_log(&format!("{run}-{}.log", n.id), &std::fs::read(self.log_path(&n.id)).unwrap_or_default());
         }
         for ns in self.namespaces.iter().rev() {
             destroy_ns(ns);

@@ -3,10 +3,11 @@
 //!
 //! | service / method | admin | node | backup |
 //! |---|---|---|---|
-//! | replica service (every method) | – | yes | – |
+//! | replica service: inspect (list, state, read, snapshots, changed blocks) | yes | yes | – |
+//! | replica service: everything else (claims, writes, resync, create, delete) | – | yes | – |
 //! | volumes: read (list, get, list snapshots, changed blocks, read snapshot, attachments) | yes | yes | yes |
 //! | volumes: create / delete snapshot | yes | yes | yes (delete: `backup-` snapshots only) |
-//! | volumes: attach, detach, expand, scrub | yes | yes | – |
+//! | volumes: attach, detach, expand, scrub, write / flush (restores) | yes | yes | – |
 //! | volumes: create, delete, clone, revert, replace replica | yes | – | – |
 //!
 //! `node` certificates are the agents' own (calls one agent forwards to another) and the
@@ -27,11 +28,16 @@ pub const BACKUP_SNAPSHOT_PREFIX: &str = "backup-";
 const READ: &[&str] =
     &["ListNodes", "ListVolumes", "GetVolume", "ListAttachments", "ListSnapshots", "ChangedBlocks", "ReadSnapshot"];
 const SNAPSHOT: &[&str] = &["CreateSnapshot", "DeleteSnapshot"];
-const NODE_OPS: &[&str] = &["AttachVolume", "DetachVolume", "ExpandVolume", "ScrubVolume"];
+const NODE_OPS: &[&str] =
+    &["AttachVolume", "DetachVolume", "ExpandVolume", "ScrubVolume", "WriteVolume", "FlushVolume"];
+
+/// Replica calls that change nothing: an admin may inspect replicas (`hlstore replica
+/// list|state|read`).
+const REPLICA_READ: &[&str] = &["ListReplicas", "State", "Read", "ReadSnapshot", "ListSnapshots", "ChangedBlocks"];
 
 fn allowed(role: Role, path: &str) -> bool {
-    if let Some(_method) = path.strip_prefix(REPLICA) {
-        return role == Role::Node;
+    if let Some(m) = path.strip_prefix(REPLICA) {
+        return role == Role::Node || (role == Role::Admin && REPLICA_READ.contains(&m));
     }
     if let Some(m) = path.strip_prefix(VOLUMES) {
         return match role {
@@ -82,6 +88,9 @@ mod tests {
         let r = |m: &str| format!("{REPLICA}{m}");
         assert!(authorize(&r("Open"), &id(Role::Node)).is_ok());
         assert!(authorize(&r("Open"), &id(Role::Admin)).is_err());
+        assert!(authorize(&r("Write"), &id(Role::Admin)).is_err());
+        assert!(authorize(&r("DeleteReplica"), &id(Role::Admin)).is_err());
+        assert!(authorize(&r("ListReplicas"), &id(Role::Admin)).is_ok());
         assert!(authorize(&r("Write"), &id(Role::Backup)).is_err());
         for m in ["DeleteVolume", "CreateVolume", "CloneVolume", "RevertSnapshot", "ReplaceReplica"] {
             assert!(authorize(&v(m), &id(Role::Admin)).is_ok());

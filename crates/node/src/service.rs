@@ -26,7 +26,8 @@ impl VolumeService {
 
     /// The tonic server of this service.
     pub fn into_server(self) -> VolumesServer<Self> {
-        VolumesServer::new(self)
+        // A WriteVolume of MAX_WRITE_VOLUME_BYTES plus its envelope must fit.
+        VolumesServer::new(self).max_decoding_message_size(MAX_WRITE_VOLUME_BYTES + (64 << 10))
     }
 }
 
@@ -42,6 +43,9 @@ fn name(n: &str) -> Result<&str, Status> {
         Ok(n)
     }
 }
+
+/// Largest `WriteVolume` payload.
+const MAX_WRITE_VOLUME_BYTES: usize = 4 << 20;
 
 #[tonic::async_trait]
 impl Volumes for VolumeService {
@@ -122,6 +126,32 @@ impl Volumes for VolumeService {
             return Err(Status::invalid_argument("size is required"));
         }
         volume(self.mgr.expand(&r.name, r.size).await)
+    }
+
+    async fn write_volume(
+        &self,
+        r: Request<vpb::WriteVolumeRequest>,
+    ) -> Result<Response<vpb::WriteVolumeResponse>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        if r.data.len() > MAX_WRITE_VOLUME_BYTES {
+            return Err(Status::invalid_argument(format!(
+                "write of {} bytes: at most {MAX_WRITE_VOLUME_BYTES} per call",
+                r.data.len()
+            )));
+        }
+        self.mgr.write_local(&r.name, r.offset, r.data, r.fua).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(vpb::WriteVolumeResponse {}))
+    }
+
+    async fn flush_volume(
+        &self,
+        r: Request<vpb::FlushVolumeRequest>,
+    ) -> Result<Response<vpb::FlushVolumeResponse>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        self.mgr.flush_local(&r.name).await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(vpb::FlushVolumeResponse {}))
     }
 
     async fn create_snapshot(&self, r: Request<vpb::CreateSnapshotRequest>) -> Result<Response<vpb::Snapshot>, Status> {

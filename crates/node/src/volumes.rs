@@ -768,6 +768,40 @@ impl VolumeManager {
         Ok(handle)
     }
 
+    /// The engine of `name` if it is attached on this node.
+    async fn local_engine(&self, name: &str) -> Result<Arc<ReplicatedVolume>> {
+        if let Some(a) = self.attached.lock().await.get(name) {
+            return Ok(a.engine.clone());
+        }
+        Err(Error::Conflict(format!(
+            "volume {name:?} is not attached on node {}: attach it here first (writes go through the engine \
+             of the node they are sent to)",
+            self.cluster.self_id
+        )))
+    }
+
+    /// Writes `data` at `offset` of `name`, attached on this node, through its engine and
+    /// its NBD export's range locks (any offset and length: partial blocks are
+    /// read-modify-written, serialised against NBD clients writing the same blocks).
+    pub async fn write_local(&self, name: &str, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+        use hlstore_core::BlockDevice;
+        let engine = self.local_engine(name).await?;
+        let length = data.len() as u64;
+        if offset.checked_add(length).is_none_or(|end| end > engine.size()) {
+            return Err(Error::OutOfRange { volume: name.to_string(), offset, length, size: engine.size() });
+        }
+        let export = self.nbd.registry().get(name).ok_or_else(|| {
+            Error::Conflict(format!("volume {name:?} is being detached from node {}", self.cluster.self_id))
+        })?;
+        hlstore_nbd::block_io::write(&export, offset, data, fua).await.map(|_| ())
+    }
+
+    /// Flushes `name`, attached on this node.
+    pub async fn flush_local(&self, name: &str) -> Result<()> {
+        use hlstore_core::BlockDevice;
+        self.local_engine(name).await?.flush().await
+    }
+
     /// Detaches `name` from this node: stops exporting it, flushes and stops the engine.
     pub async fn detach_local(&self, name: &str) -> Result<Option<Volume>> {
         let _serial = self.attach_lock.lock().await;
