@@ -41,7 +41,9 @@ pub mod source;
 pub mod verify;
 pub mod volume;
 
-pub use backend::{open_url, Backend, FsBackend, ObjectInfo, S3Backend, S3Options};
+#[cfg(feature = "s3")]
+pub use backend::S3Backend;
+pub use backend::{open_url, Backend, FsBackend, ObjectInfo, S3Options};
 pub use backup::{backup, BackupOptions};
 pub use chunk::{ChunkId, ChunkerConfig};
 pub use crypto::KdfParams;
