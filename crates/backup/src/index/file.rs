@@ -5,9 +5,9 @@ use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
 use crate::pack::{decode_entries_prefix, encode_entries, PackEntry};
 
-const MAGIC: &[u8; 4] = b"HLIX";
-const VERSION: u32 = 1;
-const AAD: &[u8] = b"hlstore-index-v1";
+pub(crate) const MAGIC: &[u8; 4] = b"HLIX";
+pub(crate) const VERSION: u32 = 1;
+pub(crate) const AAD: &[u8] = b"hlstore-index-v1";
 
 /// One pack described by an index file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,7 +22,7 @@ pub const HEADER_LEN: usize = 8;
 /// Footer: trailer length + magic.
 pub const FOOTER_MAGIC: &[u8; 8] = b"HLPKIDX1";
 pub const FOOTER_LEN: usize = 12;
-const TRAILER_AAD: &[u8] = b"hlstore-pack-trailer-v1";
+pub(crate) const TRAILER_AAD: &[u8] = b"hlstore-pack-trailer-v1";
 
 /// Object key of a pack.
 pub fn pack_key(pack_id: &str) -> String {
