@@ -28,6 +28,7 @@
 pub mod backend;
 pub mod backup;
 pub mod chunk;
+mod compress;
 pub mod crypto;
 pub mod error;
 pub mod index;

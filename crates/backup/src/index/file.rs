@@ -55,8 +55,8 @@ pub fn decode_index(key: &MasterKey, bytes: &[u8], object: &str) -> Result<Vec<I
         return Err(Error::corrupt(object, "implausible size"));
     }
     let z = key.open(&bytes[16..], AAD, object)?;
-    let plain =
-        zstd::bulk::decompress(&z, raw_len as usize).map_err(|e| Error::corrupt(object, format!("zstd: {e}")))?;
+    let plain = crate::compress::decompress_at_most(&z, raw_len as usize)
+        .map_err(|e| Error::corrupt(object, format!("zstd: {e}")))?;
     decode_plain(&plain).ok_or_else(|| Error::corrupt(object, "malformed entries"))
 }
 

@@ -63,7 +63,7 @@ pub fn decode_blob(key: &MasterKey, e: &PackEntry, blob: &[u8], pack: &str) -> R
     let obj = format!("pack {pack} chunk {}", e.id);
     let payload = key.open(blob, &e.id.0, &obj)?;
     let plain = if e.flags & FLAG_COMPRESSED != 0 {
-        zstd::bulk::decompress(&payload, e.raw_len as usize)
+        crate::compress::decompress_at_most(&payload, e.raw_len as usize)
             .map_err(|err| Error::corrupt(&obj, format!("zstd: {err}")))?
     } else {
         payload
