@@ -11,10 +11,12 @@
 #   FUZZ_SANITIZER  address | none. Default: address on a nightly toolchain, none on stable.
 #   FUZZ_ARGS       extra libFuzzer options (e.g. "-max_len=65536").
 #
-# Toolchain: nightly when installed (or installable with rustup), else stable with
-# `--sanitizer none` (cargo fuzz's instrumentation flags are stable; only the sanitizers
-# need nightly). Corpora grow in fuzz/corpus/<target>, crash inputs land in
-# fuzz/artifacts/<target>; reproduce one with `cargo fuzz run <target> <file>`.
+# Toolchain: nightly when installed (or, when a sanitizer is wanted, installable with
+# rustup), else stable with `--sanitizer none` (cargo fuzz's instrumentation flags are
+# stable; only the sanitizers need nightly). AddressSanitizer also makes libFuzzer report
+# any single allocation above 2 GiB as out-of-memory. Corpora grow in fuzz/corpus/<target>,
+# crash inputs land in fuzz/artifacts/<target>; replay one with
+# `cd fuzz && cargo fuzz run <target> <file>`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -29,14 +31,15 @@ if ! cargo fuzz --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION"; then
     cargo install cargo-fuzz --locked --version "$CARGO_FUZZ_VERSION" --quiet
 fi
 
-# Nightly if present or installable (quietly: CI machines may not reach the toolchain
-# server), else stable without a sanitizer.
+# Nightly if present, or installable when a sanitizer is wanted (quietly: a CI machine may
+# not reach the toolchain server), else stable without a sanitizer.
 toolchain=stable
 if [ -n "${FUZZ_TOOLCHAIN:-}" ]; then
     toolchain=$FUZZ_TOOLCHAIN
 elif rustup run nightly rustc --version >/dev/null 2>&1; then
     toolchain=nightly
-elif timeout 300 rustup toolchain install nightly --profile minimal >/dev/null 2>&1 \
+elif [ "${FUZZ_SANITIZER:-address}" != none ] \
+    && timeout 180 rustup toolchain install nightly --profile minimal >/dev/null 2>&1 \
     && rustup run nightly rustc --version >/dev/null 2>&1; then
     toolchain=nightly
 fi
