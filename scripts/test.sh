@@ -33,6 +33,12 @@ export HLSTORE_TEST_LOG_DIR
 rm -rf "$HLSTORE_TEST_LOG_DIR"
 cargo test --workspace --no-fail-fast 2>&1 | tee "$LOG_DIR/test.log"
 summary=$(grep -E '^test result:' "$LOG_DIR/test.log" | awk '{p+=$4; f+=$6; i+=$8} END {printf "%d passed, %d failed, %d skipped", p, f, i}')
+echo "== fuzz (bounded)"
+# Every fuzz target for a few seconds (scripts/fuzz.sh; longer runs: `scripts/fuzz.sh 300`).
+# No sanitizer here even where nightly is installed: the address-sanitized build costs two
+# more minutes of CI on 2 cores, and the targets are safe Rust plus C libraries that are
+# not instrumented either way.
+FUZZ_SECONDS=${HLSTORE_FUZZ_SECONDS:-20} FUZZ_SANITIZER=${HLSTORE_FUZZ_SANITIZER:-none} bash scripts/fuzz.sh
 echo "$summary"
 echo "== secrets in the logs of the run"
 bash tests/scripts/scan_secrets.sh "$HLSTORE_TEST_LOG_DIR" "$LOG_DIR/test.log"

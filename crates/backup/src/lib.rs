@@ -28,6 +28,7 @@
 pub mod backend;
 pub mod backup;
 pub mod chunk;
+mod compress;
 pub mod crypto;
 pub mod error;
 pub mod index;
@@ -41,7 +42,27 @@ pub mod source;
 pub mod verify;
 pub mod volume;
 
-pub use backend::{open_url, Backend, FsBackend, ObjectInfo, S3Backend, S3Options};
+/// What the fuzz targets (`fuzz/`) need beyond the public API: a fixed key and the
+/// associated data and framing of sealed objects, so they can feed authenticated garbage
+/// to the real decoders. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Associated data of a pack's sealed trailer.
+    pub const TRAILER_AAD: &[u8] = crate::pack::TRAILER_AAD;
+    /// An index file's magic, version and the associated data of its sealed body.
+    pub const INDEX_MAGIC: &[u8; 4] = crate::index::file::MAGIC;
+    pub const INDEX_VERSION: u32 = crate::index::file::VERSION;
+    pub const INDEX_AAD: &[u8] = crate::index::file::AAD;
+
+    /// A master key from 64 fixed bytes (encryption key, then chunk-id key).
+    pub fn master_key(bytes: &[u8; 64]) -> crate::crypto::MasterKey {
+        crate::crypto::MasterKey::from_bytes(bytes).expect("64 bytes make a key")
+    }
+}
+
+#[cfg(feature = "s3")]
+pub use backend::S3Backend;
+pub use backend::{open_url, Backend, FsBackend, ObjectInfo, S3Options};
 pub use backup::{backup, BackupOptions};
 pub use chunk::{ChunkId, ChunkerConfig};
 pub use crypto::KdfParams;

@@ -169,8 +169,8 @@ impl Snapshot {
             return Err(Error::corrupt(&obj, "implausible size"));
         }
         let z = key.open(&bytes[16..], AAD, &obj)?;
-        let plain =
-            zstd::bulk::decompress(&z, plen as usize).map_err(|e| Error::corrupt(&obj, format!("zstd: {e}")))?;
+        let plain = crate::compress::decompress_at_most(&z, plen as usize)
+            .map_err(|e| Error::corrupt(&obj, format!("zstd: {e}")))?;
         let bad = || Error::corrupt(&obj, "malformed manifest");
         let jlen = u32::from_le_bytes(plain.get(..4).ok_or_else(bad)?.try_into().map_err(|_| bad())?) as usize;
         let json = plain.get(4..4 + jlen).ok_or_else(bad)?;

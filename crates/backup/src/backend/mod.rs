@@ -7,12 +7,25 @@
 //! returns every key under a prefix with its size, in no particular order.
 
 mod fs;
+#[cfg(feature = "s3")]
 mod s3;
 
 pub use fs::FsBackend;
-pub use s3::{S3Backend, S3Options};
+#[cfg(feature = "s3")]
+pub use s3::S3Backend;
 
 use crate::error::{Error, Result};
+
+/// S3 connection settings not carried by the URL.
+#[derive(Debug, Clone, Default)]
+pub struct S3Options {
+    /// Endpoint URL (`--s3-endpoint`); falls back to `AWS_ENDPOINT_URL`.
+    pub endpoint: Option<String>,
+    /// Region; falls back to `AWS_REGION` / `AWS_DEFAULT_REGION`, then `us-east-1`.
+    pub region: Option<String>,
+    /// Explicit (access key, secret key); default: the standard AWS variables.
+    pub credentials: Option<(String, String)>,
+}
 
 /// One listed object.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +58,13 @@ pub fn open_url(url: &str, s3: &S3Options) -> Result<Box<dyn Backend>> {
         if bucket.is_empty() {
             return Err(Error::BadUrl { url: url.into(), detail: "no bucket name".into() });
         }
+        #[cfg(feature = "s3")]
         return Ok(Box::new(S3Backend::new(bucket, prefix, s3)?));
+        #[cfg(not(feature = "s3"))]
+        {
+            let _ = (prefix, s3);
+            return Err(Error::BadUrl { url: url.into(), detail: "built without S3 support (feature `s3`)".into() });
+        }
     }
     let path = url.strip_prefix("file://").unwrap_or(url);
     if path.is_empty() || url.contains("://") && !url.starts_with("file://") {

@@ -15,7 +15,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_sdk_s3::Client;
 
-use super::{Backend, ObjectInfo};
+use super::{Backend, ObjectInfo, S3Options};
 use crate::error::{Error, Result};
 
 /// Objects larger than this are uploaded in parts.
@@ -24,17 +24,6 @@ pub const MULTIPART_THRESHOLD: usize = 16 * 1024 * 1024;
 pub const PART_SIZE: usize = 8 * 1024 * 1024;
 /// Attempts per request, with the SDK's exponential backoff between them.
 pub const MAX_ATTEMPTS: u32 = 5;
-
-/// Connection settings not carried by the URL.
-#[derive(Debug, Clone, Default)]
-pub struct S3Options {
-    /// Endpoint URL (`--s3-endpoint`); falls back to `AWS_ENDPOINT_URL`.
-    pub endpoint: Option<String>,
-    /// Region; falls back to `AWS_REGION` / `AWS_DEFAULT_REGION`, then `us-east-1`.
-    pub region: Option<String>,
-    /// Explicit (access key, secret key); default: the standard AWS variables.
-    pub credentials: Option<(String, String)>,
-}
 
 /// A repository under `s3://bucket/prefix`.
 pub struct S3Backend {

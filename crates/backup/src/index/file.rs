@@ -5,9 +5,9 @@ use crate::crypto::MasterKey;
 use crate::error::{Error, Result};
 use crate::pack::{decode_entries_prefix, encode_entries, PackEntry};
 
-const MAGIC: &[u8; 4] = b"HLIX";
-const VERSION: u32 = 1;
-const AAD: &[u8] = b"hlstore-index-v1";
+pub(crate) const MAGIC: &[u8; 4] = b"HLIX";
+pub(crate) const VERSION: u32 = 1;
+pub(crate) const AAD: &[u8] = b"hlstore-index-v1";
 
 /// One pack described by an index file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,8 +55,8 @@ pub fn decode_index(key: &MasterKey, bytes: &[u8], object: &str) -> Result<Vec<I
         return Err(Error::corrupt(object, "implausible size"));
     }
     let z = key.open(&bytes[16..], AAD, object)?;
-    let plain =
-        zstd::bulk::decompress(&z, raw_len as usize).map_err(|e| Error::corrupt(object, format!("zstd: {e}")))?;
+    let plain = crate::compress::decompress_at_most(&z, raw_len as usize)
+        .map_err(|e| Error::corrupt(object, format!("zstd: {e}")))?;
     decode_plain(&plain).ok_or_else(|| Error::corrupt(object, "malformed entries"))
 }
 

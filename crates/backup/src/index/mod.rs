@@ -6,7 +6,7 @@
 //! master index is the union of all index files plus the trailers of packs no index mentions
 //! (interrupted backups, lost index files).
 
-mod file;
+pub(crate) mod file;
 mod master;
 
 pub use file::{decode_index, encode_index, IndexedPack};

@@ -22,7 +22,7 @@ pub const HEADER_LEN: usize = 8;
 /// Footer: trailer length + magic.
 pub const FOOTER_MAGIC: &[u8; 8] = b"HLPKIDX1";
 pub const FOOTER_LEN: usize = 12;
-const TRAILER_AAD: &[u8] = b"hlstore-pack-trailer-v1";
+pub(crate) const TRAILER_AAD: &[u8] = b"hlstore-pack-trailer-v1";
 
 /// Object key of a pack.
 pub fn pack_key(pack_id: &str) -> String {
@@ -63,7 +63,7 @@ pub fn decode_blob(key: &MasterKey, e: &PackEntry, blob: &[u8], pack: &str) -> R
     let obj = format!("pack {pack} chunk {}", e.id);
     let payload = key.open(blob, &e.id.0, &obj)?;
     let plain = if e.flags & FLAG_COMPRESSED != 0 {
-        zstd::bulk::decompress(&payload, e.raw_len as usize)
+        crate::compress::decompress_at_most(&payload, e.raw_len as usize)
             .map_err(|err| Error::corrupt(&obj, format!("zstd: {err}")))?
     } else {
         payload
