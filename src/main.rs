@@ -25,7 +25,8 @@ struct Cli {
 enum Command {
     /// Run a node agent (replica store + replica gRPC service + metrics).
     Node(cli::node::NodeArgs),
-    /// Inspect and use the replicas of one node agent directly.
+    /// Inspect and use the replicas of one node agent directly (the replica service takes
+    /// node certificates only: --tls-dir with that node's, e.g. DIR/tls/n1 of a dev cluster).
     Replica {
         #[command(flatten)]
         endpoint: cli::replica::Endpoint,

@@ -101,7 +101,10 @@ fn a_block_damaged_on_disk_is_served_from_another_replica_and_rewritten() {
     let ep = c.endpoint(&node);
     let out = c.path().join("replica-block");
     let out_s = out.to_str().expect("utf-8");
-    c.cli(&["replica", "read", "h", "--offset", "1MiB", "--length", "4KiB", "--output", out_s, "--endpoint", &ep]);
+    c.cli_as(
+        &node,
+        &["replica", "read", "h", "--offset", "1MiB", "--length", "4KiB", "--output", out_s, "--endpoint", &ep],
+    );
     assert_eq!(std::fs::read(&out).expect("replica read output"), want);
     // And reads keep working from every path.
     qemu_io(&uri, &["read -P 0x5a 1M 4k", "write -P 0x33 1M 4k", "read -P 0x33 1M 4k", "flush"]);

@@ -80,7 +80,7 @@ fn replica_on_a_dead_node_is_replaced_by_a_sparse_full_copy_on_a_new_node() {
         if let Some(s) = snap {
             args.extend(["--snapshot", s]);
         }
-        c.cli(&args);
+        c.cli_as("n4", &args);
         let data = std::fs::read(&out).unwrap();
         assert_eq!(data.len() as u64, len);
         assert!(data.iter().all(|&b| b == fill), "n4's replica ({snap:?}) at {offset} does not hold 0x{fill:02x}");
@@ -124,7 +124,7 @@ fn replace_refuses_while_another_replica_is_behind_and_deletes_the_old_one_only_
     let ep3 = c.endpoint("n3");
     c.wait_until("the replaced replica on n3 is deleted", WAIT, || {
         let list: serde_json::Value =
-            serde_json::from_str(&c.cli(&["replica", "list", "--json", "--endpoint", &ep3])).ok()?;
+            serde_json::from_str(&c.cli_as("n3", &["replica", "list", "--json", "--endpoint", &ep3])).ok()?;
         list.as_array()?.iter().all(|r| r["volume_id"] != "q").then_some(())
     });
     qemu_io(&uri, &["read -P 0x5a 0 4M", "read -P 0x5b 4M 1M"]);

@@ -80,6 +80,7 @@ fn an_interrupted_resync_resumes_past_its_checkpoint() {
     for off in (0..32 * MIB).step_by((2 * MIB) as usize) {
         let out = c
             .command()
+            .env("HLSTORE_TLS_DIR", c.path().join("tls").join(&target))
             .args(["replica", "read", VOLUME, "--endpoint", &ep, "--offset", &off.to_string()])
             .args(["--length", &(2 * MIB).to_string(), "--output", "-"])
             .output()

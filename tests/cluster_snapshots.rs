@@ -117,6 +117,7 @@ fn replica_snapshot(c: &Cluster, node: &str, snap: &str, len: u64) -> Vec<u8> {
     for off in (0..len).step_by((2 * MIB) as usize) {
         let o = c
             .command()
+            .env("HLSTORE_TLS_DIR", c.path().join("tls").join(node))
             .args(["replica", "read", VOLUME, "--snapshot", snap, "--endpoint", &ep])
             .args(["--offset", &off.to_string(), "--length", &(2 * MIB).to_string()])
             .output()

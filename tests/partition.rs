@@ -239,8 +239,8 @@ fn snapshot_and_expand_while_the_engine_node_is_cut_off() {
         let v = c.volume_show("n1", VOLUME);
         assert_eq!(v["size"].as_u64(), Some(128 << 20), "expand reported done but the volume says {v}");
         for n in ["n1", "n2", "n3"] {
-            let st: serde_json::Value =
-                serde_json::from_str(&c.cli(n, &["replica", "state", VOLUME, "--json"])).expect("replica state JSON");
+            let st: serde_json::Value = serde_json::from_str(&c.node_cli(n, &["replica", "state", VOLUME, "--json"]))
+                .expect("replica state JSON");
             assert_eq!(st["size"].as_u64(), Some(128 << 20), "replica on {n} after a reported expand: {st}");
         }
     }

@@ -58,6 +58,7 @@ fn assert_replicas_identical(c: &Cluster, volume: &str) {
     for id in &set {
         let ep = c.endpoint(id);
         let mut cmd = c.command();
+        cmd.env("HLSTORE_TLS_DIR", c.path().join("tls").join(id));
         cmd.args(["replica", "read", volume, "--endpoint", &ep, "--offset", "0", "--length", &SIZE.to_string()]);
         let out = run_tool(cmd.args(["--output", "-"]), Duration::from_secs(60));
         assert!(out.status.success(), "replica read on {id} failed: {}", String::from_utf8_lossy(&out.stderr));

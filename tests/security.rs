@@ -200,12 +200,13 @@ async fn a_node_certificate_cannot_claim_replicas_for_another_node() {
     assert!(err.message().contains("cannot claim replicas for node \"n1\""), "{err:?}");
     let after = as_n2.state(pb::StateRequest { volume_id: id.clone() }).await.unwrap().into_inner();
     assert_eq!((after.epoch, after.owner), (before.epoch, before.owner), "the refused claim changed nothing");
-    // The replica service lets an admin inspect, and changes come from nodes only.
+    // The replica service takes node certificates only.
     let mut as_admin = {
         let t = ClientTls::Tls(TlsState::load(&tls(&c, "admin")).unwrap());
         ReplicaClient::new(channel_lazy(&n1, &t, Expect::AnyNode, Duration::from_secs(5)).unwrap())
     };
-    as_admin.list_replicas(pb::ListReplicasRequest {}).await.unwrap();
+    let err = as_admin.list_replicas(pb::ListReplicasRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");
     let err =
         as_admin.delete_replica(pb::DeleteReplicaRequest { volume_id: id.clone(), epoch: u64::MAX }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err:?}");

@@ -157,6 +157,15 @@ impl Cluster {
         run_ok(self.command().args(args), Duration::from_secs(120))
     }
 
+    /// Runs the CLI with TLS directory `tls` of the dev cluster (`n1`…: a node's, which
+    /// `hlstore replica` needs; `backup`); panics unless it succeeded; returns stdout.
+    pub fn cli_as(&self, tls: &str, args: &[&str]) -> String {
+        run_ok(
+            self.command().env("HLSTORE_TLS_DIR", self.path().join("tls").join(tls)).args(args),
+            Duration::from_secs(120),
+        )
+    }
+
     /// Runs the hlstore CLI; returns (success, stdout, stderr).
     pub fn try_cli(&self, args: &[&str]) -> (bool, String, String) {
         let out = run_tool(self.command().args(args), Duration::from_secs(120));

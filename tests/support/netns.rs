@@ -281,6 +281,14 @@ impl NetCluster {
         self.command(id, PYTHON)
     }
 
+    /// Runs the CLI on node `id` with that node's certificate (what `hlstore replica`
+    /// needs); panics unless it succeeded.
+    pub fn node_cli(&self, id: &str, args: &[&str]) -> String {
+        let mut cmd = self.hlstore(id);
+        cmd.env("HLSTORE_TLS_DIR", self.path().join("tls").join(id));
+        run_ok(cmd.args(args), Duration::from_secs(120))
+    }
+
     /// Runs the CLI on node `id` (talking to its own agent); panics unless it succeeded.
     pub fn cli(&self, id: &str, args: &[&str]) -> String {
         run_ok(self.hlstore(id).args(args), Duration::from_secs(120))
@@ -473,6 +481,8 @@ impl NetCluster {
     pub fn dump_replica(&self, id: &str, volume: &str, blocks: u64, out: &Path) {
         let len = (blocks * super::cluster::BLOCK).to_string();
         let mut cmd = self.hlstore(id);
+        // The replica service takes node certificates: this node's own.
+        cmd.env("HLSTORE_TLS_DIR", self.path().join("tls").join(id));
         cmd.args(["replica", "read", volume, "--length", &len, "--output"]).arg(out);
         run_ok(&mut cmd, Duration::from_secs(60));
     }

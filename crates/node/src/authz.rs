@@ -3,8 +3,7 @@
 //!
 //! | service / method | admin | node | backup |
 //! |---|---|---|---|
-//! | replica service: inspect (list, state, read, snapshots, changed blocks) | yes | yes | – |
-//! | replica service: everything else (claims, writes, resync, create, delete) | – | yes | – |
+//! | replica service (every method; `hlstore replica` takes a node's certificate) | – | yes | – |
 //! | volumes: read (list, get, list snapshots, changed blocks, read snapshot, attachments) | yes | yes | yes |
 //! | volumes: create / delete snapshot | yes | yes | yes (delete: `backup-` snapshots only) |
 //! | volumes: attach, detach, expand, scrub, write / flush (restores) | yes | yes | – |
@@ -31,13 +30,9 @@ const SNAPSHOT: &[&str] = &["CreateSnapshot", "DeleteSnapshot"];
 const NODE_OPS: &[&str] =
     &["AttachVolume", "DetachVolume", "ExpandVolume", "ScrubVolume", "WriteVolume", "FlushVolume"];
 
-/// Replica calls that change nothing: an admin may inspect replicas (`hlstore replica
-/// list|state|read`).
-const REPLICA_READ: &[&str] = &["ListReplicas", "State", "Read", "ReadSnapshot", "ListSnapshots", "ChangedBlocks"];
-
 fn allowed(role: Role, path: &str) -> bool {
-    if let Some(m) = path.strip_prefix(REPLICA) {
-        return role == Role::Node || (role == Role::Admin && REPLICA_READ.contains(&m));
+    if path.starts_with(REPLICA) {
+        return role == Role::Node;
     }
     if let Some(m) = path.strip_prefix(VOLUMES) {
         return match role {
@@ -90,7 +85,7 @@ mod tests {
         assert!(authorize(&r("Open"), &id(Role::Admin)).is_err());
         assert!(authorize(&r("Write"), &id(Role::Admin)).is_err());
         assert!(authorize(&r("DeleteReplica"), &id(Role::Admin)).is_err());
-        assert!(authorize(&r("ListReplicas"), &id(Role::Admin)).is_ok());
+        assert!(authorize(&r("ListReplicas"), &id(Role::Admin)).is_err());
         assert!(authorize(&r("Write"), &id(Role::Backup)).is_err());
         for m in ["DeleteVolume", "CreateVolume", "CloneVolume", "RevertSnapshot", "ReplaceReplica"] {
             assert!(authorize(&v(m), &id(Role::Admin)).is_ok());
