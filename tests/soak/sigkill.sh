@@ -74,7 +74,7 @@ URI=$("$PY" -c 'import json,sys; print([v for v in json.load(sys.stdin)["volumes
 "$PY" tests/scripts/nbd_load.py dump "$URI" --blocks $BLOCKS --out "$DIR/final.img"
 REPLICAS=()
 for n in n1 n2 n3; do
-  "$HL" replica read soak --length $((BLOCKS * 4096)) --output "$DIR/replica-$n.img" --endpoint "http://$(ep "$n")" &&
+  HLSTORE_TLS_DIR="$DIR/cluster/tls/$n" "$HL" replica read soak --length $((BLOCKS * 4096)) --output "$DIR/replica-$n.img" --endpoint "http://$(ep "$n")" &&
     REPLICAS+=(--replica "$n=$DIR/replica-$n.img")
 done
 "$PY" tests/scripts/history_check.py --blocks $BLOCKS --writer "n1=$DIR/writer.log" --final "$DIR/final.img" "${REPLICAS[@]}" >"$DIR/check.txt"
