@@ -2,15 +2,13 @@
 //! and present this side's certificate, or plaintext when the caller runs `--insecure`.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::files::TlsError;
@@ -33,57 +31,8 @@ pub enum ClientTls {
     Insecure,
 }
 
-/// A client connection.
-pub enum ClientConn {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for ClientConn {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientConn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            ClientConn::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for ClientConn {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientConn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            ClientConn::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            ClientConn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            ClientConn::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
-    }
-    fn is_write_vectored(&self) -> bool {
-        match self {
-            ClientConn::Plain(s) => s.is_write_vectored(),
-            ClientConn::Tls(s) => s.is_write_vectored(),
-        }
-    }
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientConn::Plain(s) => Pin::new(s).poll_flush(cx),
-            ClientConn::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            ClientConn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            ClientConn::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
+/// A client connection: plaintext (`--insecure`) or TLS.
+type ClientConn = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// `host:port` of an endpoint URL (`http://`, `https://` or bare `host:port`).
 fn authority(uri: &Uri) -> io::Result<(String, u16)> {
@@ -98,7 +47,7 @@ async fn dial(tls: ClientTls, expect: Expect, uri: Uri) -> io::Result<TokioIo<Cl
     let sock = TcpStream::connect((host.as_str(), port)).await?;
     sock.set_nodelay(true)?;
     let state = match tls {
-        ClientTls::Insecure => return Ok(TokioIo::new(ClientConn::Plain(sock))),
+        ClientTls::Insecure => return Ok(TokioIo::new(Either::Left(sock))),
         ClientTls::Tls(s) => s,
     };
     let config = state.client_config(&expect, &target).map_err(|e| io::Error::other(e.to_string()))?;
@@ -119,7 +68,7 @@ async fn dial(tls: ClientTls, expect: Expect, uri: Uri) -> io::Result<TokioIo<Cl
             ),
         )
     })?;
-    Ok(TokioIo::new(ClientConn::Tls(Box::new(stream))))
+    Ok(TokioIo::new(Either::Right(Box::new(stream))))
 }
 
 /// The reason of a failed handshake in words: hlstore's own certificate checks say what

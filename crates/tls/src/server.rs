@@ -14,6 +14,7 @@ use hlstore_core::identity::PeerIdentity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_util::either::Either;
 
 use crate::state::TlsState;
 
@@ -28,65 +29,44 @@ pub struct PeerInfo {
     pub identity: Option<PeerIdentity>,
 }
 
-/// A served connection: TLS, or plaintext behind `--insecure`.
-pub enum Conn {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>, PeerInfo),
+/// A served connection: TLS, or plaintext behind `--insecure`, and who is at the other end.
+pub struct Conn {
+    io: Either<TcpStream, Box<tokio_rustls::server::TlsStream<TcpStream>>>,
+    info: PeerInfo,
 }
 
 impl tonic::transport::server::Connected for Conn {
     type ConnectInfo = PeerInfo;
     fn connect_info(&self) -> PeerInfo {
-        match self {
-            Conn::Plain(s) => PeerInfo { remote: s.peer_addr().ok(), identity: None },
-            Conn::Tls(_, info) => info.clone(),
-        }
+        self.info.clone()
     }
 }
 
 impl AsyncRead for Conn {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
     }
 }
 
 impl AsyncWrite for Conn {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
-        }
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s, _) => s.is_write_vectored(),
-        }
+        self.io.is_write_vectored()
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -117,7 +97,8 @@ pub fn incoming(
                 tracing::warn!(error = %e, "could not set TCP_NODELAY on a gRPC connection");
             }
             let Some(tls) = tls.clone() else {
-                if tx.send(Ok(Conn::Plain(sock))).await.is_err() {
+                let conn = Conn { io: Either::Left(sock), info: PeerInfo { remote: Some(remote), identity: None } };
+                if tx.send(Ok(conn)).await.is_err() {
                     return;
                 }
                 continue;
@@ -157,7 +138,10 @@ async fn handshake(tls: &TlsState, sock: TcpStream, remote: SocketAddr) -> Optio
         None => Err("no client certificate".to_string()),
     };
     match identity {
-        Ok(id) => Some(Conn::Tls(Box::new(stream), PeerInfo { remote: Some(remote), identity: Some(id) })),
+        Ok(id) => Some(Conn {
+            io: Either::Right(Box::new(stream)),
+            info: PeerInfo { remote: Some(remote), identity: Some(id) },
+        }),
         Err(e) => {
             tracing::warn!(peer = %remote, error = %e, "client certificate carries no usable identity; connection refused");
             None
