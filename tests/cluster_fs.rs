@@ -223,3 +223,107 @@ fn ext4_on_a_volume_survives_a_replica_sigkill() {
     let out = run_ok(Command::new("qemu-io").args(["-f", "raw", "-c", "read -v 1080 2", &uri]), TOOL_TIMEOUT);
     assert!(out.contains("53 ef"), "ext4 superblock magic not on the volume:\n{out}");
 }
+
+/// Restarts of the agent that runs the volume's engine are invisible to the application:
+/// `fuse-attach` reconnects and sends the unanswered I/O again, the restarted agent
+/// re-attaches the volume. fio (`verify=crc32c`, fsyncs) on ext4 on the volume must finish
+/// without an error while the agent is SIGKILLed and restarted ten times; the I/O latency
+/// around the restarts (fio's completion latency) is printed.
+#[test]
+fn ext4_and_fio_see_no_error_across_engine_agent_restarts() {
+    require_fuse_and_loop();
+    let c = Cluster::new();
+    let uri = c.up(&["--nodes", "3", "--volume", "fs", "--size", "256MiB"]);
+    let engine_node = c.volume_show("n1", "fs")["attached_node"].as_str().expect("attached_node").to_string();
+    let work = tempfile::Builder::new().prefix("hlstore-restart-").tempdir().expect("temp dir");
+    let (fuse_dir, mnt) = (work.path().join("fuse"), work.path().join("mnt"));
+    std::fs::create_dir_all(&mnt).expect("mkdir mnt");
+
+    let fuse = FuseAttach::start(&c, &uri, &fuse_dir);
+    let lo = LoopDev::attach(&fuse.file);
+    run_ok(Command::new("mkfs.ext4").args(["-F", "-q"]).arg(&lo.path), TOOL_TIMEOUT);
+    let m = Mounted::mount(&lo.path, &mnt);
+    write_files(&mnt, &BEFORE);
+
+    // fio: random 4 KiB writes with checksums, an fsync every 16 writes, verified after
+    // each pass; loops until the restarts are done.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fio_out = work.path().join("fio");
+    let fio = {
+        let (stop, mnt, fio_out) = (stop.clone(), mnt.clone(), fio_out.clone());
+        std::thread::spawn(move || {
+            let mut runs = Vec::new();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) || i < 2 {
+                let out = fio_out.with_extension(format!("{i}.json"));
+                let st = Command::new("fio")
+                    .args([
+                        "--name=restart",
+                        "--rw=randwrite",
+                        "--bs=4k",
+                        "--size=16M",
+                        "--ioengine=psync",
+                        "--direct=1",
+                    ])
+                    .args(["--numjobs=2", "--fsync=16", "--verify=crc32c", "--verify_fatal=1", "--do_verify=1"])
+                    .args(["--output-format=json", "--group_reporting"])
+                    .arg(format!("--directory={}", mnt.display()))
+                    .arg(format!("--output={}", out.display()))
+                    .status()
+                    .expect("run fio");
+                runs.push((st, out));
+                if !runs.last().expect("run").0.success() {
+                    break;
+                }
+                i += 1;
+            }
+            runs
+        })
+    };
+
+    let mut restart_ms = Vec::new();
+    for round in 0..10 {
+        std::thread::sleep(Duration::from_millis(1500));
+        let t = std::time::Instant::now();
+        c.kill9(&engine_node);
+        c.start_one(&engine_node);
+        // Back when the engine serves again: the re-attach after restart.
+        c.wait_until(&format!("round {round}: volume re-attached on {engine_node}"), Duration::from_secs(60), || {
+            let v = c.volume_show(&engine_node, "fs");
+            (v["attached_node"] == engine_node.as_str() && !v["nbd_uri"].as_str().unwrap_or("").is_empty())
+                .then_some(())
+        });
+        restart_ms.push(t.elapsed().as_millis());
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let runs = fio.join().expect("fio thread");
+    let mut max_lat_ms = 0.0f64;
+    let mut p99_ms = 0.0f64;
+    for (st, out) in &runs {
+        let text = std::fs::read_to_string(out).unwrap_or_default();
+        assert!(
+            st.success(),
+            "fio failed ({st}) while the engine's agent restarted:\n{text}\nfuse-attach log:\n{}",
+            std::fs::read_to_string(fuse_dir.with_extension("log")).unwrap_or_default()
+        );
+        let j: serde_json::Value = serde_json::from_str(text.trim_start_matches(|c| c != '{')).expect("fio JSON");
+        for lat in [&j["jobs"][0]["write"]["clat_ns"], &j["jobs"][0]["sync"]["lat_ns"]] {
+            max_lat_ms = max_lat_ms.max(lat["max"].as_f64().unwrap_or(0.0) / 1e6);
+            p99_ms = p99_ms.max(lat["percentile"]["99.000000"].as_f64().unwrap_or(0.0) / 1e6);
+        }
+    }
+    eprintln!(
+        "agent restarts: {} fio runs, every one verified; restart → serving again (ms): {restart_ms:?}; \
+         write and fsync latency: worst run's p99 {p99_ms:.1} ms, max {max_lat_ms:.0} ms",
+        runs.len()
+    );
+    let log = std::fs::read_to_string(fuse_dir.with_extension("log")).unwrap_or_default();
+    assert!(log.contains("nbd connection re-established"), "fuse-attach never reconnected:\n{log}");
+
+    verify_files(&mnt, &BEFORE);
+    m.unmount();
+    let fsck = run_tool(Command::new("fsck.ext4").args(["-n", "-f"]).arg(&lo.path), TOOL_TIMEOUT);
+    assert!(fsck.status.success(), "fsck.ext4 after the restarts:\n{}", String::from_utf8_lossy(&fsck.stdout));
+    lo.detach();
+    fuse.stop();
+}

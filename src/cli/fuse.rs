@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use hlstore_nbd_client::fuse::{FuseMount, DEFAULT_FILE_NAME};
-use hlstore_nbd_client::{ClientOptions, NbdClient, NbdUri};
+use hlstore_nbd_client::{ClientOptions, NbdUri, ReconnectPolicy, Reconnecting};
 
 const EXAMPLE: &str = "\
 Example (as root; the kernel needs FUSE and loop devices):
@@ -33,10 +33,16 @@ pub struct FuseArgs {
     /// Name of the block file inside the mount point.
     #[arg(long, default_value = DEFAULT_FILE_NAME)]
     pub file_name: String,
-    /// Seconds one I/O may wait for the NBD server before it fails with EIO (and the
-    /// connection is dropped; restart the attach to reconnect).
+    /// Seconds one I/O may wait for the NBD server's answer before the connection is
+    /// taken for dead (and replaced, see --reconnect-secs).
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
+    /// When the connection dies (the agent serving the volume restarts, the volume is
+    /// re-attached), reconnect and send the unanswered I/O again for up to this many
+    /// seconds; the filesystem above only sees slow I/O. Past it, I/O fails with EIO.
+    /// 0 = never reconnect (the first dead connection fails every I/O).
+    #[arg(long, env = "HLSTORE_RECONNECT_SECS", default_value_t = 120)]
+    pub reconnect_secs: u64,
 }
 
 /// Mounts, prints the file path on stdout, waits for SIGTERM/Ctrl-C, unmounts.
@@ -46,7 +52,12 @@ pub async fn run(args: FuseArgs) -> anyhow::Result<()> {
         anyhow::bail!("--timeout-secs must be at least 1");
     }
     let opts = ClientOptions { request_timeout: Duration::from_secs(args.timeout_secs), ..ClientOptions::default() };
-    let client = Arc::new(NbdClient::connect(&uri, opts).await.with_context(|| format!("connecting to {uri}"))?);
+    let policy = match args.reconnect_secs {
+        0 => ReconnectPolicy::NEVER,
+        s => ReconnectPolicy::within(Duration::from_secs(s)),
+    };
+    let client =
+        Arc::new(Reconnecting::connect(&uri, opts, policy).await.with_context(|| format!("connecting to {uri}"))?);
     std::fs::create_dir_all(&args.mountpoint)
         .with_context(|| format!("creating mount point {}", args.mountpoint.display()))?;
     let mount = FuseMount::mount(client.clone(), &args.mountpoint, &args.file_name).await?;
@@ -68,6 +79,12 @@ pub async fn run(args: FuseArgs) -> anyhow::Result<()> {
             tracing::info!("interrupted: unmounting");
         }
     }
+    let stats = client.stats();
+    tracing::info!(
+        reconnects = stats.reconnects.load(std::sync::atomic::Ordering::Relaxed),
+        retried_requests = stats.retried_requests.load(std::sync::atomic::Ordering::Relaxed),
+        "block file closing"
+    );
     let unmounted = mount
         .unmount()
         .await

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use fuse_support::*;
 use hlstore_nbd::MemDevice;
-use hlstore_nbd_client::ClientOptions;
+use hlstore_nbd_client::{ClientOptions, ReconnectPolicy};
 use nbd_support::*;
 
 const SIZE: u64 = 16 * MIB;
@@ -110,6 +110,72 @@ async fn file_operations_reach_the_export() {
     // Dropping the mount unmounts it.
     drop(fuse);
     assert!(!is_mounted(dir.path()), "drop unmounted the block file");
+    h.shutdown().await;
+}
+
+/// What an engine restart or a re-attach looks like to the client: the export goes away
+/// (its connections are closed by the server), then comes back under the same name. I/O
+/// issued meanwhile waits and then succeeds on a new connection; nothing reaches the file
+/// as an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reexported_volume_is_reconnected_and_io_retried() {
+    require_fuse_and_loop();
+    let dev = mem("vol", SIZE);
+    let h = Harness::start(&[("vol", dev.clone())]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = ReconnectPolicy::within(Duration::from_secs(20));
+    let (client, fuse) = mount_reconnecting(&h.unix_uri("vol"), dir.path(), ClientOptions::default(), policy).await;
+    let f = Arc::new(open_rw(fuse.file_path()));
+    let g = f.clone();
+    blocking(move || g.write_all_at(b"before", 0).unwrap()).await;
+
+    // Detach: the server closes the connection of a removed export.
+    h.server.registry().remove("vol");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !client.is_dead() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(client.is_dead(), "removing the export closed its connection");
+
+    // I/O while nothing is exported waits...
+    let g = f.clone();
+    let io = tokio::task::spawn_blocking(move || {
+        g.write_all_at(b"after!", 4096)?;
+        g.sync_all()?;
+        let mut buf = [0u8; 6];
+        g.read_exact_at(&mut buf, 0)?;
+        std::io::Result::Ok(buf)
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!io.is_finished(), "I/O waited for the export to come back instead of failing");
+    // ...and completes once the volume is exported again (a re-attach).
+    h.server.registry().insert("vol", dev.clone());
+    let read = tokio::time::timeout(Duration::from_secs(15), io).await.expect("I/O finished").unwrap().unwrap();
+    assert_eq!(&read, b"before");
+    assert_eq!(dev.read_bytes(4096, 6), b"after!".to_vec(), "the retried write is on the export");
+    assert!(client.stats().reconnects.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    drop(f);
+    drop(fuse);
+    h.shutdown().await;
+}
+
+/// Past the reconnect window, I/O fails with EIO (the export is gone for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reconnect_that_never_succeeds_ends_in_eio() {
+    require_fuse_and_loop();
+    let h = Harness::start(&[("vol", mem("vol", SIZE))]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = ReconnectPolicy::within(Duration::from_secs(2));
+    let (_client, fuse) = mount_reconnecting(&h.unix_uri("vol"), dir.path(), ClientOptions::default(), policy).await;
+    let f = Arc::new(open_rw(fuse.file_path()));
+    h.server.registry().remove("vol");
+    let start = Instant::now();
+    let g = f.clone();
+    let err = blocking(move || g.write_at(b"lost", 0).unwrap_err()).await;
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(start.elapsed() >= Duration::from_millis(1500), "failed only after the window: {:?}", start.elapsed());
+    drop(f);
+    drop(fuse);
     h.shutdown().await;
 }
 

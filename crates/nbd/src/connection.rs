@@ -6,8 +6,9 @@
 //! completion order (the client matches them by cookie). In-flight work is bounded by a
 //! byte budget ([`IN_FLIGHT_BUDGET`]): the reader stops reading when it is spent.
 //!
-//! Ending: on `NBD_CMD_DISC`, on shutdown, on EOF, after a reply with `ESHUTDOWN` (the
-//! device was fenced by a newer engine), or after a protocol violation, the
+//! Ending: on `NBD_CMD_DISC`, on shutdown, on EOF, when the export is removed or replaced
+//! (a detach), after a reply with `ESHUTDOWN` (the device was fenced by a newer engine),
+//! or after a protocol violation, the
 //! reader stops, every in-flight request still completes and gets its reply, then the
 //! connection closes. A reply is sent only after the device operation returned, which is
 //! what makes `CAN_MULTI_CONN` honest for a device that reports `multi_conn()`.
@@ -100,6 +101,10 @@ where
         tokio::select! {
             biased;
             _ = cancel.cancelled() => return Ok(()),
+            _ = export.closed.cancelled() => {
+                tracing::debug!(nbd.export = %export.name, "export removed: closing the connection");
+                return Ok(());
+            }
             read = reader.read_exact(&mut buf) => match read {
                 Ok(_) => {}
                 // The client went away without NBD_CMD_DISC (a hard disconnect).

@@ -5,8 +5,10 @@
 //! - Every export of one device (the same `Arc`) shares one [`RangeLock`], also across
 //!   remove/insert, as long as any connection still uses it: read-modify-writes are
 //!   serialised across all connections of a device.
-//! - Removing an export stops new connections from opening it; open connections keep
-//!   serving until they disconnect.
+//! - Removing (or replacing) an export stops new connections from opening it and closes the
+//!   open ones: each stops reading requests, answers those in flight, and closes (the
+//!   export's `closed` token). A client that reconnects finds whatever is exported under
+//!   the name then: the engine that replaced it after a detach/attach, or nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, RwLock, Weak};
@@ -25,6 +27,8 @@ pub struct Export<D> {
     pub(crate) locks: Arc<RangeLock>,
     /// Per-export I/O counters; kept when the name is re-inserted.
     pub io: Arc<ExportIo>,
+    /// Cancelled when the export is removed or replaced: its connections close.
+    pub(crate) closed: tokio_util::sync::CancellationToken,
 }
 
 #[derive(Debug)]
@@ -80,13 +84,21 @@ impl<D: BlockDevice> ExportRegistry<D> {
             }
         };
         let io = inner.exports.get(&name).map(|old| old.io.clone()).unwrap_or_default();
-        let export = Arc::new(Export { name: name.clone(), device, read_only, locks, io });
-        inner.exports.insert(name, export).map(|old| old.device.clone())
+        let closed = tokio_util::sync::CancellationToken::new();
+        let export = Arc::new(Export { name: name.clone(), device, read_only, locks, io, closed });
+        inner.exports.insert(name, export).map(|old| {
+            old.closed.cancel();
+            old.device.clone()
+        })
     }
 
-    /// Stops exporting `name`; returns its device if it was exported.
+    /// Stops exporting `name` and closes its connections (after the requests in flight are
+    /// answered); returns its device if it was exported.
     pub fn remove(&self, name: &str) -> Option<Arc<D>> {
-        self.write().exports.remove(name).map(|old| old.device.clone())
+        self.write().exports.remove(name).map(|old| {
+            old.closed.cancel();
+            old.device.clone()
+        })
     }
 
     /// The export called `name`.
@@ -131,5 +143,19 @@ mod tests {
         assert!(!Arc::ptr_eq(&a.locks, &reg.get("e").unwrap().locks));
         assert_eq!(reg.names(), vec!["c".to_string(), "e".to_string()]);
         assert!(reg.get("a").is_none());
+    }
+
+    #[test]
+    fn removing_or_replacing_an_export_closes_it() {
+        let reg = ExportRegistry::new();
+        let dev = Arc::new(MemDevice::new("d", 4096).unwrap());
+        reg.insert("a", dev.clone());
+        let first = reg.get("a").unwrap();
+        reg.insert("a", dev.clone());
+        assert!(first.closed.is_cancelled(), "replaced export closes");
+        let second = reg.get("a").unwrap();
+        assert!(!second.closed.is_cancelled());
+        reg.remove("a");
+        assert!(second.closed.is_cancelled(), "removed export closes");
     }
 }

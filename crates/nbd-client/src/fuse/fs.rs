@@ -28,7 +28,7 @@ use fuser::{
     Request, TimeOrNow, WriteFlags,
 };
 
-use crate::NbdClient;
+use crate::Reconnecting;
 use hlstore_core::error::{Error, ErrorKind};
 
 /// Inode of the one file.
@@ -45,7 +45,7 @@ const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
 /// The filesystem. Construct with [`BlockFileFs::new`], mount with [`super::FuseMount`].
 pub struct BlockFileFs {
-    client: Arc<NbdClient>,
+    client: Arc<Reconnecting>,
     runtime: tokio::runtime::Handle,
     file_name: OsString,
     size: u64,
@@ -57,7 +57,7 @@ pub struct BlockFileFs {
 
 impl BlockFileFs {
     /// A filesystem exposing `client`'s export as `file_name`; requests run on `runtime`.
-    pub fn new(client: Arc<NbdClient>, file_name: impl Into<OsString>, runtime: tokio::runtime::Handle) -> Self {
+    pub fn new(client: Arc<Reconnecting>, file_name: impl Into<OsString>, runtime: tokio::runtime::Handle) -> Self {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let info = client.info();

@@ -2,7 +2,7 @@
 //! (and a real filesystem on it) can run on a volume where the kernel has no NBD client.
 //!
 //! ```text
-//! NbdClient ──► BlockFileFs (FUSE, DIR/disk) ──► losetup /dev/loopN ──► mkfs.ext4, mount
+//! Reconnecting (NbdClient) ──► BlockFileFs (FUSE, DIR/disk) ──► losetup /dev/loopN ──► mkfs.ext4, mount
 //! ```
 //!
 //! Module map: [`fs`]: `BlockFileFs`, the operations and how each maps to NBD;
@@ -23,8 +23,11 @@
 //! - Writes are not serialised by the kernel (`FOPEN_PARALLEL_DIRECT_WRITES`); requests run
 //!   as tokio tasks and are pipelined on the one NBD connection.
 //!
-//! Failure: every request is bounded by the NBD client's request timeout; a dead connection
-//! makes every I/O return `EIO` at once. There is no reconnect: restart the attach.
+//! Failure: every request is bounded by the NBD client's request timeout. A dead connection
+//! (the agent serving the export restarted, the volume was re-attached) is replaced by a new
+//! one and the requests in flight are sent again ([`crate::reconnect`]); the loop device and
+//! the filesystem above only see them take longer. A request that cannot be served within
+//! the reconnect window returns `EIO`.
 
 pub mod fs;
 pub mod mount;

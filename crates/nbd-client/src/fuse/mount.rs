@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use fuser::{BackgroundSession, Config, MountOption, Session, SessionACL};
 
 use super::fs::BlockFileFs;
-use crate::NbdClient;
+use crate::Reconnecting;
 use hlstore_core::error::{Error, Result};
 
 /// How long a busy mount is retried before it is detached lazily.
@@ -39,7 +39,7 @@ pub struct FuseMount {
 impl FuseMount {
     /// Mounts `client`'s export on `mountpoint` as one file called `file_name`. Must be called
     /// inside a tokio runtime (the filesystem runs its I/O there).
-    pub async fn mount(client: Arc<NbdClient>, mountpoint: &Path, file_name: &str) -> Result<FuseMount> {
+    pub async fn mount(client: Arc<Reconnecting>, mountpoint: &Path, file_name: &str) -> Result<FuseMount> {
         if file_name.is_empty() || file_name == "." || file_name == ".." || file_name.contains('/') {
             return Err(Error::InvalidArgument(format!("block file name {file_name:?} is not a plain file name")));
         }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hlstore_nbd_client::fuse::FuseMount;
-use hlstore_nbd_client::{ClientOptions, NbdClient, NbdUri};
+use hlstore_nbd_client::{ClientOptions, NbdClient, NbdUri, ReconnectPolicy, Reconnecting};
 
 use crate::nbd_support::{run_ok, tool};
 
@@ -36,9 +36,24 @@ pub fn is_mounted(dir: &Path) -> bool {
     info.lines().any(|l| l.split(' ').nth(4).is_some_and(|p| Path::new(p) == dir))
 }
 
-/// Connects to `uri` and mounts the export as `DIR/disk`.
-pub async fn mount_export(uri: &str, dir: &Path, opts: ClientOptions) -> (Arc<NbdClient>, FuseMount) {
-    let client = Arc::new(NbdClient::connect(&NbdUri::parse(uri).expect("uri"), opts).await.expect("nbd connect"));
+/// Connects to `uri` and mounts the export as `DIR/disk` (no reconnect).
+pub async fn mount_export(uri: &str, dir: &Path, opts: ClientOptions) -> (Arc<Reconnecting>, FuseMount) {
+    let client = NbdClient::connect(&NbdUri::parse(uri).expect("uri"), opts).await.expect("nbd connect");
+    mount_client(Arc::new(Reconnecting::fixed(client)), dir).await
+}
+
+/// Connects to `uri` with `policy` and mounts the export as `DIR/disk`.
+pub async fn mount_reconnecting(
+    uri: &str,
+    dir: &Path,
+    opts: ClientOptions,
+    policy: ReconnectPolicy,
+) -> (Arc<Reconnecting>, FuseMount) {
+    let client = Reconnecting::connect(&NbdUri::parse(uri).expect("uri"), opts, policy).await.expect("nbd connect");
+    mount_client(Arc::new(client), dir).await
+}
+
+async fn mount_client(client: Arc<Reconnecting>, dir: &Path) -> (Arc<Reconnecting>, FuseMount) {
     let mount = FuseMount::mount(client.clone(), dir, "disk").await.expect("mount the block file");
     assert!(is_mounted(dir), "FUSE mount visible in mountinfo");
     (client, mount)
