@@ -83,6 +83,33 @@ pub struct NodeArgs {
     /// same value on every node.
     #[arg(long, env = "HLSTORE_LEASE_MS")]
     pub lease_ms: Option<u64>,
+    /// Bytes of the data directory's filesystem kept free for other uses (the OS, logs,
+    /// images): placement counts only the rest as room for replicas (e.g. 20GiB).
+    #[arg(long, env = "HLSTORE_STORAGE_RESERVED", value_parser = super::size::parse_size, default_value = "0")]
+    pub storage_reserved: u64,
+    /// A replica whose node has not answered for this long is replaced on another node
+    /// with room (the new copy is filled from the healthy replicas before the old one is
+    /// dropped; the old node's stale copy is deleted when it comes back). Seconds, or with
+    /// a unit: 90s, 10m, 1h. 0 = never (replace by hand: hlstore volume replace-replica).
+    /// Use the same value on every node.
+    #[arg(long, env = "HLSTORE_REPLICA_REPLACE_AFTER", value_parser = parse_duration, default_value = "10m")]
+    pub replica_replace_after: std::time::Duration,
+}
+
+/// `600`, `600s`, `10m`, `1h`, `1500ms`.
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?}: expected a number with an optional unit (ms, s, m, h)"))?;
+    let ms = match unit.trim() {
+        "ms" => Some(n),
+        "" | "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        other => return Err(format!("{s:?}: unknown unit {other:?} (use ms, s, m or h)")),
+    };
+    ms.map(std::time::Duration::from_millis).ok_or_else(|| format!("{s:?} is too long"))
 }
 
 pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
@@ -122,6 +149,8 @@ pub async fn run(args: NodeArgs) -> anyhow::Result<()> {
         peers: parse_peers(&args.peers)?,
         timeouts,
         tls: super::tls::state()?,
+        storage_reserved: args.storage_reserved,
+        replica_replace_after: (!args.replica_replace_after.is_zero()).then_some(args.replica_replace_after),
     };
     let shutdown = async {
         let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -37,6 +37,13 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// List the cluster's nodes: reachable or not, replicas held, and room for new
+    /// replicas (free bytes less what thin replicas may still claim), which is what
+    /// placement decides by.
+    Nodes {
+        #[arg(long)]
+        json: bool,
+    },
     /// Show one volume.
     Show {
         name: String,
@@ -220,6 +227,39 @@ pub async fn run(endpoint: &str, cmd: VolumeCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&vols.iter().map(volume_json).collect::<Vec<_>>())?);
             } else {
                 print_table(&vols);
+            }
+        }
+        VolumeCommand::Nodes { json } => {
+            let nodes = c.list_nodes(vpb::ListNodesRequest {}).await.map_err(status_err)?.into_inner().nodes;
+            let room = |n: &vpb::Node| {
+                (n.reachable && n.capacity_bytes > 0).then(|| n.available_bytes.saturating_sub(n.promised_bytes))
+            };
+            if json {
+                let list: Vec<_> = nodes
+                    .iter()
+                    .map(|n| {
+                        serde_json::json!({
+                            "id": n.id, "endpoint": n.endpoint, "reachable": n.reachable, "replicas": n.replicas,
+                            "capacity_bytes": n.capacity_bytes, "available_bytes": n.available_bytes,
+                            "promised_bytes": n.promised_bytes, "room_bytes": room(n),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let gib = |b: u64| format!("{:.1} GiB", b as f64 / (1u64 << 30) as f64);
+                println!(
+                    "{:<12} {:<10} {:>8} {:>12} {:>12} {:>12}",
+                    "NODE", "STATE", "REPLICAS", "AVAILABLE", "PROMISED", "ROOM"
+                );
+                for n in &nodes {
+                    let state = if n.reachable { "up" } else { "unreachable" };
+                    let (avail, promised, r) = match room(n) {
+                        Some(r) => (gib(n.available_bytes), gib(n.promised_bytes), gib(r)),
+                        None => ("-".into(), "-".into(), "-".into()),
+                    };
+                    println!("{:<12} {:<10} {:>8} {:>12} {:>12} {:>12}", n.id, state, n.replicas, avail, promised, r);
+                }
             }
         }
         VolumeCommand::Show { name, json } => {

@@ -37,6 +37,8 @@ pub enum ErrorKind {
     /// A compare-and-set lost: another engine changed what the caller based its request on
     /// (e.g. it attached the volume meanwhile).
     Conflict,
+    /// No node has room for what was asked (a replica of this size).
+    NoSpace,
 }
 
 /// The engine error: a kind, a message with context, and an optional source.
@@ -73,6 +75,8 @@ pub enum Error {
     Unsupported(String),
     #[error("conflict: {0}")]
     Conflict(String),
+    #[error("no space: {0}")]
+    NoSpace(String),
 }
 
 impl Error {
@@ -90,6 +94,7 @@ impl Error {
             Error::Internal(_) => ErrorKind::Internal,
             Error::Unsupported(_) => ErrorKind::Unsupported,
             Error::Conflict(_) => ErrorKind::Conflict,
+            Error::NoSpace(_) => ErrorKind::NoSpace,
         }
     }
 

@@ -16,6 +16,7 @@ pub mod error;
 pub mod identity;
 pub mod ids;
 pub mod metrics;
+pub mod space;
 
 pub use device::BlockDevice;
 pub use error::{Error, ErrorKind, Result};

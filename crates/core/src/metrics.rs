@@ -58,9 +58,23 @@ impl Page {
 /// Builds the metrics page on each scrape.
 pub type Render = Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
+/// Whether a daemon is ready: `Err(why)` when not.
+pub type Ready = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Serves `GET /metrics` (the page from `render`) and `GET /healthz` on `listener` until
 /// `shutdown` resolves.
 pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<Output = ()>) {
+    serve_with_ready(listener, render, None, shutdown).await
+}
+
+/// [`serve`], plus `GET /ready` from `ready`: `200 ready`, or `503` with the reason (a
+/// Kubernetes readiness probe; `/healthz` stays the liveness answer).
+pub async fn serve_with_ready(
+    listener: TcpListener,
+    render: Render,
+    ready: Option<Ready>,
+    shutdown: impl Future<Output = ()>,
+) {
     tokio::pin!(shutdown);
     loop {
         let (mut sock, _) = tokio::select! {
@@ -74,6 +88,7 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<
             },
         };
         let render = render.clone();
+        let ready = ready.clone();
         tokio::spawn(async move {
             // Read the request head (up to the blank line; requests may arrive in pieces).
             let mut buf = vec![0u8; 4096];
@@ -90,6 +105,10 @@ pub async fn serve(listener: TcpListener, render: Render, shutdown: impl Future<
             let (status, body) = match path {
                 "/metrics" => ("200 OK", render().await),
                 "/healthz" => ("200 OK", "ok\n".to_string()),
+                "/ready" if ready.is_some() => match ready.as_ref().map(|r| r()) {
+                    Some(Err(why)) => ("503 Service Unavailable", format!("not ready: {why}\n")),
+                    _ => ("200 OK", "ready\n".to_string()),
+                },
                 _ => ("404 Not Found", "not found: try /metrics or /healthz\n".to_string()),
             };
             let resp = format!(

@@ -20,6 +20,7 @@ pub fn errno_for(err: &Error, is_write: bool) -> u32 {
         | ErrorKind::Io
         | ErrorKind::Conflict
         | ErrorKind::Internal => EIO,
+        ErrorKind::NoSpace => ENOSPC,
         ErrorKind::Unsupported => EINVAL,
     }
 }

@@ -164,6 +164,7 @@ fn injected(volume: &str, kind: ErrorKind, offset: u64) -> Error {
         ErrorKind::Internal => Error::Internal(what),
         ErrorKind::Unsupported => Error::Unsupported(what),
         ErrorKind::Conflict => Error::Conflict(what),
+        ErrorKind::NoSpace => Error::NoSpace(what),
     }
 }
 

@@ -9,7 +9,15 @@ use hlstore_replication::ScrubReport;
 use crate::model::{ChangedBlocks, CloneSpec, NewVolume, NodeInfo, Snapshot, Volume, VolumeReplica, VolumeScrub};
 
 pub fn node_to_pb(n: NodeInfo) -> vpb::Node {
-    vpb::Node { id: n.id, endpoint: n.endpoint, reachable: n.reachable }
+    vpb::Node {
+        id: n.id,
+        endpoint: n.endpoint,
+        reachable: n.reachable,
+        capacity_bytes: n.space.map_or(0, |s| s.total),
+        available_bytes: n.space.map_or(0, |s| s.available),
+        promised_bytes: n.promised_bytes,
+        replicas: n.replicas,
+    }
 }
 
 pub fn volume_to_pb(v: Volume) -> vpb::Volume {

@@ -31,6 +31,7 @@ mod metrics_page;
 mod metrics_volume;
 pub mod model;
 mod peers;
+pub mod placement;
 mod service;
 pub mod volumes;
 
@@ -73,6 +74,10 @@ pub struct NodeConfig {
     /// This agent's TLS directory (a `node` certificate for `id`), reloaded when its files
     /// change; `None` serves and dials in plaintext (`--insecure`).
     pub tls: Option<Arc<hlstore_tls::TlsState>>,
+    /// Bytes of the data directory's filesystem not counted as room for replicas.
+    pub storage_reserved: u64,
+    /// Replace a replica whose node has not answered for this long (`None`: never).
+    pub replica_replace_after: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -203,7 +208,7 @@ pub async fn run(
     }
     let store = Arc::new(store);
     spawn_background_flush(store.clone());
-    let replica_svc = ReplicaService::new(store.clone());
+    let replica_svc = ReplicaService::new(store.clone()).with_space(config.data_dir.clone(), config.storage_reserved);
     let stats = replica_svc.stats();
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -232,6 +237,7 @@ pub async fn run(
             config.timeouts,
         )
         .allow_remote_nbd(config.allow_remote_nbd)
+        .replace_after(config.replica_replace_after)
         .with_local_store(store.clone(), stats.clone()),
     );
     let nbd_shutdown = nbd.shutdown_handle();
@@ -248,6 +254,7 @@ pub async fn run(
                 .await
                 .map_err(|e| Error::io(format!("binding metrics listener {addr}"), e))?;
             let bound = l.local_addr().map_err(|e| Error::io("metrics listener address", e))?;
+            let ready_mgr = mgr.clone();
             let (id, store, stats, mgr) = (config.id.clone(), store.clone(), stats.clone(), mgr.clone());
             let data_dir = config.data_dir.clone();
             let render: metrics::Render = Arc::new(move || {
@@ -256,7 +263,8 @@ pub async fn run(
                 Box::pin(async move { metrics_page::render(&id, &data_dir, &store, &stats, &mgr).await })
             });
             let mut rx = stop_rx.clone();
-            tokio::spawn(metrics::serve(l, render, async move {
+            let ready: metrics::Ready = Arc::new(move || ready_mgr.upkeep.ready());
+            tokio::spawn(metrics::serve_with_ready(l, render, Some(ready), async move {
                 let _ = rx.wait_for(|s| *s).await;
             }));
             Some(bound)
@@ -267,7 +275,11 @@ pub async fn run(
     on_ready(Bound { grpc: grpc_addr, metrics: metrics_addr, nbd: nbd_addr });
 
     let restorer = mgr.clone();
-    tokio::spawn(async move { restorer.restore_attachments().await });
+    tokio::spawn(async move {
+        restorer.restore_attachments().await;
+        restorer.upkeep.restored();
+    });
+    tokio::spawn(mgr.clone().run_upkeep());
 
     let server_replica = replica_svc.into_server();
     let server_volumes = VolumeService::new(mgr.clone()).into_server();

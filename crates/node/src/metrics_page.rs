@@ -41,6 +41,31 @@ pub async fn render(id: &str, data_dir: &Path, store: &DiskStore, stats: &Servic
         "Resync chunks applied to local replicas",
         c(&stats.resync_chunks_applied),
     );
+    let u = &mgr.upkeep;
+    p.single(
+        "hlstore_node_ready",
+        "gauge",
+        "1 when the agent is ready (no volume with a replica here is degraded; see GET /ready)",
+        if u.ready().is_ok() { 1.0 } else { 0.0 },
+    );
+    p.single(
+        "hlstore_node_replica_replacements_total",
+        "counter",
+        "Replicas of unreachable nodes replaced automatically (--replica-replace-after) by this agent",
+        c(&u.replacements),
+    );
+    p.single(
+        "hlstore_node_replica_replacement_failures_total",
+        "counter",
+        "Automatic replica replacements that failed or found no node with room",
+        c(&u.replacement_failures),
+    );
+    p.single(
+        "hlstore_node_stale_replicas_deleted_total",
+        "counter",
+        "Replicas of this node deleted because their volume moved to other nodes while it was away",
+        c(&u.stale_deleted),
+    );
     let replicas = store.list().unwrap_or_default();
     type Gauge = (&'static str, &'static str, fn(&hlstore_store::ReplicaInfo) -> u64);
     let gauges: [Gauge; 4] = [

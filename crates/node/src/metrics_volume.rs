@@ -107,7 +107,7 @@ pub fn lag(p: &mut Page, attached: &[Volume]) {
 
 /// Capacity of the filesystem holding the data directory (what replicas can grow into).
 pub fn capacity(p: &mut Page, data_dir: &Path) {
-    let Some((total, avail)) = statvfs(data_dir) else {
+    let Some(hlstore_core::space::FsSpace { total, available: avail }) = hlstore_core::space::fs_space(data_dir) else {
         return;
     };
     p.single(
@@ -122,16 +122,4 @@ pub fn capacity(p: &mut Page, data_dir: &Path) {
         "Bytes available to the node agent on that filesystem",
         avail as f64,
     );
-}
-
-fn statvfs(path: &Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
-    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    let frsize = st.f_frsize as u64;
-    Some((st.f_blocks as u64 * frsize, st.f_bavail as u64 * frsize))
 }

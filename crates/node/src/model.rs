@@ -12,6 +12,11 @@ pub struct NodeInfo {
     pub id: String,
     pub endpoint: String,
     pub reachable: bool,
+    /// Room for replicas (`None`: unreachable, or an agent that does not report it).
+    pub space: Option<hlstore_core::space::FsSpace>,
+    /// Bytes its thin replicas may still allocate.
+    pub promised_bytes: u64,
+    pub replicas: u32,
 }
 
 /// A volume as a node sees it: its record, where it is attached, and its replicas.

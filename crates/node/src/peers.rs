@@ -23,6 +23,7 @@ use crate::convert;
 use crate::model::{Snapshot, Volume, VolumeScrub};
 use crate::MAX_MESSAGE_BYTES;
 use hlstore_core::error::{Error, Result};
+use hlstore_core::space::FsSpace;
 use hlstore_store::{ReplicaInfo, ReplicaState, SnapshotInfo, VolumeRecord};
 
 /// Deadline of one call to a peer during fan-out.
@@ -52,11 +53,13 @@ impl Cluster {
 
     // ----- the Replica service of a node -----
 
-    /// The replicas `node` holds; entries without a valid record are left out.
-    pub async fn list_replicas(&self, node: &str) -> Result<Vec<ReplicaInfo>> {
+    /// The replicas `node` holds (entries without a valid record are left out), and its room
+    /// for replicas if its agent reports it.
+    pub async fn list_replicas(&self, node: &str) -> Result<(Vec<ReplicaInfo>, Option<FsSpace>)> {
         let mut c = self.replica_client(node)?;
-        let r = bounded(node, async move { c.list_replicas(rpb::ListReplicasRequest {}).await }).await?;
-        Ok(r.into_inner().replicas.into_iter().filter_map(|i| rconvert::info_from_pb(i).ok()).collect())
+        let r = bounded(node, async move { c.list_replicas(rpb::ListReplicasRequest {}).await }).await?.into_inner();
+        let space = (r.capacity_bytes > 0).then_some(FsSpace { total: r.capacity_bytes, available: r.available_bytes });
+        Ok((r.replicas.into_iter().filter_map(|i| rconvert::info_from_pb(i).ok()).collect(), space))
     }
 
     pub async fn create_replica(&self, node: &str, record: &VolumeRecord) -> Result<()> {

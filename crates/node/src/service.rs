@@ -50,7 +50,7 @@ const MAX_WRITE_VOLUME_BYTES: usize = 4 << 20;
 #[tonic::async_trait]
 impl Volumes for VolumeService {
     async fn list_nodes(&self, _r: Request<vpb::ListNodesRequest>) -> Result<Response<vpb::ListNodesResponse>, Status> {
-        let nodes = self.mgr.nodes_view().into_iter().map(convert::node_to_pb).collect();
+        let nodes = self.mgr.nodes_view().await.into_iter().map(convert::node_to_pb).collect();
         Ok(Response::new(vpb::ListNodesResponse { nodes }))
     }
 

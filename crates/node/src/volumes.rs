@@ -15,6 +15,7 @@
 //! - Attach and detach on one node are serialised (`attach_lock`): one engine per volume.
 
 mod snapshots;
+pub mod upkeep;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileTypeExt;
@@ -26,6 +27,7 @@ use tokio::sync::Mutex;
 
 use super::cluster::Cluster;
 use crate::model::{NewVolume, NodeInfo, Volume, VolumeReplica};
+use crate::placement::{self, NodeRoom};
 use hlstore_core::error::{Error, Result};
 use hlstore_nbd::{NbdServer, ShutdownHandle};
 use hlstore_replication::rpc::ServiceStats;
@@ -110,6 +112,8 @@ pub struct VolumeManager {
     /// This node's store and replica counters: engines reach their replica on this node
     /// in process (`LocalReplica`) instead of over gRPC.
     local: Option<(Arc<DiskStore>, Arc<ServiceStats>)>,
+    /// Readiness, automatic replacement and stale-replica state (see `upkeep`).
+    pub upkeep: upkeep::Upkeep,
 }
 
 /// How an engine reaches one of its replicas.
@@ -281,7 +285,14 @@ impl VolumeManager {
             timeouts,
             remote_nbd: false,
             local: None,
+            upkeep: upkeep::Upkeep::new(None),
         }
+    }
+
+    /// Replace a replica whose node has not answered for `after` (`None`: never).
+    pub fn replace_after(mut self, after: Option<std::time::Duration>) -> Self {
+        self.upkeep = upkeep::Upkeep::new(after);
+        self
     }
 
     /// Engines on this node reach the replica in `store` in process (counted in `stats`,
@@ -323,13 +334,21 @@ impl VolumeManager {
 
     /// Every replica on every reachable node, grouped by volume.
     async fn gather(&self) -> BTreeMap<String, Gathered> {
+        self.survey().await.0
+    }
+
+    /// [`Self::gather`], plus the room of every reachable node (for placement).
+    async fn survey(&self) -> (BTreeMap<String, Gathered>, Vec<NodeRoom>) {
         let mut out: BTreeMap<String, Gathered> = BTreeMap::new();
+        let mut rooms = Vec::new();
         let calls = self.cluster.nodes().into_iter().map(|n| async move {
             let res = self.cluster.list_replicas(&n).await;
             (n, res)
         });
         for (node, res) in futures::future::join_all(calls).await {
-            let Ok(list) = res else { continue };
+            let Ok((list, space)) = res else { continue };
+            let promised = list.iter().map(|i| i.record.size.saturating_sub(i.state.allocated_bytes)).sum();
+            rooms.push(NodeRoom { id: node.clone(), space, promised, replicas: list.len() });
             for info in list {
                 let record = info.record.clone();
                 let g = out
@@ -341,7 +360,7 @@ impl VolumeManager {
                 g.replicas.insert(node.clone(), info);
             }
         }
-        out
+        (out, rooms)
     }
 
     /// Attachments reported by every reachable node: volume → (node, volume view).
@@ -466,14 +485,22 @@ impl VolumeManager {
         self.list().await.into_iter().find(|v| v.name == name).ok_or_else(|| not_found(name))
     }
 
-    pub fn nodes_view(&self) -> Vec<NodeInfo> {
+    /// Every member, whether it answered, and its room for replicas.
+    pub async fn nodes_view(&self) -> Vec<NodeInfo> {
+        let (_, rooms) = self.survey().await;
         self.cluster
             .nodes()
             .into_iter()
-            .map(|n| NodeInfo {
-                endpoint: self.cluster.endpoint(&n).unwrap_or_default().to_string(),
-                id: n,
-                reachable: true,
+            .map(|n| {
+                let room = rooms.iter().find(|r| r.id == n);
+                NodeInfo {
+                    endpoint: self.cluster.endpoint(&n).unwrap_or_default().to_string(),
+                    reachable: room.is_some(),
+                    space: room.and_then(|r| r.space),
+                    promised_bytes: room.map_or(0, |r| r.promised),
+                    replicas: room.map_or(0, |r| r.replicas as u32),
+                    id: n,
+                }
             })
             .collect()
     }
@@ -481,7 +508,7 @@ impl VolumeManager {
     // ----- create / delete -----
 
     pub async fn create(&self, req: NewVolume) -> Result<Volume> {
-        let gathered = self.gather().await;
+        let (gathered, rooms) = self.survey().await;
         if let Some(g) = gathered.get(&req.name) {
             if g.record.size == req.size {
                 return Ok(Self::detached_view(g));
@@ -492,18 +519,12 @@ impl VolumeManager {
             )));
         }
         let n = if req.replicas == 0 { 3.min(self.cluster.nodes().len()) } else { req.replicas as usize };
+        let what = format!("volume {} ({} replicas of {})", req.name, n, placement::fmt_bytes(req.size));
         let nodes = if req.nodes.is_empty() {
-            // Least-used nodes first (fewest replicas), then by id.
-            let mut load: BTreeMap<String, usize> = self.cluster.nodes().into_iter().map(|n| (n, 0)).collect();
-            for g in gathered.values() {
-                for node in g.replicas.keys() {
-                    *load.entry(node.clone()).or_default() += 1;
-                }
-            }
-            let mut by_load: Vec<(usize, String)> = load.into_iter().map(|(n, l)| (l, n)).collect();
-            by_load.sort();
-            by_load.into_iter().map(|(_, n)| n).take(n).collect::<Vec<_>>()
+            // The nodes with the most room (see `placement`).
+            placement::pick(&rooms, req.size, n, &[], &what)?
         } else {
+            placement::check_room(&rooms, req.size, &req.nodes, &what)?;
             req.nodes.clone()
         };
         if nodes.len() != n {
@@ -850,8 +871,13 @@ impl VolumeManager {
     /// was; the new replica is then filled by the engine's resync from a healthy replica.
     pub async fn replace(&self, name: &str, from: &str, to: &str) -> Result<Volume> {
         self.cluster.endpoint(to)?;
-        let gathered = self.gather().await;
+        let (gathered, rooms) = self.survey().await;
         let g = gathered.get(name).ok_or_else(|| not_found(name))?;
+        if !rooms.iter().any(|r| r.id == to) {
+            return Err(Error::Unavailable(format!("node {to} does not answer; replace onto a node that is up")));
+        }
+        let what = format!("the new replica of {name} ({})", placement::fmt_bytes(g.record.size));
+        placement::check_room(&rooms, g.record.size, &[to.to_string()], &what)?;
         let old_set = g.record.replica_set.clone();
         if !old_set.iter().any(|n| n == from) {
             return Err(Error::InvalidArgument(format!(

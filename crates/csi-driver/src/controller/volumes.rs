@@ -371,11 +371,44 @@ impl ControllerService {
     /// capabilities the driver cannot serve.
     pub(super) async fn capacity(&self, r: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
         let caps: Vec<Capability> = r.volume_capabilities.iter().map(Capability::parse).collect::<Result<_>>()?;
-        let servable =
-            caps.iter().all(|c| c.unsupported_reason().is_none()) && params::parse_params(&r.parameters).is_ok();
+        let params = params::parse_params(&r.parameters);
+        let servable = caps.iter().all(|c| c.unsupported_reason().is_none());
+        let Ok(p) = params.as_ref().map_err(|_| ()).and_then(|p| if servable { Ok(p) } else { Err(()) }) else {
+            return Ok(csi::GetCapacityResponse {
+                available_capacity: 0,
+                maximum_volume_size: None,
+                minimum_volume_size: Some(params::BLOCK as i64),
+            });
+        };
+        // The largest volume whose replicas fit: the n-th largest headroom among the
+        // reachable nodes (the agents' placement rule, see hlstore_node::placement).
+        let nodes = self
+            .agent()
+            .list_nodes(vpb::ListNodesRequest {})
+            .await
+            .map_err(|s| CsiError::agent("listing nodes", s))?
+            .into_inner()
+            .nodes;
+        let reachable: Vec<&vpb::Node> = nodes.iter().filter(|n| n.reachable).collect();
+        let want = if p.replicas == 0 { reachable.len().min(3) } else { p.replicas as usize };
+        let rooms: Option<Vec<u64>> = reachable
+            .iter()
+            .map(|n| (n.capacity_bytes > 0).then(|| n.available_bytes.saturating_sub(n.promised_bytes)))
+            .collect();
+        let available = match rooms {
+            // An agent that does not report its space: no limit is known.
+            None => i64::MAX,
+            Some(mut rooms) if want > 0 && rooms.len() >= want => {
+                rooms.sort_unstable_by(|a, b| b.cmp(a));
+                // Whole blocks only.
+                let room = rooms[want - 1] - rooms[want - 1] % params::BLOCK;
+                i64::try_from(room).unwrap_or(i64::MAX)
+            }
+            Some(_) => 0,
+        };
         Ok(csi::GetCapacityResponse {
-            available_capacity: if servable { i64::MAX } else { 0 },
-            maximum_volume_size: None,
+            available_capacity: available,
+            maximum_volume_size: (available != i64::MAX).then_some(available),
             minimum_volume_size: Some(params::BLOCK as i64),
         })
     }

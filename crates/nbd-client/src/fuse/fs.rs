@@ -124,6 +124,7 @@ pub fn errno_for(err: &Error) -> Errno {
         | ErrorKind::Unavailable
         | ErrorKind::Conflict
         | ErrorKind::Internal => Errno::EIO,
+        ErrorKind::NoSpace => Errno::ENOSPC,
         ErrorKind::Unsupported => Errno::EOPNOTSUPP,
     }
 }

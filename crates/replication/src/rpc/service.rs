@@ -44,17 +44,25 @@ pub struct ServiceStats {
 pub struct ReplicaService<S> {
     store: Arc<S>,
     stats: Arc<ServiceStats>,
+    /// Where the store's space is measured, and the bytes reserved there for other uses.
+    space: Option<(std::path::PathBuf, u64)>,
 }
 
 impl<S> Clone for ReplicaService<S> {
     fn clone(&self) -> Self {
-        Self { store: self.store.clone(), stats: self.stats.clone() }
+        Self { store: self.store.clone(), stats: self.stats.clone(), space: self.space.clone() }
     }
 }
 
 impl<S: ReplicaStore> ReplicaService<S> {
     pub fn new(store: Arc<S>) -> Self {
-        Self { store, stats: Arc::default() }
+        Self { store, stats: Arc::default(), space: None }
+    }
+
+    /// `ListReplicas` reports the free space of the filesystem holding `dir`, less `reserved`.
+    pub fn with_space(mut self, dir: std::path::PathBuf, reserved: u64) -> Self {
+        self.space = Some((dir, reserved));
+        self
     }
 
     pub fn stats(&self) -> Arc<ServiceStats> {
@@ -146,7 +154,16 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         _req: Request<pb::ListReplicasRequest>,
     ) -> Result<Response<pb::ListReplicasResponse>, Status> {
         let list = self.call(|s| s.list()).await?;
-        Ok(Response::new(pb::ListReplicasResponse { replicas: list.iter().map(convert::info_to_pb).collect() }))
+        let space = self
+            .space
+            .as_ref()
+            .and_then(|(dir, reserved)| hlstore_core::space::fs_space(dir).map(|s| s.minus_reserved(*reserved)))
+            .unwrap_or_default();
+        Ok(Response::new(pb::ListReplicasResponse {
+            replicas: list.iter().map(convert::info_to_pb).collect(),
+            capacity_bytes: space.total,
+            available_bytes: space.available,
+        }))
     }
 
     async fn open(&self, req: Request<pb::OpenRequest>) -> Result<Response<pb::ReplicaState>, Status> {

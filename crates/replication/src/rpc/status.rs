@@ -55,6 +55,7 @@ pub fn code(kind: ErrorKind) -> Code {
         ErrorKind::Internal => Code::Internal,
         ErrorKind::Unsupported => Code::Unimplemented,
         ErrorKind::Conflict => Code::Aborted,
+        ErrorKind::NoSpace => Code::ResourceExhausted,
     }
 }
 
@@ -114,6 +115,7 @@ pub fn from_status(s: &Status) -> Error {
         Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled => Error::Unavailable(msg),
         Code::Unimplemented => Error::Unsupported(msg),
         Code::Aborted => Error::Conflict(msg),
+        Code::ResourceExhausted => Error::NoSpace(msg),
         _ => Error::Internal(format!("{}: {msg}", s.code())),
     }
 }
