@@ -274,9 +274,16 @@ impl Cluster {
             .spawn()
             .expect("start node agent");
         std::fs::write(ndir.join("node.pid"), child.id().to_string()).expect("write node.pid");
-        // Reap it whenever it exits, so a killed node does not linger as a zombie.
+        // Reap it whenever it exits, so a killed node does not linger as a zombie; how it
+        // ended goes to its log.
+        let log_path = ndir.join("node.log");
         std::thread::spawn(move || {
-            let _ = child.wait();
+            if let Ok(st) = child.wait() {
+                use std::io::Write;
+                if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&log_path) {
+                    let _ = writeln!(f, "[test harness] agent process exited: {st}");
+                }
+            }
         });
         self.wait_until(&format!("node {id} listening on {grpc}"), Duration::from_secs(60), || {
             std::net::TcpStream::connect(&grpc).ok()
@@ -287,11 +294,19 @@ impl Cluster {
     pub fn kill9(&self, id: &str) {
         let pid = self.pid(id).unwrap_or_else(|| panic!("node {id} is not running"));
         assert!(cmdline_mentions(pid, &self.dir_str()), "pid {pid} is not a node of this cluster");
+        let grpc = self.endpoint(id).trim_start_matches("https://").trim_start_matches("http://").to_string();
         // SAFETY: kill(2) on a pid verified above to be a node agent of this cluster.
         unsafe { libc::kill(pid, libc::SIGKILL) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while alive(pid) {
             assert!(Instant::now() < deadline, "node {id} (pid {pid}) survived SIGKILL");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // The thread group leader turns zombie before its other threads are gone, and they
+        // hold the listening sockets until the last one exits: wait until the gRPC port is
+        // closed, so a restart binds it and a readiness check does not reach the dead one.
+        while std::net::TcpStream::connect(&grpc).is_ok() {
+            assert!(Instant::now() < deadline, "node {id}'s gRPC port {grpc} still open after SIGKILL");
             std::thread::sleep(Duration::from_millis(10));
         }
     }

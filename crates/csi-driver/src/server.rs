@@ -99,6 +99,14 @@ pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send 
     let ctrl = controller.then(|| ControllerServer::new(ControllerService::new(agent.clone())));
     let node_svc = node.then(|| {
         let attacher = attach::attacher(cfg.attach, &cfg.state_dir);
+        let (a, node_id) = (agent.clone(), cfg.node_id.clone());
+        tokio::spawn(attach::reconnect_monitor(attacher.clone(), move |volume| {
+            let (mut a, node_id) = (a.clone(), node_id.clone());
+            async move {
+                let v = a.get_volume(hlstore_proto::volume::GetVolumeRequest { name: volume }).await.ok()?.into_inner();
+                (v.attached_node == node_id && !v.nbd_uri.is_empty()).then_some(v.nbd_uri)
+            }
+        }));
         NodeServer::new(NodeService::new(agent.clone(), attacher, cfg.node_id.clone(), cfg.max_volumes))
     });
     tracing::info!(

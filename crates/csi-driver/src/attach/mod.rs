@@ -4,9 +4,13 @@
 //!   the message encoding). Request and dead-connection timeouts are set, the backend
 //!   identifier is the volume id (so a restarted plugin finds its devices in
 //!   `/sys/block/nbd*/backend`), and a reconfigure refreshes the size after an expand.
+//!   When the engine restarts, the device waits out its dead-connection timeout and the
+//!   node plugin's reconnect monitor ([`reconnect_monitor`]) hands it a fresh socket
+//!   (NBD_CMD_RECONFIGURE with sockets); the kernel requeues what was in flight.
 //! - [`loop_file::LoopAttacher`]: `hlstore fuse-attach` exposes the export as a file on a
 //!   FUSE mount under the state directory (`<state>/loop/<volume id>/disk`), and `losetup`
-//!   puts a loop device on it. For kernels without the NBD module.
+//!   puts a loop device on it. For kernels without the NBD module. fuse-attach reconnects
+//!   by itself (`--reconnect-secs`).
 //!
 //! Invariants (both backends): `attach` is idempotent (an existing device of the volume is
 //! returned); `find` needs no memory of earlier calls (it reads the kernel's view);
@@ -54,6 +58,41 @@ pub trait Attacher: Send + Sync {
     /// Why the volume's device cannot serve I/O, if it cannot (its connection to the
     /// engine is gone). `None`: healthy, or no device.
     async fn problem(&self, volume_id: &str) -> Result<Option<String>>;
+    /// The volumes whose device lost its connection to the engine (an agent restart) and
+    /// waits for a new one. Backends that reconnect by themselves report none.
+    fn disconnected(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Gives the volume's device a fresh connection to `nbd_uri`. Whether it did.
+    async fn reconnect(&self, _volume_id: &str, _nbd_uri: &str) -> Result<bool> {
+        Ok(false)
+    }
+}
+
+/// How often the reconnect monitor looks for devices that lost their connection.
+pub const RECONNECT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Gives every device that lost its connection a new one to its volume's current export
+/// (`export_of` asks the agent where the volume is exported on this node; `None`: not
+/// attached here (any more), left to the dead-connection timeout). Runs forever.
+pub async fn reconnect_monitor<F, Fut>(attacher: Arc<dyn Attacher>, export_of: F)
+where
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = Option<String>>,
+{
+    loop {
+        tokio::time::sleep(RECONNECT_POLL).await;
+        for volume in attacher.disconnected() {
+            let Some(uri) = export_of(volume.clone()).await else { continue };
+            match attacher.reconnect(&volume, &uri).await {
+                Ok(true) => {
+                    tracing::info!(volume.id = %volume, nbd.uri = %uri, "block device reconnected to its engine")
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!(volume.id = %volume, error = %e, "block device reconnect failed; retrying"),
+            }
+        }
+    }
 }
 
 /// The backend for `kind`, keeping its files under `state_dir`.

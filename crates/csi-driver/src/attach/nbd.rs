@@ -74,6 +74,17 @@ impl NbdAttacher {
         })
     }
 
+    /// Index of the device of `volume_id` that lost its connection (no pid).
+    fn dead_index(volume_id: &str) -> Option<u32> {
+        let rd = std::fs::read_dir("/sys/block").ok()?;
+        rd.flatten().find_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let index: u32 = name.strip_prefix("nbd")?.parse().ok()?;
+            let backend = std::fs::read_to_string(e.path().join("backend")).ok()?;
+            (backend.trim_end() == volume_id && !e.path().join("pid").exists()).then_some(index)
+        })
+    }
+
     /// Connects to the export and runs the handshake; the socket is then ready for the kernel.
     async fn connect_export(nbd_uri: &str) -> Result<(OwnedFd, u64, u16)> {
         let uri = NbdUri::parse(nbd_uri).map_err(|e| CsiError::InvalidArgument(e.to_string()))?;
@@ -180,6 +191,28 @@ impl Attacher for NbdAttacher {
             }
         }
         Ok(None)
+    }
+
+    fn disconnected(&self) -> Vec<String> {
+        // A device whose connection died keeps its backend identifier but loses its pid.
+        let Ok(rd) = std::fs::read_dir("/sys/block") else { return Vec::new() };
+        rd.flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("nbd") && !e.path().join("pid").exists())
+            .filter_map(|e| std::fs::read_to_string(e.path().join("backend")).ok())
+            .map(|b| b.trim_end().to_string())
+            .filter(|b| !b.is_empty())
+            .collect()
+    }
+
+    async fn reconnect(&self, volume_id: &str, nbd_uri: &str) -> Result<bool> {
+        let Some(index) = Self::dead_index(volume_id) else { return Ok(false) };
+        let (fd, _size, _flags) = Self::connect_export(nbd_uri).await?;
+        let raw = fd.as_raw_fd() as u32;
+        let backend = volume_id.to_string();
+        self.nbd_command(move |fam, seq| netlink::reconnect(fam, seq, index, &backend, &[raw])).await?;
+        // The kernel holds its own reference to the socket now.
+        drop(fd);
+        Ok(true)
     }
 
     async fn refresh_size(&self, volume_id: &str, nbd_uri: &str, want: u64) -> Result<u64> {

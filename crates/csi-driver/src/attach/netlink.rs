@@ -163,6 +163,19 @@ pub fn reconfigure(family: u16, seq: u32, index: u32, c: &ConnectConfig) -> Vec<
     request(family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, seq, &attrs)
 }
 
+/// NBD_CMD_RECONFIGURE of device `index` with fresh sockets: the kernel replaces the dead
+/// connections of a device waiting out its dead-connection timeout (the engine restarted)
+/// and requeues the requests they held. The backend identifier makes the kernel refuse
+/// (EINVAL) if the device now belongs to another volume.
+pub fn reconnect(family: u16, seq: u32, index: u32, backend: &str, fds: &[u32]) -> Vec<u8> {
+    let attrs = vec![
+        Attr::U32(NBD_ATTR_INDEX, index),
+        Attr::Str(NBD_ATTR_BACKEND_IDENTIFIER, backend.to_string()),
+        sockets(fds),
+    ];
+    request(family, NBD_CMD_RECONFIGURE, NBD_GENL_VERSION, seq, &attrs)
+}
+
 /// NBD_CMD_DISCONNECT of device `index`.
 pub fn disconnect(family: u16, seq: u32, index: u32) -> Vec<u8> {
     request(family, NBD_CMD_DISCONNECT, NBD_GENL_VERSION, seq, &[Attr::U32(NBD_ATTR_INDEX, index)])
@@ -369,6 +382,30 @@ mod tests {
         assert_eq!(d[16], NBD_CMD_DISCONNECT);
         assert_eq!(d.len(), 16 + 4 + 8);
         assert_eq!(attr_u32(&d[20..], NBD_ATTR_INDEX).unwrap(), Some(5));
+    }
+
+    #[test]
+    fn reconnect_carries_the_device_backend_and_fresh_sockets() {
+        let m = reconnect(0x22, 7, 3, "pvc-1", &[11]);
+        // nlmsghdr: length, type (the family), flags, seq.
+        assert_eq!(u32s(&m, 0) as usize, m.len());
+        assert_eq!(u16s(&m, 4), 0x22);
+        assert_eq!(u16s(&m, 6), NLM_F_REQUEST | NLM_F_ACK);
+        assert_eq!(u32s(&m, 8), 7);
+        assert_eq!((m[16], m[17]), (NBD_CMD_RECONFIGURE, NBD_GENL_VERSION));
+        let attrs = parse_attrs(&m[20..]).unwrap();
+        let kinds: Vec<u16> = attrs.iter().map(|(t, _)| *t).collect();
+        assert_eq!(kinds, vec![NBD_ATTR_INDEX, NBD_ATTR_BACKEND_IDENTIFIER, NBD_ATTR_SOCKETS]);
+        assert_eq!(attr_u32(&m[20..], NBD_ATTR_INDEX).unwrap(), Some(3));
+        assert_eq!(attrs[1].1, b"pvc-1\0");
+        // NBD_ATTR_SOCKETS { NBD_SOCK_ITEM { NBD_SOCK_FD = 11 } }, nested all the way.
+        let items = parse_attrs(attrs[2].1).unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].0 & !NLA_F_NESTED, NBD_SOCK_ITEM);
+        let fd = parse_attrs(items[0].1).unwrap();
+        assert_eq!(fd, vec![(NBD_SOCK_FD, &11u32.to_ne_bytes()[..])]);
+        // Nothing that would change the device's size or timeouts.
+        assert!(kinds.iter().all(|t| ![NBD_ATTR_SIZE_BYTES, NBD_ATTR_TIMEOUT].contains(t)));
     }
 
     #[test]
