@@ -32,7 +32,7 @@ mod mem;
 mod record;
 mod store;
 
-pub use disk::DiskStore;
+pub use disk::{DiskStore, FORMAT_VERSION as STORE_FORMAT_VERSION};
 pub use history::{History, HistoryEntry, HISTORY_LEN};
 #[cfg(any(test, feature = "testing"))]
 pub use mem::{MemStore, StoredBlock};

@@ -1,7 +1,16 @@
 //! `DiskStore`: replicas as sparse slot files plus RocksDB metadata.
 //!
-//! Layout under the data directory: `meta/` (RocksDB, see [`keys`]) and
-//! `volumes/<vid>.slots` (one sparse file of 4 KiB slots per replica).
+//! Layout under the data directory: `meta/` (RocksDB, see [`keys`]),
+//! `volumes/<vid>.slots` (one sparse file of 4 KiB slots per replica) and `FORMAT` (the
+//! store format version, [`FORMAT_VERSION`]; a directory without it is version 1, the
+//! layout before the file existed).
+//!
+//! Format versions: an agent opens directories of its own version and older ones
+//! (upgrading them in place when a later version needs it, after which an older agent
+//! refuses them); a directory of a newer version is refused with an error naming both
+//! versions, never read by guesswork. Rolling back an agent after such an upgrade means
+//! restoring that node's replicas by resync (delete its data directory; the volumes'
+//! other replicas fill a new one).
 //!
 //! Write path (copy-on-write): take free slots, write the data into them, then commit one
 //! RocksDB batch that points the blocks at the new slots, records their crc and seq, and
@@ -108,6 +117,36 @@ fn disjoint_prefix(writes: &[BlockWrite<'_>]) -> usize {
     writes.len()
 }
 
+/// The store format this build writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+const FORMAT_FILE: &str = "FORMAT";
+
+/// Checks (and records, if missing) the format version of the store under `root`.
+fn check_format(root: &Path) -> Result<()> {
+    let path = root.join(FORMAT_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let version =
+                text.trim().strip_prefix("hlstore-store ").and_then(|v| v.parse::<u32>().ok()).ok_or_else(|| {
+                    Error::InvalidArgument(format!("{}: not an hlstore store format file ({text:?})", path.display()))
+                })?;
+            if version > FORMAT_VERSION {
+                return Err(Error::Unsupported(format!(
+                    "{} was written by a newer hlstore (store format {version}; this agent reads formats up to \
+                     {FORMAT_VERSION}): run the newer version, or empty the directory and let the volumes' other \
+                     replicas resync this node",
+                    root.display()
+                )));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            hlstore_core::durable_file::write_atomic(&path, format!("hlstore-store {FORMAT_VERSION}\n").as_bytes())
+        }
+        Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+    }
+}
+
 impl DiskStore {
     /// Opens (or creates) the store under `root`, recovering every volume.
     pub fn open(root: impl AsRef<Path>) -> Result<Self> {
@@ -138,6 +177,7 @@ impl DiskStore {
     fn open_with(root: impl AsRef<Path>, track_unsynced: bool) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         hlstore_core::durable_file::create_dir_all(&root.join("volumes"))?;
+        check_format(&root)?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         // Point-in-time recovery: RocksDB recovers a consistent prefix of the WAL.
