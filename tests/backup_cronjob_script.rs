@@ -131,6 +131,12 @@ done
         assert!(c.starts_with("backup create --repo s3://bucket/repo --volume "), "{c}");
         assert!(c.contains("--metrics-textfile "), "{c}");
     }
+    // Each backup names the claim it was taken for (a rebuilt cluster finds it by name).
+    assert!(
+        creates[1].contains("--label pvc=media/b --label pvc-namespace=media --label pvc-name=b"),
+        "{}",
+        creates[1]
+    );
     assert_eq!(
         calls.last().unwrap(),
         "backup prune --repo s3://bucket/repo --keep-daily 3 --keep-weekly 2 --keep-monthly 1"

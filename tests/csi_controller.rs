@@ -124,7 +124,14 @@ async fn identity_and_controller_follow_the_spec() {
     assert_eq!(set, ["n1", "n2", "n3"], "three replicas, one per node");
 
     let mut two = create_req("pvc-two", 4 * MIB, block_cap());
-    two.parameters = HashMap::from([("replicas".into(), "2".into()), ("dataLocality".into(), "best-effort".into())]);
+    two.parameters = HashMap::from([
+        ("replicas".into(), "2".into()),
+        ("dataLocality".into(), "best-effort".into()),
+        // What the external-provisioner adds with --extra-create-metadata.
+        ("csi.storage.k8s.io/pvc/name".into(), "media".into()),
+        ("csi.storage.k8s.io/pvc/namespace".into(), "apps".into()),
+        ("csi.storage.k8s.io/pv/name".into(), "pvc-two".into()),
+    ]);
     two.accessibility_requirements = Some(csi::TopologyRequirement {
         requisite: vec![],
         preferred: vec![csi::Topology {
@@ -138,6 +145,9 @@ async fn identity_and_controller_follow_the_spec() {
     let av = agent_volume(&mut agent, "pvc-two").await;
     assert_eq!(av.replica_set.len(), 2, "{:?}", av.replica_set);
     assert_eq!(av.replica_set[0], "n3", "best-effort locality puts a replica on the preferred node");
+    assert_eq!(av.labels.get("csi.hlstore.io/pvc-namespace").map(String::as_str), Some("apps"), "{:?}", av.labels);
+    assert_eq!(av.labels.get("csi.hlstore.io/pvc-name").map(String::as_str), Some("media"), "{:?}", av.labels);
+    assert_eq!(av.labels.get("csi.hlstore.io/pv-name").map(String::as_str), Some("pvc-two"), "{:?}", av.labels);
     assert_ne!(av.replica_set[0], av.replica_set[1]);
 
     let mut too_many = create_req("pvc-five", 4 * MIB, mount_cap(""));

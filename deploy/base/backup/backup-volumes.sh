@@ -33,7 +33,8 @@ volumes=$(api /api/v1/persistentvolumes | jq -r \
   | select(.spec.csi.driver == $driver)
   | select((.spec.storageClassName as $c | $cls | index($c) != null)
       or ((.spec.claimRef.namespace + "/" + .spec.claimRef.name) as $k | $claims | index($k) != null))
-  | .spec.csi.volumeHandle' | sort -u)
+  | .spec.csi.volumeHandle + " " + (.spec.claimRef.namespace // "-") + " " + (.spec.claimRef.name // "-")' |
+  sort -u)
 
 if [ -z "$volumes" ]; then
   echo "no hlstore volumes selected (storage classes: '${BACKUP_STORAGE_CLASSES:-}', selector: '${BACKUP_PVC_SELECTOR:-}')"
@@ -42,11 +43,16 @@ fi
 # 2. One backup per volume; a failure does not stop the others.
 mkdir -p "$METRICS_DIR"
 failed=""
-for volume in $volumes; do
-  echo "backing up volume $volume"
+# Each line: volume handle, claim namespace, claim name ("-" when the PV has no claim): the
+# backup carries the claim's namespace and name, so a rebuilt cluster finds the backup
+# of each app's claim (hlstore backup list --label pvc=NAMESPACE/NAME).
+while read -r volume pvc_ns pvc_name; do
+  [ -n "$volume" ] || continue
+  echo "backing up volume $volume (claim $pvc_ns/$pvc_name)"
   metrics="$METRICS_DIR/$volume.prom"
   if hlstore backup create --repo "$HLSTORE_REPO" --volume "$volume" \
-    --label "volume=$volume" --label trigger=cronjob --metrics-textfile "$metrics"; then
+    --label "volume=$volume" --label "pvc=$pvc_ns/$pvc_name" --label "pvc-namespace=$pvc_ns" \
+    --label "pvc-name=$pvc_name" --label trigger=cronjob --metrics-textfile "$metrics" </dev/null; then
     if [ -n "${PUSHGATEWAY_URL:-}" ]; then
       curl -fsS --data-binary "@$metrics" "$PUSHGATEWAY_URL/metrics/job/hlstore-backup/volume/$volume" ||
         echo "warning: could not push metrics for $volume to $PUSHGATEWAY_URL"
@@ -55,7 +61,9 @@ for volume in $volumes; do
     echo "error: backup of volume $volume failed"
     failed="$failed $volume"
   fi
-done
+done <<EOF
+$volumes
+EOF
 
 # 3. Retention. Data of forgotten backups is freed after the prune grace period, never
 #    while a backup that may still reference it is running.

@@ -19,6 +19,12 @@ pub const LABEL_BACKUP_SCHEDULE: &str = "hlstore.io/backup-schedule";
 pub const LABEL_SOURCE: &str = "csi.hlstore.io/source";
 /// Label recording the CSI name a volume or snapshot was created with.
 pub const LABEL_CSI_NAME: &str = "csi.hlstore.io/name";
+/// Labels recording the claim a volume was provisioned for (the external-provisioner's
+/// `--extra-create-metadata` parameters), so backups and a rebuilt cluster can tell which
+/// volume belongs to which app.
+pub const LABEL_PVC_NAMESPACE: &str = "csi.hlstore.io/pvc-namespace";
+pub const LABEL_PVC_NAME: &str = "csi.hlstore.io/pvc-name";
+pub const LABEL_PV_NAME: &str = "csi.hlstore.io/pv-name";
 
 /// Where replicas go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,6 +73,15 @@ pub fn parse_params(p: &HashMap<String, String>) -> Result<Params> {
             }
             "backupSchedule" => {
                 out.labels.insert(LABEL_BACKUP_SCHEDULE.to_string(), v.clone());
+            }
+            "csi.storage.k8s.io/pvc/namespace" => {
+                out.labels.insert(LABEL_PVC_NAMESPACE.to_string(), v.clone());
+            }
+            "csi.storage.k8s.io/pvc/name" => {
+                out.labels.insert(LABEL_PVC_NAME.to_string(), v.clone());
+            }
+            "csi.storage.k8s.io/pv/name" => {
+                out.labels.insert(LABEL_PV_NAME.to_string(), v.clone());
             }
             k if k.starts_with("csi.storage.k8s.io/") => {}
             other => {
@@ -175,10 +190,16 @@ mod tests {
             ("dataLocality", "best-effort"),
             ("backupSchedule", "nightly"),
             ("csi.storage.k8s.io/pvc/name", "x"),
+            ("csi.storage.k8s.io/pvc/namespace", "apps"),
+            ("csi.storage.k8s.io/pv/name", "pvc-1"),
+            ("csi.storage.k8s.io/provisioner-secret-name", "ignored"),
         ]))
         .unwrap();
         assert_eq!((p.replicas, p.data_locality), (2, DataLocality::BestEffort));
         assert_eq!(p.labels[LABEL_BACKUP_SCHEDULE], "nightly");
+        assert_eq!((p.labels[LABEL_PVC_NAMESPACE].as_str(), p.labels[LABEL_PVC_NAME].as_str()), ("apps", "x"));
+        assert_eq!(p.labels[LABEL_PV_NAME], "pvc-1");
+        assert_eq!(p.labels.len(), 4, "{:?}", p.labels);
         for bad in [&[("replicas", "0")][..], &[("replicas", "x")], &[("dataLocality", "strict")], &[("replica", "3")]]
         {
             assert_eq!(parse_params(&m(bad)).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad:?}");
