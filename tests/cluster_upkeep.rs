@@ -132,6 +132,11 @@ fn a_replica_on_a_lost_node_is_replaced_automatically_and_the_stale_copy_removed
     qemu_io(&uri, &["write -P 0x5a 0 4M", "write -P 0x6b 40M 2M"]);
 
     c.kill9("n3");
+    let killed = std::time::Instant::now();
+    // Not before the configured delay (6 s): a node that is only restarting keeps its replica.
+    std::thread::sleep(Duration::from_secs(3));
+    let v = c.volume_show("n1", "a");
+    assert_eq!(v["replica_set"], serde_json::json!(["n1", "n2", "n3"]), "replaced before the delay: {v}");
     let v = c.wait_until("n3's replica replaced and the new one in sync", WAIT, || {
         let v = c.volume_show("n1", "a");
         let set = v["replica_set"].as_array()?.clone();
@@ -140,6 +145,7 @@ fn a_replica_on_a_lost_node_is_replaced_automatically_and_the_stale_copy_removed
     });
     assert_eq!(v["replica_set"], serde_json::json!(["n1", "n2", "n4"]), "{v}");
     assert_eq!(v["attached_node"], "n1", "{v}");
+    assert!(killed.elapsed() >= Duration::from_secs(6), "replaced after {:?}, before the delay", killed.elapsed());
     // Exactly one agent (the engine's) decided and counted it.
     let replaced = |c: &Cluster| -> f64 {
         ["n1", "n2", "n4"].iter().map(|n| metric_sum(&metrics(c, n), "hlstore_node_replica_replacements_total")).sum()

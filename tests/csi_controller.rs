@@ -210,6 +210,14 @@ async fn identity_and_controller_follow_the_spec() {
         .unwrap()
         .into_inner();
     assert!(cap.available_capacity > 0);
+    // A real number: the room of the third-roomiest node (no more than the filesystem's
+    // free bytes, all three local nodes share one), and the largest volume that fits.
+    let mut agent_nodes = agent.list_nodes(vpb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    agent_nodes.sort_by_key(|n| std::cmp::Reverse(n.available_bytes.saturating_sub(n.promised_bytes)));
+    let third = agent_nodes[2].available_bytes.saturating_sub(agent_nodes[2].promised_bytes) as i64;
+    assert!(cap.available_capacity < i64::MAX && cap.available_capacity <= agent_nodes[0].available_bytes as i64);
+    assert!((cap.available_capacity - third).abs() < 1 << 30, "{} vs {third}", cap.available_capacity);
+    assert_eq!(cap.maximum_volume_size, Some(cap.available_capacity));
     let none = ctl
         .get_capacity(csi::GetCapacityRequest { volume_capabilities: vec![mount_cap("btrfs")], ..Default::default() })
         .await

@@ -45,7 +45,7 @@ mkdir -p "$METRICS_DIR"
 failed=""
 # Each line: volume handle, claim namespace, claim name ("-" when the PV has no claim): the
 # backup carries the claim's namespace and name, so a rebuilt cluster finds the backup
-# of each app's claim (hlstore backup list --label pvc=NAMESPACE/NAME).
+# of each app's claim (the labels in hlstore backup list --json).
 while read -r volume pvc_ns pvc_name; do
   [ -n "$volume" ] || continue
   echo "backing up volume $volume (claim $pvc_ns/$pvc_name)"
