@@ -62,6 +62,10 @@ enum Command {
     Backup(cli::backup::BackupCommand),
     /// Restore a backup to a file, a block device or a new volume.
     Restore(cli::backup::RestoreArgs),
+    /// Rebuild a lost cluster's volumes from the backup repository: the newest backup of
+    /// every volume, restored under its original name, plus a PersistentVolume + claim
+    /// manifest per PVC.
+    Recover(cli::recover::RecoverArgs),
     /// Make the cluster's CA and issue node, admin and backup certificates (mutual TLS
     /// between every component).
     #[command(subcommand)]
@@ -109,6 +113,7 @@ async fn run(cli: Cli, io_flusher: Option<std::io::Result<()>>) -> anyhow::Resul
         Command::Csi(args) => cli::csi::run(args).await,
         Command::Backup(cmd) => cli::backup::run_backup(cmd).await,
         Command::Restore(args) => cli::backup::run_restore(args).await,
+        Command::Recover(args) => cli::recover::run(args).await,
         Command::Cert(cmd) => cli::tls::run_cert(cmd),
         Command::Debug(cmd) => tokio::task::spawn_blocking(move || cli::debug::run(cmd)).await?,
     }

@@ -55,7 +55,7 @@ impl RepoArgs {
         }
     }
 
-    fn open(&self) -> anyhow::Result<Repository> {
+    pub(crate) fn open(&self) -> anyhow::Result<Repository> {
         let pw = self.password()?;
         Ok(Repository::open(self.backend()?, &pw)?)
     }

@@ -7,6 +7,7 @@ pub mod debug;
 pub mod dev;
 pub mod fuse;
 pub mod node;
+pub mod recover;
 pub mod replica;
 pub mod size;
 pub mod snapshot;
