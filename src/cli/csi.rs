@@ -49,10 +49,39 @@ pub struct CsiArgs {
     /// gRPC code, and their time.
     #[arg(long, env = "HLSTORE_CSI_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Backup repository (file:///path, a path, or s3://bucket/prefix) the controller
+    /// restores volumes from: a PVC whose dataSource is a VolumeSnapshot of a
+    /// pre-provisioned VolumeSnapshotContent with snapshotHandle backup:<id> or
+    /// backup:latest:<namespace>/<claim> is created from that backup. The password comes
+    /// from --backup-password-file or $HLSTORE_REPO_PASSWORD, S3 credentials from the
+    /// usual AWS_* variables.
+    #[arg(long, env = "HLSTORE_BACKUP_REPO")]
+    pub backup_repo: Option<String>,
+    /// File holding the backup repository's password.
+    #[arg(long, requires = "backup_repo")]
+    pub backup_password_file: Option<PathBuf>,
+    /// S3 endpoint URL of the backup repository (default: $AWS_ENDPOINT_URL; empty: the
+    /// default).
+    #[arg(long, env = "HLSTORE_BACKUP_S3_ENDPOINT")]
+    pub backup_s3_endpoint: Option<String>,
+    /// S3 region of the backup repository (default: $AWS_REGION, else us-east-1).
+    #[arg(long, requires = "backup_repo")]
+    pub backup_s3_region: Option<String>,
 }
 
 /// Serves until SIGTERM or Ctrl-C.
 pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
+    let backups = args.backup_repo.clone().filter(|r| !r.is_empty()).map(|repo| {
+        let repo = super::backup::RepoArgs {
+            repo,
+            password_file: args.backup_password_file.clone(),
+            s3_endpoint: args.backup_s3_endpoint.clone().filter(|e| !e.is_empty()),
+            s3_region: args.backup_s3_region.clone(),
+        };
+        let source: std::sync::Arc<dyn hlstore_csi::backups::BackupSource> =
+            std::sync::Arc::new(super::csi_backups::RepoBackups::new(repo, args.agent.clone()));
+        source
+    });
     let cfg = DriverConfig {
         mode: args.mode,
         csi_endpoint: args.csi_endpoint,
@@ -70,6 +99,7 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
             }
             None => hlstore_tls::client::ClientTls::Insecure,
         },
+        backups,
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod backup_metrics;
 pub mod csi;
+pub mod csi_backups;
 pub mod debug;
 pub mod dev;
 pub mod fuse;

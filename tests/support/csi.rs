@@ -30,12 +30,19 @@ pub struct CsiDriver {
     pub metrics: String,
     /// The TLS directory the driver reaches the agent with (the dev cluster's admin one).
     tls: std::path::PathBuf,
+    /// Extra environment of the driver process (kept across restarts).
+    env: Vec<(String, String)>,
 }
 
 impl CsiDriver {
     /// Starts the driver for node `node_id` against that node's agent and waits until its
     /// socket answers.
     pub fn start(c: &Cluster, node_id: &str) -> CsiDriver {
+        Self::start_with_env(c, node_id, &[])
+    }
+
+    /// [`Self::start`] with extra environment variables for the driver.
+    pub fn start_with_env(c: &Cluster, node_id: &str, env: &[(&str, &str)]) -> CsiDriver {
         // SAFETY: geteuid cannot fail and touches no memory.
         assert_eq!(unsafe { libc::geteuid() }, 0, "the CSI tests mount filesystems: run them as root");
         assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing (modprobe fuse)");
@@ -49,12 +56,15 @@ impl CsiDriver {
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "--"]);
         let tls = c.path().join("tls").join("admin");
-        let child = Self::spawn(cmd, dir.path(), &endpoint, node_id, &agent, &metrics, &tls);
-        let mut d = CsiDriver { child, dir, endpoint, node_id: node_id.to_string(), agent, metrics, tls };
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let child = Self::spawn(cmd, dir.path(), &endpoint, node_id, &agent, &metrics, &tls, &env);
+        let mut d = CsiDriver { child, dir, endpoint, node_id: node_id.to_string(), agent, metrics, tls, env };
         d.wait_ready();
         d
     }
 
+    // The driver's whole command line, spelled out at both call sites (start, restart).
+    #[allow(clippy::too_many_arguments)]
     fn spawn(
         mut cmd: Command,
         dir: &Path,
@@ -63,6 +73,7 @@ impl CsiDriver {
         agent: &str,
         metrics: &str,
         tls: &Path,
+        env: &[(String, String)],
     ) -> Child {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("csi.log")).expect("csi.log");
         cmd.arg(env!("CARGO_BIN_EXE_hlstore"))
@@ -72,6 +83,7 @@ impl CsiDriver {
             .env("HLSTORE_LOG", "info,hlstore_csi=debug")
             .env("HLSTORE_TLS_DIR", tls)
             .env_remove("HLSTORE_INSECURE")
+            .envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)
@@ -101,8 +113,16 @@ impl CsiDriver {
         let _ = std::fs::remove_file(self.dir.path().join("csi.sock"));
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--mount=/proc/{holder}/ns/mnt")).arg("--");
-        self.child =
-            Self::spawn(cmd, self.dir.path(), &self.endpoint, &self.node_id, &self.agent, &self.metrics, &self.tls);
+        self.child = Self::spawn(
+            cmd,
+            self.dir.path(),
+            &self.endpoint,
+            &self.node_id,
+            &self.agent,
+            &self.metrics,
+            &self.tls,
+            &self.env,
+        );
         self.wait_ready();
     }
 

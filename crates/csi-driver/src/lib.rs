@@ -7,6 +7,8 @@
 //!   `hlstore.volume.v1.Volumes` (the agent knows its peers). Publish = start the volume's
 //!   engine on the node; the NBD URI travels to the node plugin in `publish_context`.
 //! - [`node`]: stage (attach + mkfs if blank + mount), publish (bind mount), stats, expand.
+//! - [`backups`]: volumes restored from the backup repository (VolumeSnapshotContent
+//!   handles `backup:...`), over the `BackupSource` trait the hlstore binary implements.
 //! - [`attach`]: the block-device backends behind one trait: kernel NBD over netlink, and a
 //!   FUSE block file + loop device for kernels without the NBD module.
 //! - [`mount`]: mount table, mount/unmount, filesystem probing, mkfs, resize, statvfs.
@@ -28,6 +30,7 @@
 
 pub mod agent;
 pub mod attach;
+pub mod backups;
 pub mod capability;
 pub mod client;
 pub mod controller;

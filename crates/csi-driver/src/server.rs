@@ -55,6 +55,9 @@ pub struct DriverConfig {
     /// How the driver reaches the agent: mutual TLS with its certificate (`admin` for the
     /// controller, the node's `node` certificate for a node plugin), or plaintext.
     pub tls: hlstore_tls::client::ClientTls,
+    /// The backup repository volumes may be created from (controller; `None`: not
+    /// configured, `backup:` snapshot handles are refused).
+    pub backups: Option<std::sync::Arc<dyn crate::backups::BackupSource>>,
 }
 
 /// Longest an agent call may take (an attach forwarded to another node is bounded by the
@@ -96,7 +99,8 @@ pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send 
     let controller = matches!(cfg.mode, Mode::Controller | Mode::All);
     let node = matches!(cfg.mode, Mode::Node | Mode::All);
     let identity = IdentityService::new(agent.clone(), controller);
-    let ctrl = controller.then(|| ControllerServer::new(ControllerService::new(agent.clone())));
+    let backups = cfg.backups.clone();
+    let ctrl = controller.then(|| ControllerServer::new(ControllerService::new(agent.clone()).with_backups(backups)));
     let node_svc = node.then(|| {
         let attacher = attach::attacher(cfg.attach, &cfg.state_dir);
         let (a, node_id) = (agent.clone(), cfg.node_id.clone());

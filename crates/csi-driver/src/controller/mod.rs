@@ -28,11 +28,20 @@ use crate::inflight::InFlight;
 pub struct ControllerService {
     agent: VolumesClient<Channel>,
     locks: InFlight,
+    /// The backup repository, for volumes created from `backup:` snapshot handles.
+    backups: Option<std::sync::Arc<dyn crate::backups::BackupSource>>,
+    restores: crate::backups::Restores,
 }
 
 impl ControllerService {
     pub fn new(agent: VolumesClient<Channel>) -> Self {
-        Self { agent, locks: InFlight::default() }
+        Self { agent, locks: InFlight::default(), backups: None, restores: Default::default() }
+    }
+
+    /// Volumes may be created from backups of `source` (see [`crate::backups`]).
+    pub fn with_backups(mut self, source: Option<std::sync::Arc<dyn crate::backups::BackupSource>>) -> Self {
+        self.backups = source;
+        self
     }
 
     fn agent(&self) -> VolumesClient<Channel> {

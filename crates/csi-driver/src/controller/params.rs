@@ -25,6 +25,8 @@ pub const LABEL_CSI_NAME: &str = "csi.hlstore.io/name";
 pub const LABEL_PVC_NAMESPACE: &str = "csi.hlstore.io/pvc-namespace";
 pub const LABEL_PVC_NAME: &str = "csi.hlstore.io/pvc-name";
 pub const LABEL_PV_NAME: &str = "csi.hlstore.io/pv-name";
+/// Label recording the backup id a volume is restored from (`backup:` content sources).
+pub const LABEL_RESTORED_FROM: &str = "csi.hlstore.io/restored-from";
 
 /// Where replicas go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

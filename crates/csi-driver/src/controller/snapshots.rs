@@ -67,6 +67,11 @@ impl ControllerService {
 
     pub(super) async fn delete_snapshot(&self, r: csi::DeleteSnapshotRequest) -> Result<csi::DeleteSnapshotResponse> {
         required(&r.snapshot_id, "snapshot_id")?;
+        // A backup handle (a pre-provisioned VolumeSnapshotContent): backups are never
+        // deleted through CSI; prune them with the repository's retention.
+        if crate::backups::BackupRef::parse(&r.snapshot_id).is_some() {
+            return Ok(csi::DeleteSnapshotResponse {});
+        }
         // An id this driver never made names no snapshot: deleting it is done.
         let Ok((volume, name)) = ids::parse_snapshot_id(&r.snapshot_id) else {
             return Ok(csi::DeleteSnapshotResponse {});
@@ -79,8 +84,30 @@ impl ControllerService {
         }
     }
 
+    /// ListSnapshots of a backup handle: the backup as a ready snapshot, or nothing.
+    async fn list_backup_snapshot(&self, b: Result<crate::backups::BackupRef>) -> Result<csi::ListSnapshotsResponse> {
+        let Ok(b) = b else { return Ok(csi::ListSnapshotsResponse::default()) };
+        let Some(backups) = &self.backups else { return Ok(csi::ListSnapshotsResponse::default()) };
+        let Some(info) = backups.resolve(&b).await? else { return Ok(csi::ListSnapshotsResponse::default()) };
+        let snap = csi::Snapshot {
+            size_bytes: i64::try_from(info.size).unwrap_or(i64::MAX),
+            snapshot_id: b.to_string(),
+            source_volume_id: String::new(),
+            creation_time: Some(prost_types::Timestamp { seconds: i64::try_from(info.time).unwrap_or(0), nanos: 0 }),
+            ready_to_use: true,
+            group_snapshot_id: String::new(),
+        };
+        Ok(csi::ListSnapshotsResponse {
+            entries: vec![csi::list_snapshots_response::Entry { snapshot: Some(snap) }],
+            next_token: String::new(),
+        })
+    }
+
     pub(super) async fn list_snapshots(&self, r: csi::ListSnapshotsRequest) -> Result<csi::ListSnapshotsResponse> {
         params::page::<()>(&[], r.max_entries, "")?;
+        if let Some(b) = crate::backups::BackupRef::parse(&r.snapshot_id) {
+            return self.list_backup_snapshot(b).await;
+        }
         let mut snaps = if !r.snapshot_id.is_empty() {
             match ids::parse_snapshot_id(&r.snapshot_id) {
                 Ok((v, n)) => self.snapshots_of(&v).await?.into_iter().filter(|s| s.name == n).collect(),

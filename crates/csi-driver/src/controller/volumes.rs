@@ -6,8 +6,9 @@ use hlstore_proto::csi;
 use hlstore_proto::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use hlstore_proto::volume as vpb;
 
-use super::params::{self, DataLocality, Params, LABEL_CSI_NAME, LABEL_SOURCE};
+use super::params::{self, DataLocality, Params, LABEL_CSI_NAME, LABEL_RESTORED_FROM, LABEL_SOURCE};
 use super::{status_of, ControllerService};
+use crate::backups::{BackupRef, RestoreState};
 use crate::capability::{self, Capability};
 use crate::error::{required, CsiError, Result};
 use crate::ids;
@@ -19,6 +20,8 @@ enum Source {
     /// (volume, snapshot) of a snapshot id.
     Snapshot(String, String),
     Volume(String),
+    /// A backup in the repository (a `backup:` snapshot handle, see `crate::backups`).
+    Backup(BackupRef),
 }
 
 impl Source {
@@ -27,6 +30,9 @@ impl Source {
             None => Ok(Source::Empty),
             Some(SourceType::Snapshot(s)) if s.snapshot_id.is_empty() => {
                 Err(CsiError::InvalidArgument("volume_content_source.snapshot.snapshot_id is required".into()))
+            }
+            Some(SourceType::Snapshot(s)) if BackupRef::parse(&s.snapshot_id).is_some() => {
+                BackupRef::parse(&s.snapshot_id).unwrap_or_else(|| unreachable!()).map(Source::Backup)
             }
             Some(SourceType::Snapshot(s)) => match ids::parse_snapshot_id(&s.snapshot_id) {
                 Ok((v, n)) => Ok(Source::Snapshot(v, n)),
@@ -42,7 +48,7 @@ impl Source {
     /// (source volume, snapshot name or "") for the agent's CloneVolume.
     fn clone_args(&self) -> Option<(String, String)> {
         match self {
-            Source::Empty => None,
+            Source::Empty | Source::Backup(_) => None,
             Source::Snapshot(v, s) => Some((v.clone(), s.clone())),
             Source::Volume(v) => Some((v.clone(), String::new())),
         }
@@ -53,6 +59,8 @@ impl Source {
             Source::Empty => None,
             Source::Snapshot(v, s) => Some(format!("snapshot:{}", ids::snapshot_id(v, s))),
             Source::Volume(v) => Some(format!("volume:{v}")),
+            // The handle itself (the content source CreateVolume reports).
+            Source::Backup(b) => Some(format!("snapshot:{b}")),
         }
     }
 
@@ -139,6 +147,9 @@ impl ControllerService {
         let size = if source != Source::Empty && range.is_none() { 0 } else { params::size_for(range)? };
         let id = ids::name_for(&r.name);
         let _g = self.locks.try_lock(&id, "CreateVolume")?;
+        if let Source::Backup(b) = &source {
+            return self.create_from_backup(&r, &p, &id, b, &source).await;
+        }
 
         if let Some(v) = self.get_volume(&id).await? {
             if !params::fits(v.size, range)? {
@@ -162,7 +173,7 @@ impl ControllerService {
 
         // The source must exist (NOT_FOUND otherwise), whatever the agent would say.
         match &source {
-            Source::Empty => {}
+            Source::Empty | Source::Backup(_) => {}
             Source::Volume(v) => {
                 self.require_volume(v).await?;
             }
@@ -196,7 +207,7 @@ impl ControllerService {
                 };
                 agent.create_volume(req).await.map_err(|s| CsiError::agent(format!("creating volume {id}"), s))?
             }
-            Source::Snapshot(..) | Source::Volume(_) => {
+            Source::Snapshot(..) | Source::Volume(_) | Source::Backup(_) => {
                 let (vol, snap) = source.clone_args().unwrap_or_default();
                 let req = vpb::CloneVolumeRequest {
                     source: vol.clone(),
@@ -218,9 +229,100 @@ impl ControllerService {
         Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&created)) })
     }
 
+    /// CreateVolume from a backup (see `crate::backups`): the volume is created, then
+    /// filled in the background; ABORTED until the restore is done.
+    async fn create_from_backup(
+        &self,
+        r: &csi::CreateVolumeRequest,
+        p: &Params,
+        id: &str,
+        b: &BackupRef,
+        source: &Source,
+    ) -> Result<csi::CreateVolumeResponse> {
+        let backups = self.backups.clone().ok_or_else(|| {
+            CsiError::FailedPrecondition(format!(
+                "volume {id} is to be restored from {b}, but this CSI controller has no backup repository \
+                 (hlstore csi --backup-repo, with the repository password in HLSTORE_REPO_PASSWORD)"
+            ))
+        })?;
+        let info =
+            backups.resolve(b).await?.ok_or_else(|| CsiError::NotFound(format!("snapshot {b}: no such backup")))?;
+        let need = info.size.div_ceil(params::BLOCK) * params::BLOCK;
+        let range = r.capacity_range.as_ref();
+        if let Some(rg) = range {
+            if rg.limit_bytes > 0 && (rg.limit_bytes as u64) < need {
+                return Err(CsiError::OutOfRange(format!(
+                    "backup {} needs {need} bytes, more than the limit of {} bytes",
+                    info.id, rg.limit_bytes
+                )));
+            }
+        }
+        let size = need.max(if range.is_some() { params::size_for(range)? } else { 0 });
+        let v = match self.get_volume(id).await? {
+            Some(v) => {
+                if v.labels.get(LABEL_SOURCE).cloned() != source.label() {
+                    return Err(CsiError::AlreadyExists(format!("volume {id} exists with another content source")));
+                }
+                v
+            }
+            None => {
+                let nodes = self.placement(p, r.accessibility_requirements.as_ref()).await?;
+                let mut labels: HashMap<String, String> = p.labels.clone().into_iter().collect();
+                labels.insert(LABEL_CSI_NAME.into(), r.name.clone());
+                labels.extend(source.label().map(|l| (LABEL_SOURCE.to_string(), l)));
+                labels.insert(LABEL_RESTORED_FROM.into(), info.id.clone());
+                let req = vpb::CreateVolumeRequest {
+                    name: id.to_string(),
+                    size,
+                    replicas: p.replicas,
+                    nodes,
+                    write_quorum: 0,
+                    labels,
+                };
+                let v = self
+                    .agent()
+                    .create_volume(req)
+                    .await
+                    .map_err(|s| CsiError::agent(format!("creating volume {id}"), s))?
+                    .into_inner();
+                tracing::info!(volume.id = %id, backup = %info.id, size, "volume created for a restore");
+                v
+            }
+        };
+        // The backup this volume was created for (a `latest` handle may resolve to a newer
+        // one by now: the volume keeps the one it started with).
+        let backup = v.labels.get(LABEL_RESTORED_FROM).cloned().unwrap_or(info.id);
+        match self.restores.poll(id, &backup) {
+            RestoreState::Done => Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&v)) }),
+            RestoreState::Running => Err(CsiError::Aborted(format!(
+                "volume {id}: restoring backup {backup} (CreateVolume succeeds when it is done)"
+            ))),
+            RestoreState::Failed(e) => Err(CsiError::Internal(format!(
+                "volume {id}: restoring backup {backup} failed ({e}); it is started again on the next call"
+            ))),
+            RestoreState::Unknown if self.restore_marked_done(id).await? => {
+                Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&v)) })
+            }
+            RestoreState::Unknown => {
+                self.restores.start(backups, backup.clone(), id.to_string(), self.agent());
+                Err(CsiError::Aborted(format!("volume {id}: restore of backup {backup} started")))
+            }
+        }
+    }
+
+    /// Whether volume `id` carries the snapshot a finished restore leaves.
+    async fn restore_marked_done(&self, id: &str) -> Result<bool> {
+        match self.agent().list_snapshots(vpb::ListSnapshotsRequest { volume: id.to_string() }).await {
+            Ok(r) => Ok(r.into_inner().snapshots.iter().any(|s| s.name == crate::backups::DONE_MARKER)),
+            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
+            Err(s) => Err(CsiError::agent(format!("listing the snapshots of {id}"), s)),
+        }
+    }
+
     pub(super) async fn delete(&self, r: csi::DeleteVolumeRequest) -> Result<csi::DeleteVolumeResponse> {
         required(&r.volume_id, "volume_id")?;
         let _g = self.locks.try_lock(&r.volume_id, "DeleteVolume")?;
+        self.restores.forget(&r.volume_id);
         let Some(v) = self.get_volume(&r.volume_id).await? else { return Ok(csi::DeleteVolumeResponse {}) };
         if !v.attached_node.is_empty() {
             return Err(CsiError::FailedPrecondition(format!(
