@@ -188,7 +188,7 @@ mod tests {
 
     #[test]
     fn handles_parse_and_print_back() {
-        assert_eq!(BackupRef::parse("vol@snap"), None);
+        assert!(BackupRef::parse("vol@snap").is_none());
         let id = BackupRef::parse("backup:3f2a9c").unwrap().unwrap();
         assert_eq!(id, BackupRef::Id("3f2a9c".into()));
         assert_eq!(id.to_string(), "backup:3f2a9c");
