@@ -478,6 +478,22 @@ async fn snapshots_and_clones(
     .expect("unpublish clone");
     let missing = from_snapshot("pvc-clone-missing", "pvc-one@nope");
     expect_code(ctl.create_volume(missing).await, Code::NotFound, "clone from an unknown snapshot");
+    // A limit below the source's size cannot be honoured: OUT_OF_RANGE, nothing created.
+    let mut small = from_snapshot("pvc-clone-small", "pvc-one@snap-a");
+    small.capacity_range = Some(csi::CapacityRange { required_bytes: 0, limit_bytes: (4 * MIB) as i64 });
+    expect_code(ctl.create_volume(small).await, Code::OutOfRange, "clone limited below the source size");
+    // Snapshots live in their volume's replicas: deleting the volume while one exists is
+    // refused (it would delete the VolumeSnapshot's data), and works once it is gone.
+    ctl.create_snapshot(snap("pvc-clone", "snap-c")).await.expect("snapshot of the clone");
+    let refused = ctl
+        .delete_volume(csi::DeleteVolumeRequest { volume_id: "pvc-clone".into(), ..Default::default() })
+        .await
+        .expect_err("delete a volume that has snapshots");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("has snapshots (pvc-clone@snap-c)"), "{refused:?}");
+    ctl.delete_snapshot(csi::DeleteSnapshotRequest { snapshot_id: "pvc-clone@snap-c".into(), ..Default::default() })
+        .await
+        .expect("delete the clone's snapshot");
     let _ = uri;
 
     for id in ["pvc-one@snap-a", "pvc-one@snap-b"] {

@@ -75,6 +75,17 @@ impl Capability {
         None
     }
 
+    /// Parse + supported, for the node RPCs: a capability this plugin does not support is
+    /// FAILED_PRECONDITION there ("Exceeds capabilities"), a malformed one INVALID_ARGUMENT.
+    pub fn require_on_node(cap: Option<&VolumeCapability>) -> Result<Capability> {
+        let cap = cap.ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;
+        let c = Capability::parse(cap)?;
+        match c.unsupported_reason() {
+            Some(why) => Err(CsiError::FailedPrecondition(why)),
+            None => Ok(c),
+        }
+    }
+
     /// Parse + supported, for requests that must be served (INVALID_ARGUMENT otherwise).
     pub fn require(cap: Option<&VolumeCapability>) -> Result<Capability> {
         let cap = cap.ok_or_else(|| CsiError::InvalidArgument("volume_capability is required".into()))?;

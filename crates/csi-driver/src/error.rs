@@ -34,6 +34,9 @@ pub enum CsiError {
     /// Not supported by this driver or by the agents it talks to.
     #[error("{0}")]
     Unimplemented(String),
+    /// A node agent (or the nodes it asks) cannot be reached now; retry.
+    #[error("{0}")]
+    Unavailable(String),
     /// A node agent answered with an error.
     #[error("{context}: {}", status.message())]
     Agent { context: String, status: Status },
@@ -67,6 +70,7 @@ impl CsiError {
             CsiError::OutOfRange(_) => Code::OutOfRange,
             CsiError::ResourceExhausted(_) => Code::ResourceExhausted,
             CsiError::Unimplemented(_) => Code::Unimplemented,
+            CsiError::Unavailable(_) => Code::Unavailable,
             CsiError::Agent { status, .. } => agent_code(status.code()),
             CsiError::Io { .. } | CsiError::Tool(_) | CsiError::Internal(_) => Code::Internal,
         }

@@ -7,6 +7,9 @@ use hlstore_proto::volume::volumes_client::VolumesClient;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
+/// Bound on Probe's question to the agent (the livenessprobe sidecar waits one second).
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(800);
+
 #[derive(Clone)]
 pub struct IdentityService {
     agent: VolumesClient<Channel>,
@@ -58,9 +61,14 @@ impl Identity for IdentityService {
         Ok(Response::new(csi::GetPluginCapabilitiesResponse { capabilities }))
     }
 
-    /// Ready once the node agent answers; not ready (but healthy) while it does not.
+    /// Ready once the node agent answers; not ready (but healthy) while it does not. Asks
+    /// the agent something it answers from its own state (its attachments), under the
+    /// livenessprobe's one second: a question that fans out to every node would make one
+    /// dead node restart every CSI container.
     async fn probe(&self, _r: Request<csi::ProbeRequest>) -> Result<Response<csi::ProbeResponse>, Status> {
-        let ready = self.agent.clone().list_nodes(vpb::ListNodesRequest {}).await.is_ok();
+        let mut agent = self.agent.clone();
+        let ask = agent.list_attachments(vpb::ListAttachmentsRequest {});
+        let ready = matches!(tokio::time::timeout(PROBE_TIMEOUT, ask).await, Ok(Ok(_)));
         Ok(Response::new(csi::ProbeResponse { ready: Some(ready) }))
     }
 }

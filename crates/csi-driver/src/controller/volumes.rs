@@ -107,6 +107,7 @@ impl ControllerService {
             .map_err(|s| CsiError::agent("listing nodes", s))?
             .into_inner()
             .nodes;
+        let nodes: Vec<vpb::Node> = nodes.into_iter().filter(|n| n.reachable).collect();
         if !nodes.iter().any(|n| n.id == local) {
             return Ok(Vec::new());
         }
@@ -172,20 +173,31 @@ impl ControllerService {
         }
 
         // The source must exist (NOT_FOUND otherwise), whatever the agent would say.
-        match &source {
-            Source::Empty | Source::Backup(_) => {}
-            Source::Volume(v) => {
-                self.require_volume(v).await?;
-            }
+        let source_size = match &source {
+            Source::Empty | Source::Backup(_) => 0,
+            Source::Volume(v) => self.require_volume(v).await?.size,
             Source::Snapshot(v, s) => {
                 let snaps = match self.agent().list_snapshots(vpb::ListSnapshotsRequest { volume: v.clone() }).await {
                     Ok(r) => r.into_inner().snapshots,
                     Err(st) if st.code() == tonic::Code::NotFound => Vec::new(),
                     Err(st) => return Err(CsiError::agent(format!("listing the snapshots of {v}"), st)),
                 };
-                if !snaps.iter().any(|x| x.name == *s) {
-                    return Err(CsiError::NotFound(format!("snapshot {} does not exist", ids::snapshot_id(v, s))));
+                match snaps.iter().find(|x| x.name == *s) {
+                    Some(x) => x.size,
+                    None => {
+                        return Err(CsiError::NotFound(format!("snapshot {} does not exist", ids::snapshot_id(v, s))))
+                    }
                 }
+            }
+        };
+        // A volume from a source is at least the source's size: a limit below it cannot be
+        // honoured ("MUST always be honored, even when creating volumes from a source").
+        if let Some(rg) = range {
+            if rg.limit_bytes > 0 && (rg.limit_bytes as u64) < source_size {
+                return Err(CsiError::OutOfRange(format!(
+                    "the source holds {source_size} bytes, more than the limit of {} bytes",
+                    rg.limit_bytes
+                )));
             }
         }
         let nodes = self.placement(&p, r.accessibility_requirements.as_ref()).await?;
@@ -245,6 +257,12 @@ impl ControllerService {
                  (hlstore csi --backup-repo, with the repository password in HLSTORE_REPO_PASSWORD)"
             ))
         })?;
+        // A volume already restored is returned as is (its backup may be pruned by now).
+        if let Some(v) = self.get_volume(id).await? {
+            if v.labels.get(LABEL_SOURCE).cloned() == source.label() && self.restore_marked_done(id).await? {
+                return Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&v)) });
+            }
+        }
         let info =
             backups.resolve(b).await?.ok_or_else(|| CsiError::NotFound(format!("snapshot {b}: no such backup")))?;
         let need = info.size.div_ceil(params::BLOCK) * params::BLOCK;
@@ -297,7 +315,8 @@ impl ControllerService {
             RestoreState::Running => Err(CsiError::Aborted(format!(
                 "volume {id}: restoring backup {backup} (CreateVolume succeeds when it is done)"
             ))),
-            RestoreState::Failed(e) => Err(CsiError::Internal(format!(
+            // Retried (ABORTED), not final: the volume exists and the next call restarts it.
+            RestoreState::Failed(e) => Err(CsiError::Aborted(format!(
                 "volume {id}: restoring backup {backup} failed ({e}); it is started again on the next call"
             ))),
             RestoreState::Unknown if self.restore_marked_done(id).await? => {
@@ -328,6 +347,25 @@ impl ControllerService {
             return Err(CsiError::FailedPrecondition(format!(
                 "volume {} is published on node {}; unpublish it first",
                 v.name, v.attached_node
+            )));
+        }
+        // Snapshots live in the volume's replicas: deleting it would delete the
+        // VolumeSnapshots made of it (the spec's "volume in use" FAILED_PRECONDITION).
+        let snaps = match self.agent().list_snapshots(vpb::ListSnapshotsRequest { volume: v.name.clone() }).await {
+            Ok(r) => r.into_inner().snapshots,
+            Err(s) if s.code() == tonic::Code::NotFound => Vec::new(),
+            Err(s) => return Err(CsiError::agent(format!("listing the snapshots of {}", v.name), s)),
+        };
+        let csi_snaps: Vec<String> = snaps
+            .iter()
+            .filter(|s| s.volume == v.name && s.labels.contains_key(LABEL_CSI_NAME))
+            .map(|s| ids::snapshot_id(&s.volume, &s.name))
+            .collect();
+        if !csi_snaps.is_empty() {
+            return Err(CsiError::FailedPrecondition(format!(
+                "volume {} has snapshots ({}) that live in its replicas; delete those VolumeSnapshots first",
+                v.name,
+                csi_snaps.join(", ")
             )));
         }
         match self.agent().delete_volume(vpb::DeleteVolumeRequest { name: v.name.clone() }).await {
@@ -371,7 +409,14 @@ impl ControllerService {
                 .agent()
                 .attach_volume(req)
                 .await
-                .map_err(|s| CsiError::agent(format!("starting the engine of {} on {}", v.name, r.node_id), s))?
+                .map_err(|s| match s.code() {
+                    // The replicas name an engine elsewhere (its node unreachable, or it
+                    // attached meanwhile): published to another node, as far as anyone knows.
+                    tonic::Code::Aborted => {
+                        CsiError::FailedPrecondition(format!("volume {} is held elsewhere: {}", v.name, s.message()))
+                    }
+                    _ => CsiError::agent(format!("starting the engine of {} on {}", v.name, r.node_id), s),
+                })?
                 .into_inner();
             tracing::info!(volume.id = %a.name, node = %r.node_id, uri = %a.nbd_uri, "volume published");
             a
@@ -392,7 +437,29 @@ impl ControllerService {
             tracing::info!(volume.id = %r.volume_id, "unpublish of a volume that does not exist: nothing to do");
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         };
-        if v.attached_node.is_empty() || (!r.node_id.is_empty() && r.node_id != v.attached_node) {
+        if !r.node_id.is_empty() && !v.attached_node.is_empty() && r.node_id != v.attached_node {
+            return Ok(csi::ControllerUnpublishVolumeResponse {});
+        }
+        if v.attached_node.is_empty() {
+            // Attachments are reported by the nodes that hold them: with the node asked about
+            // unreachable, "not published there" is not known, and OK would let the volume be
+            // published elsewhere while that node may still serve it.
+            let nodes = self
+                .agent()
+                .list_nodes(vpb::ListNodesRequest {})
+                .await
+                .map_err(|s| CsiError::agent("listing nodes", s))?
+                .into_inner()
+                .nodes;
+            let down: Vec<&str> = nodes.iter().filter(|n| !n.reachable).map(|n| n.id.as_str()).collect();
+            let unknown = if r.node_id.is_empty() { !down.is_empty() } else { down.contains(&r.node_id.as_str()) };
+            if unknown {
+                return Err(CsiError::Unavailable(format!(
+                    "volume {}: node(s) {} cannot be reached, so whether it is still published there is unknown",
+                    v.name,
+                    down.join(", ")
+                )));
+            }
             return Ok(csi::ControllerUnpublishVolumeResponse {});
         }
         self.agent()

@@ -14,8 +14,13 @@ impl NodeService {
     pub(super) async fn publish(&self, r: csi::NodePublishVolumeRequest) -> Result<csi::NodePublishVolumeResponse> {
         required(&r.volume_id, "volume_id")?;
         required(&r.target_path, "target_path")?;
-        required(&r.staging_target_path, "staging_target_path")?;
-        let cap = Capability::require(r.volume_capability.as_ref())?;
+        if r.staging_target_path.is_empty() {
+            // The spec's "Staging target path not set" (this plugin stages every volume).
+            return Err(CsiError::FailedPrecondition(
+                "staging_target_path is not set: this plugin stages volumes (NodeStageVolume first)".into(),
+            ));
+        }
+        let cap = Capability::require_on_node(r.volume_capability.as_ref())?;
         let id = r.volume_id.as_str();
         let target = PathBuf::from(&r.target_path);
         let read_only = r.readonly || cap.read_only();
@@ -87,10 +92,9 @@ impl NodeService {
         let target = PathBuf::from(&r.target_path);
         let _g = self.locks.try_lock(id, "NodeUnpublishVolume")?;
         let mounted = mount::mount_at(&target)?.is_some();
+        // Nothing there: done (idempotent), whether or not the agent still knows the volume
+        // (it may be cut off from its replicas; kubelet would retry a NOT_FOUND forever).
         if !mounted && std::fs::symlink_metadata(&target).is_err() {
-            if self.volume(id).await?.is_none() {
-                return Err(CsiError::NotFound(format!("volume {id} does not exist")));
-            }
             return Ok(csi::NodeUnpublishVolumeResponse {});
         }
         mount::unmount(&target).await?;

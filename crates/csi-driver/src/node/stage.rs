@@ -13,7 +13,7 @@ impl NodeService {
     pub(super) async fn stage(&self, r: csi::NodeStageVolumeRequest) -> Result<csi::NodeStageVolumeResponse> {
         required(&r.volume_id, "volume_id")?;
         required(&r.staging_target_path, "staging_target_path")?;
-        let cap = Capability::require(r.volume_capability.as_ref())?;
+        let cap = Capability::require_on_node(r.volume_capability.as_ref())?;
         let id = r.volume_id.as_str();
         let staging = PathBuf::from(&r.staging_target_path);
         let _g = self.locks.try_lock(id, "NodeStageVolume")?;
@@ -92,6 +92,11 @@ impl NodeService {
             opts.push("ro".into());
         }
         mount::mount_fs(&dev, &staging, &fs, &opts).await?;
+        // xfs grows only mounted: a volume created larger than its source (a clone, a
+        // restore) must show its whole size at publish (ext* grew offline above).
+        if fs == "xfs" && !cap.read_only() {
+            mount::grow("xfs", &dev, &staging).await?;
+        }
         tracing::info!(volume.id = id, device = %dev.display(), fs, staging = %staging.display(), "staged");
         Ok(csi::NodeStageVolumeResponse {})
     }
@@ -117,10 +122,8 @@ impl NodeService {
                 )));
             }
         }
+        // Not staged here: OK, as the spec asks, whether or not the agent knows the volume.
         if dev.is_none() && staged_mount.is_none() {
-            if self.volume(id).await?.is_none() {
-                return Err(CsiError::NotFound(format!("volume {id} does not exist")));
-            }
             return Ok(csi::NodeUnstageVolumeResponse {});
         }
         mount::unmount(&staging).await?;
