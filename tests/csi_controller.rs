@@ -480,7 +480,7 @@ async fn snapshots_and_clones(
     expect_code(ctl.create_volume(missing).await, Code::NotFound, "clone from an unknown snapshot");
     // A limit below the source's size cannot be honoured: OUT_OF_RANGE, nothing created.
     let mut small = from_snapshot("pvc-clone-small", "pvc-one@snap-a");
-    small.capacity_range = Some(csi::CapacityRange { required_bytes: 0, limit_bytes: (4 * MIB) as i64 });
+    small.capacity_range = Some(csi::CapacityRange { required_bytes: 0, limit_bytes: 4 * MIB });
     expect_code(ctl.create_volume(small).await, Code::OutOfRange, "clone limited below the source size");
     // Snapshots live in their volume's replicas: deleting the volume while one exists is
     // refused (it would delete the VolumeSnapshot's data), and works once it is gone.
