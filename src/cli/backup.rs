@@ -172,6 +172,18 @@ pub enum BackupCommand {
     #[command(subcommand)]
     Key(KeyCommand),
     /// Apply a retention policy and free unreferenced data.
+    ///
+    /// Forgets the backups no --keep-* rule keeps, copies the live chunks out of packs
+    /// that are at least --max-unused unreferenced, and condemns the packs nothing needs;
+    /// a later prune deletes them once --grace-secs have passed and no backup that was
+    /// running when they were condemned still runs. One prune at a time per repository:
+    /// another one fails at once, changing nothing, or waits (--wait).
+    ///
+    /// When stderr is not a terminal (CronJob logs), a progress line is printed every
+    /// 10 s ($HLSTORE_PROGRESS_INTERVAL_SECS; 0 turns them off), as for backups and
+    /// restores.
+    ///
+    /// Example: hlstore backup prune --repo s3://backups/hl --keep-daily 7 --keep-weekly 4
     Prune {
         #[command(flatten)]
         repo: RepoArgs,
@@ -197,6 +209,11 @@ pub enum BackupCommand {
         /// Only delete wholly unreferenced packs; never repack.
         #[arg(long)]
         no_repack: bool,
+        /// Seconds to wait for another prune of the repository to finish (only one runs
+        /// at a time); without it, a prune that finds another running fails at once,
+        /// changing nothing.
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        wait: u64,
         /// Show what would be forgotten, change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -532,6 +549,7 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
             grace_secs,
             max_unused,
             no_repack,
+            wait,
             dry_run,
             json,
         } => {
@@ -545,7 +563,15 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
                 yearly: keep_yearly,
             };
             let repack_unused_pct = (!no_repack).then_some(max_unused);
-            let rep = hb::prune(&r, PruneOptions { policy, grace_secs, dry_run, repack_unused_pct })?;
+            let opts = PruneOptions {
+                policy,
+                grace_secs,
+                dry_run,
+                repack_unused_pct,
+                wait: std::time::Duration::from_secs(wait),
+                progress: if dry_run { Progress::hidden() } else { Progress::auto("prune", 0) },
+            };
+            let rep = hb::prune(&r, opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rep)?);
             } else {
