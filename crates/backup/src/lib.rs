@@ -16,6 +16,8 @@
 //!   out-of-order, resumable restore; `verify.rs` damage reports; `prune.rs` retention,
 //!   repack and two-phase garbage collection; `source.rs` what can be backed up;
 //!   `progress.rs` bars on a terminal, progress lines in logs.
+//! - `mount/` — the read-only FUSE view of a repository (`hlstore backup mount`): backups
+//!   by time, label and id, each image readable at any offset (feature `mount`).
 //! - `volume/` — backups of live hlstore volumes: snapshot, changed-block (incremental)
 //!   reads, snapshot retention, restore into a new volume, over a node-agent trait.
 //!
@@ -32,6 +34,8 @@ mod compress;
 pub mod crypto;
 pub mod error;
 pub mod index;
+#[cfg(feature = "mount")]
+pub mod mount;
 pub mod pack;
 pub mod progress;
 pub mod prune;
