@@ -93,6 +93,9 @@ pub struct ChunkSource {
     repo: Arc<Repository>,
     locator: RwLock<Arc<Locator>>,
     cache: Mutex<ChunkCache>,
+    /// One fetch per chunk at a time: the kernel's readahead asks for neighbouring
+    /// ranges of one chunk on several threads at once; the others wait for the cache.
+    fetching: Mutex<HashMap<ChunkId, Arc<Mutex<()>>>>,
 }
 
 impl ChunkSource {
@@ -109,6 +112,7 @@ impl ChunkSource {
                 chunks: HashMap::new(),
                 by_age: BTreeMap::new(),
             }),
+            fetching: Mutex::new(HashMap::new()),
         })
     }
 
@@ -144,9 +148,26 @@ impl ChunkSource {
 
     /// The plaintext of a chunk `snapshot` references (named in errors).
     pub fn chunk(&self, id: &ChunkId, snapshot: &str) -> Result<Arc<Vec<u8>>> {
-        if let Some(c) = self.cache.lock().ok().and_then(|mut c| c.get(id)) {
+        let cached = || self.cache.lock().ok().and_then(|mut c| c.get(id));
+        if let Some(c) = cached() {
             return Ok(c);
         }
+        let turn = match self.fetching.lock() {
+            Ok(mut f) => f.entry(*id).or_default().clone(),
+            Err(p) => p.into_inner().entry(*id).or_default().clone(),
+        };
+        let _turn = turn.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = cached() {
+            return Ok(c);
+        }
+        let r = self.fetch_and_cache(id, snapshot);
+        if let Ok(mut f) = self.fetching.lock() {
+            f.remove(id);
+        }
+        r
+    }
+
+    fn fetch_and_cache(&self, id: &ChunkId, snapshot: &str) -> Result<Arc<Vec<u8>>> {
         let locator = self.locator();
         let data = Arc::new(match self.fetch(&locator, id, snapshot) {
             // The pack went away (a prune repacked it) or the chunk is not in our index:
