@@ -22,9 +22,10 @@
 //!   reads, snapshot retention, restore into a new volume, over a node-agent trait.
 //!
 //! Invariants: objects are immutable once written (packs and index files named by hash,
-//! snapshots by random id); writes go pack → index → snapshot; nothing takes an exclusive
-//! lock; decoding repository data never panics — damage is `Error::Corrupt` naming the
-//! object. New storage kinds go in `backend/`; new source kinds (volumes with a
+//! snapshots by random id); writes go pack → index → snapshot; backups, restores and
+//! mounts never wait for a lock (only prunes exclude each other, through a `prune`
+//! lease), and a backup saves its snapshot only while its writer lease is alive;
+//! decoding repository data never panics — damage is `Error::Corrupt` naming the object. New storage kinds go in `backend/`; new source kinds (volumes with a
 //! changed-block record) implement [`source::Source`].
 
 pub mod backend;
