@@ -19,6 +19,9 @@
 # Python's standard library (backup_mkimage.py mkfs); the change deletes a tree, adds the
 # PostgreSQL binaries and appends to 300 files through a loop mount (fschange).
 #
+# After each hlstore restore, the restored backup's image is also read through
+# `hlstore backup mount` (FUSE) with cmp: time and MiB/s of one cold sequential pass.
+#
 # Volume case: a 3-node local cluster (`hlstore dev up`) with a volume holding the same
 # image; `hlstore backup create --volume` (full), the same 1 % change written to the image
 # file and the volume alike, then an incremental volume backup (reads only the changed
@@ -40,7 +43,7 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1; shift ;;
     --no-volume) VOLUME=0; shift ;;
     --no-fs) FS=0; shift ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -56,6 +59,7 @@ done
 if [ -z "$WORK" ]; then WORK="$(mktemp -d /tmp/hlstore-bench.XXXXXX)"; fi
 mkdir -p "$WORK"
 cleanup() {
+  if [ -n "${MOUNT_PID:-}" ]; then kill -TERM "$MOUNT_PID" 2>/dev/null || true; wait "$MOUNT_PID" 2>/dev/null || true; fi
   if [ -f "$WORK/cluster/cluster.json" ]; then "$HLSTORE_BIN" dev down --dir "$WORK/cluster" >/dev/null 2>&1 || true; fi
   if [ "$KEEP" = 0 ]; then rm -rf "$WORK"; fi
 }
@@ -98,6 +102,25 @@ change_image() {
 }
 
 declare -A FULL INCR REST SZ GROW RSS CHECK
+MOUNT_PID=""
+MOUNT_LINE=""
+# mount_read REPO ID: reads backup ID's image through `hlstore backup mount` with cmp
+# (cold chunk cache, one sequential pass) and sets MOUNT_LINE.
+mount_read() {
+  local mnt="$WORK/mnt"
+  mkdir -p "$mnt"
+  "$HLSTORE_BIN" backup mount --repo "$1" "$mnt" >"$WORK/mount.out" 2>"$WORK/mount.err" &
+  MOUNT_PID=$!
+  for _ in $(seq 300); do [ -s "$WORK/mount.out" ] && break; sleep 0.1; done
+  [ -s "$WORK/mount.out" ] || { echo "backup mount did not start:" >&2; cat "$WORK/mount.err" >&2; exit 1; }
+  local t0 t1 ok=ok
+  t0=$(date +%s.%N)
+  cmp -s "$mnt/by-id/$2/image" "$IMG" || ok=MISMATCH
+  t1=$(date +%s.%N)
+  kill -TERM "$MOUNT_PID"; wait "$MOUNT_PID" || true; MOUNT_PID=""
+  MOUNT_LINE=$(awk -v a="$t0" -v b="$t1" -v s="$(stat -c %s "$IMG")" -v ok="$ok" \
+    'BEGIN { printf "hlstore backup mount: the image read through FUSE (cmp, cold cache) in %.2f s, %.0f MiB/s, %s", b - a, s / 1048576 / (b - a), ok }')
+}
 CHANGED=0
 
 run_tool() {
@@ -128,7 +151,8 @@ run_tool() {
     hlstore)
       local id; id=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/hlstore-incr.out")
       timed hlstore-restore "$HLSTORE_BIN" restore "$id" --repo "$repo" --to-file "$out/image.img"
-      CHECK[$tool]=$(same "$out/image.img") ;;
+      CHECK[$tool]=$(same "$out/image.img")
+      mount_read "$repo" "$id" ;;
     restic)
       timed restic-restore restic -r "$repo" restore latest --target "$out"
       CHECK[$tool]=$(same "$out$IMG") ;;
@@ -165,6 +189,8 @@ ALLOC=$(du -B1 "$WORK/orig.img" | cut -f1)
 echo
 echo "image: ${SIZE_MIB} MiB mixed (random, zeros, text, system libraries), $(mib "$ALLOC") MiB allocated; change: $(mib "$CHANGED") MiB in scattered 64 KiB runs; MiB/s/core = allocated MiB / full backup s / $CORES cores"
 table
+echo
+echo "$MOUNT_LINE"
 
 if [ "$FS" = 1 ]; then
   CASE=fs
@@ -177,6 +203,8 @@ if [ "$FS" = 1 ]; then
   echo
   echo "ext4 image: 1.5 GiB, $(mib "$ALLOC") MiB allocated (/usr/share + Python's standard library); change: a tree deleted, PostgreSQL's binaries added, 300 files appended ($(mib "$CHANGED") MiB written)"
   table
+  echo
+  echo "$MOUNT_LINE"
   rm -rf "$WORK"/repo-*-fs "$WORK/fs-orig.img" "$FS_IMG"
   CASE=mixed
   IMG="$MIXED_IMG"

@@ -141,6 +141,58 @@ fn cli_backup_list_show_restore_verify_forget_prune() {
     assert!(stderr(&e).contains("no backup matches"), "{e:?}");
 }
 
+/// Progress lines when stderr is not a terminal (as in CronJob and Job logs): bytes, rate,
+/// ETA, then a closing line, for backup, restore and prune.
+#[test]
+fn cli_progress_lines_in_logs() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", t.path().join("repo").display());
+    let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
+    // b is a with 256 KiB of every MiB of its random first quarter replaced: once a is
+    // forgotten, a's packs there are partly used and prune repacks them.
+    let mut img = image(&a, 24 << 20, 5);
+    for k in (0..6 << 20).step_by(1 << 20) {
+        img[k..k + (256 << 10)].fill(7);
+    }
+    std::fs::write(&b, &img).unwrap();
+    ok(hl(&["backup", "init", "--repo", &repo, "--pack-size", "1M"]));
+    let with_lines = |args: &[&str]| {
+        let mut c = hl(args);
+        c.env("HLSTORE_PROGRESS_INTERVAL_SECS", "0.02").stderr(Stdio::piped()).stdout(Stdio::piped());
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{c:?}: {}", stderr(&out));
+        stderr(&out)
+    };
+    let err = with_lines(&["backup", "create", "--repo", &repo, "--source", p(&a), "--json"]);
+    let line = err.lines().find(|l| l.starts_with("backup: ") && l.contains(" of 24.0 MiB (")).unwrap_or_else(|| {
+        panic!("no progress line in {err:?}");
+    });
+    assert!(line.contains(" MiB/s, eta "), "{line}");
+    assert!(err.lines().any(|l| l.starts_with("backup: done, 24.0 MiB in ")), "{err}");
+    let first = json(&ok(hl(&["backup", "list", "--repo", &repo, "--json"])))[0]["id"].as_str().unwrap().to_string();
+    let id = json(&ok(hl(&["backup", "create", "--repo", &repo, "--source", p(&b), "--json"])))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    let err = with_lines(&["restore", &id, "--repo", &repo, "--to-file", p(&t.path().join("out.img"))]);
+    assert!(err.lines().any(|l| l.starts_with("restore: ") && l.contains(" MiB/s, eta ")), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("restore: done, 24.0 MiB in ")), "{err}");
+
+    ok(hl(&["backup", "forget", &first, "--repo", &repo]));
+    let err = with_lines(&["backup", "prune", "--repo", &repo, "--keep-last", "1", "--grace-secs", "0"]);
+    assert!(err.lines().any(|l| l.starts_with("prune: ") && l.contains(" MiB/s, eta ")), "{err}");
+    // The closing line counts the bytes of the packs the repack read.
+    let done = err.lines().find(|l| l.starts_with("prune: done, ")).unwrap_or_else(|| panic!("{err}"));
+    assert!(!done.starts_with("prune: done, 0.0 MiB"), "{done}");
+
+    // Off with 0; a bad value is reported, not fatal.
+    let mut c = hl(&["backup", "create", "--repo", &repo, "--source", p(&a)]);
+    c.env("HLSTORE_PROGRESS_INTERVAL_SECS", "0");
+    let out = c.output().unwrap();
+    assert!(out.status.success() && !stderr(&out).contains("MiB/s, eta"), "{}", stderr(&out));
+}
+
 #[test]
 fn cli_errors_are_clear() {
     let t = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@
 mod support;
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hlstore_proto::volume as vpb;
@@ -224,4 +224,64 @@ fn a_file_backup_restores_into_a_new_replicated_volume() {
     // The name is taken now: a second restore is refused and changes nothing.
     let (ok, _, err) = c.try_cli(&["restore", id, "--repo", &repo, "--to-volume", "f", "--endpoint", &ep]);
     assert!(!ok && err.contains("already exists"), "{err}");
+}
+
+/// A `restore --to-volume` killed with SIGKILL mid-way (no cleanup runs: the volume stays
+/// attached, the state file records some packs) continues when the same command runs
+/// again, and the volume is byte-identical to the backed-up file.
+#[test]
+fn a_restore_to_a_volume_killed_with_sigkill_resumes_byte_identical() {
+    let mut c = Cluster::new();
+    c.env.push(("HLSTORE_REPO_PASSWORD".into(), "volume backup test".into()));
+    c.env.push(("HLSTORE_KDF_PARAMS".into(), "64,1,1".into()));
+    c.up(&["--nodes", "3"]);
+    let ep = c.endpoint("n2");
+    let work = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", work.path().join("repo").display());
+    c.cli(&["backup", "init", "--repo", &repo, "--pack-size", "1M"]);
+    // Incompressible: one pack per MiB, each recorded in the state file once written.
+    let img = random(48 * MIB, 9);
+    let src = work.path().join("disk.img");
+    std::fs::write(&src, &img).unwrap();
+    let b = json(&c.cli(&["backup", "create", "--repo", &repo, "--source", src.to_str().unwrap(), "--json"]));
+    let id = b["id"].as_str().unwrap().to_string();
+
+    let state = work.path().join("restore.state");
+    let args = [
+        "restore",
+        &id,
+        "--repo",
+        &repo,
+        "--to-volume",
+        "r",
+        "--endpoint",
+        &ep,
+        "--parallel",
+        "1",
+        "--state-file",
+        state.to_str().unwrap(),
+        "--json",
+    ];
+    let mut child = c.command().args(args).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let started = std::time::Instant::now();
+    let recorded = || std::fs::read_to_string(&state).map(|s| s.lines().count()).unwrap_or(0);
+    while recorded() < 4 {
+        assert!(child.try_wait().unwrap().is_none(), "the restore ended before it could be killed");
+        assert!(started.elapsed() < Duration::from_secs(120), "no progress recorded");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let done_before = recorded();
+    assert!(done_before < 48, "killed mid-way ({done_before} lines)");
+
+    let r = json(&c.cli(&args));
+    assert!(r["packs_resumed"].as_u64().unwrap() >= 3, "{r}");
+    assert!(r["packs_fetched"].as_u64().unwrap() < 48, "resumed, not restarted: {r}");
+    assert!(!state.exists(), "state removed on success");
+    let v = c.volume_show("n1", "r");
+    assert!(v["attached_node"].is_null(), "detached after the restore: {v}");
+    let uri = c.cli(&["volume", "attach", "r", "--node", "n3", "--endpoint", &ep]).trim().to_string();
+    let back = nbd_read_all(&uri, work.path());
+    assert!(back == img, "restored volume differs from the file");
 }

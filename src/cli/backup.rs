@@ -167,11 +167,53 @@ pub enum BackupCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Mount the repository read-only (FUSE): every backup as a directory holding its
+    /// image and its metadata, for restoring single files.
+    ///
+    /// Layout: by-time/<time>/, by-label/<key>=<value>/<time>/ and by-id/<id>/, each with
+    /// `image` (the backed-up file, device or volume, byte for byte) and `backup.json`.
+    /// Backups taken in the same second get `_<id prefix>` after the time. A filesystem
+    /// image opens with a read-only loop mount. The view is the repository at mount time.
+    /// Prints the mount point (or JSON with --json) once mounted, then runs until SIGTERM
+    /// or Ctrl-C and unmounts (a loop mount of an image must be unmounted first).
+    ///
+    /// Example (as root):
+    ///   hlstore backup mount --repo s3://backups/hl /mnt/backups &
+    ///   mount -o loop,ro /mnt/backups/by-label/volume=pgdata/2026-12-06T02:30:00Z/image /mnt/pg
+    ///   cp /mnt/pg/some/file . && umount /mnt/pg && kill %1
+    #[command(verbatim_doc_comment)]
+    Mount {
+        /// Directory to mount on (created if missing).
+        mountpoint: PathBuf,
+        #[command(flatten)]
+        repo: RepoArgs,
+        /// Memory for decoded chunks (e.g. 256M).
+        #[arg(long, default_value = "128M", value_parser = parse_size)]
+        cache_size: u64,
+        /// Let other users read the mount (needs root, or user_allow_other in
+        /// /etc/fuse.conf).
+        #[arg(long)]
+        allow_other: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Manage the repository's passwords: several may open it, each in its own key file
     /// sealing the same master key (nothing is re-encrypted when they change).
     #[command(subcommand)]
     Key(KeyCommand),
     /// Apply a retention policy and free unreferenced data.
+    ///
+    /// Forgets the backups no --keep-* rule keeps, copies the live chunks out of packs
+    /// that are at least --max-unused unreferenced, and condemns the packs nothing needs;
+    /// a later prune deletes them once --grace-secs have passed and no backup that was
+    /// running when they were condemned still runs. One prune at a time per repository:
+    /// another one fails at once, changing nothing, or waits (--wait).
+    ///
+    /// When stderr is not a terminal (CronJob logs), a progress line is printed every
+    /// 10 s ($HLSTORE_PROGRESS_INTERVAL_SECS; 0 turns them off), as for backups and
+    /// restores.
+    ///
+    /// Example: hlstore backup prune --repo s3://backups/hl --keep-daily 7 --keep-weekly 4
     Prune {
         #[command(flatten)]
         repo: RepoArgs,
@@ -197,6 +239,11 @@ pub enum BackupCommand {
         /// Only delete wholly unreferenced packs; never repack.
         #[arg(long)]
         no_repack: bool,
+        /// Seconds to wait for another prune of the repository to finish (only one runs
+        /// at a time); without it, a prune that finds another running fails at once,
+        /// changing nothing.
+        #[arg(long, value_name = "SECS", default_value_t = 0)]
+        wait: u64,
         /// Show what would be forgotten, change nothing.
         #[arg(long)]
         dry_run: bool,
@@ -342,7 +389,57 @@ fn fmt_time(t: u64) -> String {
 }
 
 pub async fn run_backup(cmd: BackupCommand) -> anyhow::Result<()> {
-    blocking(move || run_backup_sync(cmd)).await
+    match cmd {
+        BackupCommand::Mount { mountpoint, repo, cache_size, allow_other, json } => {
+            mount(mountpoint, repo, cache_size, allow_other, json).await
+        }
+        cmd => blocking(move || run_backup_sync(cmd)).await,
+    }
+}
+
+/// `hlstore backup mount`: mounts, prints the ready line, waits for SIGTERM or Ctrl-C.
+async fn mount(
+    mountpoint: PathBuf,
+    repo: RepoArgs,
+    cache_size: u64,
+    allow_other: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let opts = hb::mount::MountOptions {
+        cache_bytes: usize::try_from(cache_size).context("--cache-size too large")?,
+        allow_other,
+    };
+    let (m, repo_id) = blocking(move || {
+        let r = repo.open()?;
+        let id = r.config().id.clone();
+        std::fs::create_dir_all(&mountpoint)
+            .with_context(|| format!("creating mount point {}", mountpoint.display()))?;
+        Ok((hb::mount::RepoMount::mount(Arc::new(r), &mountpoint, opts)?, id))
+    })
+    .await?;
+    {
+        // The line on stdout is the "ready" signal scripts wait for.
+        let mut out = std::io::stdout().lock();
+        if json {
+            let v = serde_json::json!({"mountpoint": m.mountpoint(), "backups": m.backups(), "repository": repo_id});
+            writeln!(out, "{v}")?;
+        } else {
+            writeln!(out, "{}", m.mountpoint().display())?;
+        }
+        out.flush()?;
+    }
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: unmounting"),
+        r = tokio::signal::ctrl_c() => {
+            r.context("waiting for Ctrl-C")?;
+            tracing::info!("interrupted: unmounting");
+        }
+    }
+    blocking(move || Ok(m.unmount()?)).await
 }
 
 fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
@@ -521,6 +618,7 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
             }
         }
         BackupCommand::Key(cmd) => run_key(cmd)?,
+        BackupCommand::Mount { .. } => bail!("mount runs on the async path"),
         BackupCommand::Prune {
             repo,
             keep_last,
@@ -532,6 +630,7 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
             grace_secs,
             max_unused,
             no_repack,
+            wait,
             dry_run,
             json,
         } => {
@@ -545,7 +644,15 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
                 yearly: keep_yearly,
             };
             let repack_unused_pct = (!no_repack).then_some(max_unused);
-            let rep = hb::prune(&r, PruneOptions { policy, grace_secs, dry_run, repack_unused_pct })?;
+            let opts = PruneOptions {
+                policy,
+                grace_secs,
+                dry_run,
+                repack_unused_pct,
+                wait: std::time::Duration::from_secs(wait),
+                progress: if dry_run { Progress::hidden() } else { Progress::auto("prune", 0) },
+            };
+            let rep = hb::prune(&r, opts)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rep)?);
             } else {

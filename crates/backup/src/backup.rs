@@ -89,7 +89,7 @@ struct Run<'a> {
 pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Result<Snapshot> {
     // The lease goes first: prune must see it before we look at what exists.
     let started = std::time::Instant::now();
-    let _lease = Lease::acquire(repo.backend().clone(), "backup")?;
+    let lease = Lease::acquire(repo.backend().clone(), "backup")?;
     let load = repo.load_index()?;
     if !load.unindexed.is_empty() {
         // Packs from an interrupted run: index them so later runs need not read trailers.
@@ -218,7 +218,10 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
         stats,
     };
     let snap = Snapshot { meta, chunks: refs };
+    // Only a backup whose lease stayed alive may claim the chunks it reused.
+    lease.check()?;
     repo.save_snapshot(&snap)?;
+    drop(lease);
     opts.progress.finish();
     Ok(snap)
 }

@@ -52,6 +52,8 @@ pub enum Error {
     Agent(String),
     #[error("repository busy: {0}")]
     Busy(String),
+    #[error("writer lease lapsed: {0}; nothing was saved, run the backup again (it reuses what was uploaded)")]
+    LeaseLapsed(String),
     #[error("invalid argument: {0}")]
     Invalid(String),
 }

@@ -16,13 +16,16 @@
 //!   out-of-order, resumable restore; `verify.rs` damage reports; `prune.rs` retention,
 //!   repack and two-phase garbage collection; `source.rs` what can be backed up;
 //!   `progress.rs` bars on a terminal, progress lines in logs.
+//! - `mount/` — the read-only FUSE view of a repository (`hlstore backup mount`): backups
+//!   by time, label and id, each image readable at any offset (feature `mount`).
 //! - `volume/` — backups of live hlstore volumes: snapshot, changed-block (incremental)
 //!   reads, snapshot retention, restore into a new volume, over a node-agent trait.
 //!
 //! Invariants: objects are immutable once written (packs and index files named by hash,
-//! snapshots by random id); writes go pack → index → snapshot; nothing takes an exclusive
-//! lock; decoding repository data never panics — damage is `Error::Corrupt` naming the
-//! object. New storage kinds go in `backend/`; new source kinds (volumes with a
+//! snapshots by random id); writes go pack → index → snapshot; backups, restores and
+//! mounts never wait for a lock (only prunes exclude each other, through a `prune`
+//! lease), and a backup saves its snapshot only while its writer lease is alive;
+//! decoding repository data never panics — damage is `Error::Corrupt` naming the object. New storage kinds go in `backend/`; new source kinds (volumes with a
 //! changed-block record) implement [`source::Source`].
 
 pub mod backend;
@@ -32,6 +35,8 @@ mod compress;
 pub mod crypto;
 pub mod error;
 pub mod index;
+#[cfg(feature = "mount")]
+pub mod mount;
 pub mod pack;
 pub mod progress;
 pub mod prune;

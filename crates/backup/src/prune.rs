@@ -27,6 +27,7 @@ use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::index::{IndexedPack, Location, MasterIndex};
 use crate::pack::{decode_blob, pack_key, PackWriter};
+use crate::progress::Progress;
 use crate::repo::{Lease, LeaseInfo, Repository};
 use crate::snapshot::{now_secs, SnapshotMeta};
 
@@ -143,7 +144,7 @@ pub fn apply_policy(snaps: &[SnapshotMeta], p: &KeepPolicy) -> (Vec<String>, Vec
 }
 
 /// Options of a prune run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct PruneOptions {
     pub policy: KeepPolicy,
     pub grace_secs: u64,
@@ -151,6 +152,11 @@ pub struct PruneOptions {
     /// Repack packs whose unreferenced share is at least this percentage of their size
     /// (copy the live chunks into new packs, condemn the old ones); `None`: never repack.
     pub repack_unused_pct: Option<u8>,
+    /// How long to wait for another prune to finish before failing with [`Error::Busy`]
+    /// (zero: a few short retries only).
+    pub wait: std::time::Duration,
+    /// Advanced by the bytes of packs the repack reads.
+    pub progress: Progress,
 }
 
 impl PruneOptions {
@@ -161,6 +167,8 @@ impl PruneOptions {
             grace_secs: DEFAULT_GRACE_SECS,
             dry_run: false,
             repack_unused_pct: Some(DEFAULT_REPACK_UNUSED_PCT),
+            wait: std::time::Duration::ZERO,
+            progress: Progress::hidden(),
         }
     }
 }
@@ -194,8 +202,8 @@ pub struct PruneReport {
 }
 
 /// Applies the keep policy, then collects garbage. Only one prune runs at a time per
-/// repository: a prune that finds another's live lease retries briefly, then fails with
-/// [`Error::Busy`] without changing anything.
+/// repository: a prune that finds another's live lease retries for `opts.wait` (or
+/// briefly), then fails with [`Error::Busy`] without changing anything.
 pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     if opts.policy.is_empty() {
         return Err(Error::Invalid("no --keep-* rule given; refusing to forget every backup".into()));
@@ -206,12 +214,22 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
     if opts.dry_run {
         return Ok(report);
     }
-    let _lease = prune_lease(repo)?;
+    opts.progress.set_message("prune: waiting for another prune");
+    let _lease = prune_lease_within(repo, opts.wait)?;
+    // The policy again under the lease: a prune that ran while this one waited may have
+    // forgotten some already (they are skipped), and backups made meanwhile count.
+    let metas = repo.list_snapshots()?;
+    let (kept, forgotten) = apply_policy(&metas, &opts.policy);
+    report.kept = kept;
+    report.forgotten = forgotten;
     for id in &report.forgotten {
         repo.forget(id)?;
     }
-    gc_with(repo, opts.grace_secs, opts.repack_unused_pct, &mut report)?;
-    Ok(report)
+    opts.progress.set_message("prune: reading backups and indexes");
+    let r = gc_with(repo, opts.grace_secs, opts.repack_unused_pct, &mut report, &opts.progress);
+    opts.progress.set_message("prune");
+    opts.progress.finish();
+    r.map(|()| report)
 }
 
 /// Takes the repository's prune lease: write ours, then list; any other live prune lease
@@ -219,8 +237,17 @@ pub fn prune(repo: &Repository, opts: PruneOptions) -> Result<PruneReport> {
 /// after writing, two prunes can never both see themselves alone (at worst both withdraw
 /// and retry after a random pause).
 pub fn prune_lease(repo: &Repository) -> Result<Lease> {
+    prune_lease_within(repo, std::time::Duration::ZERO)
+}
+
+/// [`prune_lease`], retrying for up to `wait` while another prune holds the lease (at
+/// least [`PRUNE_LEASE_ATTEMPTS`] attempts).
+pub fn prune_lease_within(repo: &Repository, wait: std::time::Duration) -> Result<Lease> {
     let backend = repo.backend();
-    for attempt in 0..PRUNE_LEASE_ATTEMPTS {
+    let deadline = std::time::Instant::now() + wait;
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
         let lease = Lease::acquire(backend.clone(), "prune")?;
         let others: Vec<LeaseInfo> = Lease::live_keyed(backend.as_ref())?
             .into_iter()
@@ -231,16 +258,21 @@ pub fn prune_lease(repo: &Repository) -> Result<Lease> {
             return Ok(lease);
         };
         drop(lease);
-        if attempt + 1 == PRUNE_LEASE_ATTEMPTS {
+        if attempt >= PRUNE_LEASE_ATTEMPTS && std::time::Instant::now() >= deadline {
             return Err(Error::Busy(format!(
-                "another prune is running (host {}, pid {}, started {}); try again when it is done",
+                "another prune is running (host {}, pid {}, started {}); try again when it is done, or wait for it (--wait)",
                 other.host, other.pid, other.started
             )));
         }
-        let pause = 100 + rand::random::<u64>() % 400;
+        if attempt == PRUNE_LEASE_ATTEMPTS {
+            tracing::info!(host = %other.host, pid = other.pid, "another prune is running; waiting for it");
+        }
+        // Short random pauses first (two prunes that both stepped back retry apart), then
+        // about once a second.
+        let base = if attempt < PRUNE_LEASE_ATTEMPTS { 100 } else { 700 };
+        let pause = base + rand::random::<u64>() % 400;
         std::thread::sleep(std::time::Duration::from_millis(pause));
     }
-    Err(Error::Busy("another prune is running".into()))
 }
 
 /// Chunks referenced by every snapshot in the repository now.
@@ -258,16 +290,18 @@ fn referenced_chunks(repo: &Repository) -> Result<HashSet<ChunkId>> {
 
 /// Garbage collection only, without repacking (two phases, see the module header).
 pub fn gc(repo: &Repository, grace_secs: u64, report: &mut PruneReport) -> Result<()> {
-    gc_with(repo, grace_secs, None, report)
+    gc_with(repo, grace_secs, None, report, &Progress::hidden())
 }
 
 /// Garbage collection: condemn unreferenced packs (and repack partly used ones when
-/// `repack_unused_pct` is set), then delete what is safe to delete.
+/// `repack_unused_pct` is set), then delete what is safe to delete. `progress` counts the
+/// bytes of packs the repack reads.
 pub fn gc_with(
     repo: &Repository,
     grace_secs: u64,
     repack_unused_pct: Option<u8>,
     report: &mut PruneReport,
+    progress: &Progress,
 ) -> Result<()> {
     let backend = repo.backend().as_ref();
     let load = repo.load_index()?;
@@ -306,7 +340,9 @@ pub fn gc_with(
     // Phase 1a: copy the live chunks of partly used packs into new packs (stored and
     // indexed before the old packs are condemned).
     if !to_repack.is_empty() {
-        let new = repack(repo, &index, &to_repack, &referenced, &already, report)?;
+        progress.set_message("prune: repacking");
+        progress.inc_length(to_repack.iter().map(|&i| index.packs[i as usize].1).sum());
+        let new = repack(repo, &index, &to_repack, &referenced, &already, report, progress)?;
         for p in &new {
             index.add_pack(p);
         }
@@ -325,6 +361,7 @@ pub fn gc_with(
         markers.push((key, m));
     }
 
+    progress.set_message("prune: deleting");
     // Phase 2: delete what is safe to delete. Leases first, then the snapshots again: a
     // backup that finished since the first read saved its snapshot before dropping its
     // lease, so whatever it references is seen here.
@@ -400,6 +437,7 @@ fn repack(
     referenced: &HashSet<ChunkId>,
     condemned: &HashSet<String>,
     report: &mut PruneReport,
+    progress: &Progress,
 ) -> Result<Vec<IndexedPack>> {
     let old: HashSet<u32> = which.iter().copied().collect();
     let mut wanted: HashMap<u32, Vec<(ChunkId, Location)>> = HashMap::new();
@@ -420,8 +458,11 @@ fn repack(
         Ok(())
     };
     for &i in which {
-        let pid = index.packs[i as usize].0.clone();
-        let Some(mut chunks) = wanted.remove(&i) else { continue };
+        let (pid, plen) = index.packs[i as usize].clone();
+        let Some(mut chunks) = wanted.remove(&i) else {
+            progress.inc(plen);
+            continue;
+        };
         chunks.sort_by_key(|c| c.1.offset);
         let bytes = repo.backend().get(&pack_key(&pid))?;
         for (cid, loc) in chunks {
@@ -443,6 +484,7 @@ fn repack(
             }
         }
         report.repacked_packs += 1;
+        progress.inc(plen);
     }
     if !w.is_empty() {
         flush(w, &mut out)?;

@@ -72,6 +72,14 @@ struct Job {
     chunks: Vec<(Location, ChunkId, Vec<Piece>)>,
 }
 
+impl Job {
+    /// Bytes of the image this job restores (progress counts these, not the bytes
+    /// written, which skip zeros).
+    fn image_bytes(&self) -> u64 {
+        self.chunks.iter().flat_map(|c| c.2.iter()).map(|p| p.2 as u64).sum()
+    }
+}
+
 /// Restores snapshot `id` (a unique prefix is enough) to `target`.
 pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: RestoreOptions) -> Result<RestoreStats> {
     let id = repo.resolve_snapshot(id)?;
@@ -120,7 +128,7 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
             None => Ok(()),
         }
     };
-    let written = run_jobs(repo, jobs, &sink, &opts, &after_pack)?;
+    let written = run_jobs(repo, jobs, &sink, &opts, &after_pack, snap.meta.size)?;
     file.sync_all().map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
     if let Some(p) = &state_path {
         let _ = std::fs::remove_file(p);
@@ -161,7 +169,7 @@ pub fn restore_into(repo: &Repository, id: &str, sink: &dyn RestoreSink, opts: R
             None => Ok(()),
         }
     };
-    let written = run_jobs(repo, jobs, sink, &opts, &after_pack)?;
+    let written = run_jobs(repo, jobs, sink, &opts, &after_pack, snap.meta.size)?;
     sink.sync()?;
     if let Some(p) = &opts.state_file {
         let _ = std::fs::remove_file(p);
@@ -236,7 +244,12 @@ fn run_jobs(
     sink: &dyn RestoreSink,
     opts: &RestoreOptions,
     after_pack: &(dyn Fn(&Job) -> Result<()> + Sync),
+    image_size: u64,
 ) -> Result<u64> {
+    // Progress is in bytes of the image: holes and what an interrupted run restored
+    // count as done from the start.
+    let pending: u64 = jobs.iter().map(Job::image_bytes).sum();
+    opts.progress.inc(image_size.saturating_sub(pending));
     let written = AtomicU64::new(0);
     let queue = Mutex::new(jobs);
     let workers = if opts.workers == 0 { DEFAULT_WORKERS } else { opts.workers };
@@ -257,7 +270,7 @@ fn run_jobs(
                 match restore_pack(repo, &job, sink) {
                     Ok(n) => {
                         written.fetch_add(n, Ordering::Relaxed);
-                        opts.progress.inc(n);
+                        opts.progress.inc(job.image_bytes());
                         if let Err(e) = after_pack(&job) {
                             fail(e);
                         }

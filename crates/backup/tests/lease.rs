@@ -4,8 +4,11 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use hlstore_backup::backend::{Backend, ObjectInfo};
 
 use hlstore_backup::repo::{Lease, LEASE_TTL_ENV};
 use hlstore_backup::{
@@ -76,4 +79,65 @@ fn a_backup_outliving_the_lease_ttl_keeps_its_lease_and_its_data() {
     restore(&repo, &snap.meta.id, &RestoreTarget::File(out.clone()), RestoreOptions::default()).unwrap();
     assert_eq!(blake(&std::fs::read(&out).unwrap()), blake(&img));
     assert!(verify(&repo, true, Default::default()).unwrap().ok);
+}
+
+/// A filesystem backend whose lease refreshes fail while `fail_refresh` is set (a backend
+/// outage that spares the data path, or a writer suspended past its TTL).
+struct FlakyLocks {
+    inner: hlstore_backup::FsBackend,
+    fail_refresh: AtomicBool,
+}
+
+impl Backend for FlakyLocks {
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+    fn put(&self, key: &str, data: &[u8]) -> hlstore_backup::Result<()> {
+        let refresh = key.starts_with("locks/") && self.inner.get(key).is_ok();
+        if refresh && self.fail_refresh.load(Ordering::Relaxed) {
+            return Err(hlstore_backup::Error::Backend { op: "put", object: key.into(), detail: "injected".into() });
+        }
+        self.inner.put(key, data)
+    }
+    fn get(&self, key: &str) -> hlstore_backup::Result<Vec<u8>> {
+        self.inner.get(key)
+    }
+    fn get_range(&self, key: &str, offset: u64, len: u64) -> hlstore_backup::Result<Vec<u8>> {
+        self.inner.get_range(key, offset, len)
+    }
+    fn list(&self, prefix: &str) -> hlstore_backup::Result<Vec<ObjectInfo>> {
+        self.inner.list(prefix)
+    }
+    fn delete(&self, key: &str) -> hlstore_backup::Result<()> {
+        self.inner.delete(key)
+    }
+}
+
+#[test]
+fn a_backup_whose_lease_lapsed_saves_nothing_and_the_next_run_succeeds() {
+    std::env::set_var(LEASE_TTL_ENV, "2");
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("repo");
+    let (_b, repo) = fs_repo(&dir);
+    drop(repo);
+    let flaky =
+        Arc::new(FlakyLocks { inner: hlstore_backup::FsBackend::new(&dir), fail_refresh: AtomicBool::new(true) });
+    let repo = Repository::open(flaky.clone(), PASSWORD).unwrap();
+    let src = t.path().join("img");
+    let img = random_image(8 << 20, 81);
+    write(&src, &img);
+    // Two 4 MiB reads, 1.5 s each: the backup outlives its 2 s lease, whose refreshes fail.
+    let e = backup(&repo, &SlowSource(FileSource::open(&src).unwrap()), BackupOptions::default()).unwrap_err();
+    assert!(matches!(e, hlstore_backup::Error::LeaseLapsed(_)), "{e}");
+    assert!(e.to_string().contains("run the backup again"), "{e}");
+    assert!(repo.snapshot_ids().unwrap().is_empty(), "no snapshot claims possibly deleted data");
+    assert!(flaky.list("locks/").unwrap().is_empty(), "lease removed");
+
+    // Refreshes work again: the rerun reuses the uploaded packs and succeeds.
+    flaky.fail_refresh.store(false, Ordering::Relaxed);
+    let s = backup(&repo, &SlowSource(FileSource::open(&src).unwrap()), BackupOptions::default()).unwrap();
+    assert_eq!(s.meta.stats.new_chunks, 0, "{:?}", s.meta.stats);
+    let out = t.path().join("out");
+    restore(&repo, &s.meta.id, &RestoreTarget::File(out.clone()), RestoreOptions::default()).unwrap();
+    assert_eq!(blake(&std::fs::read(&out).unwrap()), blake(&img));
 }

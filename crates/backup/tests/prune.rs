@@ -274,7 +274,18 @@ fn two_prunes_at_once_take_turns() {
     assert!(matches!(e, hlstore_backup::Error::Busy(_)), "{e}");
     assert!(started.elapsed() < std::time::Duration::from_secs(5));
     assert_eq!(repo.snapshot_ids().unwrap().len(), 4);
-    drop(held);
+    // With a wait, the second prune runs once the first is done.
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(2500));
+        drop(held);
+    });
+    let started = std::time::Instant::now();
+    let opts = PruneOptions { wait: std::time::Duration::from_secs(30), ..keep_last(3, 0) };
+    let rep = prune(&repo, opts).unwrap();
+    assert!(started.elapsed() >= std::time::Duration::from_millis(2400), "waited for the holder");
+    assert_eq!(rep.forgotten.len(), 1);
+    release.join().unwrap();
+    assert_eq!(repo.snapshot_ids().unwrap().len(), 3);
 
     // Two at once: each finishes or steps back; never a damaged repository.
     let barrier = Arc::new(std::sync::Barrier::new(2));

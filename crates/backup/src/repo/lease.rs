@@ -5,7 +5,7 @@
 //! (`prune::prune_lease`). A lease is refreshed [`LEASE_REFRESHES_PER_TTL`] times per TTL
 //! for as long as its holder runs, however long that is.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,6 +48,16 @@ pub struct Lease {
     backend: Arc<dyn Backend>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Unix milliseconds until which the last stored copy of the lease is alive.
+    valid_until_ms: Arc<AtomicU64>,
+    /// Set when a refresh was stored after the previous copy had expired (the lease was
+    /// dead for a while, even if alive again now).
+    lapsed: Arc<AtomicBool>,
+    ttl: u64,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Lease {
@@ -64,9 +74,13 @@ impl Lease {
             host: crate::snapshot::hostname(),
             pid: std::process::id(),
         };
+        let before = now_ms();
         backend.put(&key, &serde_json::to_vec(&info).unwrap_or_default())?;
+        let valid_until_ms = Arc::new(AtomicU64::new(before + ttl * 1000));
         let stop = Arc::new(AtomicBool::new(false));
-        let (b, k, s) = (backend.clone(), key.clone(), stop.clone());
+        let lapsed = Arc::new(AtomicBool::new(false));
+        let (b, k, s, valid, gap) =
+            (backend.clone(), key.clone(), stop.clone(), valid_until_ms.clone(), lapsed.clone());
         let thread = std::thread::Builder::new()
             .name("hlstore-lease".into())
             .spawn(move || {
@@ -78,15 +92,46 @@ impl Lease {
                     waited += step;
                     if waited >= refresh {
                         waited = Duration::ZERO;
+                        let before = now_ms();
                         info.expires = now_secs() + ttl;
-                        if let Err(e) = b.put(&k, &serde_json::to_vec(&info).unwrap_or_default()) {
-                            tracing::warn!(lease = %k, error = %e, "lease refresh failed");
+                        match b.put(&k, &serde_json::to_vec(&info).unwrap_or_default()) {
+                            Ok(()) => {
+                                if now_ms() >= valid.swap(before + ttl * 1000, Ordering::Relaxed) {
+                                    gap.store(true, Ordering::Relaxed);
+                                }
+                            }
+                            Err(e) => tracing::warn!(lease = %k, error = %e, "lease refresh failed"),
                         }
                     }
                 }
             })
             .ok();
-        Ok(Lease { key, backend, stop, thread })
+        Ok(Lease { key, backend, stop, thread, valid_until_ms, lapsed, ttl })
+    }
+
+    /// Checks the lease has been alive all along and will stay alive a little longer (at
+    /// least one refresh period). A backup calls this before saving its snapshot: if its
+    /// refreshes failed for most of a TTL (a backend outage, a suspended process), a
+    /// prune may have taken it for dead and deleted packs the backup reuses, so it must
+    /// not claim them.
+    pub fn check(&self) -> Result<()> {
+        let margin = self.ttl * 1000 / LEASE_REFRESHES_PER_TTL as u64;
+        let until = self.valid_until_ms.load(Ordering::Relaxed);
+        let now = now_ms();
+        if now + margin < until && !self.lapsed.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let state = if self.lapsed.load(Ordering::Relaxed) {
+            "it expired for a while before a refresh got through".to_string()
+        } else if now < until {
+            format!("it expires in {} ms", until - now)
+        } else {
+            format!("it expired {} ms ago", now - until)
+        };
+        Err(crate::error::Error::LeaseLapsed(format!(
+            "{} could not be refreshed ({state}); a prune may have deleted data this run reuses",
+            self.key
+        )))
     }
 
     /// Object key of this lease.
