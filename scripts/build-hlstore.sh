@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Builds the `hlstore` binary for a Rust target, natively or cross-compiled, on Debian 12
+# (the image's builder stage and the CI cross-build check both use it).
+#
+#   scripts/build-hlstore.sh [--target TRIPLE] [--profile PROFILE] [--out FILE] [--install-deps]
+#
+#   --target        Rust target triple (default: the host's): x86_64-unknown-linux-gnu or
+#                   aarch64-unknown-linux-gnu
+#   --profile       cargo profile (default: release)
+#   --out           copy the binary there
+#   --install-deps  first install what the target needs (idempotent; root): Debian's cross
+#                   gcc/g++ and the target's librocksdb-dev/libc6-dev through multiarch
+#                   (dpkg --add-architecture), and the Rust standard library (rustup target add)
+#
+# RocksDB is Debian's librocksdb-dev (see ARCHITECTURE.md, "Build choices"): .cargo/config.toml
+# sets ROCKSDB_LIB_DIR, which makes librocksdb-sys link the system library instead of
+# compiling its C++ copy; the target's linker finds the library in its multiarch directory
+# (/usr/lib/<triplet>). The script checks the result: the binary must be for the target and
+# must load librocksdb.so dynamically.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+host=$(rustc -vV | sed -n 's/^host: //p')
+target=$host
+profile=release
+out=""
+install_deps=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --target) target=$2; shift 2 ;;
+    --profile) profile=$2; shift 2 ;;
+    --out) out=$2; shift 2 ;;
+    --install-deps) install_deps=1; shift ;;
+    *) echo "build-hlstore: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+
+case "$target" in
+  x86_64-unknown-linux-gnu) debarch=amd64; triplet=x86_64-linux-gnu; machine="X86-64" ;;
+  aarch64-unknown-linux-gnu) debarch=arm64; triplet=aarch64-linux-gnu; machine="AArch64" ;;
+  *) echo "build-hlstore: unsupported target $target" >&2; exit 2 ;;
+esac
+host_debarch=$(dpkg --print-architecture)
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+if [ -n "$install_deps" ]; then
+  pkgs=(librocksdb-dev:"$debarch" libc6-dev:"$debarch" libclang-dev pkg-config)
+  if [ "$debarch" != "$host_debarch" ]; then
+    pkgs+=(gcc-"$triplet" g++-"$triplet")
+    if ! dpkg --print-foreign-architectures | grep -qx "$debarch"; then
+      echo "build-hlstore: dpkg --add-architecture $debarch"
+      $SUDO dpkg --add-architecture "$debarch"
+      $SUDO apt-get update -qq
+    fi
+  else
+    pkgs+=(gcc g++)
+  fi
+  missing=()
+  for p in "${pkgs[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "build-hlstore: installing ${missing[*]}"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+  if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx "$target"; then
+    echo "build-hlstore: rustup target add $target"
+    rustup target add "$target"
+  fi
+fi
+
+# cc-rs (zstd, blake3, ring, aws-lc) and the final link use the target's gcc; Debian's
+# native gcc package installs the triplet-prefixed names too, so this holds natively.
+tvar=${target//-/_}
+TVAR=$(echo "$tvar" | tr '[:lower:]' '[:upper:]')
+export "CC_$tvar=${triplet}-gcc" "CXX_$tvar=${triplet}-g++" "AR_$tvar=${triplet}-ar"
+export "CARGO_TARGET_${TVAR}_LINKER=${triplet}-gcc"
+if [ "$target" != "$host" ]; then
+  export PKG_CONFIG_ALLOW_CROSS=1 "PKG_CONFIG_PATH_$tvar=/usr/lib/$triplet/pkgconfig"
+fi
+
+cargo build --locked --profile "$profile" --target "$target" --bin hlstore
+dir=$profile
+if [ "$profile" = dev ] || [ "$profile" = test ]; then dir=debug; fi
+bin="${CARGO_TARGET_DIR:-target}/$target/$dir/hlstore"
+
+# The checks: the right machine, and Debian's RocksDB linked rather than a bundled copy.
+if ! LC_ALL=C readelf -h "$bin" | grep -q "Machine:.*$machine"; then
+  echo "build-hlstore: $bin is not a $machine binary:" >&2
+  readelf -h "$bin" | grep Machine >&2
+  exit 1
+fi
+if ! LC_ALL=C readelf -d "$bin" | grep -q 'NEEDED.*librocksdb\.so'; then
+  echo "build-hlstore: $bin does not link librocksdb.so dynamically (bundled RocksDB?)" >&2
+  exit 1
+fi
+echo "build-hlstore: $bin ($machine, links $(LC_ALL=C readelf -d "$bin" | sed -n 's/.*Shared library: \[\(librocksdb[^]]*\)\].*/\1/p'))"
+if [ -n "$out" ]; then
+  mkdir -p "$(dirname "$out")"
+  cp "$bin" "$out"
+fi
