@@ -384,7 +384,9 @@ fn alerts_cover_the_failures_and_use_only_exported_metrics() {
     for want in [
         "HlstoreVolumeWithoutWriteQuorum",
         "HlstoreVolumeDegraded",
+        "HlstoreReplicaFailed",
         "HlstoreResyncStuck",
+        "HlstoreAgentDown",
         "HlstoreCorruptionDetected",
         "HlstoreUnrecoverableBlocks",
         "HlstoreNodeDiskAlmostFull",
@@ -393,7 +395,9 @@ fn alerts_cover_the_failures_and_use_only_exported_metrics() {
     ] {
         assert!(alerts.contains(want), "no alert {want}: {alerts:?}");
     }
-    // promtool, where a Debian `prometheus` package provides it, checks the PromQL too.
+    // promtool, where a Debian `prometheus` package provides it, checks the PromQL too, and
+    // runs the alerts' unit tests (tests/prometheus/alerts.test.yaml: which alerts fire on
+    // which series, and when they stay quiet).
     if let Ok(out) = Command::new("promtool").arg("--version").output() {
         if out.status.success() {
             let dir = tempfile::tempdir().unwrap();
@@ -405,6 +409,23 @@ fn alerts_cover_the_failures_and_use_only_exported_metrics() {
                 "promtool check rules:\n{}{}",
                 String::from_utf8_lossy(&check.stdout),
                 String::from_utf8_lossy(&check.stderr)
+            );
+            // The unit tests compare labels; annotations are checked above.
+            let mut spec = rule["spec"].clone();
+            for g in spec["groups"].as_sequence_mut().unwrap() {
+                for r in g["rules"].as_sequence_mut().unwrap() {
+                    r.as_mapping_mut().unwrap().remove("annotations");
+                }
+            }
+            std::fs::write(&file, serde_yaml::to_string(&spec).unwrap()).unwrap();
+            let tests = dir.path().join("alerts.test.yaml");
+            std::fs::copy(root().join("tests/prometheus/alerts.test.yaml"), &tests).unwrap();
+            let test = Command::new("promtool").arg("test").arg("rules").arg(&tests).output().unwrap();
+            assert!(
+                test.status.success(),
+                "promtool test rules:\n{}{}",
+                String::from_utf8_lossy(&test.stdout),
+                String::from_utf8_lossy(&test.stderr)
             );
         }
     } else {
