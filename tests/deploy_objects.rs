@@ -129,12 +129,16 @@ fn gitops_examples_carry_the_users_settings_as_patches() {
     };
     let rendered = [
         ("Flux Kustomization", wrap(s(&ks["spec"]["path"], "path"), &ks["spec"]["patches"])),
-        ("ArgoCD Application", wrap(s(&argo["spec"]["source"]["path"], "path"), &argo["spec"]["source"]["kustomize"]["patches"])),
+        (
+            "ArgoCD Application",
+            wrap(s(&argo["spec"]["source"]["path"], "path"), &argo["spec"]["source"]["kustomize"]["patches"]),
+        ),
         ("deploy/gitops/kustomize", render_dir(&gitops.join("kustomize"))),
     ];
     for (what, objs) in &rendered {
         let peers = configmap_value(objs, "hlstore-peers", "peers");
-        let parsed = hlstore_node::cluster::parse_peers(&peers).unwrap_or_else(|e| panic!("{what}: peers {peers:?}: {e}"));
+        let parsed =
+            hlstore_node::cluster::parse_peers(&peers).unwrap_or_else(|e| panic!("{what}: peers {peers:?}: {e}"));
         assert!(parsed.len() >= 3, "{what}: peers {peers:?}");
         let repo = configmap_value(objs, "hlstore-backup", "repo");
         assert!(repo.starts_with("s3://") && repo != "s3://hlstore-backups/cluster", "{what}: backup repo {repo:?}");
@@ -387,6 +391,7 @@ fn alerts_cover_the_failures_and_use_only_exported_metrics() {
         "HlstoreReplicaFailed",
         "HlstoreResyncStuck",
         "HlstoreAgentDown",
+        "HlstoreCertificateExpiresSoon",
         "HlstoreCorruptionDetected",
         "HlstoreUnrecoverableBlocks",
         "HlstoreNodeDiskAlmostFull",

@@ -249,11 +249,13 @@ pub async fn run(
                 .map_err(|e| Error::io(format!("binding metrics listener {addr}"), e))?;
             let bound = l.local_addr().map_err(|e| Error::io("metrics listener address", e))?;
             let (id, store, stats, mgr) = (config.id.clone(), store.clone(), stats.clone(), mgr.clone());
-            let data_dir = config.data_dir.clone();
+            let (data_dir, tls) = (config.data_dir.clone(), config.tls.clone());
             let render: metrics::Render = Arc::new(move || {
                 let (id, store, stats, mgr) = (id.clone(), store.clone(), stats.clone(), mgr.clone());
-                let data_dir = data_dir.clone();
-                Box::pin(async move { metrics_page::render(&id, &data_dir, &store, &stats, &mgr).await })
+                let (data_dir, tls) = (data_dir.clone(), tls.clone());
+                Box::pin(
+                    async move { metrics_page::render(&id, &data_dir, &store, &stats, &mgr, tls.as_deref()).await },
+                )
             });
             let mut rx = stop_rx.clone();
             tokio::spawn(metrics::serve(l, render, async move {
