@@ -184,7 +184,7 @@ grep -q '"csi.hlstore.io"' "$WORK/info.json" || fail "unexpected plugin info: $(
 log "agents a1-a3 healthy, CSI controller answers ($(cat "$WORK/info.json"))"
 
 # Peer connections are mutual TLS: a client without a certificate of the CA is refused.
-if docker run --rm --network "$NET" "$TAG" --insecure volume list --endpoint a1:7400 >/dev/null 2>&1; then
+if docker run --rm --network "$NET" "$TAG" --insecure volume list --endpoint a1:7400 >"$WORK/plain.out" 2>&1; then
   fail "an agent answered a plaintext client"
 fi
 cat >"$WORK/tls/other.sh" <<'EOF'
@@ -193,10 +193,11 @@ hlstore cert init --dir /tmp/ca >/dev/null
 hlstore cert issue --ca-dir /tmp/ca --role admin --out /tmp/admin >/dev/null
 hlstore --tls-dir /tmp/admin volume list --endpoint a1:7400
 EOF
-if docker run --rm --network "$NET" -v "$WORK/tls/other.sh:/other.sh:ro" --entrypoint sh "$TAG" /other.sh >/dev/null 2>&1; then
+if docker run --rm --network "$NET" -v "$WORK/tls/other.sh:/other.sh:ro" --entrypoint sh "$TAG" /other.sh >"$WORK/other.out" 2>&1; then
   fail "an agent answered a client whose certificate is of another CA"
 fi
-log "agents refuse plaintext clients and certificates of another CA"
+grep -qi 'certificate' "$WORK/other.out" || fail "another CA's client failed, but not on its certificate: $(cat "$WORK/other.out")"
+log "agents refuse plaintext clients and certificates of another CA ($(tail -1 "$WORK/other.out" | cut -c1-160))"
 
 # --- volume: create, publish on a1, write and read through NBD ---
 BLOCK='{"block":{},"accessMode":{"mode":"SINGLE_NODE_WRITER"}}'
@@ -256,9 +257,10 @@ bid=$(jq -r .id "$WORK/backup.json")
 if [ -z "$bid" ] || [ "$bid" = null ]; then fail "backup create printed no id: $(cat "$WORK/backup.json")"; fi
 hl backup backup verify --read-data >/dev/null || fail "backup verify --read-data"
 log "backup $bid of $vol in the directory repository, verified"
-if hl backup volume delete "$vol" --endpoint a1:7400 >/dev/null 2>&1; then
+if hl backup volume delete "$vol" --endpoint a1:7400 >"$WORK/delete.out" 2>&1; then
   fail "the backup role deleted a volume"
 fi
+grep -q 'permission denied' "$WORK/delete.out" || fail "backup role's delete failed for another reason: $(cat "$WORK/delete.out")"
 hl admin restore "$bid" --to-volume restored-smoke-1 --replicas 3 --endpoint a2:7400 --json >"$WORK/restore.json" ||
   fail "restore $bid --to-volume"
 log "restored $bid into volume restored-smoke-1"
