@@ -9,14 +9,19 @@
 #   --profile       cargo profile (default: release)
 #   --out           copy the binary there
 #   --install-deps  first install what the target needs (idempotent; root): Debian's cross
-#                   gcc/g++ and the target's librocksdb-dev/libc6-dev through multiarch
-#                   (dpkg --add-architecture), and the Rust standard library (rustup target add)
+#                   gcc/g++, the target's RocksDB (below) and the Rust standard library for
+#                   it (rustup target add)
 #
 # RocksDB is Debian's librocksdb-dev (see ARCHITECTURE.md, "Build choices"): .cargo/config.toml
 # sets ROCKSDB_LIB_DIR, which makes librocksdb-sys link the system library instead of
-# compiling its C++ copy; the target's linker finds the library in its multiarch directory
-# (/usr/lib/<triplet>). The script checks the result: the binary must be for the target and
-# must load librocksdb.so dynamically.
+# compiling its C++ copy. Natively the linker finds it in /usr/lib/<triplet>. For another
+# architecture the script takes the same Debian packages through dpkg multiarch
+# (`dpkg --add-architecture arm64`, then librocksdb-dev:arm64 and the libraries it links)
+# but unpacks them into a private sysroot, ${CARGO_TARGET_DIR:-target}/cross-sysroot/<arch>,
+# instead of installing them: librocksdb-dev is not co-installable across architectures,
+# and installing the arm64 one would remove the machine's own. The link then searches the
+# sysroot (ROCKSDB_LIB_DIR, -rpath-link). The script checks the result: the binary must be
+# for the target and must load librocksdb.so dynamically.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,26 +50,55 @@ host_debarch=$(dpkg --print-architecture)
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 
-if [ -n "$install_deps" ]; then
-  pkgs=(librocksdb-dev:"$debarch" libc6-dev:"$debarch" libclang-dev pkg-config)
-  if [ "$debarch" != "$host_debarch" ]; then
-    pkgs+=(gcc-"$triplet" g++-"$triplet")
-    if ! dpkg --print-foreign-architectures | grep -qx "$debarch"; then
-      echo "build-hlstore: dpkg --add-architecture $debarch"
-      $SUDO dpkg --add-architecture "$debarch"
-      $SUDO apt-get update -qq
-    fi
-  else
-    pkgs+=(gcc g++)
-  fi
-  missing=()
-  for p in "${pkgs[@]}"; do
+apt_install() {
+  local missing=() p
+  for p in "$@"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
   if [ ${#missing[@]} -gt 0 ]; then
     echo "build-hlstore: installing ${missing[*]}"
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+sysroot=""
+if [ "$debarch" != "$host_debarch" ]; then
+  sysroot=$(mkdir -p "${CARGO_TARGET_DIR:-target}" && cd "${CARGO_TARGET_DIR:-target}" && pwd)/cross-sysroot/$debarch
+fi
+
+if [ -n "$install_deps" ]; then
+  if [ -z "$sysroot" ]; then
+    apt_install librocksdb-dev libclang-dev pkg-config gcc g++ binutils
+  else
+    apt_install libclang-dev pkg-config binutils gcc-"$triplet" g++-"$triplet"
+    if [ ! -e "$sysroot/.complete" ]; then
+      if ! dpkg --print-foreign-architectures | grep -qx "$debarch"; then
+        echo "build-hlstore: dpkg --add-architecture $debarch"
+        $SUDO dpkg --add-architecture "$debarch"
+      fi
+      $SUDO apt-get update -qq
+      # Download (only) librocksdb-dev:ARCH and every ARCH package it needs that is not
+      # installed, then unpack them into the sysroot. Nothing is installed or removed.
+      debs=$(mktemp -d)
+      mkdir -p "$debs/partial"
+      $SUDO chmod -R 777 "$debs"
+      echo "build-hlstore: fetching librocksdb-dev:$debarch and its libraries into $sysroot"
+      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --download-only --no-install-recommends \
+        -o Dir::Cache::archives="$debs" "librocksdb-dev:$debarch" >/dev/null
+      rm -rf "$sysroot"
+      mkdir -p "$sysroot"
+      n=0
+      for deb in "$debs"/*_"$debarch".deb; do
+        [ -e "$deb" ] || continue
+        dpkg-deb -x "$deb" "$sysroot"
+        n=$((n + 1))
+      done
+      rm -rf "$debs"
+      [ -e "$sysroot/usr/lib/$triplet/librocksdb.so" ] || { echo "build-hlstore: no librocksdb.so in $sysroot" >&2; exit 1; }
+      echo "build-hlstore: $n packages unpacked into $sysroot"
+      touch "$sysroot/.complete"
+    fi
   fi
   if command -v rustup >/dev/null && ! rustup target list --installed | grep -qx "$target"; then
     echo "build-hlstore: rustup target add $target"
@@ -78,8 +112,15 @@ tvar=${target//-/_}
 TVAR=$(echo "$tvar" | tr '[:lower:]' '[:upper:]')
 export "CC_$tvar=${triplet}-gcc" "CXX_$tvar=${triplet}-g++" "AR_$tvar=${triplet}-ar"
 export "CARGO_TARGET_${TVAR}_LINKER=${triplet}-gcc"
-if [ "$target" != "$host" ]; then
-  export PKG_CONFIG_ALLOW_CROSS=1 "PKG_CONFIG_PATH_$tvar=/usr/lib/$triplet/pkgconfig"
+if [ -n "$sysroot" ]; then
+  [ -e "$sysroot/usr/lib/$triplet/librocksdb.so" ] ||
+    { echo "build-hlstore: no $debarch RocksDB in $sysroot: run with --install-deps" >&2; exit 1; }
+  # librocksdb.so from the sysroot, and the libraries it needs (snappy, lz4, zstd, ...)
+  # found there at link time. Target flags only: build scripts and proc macros (host) are
+  # built exactly as for a native build, so they are shared with it.
+  export ROCKSDB_LIB_DIR="$sysroot/usr/lib/$triplet"
+  rustflags="-C link-arg=-Wl,-rpath-link,$sysroot/usr/lib/$triplet -C link-arg=-Wl,-rpath-link,$sysroot/lib/$triplet"
+  export "CARGO_TARGET_${TVAR}_RUSTFLAGS=$rustflags"
 fi
 
 cargo build --locked --profile "$profile" --target "$target" --bin hlstore
