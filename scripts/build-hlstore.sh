@@ -96,6 +96,10 @@ if [ -n "$install_deps" ]; then
       done
       rm -rf "$debs"
       [ -e "$sysroot/usr/lib/$triplet/librocksdb.so" ] || { echo "build-hlstore: no librocksdb.so in $sysroot" >&2; exit 1; }
+      # The -L directory holds RocksDB only: the sysroot's libc.so is a linker script
+      # naming absolute paths; libc comes from the cross toolchain.
+      mkdir -p "$sysroot/rocksdb"
+      ln -sf "../usr/lib/$triplet/librocksdb.so" "$sysroot/rocksdb/librocksdb.so"
       echo "build-hlstore: $n packages unpacked into $sysroot"
       touch "$sysroot/.complete"
     fi
@@ -113,12 +117,12 @@ TVAR=$(echo "$tvar" | tr '[:lower:]' '[:upper:]')
 export "CC_$tvar=${triplet}-gcc" "CXX_$tvar=${triplet}-g++" "AR_$tvar=${triplet}-ar"
 export "CARGO_TARGET_${TVAR}_LINKER=${triplet}-gcc"
 if [ -n "$sysroot" ]; then
-  [ -e "$sysroot/usr/lib/$triplet/librocksdb.so" ] ||
+  [ -e "$sysroot/rocksdb/librocksdb.so" ] ||
     { echo "build-hlstore: no $debarch RocksDB in $sysroot: run with --install-deps" >&2; exit 1; }
   # librocksdb.so from the sysroot, and the libraries it needs (snappy, lz4, zstd, ...)
   # found there at link time. Target flags only: build scripts and proc macros (host) are
   # built exactly as for a native build, so they are shared with it.
-  export ROCKSDB_LIB_DIR="$sysroot/usr/lib/$triplet"
+  export ROCKSDB_LIB_DIR="$sysroot/rocksdb"
   rustflags="-C link-arg=-Wl,-rpath-link,$sysroot/usr/lib/$triplet -C link-arg=-Wl,-rpath-link,$sysroot/lib/$triplet"
   export "CARGO_TARGET_${TVAR}_RUSTFLAGS=$rustflags"
 fi
