@@ -21,7 +21,8 @@
 # instead of installing them: librocksdb-dev is not co-installable across architectures,
 # and installing the arm64 one would remove the machine's own. The link then searches the
 # sysroot (ROCKSDB_LIB_DIR, -rpath-link). The script checks the result: the binary must be
-# for the target and must load librocksdb.so dynamically.
+# for the target, must load librocksdb.so dynamically, and (cross-built, where qemu-user is
+# installed; --install-deps installs it) must print its version under QEMU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -71,7 +72,7 @@ if [ -n "$install_deps" ]; then
   if [ -z "$sysroot" ]; then
     apt_install librocksdb-dev libclang-dev pkg-config gcc g++ binutils
   else
-    apt_install libclang-dev pkg-config binutils gcc-"$triplet" g++-"$triplet"
+    apt_install libclang-dev pkg-config binutils gcc-"$triplet" g++-"$triplet" qemu-user
     if [ ! -e "$sysroot/.complete" ]; then
       if ! dpkg --print-foreign-architectures | grep -qx "$debarch"; then
         echo "build-hlstore: dpkg --add-architecture $debarch"
@@ -143,6 +144,17 @@ if ! LC_ALL=C readelf -d "$bin" | grep -q 'NEEDED.*librocksdb\.so'; then
   exit 1
 fi
 echo "build-hlstore: $bin ($machine, links $(LC_ALL=C readelf -d "$bin" | sed -n 's/.*Shared library: \[\(librocksdb[^]]*\)\].*/\1/p'))"
+# A cross-built binary must also start: under QEMU user emulation (Debian's qemu-user),
+# with the cross toolchain's libc and the sysroot's RocksDB.
+qemu="qemu-${triplet%%-*}"
+if [ -n "$sysroot" ] && command -v "$qemu" >/dev/null 2>&1; then
+  if ! ver=$(QEMU_LD_PREFIX="/usr/$triplet" LD_LIBRARY_PATH="$sysroot/usr/lib/$triplet:$sysroot/lib/$triplet" \
+    "$qemu" "$bin" --version 2>&1); then
+    echo "build-hlstore: $bin does not start under $qemu: $ver" >&2
+    exit 1
+  fi
+  echo "build-hlstore: runs under $qemu: $ver"
+fi
 if [ -n "$out" ]; then
   mkdir -p "$(dirname "$out")"
   cp "$bin" "$out"
