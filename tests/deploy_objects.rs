@@ -87,10 +87,17 @@ fn gitops_examples_point_at_real_overlays() {
     assert!(app["spec"]["destination"]["server"].is_string());
 }
 
-/// `kubectl kustomize` of a directory holding `kustomization` (YAML).
-fn render_kustomization(kustomization: &Value) -> Vec<Value> {
+/// `kubectl kustomize` of a temporary directory holding `kustomization` (YAML) whose
+/// only resource is `overlay`.
+fn render_kustomization(mut kustomization: serde_yaml::Mapping, overlay: &std::path::Path) -> Vec<Value> {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("kustomization.yaml"), serde_yaml::to_string(kustomization).unwrap()).unwrap();
+    // kustomize takes no absolute resource paths: climb from the temporary directory to `/`.
+    let depth = dir.path().canonicalize().unwrap().components().count() - 1;
+    let overlay = overlay.canonicalize().unwrap();
+    let relative = format!("{}{}", "../".repeat(depth), overlay.display().to_string().trim_start_matches('/'));
+    kustomization.insert("resources".into(), Value::Sequence(vec![relative.into()]));
+    let yaml = serde_yaml::to_string(&Value::Mapping(kustomization)).unwrap();
+    std::fs::write(dir.path().join("kustomization.yaml"), yaml).unwrap();
     render_dir(dir.path())
 }
 
@@ -123,9 +130,8 @@ fn gitops_examples_carry_the_users_settings_as_patches() {
         let mut k = serde_yaml::Mapping::new();
         k.insert("apiVersion".into(), "kustomize.config.k8s.io/v1beta1".into());
         k.insert("kind".into(), "Kustomization".into());
-        k.insert("resources".into(), Value::Sequence(vec![overlay.display().to_string().into()]));
         k.insert("patches".into(), patches.clone());
-        render_kustomization(&Value::Mapping(k))
+        render_kustomization(k, &overlay)
     };
     let rendered = [
         ("Flux Kustomization", wrap(s(&ks["spec"]["path"], "path"), &ks["spec"]["patches"])),
