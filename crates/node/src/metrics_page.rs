@@ -13,9 +13,27 @@ fn c(a: &AtomicU64) -> f64 {
     a.load(Ordering::Relaxed) as f64
 }
 
-pub async fn render(id: &str, data_dir: &Path, store: &DiskStore, stats: &ServiceStats, mgr: &VolumeManager) -> String {
+pub async fn render(
+    id: &str,
+    data_dir: &Path,
+    store: &DiskStore,
+    stats: &ServiceStats,
+    mgr: &VolumeManager,
+    tls: Option<&hlstore_tls::TlsState>,
+) -> String {
     let mut p = Page::new();
     p.family("hlstore_node_info", "gauge", "Node agent identity").sample("hlstore_node_info", &[("node", id)], 1.0);
+    if let Some(tls) = tls {
+        // The certificates in use (after any reload): the alerts warn before they expire.
+        let name = "hlstore_tls_certificate_expiry_timestamp_seconds";
+        p.family(name, "gauge", "When the agent's TLS certificates expire (notAfter, Unix seconds)");
+        let e = tls.expiry();
+        for (which, at) in [("node", e.certificate), ("ca", e.ca)] {
+            if let Some(at) = at {
+                p.sample(name, &[("certificate", which)], at as f64);
+            }
+        }
+    }
     p.single("hlstore_replica_writes_total", "counter", "Writes applied", c(&stats.writes));
     p.single("hlstore_replica_write_bytes_total", "counter", "Bytes written", c(&stats.write_bytes));
     p.single("hlstore_replica_reads_total", "counter", "Reads served", c(&stats.reads));

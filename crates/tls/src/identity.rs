@@ -28,6 +28,11 @@ pub fn check_node_id(id: &str) -> Result<(), String> {
     }
 }
 
+/// A certificate's `notAfter` in Unix seconds (`None` if `der` does not parse).
+pub fn not_after(der: &[u8]) -> Option<i64> {
+    X509Certificate::from_der(der).ok().map(|(_, c)| c.validity().not_after.timestamp())
+}
+
 /// The identity `der` carries. Does not verify the signature (that is the TLS stack's).
 pub fn identity_of(der: &[u8]) -> Result<PeerIdentity, String> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("not an X.509 certificate: {e}"))?;

@@ -21,6 +21,15 @@ use crate::verify;
 /// How often [`TlsState::watch`] looks at the files.
 pub const RELOAD_INTERVAL: Duration = Duration::from_secs(2);
 
+/// `notAfter` of a TLS directory's certificates, in Unix seconds (see [`TlsState::expiry`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CertExpiry {
+    /// This side's certificate (tls.crt).
+    pub certificate: Option<i64>,
+    /// The CA (ca.crt; the earliest when it holds several).
+    pub ca: Option<i64>,
+}
+
 struct Loaded {
     material: Material,
     server: Arc<ServerConfig>,
@@ -69,6 +78,17 @@ impl TlsState {
     /// Who this side's certificate says it is.
     pub fn identity(&self) -> PeerIdentity {
         self.current().material.identity.clone()
+    }
+
+    /// When this side's certificate and the CA's expire (`notAfter`, Unix seconds), for
+    /// the agent's metrics: the files loaded now, after any reload.
+    pub fn expiry(&self) -> CertExpiry {
+        let cur = self.current();
+        let m = &cur.material;
+        CertExpiry {
+            certificate: m.chain.first().and_then(|c| crate::identity::not_after(c)),
+            ca: m.roots.iter().filter_map(|c| crate::identity::not_after(c)).min(),
+        }
     }
 
     pub(crate) fn server_config(&self) -> Arc<ServerConfig> {
