@@ -55,6 +55,9 @@ fn subcommands(path: &[String]) -> Vec<Vec<String>> {
                 in_commands = false;
                 continue;
             }
+            if line.starts_with("   ") {
+                continue; // a wrapped description, not a command
+            }
             let name = line.split_whitespace().next().unwrap_or("");
             if !name.is_empty() && name != "help" {
                 let mut p = path.to_vec();
