@@ -4,25 +4,12 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
-use support::cluster::{run_ok, Cluster};
+use support::cluster::{qemu_io, Cluster};
 
 const WAIT: Duration = Duration::from_secs(90);
 const MIB: u64 = 1 << 20;
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.arg(uri);
-    let out = run_ok(&mut c, Duration::from_secs(120));
-    assert!(!out.contains("fail"), "qemu-io reported a failure:\n{out}");
-    out
-}
 
 #[test]
 fn replica_on_a_dead_node_is_replaced_by_a_sparse_full_copy_on_a_new_node() {

@@ -5,26 +5,13 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::Value;
-use support::cluster::{metric_sum, run_ok, Cluster};
+use support::cluster::{metric_sum, qemu_io, Cluster};
 
 const WAIT: Duration = Duration::from_secs(120);
 const MIB: u64 = 1 << 20;
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.arg(uri);
-    let out = run_ok(&mut c, Duration::from_secs(120));
-    assert!(!out.contains("fail"), "qemu-io reported a failure:\n{out}");
-    out
-}
 
 /// `GET /ready` of node `id`: (HTTP status, body).
 fn ready(c: &Cluster, id: &str) -> (u16, String) {

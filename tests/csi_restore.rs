@@ -7,28 +7,15 @@
 
 mod support;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use hlstore_proto::csi;
 use hlstore_proto::volume as vpb;
-use support::cluster::{run_ok, Cluster};
+use support::cluster::{qemu_io, Cluster};
 use support::csi::{create_req, expect_code, mount_cap, CsiDriver};
 use tonic::Code;
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.arg(uri);
-    let out = run_ok(&mut c, Duration::from_secs(120));
-    assert!(!out.contains("fail"), "qemu-io reported a failure:\n{out}");
-    out
-}
 
 fn from_snapshot(name: &str, bytes: i64, handle: &str) -> csi::CreateVolumeRequest {
     let mut r = create_req(name, bytes, mount_cap("ext4"));

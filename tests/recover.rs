@@ -7,24 +7,11 @@
 mod support;
 
 use std::process::Command;
-use std::time::Duration;
 
 use serde_json::Value;
-use support::cluster::{run_ok, Cluster};
+use support::cluster::{qemu_io, Cluster};
 
 const MIB: u64 = 1 << 20;
-
-fn qemu_io(uri: &str, cmds: &[&str]) -> String {
-    let mut c = Command::new("qemu-io");
-    c.args(["-f", "raw"]);
-    for cmd in cmds {
-        c.args(["-c", cmd]);
-    }
-    c.arg(uri);
-    let out = run_ok(&mut c, Duration::from_secs(120));
-    assert!(!out.contains("fail"), "qemu-io reported a failure:\n{out}");
-    out
-}
 
 #[test]
 fn a_fresh_cluster_gets_every_volume_back_by_name_from_the_repository() {

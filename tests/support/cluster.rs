@@ -596,3 +596,17 @@ pub fn metric_sum(page: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
         .sum()
 }
+
+/// Runs qemu-io commands (`write -P 0x5a 0 1M`, `read -P ...`) on an NBD URI; panics if
+/// it fails or reports a failure (a pattern mismatch). Returns its output.
+pub fn qemu_io(uri: &str, cmds: &[&str]) -> String {
+    let mut c = Command::new("qemu-io");
+    c.args(["-f", "raw"]);
+    for cmd in cmds {
+        c.args(["-c", cmd]);
+    }
+    c.arg(uri);
+    let out = run_ok(&mut c, Duration::from_secs(120));
+    assert!(!out.contains("fail"), "qemu-io reported a failure:\n{out}");
+    out
+}

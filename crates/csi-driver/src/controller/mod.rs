@@ -57,6 +57,12 @@ impl ControllerService {
         }
     }
 
+    /// Every cluster member as the agent sees it (reachable or not, with its room).
+    async fn nodes(&self) -> Result<Vec<vpb::Node>> {
+        let r = self.agent().list_nodes(vpb::ListNodesRequest {}).await;
+        Ok(r.map_err(|s| CsiError::agent("listing nodes", s))?.into_inner().nodes)
+    }
+
     /// Volume `id`, or NOT_FOUND.
     async fn require_volume(&self, id: &str) -> Result<vpb::Volume> {
         self.get_volume(id).await?.ok_or_else(|| CsiError::NotFound(format!("volume {id} does not exist")))

@@ -100,13 +100,7 @@ impl ControllerService {
             return Ok(Vec::new());
         }
         let Some(local) = preferred_node(top) else { return Ok(Vec::new()) };
-        let nodes = self
-            .agent()
-            .list_nodes(vpb::ListNodesRequest {})
-            .await
-            .map_err(|s| CsiError::agent("listing nodes", s))?
-            .into_inner()
-            .nodes;
+        let nodes = self.nodes().await?;
         let nodes: Vec<vpb::Node> = nodes.into_iter().filter(|n| n.reachable).collect();
         if !nodes.iter().any(|n| n.id == local) {
             return Ok(Vec::new());
@@ -386,9 +380,7 @@ impl ControllerService {
         Capability::require(r.volume_capability.as_ref())?;
         let _g = self.locks.try_lock(&r.volume_id, "ControllerPublishVolume")?;
         let v = self.require_volume(&r.volume_id).await?;
-        let nodes =
-            self.agent().list_nodes(vpb::ListNodesRequest {}).await.map_err(|s| CsiError::agent("listing nodes", s))?;
-        if !nodes.into_inner().nodes.iter().any(|n| n.id == r.node_id) {
+        if !self.nodes().await?.iter().any(|n| n.id == r.node_id) {
             return Err(CsiError::NotFound(format!("node {} is not a member of the hlstore cluster", r.node_id)));
         }
         let attached = if v.attached_node == r.node_id && !v.nbd_uri.is_empty() {
@@ -444,13 +436,7 @@ impl ControllerService {
             // Attachments are reported by the nodes that hold them: with the node asked about
             // unreachable, "not published there" is not known, and OK would let the volume be
             // published elsewhere while that node may still serve it.
-            let nodes = self
-                .agent()
-                .list_nodes(vpb::ListNodesRequest {})
-                .await
-                .map_err(|s| CsiError::agent("listing nodes", s))?
-                .into_inner()
-                .nodes;
+            let nodes = self.nodes().await?;
             let down: Vec<&str> = nodes.iter().filter(|n| !n.reachable).map(|n| n.id.as_str()).collect();
             let unknown = if r.node_id.is_empty() { !down.is_empty() } else { down.contains(&r.node_id.as_str()) };
             if unknown {
@@ -551,13 +537,7 @@ impl ControllerService {
         };
         // The largest volume whose replicas fit: the n-th largest headroom among the
         // reachable nodes (the agents' placement rule, see hlstore_node::placement).
-        let nodes = self
-            .agent()
-            .list_nodes(vpb::ListNodesRequest {})
-            .await
-            .map_err(|s| CsiError::agent("listing nodes", s))?
-            .into_inner()
-            .nodes;
+        let nodes = self.nodes().await?;
         let reachable: Vec<&vpb::Node> = nodes.iter().filter(|n| n.reachable).collect();
         let want = if p.replicas == 0 { reachable.len().min(3) } else { p.replicas as usize };
         let rooms: Option<Vec<u64>> = reachable
