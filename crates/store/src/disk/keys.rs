@@ -1,18 +1,25 @@
-//! RocksDB key and value encodings of the disk store. All integers big-endian so that keys
-//! sort numerically.
+//! RocksDB key and value encodings of the disk store (format 2). All integers big-endian
+//! so that keys sort numerically.
 //!
-//! | key                                  | value                               |
-//! |--------------------------------------|-------------------------------------|
-//! | `N`                                  | next volume number (u32)            |
-//! | `V` name                             | `StoredVolume` (JSON)               |
-//! | `S` vid                              | `PersistState` (40 bytes)           |
-//! | `M` vid block                        | `Entry` (slot, crc, seq; 20 bytes)  |
-//! | `Q` vid seq block                    | `QValue`: entry to roll back to     |
-//! | `U` vid block                        | empty: unsynced, seq <= durable mark|
-//! | `T` vid seq offset                   | trim length (u64)                   |
-//! | `F` vid slot                         | empty: slot is free                 |
-//! | `P` vid block seq                    | preserved `Entry` (seq = until)     |
-//! | `X` vid seq name                     | `SnapshotInfo` (JSON)               |
+//! The block map, the seq index, the free list and the unsynced marks are kept in
+//! *pages* of [`PAGE`] blocks (or slots), one RocksDB record per page instead of one per
+//! block: a 1 MiB write touches a handful of records, not a thousand ([`super::pages`]).
+//!
+//! | key                                  | value                                      |
+//! |--------------------------------------|--------------------------------------------|
+//! | `N`                                  | next volume number (u32)                   |
+//! | `V` name                             | `StoredVolume` (JSON)                      |
+//! | `S` vid                              | `PersistState` (64 bytes)                  |
+//! | `m` vid page                         | `MapPage`: entries (slot, crc, seq) as runs|
+//! | `q` vid seq page                     | `SeqPage`: blocks of the page written at seq, each with its `QValue` |
+//! | `u` vid page                         | bitmap (u64): unsynced, seq <= durable mark|
+//! | `f` vid slot-page                    | bitmap (u64): slots that are free          |
+//! | `T` vid seq offset                   | trim length (u64)                          |
+//! | `P` vid block seq                    | preserved `Entry` (seq = until)            |
+//! | `X` vid seq name                     | `SnapshotInfo` (JSON)                      |
+//!
+//! Format 1 kept `M` vid block, `Q` vid seq block, `U` vid block and `F` vid slot records
+//! (one per block or slot; `super::upgrade` rewrites them into pages at open).
 //!
 //! Snapshots: `X` records a snapshot at a seq. When a write or trim at seq `u` replaces a
 //! block version written at `e` and some snapshot has `e <= s < u`, the old version is
@@ -20,14 +27,14 @@
 //! sees, per block, the live entry if its seq <= s, else the `P` entry with the highest
 //! `e <= s` if its `until > s`, else zeroes.
 //!
-//! `M` is the allocation map (a missing entry reads as zeroes). `Q` indexes each block's
-//! current content by the seq that wrote it: it drives incremental resync and, for seqs
-//! above the durable point, crash recovery. Its value is the newest *durable* entry the
-//! block had before (the one to roll back to if this content is lost), plus the lowest
-//! seq of the unsynced versions skipped over, if any (lost with it).
-//! `U` marks a block whose current content was written at a seq at or below the durable
-//! mark (a resync copying older blocks) and not synced since: recovery verifies it too.
-//! A flush that synced it deletes the key.
+//! The map (`m`) is the allocation map (a missing entry reads as zeroes). The seq index
+//! (`q`) indexes each block's current content by the seq that wrote it: it drives
+//! incremental resync and, for seqs above the durable point, crash recovery. A block's
+//! `QValue` is the newest *durable* entry the block had before (the one to roll back to if
+//! this content is lost), plus the lowest seq of the unsynced versions skipped over, if
+//! any (lost with it). An unsynced mark (`u`) is set for a block whose current content was
+//! written at a seq at or below the durable mark (a resync copying older blocks) and not
+//! synced since: recovery verifies it too. A flush that synced it clears the mark.
 
 use serde::{Deserialize, Serialize};
 
@@ -36,16 +43,26 @@ use super::super::record::VolumeRecord;
 pub const NEXT_VID: &[u8] = b"N";
 pub const VOLUME: u8 = b'V';
 pub const STATE: u8 = b'S';
-pub const MAP: u8 = b'M';
-pub const SEQ: u8 = b'Q';
+pub const MAP: u8 = b'm';
+pub const SEQ: u8 = b'q';
 pub const TRIM: u8 = b'T';
-pub const FREE: u8 = b'F';
+pub const FREE: u8 = b'f';
 pub const PRESERVED: u8 = b'P';
 pub const SNAPSHOT: u8 = b'X';
-pub const UNSYNCED: u8 = b'U';
+pub const UNSYNCED: u8 = b'u';
+
+/// Format 1's per-block records (rewritten into pages at open).
+pub const V1_MAP: u8 = b'M';
+pub const V1_SEQ: u8 = b'Q';
+pub const V1_FREE: u8 = b'F';
+pub const V1_UNSYNCED: u8 = b'U';
 
 /// Prefixes that hold per-volume keys (deleted with the volume).
-pub const PER_VOLUME: [u8; 8] = [STATE, MAP, SEQ, TRIM, FREE, PRESERVED, SNAPSHOT, UNSYNCED];
+pub const PER_VOLUME: [u8; 12] =
+    [STATE, MAP, SEQ, TRIM, FREE, PRESERVED, SNAPSHOT, UNSYNCED, V1_MAP, V1_SEQ, V1_FREE, V1_UNSYNCED];
+
+/// Blocks per map, seq-index and unsynced page; slots per free-list page.
+pub const PAGE: u64 = 64;
 
 pub fn volume(name: &str) -> Vec<u8> {
     let mut k = vec![VOLUME];
@@ -84,24 +101,28 @@ pub fn with_u64s(tag: u8, vid: u32, a: u64, b: u64) -> Vec<u8> {
     k
 }
 
-pub fn map(vid: u32, block: u64) -> Vec<u8> {
-    with_u64(MAP, vid, block)
+/// The map page holding `page * PAGE ..`.
+pub fn map(vid: u32, page: u64) -> Vec<u8> {
+    with_u64(MAP, vid, page)
 }
 
-pub fn seq(vid: u32, seq: u64, block: u64) -> Vec<u8> {
-    with_u64s(SEQ, vid, seq, block)
+/// The seq-index page of blocks `page * PAGE ..` written at `seq`.
+pub fn seq(vid: u32, seq: u64, page: u64) -> Vec<u8> {
+    with_u64s(SEQ, vid, seq, page)
 }
 
 pub fn trim(vid: u32, seq: u64, offset: u64) -> Vec<u8> {
     with_u64s(TRIM, vid, seq, offset)
 }
 
-pub fn unsynced(vid: u32, block: u64) -> Vec<u8> {
-    with_u64(UNSYNCED, vid, block)
+/// The unsynced-marks page of blocks `page * PAGE ..`.
+pub fn unsynced(vid: u32, page: u64) -> Vec<u8> {
+    with_u64(UNSYNCED, vid, page)
 }
 
-pub fn free(vid: u32, slot: u64) -> Vec<u8> {
-    with_u64(FREE, vid, slot)
+/// The free-list page of slots `page * PAGE ..`.
+pub fn free(vid: u32, page: u64) -> Vec<u8> {
+    with_u64(FREE, vid, page)
 }
 
 pub fn preserved(vid: u32, block: u64, seq: u64) -> Vec<u8> {

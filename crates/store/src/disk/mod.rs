@@ -23,21 +23,23 @@
 //! every batch before it was recovered too, and the data sync came before it.
 //!
 //! Recovery on open (power loss before a flush): for every block written after the durable
-//! mark (`Q` keys above it), verify the new slot; if it does not hold what its crc says,
-//! roll the block back to the entry it replaced (kept in the `Q` value). Then flush.
+//! mark (seq-index entries above it), verify the new slot; if it does not hold what its crc says,
+//! roll the block back to the entry it replaced (kept in its seq-index value). Then flush.
 
 mod batch;
 mod file;
 mod keys;
+mod pages;
 mod recovery;
 mod snap;
+mod upgrade;
 mod volume;
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
-use rocksdb::{Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB};
+use rocksdb::{BlockBasedOptions, Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB};
 
 use hlstore_core::error::{Error, Result};
 
@@ -52,6 +54,7 @@ use batch::Batch;
 use file::SlotFile;
 use hlstore_core::{Epoch, Offset, Seq};
 use keys::{Entry, PersistState, StoredVolume};
+use pages::Pages;
 use volume::{Alloc, VolInner, Volume};
 
 /// Free slots kept allocated for reuse: at most 1/KEEP_FREE_FRACTION of the allocated
@@ -90,15 +93,29 @@ fn blocks(offset: u64, len: u64) -> std::ops::Range<u64> {
 }
 
 /// Resync data chunks staged for one metadata batch (`apply_resync`).
-#[derive(Default)]
 struct ResyncGroup {
     batch: Batch,
+    /// Opened by the first chunk.
+    pages: Option<Pages>,
     allocs: Vec<Alloc>,
     hwm_before: u64,
     /// Blocks staged (a block seen again commits the group first).
     blocks: std::collections::HashSet<u64>,
     /// (block, its entry before, seq) per staged chunk.
     accounts: Vec<(u64, Option<Entry>, u64)>,
+}
+
+impl ResyncGroup {
+    fn new() -> Self {
+        Self {
+            batch: Batch::default(),
+            pages: None,
+            allocs: Vec::new(),
+            hwm_before: 0,
+            blocks: Default::default(),
+            accounts: Vec::new(),
+        }
+    }
 }
 
 /// How many writes from the start of `writes` touch no block twice (at least one).
@@ -117,12 +134,14 @@ fn disjoint_prefix(writes: &[BlockWrite<'_>]) -> usize {
     writes.len()
 }
 
-/// The store format this build writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The store format this build writes and the newest it reads. 2: metadata in pages
+/// (`keys`); 1: one record per block (rewritten into pages at open, `upgrade`).
+pub const FORMAT_VERSION: u32 = 2;
 const FORMAT_FILE: &str = "FORMAT";
 
-/// Checks (and records, if missing) the format version of the store under `root`.
-fn check_format(root: &Path) -> Result<()> {
+/// The format version of the store under `root` (1 if unrecorded); a newer one than this
+/// build reads is refused.
+fn check_format(root: &Path) -> Result<u32> {
     let path = root.join(FORMAT_FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
@@ -138,11 +157,9 @@ fn check_format(root: &Path) -> Result<()> {
                     root.display()
                 )));
             }
-            Ok(())
+            Ok(version)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            hlstore_core::durable_file::write_atomic(&path, format!("hlstore-store {FORMAT_VERSION}\n").as_bytes())
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(1),
         Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
     }
 }
@@ -177,15 +194,25 @@ impl DiskStore {
     fn open_with(root: impl AsRef<Path>, track_unsynced: bool) -> Result<Self> {
         let root = root.as_ref().to_path_buf();
         hlstore_core::durable_file::create_dir_all(&root.join("volumes"))?;
-        check_format(&root)?;
+        let version = check_format(&root)?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
+        // Metadata pages are read with point lookups, many of keys that do not exist yet.
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        opts.set_block_based_table_factory(&table);
         // Point-in-time recovery: RocksDB recovers a consistent prefix of the WAL.
         opts.set_wal_recovery_mode(rocksdb::DBRecoveryMode::PointInTime);
         let db = DB::open(&opts, root.join("meta")).map_err(meta_err(format!("opening {}/meta", root.display())))?;
         // RocksDB syncs its own directory, not the entry of `meta` in ours.
         hlstore_core::durable_file::sync_dir(&root)?;
         let store = Self { root, db, volumes: RwLock::new(HashMap::new()), admin: Mutex::new(()), track_unsynced };
+        if version < FORMAT_VERSION {
+            // Before any record changes: an older agent must not read a half-upgraded store.
+            let path = store.root.join(FORMAT_FILE);
+            hlstore_core::durable_file::write_atomic(&path, format!("hlstore-store {FORMAT_VERSION}\n").as_bytes())?;
+        }
+        store.upgrade_v1_records()?;
         store.load_volumes()?;
         Ok(store)
     }
@@ -265,8 +292,9 @@ impl DiskStore {
             None => PersistState::default(),
         };
         let mut free = BTreeSet::new();
-        for (k, _) in self.scan(&keys::vid_prefix(keys::FREE, sv.vid), None)? {
-            free.insert(keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("free"))?);
+        for (k, val) in self.scan(&keys::vid_prefix(keys::FREE, sv.vid), None)? {
+            let page = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("free-list key"))?;
+            free.extend(pages::bits_of(page, pages::decode_bits(&val).ok_or_else(|| corrupt_meta("free-list page"))?));
         }
         let snaps = self.load_snapshots(sv.vid)?;
         let file = SlotFile::open(&self.slot_path(sv.vid), self.track_unsynced)
@@ -293,14 +321,52 @@ impl DiskStore {
 
     /// Map entries of blocks in `range`, as (block, entry).
     fn map_range(&self, vid: u32, range: std::ops::Range<u64>) -> Result<Vec<(u64, Entry)>> {
-        let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(keys::map(vid, range.end));
-        let start = keys::map(vid, range.start);
         let mut out = Vec::new();
+        if range.is_empty() {
+            return Ok(out);
+        }
+        let (first, last) = (range.start / keys::PAGE, (range.end - 1) / keys::PAGE);
+        let mut add = |page: u64, v: &[u8]| {
+            pages::for_each_entry(v, |i, e| {
+                let b = page * keys::PAGE + i as u64;
+                if range.contains(&b) {
+                    out.push((b, e));
+                }
+            })
+            .ok_or_else(|| corrupt_meta("map page"))
+        };
+        if first == last {
+            // One page: a point lookup, cheaper than an iterator.
+            let v = self.db.get_pinned(keys::map(vid, first)).map_err(meta_err("reading the block map"))?;
+            if let Some(v) = v {
+                add(first, &v)?;
+            }
+            return Ok(out);
+        }
+        let mut ro = ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::map(vid, last + 1));
+        let start = keys::map(vid, first);
         for item in self.db.iterator_opt(IteratorMode::From(&start, Direction::Forward), ro) {
             let (k, v) = item.map_err(meta_err("reading the block map"))?;
-            let b = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("map key"))?;
-            out.push((b, Entry::decode(&v).ok_or_else(|| corrupt_meta("map entry"))?));
+            let page = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("map key"))?;
+            add(page, &v)?;
+        }
+        Ok(out)
+    }
+
+    /// The seq index from `from_seq` on, as (seq, block, its `QValue`), by seq then block.
+    fn seq_index_from(&self, vid: u32, from_seq: u64) -> Result<Vec<(u64, u64, keys::QValue)>> {
+        let mut out = Vec::new();
+        let prefix = keys::vid_prefix(keys::SEQ, vid);
+        for (k, val) in self.scan(&prefix, Some(&keys::with_u64(keys::SEQ, vid, from_seq)))? {
+            let seq = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("seq-index key"))?;
+            let page = keys::u64_at(&k, keys::FIELD1).ok_or_else(|| corrupt_meta("seq-index key"))?;
+            let entries = pages::decode_seq(&val).ok_or_else(|| corrupt_meta("seq-index page"))?;
+            for (i, q) in entries.iter().enumerate() {
+                if let Some(q) = q {
+                    out.push((seq, page * keys::PAGE + i as u64, *q));
+                }
+            }
         }
         Ok(out)
     }
@@ -319,6 +385,19 @@ impl DiskStore {
         wo.set_sync(sync);
         wo.set_memtable_insert_hint_per_batch(true);
         self.db.write_opt(batch.into_write_batch(), &wo).map_err(meta_err(context.to_string()))
+    }
+
+    /// Opens the volume's metadata pages for one batch.
+    fn pages(&self, v: &Volume, g: &mut VolInner) -> Result<Pages> {
+        Pages::open(&self.db, v.vid, &mut g.pages, g.st.last_seq)
+    }
+
+    /// Commits `batch` with the pages staged in `pages`.
+    fn commit_pages(&self, g: &mut VolInner, mut batch: Batch, pages: Pages, sync: bool, context: &str) -> Result<()> {
+        let receipt = pages.stage(&mut batch);
+        let committed = self.commit(batch, sync, context);
+        receipt.settle(&mut g.pages, committed.is_ok())?;
+        committed
     }
 
     fn put_record(&self, vid: u32, record: &VolumeRecord) -> Result<()> {
@@ -345,6 +424,7 @@ impl DiskStore {
         v: &Volume,
         g: &mut VolInner,
         batch: &mut Batch,
+        pages: &mut Pages,
         first: u64,
         data: &[u8],
         olds: &[Option<Entry>],
@@ -361,20 +441,40 @@ impl DiskStore {
             return Err(Error::io(format!("volume {name}: writing block data"), e));
         }
         g.changes += 1;
+        let staged = self.stage_entries(v, g, batch, pages, first, data, olds, seq, &allocs);
+        if let Err(e) = staged {
+            g.unalloc(&allocs, hwm_before);
+            return Err(e);
+        }
+        Ok(allocs)
+    }
+
+    /// The metadata part of [`stage_blocks`](Self::stage_blocks).
+    #[allow(clippy::too_many_arguments)]
+    fn stage_entries(
+        &self,
+        v: &Volume,
+        g: &mut VolInner,
+        batch: &mut Batch,
+        pages: &mut Pages,
+        first: u64,
+        data: &[u8],
+        olds: &[Option<Entry>],
+        seq: u64,
+        allocs: &[Alloc],
+    ) -> Result<()> {
+        let bs = BLOCK_SIZE as usize;
+        let db = &self.db;
         for (i, a) in allocs.iter().enumerate() {
             let b = first + i as u64;
             let entry = Entry { slot: a.slot, crc: check::crc(&data[i * bs..(i + 1) * bs]), seq };
-            batch.put(keys::map(v.vid, b), entry.encode());
+            pages.set_entry(db, b, Some(entry))?;
             // What to roll back to if this content is lost: the newest durable entry. If the
             // current one is not durable itself, it rolls back with this one.
             let qv = match olds[i] {
                 Some(old) => {
-                    let qk = keys::seq(v.vid, old.seq, b);
                     let qv = if g.is_unsynced(b, old.seq) {
-                        let before = match self.db.get(&qk).map_err(meta_err(format!("volume {name}: seq index")))? {
-                            Some(val) => keys::QValue::decode(&val).ok_or_else(|| corrupt_meta("seq value"))?,
-                            None => keys::QValue::default(),
-                        };
+                        let before = pages.qvalue(db, old.seq, b)?.unwrap_or_default();
                         keys::QValue {
                             prev: before.prev,
                             skipped: Some(before.skipped.map_or(old.seq, |s| s.min(old.seq))),
@@ -382,30 +482,30 @@ impl DiskStore {
                     } else {
                         keys::QValue { prev: Some(old), skipped: None }
                     };
-                    batch.delete(qk);
+                    pages.set_qvalue(db, old.seq, b, None)?;
                     if volume::preserves(&g.snaps, old.seq, seq) {
                         batch.put(keys::preserved(v.vid, b, old.seq), Entry { seq, ..old }.encode());
                     } else {
-                        batch.put(keys::free(v.vid, old.slot), []);
+                        pages.set_free(db, old.slot, true)?;
                     }
                     qv
                 }
                 None => keys::QValue::default(),
             };
-            batch.put(keys::seq(v.vid, seq, b), qv.encode());
+            pages.set_qvalue(db, seq, b, Some(qv))?;
             // Content at or below the durable mark is not covered by recovery's scan of the
             // seqs above it: mark it until a flush synced it.
             if seq <= g.st.durable_seq {
-                batch.put(keys::unsynced(v.vid, b), []);
+                pages.set_unsynced(db, b, true)?;
                 g.unsynced.insert(b, g.changes);
             } else if g.unsynced.contains_key(&b) {
-                batch.delete(keys::unsynced(v.vid, b));
+                pages.set_unsynced(db, b, false)?;
             }
             if a.from_free {
-                batch.delete(keys::free(v.vid, a.slot));
+                pages.set_free(db, a.slot, false)?;
             }
         }
-        Ok(allocs)
+        Ok(())
     }
 
     /// After a staged batch for the blocks from `first` committed: account freed slots,
@@ -429,28 +529,31 @@ impl DiskStore {
     /// Caller holds the write lock and has checked epoch, ranges and seqs.
     fn commit_writes(&self, name: &str, v: &Volume, g: &mut VolInner, writes: &[BlockWrite<'_>]) -> Result<()> {
         let mut batch = Batch::default();
+        let mut pages = self.pages(v, g)?;
         let hwm_before = g.st.hwm;
         let mut allocs = Vec::new();
         let mut staged = Vec::with_capacity(writes.len());
         for w in writes.iter().filter(|w| !w.data.is_empty()) {
             let range = blocks(w.offset.get(), w.data.len() as u64);
-            let mut olds: Vec<Option<Entry>> = vec![None; (range.end - range.start) as usize];
-            let found = self.map_range(v.vid, range.clone()).and_then(|entries| {
-                for (b, e) in entries {
-                    olds[(b - range.start) as usize] = Some(e);
-                }
-                self.stage_blocks(name, v, g, &mut batch, range.start, w.data, &olds, w.seq.get())
+            let olds: Result<Vec<Option<Entry>>> = range.clone().map(|b| pages.entry(&self.db, b)).collect();
+            let found = olds.and_then(|olds| {
+                let a = self.stage_blocks(name, v, g, &mut batch, &mut pages, range.start, w.data, &olds, w.seq.get());
+                a.map(|a| (a, olds))
             });
-            match found {
-                Ok(a) => allocs.extend(a),
+            let olds = match found {
+                Ok((a, olds)) => {
+                    allocs.extend(a);
+                    olds
+                }
                 Err(e) => {
                     g.unalloc(&allocs, hwm_before);
                     return Err(e);
                 }
-            }
+            };
             staged.push((range.start, olds, w.seq.get()));
         }
         if staged.is_empty() {
+            pages.abandon(&mut g.pages);
             return Ok(());
         }
         let mut st = g.st;
@@ -459,7 +562,7 @@ impl DiskStore {
             st.allocated_blocks += olds.iter().filter(|o| o.is_none()).count() as u64;
         }
         batch.put(keys::state(v.vid), st.encode());
-        if let Err(e) = self.commit(batch, false, "writing block map") {
+        if let Err(e) = self.commit_pages(g, batch, pages, false, "writing block map") {
             g.unalloc(&allocs, hwm_before);
             return Err(e);
         }
@@ -473,17 +576,22 @@ impl DiskStore {
     /// Commits the resync data chunks staged in `group` (one batch) and accounts them.
     fn commit_resync_group(&self, v: &Volume, g: &mut VolInner, group: &mut ResyncGroup) -> Result<()> {
         if group.accounts.is_empty() {
+            // Pages read for chunks that were skipped: stale once anything else commits.
+            if let Some(p) = std::mem::replace(group, ResyncGroup::new()).pages {
+                p.abandon(&mut g.pages);
+            }
             return Ok(());
         }
-        let group = std::mem::take(group);
+        let group = std::mem::replace(group, ResyncGroup::new());
         let mut batch = group.batch;
+        let pages = group.pages.ok_or_else(|| Error::Internal("resync chunks staged without pages".into()))?;
         let mut st = g.st;
         for (_, old, seq) in &group.accounts {
             st.last_seq = st.last_seq.max(*seq);
             st.allocated_blocks += u64::from(old.is_none());
         }
         batch.put(keys::state(v.vid), st.encode());
-        if let Err(e) = self.commit(batch, false, "applying resync blocks") {
+        if let Err(e) = self.commit_pages(g, batch, pages, false, "applying resync blocks") {
             g.unalloc(&group.allocs, group.hwm_before);
             return Err(e);
         }
@@ -497,26 +605,30 @@ impl DiskStore {
     /// Removes the blocks in `range` whose seq is older than `older_than` (all if None),
     /// adding the metadata to `batch`. Returns the removed entries.
     #[allow(clippy::too_many_arguments)]
+    /// Reads the map as committed: no other change to these blocks may be staged.
+    #[allow(clippy::too_many_arguments)]
     fn stage_trim(
         &self,
         v: &Volume,
         snaps: &volume::Snaps,
         batch: &mut Batch,
+        pages: &mut Pages,
         range: std::ops::Range<u64>,
         seq: u64,
         older_than: Option<u64>,
     ) -> Result<Vec<Entry>> {
         let mut removed = Vec::new();
+        let db = &self.db;
         for (b, e) in self.map_range(v.vid, range.clone())? {
             if older_than.is_some_and(|s| e.seq >= s) {
                 continue;
             }
-            batch.delete(keys::map(v.vid, b));
-            batch.delete(keys::seq(v.vid, e.seq, b));
+            pages.set_entry(db, b, None)?;
+            pages.set_qvalue(db, e.seq, b, None)?;
             if volume::preserves(snaps, e.seq, seq) {
                 batch.put(keys::preserved(v.vid, b, e.seq), Entry { seq, ..e }.encode());
             } else {
-                batch.put(keys::free(v.vid, e.slot), []);
+                pages.set_free(db, e.slot, true)?;
             }
             removed.push(e);
         }
@@ -560,13 +672,18 @@ impl DiskStore {
             let mut batch = Batch::default();
             batch.put(keys::state(v.vid), st.encode());
             // Blocks synced above and not rewritten since lose their unsynced mark.
+            let mut pages = self.pages(v, &mut g)?;
+            let mut cleared = Vec::new();
             for (b, at) in unsynced {
                 if g.unsynced.get(&b) == Some(&at) {
-                    batch.delete(keys::unsynced(v.vid, b));
-                    g.unsynced.remove(&b);
+                    pages.set_unsynced(&self.db, b, false)?;
+                    cleared.push(b);
                 }
             }
-            self.commit(batch, false, "writing durable mark")?;
+            self.commit_pages(&mut g, batch, pages, false, "writing durable mark")?;
+            for b in cleared {
+                g.unsynced.remove(&b);
+            }
             g.st.durable_seq = st.durable_seq;
             g.synced_changes = g.synced_changes.max(changes);
         }
@@ -789,13 +906,14 @@ impl ReplicaStore for DiskStore {
                 return Ok(());
             }
             let mut batch = Batch::default();
-            let removed = self.stage_trim(v, &g.snaps, &mut batch, blocks(offset, len), seq, None)?;
+            let mut pages = self.pages(v, g)?;
+            let removed = self.stage_trim(v, &g.snaps, &mut batch, &mut pages, blocks(offset, len), seq, None)?;
             let mut st = g.st;
             st.last_seq = st.last_seq.max(seq);
             st.allocated_blocks -= removed.len() as u64;
             batch.put(keys::state(v.vid), st.encode());
             g.changes += 1;
-            self.commit(batch, false, "trimming")?;
+            self.commit_pages(g, batch, pages, false, "trimming")?;
             Self::account_trim(g, &removed, seq);
             g.st.last_seq = st.last_seq;
             Ok(())
@@ -850,11 +968,8 @@ impl ReplicaStore for DiskStore {
             let len = keys::u64_at(&val, 0).ok_or_else(|| corrupt_meta("trim value"))?;
             out.push(Change::Trim { offset, len, seq });
         }
-        let qp = keys::vid_prefix(keys::SEQ, v.vid);
         let mut blocks: Vec<(u64, u64)> = Vec::new();
-        for (k, _) in self.scan(&qp, Some(&keys::with_u64(keys::SEQ, v.vid, from_seq)))? {
-            let seq = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("seq key"))?;
-            let b = keys::u64_at(&k, keys::FIELD1).ok_or_else(|| corrupt_meta("seq key"))?;
+        for (seq, b, _) in self.seq_index_from(v.vid, from_seq)? {
             blocks.push((b, seq));
         }
         blocks.sort_unstable();
@@ -937,7 +1052,7 @@ impl ReplicaStore for DiskStore {
             let mut stats = ApplyStats::default();
             // Data chunks of distinct blocks are applied with one metadata batch; a trim,
             // a zero block or a block seen again in the group commits the group first.
-            let mut group = ResyncGroup::default();
+            let mut group = ResyncGroup::new();
             for c in chunks {
                 let len = check::resync_chunk(name, g.record.size, c)?;
                 let range = blocks(c.offset, len);
@@ -945,7 +1060,11 @@ impl ReplicaStore for DiskStore {
                     if group.blocks.contains(&range.start) {
                         self.commit_resync_group(v, g, &mut group)?;
                     }
-                    let old = self.map_range(v.vid, range.clone())?.first().map(|(_, e)| *e);
+                    if group.pages.is_none() {
+                        group.pages = Some(self.pages(v, g)?);
+                    }
+                    let pages = group.pages.as_mut().expect("opened above");
+                    let old = pages.entry(&self.db, range.start)?;
                     if old.is_some_and(|e| e.seq >= c.seq) {
                         stats.skipped_newer += 1;
                         continue;
@@ -953,7 +1072,8 @@ impl ReplicaStore for DiskStore {
                     if group.accounts.is_empty() {
                         group.hwm_before = g.st.hwm;
                     }
-                    match self.stage_blocks(name, v, g, &mut group.batch, range.start, d, &[old], c.seq) {
+                    let staged = self.stage_blocks(name, v, g, &mut group.batch, pages, range.start, d, &[old], c.seq);
+                    match staged {
                         Ok(allocs) => group.allocs.extend(allocs),
                         Err(e) => {
                             g.unalloc(&group.allocs, group.hwm_before);
@@ -971,11 +1091,13 @@ impl ReplicaStore for DiskStore {
                 st.last_seq = st.last_seq.max(c.seq);
                 match &c.data {
                     ChunkData::Trim(_) => {
-                        let removed = self.stage_trim(v, &g.snaps, &mut batch, range, c.seq, Some(c.seq))?;
+                        let mut pages = self.pages(v, g)?;
+                        let removed =
+                            self.stage_trim(v, &g.snaps, &mut batch, &mut pages, range, c.seq, Some(c.seq))?;
                         st.allocated_blocks -= removed.len() as u64;
                         batch.put(keys::state(v.vid), st.encode());
                         g.changes += 1;
-                        self.commit(batch, false, "applying resync trim")?;
+                        self.commit_pages(g, batch, pages, false, "applying resync trim")?;
                         Self::account_trim(g, &removed, c.seq);
                     }
                     _ => {
@@ -984,11 +1106,12 @@ impl ReplicaStore for DiskStore {
                             stats.skipped_newer += 1;
                             continue;
                         }
-                        let removed = self.stage_trim(v, &g.snaps, &mut batch, range, c.seq, None)?;
+                        let mut pages = self.pages(v, g)?;
+                        let removed = self.stage_trim(v, &g.snaps, &mut batch, &mut pages, range, c.seq, None)?;
                         st.allocated_blocks -= removed.len() as u64;
                         batch.put(keys::state(v.vid), st.encode());
                         g.changes += 1;
-                        self.commit(batch, false, "applying resync zero block")?;
+                        self.commit_pages(g, batch, pages, false, "applying resync zero block")?;
                         Self::account_trim(g, &removed, c.seq);
                     }
                 }

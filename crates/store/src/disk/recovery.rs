@@ -1,10 +1,10 @@
 //! Crash recovery of one volume at store open. See the `disk` module docs.
 //!
 //! What may be lost in a power cut is what no flush synced: blocks written at seqs above
-//! the durable mark (`Q` keys above it) and blocks written at or below it since the last
-//! flush (resync copies of older content, `U` keys). Each is verified against its crc; a
+//! the durable mark (seq-index entries above it) and blocks written at or below it since the last
+//! flush (resync copies of older content, unsynced marks). Each is verified against its crc; a
 //! block whose data did not reach the disk rolls back to the newest durable content it had
-//! (kept in its `Q` value), losing the writes in between.
+//! (kept in its seq-index value), losing the writes in between.
 //!
 //! Then the replica must not claim what it lost: if the lowest lost seq is `s`, it holds
 //! the history as a clean prefix only up to `s - 1` (later writes it kept are strays:
@@ -21,6 +21,7 @@ use hlstore_core::error::{Error, Result};
 use super::super::check;
 use super::super::record::BLOCK_SIZE;
 use super::keys::{self, QValue};
+use super::pages::{self, Pages};
 use super::volume::{self, VolInner, Volume};
 use super::{corrupt_meta, DiskStore};
 
@@ -30,29 +31,40 @@ use super::{corrupt_meta, DiskStore};
 pub(super) fn recover(store: &DiskStore, name: &str, v: &Volume) -> Result<u64> {
     let mut g = volume::write(v);
     let durable = g.st.durable_seq;
-    let mut r =
-        Rollback { store, name, v, batch: Batch::default(), buf: vec![0u8; BLOCK_SIZE as usize], lost: None, count: 0 };
+    let mut r = Rollback {
+        store,
+        name,
+        v,
+        batch: Batch::default(),
+        pages: store.pages(v, &mut g)?,
+        buf: vec![0u8; BLOCK_SIZE as usize],
+        lost: None,
+        count: 0,
+    };
+    let db = &store.db;
     // Blocks written above the durable mark.
-    let from = keys::with_u64(keys::SEQ, v.vid, durable.saturating_add(1));
-    for (k, val) in store.scan(&keys::vid_prefix(keys::SEQ, v.vid), Some(&from))? {
-        let (Some(seq), Some(b)) = (keys::u64_at(&k, keys::FIELD0), keys::u64_at(&k, keys::FIELD1)) else {
-            continue;
-        };
-        r.check(&mut g, b, seq, &k, &val)?;
+    for (seq, b, qv) in store.seq_index_from(v.vid, durable.saturating_add(1))? {
+        r.check(&mut g, b, seq, qv)?;
     }
     // Blocks written at or below it (resync copies) since the last flush.
-    for (k, _) in store.scan(&keys::vid_prefix(keys::UNSYNCED, v.vid), None)? {
-        r.batch.delete(&k);
-        let Some(b) = keys::u64_at(&k, keys::FIELD0) else { continue };
-        let Some(cur) = store.map_range(v.vid, b..b + 1)?.first().map(|(_, e)| *e) else { continue };
-        if cur.seq > durable {
-            continue; // covered above
+    for (k, val) in store.scan(&keys::vid_prefix(keys::UNSYNCED, v.vid), None)? {
+        let page = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("unsynced key"))?;
+        let bits = pages::decode_bits(&val).ok_or_else(|| corrupt_meta("unsynced page"))?;
+        for b in pages::bits_of(page, bits) {
+            r.pages.set_unsynced(db, b, false)?;
+            let Some(cur) = r.pages.entry(db, b)? else { continue };
+            if cur.seq > durable {
+                continue; // covered above
+            }
+            let qv = r.pages.qvalue(db, cur.seq, b)?.unwrap_or_default();
+            r.check(&mut g, b, cur.seq, qv)?;
         }
-        let qk = keys::seq(v.vid, cur.seq, b);
-        let val = store.db.get(&qk).map_err(super::meta_err(format!("volume {name}: seq index")))?.unwrap_or_default();
-        r.check(&mut g, b, cur.seq, &qk, &val)?;
     }
-    let Rollback { mut batch, lost, count, .. } = r;
+    let Rollback { batch, pages, lost, count, .. } = r;
+    // The rollbacks are committed before the data sync below; either order is safe: a
+    // rolled-back block points at content that was durable already.
+    store.commit_pages(&mut g, batch, pages, false, "recovery")?;
+    let mut batch = Batch::default();
     if count > 0 {
         tracing::warn!(volume.id = name, blocks = count, "rolled back blocks whose data was lost before a flush");
     }
@@ -108,6 +120,7 @@ struct Rollback<'a> {
     name: &'a str,
     v: &'a Volume,
     batch: Batch,
+    pages: Pages,
     buf: Vec<u8>,
     /// The lowest seq lost so far.
     lost: Option<u64>,
@@ -115,11 +128,11 @@ struct Rollback<'a> {
 }
 
 impl Rollback<'_> {
-    /// Checks block `b` whose current content was written at `seq` (`qk`/`val`: its `Q`
-    /// key and value); rolls it back if the data is not what its crc says.
-    fn check(&mut self, g: &mut VolInner, b: u64, seq: u64, qk: &[u8], val: &[u8]) -> Result<()> {
-        let (store, v) = (self.store, self.v);
-        let Some(cur) = store.map_range(v.vid, b..b + 1)?.first().map(|(_, e)| *e) else { return Ok(()) };
+    /// Checks block `b` whose current content was written at `seq` (`qv`: its seq-index
+    /// value); rolls it back if the data is not what its crc says.
+    fn check(&mut self, g: &mut VolInner, b: u64, seq: u64, qv: QValue) -> Result<()> {
+        let (db, v) = (&self.store.db, self.v);
+        let Some(cur) = self.pages.entry(db, b)? else { return Ok(()) };
         if cur.seq != seq {
             return Ok(());
         }
@@ -130,26 +143,25 @@ impl Rollback<'_> {
             return Ok(());
         }
         // The new data never reached the disk: go back to the newest durable content.
-        let qv = QValue::decode(val).ok_or_else(|| corrupt_meta("seq value"))?;
         let lost = qv.skipped.map_or(seq, |s| s.min(seq));
         self.lost = Some(self.lost.map_or(lost, |l| l.min(lost)));
         self.count += 1;
-        let batch = &mut self.batch;
-        batch.delete(qk);
-        batch.put(keys::free(v.vid, cur.slot), []);
+        let pages = &mut self.pages;
+        pages.set_qvalue(db, seq, b, None)?;
+        pages.set_free(db, cur.slot, true)?;
         g.free.insert(cur.slot);
         g.unsynced.remove(&b);
         match qv.prev {
             Some(old) => {
                 // Live again: no longer a preserved version (if a snapshot kept it).
-                batch.delete(keys::preserved(v.vid, b, old.seq));
-                batch.put(keys::map(v.vid, b), old.encode());
-                batch.put(keys::seq(v.vid, old.seq, b), QValue::default().encode());
-                batch.delete(keys::free(v.vid, old.slot));
+                self.batch.delete(keys::preserved(v.vid, b, old.seq));
+                pages.set_entry(db, b, Some(old))?;
+                pages.set_qvalue(db, old.seq, b, Some(QValue::default()))?;
+                pages.set_free(db, old.slot, false)?;
                 g.free.remove(&old.slot);
             }
             None => {
-                batch.delete(keys::map(v.vid, b));
+                pages.set_entry(db, b, None)?;
                 g.st.allocated_blocks = g.st.allocated_blocks.saturating_sub(1);
             }
         }

@@ -159,14 +159,12 @@ impl DiskStore {
         }
         let within = |s: u64| s > a && s <= b;
         let mut out = BTreeSet::new();
-        // Live content written in (a, b]: the `Q` index is by seq.
-        let qp = keys::vid_prefix(keys::SEQ, v.vid);
-        for (k, _) in self.scan(&qp, Some(&keys::with_u64(keys::SEQ, v.vid, a.saturating_add(1))))? {
-            let seq = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("seq key"))?;
+        // Live content written in (a, b]: the seq index is by seq.
+        for (seq, block, _) in self.seq_index_from(v.vid, a.saturating_add(1))? {
             if seq > b {
                 break;
             }
-            out.insert(keys::u64_at(&k, keys::FIELD1).ok_or_else(|| corrupt_meta("seq key"))?);
+            out.insert(block);
         }
         // Kept versions written or replaced in (a, b].
         for p in self.preserved_in(v.vid, 0..u64::MAX)? {
@@ -199,6 +197,7 @@ impl DiskStore {
         for step in candidates.chunks(RECLAIM_STEP) {
             let mut g = volume::write(&v);
             let mut batch = Batch::default();
+            let mut pages = self.pages(&v, &mut g)?;
             let mut slots = Vec::new();
             let mut dropped = 0;
             for p in step.iter().filter(|p| !preserves(&g.snaps, p.written, p.entry.seq)) {
@@ -209,15 +208,16 @@ impl DiskStore {
                 batch.delete(key);
                 dropped += 1;
                 if p.entry.slot != ZERO_SLOT {
-                    batch.put(keys::free(v.vid, p.entry.slot), []);
+                    pages.set_free(&self.db, p.entry.slot, true)?;
                     slots.push(p.entry.slot);
                 }
             }
             if dropped == 0 {
+                pages.abandon(&mut g.pages);
                 continue;
             }
             // Durable before the slots can be reused by new writes.
-            self.commit(batch, true, "freeing snapshot blocks")?;
+            self.commit_pages(&mut g, batch, pages, true, "freeing snapshot blocks")?;
             slots.sort_unstable();
             if let Err(e) = super::file::runs(&slots, |_, slot, count| v.file.punch(slot, count)) {
                 tracing::warn!(volume.id = name, error = %e, "could not punch freed snapshot slots");
@@ -251,6 +251,7 @@ impl DiskStore {
         let until = g.st.last_seq.max(s) + 1;
         let bs = BLOCK_SIZE as usize;
         let mut batch = Batch::default();
+        let mut pages = self.pages(&v, &mut g)?;
         let mut wrote = false;
         for (b, data) in blocks {
             if *b >= rec.size / BLOCK_SIZE {
@@ -267,7 +268,7 @@ impl DiskStore {
                         .write(a.slot, d)
                         .map_err(|e| Error::io(format!("volume {name}: writing snapshot block"), e))?;
                     if a.from_free {
-                        batch.delete(keys::free(v.vid, a.slot));
+                        pages.set_free(&self.db, a.slot, false)?;
                     }
                     wrote = true;
                     Entry { slot: a.slot, crc: check::crc(d), seq: until }
@@ -287,7 +288,7 @@ impl DiskStore {
         if wrote {
             v.file.sync().map_err(|e| Error::io(format!("volume {name}: fdatasync"), e))?;
         }
-        self.commit(batch, true, "installing snapshot")?;
+        self.commit_pages(&mut g, batch, pages, true, "installing snapshot")?;
         g.snaps.insert((rec.seq, rec.name.clone()), rec.clone());
         Ok(rec)
     }

@@ -7,6 +7,7 @@ use super::super::history::History;
 use super::super::record::{ReplicaState, SnapshotInfo, VolumeRecord, BLOCK_SIZE};
 use super::file::SlotFile;
 use super::keys::PersistState;
+use super::pages::PageState;
 
 pub struct Volume {
     pub vid: u32,
@@ -38,6 +39,8 @@ pub struct VolInner {
     /// ...and how far a flush covered them: a flush syncs unless the two are equal (seqs
     /// alone cannot tell: resync chunks carry older seqs than the durable mark).
     pub synced_changes: u64,
+    /// What metadata batches keep in memory (`pages::Pages`).
+    pub pages: PageState,
 }
 
 /// A replica's snapshots by (seq, name).
@@ -95,6 +98,7 @@ impl VolInner {
             unsynced: BTreeMap::new(),
             changes: 0,
             synced_changes: 0,
+            pages: PageState::default(),
         }
     }
 
