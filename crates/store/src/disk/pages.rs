@@ -284,17 +284,19 @@ impl Pages {
         key: Vec<u8>,
         page: u64,
     ) -> Result<&'a mut Staged<u64>> {
-        if !pages.contains_key(&page) {
-            let bits = match mirror {
-                Some(m) => m.get(&page).copied().unwrap_or(0),
-                None => match get(db, &key)? {
-                    Some(v) => decode_bits(&v).ok_or_else(|| corrupt_meta("bitmap page"))?,
-                    None => 0,
-                },
-            };
-            pages.insert(page, Staged { page: bits, dirty: false });
+        match pages.entry(page) {
+            std::collections::btree_map::Entry::Occupied(o) => Ok(o.into_mut()),
+            std::collections::btree_map::Entry::Vacant(slot) => {
+                let bits = match mirror {
+                    Some(m) => m.get(&page).copied().unwrap_or(0),
+                    None => match get(db, &key)? {
+                        Some(v) => decode_bits(&v).ok_or_else(|| corrupt_meta("bitmap page"))?,
+                        None => 0,
+                    },
+                };
+                Ok(slot.insert(Staged { page: bits, dirty: false }))
+            }
         }
-        Ok(pages.get_mut(&page).expect("inserted above"))
     }
 
     /// The entry of block `b` (as staged so far).
@@ -399,8 +401,8 @@ mod tests {
     #[test]
     fn map_pages_round_trip_as_runs() {
         let mut p: MapPage = [None; N];
-        for i in 0..10 {
-            p[i] = Some(Entry { slot: 100 + i as u64, crc: i as u32 * 7, seq: 5 });
+        for (i, e) in p.iter_mut().enumerate().take(10) {
+            *e = Some(Entry { slot: 100 + i as u64, crc: i as u32 * 7, seq: 5 });
         }
         p[10] = Some(Entry { slot: 110, crc: 1, seq: 6 }); // new seq: new run
         p[11] = Some(Entry { slot: 200, crc: 2, seq: 6 }); // slot jump: new run
