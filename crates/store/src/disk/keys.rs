@@ -1,9 +1,10 @@
 //! RocksDB key and value encodings of the disk store (format 2). All integers big-endian
 //! so that keys sort numerically.
 //!
-//! The block map, the seq index, the free list and the unsynced marks are kept in
-//! *pages* of [`PAGE`] blocks (or slots), one RocksDB record per page instead of one per
-//! block: a 1 MiB write touches a handful of records, not a thousand ([`super::pages`]).
+//! The block map and the seq index are kept in *pages* of [`PAGE`] blocks, the free list
+//! and the unsynced marks in bitmaps of [`BITS_PAGE`] slots (blocks), one RocksDB record
+//! per page instead of one per block: a 1 MiB write touches a few dozen records, not a
+//! thousand ([`super::pages`]).
 //!
 //! | key                                  | value                                      |
 //! |--------------------------------------|--------------------------------------------|
@@ -61,8 +62,13 @@ pub const V1_UNSYNCED: u8 = b'U';
 pub const PER_VOLUME: [u8; 12] =
     [STATE, MAP, SEQ, TRIM, FREE, PRESERVED, SNAPSHOT, UNSYNCED, V1_MAP, V1_SEQ, V1_FREE, V1_UNSYNCED];
 
-/// Blocks per map, seq-index and unsynced page; slots per free-list page.
-pub const PAGE: u64 = 64;
+/// Blocks per map and seq-index page. Smaller pages cost more records per large write,
+/// larger ones more bytes per small write (a random 4 KiB write rewrites its page; a page
+/// fragmented by such writes is up to 22 bytes per block): 16 blocks is 16 records per MiB
+/// and at most ~350 bytes per page.
+pub const PAGE: u64 = 16;
+/// Blocks per unsynced-marks page and slots per free-list page (bitmaps).
+pub const BITS_PAGE: u64 = 64;
 
 pub fn volume(name: &str) -> Vec<u8> {
     let mut k = vec![VOLUME];
@@ -115,12 +121,12 @@ pub fn trim(vid: u32, seq: u64, offset: u64) -> Vec<u8> {
     with_u64s(TRIM, vid, seq, offset)
 }
 
-/// The unsynced-marks page of blocks `page * PAGE ..`.
+/// The unsynced-marks page of blocks `page * BITS_PAGE ..`.
 pub fn unsynced(vid: u32, page: u64) -> Vec<u8> {
     with_u64(UNSYNCED, vid, page)
 }
 
-/// The free-list page of slots `page * PAGE ..`.
+/// The free-list page of slots `page * BITS_PAGE ..`.
 pub fn free(vid: u32, page: u64) -> Vec<u8> {
     with_u64(FREE, vid, page)
 }

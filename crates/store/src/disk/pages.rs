@@ -1,5 +1,5 @@
-//! Metadata pages: the block map, the seq index, the unsynced marks and the free list in
-//! records of [`PAGE`] blocks (or slots) each, and [`Pages`], the pages one metadata batch
+//! Metadata pages: the block map and the seq index in records of [`PAGE`] blocks, the
+//! unsynced marks and the free list in bitmaps of [`BITS_PAGE`] blocks (slots), and [`Pages`], the pages one metadata batch
 //! changes, read once and written once.
 //!
 //! Per-block records cost a memtable insert (a skip-list search with key comparisons) per
@@ -22,7 +22,7 @@ use rocksdb::DB;
 use hlstore_core::error::{Error, Result};
 
 use super::batch::Batch;
-use super::keys::{self, Entry, QValue, PAGE};
+use super::keys::{self, Entry, QValue, BITS_PAGE, PAGE};
 use super::{corrupt_meta, meta_err};
 
 const N: usize = PAGE as usize;
@@ -32,9 +32,14 @@ pub type MapPage = [Option<Entry>; N];
 /// A seq-index page: the `QValue` of each of its blocks written at the page's seq.
 pub type SeqPage = [Option<QValue>; N];
 
-/// The page of a block (or slot) and its index in the page.
+/// The map or seq-index page of a block and its index in the page.
 pub fn split(b: u64) -> (u64, usize) {
     (b / PAGE, (b % PAGE) as usize)
+}
+
+/// The bitmap page of a slot (block) and its bit.
+pub fn split_bits(b: u64) -> (u64, usize) {
+    (b / BITS_PAGE, (b % BITS_PAGE) as usize)
 }
 
 pub fn encode_map(p: &MapPage) -> Vec<u8> {
@@ -117,6 +122,9 @@ pub fn encode_seq(p: &SeqPage) -> Vec<u8> {
 
 pub fn decode_seq(b: &[u8]) -> Option<Box<SeqPage>> {
     let bits = keys::u64_at(b, 0)?;
+    if N < 64 && bits >> N != 0 {
+        return None;
+    }
     let mut p = Box::new([None; N]);
     let mut at = 8;
     for (i, slot) in p.iter_mut().enumerate() {
@@ -135,7 +143,7 @@ pub fn decode_bits(b: &[u8]) -> Option<u64> {
 
 /// The block (or slot) numbers of the set bits of page `page`.
 pub fn bits_of(page: u64, bits: u64) -> impl Iterator<Item = u64> {
-    (0..PAGE).filter(move |i| bits & (1 << i) != 0).map(move |i| page * PAGE + i)
+    (0..BITS_PAGE).filter(move |i| bits & (1 << i) != 0).map(move |i| page * BITS_PAGE + i)
 }
 
 struct Staged<T> {
@@ -328,14 +336,14 @@ impl Pages {
     }
 
     pub fn set_free(&mut self, db: &DB, slot: u64, free: bool) -> Result<()> {
-        let (page, i) = split(slot);
+        let (page, i) = split_bits(slot);
         let p = Self::bits_page(db, &mut self.free, self.mirror.as_ref(), keys::free(self.vid, page), page)?;
         set_bit(p, i, free);
         Ok(())
     }
 
     pub fn set_unsynced(&mut self, db: &DB, b: u64, unsynced: bool) -> Result<()> {
-        let (page, i) = split(b);
+        let (page, i) = split_bits(b);
         let p = Self::bits_page(db, &mut self.unsynced, None, keys::unsynced(self.vid, page), page)?;
         set_bit(p, i, unsynced);
         Ok(())
@@ -406,14 +414,14 @@ mod tests {
         }
         p[10] = Some(Entry { slot: 110, crc: 1, seq: 6 }); // new seq: new run
         p[11] = Some(Entry { slot: 200, crc: 2, seq: 6 }); // slot jump: new run
-        p[63] = Some(Entry { slot: u64::MAX - 1, crc: 3, seq: u64::MAX });
+        p[N - 1] = Some(Entry { slot: u64::MAX - 1, crc: 3, seq: u64::MAX });
         let enc = encode_map(&p);
         assert_eq!(enc.len(), (18 + 40) + 3 * (18 + 4));
         assert_eq!(*decode_map(&enc).unwrap(), p);
         assert!(encode_map(&[None; N]).is_empty());
         // Truncated, overlong and zero-length runs are refused.
         assert!(decode_map(&enc[..enc.len() - 1]).is_none());
-        assert!(decode_map(&[60, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_none());
+        assert!(decode_map(&[N as u8 - 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_none());
         assert!(decode_map(&[0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]).is_none());
     }
 
@@ -422,7 +430,7 @@ mod tests {
         let mut p: SeqPage = [None; N];
         p[0] = Some(QValue::default());
         p[5] = Some(QValue { prev: Some(Entry { slot: 1, crc: 2, seq: 3 }), skipped: None });
-        p[63] = Some(QValue { prev: None, skipped: Some(9) });
+        p[N - 1] = Some(QValue { prev: None, skipped: Some(9) });
         let enc = encode_seq(&p);
         assert_eq!(*decode_seq(&enc).unwrap(), p);
         assert!(decode_seq(&enc[..enc.len() - 1]).is_none());
