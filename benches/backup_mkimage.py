@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Builds the backup benchmark image and its 1 % scattered change.
 
-mkimage PATH SIZE_MIB: interleaved 1-4 MiB segments of random data, zeros, repeated text and
-copies of system libraries (deterministic apart from the random segments).
+mkimage PATH SIZE_MIB [SEED]: interleaved 1-4 MiB segments of random data, zeros, repeated text
+and copies of system libraries (the layout is deterministic for a SEED, default 42; the random
+segments are not).
 mkfs PATH SIZE_MIB: an ext4 filesystem image (mkfs.ext4 -d) holding /usr/share and Python's
 standard library (without site-packages): real files, real allocation.
 fschange PATH: loop-mounts the ext4 image (root) and changes it like a day of use: deletes
@@ -35,8 +36,8 @@ def libraries():
             pass
 
 
-def mkimage(path, size_mib):
-    rnd = random.Random(42)
+def mkimage(path, size_mib, seed=42):
+    rnd = random.Random(seed)
     libs = list(libraries())
     text = b"".join(b"%06d the quick brown fox jumps over the lazy dog; hlstore bench\n" % i for i in range(1000))
     total = size_mib * MIB
@@ -139,7 +140,7 @@ def fschange(path):
 
 if __name__ == "__main__":
     if sys.argv[1] == "mkimage":
-        mkimage(sys.argv[2], int(sys.argv[3]))
+        mkimage(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) > 4 else 42)
     elif sys.argv[1] == "mkfs":
         mkfs(sys.argv[2], int(sys.argv[3]))
     elif sys.argv[1] == "fschange":
@@ -148,4 +149,4 @@ if __name__ == "__main__":
         uri = sys.argv[6] if len(sys.argv) > 6 else None
         change(sys.argv[2], float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]), uri)
     else:
-        sys.exit("usage: mkimage PATH SIZE_MIB | mkfs PATH SIZE_MIB | fschange PATH | change PATH PERCENT RUN_KIB SEED [NBD_URI]")
+        sys.exit("usage: mkimage PATH SIZE_MIB [SEED] | mkfs PATH SIZE_MIB | fschange PATH | change PATH PERCENT RUN_KIB SEED [NBD_URI]")
