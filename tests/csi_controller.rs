@@ -456,8 +456,18 @@ async fn snapshots_and_clones(
     assert!(ids(ctl.list_snapshots(list("nope", "", 0, "")).await.unwrap().into_inner()).is_empty());
 
     // Clone from the snapshot: same content (written before the snapshot through `uri`).
+    // The copy runs in the background: ABORTED (pending) until it is done.
     let from_snap = from_snapshot("pvc-clone", "pvc-one@snap-a");
-    let cl = ctl.create_volume(from_snap.clone()).await.expect("clone from snapshot").into_inner().volume.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let cl = loop {
+        match ctl.create_volume(from_snap.clone()).await {
+            Ok(r) => break r.into_inner().volume.unwrap(),
+            Err(s) if s.code() == Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("clone from snapshot: {s:?}"),
+        }
+    };
     assert!(cl.content_source.is_some());
     ctl.create_volume(from_snap).await.expect("clone again is idempotent");
     let publ = csi::ControllerPublishVolumeRequest {
