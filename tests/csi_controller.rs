@@ -378,6 +378,68 @@ async fn a_new_volume_expands_and_its_snapshots_are_ready_and_deletable() {
     }
 }
 
+/// A snapshot is ready_to_use only once every replica of its volume holds it: taken while
+/// one replica's node is down, CreateSnapshot and ListSnapshots say not ready (the
+/// external-snapshotter keeps waiting), as `hlstore snapshot list --json` does; once that
+/// node is back and its replica has resynced (the snapshot installed on it), ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_ready_only_once_every_replica_holds_it() {
+    let c = Cluster::new();
+    c.up(&["--nodes", "3"]);
+    let ep = c.endpoint("n1");
+    let d = CsiDriver::start(&c, "n1");
+    let mut ctl = d.controller().await;
+    ctl.create_volume(create_req("pvc-r", 32 * MIB, block_cap())).await.expect("create");
+    // Attached (its engine on n1) for the whole test, as a volume in use is.
+    let uri = c.cli(&["volume", "attach", "pvc-r", "--node", "n1", "--endpoint", &ep]).trim().to_string();
+    qemu_io(&uri, "write -P 0x42 0 4M");
+    let snap = |name: &str| csi::CreateSnapshotRequest {
+        source_volume_id: "pvc-r".into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    let all_up = ctl.create_snapshot(snap("snap-up")).await.expect("snapshot").into_inner().snapshot.unwrap();
+    assert!(all_up.ready_to_use, "every replica up: ready at once: {all_up:?}");
+
+    c.kill9("n3");
+    // A write finds n3 gone.
+    qemu_io(&uri, "write -P 0x43 4M 4M");
+    c.wait_until("n3's replica marked failed", Duration::from_secs(60), || {
+        let v = c.volume_show("n1", "pvc-r");
+        (Cluster::replica_of(&v, "n3")?["state"] == "failed").then_some(())
+    });
+    let down = ctl.create_snapshot(snap("snap-down")).await.expect("snapshot with n3 down").into_inner();
+    let down = down.snapshot.unwrap();
+    assert!(!down.ready_to_use, "n3 does not hold it: not ready: {down:?}");
+    let again = ctl.create_snapshot(snap("snap-down")).await.expect("again").into_inner().snapshot.unwrap();
+    assert!(!again.ready_to_use, "{again:?}");
+    let ready_of = |r: csi::ListSnapshotsResponse| -> Vec<(String, bool)> {
+        r.entries.into_iter().filter_map(|e| e.snapshot).map(|s| (s.snapshot_id, s.ready_to_use)).collect()
+    };
+    let list = csi::ListSnapshotsRequest { source_volume_id: "pvc-r".into(), ..Default::default() };
+    let listed = ready_of(ctl.list_snapshots(list.clone()).await.unwrap().into_inner());
+    assert!(listed.contains(&("pvc-r@snap-down".to_string(), false)), "{listed:?}");
+    let cli = c.cli(&["snapshot", "list", "pvc-r", "--json", "--endpoint", &ep]);
+    let cli: serde_json::Value = serde_json::from_str(&cli).unwrap();
+    let row = cli.as_array().unwrap().iter().find(|s| s["name"] == "snap-down").cloned();
+    assert_eq!(row.as_ref().map(|s| s["ready"].clone()), Some(serde_json::Value::Bool(false)), "{cli}");
+
+    c.start_one("n3");
+    c.wait_all_healthy("pvc-r", Duration::from_secs(120));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed = ready_of(ctl.list_snapshots(list.clone()).await.unwrap().into_inner());
+        if listed.iter().all(|(_, ready)| *ready) && listed.len() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "n3 resynced but snapshots not ready: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let again = ctl.create_snapshot(snap("snap-down")).await.expect("again").into_inner().snapshot.unwrap();
+    assert!(again.ready_to_use, "every replica holds it now: {again:?}");
+    c.cli(&["volume", "detach", "pvc-r", "--endpoint", &ep]);
+}
+
 async fn snapshots_and_clones(
     ctl: &mut csi::controller_client::ControllerClient<tonic::transport::Channel>,
     uri: &str,
