@@ -378,6 +378,69 @@ async fn a_new_volume_expands_and_its_snapshots_are_ready_and_deletable() {
     }
 }
 
+/// GetCapacity's available bytes for 2 replicas with `dataLocality` and `top`.
+async fn capacity(
+    ctl: &mut csi::controller_client::ControllerClient<tonic::transport::Channel>,
+    locality: &str,
+    top: Option<csi::Topology>,
+) -> i64 {
+    let parameters =
+        HashMap::from([("replicas".to_string(), "2".to_string()), ("dataLocality".to_string(), locality.to_string())]);
+    let r =
+        csi::GetCapacityRequest { volume_capabilities: vec![mount_cap("ext4")], parameters, accessible_topology: top };
+    ctl.get_capacity(r).await.expect("GetCapacity").into_inner().available_capacity
+}
+
+/// GetCapacity for one node's topology segment (the provisioner's capacity tracking): a
+/// segment naming no hlstore node has none; with `dataLocality: best-effort` the answer is
+/// bounded by that node's own room (it gets the first replica); otherwise it is the
+/// cluster-wide answer (replicas go anywhere, every node reaches the volume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_capacity_answers_for_a_topology_segment() {
+    let c = Cluster::new();
+    c.up(&["--nodes", "3"]);
+    let d = CsiDriver::start(&c, "n1");
+    let mut ctl = d.controller().await;
+    let mut agent = c.volumes("n2").await;
+    let nodes = agent.list_nodes(vpb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let room = nodes.iter().map(|n| n.available_bytes.saturating_sub(n.promised_bytes)).min().unwrap();
+    assert!(room > 1 << 30, "the test needs some free space: {nodes:?}");
+    // Half of n1's room promised to a thin volume whose only replica is there.
+    let half = room / 2 / 4096 * 4096;
+    agent
+        .create_volume(vpb::CreateVolumeRequest {
+            name: "big".into(),
+            size: half,
+            replicas: 1,
+            nodes: vec!["n1".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("thin volume on n1");
+    let segment = |k: &str, v: &str| Some(csi::Topology { segments: HashMap::from([(k.to_string(), v.to_string())]) });
+    let node = |n: &str| segment("topology.hlstore.io/node", n);
+    let (lo, hi) = ((room as i64) * 2 / 3, (room as i64) * 3 / 4);
+    let whole = capacity(&mut ctl, "disabled", None).await;
+    assert!(whole > hi, "two replicas fit on n2 and n3: {whole} of {room}");
+    // The nodes share a filesystem other work writes to: equal within a margin.
+    let near = |a: i64, b: i64| (a - b).abs() < 256 << 20;
+    let n1 = capacity(&mut ctl, "disabled", node("n1")).await;
+    assert!(near(n1, whole), "without locality, any member node: the whole answer ({n1} vs {whole})");
+    let local_n1 = capacity(&mut ctl, "best-effort", node("n1")).await;
+    assert!(local_n1 < lo && local_n1 > 0, "n1 has half its room left: {local_n1} of {room}");
+    let local_n2 = capacity(&mut ctl, "best-effort", node("n2")).await;
+    assert!(local_n2 > hi, "n2 and n3 have their room: {local_n2} of {room}");
+    assert_eq!(capacity(&mut ctl, "best-effort", node("elsewhere")).await, 0, "a segment without an hlstore node");
+    assert_eq!(capacity(&mut ctl, "disabled", node("elsewhere")).await, 0);
+    assert_eq!(
+        capacity(&mut ctl, "disabled", segment("topology.kubernetes.io/zone", "a")).await,
+        0,
+        "a key this driver has not"
+    );
+    let no_segment = capacity(&mut ctl, "best-effort", None).await;
+    assert!(near(no_segment, whole), "no segment: the whole cluster ({no_segment} vs {whole})");
+}
+
 /// A snapshot is ready_to_use only once every replica of its volume holds it: taken while
 /// one replica's node is down, CreateSnapshot and ListSnapshots say not ready (the
 /// external-snapshotter keeps waiting), as `hlstore snapshot list --json` does; once that

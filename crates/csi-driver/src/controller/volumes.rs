@@ -599,39 +599,63 @@ impl ControllerService {
         })
     }
 
-    /// Volumes are thin and the agents do not report free disk space yet, so there is no
-    /// known limit: the answer is the largest representable capacity, or 0 for
-    /// capabilities the driver cannot serve.
+    /// The largest volume whose replicas fit (the agents' placement rule, see
+    /// hlstore_node::placement), from the room each reachable node reports; 0 for
+    /// capabilities or parameters the driver cannot serve; no limit when an agent does
+    /// not report its space.
+    ///
+    /// With `accessible_topology` (the provisioner's capacity tracking asks per node
+    /// segment): 0 for a segment that names no reachable hlstore node; for a StorageClass
+    /// with `dataLocality: best-effort`, whose first replica goes to that node, the largest
+    /// volume with one replica there and the others on the roomiest other nodes; otherwise
+    /// the cluster-wide answer (replicas go anywhere, and the volume is reachable from
+    /// every node).
     pub(super) async fn capacity(&self, r: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
         let caps: Vec<Capability> = r.volume_capabilities.iter().map(Capability::parse).collect::<Result<_>>()?;
         let params = params::parse_params(&r.parameters);
         let servable = caps.iter().all(|c| c.unsupported_reason().is_none());
-        let Ok(p) = params.as_ref().map_err(|_| ()).and_then(|p| if servable { Ok(p) } else { Err(()) }) else {
-            return Ok(csi::GetCapacityResponse {
-                available_capacity: 0,
-                maximum_volume_size: None,
-                minimum_volume_size: Some(params::BLOCK as i64),
-            });
+        let none = csi::GetCapacityResponse {
+            available_capacity: 0,
+            maximum_volume_size: None,
+            minimum_volume_size: Some(params::BLOCK as i64),
         };
-        // The largest volume whose replicas fit: the n-th largest headroom among the
-        // reachable nodes (the agents' placement rule, see hlstore_node::placement).
+        let Ok(p) = params.as_ref().map_err(|_| ()).and_then(|p| if servable { Ok(p) } else { Err(()) }) else {
+            return Ok(none);
+        };
         let nodes = self.nodes().await?;
         let reachable: Vec<&vpb::Node> = nodes.iter().filter(|n| n.reachable).collect();
+        let segment = match r.accessible_topology.as_ref().filter(|t| !t.segments.is_empty()) {
+            None => None,
+            Some(t) => match t.segments.get(crate::TOPOLOGY_NODE_KEY) {
+                Some(n) if t.segments.len() == 1 && reachable.iter().any(|r| r.id == *n) => Some(n.clone()),
+                _ => return Ok(none),
+            },
+        };
         let want = if p.replicas == 0 { reachable.len().min(3) } else { p.replicas as usize };
-        let rooms: Option<Vec<u64>> = reachable
-            .iter()
-            .map(|n| (n.capacity_bytes > 0).then(|| n.available_bytes.saturating_sub(n.promised_bytes)))
-            .collect();
-        let available = match rooms {
+        let room = |n: &vpb::Node| (n.capacity_bytes > 0).then(|| n.available_bytes.saturating_sub(n.promised_bytes));
+        // The `k`-th largest of `rooms` (1-based); `None` (no limit known) if any is unknown.
+        let kth = |rooms: Option<Vec<u64>>, k: usize| -> Option<u64> {
+            let mut rooms = rooms?;
+            rooms.sort_unstable_by(|a, b| b.cmp(a));
+            Some(if k == 0 { u64::MAX } else { rooms.get(k - 1).copied().unwrap_or(0) })
+        };
+        let bytes = match segment {
+            Some(local) if p.data_locality == DataLocality::BestEffort && want > 0 => {
+                let own = reachable.iter().find(|n| n.id == local).and_then(|n| room(n));
+                let others = reachable.iter().filter(|n| n.id != local).map(|n| room(n)).collect();
+                match (own, kth(others, want - 1)) {
+                    (Some(own), Some(rest)) => Some(own.min(rest)),
+                    _ => None,
+                }
+            }
+            _ if want == 0 => Some(0),
+            _ => kth(reachable.iter().map(|n| room(n)).collect(), want),
+        };
+        let available = match bytes {
             // An agent that does not report its space: no limit is known.
             None => i64::MAX,
-            Some(mut rooms) if want > 0 && rooms.len() >= want => {
-                rooms.sort_unstable_by(|a, b| b.cmp(a));
-                // Whole blocks only.
-                let room = rooms[want - 1] - rooms[want - 1] % params::BLOCK;
-                i64::try_from(room).unwrap_or(i64::MAX)
-            }
-            Some(_) => 0,
+            // Whole blocks only.
+            Some(b) => i64::try_from(b - b % params::BLOCK).unwrap_or(i64::MAX),
         };
         Ok(csi::GetCapacityResponse {
             available_capacity: available,
