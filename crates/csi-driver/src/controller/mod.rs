@@ -180,6 +180,8 @@ impl Controller for ControllerService {
             Type::GetCapacity,
             Type::GetVolume,
             Type::VolumeCondition,
+            // SINGLE_NODE_SINGLE_WRITER / SINGLE_NODE_MULTI_WRITER access modes (CSI 1.5).
+            Type::SingleNodeMultiWriter,
         ];
         if self.agent_supports(AgentRpc::Snapshots).await {
             caps.extend([Type::CreateDeleteSnapshot, Type::ListSnapshots]);
