@@ -141,6 +141,62 @@ fn cli_backup_list_show_restore_verify_forget_prune() {
     assert!(stderr(&e).contains("no backup matches"), "{e:?}");
 }
 
+/// `backup list --volume/--label/--latest` narrow the list (JSON and text), and a
+/// `latest` / `latest:KEY=VALUE` selector works wherever a backup id does (show, restore,
+/// forget).
+#[test]
+fn cli_backup_list_filters_and_latest_selector() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", t.path().join("repo").display());
+    ok(hl(&["backup", "init", "--repo", &repo, "--pack-size", "1M"]));
+    let backup = |seed: u64, labels: &[&str]| -> (String, Vec<u8>) {
+        let src = t.path().join(format!("disk-{seed}.img"));
+        let img = image(&src, 1 << 20, seed);
+        let mut args = vec!["backup", "create", "--repo", &repo, "--source", p(&src), "--json"];
+        for l in labels {
+            args.extend(["--label", l]);
+        }
+        (json(&ok(hl(&args)))["id"].as_str().unwrap().to_string(), img)
+    };
+    let (a, _) = backup(1, &["volume=pg", "pvc=apps/db"]);
+    let (b, img_b) = backup(2, &["volume=media"]);
+    let (c, _) = backup(3, &["volume=pg"]);
+    let list = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec!["backup", "list", "--repo", &repo, "--json"];
+        args.extend_from_slice(extra);
+        let v = json(&ok(hl(&args)));
+        v.as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap().to_string()).collect()
+    };
+    assert_eq!(list(&[]), [a.as_str(), b.as_str(), c.as_str()]);
+    assert_eq!(list(&["--volume", "pg"]), [a.as_str(), c.as_str()], "oldest first");
+    assert_eq!(list(&["--volume", "pg", "--latest"]), [c.as_str()]);
+    assert_eq!(list(&["--latest"]), [c.as_str()]);
+    assert_eq!(list(&["--label", "pvc=apps/db"]), [a.as_str()]);
+    assert_eq!(list(&["--volume", "pg", "--label", "pvc=apps/db", "--latest"]), [a.as_str()]);
+    assert_eq!(list(&["--volume", "media", "--label", "pvc=apps/db"]), Vec::<String>::new());
+    assert_eq!(list(&["--volume", "nope", "--latest"]), Vec::<String>::new());
+    let text = ok(hl(&["backup", "list", "--repo", &repo, "--volume", "media"]));
+    assert!(text.contains(&b) && !text.contains(&a) && !text.contains(&c), "{text}");
+    let e = fail(hl(&["backup", "list", "--repo", &repo, "--label", "novalue"]));
+    assert!(stderr(&e).contains("is not key=value"), "{e:?}");
+
+    // The selector, wherever an id goes.
+    let show = |sel: &str| json(&ok(hl(&["backup", "show", sel, "--repo", &repo, "--json"])))["id"].clone();
+    assert_eq!(show("latest"), c.as_str());
+    assert_eq!(show("latest:volume=pg"), c.as_str());
+    assert_eq!(show("latest:volume=pg,pvc=apps/db"), a.as_str());
+    let restored = t.path().join("restored.img");
+    ok(hl(&["restore", "latest:volume=media", "--repo", &repo, "--to-file", p(&restored)]));
+    assert!(std::fs::read(&restored).unwrap() == img_b, "restored the newest backup of volume media");
+    let out = json(&ok(hl(&["backup", "forget", "latest:volume=pg", "--repo", &repo, "--json"])));
+    assert_eq!(out["forgotten"], serde_json::json!([c]));
+    assert_eq!(show("latest:volume=pg"), a.as_str(), "the newest left");
+    let e = fail(hl(&["backup", "show", "latest:volume=nope", "--repo", &repo]));
+    assert!(stderr(&e).contains("no backup is labelled volume=nope"), "{e:?}");
+    let e = fail(hl(&["backup", "show", "latest:bad", "--repo", &repo]));
+    assert!(stderr(&e).contains("expected latest or latest:KEY=VALUE"), "{e:?}");
+}
+
 /// Progress lines when stderr is not a terminal (as in CronJob and Job logs): bytes, rate,
 /// ETA, then a closing line, for backup, restore and prune.
 #[test]

@@ -378,6 +378,131 @@ async fn a_new_volume_expands_and_its_snapshots_are_ready_and_deletable() {
     }
 }
 
+/// GetCapacity's available bytes for 2 replicas with `dataLocality` and `top`.
+async fn capacity(
+    ctl: &mut csi::controller_client::ControllerClient<tonic::transport::Channel>,
+    locality: &str,
+    top: Option<csi::Topology>,
+) -> i64 {
+    let parameters =
+        HashMap::from([("replicas".to_string(), "2".to_string()), ("dataLocality".to_string(), locality.to_string())]);
+    let r =
+        csi::GetCapacityRequest { volume_capabilities: vec![mount_cap("ext4")], parameters, accessible_topology: top };
+    ctl.get_capacity(r).await.expect("GetCapacity").into_inner().available_capacity
+}
+
+/// GetCapacity for one node's topology segment (the provisioner's capacity tracking): a
+/// segment naming no hlstore node has none; with `dataLocality: best-effort` the answer is
+/// bounded by that node's own room (it gets the first replica); otherwise it is the
+/// cluster-wide answer (replicas go anywhere, every node reaches the volume).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_capacity_answers_for_a_topology_segment() {
+    let c = Cluster::new();
+    c.up(&["--nodes", "3"]);
+    let d = CsiDriver::start(&c, "n1");
+    let mut ctl = d.controller().await;
+    let mut agent = c.volumes("n2").await;
+    let nodes = agent.list_nodes(vpb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let room = nodes.iter().map(|n| n.available_bytes.saturating_sub(n.promised_bytes)).min().unwrap();
+    assert!(room > 1 << 30, "the test needs some free space: {nodes:?}");
+    // Half of n1's room promised to a thin volume whose only replica is there.
+    let half = room / 2 / 4096 * 4096;
+    agent
+        .create_volume(vpb::CreateVolumeRequest {
+            name: "big".into(),
+            size: half,
+            replicas: 1,
+            nodes: vec!["n1".into()],
+            ..Default::default()
+        })
+        .await
+        .expect("thin volume on n1");
+    let segment = |k: &str, v: &str| Some(csi::Topology { segments: HashMap::from([(k.to_string(), v.to_string())]) });
+    let node = |n: &str| segment("topology.hlstore.io/node", n);
+    let (lo, hi) = ((room as i64) * 2 / 3, (room as i64) * 3 / 4);
+    let whole = capacity(&mut ctl, "disabled", None).await;
+    assert!(whole > hi, "two replicas fit on n2 and n3: {whole} of {room}");
+    // The nodes share a filesystem other work writes to: equal within a margin.
+    let near = |a: i64, b: i64| (a - b).abs() < 256 << 20;
+    let n1 = capacity(&mut ctl, "disabled", node("n1")).await;
+    assert!(near(n1, whole), "without locality, any member node: the whole answer ({n1} vs {whole})");
+    let local_n1 = capacity(&mut ctl, "best-effort", node("n1")).await;
+    assert!(local_n1 < lo && local_n1 > 0, "n1 has half its room left: {local_n1} of {room}");
+    let local_n2 = capacity(&mut ctl, "best-effort", node("n2")).await;
+    assert!(local_n2 > hi, "n2 and n3 have their room: {local_n2} of {room}");
+    assert_eq!(capacity(&mut ctl, "best-effort", node("elsewhere")).await, 0, "a segment without an hlstore node");
+    assert_eq!(capacity(&mut ctl, "disabled", node("elsewhere")).await, 0);
+    assert_eq!(
+        capacity(&mut ctl, "disabled", segment("topology.kubernetes.io/zone", "a")).await,
+        0,
+        "a key this driver has not"
+    );
+    let no_segment = capacity(&mut ctl, "best-effort", None).await;
+    assert!(near(no_segment, whole), "no segment: the whole cluster ({no_segment} vs {whole})");
+}
+
+/// A snapshot is ready_to_use only once every replica of its volume holds it: taken while
+/// one replica's node is down, CreateSnapshot and ListSnapshots say not ready (the
+/// external-snapshotter keeps waiting), as `hlstore snapshot list --json` does; once that
+/// node is back and its replica has resynced (the snapshot installed on it), ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_is_ready_only_once_every_replica_holds_it() {
+    let c = Cluster::new();
+    c.up(&["--nodes", "3"]);
+    let ep = c.endpoint("n1");
+    let d = CsiDriver::start(&c, "n1");
+    let mut ctl = d.controller().await;
+    ctl.create_volume(create_req("pvc-r", 32 * MIB, block_cap())).await.expect("create");
+    // Attached (its engine on n1) for the whole test, as a volume in use is.
+    let uri = c.cli(&["volume", "attach", "pvc-r", "--node", "n1", "--endpoint", &ep]).trim().to_string();
+    qemu_io(&uri, "write -P 0x42 0 4M");
+    let snap = |name: &str| csi::CreateSnapshotRequest {
+        source_volume_id: "pvc-r".into(),
+        name: name.into(),
+        ..Default::default()
+    };
+    let all_up = ctl.create_snapshot(snap("snap-up")).await.expect("snapshot").into_inner().snapshot.unwrap();
+    assert!(all_up.ready_to_use, "every replica up: ready at once: {all_up:?}");
+
+    c.kill9("n3");
+    // A write finds n3 gone.
+    qemu_io(&uri, "write -P 0x43 4M 4M");
+    c.wait_until("n3's replica marked failed", Duration::from_secs(60), || {
+        let v = c.volume_show("n1", "pvc-r");
+        (Cluster::replica_of(&v, "n3")?["state"] == "failed").then_some(())
+    });
+    let down = ctl.create_snapshot(snap("snap-down")).await.expect("snapshot with n3 down").into_inner();
+    let down = down.snapshot.unwrap();
+    assert!(!down.ready_to_use, "n3 does not hold it: not ready: {down:?}");
+    let again = ctl.create_snapshot(snap("snap-down")).await.expect("again").into_inner().snapshot.unwrap();
+    assert!(!again.ready_to_use, "{again:?}");
+    let ready_of = |r: csi::ListSnapshotsResponse| -> Vec<(String, bool)> {
+        r.entries.into_iter().filter_map(|e| e.snapshot).map(|s| (s.snapshot_id, s.ready_to_use)).collect()
+    };
+    let list = csi::ListSnapshotsRequest { source_volume_id: "pvc-r".into(), ..Default::default() };
+    let listed = ready_of(ctl.list_snapshots(list.clone()).await.unwrap().into_inner());
+    assert!(listed.contains(&("pvc-r@snap-down".to_string(), false)), "{listed:?}");
+    let cli = c.cli(&["snapshot", "list", "pvc-r", "--json", "--endpoint", &ep]);
+    let cli: serde_json::Value = serde_json::from_str(&cli).unwrap();
+    let row = cli.as_array().unwrap().iter().find(|s| s["name"] == "snap-down").cloned();
+    assert_eq!(row.as_ref().map(|s| s["ready"].clone()), Some(serde_json::Value::Bool(false)), "{cli}");
+
+    c.start_one("n3");
+    c.wait_all_healthy("pvc-r", Duration::from_secs(120));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed = ready_of(ctl.list_snapshots(list.clone()).await.unwrap().into_inner());
+        if listed.iter().all(|(_, ready)| *ready) && listed.len() == 2 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "n3 resynced but snapshots not ready: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let again = ctl.create_snapshot(snap("snap-down")).await.expect("again").into_inner().snapshot.unwrap();
+    assert!(again.ready_to_use, "every replica holds it now: {again:?}");
+    c.cli(&["volume", "detach", "pvc-r", "--endpoint", &ep]);
+}
+
 async fn snapshots_and_clones(
     ctl: &mut csi::controller_client::ControllerClient<tonic::transport::Channel>,
     uri: &str,
@@ -456,8 +581,18 @@ async fn snapshots_and_clones(
     assert!(ids(ctl.list_snapshots(list("nope", "", 0, "")).await.unwrap().into_inner()).is_empty());
 
     // Clone from the snapshot: same content (written before the snapshot through `uri`).
+    // The copy runs in the background: ABORTED (pending) until it is done.
     let from_snap = from_snapshot("pvc-clone", "pvc-one@snap-a");
-    let cl = ctl.create_volume(from_snap.clone()).await.expect("clone from snapshot").into_inner().volume.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let cl = loop {
+        match ctl.create_volume(from_snap.clone()).await {
+            Ok(r) => break r.into_inner().volume.unwrap(),
+            Err(s) if s.code() == Code::Aborted && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await
+            }
+            Err(s) => panic!("clone from snapshot: {s:?}"),
+        }
+    };
     assert!(cl.content_source.is_some());
     ctl.create_volume(from_snap).await.expect("clone again is idempotent");
     let publ = csi::ControllerPublishVolumeRequest {

@@ -316,3 +316,58 @@ async fn node_expand(
     let after = stats(node, "pvc-fs", target).await[0].total;
     assert!(after > before + 50 * MIB, "ext4 grew from {before} to {after}");
 }
+
+/// SINGLE_NODE_SINGLE_WRITER (Kubernetes' ReadWriteOncePod) is published for one workload
+/// at a time: a second target path is FAILED_PRECONDITION until the first is unpublished.
+/// SINGLE_NODE_MULTI_WRITER is published at several. Both are advertised through the
+/// SINGLE_NODE_MULTI_WRITER capability of the controller and the node (CSI 1.5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_node_single_writer_is_published_once_and_multi_writer_many_times() {
+    use csi::volume_capability::access_mode::Mode;
+    let c = Cluster::new();
+    c.up(&["--nodes", "3"]);
+    let d = CsiDriver::start(&c, "n1");
+    let mut node = d.node().await;
+    let mut ctl = d.controller().await;
+    let ncaps = node.node_get_capabilities(csi::NodeGetCapabilitiesRequest {}).await.unwrap().into_inner();
+    let has_node_cap = ncaps.capabilities.iter().any(|c| {
+        matches!(&c.r#type, Some(csi::node_service_capability::Type::Rpc(r))
+            if r.r#type == csi::node_service_capability::rpc::Type::SingleNodeMultiWriter as i32)
+    });
+    assert!(has_node_cap, "{ncaps:?}");
+    let ccaps = ctl.controller_get_capabilities(csi::ControllerGetCapabilitiesRequest {}).await.unwrap().into_inner();
+    let has_ctl_cap = ccaps.capabilities.iter().any(|c| {
+        matches!(&c.r#type, Some(csi::controller_service_capability::Type::Rpc(r))
+            if r.r#type == csi::controller_service_capability::rpc::Type::SingleNodeMultiWriter as i32)
+    });
+    assert!(has_ctl_cap, "{ccaps:?}");
+
+    let with_mode = |mode: Mode| {
+        let mut cap = mount_cap("ext4");
+        cap.access_mode = Some(csi::volume_capability::AccessMode { mode: mode as i32 });
+        cap
+    };
+    let (single, multi) = (with_mode(Mode::SingleNodeSingleWriter), with_mode(Mode::SingleNodeMultiWriter));
+    let ctx = create_and_publish(&d, "pvc-once", 32 * MIB, single.clone()).await;
+    let staging = d.path("staging/once");
+    node.node_stage_volume(stage_req("pvc-once", &staging, single.clone(), &ctx)).await.expect("stage");
+    let (t1, t2) = (d.path("pods/a/mount"), d.path("pods/b/mount"));
+    let publish = |t: &Path, cap: &csi::VolumeCapability| publish_req("pvc-once", &staging, t, cap.clone());
+    node.node_publish_volume(publish(&t1, &single)).await.expect("publish");
+    node.node_publish_volume(publish(&t1, &single)).await.expect("the same target again is OK");
+    let m = expect_code(
+        node.node_publish_volume(publish(&t2, &single)).await,
+        Code::FailedPrecondition,
+        "a second workload of a SINGLE_NODE_SINGLE_WRITER volume",
+    );
+    assert!(m.contains("pods/a/mount") && m.contains("SINGLE_NODE_SINGLE_WRITER"), "{m}");
+    node.node_unpublish_volume(unpublish_req("pvc-once", &t1)).await.expect("unpublish");
+    node.node_publish_volume(publish(&t2, &single)).await.expect("the only workload now");
+    node.node_publish_volume(publish(&t1, &multi)).await.expect("SINGLE_NODE_MULTI_WRITER: several workloads");
+    for t in [&t1, &t2] {
+        node.node_unpublish_volume(unpublish_req("pvc-once", t)).await.expect("unpublish");
+    }
+    node.node_unstage_volume(unstage_req("pvc-once", &staging)).await.expect("unstage");
+    unpublish_and_delete(&d, "pvc-once").await;
+    assert_clean(&d);
+}

@@ -120,8 +120,9 @@ pub enum BackupCommand {
         /// Label to attach (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
-        /// Parent backup (default: the newest backup of the same source). A volume backup
-        /// chooses its own: the newest one whose snapshot still exists.
+        /// Parent backup, an id or a `latest:KEY=VALUE` selector (default: the newest
+        /// backup of the same source). A volume backup chooses its own: the newest one
+        /// whose snapshot still exists.
         #[arg(long, conflicts_with = "volume")]
         parent: Option<String>,
         /// Print JSON.
@@ -132,16 +133,28 @@ pub enum BackupCommand {
         #[arg(long, value_name = "PATH")]
         metrics_textfile: Option<PathBuf>,
     },
-    /// List backups.
+    /// List backups, oldest first; --volume, --label and --latest narrow the list.
+    ///
+    /// Example: hlstore backup list --repo s3://backups/hl --volume pgdata --latest --json
     List {
         #[command(flatten)]
         repo: RepoArgs,
+        /// Only backups of this volume (label volume=NAME, which volume backups carry).
+        #[arg(long, value_name = "NAME")]
+        volume: Option<String>,
+        /// Only backups with this label (repeatable: all must match), e.g. pvc=apps/db.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// Only the newest of the backups listed (none if nothing matches).
+        #[arg(long)]
+        latest: bool,
         #[arg(long)]
         json: bool,
     },
     /// Show one backup.
     Show {
-        /// Backup id (a unique prefix is enough).
+        /// Backup id (a unique prefix is enough), or `latest` / `latest:KEY=VALUE[,...]`: the
+        /// newest backup (with those labels, e.g. latest:volume=pgdata).
         id: String,
         #[command(flatten)]
         repo: RepoArgs,
@@ -159,7 +172,7 @@ pub enum BackupCommand {
     },
     /// Remove backups (their data is freed by prune).
     Forget {
-        /// Backup ids.
+        /// Backup ids (unique prefixes), or `latest` / `latest:KEY=VALUE[,...]` selectors.
         #[arg(required = true)]
         ids: Vec<String>,
         #[command(flatten)]
@@ -333,7 +346,8 @@ const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7400";
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["to_file", "to_device", "to_volume"])))]
 pub struct RestoreArgs {
-    /// Backup id (a unique prefix is enough).
+    /// Backup id (a unique prefix is enough), or `latest` / `latest:KEY=VALUE[,...]`: the
+    /// newest backup (with those labels, e.g. latest:volume=pgdata).
     pub id: String,
     #[command(flatten)]
     pub repo: RepoArgs,
@@ -535,9 +549,13 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        BackupCommand::List { repo, json } => {
+        BackupCommand::List { repo, volume, labels, latest, json } => {
             let r = repo.open()?;
-            let metas = r.list_snapshots()?;
+            let filter = hb::select::Filter::new(volume.as_deref(), &labels);
+            let mut metas = filter.apply(r.list_snapshots()?);
+            if latest {
+                metas = filter.newest(&metas).cloned().into_iter().collect();
+            }
             if json {
                 println!("{}", serde_json::to_string_pretty(&metas)?);
             } else {

@@ -42,6 +42,7 @@ pub mod progress;
 pub mod prune;
 pub mod repo;
 pub mod restore;
+pub mod select;
 pub mod snapshot;
 pub mod source;
 pub mod verify;

@@ -28,6 +28,10 @@ use crate::error::{CsiError, Result};
 /// Snapshot left on a volume once its restore is complete.
 pub const DONE_MARKER: &str = "csi-restore-done";
 
+/// Snapshot left on a clone (a volume created from a snapshot or a volume) once its copy
+/// is complete.
+pub const CLONE_DONE_MARKER: &str = "csi-clone-done";
+
 /// Prefix of snapshot handles that name a backup.
 pub const HANDLE_PREFIX: &str = "backup:";
 
@@ -91,7 +95,10 @@ pub trait BackupSource: Send + Sync + std::fmt::Debug {
     async fn restore(&self, id: &str, volume: &str) -> Result<()>;
 }
 
-/// State of the restores this controller runs, by volume.
+/// The background jobs that fill new volumes (backup restores and clone copies) this
+/// controller runs, by volume. Each job ends by taking its done-marker snapshot on the
+/// volume: that snapshot, not this in-memory state, is what says a volume is complete (a
+/// restarted controller starts with no jobs).
 #[derive(Clone, Default)]
 pub struct Restores {
     jobs: Arc<Mutex<HashMap<String, Job>>>,
@@ -99,19 +106,41 @@ pub struct Restores {
 
 #[derive(Debug, Clone)]
 enum Job {
-    Running { backup: String },
-    Done { backup: String },
-    Failed { backup: String, error: String },
+    Running { source: String },
+    Done { source: String },
+    Failed { source: String, code: tonic::Code, error: String },
 }
 
 /// What [`Restores::poll`] found for a volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RestoreState {
-    /// No restore known (never started here, or the controller restarted).
+    /// No job known (never started here, or the controller restarted).
     Unknown,
     Running,
     Done,
-    Failed(String),
+    /// The job failed with this code and message.
+    Failed(tonic::Code, String),
+}
+
+impl RestoreState {
+    /// The error CreateVolume answers for a failed job of `what` into `volume`. Transient
+    /// failures (the agent unreachable or restarted, an internal error) are ABORTED, so
+    /// the CO retries; others keep their code (a source deleted meanwhile is NOT_FOUND,
+    /// nodes without room RESOURCE_EXHAUSTED). Either way the next call starts the job
+    /// again.
+    pub fn failure(code: tonic::Code, error: &str, volume: &str, what: &str) -> CsiError {
+        let msg = format!("volume {volume}: {what} failed ({error}); it is started again on the next call");
+        match code {
+            tonic::Code::NotFound => CsiError::NotFound(msg),
+            tonic::Code::InvalidArgument => CsiError::InvalidArgument(msg),
+            tonic::Code::FailedPrecondition => CsiError::FailedPrecondition(msg),
+            tonic::Code::OutOfRange => CsiError::OutOfRange(msg),
+            tonic::Code::ResourceExhausted => CsiError::ResourceExhausted(msg),
+            tonic::Code::Unimplemented => CsiError::Unimplemented(msg),
+            tonic::Code::AlreadyExists => CsiError::AlreadyExists(msg),
+            _ => CsiError::Aborted(msg),
+        }
+    }
 }
 
 impl Restores {
@@ -119,20 +148,25 @@ impl Restores {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The state of the restore of `backup` into `volume`; a failure is reported once and
-    /// forgotten (the next call starts it again).
-    pub fn poll(&self, volume: &str, backup: &str) -> RestoreState {
+    /// The state of the job filling `volume` from `source` (a backup id, or a clone's
+    /// source); a failure is reported once and forgotten (the next call starts it again).
+    pub fn poll(&self, volume: &str, source: &str) -> RestoreState {
         let mut jobs = self.lock();
         match jobs.get(volume) {
-            Some(Job::Running { backup: b }) if b == backup => RestoreState::Running,
-            Some(Job::Done { backup: b }) if b == backup => RestoreState::Done,
-            Some(Job::Failed { backup: b, error }) if b == backup => {
-                let e = error.clone();
+            Some(Job::Running { source: s }) if s == source => RestoreState::Running,
+            Some(Job::Done { source: s }) if s == source => RestoreState::Done,
+            Some(Job::Failed { source: s, code, error }) if s == source => {
+                let st = RestoreState::Failed(*code, error.clone());
                 jobs.remove(volume);
-                RestoreState::Failed(e)
+                st
             }
             _ => RestoreState::Unknown,
         }
+    }
+
+    /// Whether a job filling `volume` is running.
+    pub fn running(&self, volume: &str) -> bool {
+        matches!(self.lock().get(volume), Some(Job::Running { .. }))
     }
 
     /// Starts restoring `backup` into `volume` in the background; when it is done, the
@@ -144,32 +178,48 @@ impl Restores {
         volume: String,
         agent: hlstore_proto::volume::volumes_client::VolumesClient<tonic::transport::Channel>,
     ) {
-        self.lock().insert(volume.clone(), Job::Running { backup: backup.clone() });
+        let (b, v) = (backup.clone(), volume.clone());
+        let work = Box::pin(async move { source.restore(&b, &v).await });
+        self.spawn(volume, backup, "restoring a backup into a new volume", DONE_MARKER, agent, work);
+    }
+
+    /// Runs `work` (which fills `volume` from `source`) in the background, then takes the
+    /// snapshot `marker` on `volume` through `agent`; [`Self::poll`] follows it.
+    pub fn spawn(
+        &self,
+        volume: String,
+        source: String,
+        what: &'static str,
+        marker: &'static str,
+        agent: hlstore_proto::volume::volumes_client::VolumesClient<tonic::transport::Channel>,
+        work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>,
+    ) {
+        self.lock().insert(volume.clone(), Job::Running { source: source.clone() });
         let this = self.clone();
         tokio::spawn(async move {
-            tracing::info!(volume.id = %volume, backup = %backup, "restoring a backup into a new volume");
+            tracing::info!(volume.id = %volume, source = %source, "{what}");
             let done = async {
-                source.restore(&backup, &volume).await?;
+                work.await?;
                 let req = hlstore_proto::volume::CreateSnapshotRequest {
                     volume: volume.clone(),
-                    name: DONE_MARKER.into(),
+                    name: marker.into(),
                     labels: Default::default(),
                 };
                 let mut agent = agent;
                 agent
                     .create_snapshot(req)
                     .await
-                    .map_err(|s| CsiError::agent(format!("marking volume {volume} restored"), s))?;
+                    .map_err(|s| CsiError::agent(format!("marking volume {volume} complete"), s))?;
                 Ok::<(), CsiError>(())
             };
             let job = match done.await {
                 Ok(()) => {
-                    tracing::info!(volume.id = %volume, backup = %backup, "backup restored");
-                    Job::Done { backup }
+                    tracing::info!(volume.id = %volume, source = %source, marker, "volume filled");
+                    Job::Done { source }
                 }
                 Err(e) => {
-                    tracing::warn!(volume.id = %volume, backup = %backup, error = %e, "restoring the backup failed");
-                    Job::Failed { backup, error: e.to_string() }
+                    tracing::warn!(volume.id = %volume, source = %source, error = %e, "filling the volume failed");
+                    Job::Failed { source, code: e.code(), error: e.to_string() }
                 }
             };
             this.lock().insert(volume, job);

@@ -66,12 +66,16 @@ const AGENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(150);
 
 /// The agent's volume API. A node plugin talks to the agent on its own node and checks
 /// that it is that node's agent; the controller takes any node of the cluster.
-fn agent_channel(cfg: &DriverConfig) -> Result<VolumesClient<Channel>> {
+/// `limit`: the longest any one call may take (`None` for the channel clones are copied
+/// through: a copy takes as long as the data takes).
+fn agent_channel(cfg: &DriverConfig, limit: Option<std::time::Duration>) -> Result<VolumesClient<Channel>> {
     let agent = &cfg.agent;
-    let ep = hlstore_tls::client::endpoint(agent)
+    let mut ep = hlstore_tls::client::endpoint(agent)
         .map_err(|e| CsiError::InvalidArgument(format!("--agent {agent:?}: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(AGENT_TIMEOUT);
+        .connect_timeout(std::time::Duration::from_secs(5));
+    if let Some(limit) = limit {
+        ep = ep.timeout(limit);
+    }
     let expect = match cfg.mode {
         Mode::Node => hlstore_tls::Expect::Node(cfg.node_id.clone()),
         Mode::Controller | Mode::All => hlstore_tls::Expect::AnyNode,
@@ -84,7 +88,7 @@ pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send 
     if cfg.node_id.is_empty() {
         return Err(CsiError::InvalidArgument("--node-id is required".into()));
     }
-    let agent = agent_channel(&cfg)?;
+    let agent = agent_channel(&cfg, Some(AGENT_TIMEOUT))?;
     let path = crate::client::socket_path(&cfg.csi_endpoint)?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| CsiError::io(format!("creating {}", dir.display()), e))?;
@@ -100,7 +104,13 @@ pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send 
     let node = matches!(cfg.mode, Mode::Node | Mode::All);
     let identity = IdentityService::new(agent.clone(), controller);
     let backups = cfg.backups.clone();
-    let ctrl = controller.then(|| ControllerServer::new(ControllerService::new(agent.clone()).with_backups(backups)));
+    let ctrl = if controller {
+        let copies = agent_channel(&cfg, None)?;
+        let svc = ControllerService::new(agent.clone()).with_backups(backups).with_copy_agent(copies);
+        Some(ControllerServer::new(svc))
+    } else {
+        None
+    };
     let node_svc = node.then(|| {
         let attacher = attach::attacher(cfg.attach, &cfg.state_dir);
         let (a, node_id) = (agent.clone(), cfg.node_id.clone());

@@ -260,8 +260,11 @@ impl Repository {
             .collect())
     }
 
-    /// Resolves a unique id prefix.
+    /// Resolves a unique id prefix, or a `latest` selector (see [`crate::select`]).
     pub fn resolve_snapshot(&self, prefix: &str) -> Result<String> {
+        if let Some(filter) = crate::select::parse_latest(prefix) {
+            return crate::select::resolve_latest(prefix, &filter?, &self.list_snapshots()?);
+        }
         if prefix.is_empty() {
             return Err(Error::UnknownSnapshot(prefix.into()));
         }

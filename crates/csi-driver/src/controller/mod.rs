@@ -27,6 +27,9 @@ use crate::inflight::InFlight;
 #[derive(Clone)]
 pub struct ControllerService {
     agent: VolumesClient<Channel>,
+    /// The agent without a per-call time limit, for copies that take as long as the data
+    /// takes (a clone runs in one agent call).
+    copy_agent: VolumesClient<Channel>,
     locks: InFlight,
     /// The backup repository, for volumes created from `backup:` snapshot handles.
     backups: Option<std::sync::Arc<dyn crate::backups::BackupSource>>,
@@ -35,7 +38,19 @@ pub struct ControllerService {
 
 impl ControllerService {
     pub fn new(agent: VolumesClient<Channel>) -> Self {
-        Self { agent, locks: InFlight::default(), backups: None, restores: Default::default() }
+        Self {
+            copy_agent: agent.clone(),
+            agent,
+            locks: InFlight::default(),
+            backups: None,
+            restores: Default::default(),
+        }
+    }
+
+    /// Long copies (clones) go through `agent`, which should have no per-call time limit.
+    pub fn with_copy_agent(mut self, agent: VolumesClient<Channel>) -> Self {
+        self.copy_agent = agent;
+        self
     }
 
     /// Volumes may be created from backups of `source` (see [`crate::backups`]).
@@ -46,6 +61,10 @@ impl ControllerService {
 
     fn agent(&self) -> VolumesClient<Channel> {
         self.agent.clone()
+    }
+
+    fn copy_agent(&self) -> VolumesClient<Channel> {
+        self.copy_agent.clone()
     }
 
     /// The agent's view of volume `id`, or `None` if no reachable node has it.
@@ -161,6 +180,8 @@ impl Controller for ControllerService {
             Type::GetCapacity,
             Type::GetVolume,
             Type::VolumeCondition,
+            // SINGLE_NODE_SINGLE_WRITER / SINGLE_NODE_MULTI_WRITER access modes (CSI 1.5).
+            Type::SingleNodeMultiWriter,
         ];
         if self.agent_supports(AgentRpc::Snapshots).await {
             caps.extend([Type::CreateDeleteSnapshot, Type::ListSnapshots]);

@@ -27,6 +27,11 @@ pub const LABEL_PVC_NAME: &str = "csi.hlstore.io/pvc-name";
 pub const LABEL_PV_NAME: &str = "csi.hlstore.io/pv-name";
 /// Label recording the backup id a volume is restored from (`backup:` content sources).
 pub const LABEL_RESTORED_FROM: &str = "csi.hlstore.io/restored-from";
+/// Label on a volume filled in the background (a clone): the snapshot that marks it
+/// complete. A volume with this label and without that snapshot is an unfinished copy
+/// and is never handed out. (Clones made before this label existed were complete when
+/// created.)
+pub const LABEL_DONE_MARKER: &str = "csi.hlstore.io/done-marker";
 
 /// Where replicas go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,9 +6,9 @@ use hlstore_proto::csi;
 use hlstore_proto::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use hlstore_proto::volume as vpb;
 
-use super::params::{self, DataLocality, Params, LABEL_CSI_NAME, LABEL_RESTORED_FROM, LABEL_SOURCE};
+use super::params::{self, DataLocality, Params, LABEL_CSI_NAME, LABEL_DONE_MARKER, LABEL_RESTORED_FROM, LABEL_SOURCE};
 use super::{status_of, ControllerService};
-use crate::backups::{BackupRef, RestoreState};
+use crate::backups::{BackupRef, RestoreState, CLONE_DONE_MARKER, DONE_MARKER};
 use crate::capability::{self, Capability};
 use crate::error::{required, CsiError, Result};
 use crate::ids;
@@ -51,6 +51,16 @@ impl Source {
             Source::Empty | Source::Backup(_) => None,
             Source::Snapshot(v, s) => Some((v.clone(), s.clone())),
             Source::Volume(v) => Some((v.clone(), String::new())),
+        }
+    }
+
+    /// The source in words, for messages.
+    fn describe(&self) -> String {
+        match self {
+            Source::Empty => "nothing".into(),
+            Source::Snapshot(v, s) => format!("snapshot {}", ids::snapshot_id(v, s)),
+            Source::Volume(v) => format!("volume {v}"),
+            Source::Backup(b) => format!("backup {b}"),
         }
     }
 
@@ -163,7 +173,23 @@ impl ControllerService {
             if v.labels.get(LABEL_SOURCE).cloned() != source.label() {
                 return Err(CsiError::AlreadyExists(format!("volume {id} exists with another content source")));
             }
-            return Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&v)) });
+            // `None`: an unfinished copy left by a controller that stopped, now deleted;
+            // it is copied again below.
+            if let Some(done) = self.clone_progress(&id, &v, &source).await? {
+                return Ok(done);
+            }
+        } else if source.clone_args().is_some() {
+            // A copy job creates its volume when it starts, and the agent deletes it again
+            // when the copy fails.
+            if self.restores.running(&id) {
+                return Err(CsiError::Aborted(format!(
+                    "volume {id}: copying {} (CreateVolume succeeds when it is done)",
+                    source.describe()
+                )));
+            }
+            if let RestoreState::Failed(code, e) = self.restores.poll(&id, &source.label().unwrap_or_default()) {
+                return Err(RestoreState::failure(code, &e, &id, &format!("copying {}", source.describe())));
+            }
         }
 
         // The source must exist (NOT_FOUND otherwise), whatever the agent would say.
@@ -200,39 +226,83 @@ impl ControllerService {
         if let Some(l) = source.label() {
             labels.insert(LABEL_SOURCE.into(), l);
         }
-        let mut agent = self.agent();
-        let created = match &source {
-            Source::Empty => {
-                let req = vpb::CreateVolumeRequest {
-                    name: id.clone(),
-                    size,
-                    replicas: p.replicas,
-                    nodes,
-                    write_quorum: 0,
-                    labels,
-                };
-                agent.create_volume(req).await.map_err(|s| CsiError::agent(format!("creating volume {id}"), s))?
+        let Some((vol, snap)) = source.clone_args() else {
+            let req = vpb::CreateVolumeRequest {
+                name: id.clone(),
+                size,
+                replicas: p.replicas,
+                nodes,
+                write_quorum: 0,
+                labels,
+            };
+            let created = self
+                .agent()
+                .create_volume(req)
+                .await
+                .map_err(|s| CsiError::agent(format!("creating volume {id}"), s))?
+                .into_inner();
+            tracing::info!(volume.id = %id, size = created.size, replicas = ?created.replica_set, "volume created");
+            return Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&created)) });
+        };
+        // A clone: the agent creates the volume and copies the source into it, which takes
+        // as long as the data takes, so it runs in the background (see `clone_progress`).
+        labels.insert(LABEL_DONE_MARKER.into(), CLONE_DONE_MARKER.into());
+        let req = vpb::CloneVolumeRequest {
+            source: vol.clone(),
+            name: id.clone(),
+            snapshot: snap.clone(),
+            replicas: p.replicas,
+            nodes,
+            labels,
+            size,
+        };
+        let what = source.describe();
+        let key = source.label().unwrap_or_default();
+        self.restores.forget(&id);
+        let mut copier = self.copy_agent();
+        let (vid, context) = (id.clone(), format!("creating volume {id} from {what}"));
+        let work = Box::pin(async move {
+            let v = copier.clone_volume(req).await.map_err(|s| CsiError::agent(context, s))?.into_inner();
+            tracing::info!(volume.id = %vid, size = v.size, replicas = ?v.replica_set, "clone copied");
+            Ok(())
+        });
+        self.restores.spawn(id.clone(), key, "copying a clone", CLONE_DONE_MARKER, self.agent(), work);
+        Err(CsiError::Aborted(format!("volume {id}: copying {what} started (CreateVolume succeeds when it is done)")))
+    }
+
+    /// For an existing volume created from a volume or a snapshot: `Some` (the answer) when
+    /// it is complete, ABORTED while its copy runs, the copy's error once when it failed;
+    /// `None` when it is an unfinished copy no job here is running (the controller
+    /// restarted, or the copy failed): that volume is deleted, never handed out, and the
+    /// caller starts the copy again.
+    async fn clone_progress(
+        &self,
+        id: &str,
+        v: &vpb::Volume,
+        source: &Source,
+    ) -> Result<Option<csi::CreateVolumeResponse>> {
+        let done = Ok(Some(csi::CreateVolumeResponse { volume: Some(csi_volume(v)) }));
+        // Empty volumes are complete when created; so are clones made before copies ran in
+        // the background (no marker label: the agent copied them inside CreateVolume).
+        let Some(marker) = v.labels.get(LABEL_DONE_MARKER) else { return done };
+        let key = source.label().unwrap_or_default();
+        let what = source.describe();
+        match self.restores.poll(id, &key) {
+            RestoreState::Done => done,
+            RestoreState::Running => {
+                Err(CsiError::Aborted(format!("volume {id}: copying {what} (CreateVolume succeeds when it is done)")))
             }
-            Source::Snapshot(..) | Source::Volume(_) | Source::Backup(_) => {
-                let (vol, snap) = source.clone_args().unwrap_or_default();
-                let req = vpb::CloneVolumeRequest {
-                    source: vol.clone(),
-                    name: id.clone(),
-                    snapshot: snap.clone(),
-                    replicas: p.replicas,
-                    nodes,
-                    labels,
-                    size,
-                };
-                agent.clone_volume(req).await.map_err(|s| {
-                    let what = if snap.is_empty() { format!("volume {vol}") } else { format!("snapshot {vol}@{snap}") };
-                    CsiError::agent(format!("creating volume {id} from {what}"), s)
-                })?
+            RestoreState::Failed(code, e) => Err(RestoreState::failure(code, &e, id, &format!("copying {what}"))),
+            RestoreState::Unknown if self.marked_done(id, marker).await? => done,
+            RestoreState::Unknown => {
+                tracing::info!(volume.id = %id, source = %what, "deleting an unfinished copy to start it again");
+                match self.agent().delete_volume(vpb::DeleteVolumeRequest { name: id.to_string() }).await {
+                    Ok(_) => Ok(None),
+                    Err(s) if s.code() == tonic::Code::NotFound => Ok(None),
+                    Err(s) => Err(CsiError::agent(format!("deleting {id}, an unfinished copy of {what}"), s)),
+                }
             }
         }
-        .into_inner();
-        tracing::info!(volume.id = %id, size = created.size, replicas = ?created.replica_set, "volume created");
-        Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&created)) })
     }
 
     /// CreateVolume from a backup (see `crate::backups`): the volume is created, then
@@ -253,7 +323,7 @@ impl ControllerService {
         })?;
         // A volume already restored is returned as is (its backup may be pruned by now).
         if let Some(v) = self.get_volume(id).await? {
-            if v.labels.get(LABEL_SOURCE).cloned() == source.label() && self.restore_marked_done(id).await? {
+            if v.labels.get(LABEL_SOURCE).cloned() == source.label() && self.marked_done(id, DONE_MARKER).await? {
                 return Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&v)) });
             }
         }
@@ -278,6 +348,8 @@ impl ControllerService {
                 v
             }
             None => {
+                // Whatever this controller knew of an earlier volume of that name is stale.
+                self.restores.forget(id);
                 let nodes = self.placement(p, r.accessibility_requirements.as_ref()).await?;
                 let mut labels: HashMap<String, String> = p.labels.clone().into_iter().collect();
                 labels.insert(LABEL_CSI_NAME.into(), r.name.clone());
@@ -309,11 +381,11 @@ impl ControllerService {
             RestoreState::Running => Err(CsiError::Aborted(format!(
                 "volume {id}: restoring backup {backup} (CreateVolume succeeds when it is done)"
             ))),
-            // Retried (ABORTED), not final: the volume exists and the next call restarts it.
-            RestoreState::Failed(e) => Err(CsiError::Aborted(format!(
-                "volume {id}: restoring backup {backup} failed ({e}); it is started again on the next call"
-            ))),
-            RestoreState::Unknown if self.restore_marked_done(id).await? => {
+            // The volume exists and the next call restarts the restore.
+            RestoreState::Failed(code, e) => {
+                Err(RestoreState::failure(code, &e, id, &format!("restoring backup {backup}")))
+            }
+            RestoreState::Unknown if self.marked_done(id, DONE_MARKER).await? => {
                 Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&v)) })
             }
             RestoreState::Unknown => {
@@ -323,10 +395,10 @@ impl ControllerService {
         }
     }
 
-    /// Whether volume `id` carries the snapshot a finished restore leaves.
-    async fn restore_marked_done(&self, id: &str) -> Result<bool> {
+    /// Whether volume `id` carries the snapshot `marker` a finished restore or copy leaves.
+    async fn marked_done(&self, id: &str, marker: &str) -> Result<bool> {
         match self.agent().list_snapshots(vpb::ListSnapshotsRequest { volume: id.to_string() }).await {
-            Ok(r) => Ok(r.into_inner().snapshots.iter().any(|s| s.name == crate::backups::DONE_MARKER)),
+            Ok(r) => Ok(r.into_inner().snapshots.iter().any(|s| s.name == marker)),
             Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
             Err(s) => Err(CsiError::agent(format!("listing the snapshots of {id}"), s)),
         }
@@ -335,6 +407,12 @@ impl ControllerService {
     pub(super) async fn delete(&self, r: csi::DeleteVolumeRequest) -> Result<csi::DeleteVolumeResponse> {
         required(&r.volume_id, "volume_id")?;
         let _g = self.locks.try_lock(&r.volume_id, "DeleteVolume")?;
+        if self.restores.running(&r.volume_id) {
+            return Err(CsiError::Aborted(format!(
+                "volume {} is still being filled (a restore or a clone's copy); retry when it is done",
+                r.volume_id
+            )));
+        }
         self.restores.forget(&r.volume_id);
         let Some(v) = self.get_volume(&r.volume_id).await? else { return Ok(csi::DeleteVolumeResponse {}) };
         if !v.attached_node.is_empty() {
@@ -521,39 +599,63 @@ impl ControllerService {
         })
     }
 
-    /// Volumes are thin and the agents do not report free disk space yet, so there is no
-    /// known limit: the answer is the largest representable capacity, or 0 for
-    /// capabilities the driver cannot serve.
+    /// The largest volume whose replicas fit (the agents' placement rule, see
+    /// hlstore_node::placement), from the room each reachable node reports; 0 for
+    /// capabilities or parameters the driver cannot serve; no limit when an agent does
+    /// not report its space.
+    ///
+    /// With `accessible_topology` (the provisioner's capacity tracking asks per node
+    /// segment): 0 for a segment that names no reachable hlstore node; for a StorageClass
+    /// with `dataLocality: best-effort`, whose first replica goes to that node, the largest
+    /// volume with one replica there and the others on the roomiest other nodes; otherwise
+    /// the cluster-wide answer (replicas go anywhere, and the volume is reachable from
+    /// every node).
     pub(super) async fn capacity(&self, r: csi::GetCapacityRequest) -> Result<csi::GetCapacityResponse> {
         let caps: Vec<Capability> = r.volume_capabilities.iter().map(Capability::parse).collect::<Result<_>>()?;
         let params = params::parse_params(&r.parameters);
         let servable = caps.iter().all(|c| c.unsupported_reason().is_none());
-        let Ok(p) = params.as_ref().map_err(|_| ()).and_then(|p| if servable { Ok(p) } else { Err(()) }) else {
-            return Ok(csi::GetCapacityResponse {
-                available_capacity: 0,
-                maximum_volume_size: None,
-                minimum_volume_size: Some(params::BLOCK as i64),
-            });
+        let none = csi::GetCapacityResponse {
+            available_capacity: 0,
+            maximum_volume_size: None,
+            minimum_volume_size: Some(params::BLOCK as i64),
         };
-        // The largest volume whose replicas fit: the n-th largest headroom among the
-        // reachable nodes (the agents' placement rule, see hlstore_node::placement).
+        let Ok(p) = params.as_ref().map_err(|_| ()).and_then(|p| if servable { Ok(p) } else { Err(()) }) else {
+            return Ok(none);
+        };
         let nodes = self.nodes().await?;
         let reachable: Vec<&vpb::Node> = nodes.iter().filter(|n| n.reachable).collect();
+        let segment = match r.accessible_topology.as_ref().filter(|t| !t.segments.is_empty()) {
+            None => None,
+            Some(t) => match t.segments.get(crate::TOPOLOGY_NODE_KEY) {
+                Some(n) if t.segments.len() == 1 && reachable.iter().any(|r| r.id == *n) => Some(n.clone()),
+                _ => return Ok(none),
+            },
+        };
         let want = if p.replicas == 0 { reachable.len().min(3) } else { p.replicas as usize };
-        let rooms: Option<Vec<u64>> = reachable
-            .iter()
-            .map(|n| (n.capacity_bytes > 0).then(|| n.available_bytes.saturating_sub(n.promised_bytes)))
-            .collect();
-        let available = match rooms {
+        let room = |n: &vpb::Node| (n.capacity_bytes > 0).then(|| n.available_bytes.saturating_sub(n.promised_bytes));
+        // The `k`-th largest of `rooms` (1-based); `None` (no limit known) if any is unknown.
+        let kth = |rooms: Option<Vec<u64>>, k: usize| -> Option<u64> {
+            let mut rooms = rooms?;
+            rooms.sort_unstable_by(|a, b| b.cmp(a));
+            Some(if k == 0 { u64::MAX } else { rooms.get(k - 1).copied().unwrap_or(0) })
+        };
+        let bytes = match segment {
+            Some(local) if p.data_locality == DataLocality::BestEffort && want > 0 => {
+                let own = reachable.iter().find(|n| n.id == local).and_then(|n| room(n));
+                let others = reachable.iter().filter(|n| n.id != local).map(|n| room(n)).collect();
+                match (own, kth(others, want - 1)) {
+                    (Some(own), Some(rest)) => Some(own.min(rest)),
+                    _ => None,
+                }
+            }
+            _ if want == 0 => Some(0),
+            _ => kth(reachable.iter().map(|n| room(n)).collect(), want),
+        };
+        let available = match bytes {
             // An agent that does not report its space: no limit is known.
             None => i64::MAX,
-            Some(mut rooms) if want > 0 && rooms.len() >= want => {
-                rooms.sort_unstable_by(|a, b| b.cmp(a));
-                // Whole blocks only.
-                let room = rooms[want - 1] - rooms[want - 1] % params::BLOCK;
-                i64::try_from(room).unwrap_or(i64::MAX)
-            }
-            Some(_) => 0,
+            // Whole blocks only.
+            Some(b) => i64::try_from(b - b % params::BLOCK).unwrap_or(i64::MAX),
         };
         Ok(csi::GetCapacityResponse {
             available_capacity: available,

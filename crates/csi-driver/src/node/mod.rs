@@ -115,7 +115,10 @@ impl Node for NodeService {
         _r: Request<csi::NodeGetCapabilitiesRequest>,
     ) -> std::result::Result<Response<csi::NodeGetCapabilitiesResponse>, Status> {
         use csi::node_service_capability::rpc::Type;
-        let mut types = vec![Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition];
+        // SINGLE_NODE_MULTI_WRITER: the SINGLE_NODE_SINGLE_WRITER and SINGLE_NODE_MULTI_WRITER
+        // access modes (CSI 1.5; Kubernetes' ReadWriteOncePod needs it).
+        let mut types =
+            vec![Type::StageUnstageVolume, Type::GetVolumeStats, Type::VolumeCondition, Type::SingleNodeMultiWriter];
         if crate::agent::implements(&self.agent, crate::agent::AgentRpc::Expand).await {
             types.push(Type::ExpandVolume);
         }

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use hlstore_proto::csi;
+use hlstore_proto::csi::volume_capability::access_mode::Mode;
 
 use super::NodeService;
 use crate::capability::{Access, Capability};
@@ -47,10 +48,13 @@ impl NodeService {
                 (dev, numbers)
             }
         };
-        if let Some(m) = mount::mount_at(&target)? {
-            let same = m.dev == wanted_dev
+        let same = |m: &mount::MountEntry| {
+            m.dev == wanted_dev
                 || (m.fs_type == "devtmpfs"
-                    && source.file_name().is_some_and(|n| m.root == format!("/{}", n.to_string_lossy())));
+                    && source.file_name().is_some_and(|n| m.root == format!("/{}", n.to_string_lossy())))
+        };
+        if let Some(m) = mount::mount_at(&target)? {
+            let same = same(&m);
             return if same && m.read_only == read_only {
                 Ok(csi::NodePublishVolumeResponse {})
             } else if same {
@@ -62,6 +66,23 @@ impl NodeService {
             } else {
                 Err(CsiError::AlreadyExists(format!("{} already has another mount ({})", target.display(), m.source)))
             };
+        }
+        if cap.mode == Mode::SingleNodeSingleWriter {
+            // One workload at a time: published anywhere else (but the staging path) is
+            // the spec's "exceeds capabilities".
+            let (staging, target) = (mount::canonical(Path::new(&r.staging_target_path)), mount::canonical(&target));
+            let others: Vec<String> = mount::mounts()?
+                .into_iter()
+                .filter(|m| same(m) && m.mount_point != staging && m.mount_point != target)
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            if !others.is_empty() {
+                return Err(CsiError::FailedPrecondition(format!(
+                    "volume {id} is already published at {} and its access mode SINGLE_NODE_SINGLE_WRITER allows one \
+                     workload at a time",
+                    others.join(", ")
+                )));
+            }
         }
         match cap.access {
             Access::Mount { .. } => std::fs::create_dir_all(&target)
