@@ -271,8 +271,15 @@ in_netns a3 nbdcopy "$uri3" "$WORK/restored.img" || fail "reading the restored v
 cmp "$WORK/v2.img" "$WORK/restored.img" || fail "the restored volume differs from the volume at backup time"
 log "restored volume read on a3 equals the volume at backup time"
 
-csi Controller CreateVolume "{\"name\":\"pvc-smoke-clone\",\"capacityRange\":{\"requiredBytes\":\"$SIZE\"},\"volumeCapabilities\":[$BLOCK],\"volumeContentSource\":{\"snapshot\":{\"snapshotId\":\"$snap\"}}}" >"$WORK/clone.json" ||
-  fail "CreateVolume from snapshot $snap"
+# The copy runs in the background: CreateVolume answers ABORTED until it is done, and the
+# external-provisioner calls again; so does this loop (at most 120 s).
+clone_req="{\"name\":\"pvc-smoke-clone\",\"capacityRange\":{\"requiredBytes\":\"$SIZE\"},\"volumeCapabilities\":[$BLOCK],\"volumeContentSource\":{\"snapshot\":{\"snapshotId\":\"$snap\"}}}"
+for i in $(seq 1 120); do
+  if csi Controller CreateVolume "$clone_req" >"$WORK/clone.json" 2>"$WORK/clone.err"; then break; fi
+  grep -q '^ABORTED' "$WORK/clone.err" || fail "CreateVolume from snapshot $snap: $(cat "$WORK/clone.err")"
+  [ "$i" -lt 120 ] || fail "CreateVolume from snapshot $snap still in progress after 120 s"
+  sleep 1
+done
 clone=$(jq -r .volume.volumeId "$WORK/clone.json")
 uri2=$(publish "$clone" a2)
 in_netns a2 nbdcopy "$uri2" "$WORK/clone.img" || fail "reading the snapshot's clone on a2"
