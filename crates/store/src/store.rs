@@ -57,6 +57,14 @@ pub trait ReplicaStore: Send + Sync + 'static {
         Ok(durable)
     }
     fn read(&self, volume: &str, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>>;
+    /// [`read`](Self::read) without waiting for a disk for the data: `Ok(None)` where the
+    /// blocks are not in the page cache, so an async caller can serve cached reads inline
+    /// and send the rest to a thread that may block. Same checks and checksum
+    /// verification as `read`. Default: always None.
+    fn try_read_cached(&self, volume: &str, epoch: Epoch, offset: Offset, len: u64) -> Result<Option<Vec<u8>>> {
+        let _ = (volume, epoch, offset, len);
+        Ok(None)
+    }
     /// Makes every write applied before the call durable; returns the durable seq.
     fn flush(&self, volume: &str, epoch: Epoch) -> Result<Seq>;
     /// Deallocates a range: it reads as zeroes and its space is freed (on disk, once the

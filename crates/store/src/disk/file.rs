@@ -51,6 +51,37 @@ impl SlotFile {
         Ok(())
     }
 
+    /// Reads consecutive slots starting at `slot` only if the page cache holds them
+    /// (`preadv2` with `RWF_NOWAIT`): `Ok(false)` where the read would wait for the disk
+    /// (the caller then reads on a thread that may block). Bytes past the end of the file
+    /// read as zeroes, as in [`read`](Self::read).
+    pub fn read_cached(&self, slot: u64, buf: &mut [u8]) -> io::Result<bool> {
+        let mut done = 0;
+        while done < buf.len() {
+            let rest = &mut buf[done..];
+            let iov = libc::iovec { iov_base: rest.as_mut_ptr().cast(), iov_len: rest.len() };
+            let at = (slot * BLOCK_SIZE + done as u64) as libc::off_t;
+            // SAFETY: the iovec points into `buf`, valid and exclusively borrowed for the
+            // call; the fd is owned by `self.file`.
+            let n = unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at, libc::RWF_NOWAIT) };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    // Not cached, or a kernel/filesystem without RWF_NOWAIT: read blocking.
+                    Some(libc::EAGAIN) | Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) => return Ok(false),
+                    _ => return Err(e),
+                }
+            }
+            if n == 0 {
+                rest.fill(0);
+                return Ok(true);
+            }
+            done += n as usize;
+        }
+        Ok(true)
+    }
+
     pub fn sync(&self) -> io::Result<()> {
         // Slots written while the sync runs may or may not be covered: keep them unsynced.
         let covered = self.unsynced.as_ref().map(|u| std::mem::take(&mut *u.lock().unwrap_or_else(|p| p.into_inner())));

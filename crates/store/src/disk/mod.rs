@@ -354,6 +354,93 @@ impl DiskStore {
         Ok(out)
     }
 
+    /// The read of `ReplicaStore::read`; with `cached_only`, None where the metadata or the
+    /// data is not in memory (the caller then reads on a thread that may block).
+    fn read_blocks(
+        &self,
+        name: &str,
+        epoch: Epoch,
+        offset: Offset,
+        len: u64,
+        cached_only: bool,
+    ) -> Result<Option<Vec<u8>>> {
+        let epoch = epoch.get();
+        let offset = offset.get();
+        let v = self.vol(name)?;
+        let g = volume::read(&v);
+        check::epoch(name, g.record.epoch, epoch)?;
+        check::range(name, g.record.size, offset, len)?;
+        check::read_len(name, len)?;
+        let mut out = vec![0u8; len as usize];
+        let range = blocks(offset, len);
+        let entries = if cached_only {
+            match self.map_range_cached(v.vid, range.clone())? {
+                Some(e) => e,
+                None => return Ok(None),
+            }
+        } else {
+            self.map_range(v.vid, range.clone())?
+        };
+        let bs = BLOCK_SIZE as usize;
+        // Read runs of blocks that are consecutive both in the volume and in the file.
+        let mut i = 0;
+        while i < entries.len() {
+            let mut j = i + 1;
+            while j < entries.len()
+                && entries[j].0 == entries[j - 1].0 + 1
+                && entries[j].1.slot == entries[j - 1].1.slot + 1
+            {
+                j += 1;
+            }
+            let at = (entries[i].0 - range.start) as usize * bs;
+            let buf = &mut out[at..at + (j - i) * bs];
+            let slot = entries[i].1.slot;
+            let read = if cached_only { v.file.read_cached(slot, buf) } else { v.file.read(slot, buf).map(|()| true) };
+            if !read.map_err(|e| Error::io(format!("volume {name}: reading block data"), e))? {
+                return Ok(None);
+            }
+            for (k, (b, e)) in entries[i..j].iter().enumerate() {
+                let actual = check::crc(&buf[k * bs..(k + 1) * bs]);
+                if actual != e.crc {
+                    return Err(Error::Corruption {
+                        volume: name.into(),
+                        offset: b * BLOCK_SIZE,
+                        expected: e.crc,
+                        actual,
+                    });
+                }
+            }
+            i = j;
+        }
+        Ok(Some(out))
+    }
+
+    /// [`map_range`](Self::map_range) of one map page (None if the range spans pages). The
+    /// lookup is not bounded to memory (this RocksDB binding does not expose its read
+    /// tiers): a map page that is in neither the memtable nor the block cache is read from
+    /// an SST file, almost always in the page cache; the data read is bounded to memory.
+    fn map_range_cached(&self, vid: u32, range: std::ops::Range<u64>) -> Result<Option<Vec<(u64, Entry)>>> {
+        let mut out = Vec::new();
+        if range.is_empty() {
+            return Ok(Some(out));
+        }
+        let page = range.start / keys::PAGE;
+        if (range.end - 1) / keys::PAGE != page {
+            return Ok(None);
+        }
+        let v = self.db.get_pinned(keys::map(vid, page)).map_err(meta_err("reading the block map"))?;
+        if let Some(v) = v {
+            pages::for_each_entry(&v, |i, e| {
+                let b = page * keys::PAGE + i as u64;
+                if range.contains(&b) {
+                    out.push((b, e));
+                }
+            })
+            .ok_or_else(|| corrupt_meta("map page"))?;
+        }
+        Ok(Some(out))
+    }
+
     /// The seq index from `from_seq` on, as (seq, block, its `QValue`), by seq then block.
     fn seq_index_from(&self, vid: u32, from_seq: u64) -> Result<Vec<(u64, u64, keys::QValue)>> {
         let mut out = Vec::new();
@@ -846,46 +933,12 @@ impl ReplicaStore for DiskStore {
     }
 
     fn read(&self, name: &str, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>> {
-        let epoch = epoch.get();
-        let offset = offset.get();
-        let v = self.vol(name)?;
-        let g = volume::read(&v);
-        check::epoch(name, g.record.epoch, epoch)?;
-        check::range(name, g.record.size, offset, len)?;
-        check::read_len(name, len)?;
-        let mut out = vec![0u8; len as usize];
-        let range = blocks(offset, len);
-        let entries = self.map_range(v.vid, range.clone())?;
-        let bs = BLOCK_SIZE as usize;
-        // Read runs of blocks that are consecutive both in the volume and in the file.
-        let mut i = 0;
-        while i < entries.len() {
-            let mut j = i + 1;
-            while j < entries.len()
-                && entries[j].0 == entries[j - 1].0 + 1
-                && entries[j].1.slot == entries[j - 1].1.slot + 1
-            {
-                j += 1;
-            }
-            let at = (entries[i].0 - range.start) as usize * bs;
-            let buf = &mut out[at..at + (j - i) * bs];
-            v.file
-                .read(entries[i].1.slot, buf)
-                .map_err(|e| Error::io(format!("volume {name}: reading block data"), e))?;
-            for (k, (b, e)) in entries[i..j].iter().enumerate() {
-                let actual = check::crc(&buf[k * bs..(k + 1) * bs]);
-                if actual != e.crc {
-                    return Err(Error::Corruption {
-                        volume: name.into(),
-                        offset: b * BLOCK_SIZE,
-                        expected: e.crc,
-                        actual,
-                    });
-                }
-            }
-            i = j;
-        }
-        Ok(out)
+        self.read_blocks(name, epoch, offset, len, false)?
+            .ok_or_else(|| Error::Internal("a blocking read did not answer".into()))
+    }
+
+    fn try_read_cached(&self, name: &str, epoch: Epoch, offset: Offset, len: u64) -> Result<Option<Vec<u8>>> {
+        self.read_blocks(name, epoch, offset, len, true)
     }
 
     fn flush(&self, name: &str, epoch: Epoch) -> Result<Seq> {
