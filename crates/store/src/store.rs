@@ -58,8 +58,9 @@ pub trait ReplicaStore: Send + Sync + 'static {
     }
     fn read(&self, volume: &str, epoch: Epoch, offset: Offset, len: u64) -> Result<Vec<u8>>;
     /// [`read`](Self::read) without waiting for a disk for the data: `Ok(None)` where the
-    /// blocks are not in the page cache, so an async caller can serve cached reads inline
-    /// and send the rest to a thread that may block. Same checks and checksum
+    /// blocks are not in the page cache (or the volume is busy with a write batch), so an
+    /// async caller can serve cached reads inline and send the rest to a thread that may
+    /// block. Same checks and checksum
     /// verification as `read`. Default: always None.
     fn try_read_cached(&self, volume: &str, epoch: Epoch, offset: Offset, len: u64) -> Result<Option<Vec<u8>>> {
         let _ = (volume, epoch, offset, len);

@@ -367,7 +367,17 @@ impl DiskStore {
         let epoch = epoch.get();
         let offset = offset.get();
         let v = self.vol(name)?;
-        let g = volume::read(&v);
+        let g = if cached_only {
+            // Never wait for a write batch holding the volume: the caller is not a thread
+            // that may block.
+            match v.inner.try_read() {
+                Ok(g) => g,
+                Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => return Ok(None),
+            }
+        } else {
+            volume::read(&v)
+        };
         check::epoch(name, g.record.epoch, epoch)?;
         check::range(name, g.record.size, offset, len)?;
         check::read_len(name, len)?;
