@@ -54,7 +54,7 @@ use batch::Batch;
 use file::SlotFile;
 use hlstore_core::{Epoch, Offset, Seq};
 use keys::{Entry, PersistState, StoredVolume};
-use pages::Pages;
+use pages::{PageState, Pages};
 use volume::{Alloc, VolInner, Volume};
 
 /// Free slots kept allocated for reuse: at most 1/KEEP_FREE_FRACTION of the allocated
@@ -291,18 +291,18 @@ impl DiskStore {
             Some(b) => PersistState::decode(&b).ok_or_else(|| corrupt_meta("state"))?,
             None => PersistState::default(),
         };
-        let mut free = BTreeSet::new();
-        for (k, val) in self.scan(&keys::vid_prefix(keys::FREE, sv.vid), None)? {
-            let page = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("free-list key"))?;
-            free.extend(pages::bits_of(page, pages::decode_bits(&val).ok_or_else(|| corrupt_meta("free-list page"))?));
-        }
+        let free_pages = pages::load_free(&self.db, sv.vid)?;
+        let free: BTreeSet<u64> = free_pages.iter().flat_map(|(&page, &bits)| pages::bits_of(page, bits)).collect();
         let snaps = self.load_snapshots(sv.vid)?;
         let file = SlotFile::open(&self.slot_path(sv.vid), self.track_unsynced)
             .map_err(|e| Error::io(format!("volume {name}: opening slot file"), e))?;
         Ok(Volume {
             vid: sv.vid,
             file,
-            inner: RwLock::new(VolInner::new(sv.record, st, free, snaps)),
+            inner: RwLock::new(VolInner {
+                pages: PageState::seeded(free_pages),
+                ..VolInner::new(sv.record, st, free, snaps)
+            }),
             flush_lock: Mutex::new(()),
         })
     }

@@ -86,21 +86,9 @@ pub fn for_each_entry(mut b: &[u8], mut f: impl FnMut(usize, Entry)) -> Option<(
     Some(())
 }
 
-pub fn decode_map(mut b: &[u8]) -> Option<Box<MapPage>> {
+pub fn decode_map(b: &[u8]) -> Option<Box<MapPage>> {
     let mut p = Box::new([None; N]);
-    while !b.is_empty() {
-        let (i, n) = (*b.first()? as usize, *b.get(1)? as usize);
-        if n == 0 || i + n > N || b.len() < 18 + 4 * n {
-            return None;
-        }
-        let slot = keys::u64_at(b, 2)?;
-        let seq = keys::u64_at(b, 10)?;
-        for k in 0..n {
-            let crc = u32::from_be_bytes(b[18 + 4 * k..22 + 4 * k].try_into().ok()?);
-            p[i + k] = Some(Entry { slot: slot.checked_add(k as u64)?, crc, seq });
-        }
-        b = &b[18 + 4 * n..];
-    }
+    for_each_entry(b, |i, e| p[i] = Some(e))?;
     Some(p)
 }
 
@@ -189,6 +177,13 @@ pub struct PageState {
     pub free: Option<FreePages>,
     /// Batches committed with `Pages`.
     pub generation: u64,
+}
+
+impl PageState {
+    /// The state of a volume whose free list was just read (at open).
+    pub fn seeded(free: FreePages) -> Self {
+        Self { free: Some(free), generation: 0 }
+    }
 }
 
 /// What a staged `Pages` hands back once its batch committed (or failed).
