@@ -12,6 +12,15 @@ use hlstore_backup::{
     RestoreTarget,
 };
 
+/// User + system CPU seconds of this process so far (all threads).
+fn cpu() -> f64 {
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct it is given.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let (Some(file), Some(work)) = (args.next(), args.next()) else {
@@ -32,20 +41,26 @@ fn main() {
     let src = FileSource::open(std::path::Path::new(&file)).expect("open source");
     let size = hlstore_backup::Source::size(&src) as f64 / 1048576.0;
 
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu());
     let s = backup(&repo, &src, BackupOptions::default()).expect("backup");
-    let b = t.elapsed().as_secs_f64();
+    let (b, bc) = (t.elapsed().as_secs_f64(), cpu() - c);
     let stored = s.meta.stats.stored_bytes as f64 / 1048576.0;
     println!(
-        "backup: {size:.0} MiB in {b:.2} s, {:.0} MiB/s ({:.0} per core), {stored:.1} MiB stored",
+        "backup: {size:.0} MiB in {b:.2} s, {:.0} MiB/s ({:.0} per core), {stored:.1} MiB stored; CPU {bc:.2} s ({:.0} MiB per CPU second)",
         size / b,
-        size / b / cores
+        size / b / cores,
+        size / bc
     );
     let out = work.join("restored.img");
     let _ = std::fs::remove_file(&out);
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu());
     restore(&repo, &s.meta.id, &RestoreTarget::File(out.clone()), RestoreOptions::default()).expect("restore");
-    let r = t.elapsed().as_secs_f64();
-    println!("restore: {size:.0} MiB in {r:.2} s, {:.0} MiB/s ({:.0} per core)", size / r, size / r / cores);
+    let (r, rc) = (t.elapsed().as_secs_f64(), cpu() - c);
+    println!(
+        "restore: {size:.0} MiB in {r:.2} s, {:.0} MiB/s ({:.0} per core); CPU {rc:.2} s ({:.0} MiB per CPU second)",
+        size / r,
+        size / r / cores,
+        size / rc
+    );
     let _ = std::fs::remove_file(&out);
 }

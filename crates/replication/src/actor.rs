@@ -394,6 +394,15 @@ impl<T: ReplicaTransport> Actor<T> {
             }
         };
         let need = self.machine.write_quorum();
+        // A resyncing replica gets the delete too, in order on its link, without counting
+        // towards the quorum: its resync may have installed the snapshot already, and
+        // nothing else would remove it there once it is in sync.
+        for r in (0..self.replicas.len()).filter(|&r| self.machine.status(r) == ReplicaStatus::Resyncing) {
+            if let Some(l) = &self.links[r] {
+                let (tx, _) = oneshot::channel();
+                let _ = l.ops.send(LinkOp::DeleteSnapshot { name: name.clone(), reply: tx });
+            }
+        }
         let op = |reply| LinkOp::DeleteSnapshot { name: name.clone(), reply };
         self.fan_out(ids, need, "delete snapshot", op, |got| got.into_iter().any(|e| e), reply);
     }

@@ -246,20 +246,56 @@ impl<T: ReplicaTransport> ResyncJob<T> {
             Err(e) => return Err((e, false)),
         };
         for s in tgt.iter().filter(|s| !src.iter().any(|x| x.name == s.name)) {
-            with_timeout(t, "delete snapshot", self.target.delete_snapshot(Epoch(self.epoch), &s.name))
-                .await
-                .map_err(|e| (e, false))?;
+            self.drop_target_snapshot(&s.name).await?;
         }
+        let mut installed = false;
         for s in src.iter().filter(|s| !s.partial) {
             if tgt.iter().any(|x| x.name == s.name && !x.partial) {
                 continue;
             }
             self.install(s).await?;
+            installed = true;
+        }
+        if installed {
+            // A snapshot deleted while the installs ran (the engine's delete goes to the
+            // in-sync replicas): the target must not keep it.
+            let now = with_timeout(t, "list snapshots", self.source.list_snapshots()).await.map_err(|e| (e, true))?;
+            for s in src.iter().filter(|s| !now.iter().any(|x| x.name == s.name)) {
+                self.drop_target_snapshot(&s.name).await?;
+            }
         }
         Ok(())
     }
 
+    async fn drop_target_snapshot(&self, name: &str) -> std::result::Result<(), (Error, bool)> {
+        with_timeout(self.timeout, "delete snapshot", self.target.delete_snapshot(Epoch(self.epoch), name))
+            .await
+            .map(drop)
+            .map_err(|e| (e, false))
+    }
+
+    /// Installs `s` on the target. A snapshot deleted meanwhile (the engine's delete raced
+    /// the copy: the source answers NotFound) is not a fault of either side: its partial
+    /// copy is removed from the target and the resync goes on.
     async fn install(&self, s: &SnapshotInfo) -> std::result::Result<(), (Error, bool)> {
+        match self.install_once(s).await {
+            Err((e, blame_source)) if e.kind() == ErrorKind::NotFound => {
+                let still = with_timeout(self.timeout, "list snapshots", self.source.list_snapshots())
+                    .await
+                    .map_err(|e| (e, true))?
+                    .iter()
+                    .any(|x| x.name == s.name);
+                if still {
+                    return Err((e, blame_source));
+                }
+                tracing::info!(snapshot = %s.name, "snapshot deleted while a resync carried it; not installed");
+                self.drop_target_snapshot(&s.name).await
+            }
+            r => r,
+        }
+    }
+
+    async fn install_once(&self, s: &SnapshotInfo) -> std::result::Result<(), (Error, bool)> {
         let (t, bs) = (self.timeout, self.block_size);
         let install = |blocks, last| self.target.install_snapshot(Epoch(self.epoch), s.clone(), blocks, last);
         with_timeout(t, "install snapshot", install(Vec::new(), false)).await.map_err(|e| (e, false))?;
