@@ -185,3 +185,51 @@ fn snapshots_survive_a_replica_sigkill() {
         assert!(replica_snapshot(&c, "n2", snap, 48 * MIB) == want, "{snap} differs on n2");
     }
 }
+
+/// Reads through the agent's ReadSnapshot, as backups do (`len` bytes at 0).
+fn agent_read(c: &Cluster, node: &str, snap: &str, len: u64) -> Result<Vec<u8>, tonic::Status> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let mut vc = c.volumes(node).await;
+        let req = hlstore_proto::volume::ReadSnapshotRequest {
+            volume: VOLUME.into(),
+            name: snap.into(),
+            offset: 0,
+            length: len,
+        };
+        let mut stream = vc.read_snapshot(req).await?.into_inner();
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            out.extend_from_slice(&chunk.data);
+        }
+        Ok(out)
+    })
+}
+
+/// The agent remembers which node holds a snapshot it is asked to read (a backup reads one
+/// in hundreds of requests): a snapshot deleted, or deleted and taken again under the same
+/// name, must never be answered from what was remembered.
+#[test]
+fn snapshot_reads_follow_deletes_and_retakes() {
+    let c = Cluster::new();
+    let uri = c.up(&["--nodes", "3", "--volume", VOLUME, "--size", "16MiB"]);
+    let ep = c.endpoint("n1");
+    let cli = |args: &[&str]| via(&c, &ep, args);
+    qemu_io(&uri, &["write -P 0x31 0 1M"]);
+    cli(&["snapshot", "create", VOLUME, "again"]);
+    for node in ["n1", "n2"] {
+        let got = agent_read(&c, node, "again", MIB).expect("read the snapshot");
+        assert!(got.iter().all(|&b| b == 0x31), "{node}: first snapshot");
+    }
+    qemu_io(&uri, &["write -P 0x32 0 1M"]);
+    cli(&["snapshot", "delete", VOLUME, "again"]);
+    for node in ["n1", "n2"] {
+        let err = agent_read(&c, node, "again", MIB).expect_err("a deleted snapshot reads");
+        assert_eq!(err.code(), tonic::Code::NotFound, "{node}: {err:?}");
+    }
+    cli(&["snapshot", "create", VOLUME, "again"]);
+    for node in ["n1", "n2"] {
+        let got = agent_read(&c, node, "again", MIB).expect("read the new snapshot");
+        assert!(got.iter().all(|&b| b == 0x32), "{node}: the retaken snapshot shows the old content");
+    }
+}

@@ -233,9 +233,7 @@ impl Volumes for VolumeService {
             .checked_add(r.length)
             .ok_or_else(|| Status::invalid_argument(format!("offset {} + length {} overflows", r.offset, r.length)))?;
         let first = PIECE.min(r.length);
-        let (node, _) = mgr.holder(&r.volume, &r.name).await.map_err(|e| to_status(&e))?;
-        let head =
-            mgr.read_snapshot_from(&node, &r.volume, &r.name, r.offset, first).await.map_err(|e| to_status(&e))?;
+        let head = mgr.read_snapshot(&r.volume, &r.name, r.offset, first).await.map_err(|e| to_status(&e))?;
         let (tx, rx) = tokio::sync::mpsc::channel(2);
         tokio::spawn(async move {
             if tx.send(Ok(vpb::ReadSnapshotChunk { offset: r.offset, data: head })).await.is_err() {
@@ -245,7 +243,7 @@ impl Volumes for VolumeService {
             while at < end {
                 let n = PIECE.min(end - at);
                 let msg = mgr
-                    .read_snapshot_from(&node, &r.volume, &r.name, at, n)
+                    .read_snapshot(&r.volume, &r.name, at, n)
                     .await
                     .map(|data| vpb::ReadSnapshotChunk { offset: at, data })
                     .map_err(|e| to_status(&e));

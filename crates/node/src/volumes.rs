@@ -102,6 +102,8 @@ pub struct VolumeManager {
     /// Instance ids of the engines this agent process started (a holder of this node not
     /// among them belongs to a previous process, so it is dead).
     engine_ids: std::sync::Mutex<BTreeSet<u64>>,
+    /// Recently found holders of snapshots being read (see `snapshots::read_snapshot`).
+    snapshot_holders: snapshots::Holders,
     /// Volumes whose attach on this node is under way (reported as attached here).
     attaching: Arc<std::sync::Mutex<BTreeSet<String>>>,
     state_path: PathBuf,
@@ -281,6 +283,7 @@ impl VolumeManager {
             attach_lock: Mutex::new(()),
             attaching: Arc::new(std::sync::Mutex::new(BTreeSet::new())),
             engine_ids: std::sync::Mutex::new(BTreeSet::new()),
+            snapshot_holders: snapshots::Holders::default(),
             state_path,
             timeouts,
             remote_nbd: false,

@@ -18,7 +18,7 @@ pub const READ_GAP: u64 = 64 * 1024;
 
 /// Snapshot reads in flight at once: each is a round trip to a replica, so a few at once
 /// keep the replicas and the link busy.
-pub const PARALLEL_READS: usize = 4;
+pub const PARALLEL_READS: usize = 8;
 
 /// A volume snapshot read through a [`VolumeAgent`].
 pub struct VolumeSource<'a> {

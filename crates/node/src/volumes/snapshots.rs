@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{not_found, Takeover, VolumeManager};
 use crate::model::{ChangedBlocks, CloneSpec, Extent, NewVolume, Snapshot, Volume, VolumeScrub};
@@ -25,6 +25,33 @@ use hlstore_store::SnapshotInfo;
 const COPY_PIECE: u64 = 1 << 20;
 /// Label a clone carries: the volume it was cloned from.
 pub const CLONE_OF: &str = "hlstore.io/clone-of";
+
+/// How long a snapshot's holder is remembered for reads of it.
+const HOLDER_TTL: Duration = Duration::from_secs(10);
+
+/// (volume, snapshot) → a node that held it complete, and when that was found.
+#[derive(Default)]
+pub(crate) struct Holders(std::sync::Mutex<std::collections::HashMap<(String, String), (String, Instant)>>);
+
+impl Holders {
+    fn map(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), (String, Instant)>> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, key: &(String, String)) -> Option<String> {
+        self.map().get(key).filter(|(_, at)| at.elapsed() < HOLDER_TTL).map(|(n, _)| n.clone())
+    }
+
+    fn remember(&self, key: (String, String), node: String) {
+        let mut m = self.map();
+        m.retain(|_, (_, at)| at.elapsed() < HOLDER_TTL);
+        m.insert(key, (node, Instant::now()));
+    }
+
+    fn forget(&self, key: &(String, String)) {
+        self.map().remove(key);
+    }
+}
 
 /// Where a volume's engine runs.
 enum Route {
@@ -200,6 +227,28 @@ impl VolumeManager {
             extents: runs.into_iter().map(|(start, count)| Extent { offset: start * bs, length: count * bs }).collect(),
             block_size: bs,
         })
+    }
+
+    /// Reads `len` bytes at `offset` of snapshot `snap` from a node holding it. A backup
+    /// reads one snapshot in hundreds of requests and finding a holder asks every node
+    /// (twice), so the holder is remembered for [`HOLDER_TTL`]. A remembered holder is only
+    /// a hint: a replica refuses to read a snapshot it does not hold complete (deleted, or
+    /// still being copied to it), and then the holder is forgotten and looked up again.
+    pub(crate) async fn read_snapshot(&self, volume: &str, snap: &str, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let key = (volume.to_string(), snap.to_string());
+        if let Some(node) = self.snapshot_holders.get(&key) {
+            match self.read_snapshot_from(&node, volume, snap, offset, len).await {
+                Ok(data) => return Ok(data),
+                Err(e) => {
+                    tracing::debug!(volume, snapshot = snap, node, error = %e, "remembered snapshot holder failed; looking again");
+                    self.snapshot_holders.forget(&key);
+                }
+            }
+        }
+        let (node, _) = self.holder(volume, snap).await?;
+        let data = self.read_snapshot_from(&node, volume, snap, offset, len).await?;
+        self.snapshot_holders.remember(key, node);
+        Ok(data)
     }
 
     pub(crate) async fn read_snapshot_from(

@@ -309,11 +309,15 @@ impl DiskStore {
 
     /// All keys in `[prefix + from, end of prefix)` (from defaults to the prefix itself).
     fn scan(&self, prefix: &[u8], from: Option<&[u8]>) -> Result<Vec<KeyValue>> {
+        self.scan_between(from.unwrap_or(prefix), keys::prefix_end(prefix))
+    }
+
+    /// Every record with a key in `[from, to)`.
+    fn scan_between(&self, from: &[u8], to: Vec<u8>) -> Result<Vec<KeyValue>> {
         let mut ro = ReadOptions::default();
-        ro.set_iterate_upper_bound(keys::prefix_end(prefix));
-        let start = from.unwrap_or(prefix);
+        ro.set_iterate_upper_bound(to);
         let mut out = Vec::new();
-        for item in self.db.iterator_opt(IteratorMode::From(start, Direction::Forward), ro) {
+        for item in self.db.iterator_opt(IteratorMode::From(from, Direction::Forward), ro) {
             out.push(item.map_err(meta_err("scanning"))?);
         }
         Ok(out)

@@ -47,10 +47,15 @@ impl DiskStore {
     }
 
     fn preserved_in(&self, vid: u32, range: std::ops::Range<u64>) -> Result<Vec<Preserved>> {
-        let prefix = keys::vid_prefix(keys::PRESERVED, vid);
         let from = keys::preserved(vid, range.start, 0);
+        // Bounded by the range's end, not the volume's last kept version: a snapshot read
+        // of a few blocks must not walk every version kept after them.
+        let to = match range.end {
+            u64::MAX => keys::prefix_end(&keys::vid_prefix(keys::PRESERVED, vid)),
+            end => keys::preserved(vid, end, 0),
+        };
         let mut out = Vec::new();
-        for (k, val) in self.scan(&prefix, Some(&from))? {
+        for (k, val) in self.scan_between(&from, to)? {
             let block = keys::u64_at(&k, keys::FIELD0).ok_or_else(|| corrupt_meta("preserved key"))?;
             if block >= range.end {
                 break;
