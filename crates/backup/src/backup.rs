@@ -110,15 +110,26 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
     // With a changed-range hint and a compatible parent, read only what changed: whole
     // chunks in version 1 repositories, 4 KiB blocks otherwise (the unchanged rest of a
     // chunk is kept as a partial reference to the parent's chunk).
-    let read_ranges: Vec<Range<u64>> = match (&parent, source.changed_ranges(), chunker) {
+    let (read_ranges, incremental): (Vec<Range<u64>>, bool) = match (&parent, source.changed_ranges(), chunker) {
         (Some(p), Some(changed), ChunkerConfig::Fixed { size: cs })
             if p.meta.chunker == chunker && p.meta.size == size =>
         {
             let align = if repo.partial_refs() { CHANGE_ALIGN.min(cs as u64) } else { cs as u64 };
-            align_ranges(&changed, align, size)
+            (align_ranges(&changed, align, size), true)
         }
-        _ => std::iter::once(0..size).collect(),
+        // A full read skips the source's holes (they are zeros: no chunk refers to them).
+        _ => match source.data_ranges() {
+            Some(data) => match chunker {
+                ChunkerConfig::Fixed { size: cs } => (align_ranges(&data, cs as u64, size), false),
+                ChunkerConfig::Cdc { .. } => (align_ranges(&data, 1, size), false),
+            },
+            None => (std::iter::once(0..size).collect(), false),
+        },
     };
+    if !incremental {
+        // Holes count as done from the start (progress is in bytes of the source).
+        opts.progress.inc(size - read_ranges.iter().map(|r| r.end - r.start).sum::<u64>());
+    }
 
     tracing::debug!(elapsed = ?started.elapsed(), chunks = index.len(), "index loaded");
     let workers =
@@ -193,9 +204,8 @@ pub fn backup(repo: &Repository, source: &dyn Source, opts: BackupOptions) -> Re
     }
     stats.bytes_read = read_ranges.iter().map(|r| r.end - r.start).sum();
     if let Some(p) = &parent {
-        let whole = read_ranges.len() == 1 && read_ranges[0] == (0..size);
-        if !whole {
-            // Take what was not read over from the parent.
+        if incremental {
+            // Take what was not read (unchanged since the parent) over from the parent.
             for c in unread_parts(&p.chunks, &read_ranges) {
                 stats.bytes_skipped += c.len as u64;
                 refs.push(c);
@@ -354,56 +364,71 @@ fn read_source(
             })
         }
         ChunkerConfig::Cdc { min, avg, max } => {
-            // Sequential: each cut point depends on the previous one. One large read is
-            // cut into batches that share its buffer; only the tail after the last cut
-            // (less than `max`) is copied into the next read's buffer.
-            let (min, avg, max) = (min as usize, avg as usize, max as usize);
-            let size = source.size();
-            let mut carry: Vec<u8> = Vec::new();
-            let mut base = 0u64; // source offset of carry[0]
-            let mut read_to = 0u64;
-            loop {
-                if run.abort.load(Ordering::Relaxed) {
-                    return Ok(());
-                }
-                let n = (CDC_READ_BYTES as u64).min(size - read_to) as usize;
-                let mut buf = Vec::with_capacity(carry.len() + n);
-                buf.extend_from_slice(&carry);
-                buf.resize(carry.len() + n, 0);
-                source.read_at(read_to, &mut buf[carry.len()..])?;
-                read_to += n as u64;
-                let eof = read_to >= size;
-                if buf.is_empty() {
-                    return Ok(());
-                }
-                let buf = bytes::Bytes::from(buf);
-                let mut pos = 0;
-                let mut start = 0;
-                let mut ends = Vec::new();
-                while pos < buf.len() && (eof || buf.len() - pos >= max) {
-                    pos += cdc::cut(&buf[pos..], min, avg, max);
-                    ends.push(pos - start);
-                    if pos - start >= BATCH_BYTES {
-                        let data = buf.slice(start..pos);
-                        if tx.send(Batch { base: base + start as u64, data, ends: std::mem::take(&mut ends) }).is_err()
-                        {
-                            return Ok(());
-                        }
-                        start = pos;
-                    }
-                }
-                if !ends.is_empty() {
-                    let data = buf.slice(start..pos);
-                    if tx.send(Batch { base: base + start as u64, data, ends }).is_err() {
-                        return Ok(());
-                    }
-                }
-                carry = buf[pos..].to_vec();
-                base += pos as u64;
-                if eof && carry.is_empty() {
+            // Each range is cut on its own (a skipped hole ends a chunk).
+            for r in ranges {
+                if !read_cdc(run, source, (min as usize, avg as usize, max as usize), r.clone(), &tx)? {
                     return Ok(());
                 }
             }
+            Ok(())
+        }
+    }
+}
+
+/// Cuts `range` of `source` into content-defined chunks and sends them as batches; false
+/// when the workers stopped listening. Sequential: each cut point depends on the previous
+/// one. One large read is cut into batches that share its buffer; only the tail after the
+/// last cut (less than `max`) is copied into the next read's buffer.
+fn read_cdc(
+    run: &Run<'_>,
+    source: &dyn Source,
+    (min, avg, max): (usize, usize, usize),
+    range: Range<u64>,
+    tx: &SyncSender<Batch>,
+) -> Result<bool> {
+    let size = range.end;
+    let mut carry: Vec<u8> = Vec::new();
+    let mut base = range.start; // source offset of carry[0]
+    let mut read_to = range.start;
+    loop {
+        if run.abort.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let n = (CDC_READ_BYTES as u64).min(size - read_to) as usize;
+        let mut buf = Vec::with_capacity(carry.len() + n);
+        buf.extend_from_slice(&carry);
+        buf.resize(carry.len() + n, 0);
+        source.read_at(read_to, &mut buf[carry.len()..])?;
+        read_to += n as u64;
+        let eof = read_to >= size;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        let buf = bytes::Bytes::from(buf);
+        let mut pos = 0;
+        let mut start = 0;
+        let mut ends = Vec::new();
+        while pos < buf.len() && (eof || buf.len() - pos >= max) {
+            pos += cdc::cut(&buf[pos..], min, avg, max);
+            ends.push(pos - start);
+            if pos - start >= BATCH_BYTES {
+                let data = buf.slice(start..pos);
+                if tx.send(Batch { base: base + start as u64, data, ends: std::mem::take(&mut ends) }).is_err() {
+                    return Ok(false);
+                }
+                start = pos;
+            }
+        }
+        if !ends.is_empty() {
+            let data = buf.slice(start..pos);
+            if tx.send(Batch { base: base + start as u64, data, ends }).is_err() {
+                return Ok(false);
+            }
+        }
+        carry = buf[pos..].to_vec();
+        base += pos as u64;
+        if eof && carry.is_empty() {
+            return Ok(true);
         }
     }
 }

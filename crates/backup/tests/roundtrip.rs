@@ -266,3 +266,60 @@ fn restore_to_device_overwrites_old_contents_including_zero_regions() {
     assert!(e.to_string().contains("needs"), "{e}");
     assert_eq!(std::fs::read(&small).unwrap(), vec![1u8; 1000]);
 }
+
+/// A sparse file is read only where it holds data (its big holes are zeros and are not
+/// read), with either chunker; a region that held data in the parent backup and is a hole
+/// now restores as zeros (a skipped hole is never taken over from the parent).
+#[test]
+fn sparse_files_are_read_only_where_they_hold_data() {
+    use std::os::unix::fs::FileExt;
+    const MIB: u64 = 1 << 20;
+    let cdc = RepoConfig {
+        chunker: ChunkerConfig::Cdc { min: 4096, avg: 16384, max: 65536 },
+        file_chunker: None,
+        pack_size: 1 << 20,
+        ..RepoConfig::default()
+    };
+    for (name, cfg) in [("fixed", test_config()), ("cdc", cdc)] {
+        let t = tempfile::tempdir().unwrap();
+        let repo = init_repo(Arc::new(FsBackend::new(t.path().join("repo"))), cfg);
+        let src = t.path().join("img");
+        let data = mixed_image(2 << 20, 9);
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(32 * MIB).unwrap();
+        f.write_all_at(&data, 0).unwrap();
+        f.write_all_at(&data, 20 * MIB).unwrap();
+        drop(f);
+        let s1 = backup(&repo, &FileSource::open(&src).unwrap(), opts()).unwrap();
+        if s1.meta.stats.bytes_read == 32 * MIB {
+            eprintln!("{name}: this filesystem reports no holes; nothing to check");
+            return;
+        }
+        assert!(s1.meta.stats.bytes_read <= 6 * MIB, "{name}: read {} of a sparse 32 MiB", s1.meta.stats.bytes_read);
+        let out = t.path().join("out");
+        restore(&repo, &s1.meta.id, &RestoreTarget::File(out.clone()), RestoreOptions::default()).unwrap();
+        assert_eq!(blake(&std::fs::read(&out).unwrap()), blake(&std::fs::read(&src).unwrap()), "{name}: first");
+
+        // The second copy becomes a hole again; a new copy lands elsewhere.
+        let f = std::fs::OpenOptions::new().write(true).open(&src).unwrap();
+        // SAFETY: fallocate on a file this test owns.
+        let r = unsafe {
+            libc::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                20 * MIB as libc::off_t,
+                data.len() as libc::off_t,
+            )
+        };
+        assert_eq!(r, 0, "punch a hole");
+        f.write_all_at(&data[..MIB as usize], 10 * MIB).unwrap();
+        drop(f);
+        let s2 = backup(&repo, &FileSource::open(&src).unwrap(), opts()).unwrap();
+        assert_eq!(s2.meta.parent.as_deref(), Some(s1.meta.id.as_str()));
+        std::fs::remove_file(&out).unwrap();
+        restore(&repo, &s2.meta.id, &RestoreTarget::File(out.clone()), RestoreOptions::default()).unwrap();
+        let back = std::fs::read(&out).unwrap();
+        assert!(back[20 * MIB as usize..22 * MIB as usize].iter().all(|&b| b == 0), "{name}: the punched region");
+        assert_eq!(blake(&back), blake(&std::fs::read(&src).unwrap()), "{name}: second");
+    }
+}
