@@ -1,9 +1,10 @@
 //! Restore: fetch packs in parallel, decrypt, write chunks out of order at their offsets.
 //!
 //! Files are written sparse (all-zero chunks stay holes); devices get explicit zeros.
-//! Resumable: after each pack's chunks are written and synced, its id is appended to a
-//! state file (`<target>.hlstore-restore` for files, `--state-file` for devices); a rerun
-//! for the same backup skips those packs. The state file is removed on success.
+//! Resumable: once a pack range's chunks are written and synced, its id is appended to a
+//! state file (`<target>.hlstore-restore` for files, `--state-file` for devices; in groups
+//! of [`STATE_SYNC_BYTES`], and everything written when a restore stops on an error); a
+//! rerun for the same backup skips those ranges. The state file is removed on success.
 //! [`restore_into`] writes to any [`RestoreSink`] (a fresh thin volume over NBD): only the
 //! chunk records are written, holes are left to the target; it resumes the same way when
 //! given a state file.
@@ -104,7 +105,7 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
     let done = done.unwrap_or_default();
     let file = open_target(&path, is_device, resuming, snap.meta.size)?;
     let state = match &state_path {
-        Some(p) => Some(Mutex::new(open_state(p, &id, resuming)?)),
+        Some(p) => Some(StateLog::new(open_state(p, &id, resuming)?, snap.meta.size)),
         None => None,
     };
     let mut stats = RestoreStats { snapshot: id.clone(), size: snap.meta.size, ..Default::default() };
@@ -120,15 +121,15 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
     let sink = FileSink { file: &file, path: &path, zeroed: !is_device };
     let after_pack = |job: &Job| -> Result<()> {
         match &state {
-            Some(st) => {
-                file.sync_data().map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
-                let mut f = st.lock().unwrap_or_else(|p| p.into_inner());
-                writeln!(f, "{}", job.key).map_err(|e| Error::io("write restore state", e))
-            }
+            Some(st) => st.done(job, || file.sync_data().map_err(|e| Error::io(format!("sync {}", path.display()), e))),
             None => Ok(()),
         }
     };
-    let written = run_jobs(repo, jobs, &sink, &opts, &after_pack, snap.meta.size)?;
+    let written = run_jobs(repo, jobs, &sink, &opts, &after_pack, snap.meta.size).inspect_err(|_| {
+        if let Some(st) = &state {
+            let _ = st.flush(|| file.sync_data().map_err(|e| Error::io(format!("sync {}", path.display()), e)));
+        }
+    })?;
     file.sync_all().map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
     if let Some(p) = &state_path {
         let _ = std::fs::remove_file(p);
@@ -152,7 +153,7 @@ pub fn restore_into(repo: &Repository, id: &str, sink: &dyn RestoreSink, opts: R
     let resuming = done.is_some();
     let done = done.unwrap_or_default();
     let state = match &opts.state_file {
-        Some(p) => Some(Mutex::new(open_state(p, &id, resuming)?)),
+        Some(p) => Some(StateLog::new(open_state(p, &id, resuming)?, snap.meta.size)),
         None => None,
     };
     let before = jobs.len();
@@ -160,16 +161,15 @@ pub fn restore_into(repo: &Repository, id: &str, sink: &dyn RestoreSink, opts: R
     let resumed = (before - jobs.len()) as u64;
     let after_pack = |job: &Job| -> Result<()> {
         match &state {
-            Some(st) => {
-                sink.sync()?;
-                let mut f = st.lock().unwrap_or_else(|p| p.into_inner());
-                writeln!(f, "{}", job.key).map_err(|e| Error::io("write restore state", e))?;
-                f.sync_data().map_err(|e| Error::io("sync restore state", e))
-            }
+            Some(st) => st.done(job, || sink.sync()),
             None => Ok(()),
         }
     };
-    let written = run_jobs(repo, jobs, sink, &opts, &after_pack, snap.meta.size)?;
+    let written = run_jobs(repo, jobs, sink, &opts, &after_pack, snap.meta.size).inspect_err(|_| {
+        if let Some(st) = &state {
+            let _ = st.flush(|| sink.sync());
+        }
+    })?;
     sink.sync()?;
     if let Some(p) = &opts.state_file {
         let _ = std::fs::remove_file(p);
@@ -431,6 +431,66 @@ fn zero_gaps(file: &File, chunks: &[ChunkRef], size: u64, path: &Path) -> Result
         fill(pos, size)?;
     }
     Ok(n)
+}
+
+/// Bytes of the image restored between two syncs of the target (and so between two
+/// appends to the resume state), at most: a crash redoes about this much. Smaller images
+/// sync every sixteenth of their size.
+pub const STATE_SYNC_BYTES: u64 = 64 * 1024 * 1024;
+
+/// The resume state of a running restore: a job is recorded once a sync of the target
+/// after its writes returned. Jobs are recorded in groups of [`STATE_SYNC_BYTES`], one
+/// sync per group instead of one per job.
+struct StateLog {
+    file: Mutex<File>,
+    /// Jobs written and not yet recorded, and their image bytes.
+    pending: Mutex<(Vec<String>, u64)>,
+    /// Image bytes per group.
+    group: u64,
+}
+
+impl StateLog {
+    fn new(file: File, image_size: u64) -> Self {
+        let group = STATE_SYNC_BYTES.min(image_size / 16);
+        StateLog { file: Mutex::new(file), pending: Mutex::new((Vec::new(), 0)), group }
+    }
+
+    /// `job` is written; `sync` makes the target durable.
+    fn done(&self, job: &Job, sync: impl FnOnce() -> Result<()>) -> Result<()> {
+        let keys = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            p.0.push(job.key.clone());
+            p.1 += job.image_bytes();
+            if p.1 < self.group {
+                return Ok(());
+            }
+            p.1 = 0;
+            std::mem::take(&mut p.0)
+        };
+        self.record(keys, sync)
+    }
+
+    /// Records every job written so far (a restore stopping on an error keeps its progress).
+    fn flush(&self, sync: impl FnOnce() -> Result<()>) -> Result<()> {
+        let keys = std::mem::take(&mut self.pending.lock().unwrap_or_else(|e| e.into_inner()).0);
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.record(keys, sync)
+    }
+
+    fn record(&self, keys: Vec<String>, sync: impl FnOnce() -> Result<()>) -> Result<()> {
+        // The sync starts after every job in `keys` was written, so it covers them.
+        sync()?;
+        let mut f = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut text = String::new();
+        for k in keys {
+            text.push_str(&k);
+            text.push('\n');
+        }
+        f.write_all(text.as_bytes()).map_err(|e| Error::io("write restore state", e))?;
+        f.sync_data().map_err(|e| Error::io("sync restore state", e))
+    }
 }
 
 fn read_state(p: &Path, id: &str) -> Option<HashSet<String>> {
