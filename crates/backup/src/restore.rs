@@ -119,15 +119,16 @@ pub fn restore(repo: &Repository, id: &str, target: &RestoreTarget, opts: Restor
     // A file is created empty (or holds the interrupted run's writes, which are the same
     // bytes), so it reads zeros wherever nothing was written; a device may hold anything.
     let sink = FileSink { file: &file, path: &path, zeroed: !is_device };
+    let sync = || file.sync_data().map_err(|e| Error::io(format!("sync {}", path.display()), e));
     let after_pack = |job: &Job| -> Result<()> {
         match &state {
-            Some(st) => st.done(job, || file.sync_data().map_err(|e| Error::io(format!("sync {}", path.display()), e))),
+            Some(st) => st.done(job, sync),
             None => Ok(()),
         }
     };
     let written = run_jobs(repo, jobs, &sink, &opts, &after_pack, snap.meta.size).inspect_err(|_| {
         if let Some(st) = &state {
-            let _ = st.flush(|| file.sync_data().map_err(|e| Error::io(format!("sync {}", path.display()), e)));
+            let _ = st.flush(sync);
         }
     })?;
     file.sync_all().map_err(|e| Error::io(format!("sync {}", path.display()), e))?;
