@@ -4,6 +4,7 @@
 pub mod cluster;
 pub mod csi;
 pub mod faultfs;
+pub mod help;
 pub mod history;
 pub mod netns;
 
