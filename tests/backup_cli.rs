@@ -30,7 +30,7 @@ fn image(path: &Path, size: usize, seed: u64) -> Vec<u8> {
 #[test]
 fn cli_backup_list_show_restore_verify_forget_prune() {
     let t = TestRepo::init();
-    let repo = t.url.as_str();
+    let repo = t.url.clone();
     let src = t.path().join("disk.img");
     let img = image(&src, 5 << 20, 1);
 
@@ -107,7 +107,7 @@ fn cli_backup_list_show_restore_verify_forget_prune() {
 #[test]
 fn cli_backup_list_filters_and_latest_selector() {
     let t = TestRepo::init();
-    let repo = t.url.as_str();
+    let repo = t.url.clone();
     let backup = |seed: u64, labels: &[&str]| -> (String, Vec<u8>) {
         let src = t.path().join(format!("disk-{seed}.img"));
         let img = image(&src, 1 << 20, seed);
@@ -161,7 +161,7 @@ fn cli_backup_list_filters_and_latest_selector() {
 #[test]
 fn cli_progress_lines_in_logs() {
     let t = TestRepo::init();
-    let repo = t.url.as_str();
+    let repo = t.url.clone();
     let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
     // b is a with 256 KiB of every MiB of its random first quarter replaced: once a is
     // forgotten, a's packs there are partly used and prune repacks them.
