@@ -1,47 +1,16 @@
 //! `hlstore backup` / `hlstore restore` end to end through the real binary: the JSON
 //! contract, clear errors, SIGKILL during a backup, and an S3 repository on SeaweedFS.
 
+mod support;
 #[path = "../crates/backup/tests/support/weed.rs"]
 mod weed;
 
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use rand::{RngCore, SeedableRng};
-
-const PW: &str = "cli test password";
-
-fn hl(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hlstore"));
-    c.args(args)
-        .env("HLSTORE_REPO_PASSWORD", PW)
-        .env("HLSTORE_KDF_PARAMS", "64,1,1")
-        .env_remove("HLSTORE_REPO")
-        .env_remove("AWS_ENDPOINT_URL");
-    c
-}
-
-fn ok(mut c: Command) -> String {
-    let out = c.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{c:?} failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        String::from_utf8_lossy(&out.stdout)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn fail(mut c: Command) -> Output {
-    let out = c.output().unwrap();
-    assert!(!out.status.success(), "{c:?} unexpectedly succeeded");
-    out
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+use support::backup::{fail, hl, json, ok, p, stderr, TestRepo, PW};
 
 /// Random, zero and text quarters.
 fn image(path: &Path, size: usize, seed: u64) -> Vec<u8> {
@@ -58,21 +27,12 @@ fn image(path: &Path, size: usize, seed: u64) -> Vec<u8> {
     v
 }
 
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON {s:?}: {e}"))
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
-
 #[test]
 fn cli_backup_list_show_restore_verify_forget_prune() {
-    let t = tempfile::tempdir().unwrap();
-    let repo = format!("file://{}", t.path().join("repo").display());
+    let t = TestRepo::init();
+    let repo = t.url.clone();
     let src = t.path().join("disk.img");
     let img = image(&src, 5 << 20, 1);
-    ok(hl(&["backup", "init", "--repo", &repo, "--pack-size", "1M"]));
 
     let out = ok(hl(&[
         "backup",
@@ -146,9 +106,8 @@ fn cli_backup_list_show_restore_verify_forget_prune() {
 /// forget).
 #[test]
 fn cli_backup_list_filters_and_latest_selector() {
-    let t = tempfile::tempdir().unwrap();
-    let repo = format!("file://{}", t.path().join("repo").display());
-    ok(hl(&["backup", "init", "--repo", &repo, "--pack-size", "1M"]));
+    let t = TestRepo::init();
+    let repo = t.url.clone();
     let backup = |seed: u64, labels: &[&str]| -> (String, Vec<u8>) {
         let src = t.path().join(format!("disk-{seed}.img"));
         let img = image(&src, 1 << 20, seed);
@@ -201,8 +160,8 @@ fn cli_backup_list_filters_and_latest_selector() {
 /// ETA, then a closing line, for backup, restore and prune.
 #[test]
 fn cli_progress_lines_in_logs() {
-    let t = tempfile::tempdir().unwrap();
-    let repo = format!("file://{}", t.path().join("repo").display());
+    let t = TestRepo::init();
+    let repo = t.url.clone();
     let (a, b) = (t.path().join("a.img"), t.path().join("b.img"));
     // b is a with 256 KiB of every MiB of its random first quarter replaced: once a is
     // forgotten, a's packs there are partly used and prune repacks them.
@@ -211,7 +170,6 @@ fn cli_progress_lines_in_logs() {
         img[k..k + (256 << 10)].fill(7);
     }
     std::fs::write(&b, &img).unwrap();
-    ok(hl(&["backup", "init", "--repo", &repo, "--pack-size", "1M"]));
     let with_lines = |args: &[&str]| {
         let mut c = hl(args);
         c.env("HLSTORE_PROGRESS_INTERVAL_SECS", "0.02").stderr(Stdio::piped()).stdout(Stdio::piped());

@@ -4,38 +4,15 @@
 //! unmounts. Needs `/dev/fuse` (and for the loop mount root, mkfs.ext4 and loop devices);
 //! fails with a clear message without FUSE.
 
+mod support;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{RngCore, SeedableRng};
-
-const PW: &str = "mount test password";
-
-fn hl(args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_hlstore"));
-    c.args(args)
-        .env("HLSTORE_REPO_PASSWORD", PW)
-        .env("HLSTORE_KDF_PARAMS", "64,1,1")
-        .env_remove("HLSTORE_REPO")
-        .env_remove("AWS_ENDPOINT_URL");
-    c
-}
-
-fn ok(mut c: Command) -> String {
-    let out = c.output().unwrap();
-    assert!(out.status.success(), "{c:?} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json(s: &str) -> serde_json::Value {
-    serde_json::from_str(s).unwrap_or_else(|e| panic!("bad JSON {s:?}: {e}"))
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().unwrap()
-}
+use support::backup::{hl, json, ok, p, TestRepo};
 
 fn is_mounted(dir: &Path) -> bool {
     let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -116,9 +93,8 @@ fn ext4_image(dir: &Path, img: &Path) -> Option<PathBuf> {
 #[test]
 fn backup_mount_shows_images_by_time_label_and_id() {
     assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing: the kernel needs FUSE (modprobe fuse)");
-    let t = tempfile::tempdir().unwrap();
-    let repo = format!("file://{}", t.path().join("repo").display());
-    ok(hl(&["backup", "init", "--repo", &repo, "--pack-size", "1M"]));
+    let t = TestRepo::init();
+    let repo = t.url.clone();
 
     // An ext4 image (a plain file with random and zero runs if mkfs.ext4 is missing) and
     // a raw file.
@@ -217,8 +193,8 @@ fn backup_mount_shows_images_by_time_label_and_id() {
 
 #[test]
 fn backup_mount_errors_are_clear() {
-    let t = tempfile::tempdir().unwrap();
-    let repo = format!("file://{}", t.path().join("repo").display());
+    let t = TestRepo::uninitialised();
+    let repo = t.url.clone();
     let out = hl(&["backup", "mount", p(&t.path().join("mnt")), "--repo", &repo]).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no repository at"), "{out:?}");

@@ -233,3 +233,87 @@ fn snapshot_reads_follow_deletes_and_retakes() {
         assert!(got.iter().all(|&b| b == 0x32), "{node}: the retaken snapshot shows the old content");
     }
 }
+
+/// `volume clone` hands out a clone only once its copy is complete: a clone cut short (the
+/// agent copying it killed, or a half copy left behind) is copied again by the next call,
+/// never returned as done; a clone too old to say is refused; a leftover temporary
+/// snapshot of an interrupted clone is replaced, and deleted after the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_cut_short_is_copied_again_never_returned_as_done() {
+    use hlstore_proto::volume as vpb;
+    let c = Cluster::new();
+    let uri = c.up(&["--nodes", "3", "--volume", VOLUME, "--size", "64MiB"]);
+    let (ep1, ep2) = (c.endpoint("n1"), c.endpoint("n2"));
+    qemu_io(&uri, &["write -P 0x3d 0 64M"]);
+    let mut agent = c.volumes("n2").await;
+    let state = |v: &Value| v["labels"]["hlstore.io/clone-state"].as_str().unwrap_or("").to_string();
+
+    // ----- a half copy left behind: the labels a copy starts with, part of the data -----
+    let labels = [("hlstore.io/clone-of", VOLUME), ("hlstore.io/clone-state", "copying:0123456789abcdef")];
+    let req = vpb::CreateVolumeRequest {
+        name: "half".into(),
+        size: 64 * MIB,
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        ..Default::default()
+    };
+    agent.create_volume(req).await.expect("half-copied volume");
+    let half = via(&c, &ep1, &["volume", "attach", "half", "--node", "n1"]).trim().to_string();
+    qemu_io(&half, &["write -P 0x3d 0 2M", "write -P 0xee 30M 2M"]);
+    via(&c, &ep1, &["volume", "detach", "half"]);
+    let cloned = json(&c, &["volume", "clone", VOLUME, "half", "--json", "--endpoint", &ep2]);
+    assert_eq!(state(&cloned), "done", "{cloned}");
+    let again = json(&c, &["volume", "clone", VOLUME, "half", "--json", "--endpoint", &ep1]);
+    assert_eq!((again["name"].as_str(), state(&again).as_str()), (Some("half"), "done"), "a done clone is returned");
+    let half = via(&c, &ep1, &["volume", "attach", "half", "--node", "n2"]).trim().to_string();
+    qemu_io(&half, &["read -P 0x3d 0 64M"]);
+    via(&c, &ep1, &["volume", "detach", "half"]);
+
+    // ----- a clone made before clones recorded their state: refused, not guessed -----
+    let req = vpb::CreateVolumeRequest {
+        name: "legacy".into(),
+        size: 64 * MIB,
+        labels: [("hlstore.io/clone-of".to_string(), VOLUME.to_string())].into_iter().collect(),
+        ..Default::default()
+    };
+    agent.create_volume(req).await.expect("legacy clone");
+    let (ok, _, err) = c.try_cli(&["volume", "clone", VOLUME, "legacy", "--endpoint", &ep1]);
+    assert!(!ok && err.contains("may be incomplete") && err.contains("volume delete legacy"), "{err}");
+
+    // ----- a leftover temporary snapshot holds older content: the clone gets today's -----
+    via(&c, &ep1, &["snapshot", "create", VOLUME, "clone-fresh"]);
+    qemu_io(&uri, &["write -P 0x4e 8M 4M"]);
+    json(&c, &["volume", "clone", VOLUME, "fresh", "--json", "--endpoint", &ep1]);
+    let fresh = via(&c, &ep1, &["volume", "attach", "fresh", "--node", "n2"]).trim().to_string();
+    qemu_io(&fresh, &["read -P 0x3d 0 8M", "read -P 0x4e 8M 4M", "read -P 0x3d 12M 52M"]);
+    via(&c, &ep1, &["volume", "detach", "fresh"]);
+    let snaps = json(&c, &["snapshot", "list", VOLUME, "--json", "--endpoint", &ep1]);
+    assert_eq!(snaps.as_array().map(Vec::len), Some(0), "the temporary snapshot is gone: {snaps}");
+
+    // ----- the agent that copies is SIGKILLed mid-copy -----
+    let mut cli = c.command();
+    cli.args(["volume", "clone", VOLUME, "killed", "--endpoint", &ep1]).stdout(std::process::Stdio::null());
+    let mut child = cli.stderr(std::process::Stdio::null()).spawn().expect("clone");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while agent.get_volume(vpb::GetVolumeRequest { name: "killed".into() }).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the clone never created its volume");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    c.kill9("n1");
+    let _ = child.wait();
+    let left = agent.get_volume(vpb::GetVolumeRequest { name: "killed".into() }).await.expect("killed").into_inner();
+    let left_state = left.labels.get("hlstore.io/clone-state").cloned().unwrap_or_default();
+    eprintln!("after the kill: clone state {left_state:?}");
+    assert!(left_state.starts_with("copying") || left_state == "done", "{left_state:?}");
+    c.start_one("n1");
+    // The copy again (or, had it finished before the kill, the clone as it is).
+    let cloned = c.wait_until("the clone copied again", Duration::from_secs(120), || {
+        let (ok, out, _) = c.try_cli(&["volume", "clone", VOLUME, "killed", "--json", "--endpoint", &ep2]);
+        ok.then(|| serde_json::from_str::<Value>(&out).expect("JSON"))
+    });
+    assert_eq!(state(&cloned), "done", "{cloned}");
+    let killed = via(&c, &ep2, &["volume", "attach", "killed", "--node", "n2"]).trim().to_string();
+    qemu_io(&killed, &["read -P 0x3d 0 8M", "read -P 0x4e 8M 4M", "read -P 0x3d 12M 52M"]);
+    via(&c, &ep2, &["volume", "detach", "killed"]);
+    let snaps = json(&c, &["snapshot", "list", VOLUME, "--json", "--endpoint", &ep2]);
+    assert_eq!(snaps.as_array().map(Vec::len), Some(0), "no temporary snapshot left: {snaps}");
+}

@@ -1,12 +1,16 @@
 //! CSI clones (CreateVolume from a snapshot or a volume) copy in the background: the first
 //! call starts the copy and answers ABORTED, later calls answer ABORTED until the copy is
-//! complete and marked (snapshot `csi-clone-done`), then return the volume. A volume left
-//! half-copied (a controller killed mid-copy) is never handed out: the next controller
-//! copies it again. A copy that fails is reported with its cause, then started again.
+//! complete and marked (the agent's label `hlstore.io/clone-state: done`; earlier
+//! controllers took a snapshot `csi-clone-done`, which still counts and is replaced by a
+//! label), then return the volume. A volume left half-copied (a controller killed
+//! mid-copy) is never handed out: the next controller copies it again. A copy that fails
+//! is reported with its cause, then started again. Markers and temporary snapshots hold
+//! no blocks and are not listed by ListSnapshots.
 //! Needs root (the driver runs in a private mount namespace).
 
 mod support;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use hlstore_proto::csi;
@@ -18,6 +22,7 @@ use tonic::Code;
 
 const MIB: u64 = 1 << 20;
 const MARKER: &str = "csi-clone-done";
+const STATE: &str = "hlstore.io/clone-state";
 
 type Ctl = csi::controller_client::ControllerClient<Channel>;
 
@@ -54,6 +59,18 @@ async fn until_created(ctl: &mut Ctl, req: &csi::CreateVolumeRequest, d: &CsiDri
             Err(s) => panic!("CreateVolume {}: {s:?}; log:\n{}", req.name, d.log()),
         }
     }
+}
+
+async fn volume_labels(
+    agent: &mut vpb::volumes_client::VolumesClient<Channel>,
+    volume: &str,
+) -> HashMap<String, String> {
+    agent.get_volume(vpb::GetVolumeRequest { name: volume.into() }).await.expect(volume).into_inner().labels
+}
+
+/// Whether the agent marked clone `volume` complete.
+async fn clone_done(agent: &mut vpb::volumes_client::VolumesClient<Channel>, volume: &str) -> bool {
+    volume_labels(agent, volume).await.get(STATE).map(String::as_str) == Some("done")
 }
 
 async fn snapshot_names(agent: &mut vpb::volumes_client::VolumesClient<Channel>, volume: &str) -> Vec<String> {
@@ -118,7 +135,10 @@ async fn a_clone_is_pending_until_copied_and_a_half_copied_volume_is_never_hande
         Some(csi::volume_content_source::Type::Snapshot(s)) => assert_eq!(s.snapshot_id, "pvc-src@snap-1"),
         other => panic!("content source {other:?}"),
     }
-    assert!(snapshot_names(&mut agent, "pvc-clone").await.contains(&MARKER.to_string()), "marked complete");
+    assert!(clone_done(&mut agent, "pvc-clone").await, "marked complete");
+    assert_eq!(snapshot_names(&mut agent, "pvc-clone").await, Vec::<String>::new(), "no marker snapshot pins data");
+    let src_snaps = snapshot_names(&mut agent, "pvc-src").await;
+    assert_eq!(src_snaps, ["snap-1"], "no temporary snapshot left on the source");
     check(&c, "pvc-clone", SOURCE);
     let again = ctl.create_volume(req.clone()).await.expect("a finished clone is returned at once");
     assert_eq!(again.into_inner().volume.unwrap().volume_id, "pvc-clone");
@@ -179,15 +199,16 @@ async fn a_clone_is_pending_until_copied_and_a_half_copied_volume_is_never_hande
     drop(ctl);
     drop(d);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let left = snapshot_names(&mut agent, "pvc-killed").await;
-    let exists = agent.get_volume(vpb::GetVolumeRequest { name: "pvc-killed".into() }).await.is_ok();
-    eprintln!("after the kill: pvc-killed exists {exists}, snapshots {left:?}");
-    assert!(!left.contains(&MARKER.to_string()), "the kill landed after the copy: make the source larger");
+    let left = agent.get_volume(vpb::GetVolumeRequest { name: "pvc-killed".into() }).await;
+    let left_state = left.map(|v| v.into_inner().labels.get(STATE).cloned().unwrap_or_default());
+    eprintln!("after the kill: pvc-killed {left_state:?}");
+    // The agent's copy outlives the controller; the new controller returns the clone only
+    // once the agent marked it done.
     let d = CsiDriver::start(&c, "n1");
     let mut ctl = d.controller().await;
     let (vol, _) = until_created(&mut ctl, &killed, &d).await;
     assert_eq!(vol.volume_id, "pvc-killed");
-    assert!(snapshot_names(&mut agent, "pvc-killed").await.contains(&MARKER.to_string()));
+    assert!(clone_done(&mut agent, "pvc-killed").await);
     check(&c, "pvc-killed", &["read -P 0x3d 0 64M"]);
 
     // ----- a copy that fails is reported with its cause, then started again -----
@@ -210,6 +231,68 @@ async fn a_clone_is_pending_until_copied_and_a_half_copied_volume_is_never_hande
     let again = ctl.create_volume(bad).await.expect_err("started again");
     assert!(again.code() == Code::Aborted && again.message().contains("started"), "{again:?}");
 
+    // ----- a clone of an earlier controller, marked by a snapshot: still done -----
+    let legacy = [
+        ("csi.hlstore.io/name", "pvc-legacy"),
+        ("csi.hlstore.io/source", "snapshot:pvc-src@snap-1"),
+        ("csi.hlstore.io/done-marker", MARKER),
+        ("hlstore.io/clone-of", "pvc-src"),
+    ];
+    agent
+        .create_volume(vpb::CreateVolumeRequest {
+            name: "pvc-legacy".into(),
+            size: 64 * MIB,
+            labels: legacy.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("legacy clone");
+    let uri = c.cli(&["volume", "attach", "pvc-legacy", "--node", "n1", "--endpoint", &ep]).trim().to_string();
+    qemu_io(&uri, &["write -P 0x1f 0 4M"]);
+    c.cli(&["volume", "detach", "pvc-legacy", "--endpoint", &ep]);
+    let marker =
+        vpb::CreateSnapshotRequest { volume: "pvc-legacy".into(), name: MARKER.into(), labels: HashMap::new() };
+    agent.create_snapshot(marker).await.expect("marker snapshot");
+    let got = ctl.create_volume(from_snapshot("pvc-legacy", "pvc-src@snap-1")).await.expect("marked done: returned");
+    assert_eq!(got.into_inner().volume.unwrap().volume_id, "pvc-legacy");
+    // The marker is now a label, and its snapshot (which kept every block it saw) is gone.
+    assert!(volume_labels(&mut agent, "pvc-legacy").await.contains_key("csi.hlstore.io/filled"));
+    assert_eq!(snapshot_names(&mut agent, "pvc-legacy").await, Vec::<String>::new());
+    ctl.create_volume(from_snapshot("pvc-legacy", "pvc-src@snap-1")).await.expect("still done");
+    check(&c, "pvc-legacy", &["read -P 0x1f 0 4M"]);
+
+    // ----- ListSnapshots lists no marker and no temporary snapshot -----
+    for (name, labels) in [
+        (MARKER, HashMap::new()),
+        ("csi-restore-done", HashMap::new()),
+        ("clone-pvc-old", HashMap::new()),
+        ("clone-pvc-new", HashMap::from([("hlstore.io/temporary".to_string(), "clone pvc-new".to_string())])),
+    ] {
+        let req = vpb::CreateSnapshotRequest { volume: "pvc-src".into(), name: name.into(), labels };
+        agent.create_snapshot(req).await.expect(name);
+    }
+    let listed = |r: csi::ListSnapshotsResponse| -> Vec<String> {
+        r.entries.into_iter().map(|e| e.snapshot.unwrap().snapshot_id).collect()
+    };
+    let all = listed(ctl.list_snapshots(csi::ListSnapshotsRequest::default()).await.unwrap().into_inner());
+    assert_eq!(all, ["pvc-src@snap-1"]);
+    let of_src = csi::ListSnapshotsRequest { source_volume_id: "pvc-src".into(), ..Default::default() };
+    assert_eq!(listed(ctl.list_snapshots(of_src).await.unwrap().into_inner()), ["pvc-src@snap-1"]);
+    for name in [MARKER, "clone-pvc-new"] {
+        let by_id = csi::ListSnapshotsRequest { snapshot_id: format!("pvc-src@{name}"), ..Default::default() };
+        assert!(listed(ctl.list_snapshots(by_id).await.unwrap().into_inner()).is_empty(), "{name}");
+        agent
+            .delete_snapshot(vpb::DeleteSnapshotRequest { volume: "pvc-src".into(), name: name.into() })
+            .await
+            .unwrap();
+    }
+    for name in ["csi-restore-done", "clone-pvc-old"] {
+        agent
+            .delete_snapshot(vpb::DeleteSnapshotRequest { volume: "pvc-src".into(), name: name.into() })
+            .await
+            .unwrap();
+    }
+
     // ----- DeleteVolume waits for a running copy; a finished clone deletes -----
     let del = |v: &str| csi::DeleteVolumeRequest { volume_id: v.into(), ..Default::default() };
     let busy = from_volume("pvc-busy", "pvc-src");
@@ -219,7 +302,7 @@ async fn a_clone_is_pending_until_copied_and_a_half_copied_volume_is_never_hande
         assert!(s.code() == Code::Aborted && s.message().contains("still being filled"), "{s:?}");
     }
     until_created(&mut ctl, &busy, &d).await;
-    for v in ["pvc-busy", "pvc-killed", "pvc-half", "pvc-vclone", "pvc-clone"] {
+    for v in ["pvc-busy", "pvc-killed", "pvc-half", "pvc-vclone", "pvc-clone", "pvc-legacy"] {
         ctl.delete_volume(del(v)).await.unwrap_or_else(|e| panic!("delete {v}: {e:?}"));
     }
     let left = agent.list_volumes(vpb::ListVolumesRequest {}).await.unwrap().into_inner().volumes;

@@ -318,6 +318,11 @@ async fn identity_and_controller_follow_the_spec() {
     assert!(count("DeleteVolume", Code::InvalidArgument as i32) >= 1.0, "the rejected delete missing:\n{page}");
     assert!(count("ControllerUnpublishVolume", 0) >= 4.0, "{page}");
     assert!(page.contains("hlstore_csi_call_seconds_total{method=\"CreateVolume\"}"), "{page}");
+    // And in the latency histogram (the dashboard's CSI latency panel).
+    let key = "hlstore_csi_call_duration_seconds_count{method=\"DeleteVolume\"} ";
+    let n = page.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    assert!(n >= 8.0, "DeleteVolume latencies missing:\n{page}");
+    assert!(page.contains("hlstore_csi_call_duration_seconds_bucket{method=\"DeleteVolume\",le=\"+Inf\"}"), "{page}");
 }
 
 /// A volume just created, never attached or written: expandable, its snapshots ready at

@@ -126,6 +126,10 @@ async fn a_volume_snapshot_content_naming_a_backup_provisions_a_restored_volume(
     assert_eq!(z.size, 32 * MIB, "sized for the backup, not the smaller request");
     let v = agent.get_volume(vpb::GetVolumeRequest { name: "pvc-restored".into() }).await.unwrap().into_inner();
     assert_eq!(v.labels.get("csi.hlstore.io/restored-from"), Some(&id), "{:?}", v.labels);
+    // Marked complete by a label: no marker snapshot keeps the restored blocks alive.
+    assert_eq!(v.labels.get("csi.hlstore.io/filled"), Some(&id), "{:?}", v.labels);
+    let snaps = agent.list_snapshots(vpb::ListSnapshotsRequest { volume: "pvc-restored".into() }).await.unwrap();
+    assert!(snaps.into_inner().snapshots.is_empty(), "a restore leaves no snapshot");
     assert!(v.attached_node.is_empty(), "left detached for ControllerPublish");
     let uri = c.cli(&["volume", "attach", "pvc-restored", "--node", "n1", "--endpoint", &ep]).trim().to_string();
     qemu_io(&uri, &["read -P 0x5c 0 3M", "read -P 0 3M 17M", "read -P 0x6d 20M 1M", "read -P 0 21M 43M"]);
@@ -141,6 +145,30 @@ async fn a_volume_snapshot_content_naming_a_backup_provisions_a_restored_volume(
     let mut ctl = d2.controller().await;
     let again = ctl.create_volume(from_snapshot("pvc-restored", (64 * MIB) as i64, handle)).await;
     assert!(again.is_ok(), "{again:?}");
+    let uri = c.cli(&["volume", "attach", "pvc-restored", "--node", "n1", "--endpoint", &ep]).trim().to_string();
+    qemu_io(&uri, &["read -P 0x7e 0 1M"]);
+    c.cli(&["volume", "detach", "pvc-restored", "--endpoint", &ep]);
+
+    // A volume an earlier controller restored carries the snapshot `csi-restore-done`
+    // instead of the label: still complete (never restored over), and the snapshot is
+    // replaced by the label.
+    let req = vpb::SetVolumeLabelsRequest {
+        name: "pvc-restored".into(),
+        labels: [("csi.hlstore.io/filled".to_string(), String::new())].into_iter().collect(),
+    };
+    agent.set_volume_labels(req).await.expect("label removed");
+    let marker = vpb::CreateSnapshotRequest {
+        volume: "pvc-restored".into(),
+        name: "csi-restore-done".into(),
+        labels: Default::default(),
+    };
+    agent.create_snapshot(marker).await.expect("old marker");
+    let again = ctl.create_volume(from_snapshot("pvc-restored", (64 * MIB) as i64, handle)).await;
+    assert!(again.is_ok(), "an old marker still counts: {again:?}");
+    let v = agent.get_volume(vpb::GetVolumeRequest { name: "pvc-restored".into() }).await.unwrap().into_inner();
+    assert!(v.labels.contains_key("csi.hlstore.io/filled"), "{:?}", v.labels);
+    let snaps = agent.list_snapshots(vpb::ListSnapshotsRequest { volume: "pvc-restored".into() }).await.unwrap();
+    assert!(snaps.into_inner().snapshots.is_empty(), "the old marker snapshot is deleted");
     let uri = c.cli(&["volume", "attach", "pvc-restored", "--node", "n1", "--endpoint", &ep]).trim().to_string();
     qemu_io(&uri, &["read -P 0x7e 0 1M"]);
     c.cli(&["volume", "detach", "pvc-restored", "--endpoint", &ep]);

@@ -317,7 +317,7 @@ fn dashboard_metrics(json: &serde_json::Value) -> BTreeSet<String> {
 fn exported_metric_names() -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut files = vec![root().join("src/cli/backup_metrics.rs")];
-    for dir in ["crates/node/src", "crates/nbd/src"] {
+    for dir in ["crates/node/src", "crates/nbd/src", "crates/csi-driver/src"] {
         for e in std::fs::read_dir(root().join(dir)).unwrap().flatten() {
             files.push(e.path());
         }
@@ -348,7 +348,7 @@ fn dashboard_uses_only_exported_metrics() {
     assert!(exported.len() > 20, "found only {exported:?}");
     let missing: Vec<_> = used.difference(&exported).collect();
     assert!(missing.is_empty(), "dashboard uses metrics no code exports: {missing:?}");
-    for group in ["hlstore_volume_", "hlstore_node_", "hlstore_backup_", "hlstore_replica_"] {
+    for group in ["hlstore_volume_", "hlstore_node_", "hlstore_backup_", "hlstore_replica_", "hlstore_csi_"] {
         assert!(used.iter().any(|m| m.starts_with(group)), "dashboard shows no {group}* metric");
     }
     // The dashboard is shipped in the monitoring component.

@@ -43,30 +43,7 @@ fn subcommands(path: &[String]) -> Vec<Vec<String>> {
     let mut c = hl(&[]);
     c.args(path).arg("--help");
     let (_, help) = run(c);
-    let mut out = Vec::new();
-    let mut in_commands = false;
-    for line in help.lines() {
-        if line.starts_with("Commands:") {
-            in_commands = true;
-            continue;
-        }
-        if in_commands {
-            if !line.starts_with("  ") {
-                in_commands = false;
-                continue;
-            }
-            if line.starts_with("   ") {
-                continue; // a wrapped description, not a command
-            }
-            let name = line.split_whitespace().next().unwrap_or("");
-            if !name.is_empty() && name != "help" {
-                let mut p = path.to_vec();
-                p.push(name.to_string());
-                out.push(p);
-            }
-        }
-    }
-    out
+    support::help::subcommands(path, &help)
 }
 
 #[test]

@@ -86,7 +86,7 @@ fn client_snapshot(s: pb::SnapshotInfo) {
 }
 
 async fn step(svc: &ReplicaService<MemStore>, selector: u8, b: &[u8]) {
-    match selector % 32 {
+    match selector % 33 {
         0 => {
             let Some(m) = decode::<pb::CreateReplicaRequest>(b) else { return };
             let _ = convert::record_from_pb(m.record.clone());
@@ -244,6 +244,10 @@ async fn step(svc: &ReplicaService<MemStore>, selector: u8, b: &[u8]) {
             let Some(m) = decode::<pb::InstallSnapshotRequest>(b) else { return };
             let blocks = convert::snapshot_blocks_from_pb(m.blocks);
             let _ = convert::snapshot_blocks_to_pb(blocks);
+        }
+        31 => {
+            let Some(m) = decode::<pb::SetLabelsRequest>(b) else { return };
+            let _ = svc.set_labels(Request::new(m)).await;
         }
         _ => {
             let Some(m) = decode::<pb::WriteAck>(b) else { return };

@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use hlstore_backup::volume::VolumeAgent;
-use hlstore_backup::{Progress, Repository, RestoreOptions, SnapshotMeta};
+use hlstore_backup::{select, Progress, Repository, RestoreOptions, SnapshotMeta};
 use hlstore_csi::backups::{BackupInfo, BackupRef, BackupSource};
 use hlstore_csi::{CsiError, Result};
 use tokio::runtime::Handle;
@@ -49,23 +49,10 @@ impl RepoBackups {
 /// The backup `r` names among `metas`.
 fn find(metas: &[SnapshotMeta], r: &BackupRef) -> Option<SnapshotMeta> {
     match r {
-        BackupRef::Id(id) => {
-            let mut m = metas.iter().filter(|m| m.id.starts_with(id.as_str()));
-            let first = m.next()?;
-            m.next().is_none().then(|| first.clone())
-        }
-        BackupRef::Latest { namespace, claim } => {
-            let want = format!("{namespace}/{claim}");
-            metas
-                .iter()
-                .filter(|m| {
-                    m.labels.get("pvc") == Some(&want)
-                        || (m.labels.get("pvc-namespace") == Some(namespace) && m.labels.get("pvc-name") == Some(claim))
-                })
-                .max_by_key(|m| (m.time, m.nanos))
-                .cloned()
-        }
+        BackupRef::Id(id) => select::by_id_prefix(metas, id),
+        BackupRef::Latest { namespace, claim } => select::newest_of_claim(metas, namespace, claim),
     }
+    .cloned()
 }
 
 fn internal(what: &str, e: impl std::fmt::Display) -> CsiError {

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
+use hlstore_backup::select::{self, claim_of};
 use hlstore_backup::volume::{restore_to_volume, VolumeAgent, VolumeRestoreOptions};
 use hlstore_backup::SnapshotMeta;
 use serde::Serialize;
@@ -96,28 +97,10 @@ struct Outcome {
 
 /// The newest volume backup of every volume, filtered by `labels`.
 fn newest_per_volume(metas: Vec<SnapshotMeta>, labels: &[(String, String)]) -> BTreeMap<String, SnapshotMeta> {
-    let mut out: BTreeMap<String, SnapshotMeta> = BTreeMap::new();
-    for m in metas {
-        let Some(volume) = m.labels.get("volume").cloned() else { continue };
-        let newer = out.get(&volume).is_none_or(|o| (m.time, m.nanos) > (o.time, o.nanos));
-        if newer {
-            out.insert(volume, m);
-        }
-    }
-    out.retain(|_, m| labels.iter().all(|(k, v)| m.labels.get(k) == Some(v)));
+    let filter = select::Filter::new(None, labels);
+    let mut out = select::newest_per(metas, select::VOLUME_LABEL);
+    out.retain(|_, m| filter.matches(m));
     out
-}
-
-/// The claim a backup names (`pvc-namespace`/`pvc-name`, or `pvc=NS/NAME`), if any.
-fn claim_of(m: &SnapshotMeta) -> Option<(String, String)> {
-    let known = |s: &str| !s.is_empty() && s != "-";
-    match (m.labels.get("pvc-namespace"), m.labels.get("pvc-name")) {
-        (Some(ns), Some(n)) if known(ns) && known(n) => Some((ns.clone(), n.clone())),
-        _ => {
-            let (ns, n) = m.labels.get("pvc")?.split_once('/')?;
-            (known(ns) && known(n)).then(|| (ns.to_string(), n.to_string()))
-        }
-    }
 }
 
 /// A PersistentVolume for `volume` bound to the claim `ns/name`, and that claim.

@@ -37,9 +37,17 @@ pub enum ReplicaCommand {
         /// Size, e.g. 10GiB (a multiple of 4 KiB).
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Delete a replica and free its space.
-    Delete { name: String },
+    Delete {
+        name: String,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a replica's state (epoch, sequence numbers, allocation).
     State {
         name: String,
@@ -55,6 +63,9 @@ pub enum ReplicaCommand {
         /// File to write ('-' for stdin).
         #[arg(long)]
         input: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Read LENGTH bytes at OFFSET to a file ('-' for stdout).
     Read {
@@ -117,18 +128,34 @@ pub async fn run(ep: Endpoint, cmd: ReplicaCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        ReplicaCommand::Create { name, size } => {
+        ReplicaCommand::Create { name, size, json } => {
             let record = pb::VolumeRecord { volume_id: name.clone(), size, block_size: 4096, ..Default::default() };
-            c.create_replica(pb::CreateReplicaRequest { record: Some(record) }).await.map_err(status_err)?;
-            println!("created replica {name} ({})", format_size(size));
+            let info = c.create_replica(pb::CreateReplicaRequest { record: Some(record) }).await.map_err(status_err)?;
+            let info = info.into_inner();
+            if json {
+                let rec = info.record.unwrap_or_default();
+                let v = serde_json::json!({ "replica": name, "size": rec.size, "epoch": rec.epoch,
+                    "replica_set": rec.replica_set });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("created replica {name} ({})", format_size(size));
+            }
         }
-        ReplicaCommand::Delete { name } => {
+        ReplicaCommand::Delete { name, json } => {
             let r = c
                 .delete_replica(pb::DeleteReplicaRequest { volume_id: name.clone(), epoch: 0 })
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            println!("{}", if r.existed { format!("deleted replica {name}") } else { format!("no replica {name}") });
+            if json {
+                let v = serde_json::json!({ "replica": name, "existed": r.existed });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "{}",
+                    if r.existed { format!("deleted replica {name}") } else { format!("no replica {name}") }
+                );
+            }
         }
         ReplicaCommand::State { name, json } => {
             let s = c.state(pb::StateRequest { volume_id: name }).await.map_err(status_err)?.into_inner();
@@ -151,7 +178,7 @@ pub async fn run(ep: Endpoint, cmd: ReplicaCommand) -> anyhow::Result<()> {
                 );
             }
         }
-        ReplicaCommand::Write { name, offset, input } => {
+        ReplicaCommand::Write { name, offset, input, json } => {
             let mut data = Vec::new();
             if input.as_os_str() == "-" {
                 std::io::stdin().read_to_end(&mut data)?;
@@ -174,7 +201,16 @@ pub async fn run(ep: Endpoint, cmd: ReplicaCommand) -> anyhow::Result<()> {
             };
             let mut acks = c.write(tokio_stream::iter([req])).await.map_err(status_err)?.into_inner();
             let ack = acks.message().await.map_err(status_err)?.context("the node closed the write stream")?;
-            println!("wrote {len} bytes to {name} at offset {offset} (seq {}, durable {})", ack.seq, ack.durable_seq);
+            if json {
+                let v = serde_json::json!({ "replica": name, "offset": offset, "bytes": len,
+                    "seq": ack.seq, "durable_seq": ack.durable_seq });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "wrote {len} bytes to {name} at offset {offset} (seq {}, durable {})",
+                    ack.seq, ack.durable_seq
+                );
+            }
         }
         ReplicaCommand::Read { name, offset, length, output, snapshot } => {
             let r = match snapshot {

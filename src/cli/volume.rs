@@ -179,6 +179,7 @@ pub fn volume_json(v: &vpb::Volume) -> serde_json::Value {
             "allocated_bytes": r.allocated_bytes, "resync_chunks": r.resync_chunks,
             "resync_resumed_from": r.resync_resumed_from,
         })).collect::<Vec<_>>(),
+        "labels": v.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
     })
 }
 

@@ -1,9 +1,11 @@
 //! Helpers shared by the root integration tests: running real `hlstore` processes.
 #![allow(dead_code)]
 
+pub mod backup;
 pub mod cluster;
 pub mod csi;
 pub mod faultfs;
+pub mod help;
 pub mod history;
 pub mod netns;
 

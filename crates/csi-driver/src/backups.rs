@@ -11,10 +11,11 @@
 //! - `CreateVolume` from it creates the volume (labelled like any other, its content
 //!   source = the handle) and restores the backup into it in the background, through the
 //!   agent's authenticated write API; until the restore is done it answers ABORTED
-//!   ("pending", the external-provisioner retries), then OK. A finished restore leaves a
-//!   snapshot [`DONE_MARKER`] on the volume (durable: a restarted controller, or a repeated
-//!   CreateVolume, never writes the backup over a volume already handed out). A failed or
-//!   interrupted restore is started again on the next call (writes are idempotent).
+//!   ("pending", the external-provisioner retries), then OK. A finished restore leaves the
+//!   label `csi.hlstore.io/filled` on the volume (durable: a restarted controller, or a
+//!   repeated CreateVolume, never writes the backup over a volume already handed out;
+//!   earlier controllers left the snapshot [`DONE_MARKER`], which still counts). A failed
+//!   or interrupted restore is started again on the next call (writes are idempotent).
 //!
 //! The repository itself is behind [`BackupSource`], implemented by the hlstore binary
 //! over `hlstore_backup` (this crate stays free of it), and configured with
@@ -25,12 +26,23 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{CsiError, Result};
 
-/// Snapshot left on a volume once its restore is complete.
+/// Snapshot earlier controllers left on a volume once its restore was complete (now the
+/// label `csi.hlstore.io/filled`; a volume with this snapshot still counts as complete).
 pub const DONE_MARKER: &str = "csi-restore-done";
 
-/// Snapshot left on a clone (a volume created from a snapshot or a volume) once its copy
-/// is complete.
+/// Snapshot earlier controllers left on a clone (a volume created from a snapshot or a
+/// volume) once its copy was complete (now the agent's `hlstore.io/clone-state` label).
 pub const CLONE_DONE_MARKER: &str = "csi-clone-done";
+
+/// Whether a snapshot of that name is one the driver or the agent takes for its own
+/// use (done markers, a clone's temporary snapshot), never a VolumeSnapshot.
+pub fn internal_snapshot(name: &str, labels: &HashMap<String, String>) -> bool {
+    use crate::controller::params::{AGENT_TEMP_CLONE_PREFIX, LABEL_AGENT_TEMPORARY, LABEL_CSI_NAME};
+    name == DONE_MARKER
+        || name == CLONE_DONE_MARKER
+        || labels.contains_key(LABEL_AGENT_TEMPORARY)
+        || (name.starts_with(AGENT_TEMP_CLONE_PREFIX) && !labels.contains_key(LABEL_CSI_NAME))
+}
 
 /// Prefix of snapshot handles that name a backup.
 pub const HANDLE_PREFIX: &str = "backup:";
@@ -96,9 +108,10 @@ pub trait BackupSource: Send + Sync + std::fmt::Debug {
 }
 
 /// The background jobs that fill new volumes (backup restores and clone copies) this
-/// controller runs, by volume. Each job ends by taking its done-marker snapshot on the
-/// volume: that snapshot, not this in-memory state, is what says a volume is complete (a
-/// restarted controller starts with no jobs).
+/// controller runs, by volume. A job ends with a label on the volume saying it is complete
+/// (a restore: `csi.hlstore.io/filled`, set here; a clone: the agent's
+/// `hlstore.io/clone-state`): that label, not this in-memory state, is what says a volume
+/// is complete (a restarted controller starts with no jobs).
 #[derive(Clone, Default)]
 pub struct Restores {
     jobs: Arc<Mutex<HashMap<String, Job>>>,
@@ -170,7 +183,7 @@ impl Restores {
     }
 
     /// Starts restoring `backup` into `volume` in the background; when it is done, the
-    /// [`DONE_MARKER`] snapshot is taken through `agent`.
+    /// label `csi.hlstore.io/filled` is set through `agent`.
     pub fn start(
         &self,
         source: Arc<dyn BackupSource>,
@@ -179,42 +192,29 @@ impl Restores {
         agent: hlstore_proto::volume::volumes_client::VolumesClient<tonic::transport::Channel>,
     ) {
         let (b, v) = (backup.clone(), volume.clone());
-        let work = Box::pin(async move { source.restore(&b, &v).await });
-        self.spawn(volume, backup, "restoring a backup into a new volume", DONE_MARKER, agent, work);
+        let work = Box::pin(async move {
+            source.restore(&b, &v).await?;
+            mark_filled(agent, &v, &b).await
+        });
+        self.spawn(volume, backup, "restoring a backup into a new volume", work);
     }
 
-    /// Runs `work` (which fills `volume` from `source`) in the background, then takes the
-    /// snapshot `marker` on `volume` through `agent`; [`Self::poll`] follows it.
+    /// Runs `work` (which fills `volume` from `source` and marks it complete) in the
+    /// background; [`Self::poll`] follows it.
     pub fn spawn(
         &self,
         volume: String,
         source: String,
         what: &'static str,
-        marker: &'static str,
-        agent: hlstore_proto::volume::volumes_client::VolumesClient<tonic::transport::Channel>,
         work: std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send>>,
     ) {
         self.lock().insert(volume.clone(), Job::Running { source: source.clone() });
         let this = self.clone();
         tokio::spawn(async move {
             tracing::info!(volume.id = %volume, source = %source, "{what}");
-            let done = async {
-                work.await?;
-                let req = hlstore_proto::volume::CreateSnapshotRequest {
-                    volume: volume.clone(),
-                    name: marker.into(),
-                    labels: Default::default(),
-                };
-                let mut agent = agent;
-                agent
-                    .create_snapshot(req)
-                    .await
-                    .map_err(|s| CsiError::agent(format!("marking volume {volume} complete"), s))?;
-                Ok::<(), CsiError>(())
-            };
-            let job = match done.await {
+            let job = match work.await {
                 Ok(()) => {
-                    tracing::info!(volume.id = %volume, source = %source, marker, "volume filled");
+                    tracing::info!(volume.id = %volume, source = %source, "volume filled");
                     Job::Done { source }
                 }
                 Err(e) => {
@@ -230,6 +230,21 @@ impl Restores {
     pub fn forget(&self, volume: &str) {
         self.lock().remove(volume);
     }
+}
+
+/// Labels `volume` complete ([`crate::controller::params::LABEL_FILLED`] = `from`), on every
+/// replica, once what filled it is durable.
+pub async fn mark_filled(
+    mut agent: hlstore_proto::volume::volumes_client::VolumesClient<tonic::transport::Channel>,
+    volume: &str,
+    from: &str,
+) -> Result<()> {
+    let req = hlstore_proto::volume::SetVolumeLabelsRequest {
+        name: volume.to_string(),
+        labels: [(crate::controller::params::LABEL_FILLED.to_string(), from.to_string())].into_iter().collect(),
+    };
+    agent.set_volume_labels(req).await.map_err(|s| CsiError::agent(format!("marking volume {volume} complete"), s))?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! | volumes: read (list, get, list snapshots, changed blocks, read snapshot, attachments) | yes | yes | yes |
 //! | volumes: create / delete snapshot | yes | yes | yes (delete: `backup-` snapshots only) |
 //! | volumes: attach, detach, expand, scrub, write / flush (restores) | yes | yes | – |
-//! | volumes: create, delete, clone, revert, replace replica | yes | – | – |
+//! | volumes: create, delete, clone, revert, replace replica, set labels | yes | – | – |
 //!
 //! `node` certificates are the agents' own (calls one agent forwards to another) and the
 //! CSI node plugin's on that node: everything a node does to volumes attached on it, but

@@ -91,6 +91,13 @@ impl Cluster {
         Ok(())
     }
 
+    pub async fn set_labels(&self, node: &str, volume: &str, labels: BTreeMap<String, String>) -> Result<()> {
+        let mut c = self.replica_client(node)?;
+        let req = rpb::SetLabelsRequest { volume_id: volume.to_string(), labels: labels.into_iter().collect() };
+        bounded(node, async move { c.set_labels(req).await }).await?;
+        Ok(())
+    }
+
     pub async fn replica_snapshots(&self, node: &str, volume: &str) -> Result<Vec<SnapshotInfo>> {
         let mut c = self.replica_client(node)?;
         let req = rpb::ListSnapshotsRequest { volume_id: volume.to_string() };

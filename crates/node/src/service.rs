@@ -203,7 +203,21 @@ impl Volumes for VolumeService {
         let r = r.into_inner();
         name(&r.source)?;
         name(&r.name)?;
-        volume(self.mgr.clone_volume(convert::clone_from_pb(r)).await)
+        // The copy runs in its own task: a client that goes away (killed, timed out) does
+        // not cut it short; a later call finds it done, or still running.
+        let mgr = self.mgr.clone();
+        let spec = convert::clone_from_pb(r);
+        let copy = tokio::spawn(async move { mgr.clone_volume(spec).await });
+        volume(copy.await.unwrap_or_else(|e| Err(hlstore_core::error::Error::Internal(format!("clone task: {e}")))))
+    }
+
+    async fn set_volume_labels(
+        &self,
+        r: Request<vpb::SetVolumeLabelsRequest>,
+    ) -> Result<Response<vpb::Volume>, Status> {
+        let r = r.into_inner();
+        name(&r.name)?;
+        volume(self.mgr.set_labels(&r.name, r.labels.into_iter().collect()).await)
     }
 
     async fn changed_blocks(

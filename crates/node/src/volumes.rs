@@ -106,6 +106,8 @@ pub struct VolumeManager {
     snapshot_holders: snapshots::Holders,
     /// Volumes whose attach on this node is under way (reported as attached here).
     attaching: Arc<std::sync::Mutex<BTreeSet<String>>>,
+    /// Clones whose copy runs in this agent (a second CloneVolume of one of them waits).
+    cloning: Arc<std::sync::Mutex<BTreeSet<String>>>,
     state_path: PathBuf,
     timeouts: EngineTimeouts,
     /// Whether a dedicated NBD listener may bind a non-loopback address (only when the
@@ -143,6 +145,14 @@ impl Attaching {
     fn enter(set: &Arc<std::sync::Mutex<BTreeSet<String>>>, name: &str) -> Self {
         set.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
         Self { set: set.clone(), name: name.to_string() }
+    }
+
+    /// [`Self::enter`] unless `name` is in the set already (`None` then).
+    fn try_enter(set: &Arc<std::sync::Mutex<BTreeSet<String>>>, name: &str) -> Option<Self> {
+        set.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string())
+            .then(|| Self { set: set.clone(), name: name.to_string() })
     }
 }
 
@@ -282,6 +292,7 @@ impl VolumeManager {
             attached: Mutex::new(BTreeMap::new()),
             attach_lock: Mutex::new(()),
             attaching: Arc::new(std::sync::Mutex::new(BTreeSet::new())),
+            cloning: Arc::new(std::sync::Mutex::new(BTreeSet::new())),
             engine_ids: std::sync::Mutex::new(BTreeSet::new()),
             snapshot_holders: snapshots::Holders::default(),
             state_path,
@@ -473,7 +484,9 @@ impl VolumeManager {
                     Some((_, v)) => v,
                     None => Self::detached_view(g),
                 };
-                // Allocation comes from the replicas themselves.
+                // Labels and allocation come from the replicas themselves (an engine's copy
+                // of the record does not see labels set since it started).
+                v.labels = g.record.labels.clone();
                 for r in &mut v.replicas {
                     if let Some(i) = g.replicas.get(&r.node) {
                         r.allocated_bytes = i.state.allocated_bytes;
@@ -598,6 +611,32 @@ impl VolumeManager {
             )));
         }
         Ok(true)
+    }
+
+    /// Sets labels of `name` (an empty value removes one; the others stay) on every replica
+    /// of its set. **Invariant:** fails unless every one of them recorded the change: a
+    /// volume's labels are read from whichever replica answers, and a label that says a
+    /// volume is complete must not depend on which one that is. Labels fence nothing and
+    /// need no engine, so this works on attached and detached volumes alike.
+    pub async fn set_labels(&self, name: &str, labels: BTreeMap<String, String>) -> Result<Volume> {
+        let gathered = self.gather().await;
+        let g = gathered.get(name).ok_or_else(|| not_found(name))?;
+        let calls = g.record.replica_set.iter().map(|node| {
+            let labels = labels.clone();
+            async move { (node.clone(), self.cluster.set_labels(node, name, labels).await) }
+        });
+        let failed: Vec<String> = futures::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter_map(|(node, r)| r.err().map(|e| format!("{node}: {e}")))
+            .collect();
+        if !failed.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "volume {name}: labels not recorded on every replica ({}); set them again when those nodes are up",
+                failed.join("; ")
+            )));
+        }
+        self.get(name).await
     }
 
     // ----- attach / detach -----

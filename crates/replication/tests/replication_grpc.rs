@@ -150,6 +150,10 @@ impl Replica for Fake {
         Err(Status::unimplemented("set_replica_set"))
     }
 
+    async fn set_labels(&self, _: Request<pb::SetLabelsRequest>) -> Result<Response<pb::ReplicaInfo>, Status> {
+        Err(Status::unimplemented("set_labels"))
+    }
+
     // Snapshots are exercised against the real service (store and cluster tests).
     async fn create_snapshot(
         &self,

@@ -17,6 +17,43 @@ pub const MAX_VOLUME_SIZE: u64 = 1 << 60;
 /// Largest single read (the reply is built in memory).
 pub const MAX_READ: u64 = 64 << 20;
 
+/// Most labels one `set_labels` call may set.
+pub const MAX_LABELS: usize = 64;
+/// Longest label key or value, in bytes.
+pub const MAX_LABEL_LEN: usize = 256;
+
+/// Checks labels a caller wants to set on a volume record.
+pub(crate) fn labels(volume: &str, labels: &std::collections::BTreeMap<String, String>) -> Result<()> {
+    if labels.len() > MAX_LABELS {
+        return Err(Error::InvalidArgument(format!(
+            "volume {volume}: {} labels at once, more than the maximum {MAX_LABELS}",
+            labels.len()
+        )));
+    }
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > MAX_LABEL_LEN || v.len() > MAX_LABEL_LEN {
+            return Err(Error::InvalidArgument(format!(
+                "volume {volume}: label {k:?} must have a key of 1-{MAX_LABEL_LEN} bytes and a value of at most {MAX_LABEL_LEN}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Applies a `set_labels` change: each entry set, or removed when its value is empty.
+pub(crate) fn apply_labels(
+    to: &mut std::collections::BTreeMap<String, String>,
+    change: std::collections::BTreeMap<String, String>,
+) {
+    for (k, v) in change {
+        if v.is_empty() {
+            to.remove(&k);
+        } else {
+            to.insert(k, v);
+        }
+    }
+}
+
 /// Checks an epoch a caller wants to raise a replica to.
 pub(crate) fn new_epoch(volume: &str, epoch: u64) -> Result<()> {
     if epoch > MAX_EPOCH {

@@ -355,6 +355,14 @@ impl ReplicaStore for MemStore {
         })
     }
 
+    fn set_labels(&self, volume: &str, labels: BTreeMap<String, String>) -> Result<ReplicaInfo> {
+        check::labels(volume, &labels)?;
+        self.with(volume, |v| {
+            check::apply_labels(&mut v.record.labels, labels);
+            Ok(v.info())
+        })
+    }
+
     fn changes_since(&self, volume: &str, epoch: Epoch, since: Seq) -> Result<Vec<Change>> {
         let epoch = epoch.get();
         let since = since.get();

@@ -1,5 +1,7 @@
 //! The `ReplicaStore` trait: the contract every store implementation keeps.
 
+use std::collections::BTreeMap;
+
 use hlstore_core::error::Result;
 use hlstore_core::{Epoch, Offset, Seq};
 
@@ -76,6 +78,11 @@ pub trait ReplicaStore: Send + Sync + 'static {
     /// Replaces the record's replica set, raising the epoch to `epoch` like `open` (an
     /// older epoch is `StaleEpoch`).
     fn set_replica_set(&self, volume: &str, epoch: Epoch, replica_set: Vec<String>) -> Result<ReplicaInfo>;
+    /// Sets labels of the volume record durably: each entry of `labels` is set, or removed
+    /// when its value is empty; the other labels stay. Takes no epoch and changes none:
+    /// labels describe the volume, not its data, so writing one fences nothing (a label
+    /// saying a volume was filled is written after the engine that filled it is gone).
+    fn set_labels(&self, volume: &str, labels: BTreeMap<String, String>) -> Result<ReplicaInfo>;
     /// Every trim and block whose current content was written after `since`: trims first
     /// (in seq order), then blocks in offset order.
     fn changes_since(&self, volume: &str, epoch: Epoch, since: Seq) -> Result<Vec<Change>>;

@@ -459,6 +459,29 @@ fn set_replica_set_is_durable_and_fenced<H: Harness>(mut h: H) {
     assert_eq!(h.store().read("v", Epoch(2), Offset(0), BS).unwrap(), block(1));
 }
 
+/// Labels are set and removed durably, leave the other labels and the epoch alone, and
+/// are checked.
+fn set_labels_is_durable_and_keeps_the_rest<H: Harness>(mut h: H) {
+    make(&h, "v", 16);
+    let s = h.store();
+    s.write("v", Epoch(1), Seq(1), Offset(0), &block(1), true).unwrap();
+    let one = |k: &str, v: &str| std::collections::BTreeMap::from([(k.to_string(), v.to_string())]);
+    s.set_labels("v", one("a", "1")).unwrap();
+    let info = s.set_labels("v", one("b", "2")).unwrap();
+    assert_eq!(info.record.labels.len(), 2, "{:?}", info.record.labels);
+    assert_eq!(info.record.epoch, 1, "labels change no epoch");
+    let info = s.set_labels("v", one("a", "")).unwrap();
+    assert_eq!(info.record.labels, one("b", "2"), "an empty value removes the label");
+    assert_eq!(s.set_labels("v", one("", "x")).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.set_labels("v", one("k", &"x".repeat(300))).unwrap_err().kind(), ErrorKind::InvalidArgument);
+    assert_eq!(s.set_labels("nope", one("a", "1")).unwrap_err().kind(), ErrorKind::NotFound);
+    drop(s);
+    h.crash();
+    let info = h.store().info("v").unwrap();
+    assert_eq!(info.record.labels, one("b", "2"));
+    assert_eq!(h.store().read("v", Epoch(1), Offset(0), BS).unwrap(), block(1));
+}
+
 /// The epoch history is durable at once (set, or with a resync mark), kept by later
 /// claims and record changes, and fenced like any write.
 fn history_is_durable_and_fenced<H: Harness>(mut h: H) {
@@ -516,6 +539,7 @@ suite!(
     corruption_is_reported,
     delete_and_recreate,
     set_replica_set_is_durable_and_fenced,
+    set_labels_is_durable_and_keeps_the_rest,
     power_cut_before_a_flush_claims_only_what_survived,
     resync_chunks_below_the_durable_mark_are_flushed_for_real,
     unflushed_resync_chunks_lost_in_a_power_cut_are_copied_again,

@@ -72,7 +72,7 @@ pub fn label_name(key: &str, value: &str) -> String {
 impl Tree {
     /// Builds the view of `metas` (any order; shown oldest first).
     pub fn build(mut metas: Vec<SnapshotMeta>) -> Tree {
-        metas.sort_by(|a, b| (a.time, a.nanos, &a.id).cmp(&(b.time, b.nanos, &b.id)));
+        crate::select::sort_oldest_first(&mut metas);
         let newest = metas.last().map_or(0, |m| m.time);
         let mut t = Tree { nodes: Vec::new(), metas: Vec::new(), meta_json: Vec::new(), children: HashMap::new() };
         let dir = |parent, time| Node { parent, kind: NodeKind::Dir(Vec::new()), time, nlink: 2 };

@@ -27,11 +27,25 @@ pub const LABEL_PVC_NAME: &str = "csi.hlstore.io/pvc-name";
 pub const LABEL_PV_NAME: &str = "csi.hlstore.io/pv-name";
 /// Label recording the backup id a volume is restored from (`backup:` content sources).
 pub const LABEL_RESTORED_FROM: &str = "csi.hlstore.io/restored-from";
-/// Label on a volume filled in the background (a clone): the snapshot that marks it
-/// complete. A volume with this label and without that snapshot is an unfinished copy
-/// and is never handed out. (Clones made before this label existed were complete when
-/// created.)
+/// Label on clones made by earlier controllers: the snapshot that marks the clone
+/// complete. A volume with this label and neither that snapshot nor a done label is an
+/// unfinished copy and is never handed out. New clones are marked by the agent
+/// ([`LABEL_AGENT_CLONE_STATE`]); a marker snapshot found on a complete volume is replaced
+/// by [`LABEL_FILLED`] and deleted, since a snapshot keeps alive every block it sees.
 pub const LABEL_DONE_MARKER: &str = "csi.hlstore.io/done-marker";
+/// Label set once a volume filled in the background (a restore from a backup, or a clone
+/// that earlier controllers marked with a snapshot) is complete; its value names what it
+/// was filled from. Set after the data is durable, so a volume with it is complete.
+pub const LABEL_FILLED: &str = "csi.hlstore.io/filled";
+/// The agent's label on a clone (`hlstore.io/clone-state`, see CloneVolume in
+/// `proto/volume.proto`): `done` once its copy is complete, `copying:<token>` until then.
+pub const LABEL_AGENT_CLONE_STATE: &str = "hlstore.io/clone-state";
+/// [`LABEL_AGENT_CLONE_STATE`] of a complete clone.
+pub const AGENT_CLONE_DONE: &str = "done";
+/// Label of the snapshots the agent takes for its own use (a clone's temporary snapshot).
+pub const LABEL_AGENT_TEMPORARY: &str = "hlstore.io/temporary";
+/// Name prefix of a clone's temporary snapshot (older agents did not label it).
+pub const AGENT_TEMP_CLONE_PREFIX: &str = "clone-";
 
 /// Where replicas go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

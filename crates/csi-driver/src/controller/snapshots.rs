@@ -119,6 +119,8 @@ impl ControllerService {
         if !r.source_volume_id.is_empty() {
             snaps.retain(|s| s.volume == r.source_volume_id);
         }
+        // Done markers and a clone's temporary snapshot are no VolumeSnapshots.
+        snaps.retain(|s| !crate::backups::internal_snapshot(&s.name, &s.labels));
         let mut entries: Vec<csi::Snapshot> = snaps.iter().map(csi_snapshot).collect();
         entries.sort_by(|a, b| a.snapshot_id.cmp(&b.snapshot_id));
         let (page, next_token) = params::page(&entries, r.max_entries, &r.starting_token)?;

@@ -6,9 +6,12 @@ use hlstore_proto::csi;
 use hlstore_proto::csi::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
 use hlstore_proto::volume as vpb;
 
-use super::params::{self, DataLocality, Params, LABEL_CSI_NAME, LABEL_DONE_MARKER, LABEL_RESTORED_FROM, LABEL_SOURCE};
+use super::params::{
+    self, DataLocality, Params, AGENT_CLONE_DONE, LABEL_AGENT_CLONE_STATE, LABEL_CSI_NAME, LABEL_DONE_MARKER,
+    LABEL_FILLED, LABEL_RESTORED_FROM, LABEL_SOURCE,
+};
 use super::{status_of, ControllerService};
-use crate::backups::{BackupRef, RestoreState, CLONE_DONE_MARKER, DONE_MARKER};
+use crate::backups::{BackupRef, RestoreState, DONE_MARKER};
 use crate::capability::{self, Capability};
 use crate::error::{required, CsiError, Result};
 use crate::ids;
@@ -246,7 +249,7 @@ impl ControllerService {
         };
         // A clone: the agent creates the volume and copies the source into it, which takes
         // as long as the data takes, so it runs in the background (see `clone_progress`).
-        labels.insert(LABEL_DONE_MARKER.into(), CLONE_DONE_MARKER.into());
+        // The agent labels the clone done when its copy is complete.
         let req = vpb::CloneVolumeRequest {
             source: vol.clone(),
             name: id.clone(),
@@ -266,15 +269,16 @@ impl ControllerService {
             tracing::info!(volume.id = %vid, size = v.size, replicas = ?v.replica_set, "clone copied");
             Ok(())
         });
-        self.restores.spawn(id.clone(), key, "copying a clone", CLONE_DONE_MARKER, self.agent(), work);
+        self.restores.spawn(id.clone(), key, "copying a clone", work);
         Err(CsiError::Aborted(format!("volume {id}: copying {what} started (CreateVolume succeeds when it is done)")))
     }
 
     /// For an existing volume created from a volume or a snapshot: `Some` (the answer) when
     /// it is complete, ABORTED while its copy runs, the copy's error once when it failed;
     /// `None` when it is an unfinished copy no job here is running (the controller
-    /// restarted, or the copy failed): that volume is deleted, never handed out, and the
-    /// caller starts the copy again.
+    /// restarted, or the copy failed): never handed out, and the caller starts the copy
+    /// again (the agent deletes and recopies its own unfinished clones; one of an earlier
+    /// controller is deleted here).
     async fn clone_progress(
         &self,
         id: &str,
@@ -282,9 +286,18 @@ impl ControllerService {
         source: &Source,
     ) -> Result<Option<csi::CreateVolumeResponse>> {
         let done = Ok(Some(csi::CreateVolumeResponse { volume: Some(csi_volume(v)) }));
-        // Empty volumes are complete when created; so are clones made before copies ran in
-        // the background (no marker label: the agent copied them inside CreateVolume).
-        let Some(marker) = v.labels.get(LABEL_DONE_MARKER) else { return done };
+        let agent_state = v.labels.get(LABEL_AGENT_CLONE_STATE);
+        // The agent labels a clone done once its copy is complete.
+        if agent_state.map(String::as_str) == Some(AGENT_CLONE_DONE) || v.labels.contains_key(LABEL_FILLED) {
+            return done;
+        }
+        // Clones of earlier controllers name a marker snapshot instead. Empty volumes are
+        // complete when created; so are clones made before copies ran in the background
+        // (neither label: the agent copied them inside CreateVolume).
+        let marker = v.labels.get(LABEL_DONE_MARKER);
+        if agent_state.is_none() && marker.is_none() {
+            return done;
+        }
         let key = source.label().unwrap_or_default();
         let what = source.describe();
         match self.restores.poll(id, &key) {
@@ -293,7 +306,10 @@ impl ControllerService {
                 Err(CsiError::Aborted(format!("volume {id}: copying {what} (CreateVolume succeeds when it is done)")))
             }
             RestoreState::Failed(code, e) => Err(RestoreState::failure(code, &e, id, &format!("copying {what}"))),
-            RestoreState::Unknown if self.marked_done(id, marker).await? => done,
+            RestoreState::Unknown if self.filled(v, marker.map(String::as_str)).await? => done,
+            // The agent's clone: its CloneVolume copies it again, or answers that its copy
+            // still runs (a copy outlives a controller that stopped).
+            RestoreState::Unknown if agent_state.is_some() => Ok(None),
             RestoreState::Unknown => {
                 tracing::info!(volume.id = %id, source = %what, "deleting an unfinished copy to start it again");
                 match self.agent().delete_volume(vpb::DeleteVolumeRequest { name: id.to_string() }).await {
@@ -323,7 +339,7 @@ impl ControllerService {
         })?;
         // A volume already restored is returned as is (its backup may be pruned by now).
         if let Some(v) = self.get_volume(id).await? {
-            if v.labels.get(LABEL_SOURCE).cloned() == source.label() && self.marked_done(id, DONE_MARKER).await? {
+            if v.labels.get(LABEL_SOURCE).cloned() == source.label() && self.filled(&v, Some(DONE_MARKER)).await? {
                 return Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&v)) });
             }
         }
@@ -385,7 +401,7 @@ impl ControllerService {
             RestoreState::Failed(code, e) => {
                 Err(RestoreState::failure(code, &e, id, &format!("restoring backup {backup}")))
             }
-            RestoreState::Unknown if self.marked_done(id, DONE_MARKER).await? => {
+            RestoreState::Unknown if self.filled(&v, Some(DONE_MARKER)).await? => {
                 Ok(csi::CreateVolumeResponse { volume: Some(csi_volume(&v)) })
             }
             RestoreState::Unknown => {
@@ -395,13 +411,37 @@ impl ControllerService {
         }
     }
 
-    /// Whether volume `id` carries the snapshot `marker` a finished restore or copy leaves.
-    async fn marked_done(&self, id: &str, marker: &str) -> Result<bool> {
-        match self.agent().list_snapshots(vpb::ListSnapshotsRequest { volume: id.to_string() }).await {
-            Ok(r) => Ok(r.into_inner().snapshots.iter().any(|s| s.name == marker)),
-            Err(s) if s.code() == tonic::Code::NotFound => Ok(false),
-            Err(s) => Err(CsiError::agent(format!("listing the snapshots of {id}"), s)),
+    /// Whether volume `v`, filled in the background, is complete: it carries
+    /// [`LABEL_FILLED`], or the snapshot `legacy_marker` earlier controllers took instead.
+    /// Such a snapshot is replaced by the label and deleted (it kept alive every block it
+    /// saw, for as long as the volume lived); if that fails, it still counts.
+    async fn filled(&self, v: &vpb::Volume, legacy_marker: Option<&str>) -> Result<bool> {
+        if v.labels.contains_key(LABEL_FILLED) {
+            return Ok(true);
         }
+        let Some(marker) = legacy_marker else { return Ok(false) };
+        let id = &v.name;
+        let marked = match self.agent().list_snapshots(vpb::ListSnapshotsRequest { volume: id.clone() }).await {
+            Ok(r) => r.into_inner().snapshots.iter().any(|s| s.name == marker),
+            Err(s) if s.code() == tonic::Code::NotFound => false,
+            Err(s) => return Err(CsiError::agent(format!("listing the snapshots of {id}"), s)),
+        };
+        if marked {
+            let retire = async {
+                crate::backups::mark_filled(self.agent(), id, &format!("snapshot:{marker}")).await?;
+                let req = vpb::DeleteSnapshotRequest { volume: id.clone(), name: marker.to_string() };
+                self.agent()
+                    .delete_snapshot(req)
+                    .await
+                    .map_err(|s| CsiError::agent(format!("deleting the marker snapshot of {id}"), s))?;
+                Ok::<(), CsiError>(())
+            };
+            match retire.await {
+                Ok(()) => tracing::info!(volume.id = %id, marker, "marker snapshot replaced by a label"),
+                Err(e) => tracing::warn!(volume.id = %id, marker, error = %e, "could not replace a marker snapshot"),
+            }
+        }
+        Ok(marked)
     }
 
     pub(super) async fn delete(&self, r: csi::DeleteVolumeRequest) -> Result<csi::DeleteVolumeResponse> {

@@ -25,6 +25,18 @@ use hlstore_store::SnapshotInfo;
 const COPY_PIECE: u64 = 1 << 20;
 /// Label a clone carries: the volume it was cloned from.
 pub const CLONE_OF: &str = "hlstore.io/clone-of";
+/// Label a clone carries: [`CLONE_DONE`] once its copy is complete, `copying:<token>` until
+/// then (set when the volume is created).
+pub const CLONE_STATE: &str = "hlstore.io/clone-state";
+/// [`CLONE_STATE`] of a complete clone.
+pub const CLONE_DONE: &str = "done";
+/// [`CLONE_STATE`] of a clone being copied (followed by `:<token>` of the attempt).
+const CLONE_COPYING: &str = "copying";
+/// Name prefix of the snapshot a clone of a volume's current content takes (then deletes).
+pub const TEMP_CLONE_SNAPSHOT_PREFIX: &str = "clone-";
+/// Label of snapshots the agent takes for its own use and deletes afterwards (value: what
+/// for); CSI ListSnapshots leaves them out.
+pub const TEMPORARY: &str = "hlstore.io/temporary";
 
 /// How long a snapshot's holder is remembered for reads of it.
 const HOLDER_TTL: Duration = Duration::from_secs(10);
@@ -318,28 +330,77 @@ impl VolumeManager {
 
     /// A new volume with the content of a snapshot of `source` (a fresh one when none is
     /// named, deleted afterwards).
+    ///
+    /// **Invariant:** a clone is returned only once its copy is complete. The volume is
+    /// created labelled [`CLONE_STATE`]` = copying:<token>` (atomically with its creation)
+    /// and relabelled `done` only after the copy was flushed on every replica, so a copy
+    /// cut short (a killed client or agent) leaves a volume that says so: the next call for
+    /// it deletes it and copies again, and a failed copy deletes its own volume (the token
+    /// keeps it from deleting a later attempt's). Clones made before the label existed
+    /// cannot tell; they are refused (`AlreadyExists`) rather than passed for complete.
     pub async fn clone_volume(&self, req: CloneSpec) -> Result<Volume> {
+        let Some(_copying) = super::Attaching::try_enter(&self.cloning, &req.name) else {
+            return Err(Error::Conflict(format!(
+                "volume {} is being copied by this agent; retry when it is done",
+                req.name
+            )));
+        };
         let gathered = self.gather().await;
         if let Some(g) = gathered.get(&req.name) {
-            if g.record.labels.get(CLONE_OF) == Some(&req.source) {
-                return self.get(&req.name).await;
+            let labels = &g.record.labels;
+            if labels.get(CLONE_OF) != Some(&req.source) {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {} exists and is not a clone of {}",
+                    req.name, req.source
+                )));
             }
-            return Err(Error::AlreadyExists(format!(
-                "volume {} exists and is not a clone of {}",
-                req.name, req.source
-            )));
+            match labels.get(CLONE_STATE).map(String::as_str) {
+                Some(CLONE_DONE) => return self.get(&req.name).await,
+                Some(state) => {
+                    tracing::info!(volume.id = %req.name, source = %req.source, state, "deleting an unfinished clone to copy it again");
+                    self.delete(&req.name).await?;
+                }
+                None => {
+                    return Err(Error::AlreadyExists(format!(
+                        "volume {} is a clone of {} made before clones recorded whether their copy completed, so it \
+                         may be incomplete; check it, or delete it (hlstore volume delete {}) and clone again",
+                        req.name, req.source, req.name
+                    )))
+                }
+            }
         }
         if !gathered.contains_key(&req.source) {
             return Err(not_found(&req.source));
         }
         let temp = req.snapshot.is_empty();
-        let snap = if temp { format!("clone-{}", req.name) } else { req.snapshot.clone() };
+        let snap = if temp { format!("{TEMP_CLONE_SNAPSHOT_PREFIX}{}", req.name) } else { req.snapshot.clone() };
         if temp {
-            self.create_snapshot(&req.source, &snap, BTreeMap::new()).await?;
+            // One left by an interrupted clone holds older content: the clone gets today's.
+            if self.list_snapshots(&req.source).await?.iter().any(|s| s.name == snap) {
+                self.delete_snapshot(&req.source, &snap).await?;
+            }
+            let labels = BTreeMap::from([(TEMPORARY.to_string(), format!("clone {}", req.name))]);
+            self.create_snapshot(&req.source, &snap, labels).await?;
         }
-        let (node, info) = self.holder(&req.source, &snap).await?;
+        let res = self.clone_from(&req, &snap).await;
+        if temp {
+            if let Err(e) = self.delete_snapshot(&req.source, &snap).await {
+                tracing::warn!(volume.id = %req.source, error = %e, "could not delete the snapshot made for a clone");
+            }
+        }
+        let copied = res?;
+        tracing::info!(volume.id = %req.name, source = %req.source, snapshot = %snap, bytes = copied, "volume cloned");
+        self.get(&req.name).await
+    }
+
+    /// Creates the clone `req.name` of `source`'s snapshot `snap`, copies, and labels it
+    /// done; on failure deletes the clone it made. Returns the bytes copied.
+    async fn clone_from(&self, req: &CloneSpec, snap: &str) -> Result<u64> {
+        let (node, info) = self.holder(&req.source, snap).await?;
+        let copying = format!("{CLONE_COPYING}:{:016x}", super::new_owner_id());
         let mut labels = req.labels.clone();
         labels.insert(CLONE_OF.into(), req.source.clone());
+        labels.insert(CLONE_STATE.into(), copying.clone());
         let create = NewVolume {
             name: req.name.clone(),
             size: info.size.max(req.size),
@@ -349,27 +410,31 @@ impl VolumeManager {
             labels,
         };
         self.create(create).await?;
-        let runs = self.changed_blocks(&req.source, "", &snap).await?.extents;
-        let copied = match self
-            .with_temp_engine(&req.name, async |e| self.copy_runs(&node, &req.source, &info, runs, e).await)
-            .await
-        {
-            Ok(n) => n,
-            Err(e) => {
-                // A half-copied clone must not pass for a finished one on retry.
-                if let Err(d) = self.delete(&req.name).await {
-                    tracing::warn!(volume.id = %req.name, error = %d, "could not delete an unfinished clone");
-                }
-                return Err(e);
-            }
+        let copy = async {
+            let runs = self.changed_blocks(&req.source, "", snap).await?.extents;
+            let copied = self
+                .with_temp_engine(&req.name, async |e| self.copy_runs(&node, &req.source, &info, runs, e).await)
+                .await?;
+            self.set_labels(&req.name, BTreeMap::from([(CLONE_STATE.to_string(), CLONE_DONE.to_string())])).await?;
+            Ok(copied)
         };
-        tracing::info!(volume.id = %req.name, source = %req.source, snapshot = %snap, bytes = copied, "volume cloned");
-        if temp {
-            if let Err(e) = self.delete_snapshot(&req.source, &snap).await {
-                tracing::warn!(volume.id = %req.source, error = %e, "could not delete the snapshot made for a clone");
+        match copy.await {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                // Only this attempt's volume (a later call may have replaced it).
+                let ours = self
+                    .gather()
+                    .await
+                    .get(&req.name)
+                    .is_some_and(|g| g.record.labels.get(CLONE_STATE) == Some(&copying));
+                if ours {
+                    if let Err(d) = self.delete(&req.name).await {
+                        tracing::warn!(volume.id = %req.name, error = %d, "could not delete an unfinished clone");
+                    }
+                }
+                Err(e)
             }
         }
-        self.get(&req.name).await
     }
 
     /// One scrub pass now on the engine serving `volume` (see `replication/heal.rs`).

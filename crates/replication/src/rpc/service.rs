@@ -271,6 +271,14 @@ impl<S: ReplicaStore> Replica for ReplicaService<S> {
         Ok(Response::new(convert::info_to_pb(&info)))
     }
 
+    async fn set_labels(&self, req: Request<pb::SetLabelsRequest>) -> Result<Response<pb::ReplicaInfo>, Status> {
+        let r = req.into_inner();
+        volume_id(&r.volume_id)?;
+        let labels = r.labels.into_iter().collect();
+        let info = self.call(move |s| s.set_labels(&r.volume_id, labels)).await?;
+        Ok(Response::new(convert::info_to_pb(&info)))
+    }
+
     type ResyncStream = BoxStream<pb::ResyncChunk>;
 
     async fn resync(&self, req: Request<pb::ResyncRequest>) -> Result<Response<Self::ResyncStream>, Status> {

@@ -35,7 +35,7 @@ mod snap;
 mod upgrade;
 mod volume;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -1015,6 +1015,17 @@ impl ReplicaStore for DiskStore {
         }
         rec.epoch = epoch;
         rec.replica_set = replica_set;
+        self.put_record(v.vid, &rec)?;
+        g.record = rec;
+        Ok(ReplicaInfo { record: g.record.clone(), state: g.state() })
+    }
+
+    fn set_labels(&self, name: &str, labels: BTreeMap<String, String>) -> Result<ReplicaInfo> {
+        check::labels(name, &labels)?;
+        let v = self.vol(name)?;
+        let mut g = volume::write(&v);
+        let mut rec = g.record.clone();
+        check::apply_labels(&mut rec.labels, labels);
         self.put_record(v.vid, &rec)?;
         g.record = rec;
         Ok(ReplicaInfo { record: g.record.clone(), state: g.state() })
