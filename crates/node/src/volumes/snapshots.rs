@@ -271,6 +271,18 @@ impl VolumeManager {
         offset: u64,
         len: u64,
     ) -> Result<Vec<u8>> {
+        // This node's replica is read in process, like the engines reach it (same checks
+        // and checksums as the replica service, without a TLS round trip to itself).
+        if let Some((store, stats)) = self.local.as_ref().filter(|_| node == self.cluster.self_id) {
+            let local = hlstore_replication::LocalReplica::new(node, volume, store.clone(), stats.clone());
+            return hlstore_replication::ReplicaTransport::read_snapshot(
+                &local,
+                snap,
+                hlstore_core::Offset(offset),
+                len,
+            )
+            .await;
+        }
         self.cluster.read_replica_snapshot(node, volume, snap, offset, len).await
     }
 
