@@ -29,6 +29,7 @@ fn serve(listener: TcpListener, seen: Seen) {
         pv("c", "other.csi.io", "hlstore", ("db", "c")),            // other driver
         pv("d", "csi.hlstore.io", "local-path", ("db", "d")),       // neither
         pv("bad", "csi.hlstore.io", "hlstore", ("db", "bad")),      // by class, backup fails
+        pv("e", "csi.hlstore.io", "hlstore", ("db", "e")),          // by class, not due
     ]});
     let pvcs = json!({"items": [{"metadata": {"namespace": "media", "name": "b"}}]});
     for stream in listener.incoming() {
@@ -79,7 +80,7 @@ fn script_selects_backs_up_prunes_and_reports_failures() {
     std::fs::write(sa.join("token"), "test-token").unwrap();
     std::fs::write(sa.join("ca.crt"), "").unwrap();
     // Stand-in hlstore: logs its arguments; `backup create` writes the metrics file and
-    // fails for vol-bad.
+    // fails for vol-bad; vol-e is not due (exit 0, no metrics).
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let log = dir.path().join("hlstore.log");
@@ -88,10 +89,13 @@ fn script_selects_backs_up_prunes_and_reports_failures() {
 echo "$*" >> {log}
 prev=""
 for a in "$@"; do
-  if [ "$prev" = "--metrics-textfile" ]; then echo "hlstore_backup_read_bytes 1" > "$a"; fi
   if [ "$prev" = "--volume" ] && [ "$a" = vol-bad ]; then exit 1; fi
+  if [ "$prev" = "--volume" ] && [ "$a" = vol-e ]; then skip=1; fi
+  if [ "$prev" = "--metrics-textfile" ]; then metrics=$a; fi
   prev=$a
 done
+# A backup that ran writes its metrics; one that was not due writes nothing.
+if [ -n "${{metrics:-}}" ] && [ -z "${{skip:-}}" ]; then echo "hlstore_backup_read_bytes 1" > "$metrics"; fi
 "#,
         log = log.display()
     );
@@ -114,6 +118,7 @@ done
         .env("KEEP_WEEKLY", "2")
         .env("KEEP_MONTHLY", "1")
         .env("PUSHGATEWAY_URL", &base)
+        .env("DEFAULT_BACKUP_SCHEDULE", "weekly")
         .env("AWS_ENDPOINT_URL", "")
         .output()
         .unwrap();
@@ -126,11 +131,13 @@ done
     let creates: Vec<&String> = calls.iter().filter(|c| c.starts_with("backup create")).collect();
     let volumes: Vec<&str> =
         creates.iter().map(|c| c.split("--volume ").nth(1).unwrap().split(' ').next().unwrap()).collect();
-    assert_eq!(volumes, ["vol-a", "vol-b", "vol-bad"], "{calls:?}");
+    assert_eq!(volumes, ["vol-a", "vol-b", "vol-bad", "vol-e"], "{calls:?}");
     for c in &creates {
         assert!(c.starts_with("backup create --repo s3://bucket/repo --volume "), "{c}");
         assert!(c.contains("--metrics-textfile "), "{c}");
+        assert!(c.ends_with("--if-due --default-schedule weekly"), "{c}");
     }
+    assert!(stdout.contains("not due: 1"), "{stdout}");
     // Each backup names the claim it was taken for (a rebuilt cluster finds it by name).
     assert!(
         creates[1].contains("--label pvc=media/b --label pvc-namespace=media --label pvc-name=b"),

@@ -285,3 +285,68 @@ fn a_restore_to_a_volume_killed_with_sigkill_resumes_byte_identical() {
     let back = nbd_read_all(&uri, work.path());
     assert!(back == img, "restored volume differs from the file");
 }
+
+/// `backup create --volume V --if-due` backs a volume up only when its schedule (label
+/// `hlstore.io/backup-schedule`, the StorageClass's `backupSchedule`) says so against its
+/// newest backup in the repository: the backup job can run hourly for volumes on
+/// different schedules. `never` is never due; a volume without a schedule is always due
+/// unless `--default-schedule` gives it one.
+#[test]
+fn scheduled_volumes_are_backed_up_only_when_due() {
+    let mut c = Cluster::new();
+    c.env.push(("HLSTORE_REPO_PASSWORD".into(), "volume backup test".into()));
+    c.env.push(("HLSTORE_KDF_PARAMS".into(), "64,1,1".into()));
+    c.up(&["--nodes", "3"]);
+    let ep = c.endpoint("n1");
+    let tls = c.admin_tls();
+    for (name, schedule) in [("daily", Some("daily")), ("off", Some("never")), ("plain", None)] {
+        let labels = schedule.map(|s| ("hlstore.io/backup-schedule".to_string(), s.to_string())).into_iter().collect();
+        let req =
+            vpb::CreateVolumeRequest { name: name.into(), size: 8 * MIB, replicas: 3, labels, ..Default::default() };
+        rpc(&tls, &ep, async |mut v| v.create_volume(req).await.expect("create volume"));
+    }
+    let work = tempfile::tempdir().unwrap();
+    let repo = format!("file://{}", work.path().join("repo").display());
+    c.cli(&["backup", "init", "--repo", &repo]);
+    let create = |volume: &str, extra: &[&str]| -> Value {
+        let mut args =
+            vec!["backup", "create", "--repo", &repo, "--volume", volume, "--endpoint", &ep, "--json", "--if-due"];
+        args.extend_from_slice(extra);
+        json(&c.cli(&args))
+    };
+    let backups = |volume: &str| -> usize {
+        let out = c.cli(&["backup", "list", "--repo", &repo, "--volume", volume, "--json"]);
+        json(&out).as_array().map_or(0, Vec::len)
+    };
+
+    assert!(create("daily", &[])["skipped"].is_null(), "first backup of a daily volume");
+    let again = create("daily", &[]);
+    assert_eq!(again["skipped"], true, "{again}");
+    assert_eq!(again["schedule"], "daily");
+    assert!(again["due_at"].as_u64().unwrap() > again["last_backup"].as_u64().unwrap() + 20 * 3600, "{again}");
+    assert_eq!(backups("daily"), 1);
+
+    assert_eq!(create("off", &[])["skipped"], true);
+    assert_eq!(backups("off"), 0, "schedule never");
+
+    create("plain", &[]);
+    create("plain", &[]);
+    assert_eq!(backups("plain"), 2, "no schedule: due every run");
+    assert_eq!(create("plain", &["--default-schedule", "6h"])["skipped"], true);
+    assert_eq!(backups("plain"), 2);
+
+    let (ok, _, err) = c.try_cli(&[
+        "backup",
+        "create",
+        "--repo",
+        &repo,
+        "--volume",
+        "plain",
+        "--endpoint",
+        &ep,
+        "--if-due",
+        "--default-schedule",
+        "0 2 * * *",
+    ]);
+    assert!(!ok && err.contains("expected hourly"), "{err}");
+}

@@ -132,6 +132,16 @@ pub enum BackupCommand {
         /// deduplicated, duration, last success time) to this file, replaced atomically.
         #[arg(long, value_name = "PATH")]
         metrics_textfile: Option<PathBuf>,
+        /// With --volume: back up only if the volume is due by its schedule (its label
+        /// hlstore.io/backup-schedule, from the StorageClass parameter backupSchedule:
+        /// hourly, daily, weekly, never, or 30m/6h/2d/1w) against its newest backup in this
+        /// repository; otherwise print why not and exit 0. A volume without a schedule is
+        /// always due, unless --default-schedule gives one.
+        #[arg(long, requires = "volume")]
+        if_due: bool,
+        /// The schedule of volumes that carry none (with --if-due), e.g. daily.
+        #[arg(long, requires = "if_due", value_name = "SCHEDULE", value_parser = parse_schedule)]
+        default_schedule: Option<String>,
     },
     /// List backups, oldest first; --volume, --label and --latest narrow the list.
     ///
@@ -381,6 +391,10 @@ pub struct RestoreArgs {
     pub json: bool,
 }
 
+fn parse_schedule(s: &str) -> Result<String, String> {
+    hlstore_core::schedule::Schedule::parse(s).map(|_| s.to_string())
+}
+
 fn parse_label(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
@@ -491,9 +505,22 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
                 println!("created repository {} at {}", r.config().id, repo.repo);
             }
         }
-        BackupCommand::Create { repo, volume: Some(volume), endpoint, labels, json, metrics_textfile, .. } => {
+        BackupCommand::Create {
+            repo,
+            volume: Some(volume),
+            endpoint,
+            labels,
+            json,
+            metrics_textfile,
+            if_due,
+            default_schedule,
+            ..
+        } => {
             let started = std::time::Instant::now();
             let r = repo.open()?;
+            if if_due && !volume_backup::due(&r, &endpoint, &volume, default_schedule.as_deref(), json)? {
+                return Ok(());
+            }
             let meta = volume_backup::backup(&r, &endpoint, &volume, labels.into_iter().collect(), json)?;
             if let Some(path) = &metrics_textfile {
                 let page = super::backup_metrics::render(

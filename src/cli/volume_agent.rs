@@ -33,6 +33,16 @@ impl GrpcAgent {
         Ok(GrpcAgent { handle, client, endpoint: endpoint.to_string(), attached_volume: Default::default() })
     }
 
+    /// The labels of `volume`.
+    pub fn volume_labels(&self, volume: &str) -> Result<std::collections::BTreeMap<String, String>> {
+        let mut c = self.client.clone();
+        let v = self
+            .handle
+            .block_on(c.get_volume(vpb::GetVolumeRequest { name: volume.into() }))
+            .map_err(|s| self.err(&format!("look up volume {volume}"), s))?;
+        Ok(v.into_inner().labels.into_iter().collect())
+    }
+
     fn err(&self, op: &str, s: tonic::Status) -> Error {
         if s.code() == tonic::Code::Unimplemented {
             Error::Agent(format!(

@@ -16,6 +16,50 @@ use super::volume_agent::GrpcAgent;
 /// Backs up `volume`; prints a line, or JSON: the report (`bytes_read`, `incremental`,
 /// `base`, `volume_snapshot`, `deleted_snapshots`...) plus the backup's id, size, parent,
 /// labels and stats.
+/// Whether volume `volume` is due for a backup by its schedule (label
+/// `hlstore.io/backup-schedule`, else `default`; neither: always), given the newest backup
+/// of it in `r`. Prints why not when it is not (JSON with `json`) and returns false.
+pub fn due(r: &Repository, endpoint: &str, volume: &str, default: Option<&str>, json: bool) -> anyhow::Result<bool> {
+    use hlstore_core::schedule::{Schedule, LABEL};
+    let agent = GrpcAgent::connect(Handle::current(), endpoint)?;
+    let labels = agent.volume_labels(volume)?;
+    let Some(text) = labels.get(LABEL).map(String::as_str).or(default) else { return Ok(true) };
+    let schedule = Schedule::parse(text).map_err(|e| anyhow::anyhow!("volume {volume}: {e}"))?;
+    let filter = hlstore_backup::select::Filter::new(Some(volume), &[]);
+    let metas = r.list_snapshots()?;
+    let last = filter.newest(&filter.apply(metas)).map(|m| m.time);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    if schedule.due(last, now) {
+        return Ok(true);
+    }
+    let due_at = match schedule {
+        Schedule::Never => None,
+        Schedule::Every(d) => last.map(|t| t + d.as_secs() - (d.as_secs() / 10).min(1800)),
+    };
+    if json {
+        let v = serde_json::json!({"volume": volume, "skipped": true, "schedule": text, "last_backup": last, "due_at": due_at});
+        println!("{v}");
+    } else {
+        let when =
+            due_at.map_or("never (schedule: never)".to_string(), |t| format!("in {}", span(t.saturating_sub(now))));
+        println!(
+            "volume {volume} is not due (schedule {text}, newest backup {} ago); next backup {when}",
+            last.map_or("-".to_string(), |t| span(now.saturating_sub(t)))
+        );
+    }
+    Ok(false)
+}
+
+/// `secs` as days, hours and minutes ("2d 3h", "3h 12m", "12m").
+fn span(secs: u64) -> String {
+    let (d, h, m) = (secs / 86_400, secs % 86_400 / 3600, secs % 3600 / 60);
+    match (d, h) {
+        (0, 0) => format!("{m}m"),
+        (0, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
 pub fn backup(
     r: &Repository,
     endpoint: &str,

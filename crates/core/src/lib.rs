@@ -16,6 +16,7 @@ pub mod error;
 pub mod identity;
 pub mod ids;
 pub mod metrics;
+pub mod schedule;
 pub mod space;
 
 pub use device::BlockDevice;

@@ -14,7 +14,7 @@ pub const BLOCK: u64 = 4096;
 pub const MAX_REPLICAS: u32 = 16;
 
 /// Label recording the StorageClass backup schedule (read by the backup CronJob).
-pub const LABEL_BACKUP_SCHEDULE: &str = "hlstore.io/backup-schedule";
+pub const LABEL_BACKUP_SCHEDULE: &str = hlstore_core::schedule::LABEL;
 /// Label recording what a volume was created from (`snapshot:<id>` / `volume:<id>`).
 pub const LABEL_SOURCE: &str = "csi.hlstore.io/source";
 /// Label recording the CSI name a volume or snapshot was created with.
@@ -93,6 +93,8 @@ pub fn parse_params(p: &HashMap<String, String>) -> Result<Params> {
                 }
             }
             "backupSchedule" => {
+                hlstore_core::schedule::Schedule::parse(v)
+                    .map_err(|e| CsiError::InvalidArgument(format!("parameter backupSchedule: {e}")))?;
                 out.labels.insert(LABEL_BACKUP_SCHEDULE.to_string(), v.clone());
             }
             "csi.storage.k8s.io/pvc/namespace" => {
@@ -221,8 +223,13 @@ mod tests {
         assert_eq!((p.labels[LABEL_PVC_NAMESPACE].as_str(), p.labels[LABEL_PVC_NAME].as_str()), ("apps", "x"));
         assert_eq!(p.labels[LABEL_PV_NAME], "pvc-1");
         assert_eq!(p.labels.len(), 4, "{:?}", p.labels);
-        for bad in [&[("replicas", "0")][..], &[("replicas", "x")], &[("dataLocality", "strict")], &[("replica", "3")]]
-        {
+        for bad in [
+            &[("replicas", "0")][..],
+            &[("replicas", "x")],
+            &[("dataLocality", "strict")],
+            &[("replica", "3")],
+            &[("backupSchedule", "30 2 * * *")],
+        ] {
             assert_eq!(parse_params(&m(bad)).unwrap_err().code(), tonic::Code::InvalidArgument, "{bad:?}");
         }
     }
