@@ -131,8 +131,10 @@ pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send 
         "CSI driver {} serving", crate::DRIVER_NAME
     );
     let metrics = std::sync::Arc::new(crate::metrics::CsiMetrics::default());
-    // The repository's backups on the controller's page (stopped with the server).
-    let backup_metrics = match (&cfg.backups, controller && !cfg.backup_metrics_interval.is_zero()) {
+    // The repository's backups on the controller's page (stopped with the server; no page,
+    // no listing).
+    let list_backups = controller && cfg.metrics_listen.is_some() && !cfg.backup_metrics_interval.is_zero();
+    let backup_metrics = match (&cfg.backups, list_backups) {
         (Some(source), true) => {
             let m = std::sync::Arc::new(crate::backup_metrics::BackupMetrics::default());
             let task = tokio::spawn(crate::backup_metrics::run(m.clone(), source.clone(), cfg.backup_metrics_interval));
