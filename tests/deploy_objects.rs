@@ -403,6 +403,7 @@ fn alerts_cover_the_failures_and_use_only_exported_metrics() {
         "HlstoreNodeDiskAlmostFull",
         "HlstoreBackupTooOld",
         "HlstoreBackupJobFailed",
+        "HlstoreBackupRepositoryUnreadable",
     ] {
         assert!(alerts.contains(want), "no alert {want}: {alerts:?}");
     }

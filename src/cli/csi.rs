@@ -67,6 +67,12 @@ pub struct CsiArgs {
     /// S3 region of the backup repository (default: $AWS_REGION, else us-east-1).
     #[arg(long, requires = "backup_repo")]
     pub backup_s3_region: Option<String>,
+    /// Seconds between two listings of the backup repository by the controller, which
+    /// shows the newest backup of each volume on its /metrics
+    /// (hlstore_backup_newest_timestamp_seconds); 0 = never. Listing takes no lease and
+    /// writes nothing.
+    #[arg(long, env = "HLSTORE_BACKUP_METRICS_INTERVAL", value_name = "SECS", default_value_t = 300)]
+    pub backup_metrics_interval: u64,
 }
 
 /// Serves until SIGTERM or Ctrl-C.
@@ -100,6 +106,7 @@ pub async fn run(args: CsiArgs) -> anyhow::Result<()> {
             None => hlstore_tls::client::ClientTls::Insecure,
         },
         backups,
+        backup_metrics_interval: std::time::Duration::from_secs(args.backup_metrics_interval),
     };
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

@@ -3,11 +3,12 @@
 //! agent's authenticated write API (`volume_agent::GrpcAgent`), as `hlstore restore
 //! --to-volume` does. Repository work runs on blocking threads.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use hlstore_backup::volume::VolumeAgent;
 use hlstore_backup::{select, Progress, Repository, RestoreOptions, SnapshotMeta};
-use hlstore_csi::backups::{BackupInfo, BackupRef, BackupSource};
+use hlstore_csi::backups::{BackupInfo, BackupRef, BackupSource, RepoSummary, VolumeNewest};
 use hlstore_csi::{CsiError, Result};
 use tokio::runtime::Handle;
 
@@ -19,7 +20,10 @@ pub struct RepoBackups {
     repo: RepoArgs,
     endpoint: String,
     /// Opened once (opening derives the key from the password: slow on purpose).
-    opened: Mutex<Option<Arc<Repository>>>,
+    opened: Arc<Mutex<Option<Arc<Repository>>>>,
+    /// Backup metadata by id, for [`BackupSource::summary`]: a backup never changes, so a
+    /// listing loads only the backups it has not seen.
+    metas: Arc<Mutex<HashMap<String, SnapshotMeta>>>,
 }
 
 impl std::fmt::Debug for RepoBackups {
@@ -30,20 +34,73 @@ impl std::fmt::Debug for RepoBackups {
 
 impl RepoBackups {
     pub fn new(repo: RepoArgs, endpoint: String) -> Self {
-        RepoBackups { repo, endpoint, opened: Mutex::new(None) }
+        RepoBackups { repo, endpoint, opened: Default::default(), metas: Default::default() }
     }
 
     fn repository(&self) -> Result<Arc<Repository>> {
-        let mut g = self.opened.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = g.as_ref() {
-            return Ok(r.clone());
-        }
-        let r = Arc::new(self.repo.open().map_err(|e| {
-            CsiError::FailedPrecondition(format!("opening the backup repository {}: {e:#}", self.repo.repo))
-        })?);
-        *g = Some(r.clone());
-        Ok(r)
+        open_once(&self.repo, &self.opened)
     }
+}
+
+fn open_once(repo: &RepoArgs, opened: &Mutex<Option<Arc<Repository>>>) -> Result<Arc<Repository>> {
+    let mut g = opened.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = g.as_ref() {
+        return Ok(r.clone());
+    }
+    let r =
+        Arc::new(repo.open().map_err(|e| {
+            CsiError::FailedPrecondition(format!("opening the backup repository {}: {e:#}", repo.repo))
+        })?);
+    *g = Some(r.clone());
+    Ok(r)
+}
+
+/// Brings `cache` up to the repository's backups (loading only new ones; reads only) and
+/// returns them.
+fn list_cached(repo: &Repository, cache: &Mutex<HashMap<String, SnapshotMeta>>) -> Result<Vec<SnapshotMeta>> {
+    // A repository that is gone (an unmounted directory, a deleted bucket) may list as
+    // empty: its config must still be there, or the listing fails (and the metrics keep
+    // their last values) instead of showing no backups.
+    repo.backend().get("config").map_err(|e| internal("reading the repository's config", e))?;
+    let ids = repo.snapshot_ids().map_err(|e| internal("listing backups", e))?;
+    let mut known = std::mem::take(&mut *cache.lock().unwrap_or_else(|e| e.into_inner()));
+    let mut fresh = HashMap::with_capacity(ids.len());
+    let mut failed = None;
+    for id in ids {
+        if let Some(m) = known.remove(&id) {
+            fresh.insert(id, m);
+            continue;
+        }
+        match repo.load_snapshot(&id) {
+            Ok(s) => {
+                fresh.insert(id, s.meta);
+            }
+            Err(hlstore_backup::Error::UnknownSnapshot(_)) => {} // forgotten concurrently
+            Err(e) => {
+                failed = Some(internal(&format!("reading backup {id}"), e));
+                break;
+            }
+        }
+    }
+    if failed.is_some() {
+        fresh.extend(known); // kept for the next listing
+    }
+    let metas = fresh.values().cloned().collect();
+    *cache.lock().unwrap_or_else(|e| e.into_inner()) = fresh;
+    failed.map_or(Ok(metas), Err)
+}
+
+/// The metrics' view of `metas`: their number and the newest backup of each volume.
+fn summarize(metas: Vec<SnapshotMeta>) -> RepoSummary {
+    let backups = metas.len() as u64;
+    let newest = select::newest_per(metas, select::VOLUME_LABEL)
+        .into_iter()
+        .map(|(volume, m)| {
+            let (pvc_namespace, pvc_name) = select::claim_of(&m).unwrap_or_default();
+            VolumeNewest { volume, pvc_namespace, pvc_name, time: m.time as f64 + f64::from(m.nanos) / 1e9 }
+        })
+        .collect();
+    RepoSummary { backups, newest }
 }
 
 /// The backup `r` names among `metas`.
@@ -95,6 +152,16 @@ impl BackupSource for RepoBackups {
         .await
         .map_err(|e| internal("restore task", e))?
     }
+
+    async fn summary(&self) -> Result<RepoSummary> {
+        let (repo, opened, cache) = (self.repo.clone(), self.opened.clone(), self.metas.clone());
+        tokio::task::spawn_blocking(move || {
+            let repo = open_once(&repo, &opened)?;
+            Ok(summarize(list_cached(&repo, &cache)?))
+        })
+        .await
+        .map_err(|e| internal("backup listing task", e))?
+    }
 }
 
 #[cfg(test)]
@@ -128,5 +195,27 @@ mod tests {
         let latest = BackupRef::Latest { namespace: "db".into(), claim: "pg".into() };
         assert_eq!(find(&metas, &latest).unwrap().id, "aa22");
         assert!(find(&metas, &BackupRef::Latest { namespace: "x".into(), claim: "y".into() }).is_none());
+    }
+
+    #[test]
+    fn the_summary_has_the_newest_backup_of_each_volume_with_its_claim() {
+        let mut late = meta("a3", 30, &[("volume", "pvc-a"), ("pvc-namespace", "db"), ("pvc-name", "pg")]);
+        late.nanos = 500_000_000;
+        let metas = vec![
+            meta("a1", 10, &[("volume", "pvc-a"), ("pvc-namespace", "db"), ("pvc-name", "pg")]),
+            late,
+            meta("a2", 20, &[("volume", "pvc-a")]),
+            meta("b1", 5, &[("volume", "pvc-b"), ("pvc", "media/lib")]),
+            meta("c1", 50, &[("volume", "pvc-c")]),
+            meta("f1", 99, &[("host", "pi")]),
+        ];
+        let s = summarize(metas);
+        assert_eq!(s.backups, 6, "every backup counts, of a volume or not");
+        let got: Vec<(&str, &str, &str, f64)> = s
+            .newest
+            .iter()
+            .map(|v| (v.volume.as_str(), v.pvc_namespace.as_str(), v.pvc_name.as_str(), v.time))
+            .collect();
+        assert_eq!(got, [("pvc-a", "db", "pg", 30.5), ("pvc-b", "media", "lib", 5.0), ("pvc-c", "", "", 50.0)]);
     }
 }

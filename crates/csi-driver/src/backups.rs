@@ -97,6 +97,27 @@ pub struct BackupInfo {
     pub time: u64,
 }
 
+/// The newest backup of one volume (label `volume`), for the repository metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VolumeNewest {
+    pub volume: String,
+    /// The claim the backup names (labels `pvc-namespace`, `pvc-name`, else `pvc`); empty
+    /// when it names none.
+    pub pvc_namespace: String,
+    pub pvc_name: String,
+    /// Creation time of the backup, seconds since the epoch (sub-second part included).
+    pub time: f64,
+}
+
+/// What the repository holds, as its metrics show it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RepoSummary {
+    /// Backups in the repository (of volumes or not).
+    pub backups: u64,
+    /// The newest backup of each volume, by volume name.
+    pub newest: Vec<VolumeNewest>,
+}
+
 /// The backup repository, as the controller uses it.
 #[tonic::async_trait]
 pub trait BackupSource: Send + Sync + std::fmt::Debug {
@@ -105,6 +126,9 @@ pub trait BackupSource: Send + Sync + std::fmt::Debug {
     /// Writes backup `id` into the existing, detached volume `volume` (through the agent),
     /// and leaves it detached. May take long.
     async fn restore(&self, id: &str, volume: &str) -> Result<()>;
+    /// Lists the repository's backups (read only: no lease, no write) for the metrics
+    /// page (`crate::backup_metrics`).
+    async fn summary(&self) -> Result<RepoSummary>;
 }
 
 /// The background jobs that fill new volumes (backup restores and clone copies) this

@@ -30,6 +30,7 @@
 
 pub mod agent;
 pub mod attach;
+pub mod backup_metrics;
 pub mod backups;
 pub mod capability;
 pub mod client;

@@ -58,6 +58,9 @@ pub struct DriverConfig {
     /// The backup repository volumes may be created from (controller; `None`: not
     /// configured, `backup:` snapshot handles are refused).
     pub backups: Option<std::sync::Arc<dyn crate::backups::BackupSource>>,
+    /// How often the controller lists the backup repository for its metrics
+    /// (`crate::backup_metrics`; zero: never).
+    pub backup_metrics_interval: std::time::Duration,
 }
 
 /// Longest an agent call may take (an attach forwarded to another node is bounded by the
@@ -128,15 +131,33 @@ pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send 
         "CSI driver {} serving", crate::DRIVER_NAME
     );
     let metrics = std::sync::Arc::new(crate::metrics::CsiMetrics::default());
+    // The repository's backups on the controller's page (stopped with the server; no page,
+    // no listing).
+    let list_backups = controller && cfg.metrics_listen.is_some() && !cfg.backup_metrics_interval.is_zero();
+    let backup_metrics = match (&cfg.backups, list_backups) {
+        (Some(source), true) => {
+            let m = std::sync::Arc::new(crate::backup_metrics::BackupMetrics::default());
+            let task = tokio::spawn(crate::backup_metrics::run(m.clone(), source.clone(), cfg.backup_metrics_interval));
+            Some((m, AbortOnDrop(task)))
+        }
+        _ => None,
+    };
     let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
     if let Some(addr) = cfg.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| CsiError::io(format!("binding the metrics listener {addr}"), e))?;
         let m = metrics.clone();
+        let b = backup_metrics.as_ref().map(|(b, _)| b.clone());
         let render: hlstore_core::metrics::Render = std::sync::Arc::new(move || {
-            let m = m.clone();
-            Box::pin(async move { m.render() })
+            let (m, b) = (m.clone(), b.clone());
+            Box::pin(async move {
+                let mut page = m.render();
+                if let Some(b) = b {
+                    page.push_str(&b.render());
+                }
+                page
+            })
         });
         tokio::spawn(hlstore_core::metrics::serve(l, render, async move {
             let _ = metrics_stopped.await;
@@ -152,5 +173,15 @@ pub async fn serve(cfg: DriverConfig, shutdown: impl Future<Output = ()> + Send 
         .await;
     let _ = std::fs::remove_file(&path);
     let _ = stop_metrics.send(());
+    drop(backup_metrics);
     res.map_err(|e| CsiError::Internal(format!("CSI server: {e}")))
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
