@@ -138,7 +138,12 @@ fn the_controller_shows_the_newest_backup_of_each_volume() {
         (value(p, "hlstore_backup_repository_last_scrape_timestamp_seconds").unwrap_or(0.0) > scraped + 1.0)
             .then_some(())
     });
-    assert!(ctl.log().contains("listing the backup repository works again"), "{}", ctl.log());
+    // The line is logged just after the values are recorded: give it a moment.
+    let start = std::time::Instant::now();
+    while !ctl.log().contains("listing the backup repository works again") {
+        assert!(start.elapsed() < std::time::Duration::from_secs(10), "{}", ctl.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     drop(ctl);
     c.down();
 }
