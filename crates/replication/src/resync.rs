@@ -47,6 +47,9 @@ use hlstore_core::{Epoch, Offset};
 
 /// Snapshot blocks sent in one install call, at most.
 const INSTALL_BATCH: usize = 256;
+/// Rounds of carrying snapshots at the end of a resync, at most (a round after one that
+/// installed something picks up snapshots taken or deleted meanwhile).
+const CARRY_ROUNDS: usize = 8;
 
 /// What the resync task sends to the actor.
 pub(super) enum ResyncMsg {
@@ -235,34 +238,38 @@ impl<T: ReplicaTransport> ResyncJob<T> {
     /// two-sided resync gave copied blocks a new seq, so there the whole view is copied.
     async fn carry_snapshots(&self) -> std::result::Result<(), (Error, bool)> {
         let t = self.timeout;
-        let src = match with_timeout(t, "list snapshots", self.source.list_snapshots()).await {
-            Ok(l) => l,
-            Err(e) if e.kind() == ErrorKind::Unsupported => return Ok(()),
-            Err(e) => return Err((e, true)),
-        };
-        let tgt = match with_timeout(t, "list snapshots", self.target.list_snapshots()).await {
-            Ok(l) => l,
-            Err(e) if e.kind() == ErrorKind::Unsupported => return Ok(()),
-            Err(e) => return Err((e, false)),
-        };
-        for s in tgt.iter().filter(|s| !src.iter().any(|x| x.name == s.name)) {
-            self.drop_target_snapshot(&s.name).await?;
-        }
-        let mut installed = false;
-        for s in src.iter().filter(|s| !s.partial) {
-            if tgt.iter().any(|x| x.name == s.name && !x.partial) {
-                continue;
+        let list_source = || async {
+            match with_timeout(t, "list snapshots", self.source.list_snapshots()).await {
+                Ok(l) => Ok(Some(l)),
+                Err(e) if e.kind() == ErrorKind::Unsupported => Ok(None),
+                Err(e) => Err((e, true)),
             }
-            self.install(s).await?;
-            installed = true;
-        }
-        if installed {
-            // A snapshot deleted while the installs ran (the engine's delete goes to the
-            // in-sync replicas): the target must not keep it.
-            let now = with_timeout(t, "list snapshots", self.source.list_snapshots()).await.map_err(|e| (e, true))?;
-            for s in src.iter().filter(|s| !now.iter().any(|x| x.name == s.name)) {
+        };
+        let Some(mut src) = list_source().await? else { return Ok(()) };
+        // Snapshots taken or deleted while the installs run are carried by another round
+        // (each round lists the source again), until a round has nothing to install.
+        for _ in 0..CARRY_ROUNDS {
+            let tgt = match with_timeout(t, "list snapshots", self.target.list_snapshots()).await {
+                Ok(l) => l,
+                Err(e) if e.kind() == ErrorKind::Unsupported => return Ok(()),
+                Err(e) => return Err((e, false)),
+            };
+            for s in tgt.iter().filter(|s| !src.iter().any(|x| x.name == s.name)) {
                 self.drop_target_snapshot(&s.name).await?;
             }
+            let mut installed = false;
+            for s in src.iter().filter(|s| !s.partial) {
+                if tgt.iter().any(|x| x.name == s.name && !x.partial) {
+                    continue;
+                }
+                self.install(s).await?;
+                installed = true;
+            }
+            if !installed {
+                return Ok(());
+            }
+            let Some(now) = list_source().await? else { return Ok(()) };
+            src = now;
         }
         Ok(())
     }

@@ -316,6 +316,55 @@ async fn a_snapshot_deleted_while_a_resync_carries_it_fails_no_replica() {
     vol.close().await;
 }
 
+/// A snapshot taken while a resync is carrying the snapshots to a returning replica (after
+/// the resync listed them) must reach that replica too: it is on every replica once the
+/// volume is healthy again (so it is "ready", and keeps three copies).
+#[tokio::test]
+async fn a_snapshot_taken_while_a_resync_carries_snapshots_reaches_the_returning_replica() {
+    use hlstore_replication::ReplicaTransport;
+    let reps = replicas(3);
+    let vol = attach(config(3, None), &reps).await;
+    for i in 0..64 {
+        vol.write(i * BS, block(1, i), false).await.unwrap();
+    }
+    vol.flush().await.unwrap();
+    let last = vol.replicas()[0].acked_seq;
+    wait_for(&vol, "replica 2 durable", |r| r[2].durable_seq >= last).await;
+    reps[2].set_down(true);
+    vol.write(0, block(2, 0), false).await.unwrap();
+    wait_for(&vol, "replica 2 failed", |r| r[2].status == ReplicaStatus::Failed).await;
+    vol.snapshot(snap("early")).await.unwrap();
+    for i in (0..64).step_by(2) {
+        vol.write(i * BS, block(3, i), false).await.unwrap();
+    }
+    reps[2].set_delay(Duration::from_millis(40));
+    reps[2].set_down(false);
+    let start = Instant::now();
+    loop {
+        let l = reps[2].list_snapshots().await.unwrap_or_default();
+        if l.iter().any(|s| s.name == "early" && s.partial) {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "the install never began: {l:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let late = vol.snapshot(snap("late")).await.expect("snapshot during the install");
+    wait_for(&vol, "replica 2 healthy", |r| r[2].status == ReplicaStatus::Healthy).await;
+    reps[2].set_delay(Duration::ZERO);
+    let names = |r: &MemReplica| {
+        let r = r.clone();
+        async move { r.list_snapshots().await.unwrap().into_iter().map(|s| (s.name, s.seq, s.partial)).collect::<Vec<_>>() }
+    };
+    assert_eq!(names(&reps[2]).await, names(&reps[0]).await);
+    assert!(names(&reps[2]).await.contains(&("late".to_string(), late.seq, false)));
+    assert_same(
+        &reps[2].read_snapshot("late", Offset(0), SIZE).await.unwrap(),
+        &reps[0].read_snapshot("late", Offset(0), SIZE).await.unwrap(),
+        "the late snapshot on the returning replica",
+    );
+    vol.close().await;
+}
+
 #[tokio::test]
 async fn a_snapshot_needs_a_write_quorum() {
     let reps = replicas(3);
