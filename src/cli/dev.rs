@@ -297,6 +297,29 @@ async fn wait_ready(node: &DevNode, dir: &Path, tls: &hlstore_tls::client::Clien
     }
 }
 
+/// Whether a node's log says one of its listeners could not bind (the port was taken).
+fn port_taken(dir: &Path, c: &DevCluster) -> bool {
+    c.nodes.iter().any(|n| {
+        std::fs::read_to_string(dir.join(&n.id).join("node.log"))
+            .is_ok_and(|log| log.contains("Address already in use") || log.contains("os error 98"))
+    })
+}
+
+/// Stops every running node of `c` (SIGKILL: a node of a cluster still starting holds
+/// nothing worth a clean stop) and waits until they are gone.
+async fn stop_all(dir: &Path, c: &DevCluster) {
+    for n in &c.nodes {
+        if let Some(pid) = running_pid(dir, n) {
+            // SAFETY: kill(2) with a pid verified to be one of our node agents.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while c.nodes.iter().any(|n| running_pid(dir, n).is_some()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Where the dev cluster's certificates are (`null` for an insecure cluster).
 fn tls_json(dir: &Path, c: &DevCluster) -> serde_json::Value {
     if c.insecure {
@@ -318,23 +341,43 @@ fn first_running(dir: &Path, c: &DevCluster) -> Option<DevNode> {
 pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
     match cmd {
         DevCommand::Up { dir, nodes, volume, size, replicas, json } => {
-            let c = load_for_up(&dir, nodes)?;
+            let fresh = matches!(load(&dir), Ok(None));
+            let mut c = load_for_up(&dir, nodes)?;
             if !c.insecure {
                 let ids: Vec<String> = c.nodes.iter().map(|n| n.id.clone()).collect();
                 super::tls::dev_certificates(&tls_root(&dir), &ids).context("making the dev cluster's certificates")?;
             }
             let tls = dev_client(&dir, &c)?;
-            for node in &c.nodes {
-                match running_pid(&dir, node) {
-                    Some(pid) => eprintln!("node {} already running (pid {pid})", node.id),
-                    None => {
-                        let pid = start_node(&dir, &c, node)?;
-                        eprintln!("node {} started (pid {pid}, gRPC {}, NBD {})", node.id, node.grpc, node.nbd);
+            // The ports were free when picked; another program may bind one before the
+            // node does. A new cluster then starts again on new ports (twice at most).
+            for attempt in 0.. {
+                for node in &c.nodes {
+                    match running_pid(&dir, node) {
+                        Some(pid) => eprintln!("node {} already running (pid {pid})", node.id),
+                        None => {
+                            let pid = start_node(&dir, &c, node)?;
+                            eprintln!("node {} started (pid {pid}, gRPC {}, NBD {})", node.id, node.grpc, node.nbd);
+                        }
                     }
                 }
-            }
-            for node in &c.nodes {
-                wait_ready(node, &dir, &tls).await?;
+                let mut res = Ok(());
+                for node in &c.nodes {
+                    res = wait_ready(node, &dir, &tls).await;
+                    if res.is_err() {
+                        break;
+                    }
+                }
+                match res {
+                    Ok(()) => break,
+                    Err(e) if fresh && attempt < 2 && port_taken(&dir, &c) => {
+                        eprintln!("{e:#}: a port was taken meanwhile; starting the new cluster again on new ports");
+                        stop_all(&dir, &c).await;
+                        let ids: Vec<String> = c.nodes.iter().map(|n| n.id.clone()).collect();
+                        c = new_cluster(&ids)?;
+                        save(&dir, &c)?;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             let mut attached = None;
             if let (Some(name), Some(size)) = (volume, size) {

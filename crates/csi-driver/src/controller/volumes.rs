@@ -287,6 +287,16 @@ impl ControllerService {
     ) -> Result<Option<csi::CreateVolumeResponse>> {
         let done = Ok(Some(csi::CreateVolumeResponse { volume: Some(csi_volume(v)) }));
         let agent_state = v.labels.get(LABEL_AGENT_CLONE_STATE);
+        let key = source.label().unwrap_or_default();
+        let what = source.describe();
+        // Never done while this controller's job for it still runs (the agent labels the
+        // clone done a moment before the job ends): a DeleteVolume right after a
+        // successful CreateVolume must not find the volume still being filled.
+        if self.restores.running(id) {
+            return Err(CsiError::Aborted(format!(
+                "volume {id}: copying {what} (CreateVolume succeeds when it is done)"
+            )));
+        }
         // The agent labels a clone done once its copy is complete.
         if agent_state.map(String::as_str) == Some(AGENT_CLONE_DONE) || v.labels.contains_key(LABEL_FILLED) {
             return done;
@@ -298,8 +308,6 @@ impl ControllerService {
         if agent_state.is_none() && marker.is_none() {
             return done;
         }
-        let key = source.label().unwrap_or_default();
-        let what = source.describe();
         match self.restores.poll(id, &key) {
             RestoreState::Done => done,
             RestoreState::Running => {
