@@ -32,10 +32,7 @@ pub fn due(r: &Repository, endpoint: &str, volume: &str, default: Option<&str>, 
     if schedule.due(last, now) {
         return Ok(true);
     }
-    let due_at = match schedule {
-        Schedule::Never => None,
-        Schedule::Every(d) => last.map(|t| t + d.as_secs() - (d.as_secs() / 10).min(1800)),
-    };
+    let due_at = schedule.due_at(last);
     if json {
         let v = serde_json::json!({"volume": volume, "skipped": true, "schedule": text, "last_backup": last, "due_at": due_at});
         println!("{v}");

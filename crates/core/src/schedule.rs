@@ -55,12 +55,21 @@ impl Schedule {
     /// minutes), so a job that runs at the same time every interval never skips a turn
     /// because the previous run finished a few seconds later.
     pub fn due(&self, last: Option<u64>, now: u64) -> bool {
+        match self {
+            Schedule::Never => false,
+            Schedule::Every(_) => self.due_at(last).is_some_and(|at| now >= at),
+        }
+    }
+
+    /// When a volume last backed up at `last` becomes due (Unix seconds; 0 when never
+    /// backed up; None: never due).
+    pub fn due_at(&self, last: Option<u64>) -> Option<u64> {
         match (self, last) {
-            (Schedule::Never, _) => false,
-            (Schedule::Every(_), None) => true,
+            (Schedule::Never, _) => None,
+            (Schedule::Every(_), None) => Some(0),
             (Schedule::Every(d), Some(t)) => {
                 let slack = (d.as_secs() / 10).min(1800);
-                now.saturating_sub(t) + slack >= d.as_secs()
+                Some(t.saturating_add(d.as_secs() - slack))
             }
         }
     }

@@ -259,12 +259,10 @@ async fn snapshots_missed_while_down_are_carried_by_resync() {
     vol.close().await;
 }
 
-/// A snapshot deleted while a resync is carrying it to a returning replica: the copy finds
-/// it gone on the source. That is the delete's doing, not a fault of the source: no
-/// replica may be failed for it, the delete succeeds, and the returning replica ends
-/// without the snapshot (not even a partial copy holding blocks).
-#[tokio::test]
-async fn a_snapshot_deleted_while_a_resync_carries_it_fails_no_replica() {
+/// Three replicas; replica 2 misses snapshot `name` and is brought back slowly (every call
+/// it answers waits 40 ms), so its resync is still installing `name` when this returns
+/// (32 separate copies: every other block changed after the snapshot).
+async fn resync_installing(name: &str) -> (Vec<MemReplica>, ReplicatedVolume) {
     use hlstore_replication::ReplicaTransport;
     let reps = replicas(3);
     let vol = attach(config(3, None), &reps).await;
@@ -277,23 +275,34 @@ async fn a_snapshot_deleted_while_a_resync_carries_it_fails_no_replica() {
     reps[2].set_down(true);
     vol.write(0, block(2, 0), false).await.unwrap();
     wait_for(&vol, "replica 2 failed", |r| r[2].status == ReplicaStatus::Failed).await;
-    vol.snapshot(snap("doomed")).await.unwrap();
+    vol.snapshot(snap(name)).await.unwrap();
     // Every other block changes after the snapshot: installing it takes 32 separate copies.
     for i in (0..64).step_by(2) {
         vol.write(i * BS, block(3, i), false).await.unwrap();
     }
-    // The returning replica answers slowly, so the install is still running at the delete.
+    // The returning replica answers slowly, so the install is still running when this returns.
     reps[2].set_delay(Duration::from_millis(40));
     reps[2].set_down(false);
     let start = Instant::now();
     loop {
         let l = reps[2].list_snapshots().await.unwrap_or_default();
-        if l.iter().any(|s| s.name == "doomed" && s.partial) {
+        if l.iter().any(|s| s.name == name && s.partial) {
             break;
         }
         assert!(start.elapsed() < Duration::from_secs(10), "the install never began: {l:?}");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    (reps, vol)
+}
+
+/// A snapshot deleted while a resync is carrying it to a returning replica: the copy finds
+/// it gone on the source. That is the delete's doing, not a fault of the source: no
+/// replica may be failed for it, the delete succeeds, and the returning replica ends
+/// without the snapshot (not even a partial copy holding blocks).
+#[tokio::test]
+async fn a_snapshot_deleted_while_a_resync_carries_it_fails_no_replica() {
+    use hlstore_replication::ReplicaTransport;
+    let (reps, vol) = resync_installing("doomed").await;
     assert!(vol.delete_snapshot("doomed").await.expect("delete during the install"));
     let start = Instant::now();
     loop {
@@ -322,32 +331,7 @@ async fn a_snapshot_deleted_while_a_resync_carries_it_fails_no_replica() {
 #[tokio::test]
 async fn a_snapshot_taken_while_a_resync_carries_snapshots_reaches_the_returning_replica() {
     use hlstore_replication::ReplicaTransport;
-    let reps = replicas(3);
-    let vol = attach(config(3, None), &reps).await;
-    for i in 0..64 {
-        vol.write(i * BS, block(1, i), false).await.unwrap();
-    }
-    vol.flush().await.unwrap();
-    let last = vol.replicas()[0].acked_seq;
-    wait_for(&vol, "replica 2 durable", |r| r[2].durable_seq >= last).await;
-    reps[2].set_down(true);
-    vol.write(0, block(2, 0), false).await.unwrap();
-    wait_for(&vol, "replica 2 failed", |r| r[2].status == ReplicaStatus::Failed).await;
-    vol.snapshot(snap("early")).await.unwrap();
-    for i in (0..64).step_by(2) {
-        vol.write(i * BS, block(3, i), false).await.unwrap();
-    }
-    reps[2].set_delay(Duration::from_millis(40));
-    reps[2].set_down(false);
-    let start = Instant::now();
-    loop {
-        let l = reps[2].list_snapshots().await.unwrap_or_default();
-        if l.iter().any(|s| s.name == "early" && s.partial) {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(10), "the install never began: {l:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let (reps, vol) = resync_installing("early").await;
     let late = vol.snapshot(snap("late")).await.expect("snapshot during the install");
     wait_for(&vol, "replica 2 healthy", |r| r[2].status == ReplicaStatus::Healthy).await;
     reps[2].set_delay(Duration::ZERO);
