@@ -11,7 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={}", f.display());
     }
     // Write payloads as `Bytes`: one buffer from the NBD request to every replica's stream
-    // (encoding copies it into the frame; no copy per replica before that).
-    tonic_prost_build::configure().bytes(".hlstore.replica.v1.WriteRequest.data").compile_protos(&files, &[root])?;
+    // (encoding copies it into the frame; no copy per replica before that). Resync chunks
+    // likewise: decoded as slices of the received message, read as slices of one run.
+    tonic_prost_build::configure()
+        .bytes(".hlstore.replica.v1.WriteRequest.data")
+        .bytes(".hlstore.replica.v1.ResyncChunk.data")
+        .compile_protos(&files, &[root])?;
     Ok(())
 }

@@ -291,6 +291,12 @@ pub async fn run(
     let incoming = hlstore_tls::server::incoming(listener, config.tls.clone());
     let policy: hlstore_tls::server::Policy = Arc::new(authz::authorize);
     let result = tonic::transport::Server::builder()
+        // HTTP/2 flow control sized for replication: a write stream and a few resync
+        // batches in flight per connection (hyper's default is 1 MiB per connection, so a
+        // rebuild waited for window updates between batches), in large frames.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
         .layer(hlstore_tls::server::AuthLayer::new(policy))
         .add_service(server_replica)
         .add_service(server_volumes)
@@ -326,6 +332,11 @@ fn check_node_certificate(tls: &hlstore_tls::TlsState, id: &str) -> Result<()> {
 }
 
 /// How often the agent flushes replicas with unflushed changes.
+/// HTTP/2 receive window per stream, per connection, and the largest frame accepted.
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+const MAX_FRAME: u32 = 256 << 10;
+
 const BACKGROUND_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Flushes dirty replicas every [`BACKGROUND_FLUSH`], so slots freed by overwrites are

@@ -493,7 +493,7 @@ impl<T: ReplicaTransport> Actor<T> {
             return;
         }
         match msg {
-            ResyncMsg::Chunk(chunk, permit) => self.queue_chunk(r, chunk, permit),
+            ResyncMsg::Chunks(chunks, permit) => self.queue_chunks(r, chunks, permit),
             ResyncMsg::Checkpoint(offset) => {
                 if let Some(l) = &self.links[r] {
                     let _ = l.ops.send(LinkOp::CheckpointResync { offset });
@@ -532,10 +532,23 @@ impl<T: ReplicaTransport> Actor<T> {
         }
     }
 
-    /// Queues a copied chunk on the target's link, minus the blocks a direct write already
-    /// replaced since the resync began (those writes are newer and already queued).
-    fn queue_chunk(&mut self, r: ReplicaId, chunk: ResyncChunk, permit: Permit) {
+    /// Queues copied chunks on the target's link (one operation), minus the blocks a direct
+    /// write already replaced since the resync began (those writes are newer and already
+    /// queued).
+    fn queue_chunks(&mut self, r: ReplicaId, chunks: Vec<ResyncChunk>, permit: Permit) {
         let Some(link) = &self.links[r] else { return };
+        let mut pieces = Vec::with_capacity(chunks.len());
+        for chunk in chunks {
+            self.pieces(r, chunk, &mut pieces);
+        }
+        self.resync_chunks[r] += pieces.len() as u64;
+        if !pieces.is_empty() {
+            let _ = link.ops.send(LinkOp::Resync { chunks: pieces, permit });
+        }
+    }
+
+    /// The pieces of `chunk` that no direct write replaced since the resync began.
+    fn pieces(&self, r: ReplicaId, chunk: ResyncChunk, out: &mut Vec<ResyncChunk>) {
         let bs = u64::from(self.cfg.block_size);
         let (len, data) = match &chunk.data {
             ChunkData::Data(d) => (d.len() as u64, Some(d)),
@@ -565,10 +578,7 @@ impl<T: ReplicaTransport> Actor<T> {
                 None if matches!(chunk.data, ChunkData::Zero) => ChunkData::Zero,
                 None => ChunkData::Trim(run),
             };
-            let op =
-                LinkOp::Resync { chunk: ResyncChunk { offset, seq: chunk.seq, data: piece }, permit: permit.clone() };
-            self.resync_chunks[r] += 1;
-            let _ = link.ops.send(op);
+            out.push(ResyncChunk { offset, seq: chunk.seq, data: piece });
         }
     }
 

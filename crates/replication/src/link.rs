@@ -6,7 +6,11 @@
 //! history and resync mark, resync chunks, end of resync) wait until every earlier stream
 //! request was acked, and later ones are sent only once they returned, so they can neither
 //! overtake nor be overtaken by a write. Consecutive resync chunks go out as
-//! one `apply_resync` batch. A request unanswered for `timeout` fails the link; the actor
+//! one `apply_resync` batch, and up to [`RESYNC_PIPELINE`] batches are in flight at once
+//! (a rebuild is not one round trip per batch): batches carry distinct blocks (the store
+//! never lets an older chunk replace a newer block, so their order among themselves does
+//! not matter), and every other operation, a write included, waits until the batches in
+//! flight were applied. A request unanswered for `timeout` fails the link; the actor
 //! then reports the replica as failed.
 //!
 //! One exception, for the scrub: a [`LinkOp::RangeRead`] is ordered only against the
@@ -48,7 +52,7 @@ pub(super) enum LinkOp {
         len: u64,
     },
     Resync {
-        chunk: ResyncChunk,
+        chunks: Vec<ResyncChunk>,
         permit: Permit,
     },
     Flush,
@@ -128,6 +132,12 @@ pub(super) type QueuedBytes = Arc<std::sync::atomic::AtomicU64>;
 /// Resync chunks sent in one `apply_resync` call, at most.
 const RESYNC_BATCH: usize = 256;
 
+/// `apply_resync` calls in flight on one link, at most.
+pub(super) const RESYNC_PIPELINE: usize = 4;
+
+/// An `apply_resync` call in flight, holding its chunks' window permits until it returns.
+type Apply = futures::future::BoxFuture<'static, Result<()>>;
+
 struct InFlight {
     seq: Seq,
     sent: Instant,
@@ -166,6 +176,8 @@ struct Link<T> {
     parked: Vec<Parked>,
     /// Range reads running beside the pipeline (aborted with the link).
     reads: tokio::task::JoinSet<()>,
+    /// Resync batches in flight, in the order sent.
+    applies: futures::stream::FuturesOrdered<Apply>,
 }
 
 /// Runs a link until the actor drops its queue or the replica fails.
@@ -192,6 +204,7 @@ pub(super) async fn run<T: ReplicaTransport>(
         queued,
         parked: Vec::new(),
         reads: tokio::task::JoinSet::new(),
+        applies: futures::stream::FuturesOrdered::new(),
     };
     if let Err(e) = link.serve(ops).await {
         link.report(LinkEvent::Failed(e));
@@ -216,6 +229,7 @@ impl<T: ReplicaTransport> Link<T> {
             tokio::select! {
                 ack = acks.next(), if !self.inflight.is_empty() => self.on_ack(ack)?,
                 Some(_) = self.reads.join_next(), if !self.reads.is_empty() => {}
+                Some(applied) = self.applies.next(), if !self.applies.is_empty() => applied?,
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                     return Err(Error::Unavailable(format!("replica {}: write not acked within {:?}", self.replica.name(), self.timeout)));
                 }
@@ -241,8 +255,23 @@ impl<T: ReplicaTransport> Link<T> {
         }
     }
 
-    /// Waits until every stream request was acked (before a unary call).
+    /// Waits until every resync batch in flight was applied.
+    async fn drain_applies(&mut self) -> Result<()> {
+        while let Some(applied) = self.applies.next().await {
+            applied?;
+        }
+        Ok(())
+    }
+
+    /// Waits until every stream request was acked and every resync batch applied (before
+    /// a unary call).
     async fn drain(&mut self, acks: &mut futures::stream::BoxStream<'static, Result<WriteAck>>) -> Result<()> {
+        self.drain_applies().await?;
+        self.drain_acks(acks).await
+    }
+
+    /// Waits until every stream request was acked.
+    async fn drain_acks(&mut self, acks: &mut futures::stream::BoxStream<'static, Result<WriteAck>>) -> Result<()> {
         while let Some(first) = self.inflight.front() {
             let left = (first.sent + self.timeout).saturating_duration_since(Instant::now());
             let ack = tokio::time::timeout(left, acks.next()).await.map_err(|_| {
@@ -280,6 +309,7 @@ impl<T: ReplicaTransport> Link<T> {
     }
 
     async fn send(&mut self, requests: &mpsc::Sender<WriteReq>, req: WriteReq, entry: InFlight) -> Result<()> {
+        self.drain_applies().await?;
         requests
             .send(req)
             .await
@@ -309,12 +339,12 @@ impl<T: ReplicaTransport> Link<T> {
                 self.report(LinkEvent::Acked { seq, durable_seq: 0 });
                 Ok(())
             }
-            LinkOp::Resync { chunk, permit } => {
-                let (mut chunks, mut permits) = (vec![chunk], vec![permit]);
+            LinkOp::Resync { mut chunks, permit } => {
+                let mut permits = vec![permit];
                 while chunks.len() < RESYNC_BATCH {
                     match ops.try_recv() {
-                        Ok(LinkOp::Resync { chunk, permit }) => {
-                            chunks.push(chunk);
+                        Ok(LinkOp::Resync { chunks: more, permit }) => {
+                            chunks.extend(more);
                             permits.push(permit);
                         }
                         Ok(other) => {
@@ -324,9 +354,19 @@ impl<T: ReplicaTransport> Link<T> {
                         Err(_) => break,
                     }
                 }
-                self.drain(acks).await?;
-                with_timeout(t, "apply resync", r.apply_resync(Epoch(epoch), chunks)).await?;
-                drop(permits);
+                // Stream writes before the batch must be acked; batches before it may still
+                // be in flight (distinct blocks, see the module docs).
+                self.drain_acks(acks).await?;
+                while self.applies.len() >= RESYNC_PIPELINE {
+                    if let Some(applied) = self.applies.next().await {
+                        applied?;
+                    }
+                }
+                self.applies.push_back(Box::pin(async move {
+                    with_timeout(t, "apply resync", r.apply_resync(Epoch(epoch), chunks)).await?;
+                    drop(permits);
+                    Ok(())
+                }));
                 Ok(())
             }
             LinkOp::Flush => {
@@ -359,7 +399,8 @@ impl<T: ReplicaTransport> Link<T> {
             }
             LinkOp::RangeRead { offset, len, reply } => {
                 // Writes are in flight in seq order: the last overlapping one is the one
-                // to wait for. Nothing is drained.
+                // to wait for. Nothing else is drained but resync batches (rarely any).
+                self.drain_applies().await?;
                 match self.inflight.iter().rev().find(|f| f.overlaps(offset, len)) {
                     Some(f) => self.parked.push(Parked { until: f.seq, offset, len, reply }),
                     None => self.start_read(offset, len, reply),

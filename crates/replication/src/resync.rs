@@ -45,6 +45,8 @@ use super::types::{History, ReplicaId, Seq};
 use hlstore_core::error::{Error, ErrorKind, Result};
 use hlstore_core::{Epoch, Offset};
 
+/// Chunks handed to the actor in one message, at most (those the source stream has ready).
+const HAND_OVER_BATCH: usize = 256;
 /// Snapshot blocks sent in one install call, at most.
 const INSTALL_BATCH: usize = 256;
 /// Rounds of carrying snapshots at the end of a resync, at most (a round after one that
@@ -53,24 +55,19 @@ const CARRY_ROUNDS: usize = 8;
 
 /// What the resync task sends to the actor.
 pub(super) enum ResyncMsg {
-    Chunk(ResyncChunk, Permit),
+    /// Chunks in offset order, holding one window permit each.
+    Chunks(Vec<ResyncChunk>, Permit),
     /// Every chunk below `offset` was sent: checkpoint the target (in link order).
     Checkpoint(u64),
     /// The target had a checkpoint: the resync resumes from `offset`.
     Resumed(u64),
     /// The source's block at `offset` failed its checksum: check the in-sync replicas and
     /// answer the good copy with the seq to apply it at (None: no good copy).
-    Fetch {
-        offset: u64,
-        reply: tokio::sync::oneshot::Sender<super::heal::Fetched>,
-    },
+    Fetch { offset: u64, reply: tokio::sync::oneshot::Sender<super::heal::Fetched> },
     /// Everything was queued; the actor ends the resync on the target's link.
     Copied,
     /// The resync failed; `source_failed` tells whether the source (not the target) erred.
-    Failed {
-        error: Error,
-        source_failed: bool,
-    },
+    Failed { error: Error, source_failed: bool },
 }
 
 pub(super) type ResyncReports = mpsc::UnboundedSender<(ReplicaId, u64, ResyncMsg)>;
@@ -152,64 +149,76 @@ impl<T: ReplicaTransport> ResyncJob<T> {
         let mut since_checkpoint = 0;
         let mut from = resume;
         let mut last_bad = None;
+        // Chunks ready together go to the actor as one message (in offset order); anything
+        // else reported (a checkpoint, a copied or healed block) sends them first.
+        let mut pending: Vec<ResyncChunk> = Vec::new();
+        let batch = HAND_OVER_BATCH.min(self.window.max(1));
         'stream: loop {
             let mut chunks =
                 with_timeout(self.timeout, "resync", self.source.resync_stream(Epoch(self.epoch), self.since, from))
                     .await
-                    .map_err(on_source)?;
-            while let Some(c) = chunks.next().await {
-                let mut c = match c {
-                    Ok(c) => c,
-                    Err(Error::Corruption { offset, .. }) if last_bad.is_none_or(|b| offset > b) => {
-                        // Blocks come in offset order: everything below `offset` was sent.
-                        let bad = offset / self.block_size;
-                        while let Some(b) = target_only.first().copied().filter(|&b| b < bad) {
+                    .map_err(on_source)?
+                    .ready_chunks(batch);
+            while let Some(ready) = chunks.next().await {
+                for c in ready {
+                    let mut c = match c {
+                        Ok(c) => c,
+                        Err(Error::Corruption { offset, .. }) if last_bad.is_none_or(|b| offset > b) => {
+                            // Blocks come in offset order: everything below `offset` was sent.
+                            self.hand_over_all(std::mem::take(&mut pending), &window).await.map_err(on_target)?;
+                            let bad = offset / self.block_size;
+                            while let Some(b) = target_only.first().copied().filter(|&b| b < bad) {
+                                target_only.remove(&b);
+                                self.copy_block(b, &window, &pace).await?;
+                            }
+                            target_only.remove(&bad);
+                            self.heal_block(bad, &window).await?;
+                            last_bad = Some(offset);
+                            // Past the bad block: nothing below it again (trims are resent,
+                            // which is harmless).
+                            from = Some((offset + self.block_size, Seq::MAX));
+                            continue 'stream;
+                        }
+                        Err(e) => return Err(on_source(e)),
+                    };
+                    let len = match c.data {
+                        ChunkData::Trim(len) => len,
+                        ChunkData::Data(ref d) => d.len() as u64,
+                        ChunkData::Zero => self.block_size,
+                    };
+                    let block = !matches!(c.data, ChunkData::Trim(_));
+                    let first = c.offset / self.block_size;
+                    if block && target_only.first().is_some_and(|&b| b < first) {
+                        // The target's own blocks before this one go first: offset order holds.
+                        self.hand_over_all(std::mem::take(&mut pending), &window).await.map_err(on_target)?;
+                        while let Some(b) = target_only.first().copied().filter(|&b| b < first) {
                             target_only.remove(&b);
                             self.copy_block(b, &window, &pace).await?;
                         }
-                        target_only.remove(&bad);
-                        self.heal_block(bad, &window).await?;
-                        last_bad = Some(offset);
-                        // Past the bad block: nothing below it again (trims are resent, which
-                        // is harmless).
-                        from = Some((offset + self.block_size, Seq::MAX));
-                        continue 'stream;
                     }
-                    Err(e) => return Err(on_source(e)),
-                };
-                let len = match c.data {
-                    ChunkData::Trim(len) => len,
-                    ChunkData::Data(ref d) => d.len() as u64,
-                    ChunkData::Zero => self.block_size,
-                };
-                let block = !matches!(c.data, ChunkData::Trim(_));
-                let first = c.offset / self.block_size;
-                if block {
-                    // The target's own blocks before this one go first: offset order holds.
-                    while let Some(b) = target_only.first().copied().filter(|&b| b < first) {
+                    if block
+                        && self.checkpoint_every > 0
+                        && since_checkpoint >= self.checkpoint_every
+                        && c.offset > checkpointed
+                    {
+                        self.hand_over_all(std::mem::take(&mut pending), &window).await.map_err(on_target)?;
+                        self.report(ResyncMsg::Checkpoint(c.offset)).map_err(on_target)?;
+                        (checkpointed, since_checkpoint) = (c.offset, 0);
+                    }
+                    since_checkpoint += u64::from(block);
+                    for b in first..first + len.div_ceil(self.block_size) {
                         target_only.remove(&b);
-                        self.copy_block(b, &window, &pace).await?;
+                    }
+                    if let Some(seq) = self.lift_seq {
+                        c.seq = seq;
+                    }
+                    pending.push(c);
+                    if block && self.rate > 0 {
+                        self.hand_over_all(std::mem::take(&mut pending), &window).await.map_err(on_target)?;
+                        pace.wait(self.block_size).await;
                     }
                 }
-                if block
-                    && self.checkpoint_every > 0
-                    && since_checkpoint >= self.checkpoint_every
-                    && c.offset > checkpointed
-                {
-                    self.report(ResyncMsg::Checkpoint(c.offset)).map_err(on_target)?;
-                    (checkpointed, since_checkpoint) = (c.offset, 0);
-                }
-                since_checkpoint += u64::from(block);
-                for b in first..first + len.div_ceil(self.block_size) {
-                    target_only.remove(&b);
-                }
-                if let Some(seq) = self.lift_seq {
-                    c.seq = seq;
-                }
-                self.hand_over(c, &window).await.map_err(on_target)?;
-                if block {
-                    pace.wait(self.block_size).await;
-                }
+                self.hand_over_all(std::mem::take(&mut pending), &window).await.map_err(on_target)?;
             }
             break;
         }
@@ -223,7 +232,7 @@ impl<T: ReplicaTransport> ResyncJob<T> {
 
     /// Waits until every chunk handed over was applied (all window permits are back).
     async fn drained(&self, window: &Arc<Semaphore>) -> std::result::Result<(), (Error, bool)> {
-        let all = u32::try_from(self.window.max(1)).unwrap_or(u32::MAX);
+        let all = self.window_permits();
         let permits =
             window.acquire_many(all).await.map_err(|_| (Error::Internal("resync window closed".into()), false))?;
         drop(permits);
@@ -382,9 +391,23 @@ impl<T: ReplicaTransport> ResyncJob<T> {
     }
 
     async fn hand_over(&self, chunk: ResyncChunk, window: &Arc<Semaphore>) -> Result<()> {
+        self.hand_over_all(vec![chunk], window).await
+    }
+
+    /// Hands `chunks` to the actor as one message (one window permit per chunk).
+    async fn hand_over_all(&self, chunks: Vec<ResyncChunk>, window: &Arc<Semaphore>) -> Result<()> {
+        if chunks.is_empty() {
+            return Ok(());
+        }
+        let n = u32::try_from(chunks.len()).unwrap_or(u32::MAX).min(self.window_permits());
         let permit =
-            window.clone().acquire_owned().await.map_err(|_| Error::Internal("resync window closed".into()))?;
-        self.report(ResyncMsg::Chunk(chunk, Arc::new(permit)))
+            window.clone().acquire_many_owned(n).await.map_err(|_| Error::Internal("resync window closed".into()))?;
+        self.report(ResyncMsg::Chunks(chunks, Arc::new(permit)))
+    }
+
+    /// The window in permits.
+    fn window_permits(&self) -> u32 {
+        u32::try_from(self.window.max(1)).unwrap_or(u32::MAX)
     }
 }
 

@@ -225,13 +225,14 @@ fn read_runs<S: ReplicaStore>(
 fn read_run<S: ReplicaStore>(s: &S, volume: &str, epoch: u64, run: &[(u64, u64)]) -> (Vec<ResyncChunk>, Option<Error>) {
     let bs = BLOCK_SIZE as usize;
     if let Ok(data) = s.read(volume, Epoch(epoch), Offset(run[0].0), run.len() as u64 * BLOCK_SIZE) {
+        let data = bytes::Bytes::from(data);
         let chunks = run
             .iter()
             .enumerate()
             .map(|(i, &(offset, seq))| ResyncChunk {
                 offset,
                 seq,
-                data: ChunkData::Data(data[i * bs..(i + 1) * bs].to_vec()),
+                data: ChunkData::Data(data.slice(i * bs..(i + 1) * bs)),
             })
             .collect();
         return (chunks, None);
@@ -239,7 +240,7 @@ fn read_run<S: ReplicaStore>(s: &S, volume: &str, epoch: u64, run: &[(u64, u64)]
     let mut chunks = Vec::with_capacity(run.len());
     for &(offset, seq) in run {
         match s.read(volume, Epoch(epoch), Offset(offset), BLOCK_SIZE) {
-            Ok(data) => chunks.push(ResyncChunk { offset, seq, data: ChunkData::Data(data) }),
+            Ok(data) => chunks.push(ResyncChunk { offset, seq, data: ChunkData::Data(data.into()) }),
             Err(e) => return (chunks, Some(e)),
         }
     }

@@ -73,7 +73,7 @@ pub struct ResyncChunk {
 impl From<hlstore_store::ResyncChunk> for ResyncChunk {
     fn from(c: hlstore_store::ResyncChunk) -> Self {
         let data = match c.data {
-            hlstore_store::ChunkData::Data(d) => ChunkData::Data(d.into()),
+            hlstore_store::ChunkData::Data(d) => ChunkData::Data(d),
             hlstore_store::ChunkData::Zero => ChunkData::Zero,
             hlstore_store::ChunkData::Trim(len) => ChunkData::Trim(len),
         };
@@ -84,7 +84,7 @@ impl From<hlstore_store::ResyncChunk> for ResyncChunk {
 impl From<ResyncChunk> for hlstore_store::ResyncChunk {
     fn from(c: ResyncChunk) -> Self {
         let data = match c.data {
-            ChunkData::Data(d) => hlstore_store::ChunkData::Data(d.to_vec()),
+            ChunkData::Data(d) => hlstore_store::ChunkData::Data(d),
             ChunkData::Zero => hlstore_store::ChunkData::Zero,
             ChunkData::Trim(len) => hlstore_store::ChunkData::Trim(len),
         };

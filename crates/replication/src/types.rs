@@ -326,7 +326,7 @@ impl VolumeConfig {
             machine,
             tick: Duration::from_millis(50),
             queue_depth: 256,
-            resync_window: 1024,
+            resync_window: 4096,
             resync_checkpoint_blocks: 32768,
             resync_rate: 0,
             owner_node: String::new(),

@@ -200,9 +200,9 @@ impl Replica for Fake {
             while let Some(c) = chunks.next().await {
                 let msg = c.map_err(status).map(|c| {
                     let (data, trim_length) = match c.data {
-                        ChunkData::Data(d) => (d.to_vec(), 0),
-                        ChunkData::Zero => (Vec::new(), 0),
-                        ChunkData::Trim(len) => (Vec::new(), len),
+                        ChunkData::Data(d) => (d, 0),
+                        ChunkData::Zero => (Default::default(), 0),
+                        ChunkData::Trim(len) => (Default::default(), len),
                     };
                     pb::ResyncChunk { offset: c.offset, data, seq: c.seq, trim_length }
                 });
@@ -251,7 +251,7 @@ impl Replica for Fake {
                 } else if c.data.is_empty() {
                     ChunkData::Zero
                 } else {
-                    ChunkData::Data(c.data.into())
+                    ChunkData::Data(c.data)
                 },
             })
             .collect();

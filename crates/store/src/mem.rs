@@ -450,7 +450,7 @@ impl ReplicaStore for MemStore {
                         continue;
                     }
                     ChunkData::Data(d) => {
-                        v.set_block(b, Some(Block { data: d.clone(), crc: check::crc(d), seq: c.seq }))
+                        v.set_block(b, Some(Block { data: d.to_vec(), crc: check::crc(d), seq: c.seq }))
                     }
                     // Recorded as a one-block trim, as on disk, so a resync from this
                     // replica carries it on.

@@ -152,8 +152,8 @@ pub enum Change {
 /// The payload of a resync chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ChunkData {
-    /// One block of data.
-    Data(Vec<u8>),
+    /// One block of data (shared: a slice of a larger read or of a received message).
+    Data(bytes::Bytes),
     /// One block that reads as zeroes.
     Zero,
     /// A trim of `len` bytes starting at the chunk's offset.

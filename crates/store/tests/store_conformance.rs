@@ -238,9 +238,9 @@ fn resync_never_overwrites_newer<H: Harness>(h: H) {
     assert_eq!(s.state("v").unwrap().resync_from, Some(0));
     s.write("v", Epoch(1), Seq(10), Offset(0), &block(10), false).unwrap(); // foreground write during resync
     let chunks = vec![
-        ResyncChunk { offset: 0, seq: 5, data: ChunkData::Data(block(5)) }, // older: skipped
-        ResyncChunk { offset: BS, seq: 6, data: ChunkData::Data(block(6)) },
-        ResyncChunk { offset: 2 * BS, seq: 7, data: ChunkData::Data(block(7)) },
+        ResyncChunk { offset: 0, seq: 5, data: ChunkData::Data(block(5).into()) }, // older: skipped
+        ResyncChunk { offset: BS, seq: 6, data: ChunkData::Data(block(6).into()) },
+        ResyncChunk { offset: 2 * BS, seq: 7, data: ChunkData::Data(block(7).into()) },
         ResyncChunk { offset: 3 * BS, seq: 8, data: ChunkData::Zero },
     ];
     let stats = s.apply_resync("v", Epoch(1), &chunks).unwrap();
@@ -261,7 +261,7 @@ fn resync_never_overwrites_newer<H: Harness>(h: H) {
     assert_eq!(s.read("v", Epoch(1), Offset(0), BS).unwrap(), block(10), "seq 10 is newer than the trim");
     assert_eq!(s.read("v", Epoch(1), Offset(BS), BS).unwrap(), block(0), "seq 6 is older than the trim");
     assert_eq!(s.read("v", Epoch(1), Offset(4 * BS), BS).unwrap(), block(11));
-    let bad = ResyncChunk { offset: 0, seq: 12, data: ChunkData::Data(vec![1; 10]) };
+    let bad = ResyncChunk { offset: 0, seq: 12, data: ChunkData::Data(vec![1; 10].into()) };
     assert_eq!(s.apply_resync("v", Epoch(1), &[bad]).unwrap_err().kind(), ErrorKind::InvalidArgument);
     let st = s.end_resync("v", Epoch(1)).unwrap();
     assert_eq!(st.resync_from, None);
@@ -277,15 +277,17 @@ fn resync_checkpoints_resume_only_the_same_resync<H: Harness>(mut h: H) {
         "no resync"
     );
     assert_eq!(s.begin_resync("v", Epoch(1), Seq(3), true, History::default()).unwrap().resync_done, None);
-    let chunks: Vec<_> =
-        (0..8).map(|i| ResyncChunk { offset: i * BS, seq: 4 + i, data: ChunkData::Data(block(i as u8)) }).collect();
+    let chunks: Vec<_> = (0..8)
+        .map(|i| ResyncChunk { offset: i * BS, seq: 4 + i, data: ChunkData::Data(block(i as u8).into()) })
+        .collect();
     s.apply_resync("v", Epoch(1), &chunks).unwrap();
     let st = s.checkpoint_resync("v", Epoch(1), Offset(8 * BS)).unwrap();
     assert_eq!(st.resync_done, Some((8 * BS, 11)), "checkpoint at the durable seq");
     assert_eq!(st.durable_seq, 11);
     // Survives later writes and a crash; kept by a resume of the same resync under the
     // same epoch.
-    s.apply_resync("v", Epoch(1), &[ResyncChunk { offset: 9 * BS, seq: 12, data: ChunkData::Data(block(9)) }]).unwrap();
+    s.apply_resync("v", Epoch(1), &[ResyncChunk { offset: 9 * BS, seq: 12, data: ChunkData::Data(block(9).into()) }])
+        .unwrap();
     s.flush("v", Epoch(1)).unwrap();
     drop(s);
     h.crash();
@@ -365,7 +367,7 @@ fn resync_chunks_below_the_durable_mark_are_flushed_for_real<H: Harness>(mut h: 
     // A resync copies older blocks (seqs below the durable mark) into blocks 0..8.
     s.begin_resync("v", Epoch(1), Seq(0), false, History::default()).unwrap();
     let chunks: Vec<_> = (0..8)
-        .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) })
+        .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8).into()) })
         .collect();
     s.apply_resync("v", Epoch(1), &chunks).unwrap();
     assert_eq!(s.flush("v", Epoch(1)).unwrap(), Seq(10));
@@ -391,7 +393,7 @@ fn unflushed_resync_chunks_lost_in_a_power_cut_are_copied_again<H: Harness>(mut 
     s.write("v", Epoch(1), Seq(11), Offset(3 * BS), &block(11), true).unwrap();
     s.begin_resync("v", Epoch(1), Seq(1), false, History::default()).unwrap();
     let chunks: Vec<_> = (0..4)
-        .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8)) })
+        .map(|i| ResyncChunk { offset: i * BS, seq: 2 + i, data: ChunkData::Data(block(0x80 + i as u8).into()) })
         .collect();
     s.apply_resync("v", Epoch(1), &chunks).unwrap();
     drop(s);

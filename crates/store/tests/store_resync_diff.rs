@@ -17,7 +17,7 @@ fn to_chunk((block, seq, kind): (u64, u64, u8)) -> ResyncChunk {
     let data = match kind {
         0 => ChunkData::Trim(BS * (1 + block % 3).min(BLOCKS - block)),
         1 => ChunkData::Zero,
-        _ => ChunkData::Data(vec![(seq as u8).wrapping_mul(7) | 1; BS as usize]),
+        _ => ChunkData::Data(vec![(seq as u8).wrapping_mul(7) | 1; BS as usize].into()),
     };
     ResyncChunk { offset: block * BS, seq, data }
 }

@@ -2,6 +2,7 @@
 //! the engine's transport (`grpc_replica.rs`) and the node agent's calls to replicas.
 //! Requests are validated here on entry: a malformed one is `INVALID_ARGUMENT`.
 
+use bytes::Bytes;
 use hlstore_proto::replica as pb;
 use tonic::Status;
 
@@ -140,8 +141,8 @@ pub fn chunk_from_pb(c: pb::ResyncChunk) -> ResyncChunk {
 pub fn chunk_to_pb(c: ResyncChunk) -> pb::ResyncChunk {
     let (data, trim_length) = match c.data {
         ChunkData::Data(d) => (d, 0),
-        ChunkData::Zero => (Vec::new(), 0),
-        ChunkData::Trim(len) => (Vec::new(), len),
+        ChunkData::Zero => (Bytes::new(), 0),
+        ChunkData::Trim(len) => (Bytes::new(), len),
     };
     pb::ResyncChunk { offset: c.offset, data, seq: c.seq, trim_length }
 }
@@ -153,16 +154,16 @@ pub fn transport_chunk_from_pb(c: pb::ResyncChunk) -> transport::ResyncChunk {
     } else if c.data.is_empty() {
         transport::ChunkData::Zero
     } else {
-        transport::ChunkData::Data(c.data.into())
+        transport::ChunkData::Data(c.data)
     };
     transport::ResyncChunk { offset: c.offset, seq: c.seq, data }
 }
 
 pub fn transport_chunk_to_pb(c: transport::ResyncChunk) -> pb::ResyncChunk {
     let (data, trim_length) = match c.data {
-        transport::ChunkData::Data(d) => (d.to_vec(), 0),
-        transport::ChunkData::Zero => (Vec::new(), 0),
-        transport::ChunkData::Trim(len) => (Vec::new(), len),
+        transport::ChunkData::Data(d) => (d, 0),
+        transport::ChunkData::Zero => (Bytes::new(), 0),
+        transport::ChunkData::Trim(len) => (Bytes::new(), len),
     };
     pb::ResyncChunk { offset: c.offset, data, seq: c.seq, trim_length }
 }
