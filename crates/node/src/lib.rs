@@ -208,6 +208,7 @@ pub async fn run(
     }
     let store = Arc::new(store);
     spawn_background_flush(store.clone());
+    spawn_memory_trim();
     let replica_svc = ReplicaService::new(store.clone()).with_space(config.data_dir.clone(), config.storage_reserved);
     let stats = replica_svc.stats();
 
@@ -338,6 +339,23 @@ const CONNECTION_WINDOW: u32 = 32 << 20;
 const MAX_FRAME: u32 = 256 << 10;
 
 const BACKGROUND_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+const MEMORY_TRIM: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Hands freed heap memory back to the system every [`MEMORY_TRIM`]. The allocator keeps
+/// what bursts of large requests freed (1 MiB writes, resync batches, across arenas): an
+/// agent idle after writing to ten volumes held 192 MiB, 112 MiB after a trim.
+fn spawn_memory_trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(async {
+        let mut tick = tokio::time::interval(MEMORY_TRIM);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            // SAFETY: malloc_trim only releases free memory of glibc's own arenas.
+            let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
+        }
+    });
+}
 
 /// Flushes dirty replicas every [`BACKGROUND_FLUSH`], so slots freed by overwrites are
 /// reused (overwrites then land on pages already in the page cache and on disk, instead of
