@@ -343,7 +343,7 @@ impl<T: ReplicaTransport> Link<T> {
                 let mut permits = vec![permit];
                 while chunks.len() < RESYNC_BATCH {
                     match ops.try_recv() {
-                        Ok(LinkOp::Resync { chunks: more, permit }) => {
+                        Ok(LinkOp::Resync { chunks: more, permit }) if chunks.len() + more.len() <= RESYNC_BATCH => {
                             chunks.extend(more);
                             permits.push(permit);
                         }
