@@ -116,3 +116,38 @@ fn replace_refuses_while_another_replica_is_behind_and_deletes_the_old_one_only_
     });
     qemu_io(&uri, &["read -P 0x5a 0 4M", "read -P 0x5b 4M 1M"]);
 }
+
+#[test]
+fn a_stale_replica_on_the_new_node_is_dropped_and_the_new_one_starts_empty() {
+    let c = Cluster::new();
+    let uri = c.up(&["--nodes", "4", "--volume", "s", "--size", "64MiB", "--replicas", "3"]);
+    qemu_io(&uri, &["write -P 0x5a 0 4M"]);
+    let (ep, ep4) = (c.endpoint("n1"), c.endpoint("n4"));
+    // n4 holds a replica of s outside its set (left by an earlier replace, or a stray),
+    // with data where the volume has none.
+    c.cli_as("n4", &["replica", "create", "s", "--size", "64MiB", "--endpoint", &ep4]);
+    let junk = c.path().join("junk.bin");
+    std::fs::write(&junk, vec![0xee_u8; MIB as usize]).unwrap();
+    c.cli_as(
+        "n4",
+        &["replica", "write", "s", "--offset", "32MiB", "--input", junk.to_str().unwrap(), "--endpoint", &ep4],
+    );
+
+    let out = c.cli(&["volume", "replace-replica", "s", "--from", "n3", "--to", "n4", "--endpoint", &ep]);
+    assert!(out.contains("replicas now n1, n2, n4"), "{out}");
+    let v = c.wait_all_healthy("s", WAIT);
+    assert_eq!(v["replica_set"], serde_json::json!(["n1", "n2", "n4"]), "{v}");
+    assert_eq!(v["attached_node"], "n1", "the volume stays attached where it was: {v}");
+    let n4 = Cluster::replica_of(&v, "n4").expect("n4 replica").clone();
+    assert_eq!(n4["allocated_bytes"].as_u64().unwrap(), 4 * MIB, "n4 holds the volume's blocks only: {n4}");
+    // n4's replica, read directly: the volume's data, and zeroes where the stray had junk.
+    for (offset, fill) in [("0", 0x5a_u8), ("32MiB", 0)] {
+        let out = c.path().join("direct.bin");
+        let out_s = out.to_str().unwrap().to_string();
+        let args = ["replica", "read", "s", "--offset", offset, "--length", "1048576", "--output", &out_s];
+        c.cli_as("n4", &[&args[..], &["--endpoint", &ep4]].concat());
+        let data = std::fs::read(&out).unwrap();
+        assert!(data.iter().all(|&b| b == fill), "n4's replica at {offset} does not hold 0x{fill:02x}");
+    }
+    qemu_io(&uri, &["read -P 0x5a 0 4M", "read -P 0 32M 1M"]);
+}

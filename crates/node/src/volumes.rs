@@ -960,20 +960,22 @@ impl VolumeManager {
         if attached.is_some() {
             self.detach(name).await?;
         }
-        let epoch = self.gather().await.get(name).map_or(g.record.epoch, |g| g.record.epoch) + 1;
-        let new_set: Vec<String> = old_set.iter().map(|n| if n == from { to.to_string() } else { n.clone() }).collect();
-        let mut record = g.record.clone();
-        record.replica_set = new_set.clone();
-        record.epoch = epoch;
-        self.cluster.create_replica(to, &record).await?;
-        for node in new_set.iter().filter(|n| *n != to) {
-            self.cluster.endpoint(node)?;
-            self.cluster.set_replica_set(node, name, epoch, new_set.clone()).await.map_err(|e| {
-                Error::Unavailable(format!(
-                    "volume {name}: could not record the new replica set on node {node} ({e}); run the replace again once it is up"
-                ))
-            })?;
-        }
+        let epoch = match self.swap_replica(name, &g.record, from, to).await {
+            Ok(swapped) => swapped,
+            Err(e) => {
+                // The volume goes back where it was (with whichever set its replicas now
+                // record: the error says whether to run the replace again).
+                if let Some((node, uri)) = &attached {
+                    let listen = self.dedicated_listen_of(uri);
+                    if let Err(a) = self.attach(name, node, &listen, false).await {
+                        return Err(Error::Unavailable(format!(
+                            "{e}; and the volume, detached for the replace, could not be attached again on {node}: {a}"
+                        )));
+                    }
+                }
+                return Err(e);
+            }
+        };
         // The old replica (fenced by the new epoch, outside the new set) is deleted only once
         // the new one is in sync: until then it is the only other full copy.
         tokio::spawn(delete_replaced_when_filled(
@@ -998,6 +1000,37 @@ impl VolumeManager {
             }
             None => self.get(name).await,
         }
+    }
+
+    /// The part of [`Self::replace`] done while the volume is detached: the new replica on
+    /// `to` at a new epoch, then the new set recorded on the other members. A replica of
+    /// `name` already on `to` is outside the set, so stale (one an earlier replace moved
+    /// away and has not deleted yet, or a stray): it is deleted first, so the new replica
+    /// starts empty and is filled by a full resync. Returns the new epoch.
+    async fn swap_replica(&self, name: &str, record: &VolumeRecord, from: &str, to: &str) -> Result<u64> {
+        let epoch = self.gather().await.get(name).map_or(record.epoch, |g| g.record.epoch) + 1;
+        let old_set = &record.replica_set;
+        let new_set: Vec<String> = old_set.iter().map(|n| if n == from { to.to_string() } else { n.clone() }).collect();
+        if self.cluster.delete_replica(to, name, epoch).await? {
+            tracing::info!(
+                volume.id = name,
+                node = to,
+                "deleted a stale replica of the volume on the new replica's node"
+            );
+        }
+        let mut record = record.clone();
+        record.replica_set = new_set.clone();
+        record.epoch = epoch;
+        self.cluster.create_replica(to, &record).await?;
+        for node in new_set.iter().filter(|n| *n != to) {
+            self.cluster.endpoint(node)?;
+            self.cluster.set_replica_set(node, name, epoch, new_set.clone()).await.map_err(|e| {
+                Error::Unavailable(format!(
+                    "volume {name}: could not record the new replica set on node {node} ({e}); run the replace again once it is up"
+                ))
+            })?;
+        }
+        Ok(epoch)
     }
 
     /// The listen address encoded in an NBD URI (the attaching node treats its own default
