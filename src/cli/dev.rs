@@ -372,6 +372,12 @@ pub async fn run(cmd: DevCommand) -> anyhow::Result<()> {
                     Err(e) if fresh && attempt < 2 && port_taken(&dir, &c) => {
                         eprintln!("{e:#}: a port was taken meanwhile; starting the new cluster again on new ports");
                         stop_all(&dir, &c).await;
+                        // The next attempt's logs start empty (so `port_taken` judges only
+                        // it); this attempt's are kept beside them.
+                        for n in &c.nodes {
+                            let log = dir.join(&n.id).join("node.log");
+                            let _ = std::fs::rename(&log, log.with_extension(format!("log.attempt-{attempt}")));
+                        }
                         let ids: Vec<String> = c.nodes.iter().map(|n| n.id.clone()).collect();
                         c = new_cluster(&ids)?;
                         save(&dir, &c)?;

@@ -332,13 +332,16 @@ fn check_node_certificate(tls: &hlstore_tls::TlsState, id: &str) -> Result<()> {
     }
 }
 
-/// How often the agent flushes replicas with unflushed changes.
-/// HTTP/2 receive window per stream, per connection, and the largest frame accepted.
+/// HTTP/2 receive window per stream on the agent's gRPC server.
 const STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 receive window per connection.
 const CONNECTION_WINDOW: u32 = 32 << 20;
+/// The largest HTTP/2 frame the server accepts.
 const MAX_FRAME: u32 = 256 << 10;
 
+/// How often the agent flushes replicas with unflushed changes.
 const BACKGROUND_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often the agent hands freed heap memory back to the system.
 const MEMORY_TRIM: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Hands freed heap memory back to the system every [`MEMORY_TRIM`]. The allocator keeps
