@@ -798,6 +798,13 @@ impl DiskStore {
         // trimmed ones and the rest are punched, so the space goes back to the filesystem.
         let keep_slots = (g.st.allocated_blocks / KEEP_FREE_FRACTION).min(KEEP_FREE_MAX_SLOTS) as usize;
         let mut reuse: Vec<u64> = ready.iter().filter(|p| !p.2).map(|p| p.1).collect();
+        // Slots a snapshot delete freed before `changes` was read above.
+        g.reclaimed.retain(|&(at, slot)| {
+            if at <= changes {
+                reuse.push(slot);
+            }
+            at > changes
+        });
         let mut slots: Vec<u64> = ready.iter().filter(|p| p.2).map(|p| p.1).collect();
         reuse.sort_unstable();
         // Over the bound (the live data shrank): punch the highest kept slots first.

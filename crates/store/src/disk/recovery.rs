@@ -68,6 +68,9 @@ pub(super) fn recover(store: &DiskStore, name: &str, v: &Volume) -> Result<u64> 
     if count > 0 {
         tracing::warn!(volume.id = name, blocks = count, "rolled back blocks whose data was lost before a flush");
     }
+    // Versions of a snapshot whose delete was cut short (their slots join the free ones
+    // punched below, after the durable commit).
+    store.drop_orphaned_versions(name, v, &mut g)?;
     // Make what we recovered durable before any slot is reused.
     v.file.sync().map_err(|e| Error::io(format!("volume {name}: recovery fdatasync"), e))?;
     match lost {

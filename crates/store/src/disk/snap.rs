@@ -2,8 +2,10 @@
 //!
 //! Creating one is O(1): flush, then one `X` record. Later writes and trims keep the
 //! block versions a snapshot sees as `P` entries instead of freeing their slots. Deleting
-//! one drops its record, then frees (in bounded steps, each under the volume lock for a
-//! short time) the `P` versions no remaining snapshot sees.
+//! one drops its record (durably), then frees (in bounded steps, each under the volume lock
+//! for a short time) the `P` versions no remaining snapshot sees; their slots wait for the
+//! next flush, like slots freed by overwrites. Versions left by a delete a power cut
+//! interrupted are dropped at open (`drop_orphaned_versions`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,7 +16,7 @@ use hlstore_core::error::{Error, Result};
 use super::super::check;
 use super::super::record::{SnapshotInfo, BLOCK_SIZE};
 use super::keys::{self, Entry};
-use super::volume::{self, preserves, Snaps, VolInner};
+use super::volume::{self, preserves, Snaps, VolInner, Volume};
 use super::{blocks, corrupt_meta, DiskStore};
 
 /// Preserved versions examined per lock hold when a snapshot is deleted.
@@ -186,10 +188,7 @@ impl DiskStore {
             let mut g = volume::write(&v);
             check::epoch(name, g.record.epoch, epoch)?;
             let Ok(seq) = find(name, &g, snap).map(|s| s.seq) else { return Ok(false) };
-            let mut batch = Batch::default();
-            batch.delete(keys::snapshot(v.vid, seq, snap));
-            self.commit(batch, true, "deleting snapshot")?;
-            g.snaps.remove(&(seq, snap.to_string()));
+            self.drop_snapshot_record(&v, &mut g, seq, snap)?;
             seq
         };
         // Versions this snapshot saw; each is freed unless another snapshot still sees it.
@@ -221,17 +220,67 @@ impl DiskStore {
                 pages.abandon(&mut g.pages);
                 continue;
             }
-            // Durable before the slots can be reused by new writes.
-            self.commit_pages(&mut g, batch, pages, true, "freeing snapshot blocks")?;
-            slots.sort_unstable();
-            if let Err(e) = super::file::runs(&slots, |_, slot, count| v.file.punch(slot, count)) {
-                tracing::warn!(volume.id = name, error = %e, "could not punch freed snapshot slots");
-            }
+            // Not synced here: the slots are handed to the next flush, which makes this
+            // batch durable before they can be reused, and keeps or punches them like
+            // slots freed by overwrites (a delete used to sync and punch each step itself:
+            // most of its time). A power cut before that flush leaves the versions
+            // orphaned; the store's open drops them (`drop_orphaned_versions`).
+            self.commit_pages(&mut g, batch, pages, false, "freeing snapshot blocks")?;
+            g.changes += 1;
+            let at = g.changes;
             freed += slots.len() as u64;
-            g.free.extend(slots);
+            g.reclaimed.extend(slots.into_iter().map(|s| (at, s)));
         }
         tracing::debug!(volume.id = name, snapshot = snap, freed_blocks = freed, "snapshot deleted");
         Ok(true)
+    }
+
+    /// Drops the preserved versions no snapshot sees any more (a power cut after a
+    /// snapshot's record was deleted and before the batch freeing its versions reached the
+    /// disk leaves them behind) and frees their slots. Run at open, by recovery, whose
+    /// durable commit follows; returns how many versions were dropped.
+    pub(super) fn drop_orphaned_versions(&self, name: &str, v: &Volume, g: &mut VolInner) -> Result<u64> {
+        let orphans: Vec<Preserved> = self
+            .preserved_in(v.vid, 0..u64::MAX)?
+            .into_iter()
+            .filter(|p| !preserves(&g.snaps, p.written, p.entry.seq))
+            .collect();
+        if orphans.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = Batch::default();
+        let mut pages = self.pages(v, g)?;
+        let mut slots = Vec::new();
+        for p in &orphans {
+            batch.delete(keys::preserved(v.vid, p.block, p.written));
+            if p.entry.slot != ZERO_SLOT {
+                pages.set_free(&self.db, p.entry.slot, true)?;
+                slots.push(p.entry.slot);
+            }
+        }
+        self.commit_pages(g, batch, pages, false, "dropping orphaned snapshot versions")?;
+        g.free.extend(slots);
+        tracing::info!(volume.id = name, versions = orphans.len(), "dropped block versions of a deleted snapshot");
+        Ok(orphans.len() as u64)
+    }
+
+    /// Deletes only snapshot `snap`'s record, durably, leaving its block versions: the
+    /// state a power cut leaves when it strikes a delete between the two (test support).
+    #[cfg(feature = "testing")]
+    pub fn forget_snapshot_record(&self, name: &str, snap: &str) -> Result<()> {
+        let v = self.vol(name)?;
+        let mut g = volume::write(&v);
+        let seq = find(name, &g, snap)?.seq;
+        self.drop_snapshot_record(&v, &mut g, seq, snap)
+    }
+
+    /// Deletes snapshot `snap`'s record (taken at `seq`), durably.
+    fn drop_snapshot_record(&self, v: &Volume, g: &mut VolInner, seq: u64, snap: &str) -> Result<()> {
+        let mut batch = Batch::default();
+        batch.delete(keys::snapshot(v.vid, seq, snap));
+        self.commit(batch, true, "deleting snapshot")?;
+        g.snaps.remove(&(seq, snap.to_string()));
+        Ok(())
     }
 
     pub(super) fn snap_install(

@@ -29,6 +29,10 @@ pub struct VolInner {
     /// Slots freed by the write/trim with the given seq; reusable once that seq is durable.
     /// The flag: freed by a trim (the space is handed back to the filesystem then).
     pub pending: Vec<(u64, u64, bool)>,
+    /// Slots freed by a snapshot delete, with the value of `changes` after the batch that
+    /// freed them: reusable once a flush covered that count (the batch is in the WAL
+    /// before the flush's WAL sync).
+    pub reclaimed: Vec<(u64, u64)>,
     /// Snapshots by (seq, name).
     pub snaps: Snaps,
     /// Blocks with a `U` key (content written at or below the durable mark, not synced
@@ -94,6 +98,7 @@ impl VolInner {
             free,
             reusable: BTreeSet::new(),
             pending: Vec::new(),
+            reclaimed: Vec::new(),
             snaps,
             unsynced: BTreeMap::new(),
             changes: 0,
