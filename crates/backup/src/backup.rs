@@ -521,7 +521,9 @@ fn upload(run: &Run<'_>, rx: Arc<Mutex<Receiver<FinishedPack>>>) -> Result<()> {
         if run.abort.load(Ordering::Relaxed) {
             return Ok(());
         }
+        let started = std::time::Instant::now();
         run.repo.backend().put(&pack_key(&p.id), &p.bytes)?;
+        tracing::debug!(pack = %p.id, bytes = p.bytes.len(), elapsed = ?started.elapsed(), "pack stored");
         let batch = {
             let mut pending = run.pending_index.lock().unwrap_or_else(|e| e.into_inner());
             pending.push(IndexedPack { id: p.id, len: p.bytes.len() as u64, entries: p.entries });

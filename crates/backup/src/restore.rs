@@ -20,7 +20,7 @@ use std::sync::Mutex;
 use crate::chunk::ChunkId;
 use crate::error::{Error, Result};
 use crate::index::Location;
-use crate::pack::decode_blob;
+use crate::pack::decode_blob_in_place;
 use crate::progress::Progress;
 use crate::repo::Repository;
 use crate::snapshot::ChunkRef;
@@ -366,15 +366,17 @@ fn restore_pack(repo: &Repository, job: &Job, sink: &dyn RestoreSink) -> Result<
     let start = first.0.offset as u64;
     let end = job.chunks.iter().map(|c| c.0.entry(c.1).end()).max().unwrap_or(start);
     let key = crate::pack::pack_key(&job.pack);
-    let bytes = repo.backend().get_range(&key, start, end - start)?;
+    let mut bytes = repo.backend().get_range(&key, start, end - start)?;
     let mut n = 0u64;
     for (loc, cid, offs) in &job.chunks {
         let e = loc.entry(*cid);
         let a = (e.offset as u64 - start) as usize;
+        // Each blob is decrypted where it lies (a damaged index placing two blobs over
+        // each other makes the second fail authentication, not restore wrong bytes).
         let blob = bytes
-            .get(a..a + e.length as usize)
+            .get_mut(a..a + e.length as usize)
             .ok_or_else(|| Error::corrupt(format!("pack {}", job.pack), "shorter than its index says"))?;
-        let plain = decode_blob(repo.key(), &e, blob, &job.pack)?;
+        let plain = decode_blob_in_place(repo.key(), &e, blob, &job.pack)?;
         for &(o, skip, len) in offs {
             let piece = plain.get(skip as usize..skip as usize + len as usize).ok_or_else(|| {
                 Error::corrupt(format!("pack {} chunk {cid}", job.pack), "backup references bytes past the chunk's end")

@@ -73,6 +73,22 @@ impl MasterKey {
         seal_with(&self.enc, plain, aad)
     }
 
+    /// [`MasterKey::open`] in place: decrypts `sealed` where it lies and returns the
+    /// plaintext, a slice of it (no copy of the ciphertext).
+    pub fn open_in_place<'a>(&self, sealed: &'a mut [u8], aad: &[u8], object: &str) -> Result<&'a [u8]> {
+        use chacha20poly1305::aead::AeadInPlace;
+        let damaged = || Error::corrupt(object, "authentication failed (data damaged)");
+        if sealed.len() < OVERHEAD {
+            return Err(damaged());
+        }
+        let (nonce, rest) = sealed.split_at_mut(NONCE_LEN);
+        let (msg, tag) = rest.split_at_mut(rest.len() - TAG_LEN);
+        XChaCha20Poly1305::new((&self.enc).into())
+            .decrypt_in_place_detached(XNonce::from_slice(nonce), aad, msg, chacha20poly1305::Tag::from_slice(tag))
+            .map_err(|_| damaged())?;
+        Ok(msg)
+    }
+
     /// Decrypts what [`MasterKey::seal`] produced; `object` names it in errors.
     pub fn open(&self, sealed: &[u8], aad: &[u8], object: &str) -> Result<Vec<u8>> {
         open_with(&self.enc, sealed, aad).ok_or_else(|| Error::corrupt(object, "authentication failed (data damaged)"))

@@ -60,16 +60,37 @@ pub fn encode_blob_with(
 
 /// Opens one blob and checks it hashes to its id.
 pub fn decode_blob(key: &MasterKey, e: &PackEntry, blob: &[u8], pack: &str) -> Result<Vec<u8>> {
-    let obj = format!("pack {pack} chunk {}", e.id);
-    let payload = key.open(blob, &e.id.0, &obj)?;
+    let mut buf = blob.to_vec();
+    let stored = match decode_blob_in_place(key, e, &mut buf, pack)? {
+        std::borrow::Cow::Owned(plain) => return Ok(plain),
+        std::borrow::Cow::Borrowed(plain) => plain.len(),
+    };
+    // Stored uncompressed: the plaintext follows the nonce in `buf`.
+    buf.truncate(crate::crypto::NONCE_LEN + stored);
+    buf.drain(..crate::crypto::NONCE_LEN);
+    Ok(buf)
+}
+
+/// [`decode_blob`] decrypting in place in `blob` (the fetched pack bytes): an uncompressed
+/// chunk is returned as a slice of `blob`, without a copy.
+pub fn decode_blob_in_place<'a>(
+    key: &MasterKey,
+    e: &PackEntry,
+    blob: &'a mut [u8],
+    pack: &str,
+) -> Result<std::borrow::Cow<'a, [u8]>> {
+    let obj = || format!("pack {pack} chunk {}", e.id);
+    let payload = key.open_in_place(blob, &e.id.0, &obj())?;
     let plain = if e.flags & FLAG_COMPRESSED != 0 {
-        crate::compress::decompress_at_most(&payload, e.raw_len as usize)
-            .map_err(|err| Error::corrupt(&obj, format!("zstd: {err}")))?
+        std::borrow::Cow::Owned(
+            crate::compress::decompress_chunk(payload, e.raw_len as usize)
+                .map_err(|err| Error::corrupt(obj(), format!("zstd: {err}")))?,
+        )
     } else {
-        payload
+        std::borrow::Cow::Borrowed(payload)
     };
     if plain.len() != e.raw_len as usize || key.chunk_id(&plain) != e.id {
-        return Err(Error::corrupt(&obj, "content does not match its id"));
+        return Err(Error::corrupt(obj(), "content does not match its id"));
     }
     Ok(plain)
 }
