@@ -15,7 +15,10 @@
 # XChaCha20-Poly1305; restic: AES-256; borg: repokey-blake2) and compress
 # (hlstore zstd 3, restic auto, borg zstd 3). Page cache is warm for everyone. hlstore's
 # restore ends with an fsync, the others' do not: "+ sync" adds a timed `sync` after each
-# tool's restore (the restore until its image is on disk).
+# tool's restore (the restore until its image is on disk). Every tool makes its full
+# backup twice (into a new repository each time) and restores twice; the faster run of
+# each is reported: on a VM, the first writes into page-cache memory the guest never
+# touched cost 2-3x the system time, and that fell on whichever tool ran first.
 #
 # Real-filesystem case: a 1.5 GiB ext4 image made by mkfs.ext4 -d from /usr/share and
 # Python's standard library (backup_mkimage.py mkfs); the change deletes a tree, adds the
@@ -28,9 +31,10 @@
 # image; `hlstore backup create --volume` (full), the same 1 % change written to the image
 # file and the volume alike, then an incremental volume backup (reads only the changed
 # blocks) against `restic backup` re-reading the changed image file (restic's repository
-# from the run above, so restic is incremental too); then `hlstore restore --to-volume`
-# into a new 3-replica volume, checked byte for byte against the image. Goal: volume
-# incremental <= 0.1x restic's time.
+# from the run above, so restic is incremental too), three rounds, the median of each
+# tool reported; then `hlstore restore --to-volume` of the last backup into a new
+# 3-replica volume, checked byte for byte against the image. Goal: volume incremental
+# <= 0.1x restic's time.
 set -euo pipefail
 
 SIZE_MIB=1024
@@ -45,7 +49,7 @@ while [ $# -gt 0 ]; do
     --keep) KEEP=1; shift ;;
     --no-volume) VOLUME=0; shift ;;
     --no-fs) FS=0; shift ;;
-    -h|--help) sed -n "2,33p" "$0"; exit 0 ;;
+    -h|--help) sed -n "2,37p" "$0"; exit 0 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -128,17 +132,26 @@ CHANGED=0
 run_tool() {
   local tool="$1" repo="$WORK/repo-$1-$CASE"
   reset_image
-  case "$tool" in
-    hlstore)
-      "$HLSTORE_BIN" backup init --repo "$repo" >/dev/null
-      timed hlstore-full "$HLSTORE_BIN" backup create --repo "$repo" --source "$IMG" --json ;;
-    restic)
-      restic init -r "$repo" --repository-version 2 >/dev/null 2>&1
-      timed restic-full restic -r "$repo" backup "$IMG" ;;
-    borg)
-      borg init -e repokey-blake2 "$repo" >/dev/null 2>&1
-      timed borg-full borg create --compression zstd,3 "$repo::full" "$IMG" ;;
-  esac
+  # Two full backups into a new repository each; the faster counts (see the restore).
+  local attempt best=""
+  for attempt in 1 2; do
+    rm -rf "$repo"
+    case "$tool" in
+      hlstore)
+        "$HLSTORE_BIN" backup init --repo "$repo" >/dev/null
+        timed "hlstore-full$attempt" "$HLSTORE_BIN" backup create --repo "$repo" --source "$IMG" --json ;;
+      restic)
+        restic init -r "$repo" --repository-version 2 >/dev/null 2>&1
+        timed "restic-full$attempt" restic -r "$repo" backup "$IMG" ;;
+      borg)
+        borg init -e repokey-blake2 "$repo" >/dev/null 2>&1
+        timed "borg-full$attempt" borg create --compression zstd,3 "$repo::full" "$IMG" ;;
+    esac
+    if [ -z "$best" ] || awk -v a="$(secs "$tool-full$attempt")" -v b="$(secs "$tool-full$best")" 'BEGIN { exit !(a < b) }'; then
+      best=$attempt
+    fi
+  done
+  cp "$WORK/$tool-full$best.time" "$WORK/$tool-full.time"
   local s1; s1=$(size "$repo")
   CHANGED=$(change_image)
   case "$tool" in
@@ -148,24 +161,35 @@ run_tool() {
   esac
   local s2; s2=$(size "$repo")
   local out="$WORK/restore-$tool"
-  rm -rf "$out"; mkdir -p "$out"
-  sync # nothing dirty from earlier steps is flushed on the restore's account
-  case "$tool" in
-    hlstore)
-      local id; id=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/hlstore-incr.out")
-      timed hlstore-restore "$HLSTORE_BIN" restore "$id" --repo "$repo" --to-file "$out/image.img"
-      CHECK[$tool]=$(same "$out/image.img")
-      mount_read "$repo" "$id" ;;
-    restic)
-      timed restic-restore restic -r "$repo" restore latest --target "$out"
-      CHECK[$tool]=$(same "$out$IMG") ;;
-    borg)
-      (cd "$out" && timed borg-restore borg extract --sparse "$repo::incr")
-      CHECK[$tool]=$(same "$out$IMG") ;;
-  esac
-  # hlstore's restore ends with the image on disk (fsync); the others leave it in the page
-  # cache: "+ sync" is each restore until its image is durable.
-  timed "$tool-sync" sync
+  best=""
+  # Two restores; the faster (restore + sync) counts (see the header).
+  for attempt in 1 2; do
+    rm -rf "$out"; mkdir -p "$out"
+    sync # nothing dirty from earlier steps is flushed on the restore's account
+    case "$tool" in
+      hlstore)
+        local id; id=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/hlstore-incr.out")
+        timed "hlstore-restore$attempt" "$HLSTORE_BIN" restore "$id" --repo "$repo" --to-file "$out/image.img"
+        CHECK[$tool]=$(same "$out/image.img") ;;
+      restic)
+        timed "restic-restore$attempt" restic -r "$repo" restore latest --target "$out"
+        CHECK[$tool]=$(same "$out$IMG") ;;
+      borg)
+        (cd "$out" && timed "borg-restore$attempt" borg extract --sparse "$repo::incr")
+        CHECK[$tool]=$(same "$out$IMG") ;;
+    esac
+    # hlstore's restore ends with the image on disk (fsync); the others leave it in the
+    # page cache: "+ sync" is each restore until its image is durable.
+    timed "$tool-sync$attempt" sync
+    [ "${CHECK[$tool]}" = ok ] || { best=$attempt; break; }
+    if [ -z "$best" ] || awk -v a="$(secs "$tool-restore$attempt")" -v b="$(secs "$tool-sync$attempt")" \
+      -v c="$(secs "$tool-restore$best")" -v d="$(secs "$tool-sync$best")" 'BEGIN { exit !(a + b < c + d) }'; then
+      best=$attempt
+    fi
+  done
+  cp "$WORK/$tool-restore$best.time" "$WORK/$tool-restore.time"
+  cp "$WORK/$tool-sync$best.time" "$WORK/$tool-sync.time"
+  [ "$tool" = hlstore ] && mount_read "$repo" "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$WORK/hlstore-incr.out")"
   rm -rf "$out"
   FULL[$tool]=$(secs "$tool-full"); INCR[$tool]=$(secs "$tool-incr"); REST[$tool]=$(secs "$tool-restore")
   RSYNC[$tool]=$(awk -v a="$(secs "$tool-restore")" -v b="$(secs "$tool-sync")" 'BEGIN { printf "%.2f", a + b }')
@@ -235,9 +259,20 @@ nbdcopy "$IMG" "$URI"
 VREPO="$WORK/repo-volume"
 "$HLSTORE_BIN" backup init --repo "$VREPO" >/dev/null
 timed hlstore-vol-full "$HLSTORE_BIN" backup create --repo "$VREPO" --volume bvol --endpoint "$EP" --json
-VCHANGED=$("$PY_NBD" "$ROOT/benches/backup_mkimage.py" change "$IMG" 1 64 7 "$URI")
-timed hlstore-vol-incr "$HLSTORE_BIN" backup create --repo "$VREPO" --volume bvol --endpoint "$EP" --json
-timed restic-vol-incr restic -r "$WORK/repo-restic-mixed" backup "$IMG"
+# Three rounds of a 1 % change, each backed up by both tools; the median round of each
+# counts (one incremental takes a few hundred ms, and one slow fsync on this kind of disk
+# moves it by a third).
+HL_INCR=() RESTIC_INCR=()
+for round in 1 2 3; do
+  VCHANGED=$("$PY_NBD" "$ROOT/benches/backup_mkimage.py" change "$IMG" 1 64 $((6 + round)) "$URI")
+  timed "hlstore-vol-incr$round" "$HLSTORE_BIN" backup create --repo "$VREPO" --volume bvol --endpoint "$EP" --json
+  timed "restic-vol-incr$round" restic -r "$WORK/repo-restic-mixed" backup "$IMG"
+  HL_INCR+=("$(secs "hlstore-vol-incr$round")") RESTIC_INCR+=("$(secs "restic-vol-incr$round")")
+done
+median() { printf '%s\n' "$@" | sort -g | sed -n 2p; }
+printf '%s %s\n' "$(median "${HL_INCR[@]}")" 0 >"$WORK/hlstore-vol-incr.time"
+printf '%s %s\n' "$(median "${RESTIC_INCR[@]}")" 0 >"$WORK/restic-vol-incr.time"
+cp "$WORK/hlstore-vol-incr3.out" "$WORK/hlstore-vol-incr.out"
 field() { python3 -c 'import json,sys; v=json.load(open(sys.argv[1])); print(v[sys.argv[2]])' "$WORK/$1.out" "$2"; }
 VID=$(field hlstore-vol-incr id)
 VREAD=$(field hlstore-vol-incr bytes_read)
@@ -250,11 +285,13 @@ rm -f "$WORK/volume-restored.img"
 
 echo
 echo "volume case: ${SIZE_MIB} MiB volume (3 replicas) holding the same image; change: $(mib "$VCHANGED") MiB; incremental: $VINC"
-printf '| %-34s | %9s |\n' measure value
-printf '|%s|\n' "------------------------------------|-----------"
-printf '| %-34s | %9s |\n' "hlstore volume full backup s" "$(secs hlstore-vol-full)" \
-  "hlstore volume 1% backup s" "$(secs hlstore-vol-incr)" \
-  "restic 1% backup of the image s" "$(secs restic-vol-incr)" \
+printf '| %-40s | %14s |\n' measure value
+printf '|%s|\n' "------------------------------------------|----------------"
+printf '| %-40s | %14s |\n' "hlstore volume full backup s" "$(secs hlstore-vol-full)" \
+  "hlstore volume 1% backup s, median" "$(secs hlstore-vol-incr)" \
+  "restic 1% backup of the image s, median" "$(secs restic-vol-incr)" \
+  "rounds, hlstore s" "${HL_INCR[*]}" \
+  "rounds, restic s" "${RESTIC_INCR[*]}" \
   "ratio hlstore / restic (goal <=0.1)" "$(awk -v a="$(secs hlstore-vol-incr)" -v b="$(secs restic-vol-incr)" 'BEGIN { printf "%.2fx", a / b }')" \
   "hlstore bytes read MiB" "$(mib "$VREAD")" \
   "bytes read / bytes changed" "$(awk -v r="$VREAD" -v c="$VCHANGED" 'BEGIN { printf "%.2fx", r / c }')" \
