@@ -3,8 +3,8 @@
 //!
 //! On a fresh store in `$TMPDIR`: fills a volume of MiB (default 256) with 1 MiB writes,
 //! rewrites it once with 1 MiB writes (flush every 64 MiB), then 4 KiB writes at scattered
-//! offsets (as many as the volume has blocks / 4; flush every 4,096), then 4 KiB and
-//! 1 MiB reads. Prints the time and rate of each phase. Each phase is its own function,
+//! offsets (as many as the volume has blocks / 4; flush every 4,096), then 1 MiB writes
+//! again (each replacing blocks of many scattered writes), then 4 KiB and 1 MiB reads. Prints the time and rate of each phase. Each phase is its own function,
 //! so a callgrind profile gives each phase's instruction count (`callgrind_annotate
 //! --inclusive=yes`, the `phase_*` functions): counts repeat from run to run where times
 //! on a shared machine do not.
@@ -85,6 +85,10 @@ fn main() {
     let t = Instant::now();
     phase_write_4kib(&store, blocks, n, &mut seq, &small);
     report("rewrite 4KiB scattered", n, n * 4096, t);
+    // Each 1 MiB now replaces blocks written by many different writes (seqs).
+    let t = Instant::now();
+    phase_write_1mib(&store, mib, &mut seq, &big);
+    report("rewrite 1MiB after 4KiB", mib, size, t);
     let t = Instant::now();
     phase_read_4kib(&store, blocks, n);
     report("read 4KiB scattered", n, n * 4096, t);

@@ -84,8 +84,7 @@ pub(super) fn recover(store: &DiskStore, name: &str, v: &Volume) -> Result<u64> 
     batch.put(keys::state(v.vid), g.st.encode());
     store.commit(batch, true, "recovery")?;
     // Free slots may still hold data (freed before the crash, never punched): punch them.
-    let free: Vec<u64> = g.free.iter().copied().collect();
-    if let Err(e) = super::file::runs(&free, |_, slot, count| v.file.punch(slot, count)) {
+    if let Err(e) = g.free.runs().try_for_each(|(slot, count)| v.file.punch(slot, count)) {
         tracing::warn!(volume.id = name, error = %e, "could not punch free slots");
     }
     Ok(count)
@@ -161,7 +160,7 @@ impl Rollback<'_> {
                 pages.set_entry(db, b, Some(old))?;
                 pages.set_qvalue(db, old.seq, b, Some(QValue::default()))?;
                 pages.set_free(db, old.slot, false)?;
-                g.free.remove(&old.slot);
+                g.free.remove(old.slot);
             }
             None => {
                 pages.set_entry(db, b, None)?;
