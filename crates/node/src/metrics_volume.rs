@@ -86,6 +86,11 @@ pub fn heal(p: &mut Page, engines: &[(String, Arc<HealStats>)]) {
             p.sample(name, &[("volume", v)], HealStats::get(f(h)) as f64);
         }
     }
+    let name = "hlstore_volume_write_hold_seconds_total";
+    p.family(name, "counter", "Time client requests waited for a replica whose write queue was over half its bound");
+    for (v, h) in engines {
+        p.sample(name, &[("volume", v)], HealStats::get(&h.held_ms) as f64 / 1000.0);
+    }
 }
 
 /// Per-replica lag behind the most advanced replica of each attached volume: 0 when in

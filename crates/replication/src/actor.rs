@@ -28,6 +28,10 @@ use super::types::{
 use hlstore_core::error::{Error, ErrorKind, Result};
 use hlstore_core::{Epoch, Offset};
 
+/// Unacked write bytes on one replica's link above which the engine holds client requests
+/// back (`Actor::hold_requests`): half the bound at which it leaves the replica behind.
+const HOLD_QUEUED_BYTES: u64 = link::MAX_QUEUED_BYTES / 2;
+
 #[derive(Debug, Default)]
 pub(super) struct Shared {
     pub epoch: u64,
@@ -146,6 +150,11 @@ pub(super) struct Actor<T> {
     /// once the step is done (failing one steps the machine, which must not happen in the
     /// middle of another step: the commands left of it would lose their payloads).
     left_behind: Vec<(ReplicaId, u64, Error)>,
+    /// Per replica whose link holds more than `HOLD_QUEUED_BYTES`: since when (runtime
+    /// ms), and whether the engine stopped holding client requests back for it.
+    backlog: Vec<Option<(u64, bool)>>,
+    /// Since when client requests are held back (runtime ms), if they are.
+    holding_since: Option<u64>,
     statuses: Vec<ReplicaStatus>,
     links: Vec<Option<LinkHandle>>,
     /// Running resync per target: (generation, task, source).
@@ -194,6 +203,8 @@ impl<T: ReplicaTransport> Actor<T> {
             current: None,
             payloads: HashMap::new(),
             left_behind: Vec::new(),
+            backlog: vec![None; n],
+            holding_since: None,
             statuses: vec![ReplicaStatus::Unknown; n],
             links: (0..n).map(|_| None).collect(),
             resyncs: (0..n).map(|_| None).collect(),
@@ -223,8 +234,9 @@ impl<T: ReplicaTransport> Actor<T> {
         let mut tick = tokio::time::interval(self.cfg.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let take_requests = !self.hold_requests();
             tokio::select! {
-                req = requests.recv() => match req {
+                req = requests.recv(), if take_requests => match req {
                     Some(req) => self.on_request(req),
                     None => break,
                 },
@@ -271,6 +283,47 @@ impl<T: ReplicaTransport> Actor<T> {
                 tracing::debug!(volume.id = %self.cfg.name, replica.id = %t.name(), error = %e, "release failed");
             }
         }
+    }
+
+    /// Whether to leave client requests in their queue for now: while a replica's link
+    /// holds more than `HOLD_QUEUED_BYTES` of unacked writes, the writers slow to that
+    /// replica's pace instead of leaving it behind at `MAX_QUEUED_BYTES` (a replica that
+    /// is only slower than the others was dropped and resynced again and again under a
+    /// sustained load). For one replica, for at most `ack_timeout_ms` at a stretch: one
+    /// that does not drain its queue in that time (stalled, or far slower) no longer holds
+    /// anyone back, and the byte bound leaves it behind as before. Re-evaluated on every
+    /// event the actor handles (acks included) and every tick.
+    fn hold_requests(&mut self) -> bool {
+        let now = self.now();
+        let limit = self.cfg.machine.ack_timeout_ms;
+        let mut hold = false;
+        for r in 0..self.replicas.len() {
+            let queued = self.links[r].as_ref().map_or(0, |l| l.queued.load(AtomicOrdering::Acquire));
+            if queued <= HOLD_QUEUED_BYTES {
+                self.backlog[r] = None;
+                continue;
+            }
+            let (since, gave_up) = self.backlog[r].get_or_insert((now, false));
+            if !*gave_up && now.saturating_sub(*since) >= limit {
+                *gave_up = true;
+                tracing::warn!(
+                    volume.id = %self.cfg.name,
+                    replica.id = %self.replicas[r].name(),
+                    queued_mib = queued >> 20,
+                    "replica keeps its write queue over the mark: writes no longer wait for it"
+                );
+            }
+            hold |= !*gave_up;
+        }
+        match (hold, self.holding_since) {
+            (true, None) => self.holding_since = Some(now),
+            (false, Some(t)) => {
+                self.heal.held_ms.fetch_add(now.saturating_sub(t), AtomicOrdering::Relaxed);
+                self.holding_since = None;
+            }
+            _ => {}
+        }
+        hold
     }
 
     fn on_request(&mut self, req: Request) {

@@ -69,6 +69,10 @@ pub struct HealStats {
     pub divergent_blocks: AtomicU64,
     /// Blocks corrupt on every in-sync replica (no good copy to repair from).
     pub unrecoverable_blocks: AtomicU64,
+    /// Milliseconds the engine held client requests back while a replica's write queue
+    /// was over its mark (flow control rather than healing, counted here with the
+    /// engine's other counters).
+    pub held_ms: AtomicU64,
 }
 
 impl HealStats {

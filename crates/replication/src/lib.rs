@@ -43,7 +43,10 @@
 //!   `retry_interval_ms` it is re-opened. A replica whose link holds more than
 //!   `MAX_QUEUED_BYTES` of unacked writes is failed the same way (queues are bounded in
 //!   bytes, not only by their deadlines), after the step that found it: a write stream
-//!   never skips a write, since acks are cumulative. A replica that comes back is resynced from its
+//!   never skips a write, since acks are cumulative. Before that: while a link holds more
+//!   than half the bound, the engine takes no new client requests (for at most
+//!   `ack_timeout_ms` at a stretch per replica), so a replica that is only slower than the
+//!   others sets the writers' pace instead of being dropped and resynced over and over. A replica that comes back is resynced from its
 //!   durable seq (incremental) while it receives new writes, and becomes healthy when the
 //!   copy is done and flushed.
 //! - **One writer: attach is a compare-and-set.** Replicas record, with their epoch, the
