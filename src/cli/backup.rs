@@ -517,11 +517,24 @@ fn run_backup_sync(cmd: BackupCommand) -> anyhow::Result<()> {
             ..
         } => {
             let started = std::time::Instant::now();
-            let r = repo.open()?;
-            if if_due && !volume_backup::due(&r, &endpoint, &volume, default_schedule.as_deref(), json)? {
-                return Ok(());
-            }
-            let meta = volume_backup::backup(&r, &endpoint, &volume, labels.into_iter().collect(), json)?;
+            let labels = labels.into_iter().collect();
+            let meta = if if_due {
+                let r = repo.open()?;
+                if !volume_backup::due(&r, &endpoint, &volume, default_schedule.as_deref(), json)? {
+                    return Ok(());
+                }
+                volume_backup::backup(|| Ok(&r), r.config(), &endpoint, &volume, labels, json)?
+            } else {
+                // The key is derived (Argon2id, ~0.1 s) while the agent is reached, the
+                // volume snapshotted and its changes read ahead.
+                let (backend, pw) = (repo.backend()?, repo.password()?);
+                let config = Repository::read_config(backend.as_ref())?;
+                let opening = std::thread::spawn(move || Repository::open(backend, &pw));
+                let open = move || {
+                    opening.join().unwrap_or_else(|_| Err(hb::Error::Invalid("opening the repository panicked".into())))
+                };
+                volume_backup::backup(open, &config, &endpoint, &volume, labels, json)?
+            };
             if let Some(path) = &metrics_textfile {
                 let page = super::backup_metrics::render(
                     &meta.source,

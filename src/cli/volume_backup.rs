@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use anyhow::bail;
-use hlstore_backup::volume::{backup_volume, restore_to_volume, VolumeBackupOptions, VolumeRestoreOptions};
-use hlstore_backup::Repository;
+use hlstore_backup::volume::{backup_volume_opening, restore_to_volume, VolumeBackupOptions, VolumeRestoreOptions};
+use hlstore_backup::{RepoConfig, Repository};
 use tokio::runtime::Handle;
 
 use super::backup::RestoreArgs;
@@ -57,8 +57,9 @@ fn span(secs: u64) -> String {
     }
 }
 
-pub fn backup(
-    r: &Repository,
+pub fn backup<R: std::borrow::Borrow<Repository> + Send>(
+    open: impl FnOnce() -> hlstore_backup::Result<R> + Send,
+    config: &RepoConfig,
     endpoint: &str,
     volume: &str,
     labels: BTreeMap<String, String>,
@@ -66,7 +67,7 @@ pub fn backup(
 ) -> anyhow::Result<hlstore_backup::SnapshotMeta> {
     let agent = GrpcAgent::connect(Handle::current(), endpoint)?;
     let opts = VolumeBackupOptions { labels, progress: true, ..Default::default() };
-    let rep = backup_volume(r, &agent, volume, opts)?;
+    let rep = backup_volume_opening(open, config, &agent, volume, opts)?;
     let meta = &rep.backup.meta;
     if json {
         let mut v = serde_json::to_value(&rep)?;

@@ -13,7 +13,8 @@ use fake::FakeAgent;
 use hlstore_backup::backend::Backend;
 use hlstore_backup::volume::VolumeAgent;
 use hlstore_backup::volume::{
-    backup_volume, restore_to_volume, VolumeBackupOptions, VolumeBackupReport, VolumeRestoreOptions,
+    backup_volume, backup_volume_opening, restore_to_volume, VolumeBackupOptions, VolumeBackupReport,
+    VolumeRestoreOptions,
 };
 use hlstore_backup::{ChunkerConfig, FsBackend, RepoConfig, Repository};
 use support::*;
@@ -206,6 +207,56 @@ fn a_failed_backup_removes_its_snapshot_and_keeps_the_base() {
     let r2 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
     assert!(r2.incremental);
     assert_eq!(r2.base.as_deref(), Some(r1.backup.meta.id.as_str()));
+    let snap2 = a.snapshot_contents("pg", &r2.volume_snapshot);
+    restore_to_volume(&repo, &a, &r2.backup.meta.id, "copy", VolumeRestoreOptions::default()).unwrap();
+    assert_eq!(blake(&a.contents("copy")), blake(&snap2));
+}
+
+/// The key is derived while the volume is snapshotted and its changes read ahead; a
+/// repository that does not open (a wrong password) leaves no snapshot behind, and the
+/// next backup is still incremental from the old base.
+#[test]
+fn a_backup_whose_repository_does_not_open_leaves_no_snapshot() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("repo");
+    let repo = repo(&dir);
+    let (a, _) = agent_with_volume();
+    let r1 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    change_one_percent(&a, 3);
+    let b: Arc<dyn Backend> = Arc::new(FsBackend::new(&dir));
+    let config = Repository::read_config(b.as_ref()).unwrap();
+    let open = || Repository::open(b.clone(), b"not the password");
+    let err = backup_volume_opening(open, &config, &a, "pg", VolumeBackupOptions::default()).unwrap_err();
+    assert!(matches!(err, hlstore_backup::Error::WrongPassword), "{err}");
+    assert_eq!(a.snapshot_names("pg"), vec![r1.volume_snapshot.clone()]);
+    assert_eq!(repo.list_snapshots().unwrap().len(), 1);
+    let open = || Repository::open(b.clone(), PASSWORD);
+    let r2 = backup_volume_opening(open, &config, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    assert!(r2.incremental, "{}", brief(&r2));
+    assert_eq!(r2.base.as_deref(), Some(r1.backup.meta.id.as_str()));
+    let snap2 = a.snapshot_contents("pg", &r2.volume_snapshot);
+    restore_to_volume(&repo, &a, &r2.backup.meta.id, "copy", VolumeRestoreOptions::default()).unwrap();
+    assert_eq!(blake(&a.contents("copy")), blake(&snap2));
+}
+
+/// The changes read ahead are those since this repository's newest snapshot of the volume;
+/// when the repository has no backup of that snapshot (forgotten here), the backup is a
+/// full one and the bytes read ahead are not used (counted as read all the same).
+#[test]
+fn changes_read_ahead_from_a_snapshot_that_is_not_the_base_are_not_used() {
+    let t = tempfile::tempdir().unwrap();
+    let repo = repo(&t.path().join("repo"));
+    let (a, _) = agent_with_volume();
+    let r1 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    let changed = change_one_percent(&a, 4);
+    repo.forget(&r1.backup.meta.id).unwrap();
+    a.bytes_read.store(0, Ordering::Relaxed);
+    let r2 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
+    assert!(!r2.incremental && r2.base.is_none(), "{}", brief(&r2));
+    // Allocated now: the 6 MiB written first and the changes beyond it.
+    assert!(r2.bytes_changed > 6 * MIB, "{}", brief(&r2));
+    assert_eq!(r2.bytes_read, changed + r2.bytes_changed, "read ahead, then every allocated byte: {}", brief(&r2));
+    assert_eq!(a.bytes_read.load(Ordering::Relaxed), r2.bytes_read);
     let snap2 = a.snapshot_contents("pg", &r2.volume_snapshot);
     restore_to_volume(&repo, &a, &r2.backup.meta.id, "copy", VolumeRestoreOptions::default()).unwrap();
     assert_eq!(blake(&a.contents("copy")), blake(&snap2));

@@ -1,7 +1,7 @@
 //! The password-protected key file (`keys/<id>`): argon2id parameters, salt and the sealed
 //! master key. Several key files may exist (one per password); any one opens the repository.
 
-use argon2::{Algorithm, Argon2, Params, Version};
+use argon2::{Algorithm, Argon2, Block, Params, Version};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
@@ -47,10 +47,72 @@ impl KdfParams {
         let params = Params::new(self.m_cost_kib, self.t_cost, self.p_cost, Some(32))
             .map_err(|e| Error::Invalid(format!("argon2 parameters: {e}")))?;
         let mut out = [0u8; 32];
-        Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-            .hash_password_into(password, salt, &mut out)
-            .map_err(|e| Error::Invalid(format!("argon2: {e}")))?;
+        let blocks = params.block_count();
+        let argon = Argon2::new(Algorithm::Argon2id, Version::V0x13, params);
+        let hashed = match HugeMemory::new(blocks) {
+            Some(memory) => argon.hash_password_into_with_memory(password, salt, &mut out, memory),
+            None => argon.hash_password_into(password, salt, &mut out),
+        };
+        hashed.map_err(|e| Error::Invalid(format!("argon2: {e}")))?;
         Ok(out)
+    }
+}
+
+/// Argon2's working memory (64 MiB by default) mapped for transparent huge pages, where
+/// the kernel grants them on request (`madvise` mode, Debian's default): touching it in
+/// 4 KiB pages was 16,000 page faults, a quarter of the time a repository takes to open.
+struct HugeMemory {
+    blocks: *mut Block,
+    count: usize,
+    map: *mut libc::c_void,
+    map_len: usize,
+}
+
+impl HugeMemory {
+    const HUGE_PAGE: usize = 2 << 20;
+
+    /// `count` zeroed blocks, or None if the mapping fails (the caller then lets argon2
+    /// allocate).
+    fn new(count: usize) -> Option<Self> {
+        let bytes = count.checked_mul(std::mem::size_of::<Block>())?;
+        let map_len = bytes.checked_add(Self::HUGE_PAGE)?;
+        // SAFETY: an anonymous private mapping with no address hint: it aliases nothing.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return None;
+        }
+        // The first huge-page boundary in the mapping: `bytes` from it still lie inside.
+        let start = (map as usize).div_ceil(Self::HUGE_PAGE) * Self::HUGE_PAGE;
+        // SAFETY: [start, start + bytes) lies inside the mapping made above; a refused
+        // advice only means small pages.
+        unsafe { libc::madvise(start as *mut libc::c_void, bytes, libc::MADV_HUGEPAGE) };
+        Some(Self { blocks: start as *mut Block, count, map, map_len })
+    }
+}
+
+impl AsMut<[Block]> for HugeMemory {
+    fn as_mut(&mut self) -> &mut [Block] {
+        // SAFETY: `blocks` is 2 MiB-aligned (more than `Block`'s 64) and `count` blocks
+        // from it lie inside the mapping, which lives as long as `self` and is reached
+        // only through this exclusive borrow; anonymous mappings start zeroed, and all
+        // zeros is a valid `Block` (an array of u64).
+        unsafe { std::slice::from_raw_parts_mut(self.blocks, self.count) }
+    }
+}
+
+impl Drop for HugeMemory {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping `new` made; no borrow of it outlives `self`.
+        unsafe { libc::munmap(self.map, self.map_len) };
     }
 }
 

@@ -75,8 +75,9 @@ impl Repository {
         Ok(Repository { backend, key, config, key_id: kid })
     }
 
-    /// Opens an existing repository with a password.
-    pub fn open(backend: Arc<dyn Backend>, password: &[u8]) -> Result<Repository> {
+    /// The repository's configuration (stored unencrypted: readable without the password,
+    /// e.g. while the key is being derived).
+    pub fn read_config(backend: &dyn Backend) -> Result<RepoConfig> {
         let raw = match backend.get("config") {
             Ok(b) => b,
             Err(Error::NotFound(_)) => return Err(Error::NoRepository(backend.location())),
@@ -84,6 +85,12 @@ impl Repository {
         };
         let config: RepoConfig = serde_json::from_slice(&raw).map_err(|e| Error::corrupt("config", e.to_string()))?;
         config.validate()?;
+        Ok(config)
+    }
+
+    /// Opens an existing repository with a password.
+    pub fn open(backend: Arc<dyn Backend>, password: &[u8]) -> Result<Repository> {
+        let config = Self::read_config(backend.as_ref())?;
         let keys = backend.list("keys/")?;
         if keys.is_empty() {
             return Err(Error::corrupt("keys/", "no key files"));

@@ -19,6 +19,11 @@
 //!   base's snapshot and the new one over from the base without reading it.
 //! - The base is the newest backup of the volume whose hlstore snapshot still exists and
 //!   whose chunker and size match; without one the backup reads every allocated block.
+//! - The snapshot is taken, and the changes since this repository's newest snapshot of the
+//!   volume read ahead (up to 64 MiB), while the repository's key is derived
+//!   ([`backup_volume_opening`]); the base is still chosen from the backups, once they can
+//!   be read, and the read-ahead is used only if that base names the same snapshot (then
+//!   it holds exactly the bytes the backup would read); otherwise it is dropped.
 //! - Snapshots made for backups carry the repository id as a label. After a successful
 //!   backup this repository's older ones are deleted and the new one is kept (the next
 //!   incremental's base); after a failed one the new snapshot is deleted and the old base
@@ -33,6 +38,6 @@ mod restore;
 mod source;
 
 pub use agent::{VolumeAgent, VolumeSnapshot};
-pub use backup::{backup_volume, VolumeBackupOptions, VolumeBackupReport};
+pub use backup::{backup_volume, backup_volume_opening, VolumeBackupOptions, VolumeBackupReport};
 pub use restore::{restore_to_volume, VolumeRestoreOptions, VolumeRestoreReport};
 pub use source::VolumeSource;

@@ -30,6 +30,9 @@ pub struct VolumeSource<'a> {
     allocated: Option<Vec<Range<u64>>>,
     /// Ranges that changed since the base backup's snapshot; `None`: unknown.
     changed: Option<Vec<Range<u64>>>,
+    /// Ranges already read (offset, bytes), in offset order: a read inside one is served
+    /// from it.
+    prefetched: Vec<(u64, Vec<u8>)>,
     read: AtomicU64,
 }
 
@@ -49,8 +52,17 @@ impl<'a> VolumeSource<'a> {
             size,
             allocated: allocated.map(|a| merge_ranges(&a, READ_GAP, size)),
             changed: changed.map(|c| merge_ranges(&c, 0, size)),
+            prefetched: Vec::new(),
             read: AtomicU64::new(0),
         }
+    }
+
+    /// Serves reads inside `pieces` (offset, bytes; in offset order, not overlapping) from
+    /// them; `already_read` bytes were fetched from the agent for them (or in vain).
+    pub fn with_prefetched(mut self, pieces: Vec<(u64, Vec<u8>)>, already_read: u64) -> Self {
+        self.prefetched = pieces;
+        self.read.fetch_add(already_read, Ordering::Relaxed);
+        self
     }
 
     /// Bytes fetched from the agent so far.
@@ -59,6 +71,14 @@ impl<'a> VolumeSource<'a> {
     }
 
     fn fetch(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let i = self.prefetched.partition_point(|p| p.0 <= offset);
+        if let Some((at, data)) = i.checked_sub(1).map(|i| &self.prefetched[i]) {
+            let from = (offset - at) as usize;
+            if let Some(piece) = data.get(from..from + buf.len()) {
+                buf.copy_from_slice(piece);
+                return Ok(());
+            }
+        }
         self.agent.read_snapshot(&self.volume, &self.snapshot, offset, buf)?;
         self.read.fetch_add(buf.len() as u64, Ordering::Relaxed);
         Ok(())

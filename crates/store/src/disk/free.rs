@@ -110,8 +110,8 @@ impl FromIterator<u64> for FreeSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
     use proptest::prelude::*;
+    use std::collections::BTreeSet;
 
     fn check(f: &FreeSlots, model: &BTreeSet<u64>) {
         assert_eq!(f.iter().collect::<BTreeSet<_>>(), *model);
