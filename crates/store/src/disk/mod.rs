@@ -812,8 +812,8 @@ impl DiskStore {
             // Over the bound (the live data shrank): punch the highest kept slots first
             // (out of the free list until punched).
             while g.reusable.len() > keep_slots {
-                if let Some(slot) = g.reusable.pop_last() {
-                    g.free.remove(slot);
+                // (Kept slots are free ones: a slot the free list lacks is not punched.)
+                if let Some(slot) = g.reusable.pop_last().filter(|&s| g.free.remove(s)) {
                     slots.push(slot);
                 }
             }
