@@ -59,6 +59,15 @@ fn brief(r: &VolumeBackupReport) -> String {
     )
 }
 
+/// Restores `r`'s backup into a new volume "copy" and checks it holds the volume snapshot
+/// the backup was read from.
+#[track_caller]
+fn assert_restores_to_its_snapshot(repo: &Repository, a: &FakeAgent, r: &VolumeBackupReport) {
+    let want = a.snapshot_contents(&r.volume, &r.volume_snapshot);
+    restore_to_volume(repo, a, &r.backup.meta.id, "copy", VolumeRestoreOptions::default()).unwrap();
+    assert_eq!(blake(&a.contents("copy")), blake(&want), "restore of {}", r.backup.meta.id);
+}
+
 #[test]
 fn incremental_backup_reads_only_changed_chunks_and_restores_byte_identical() {
     let t = tempfile::tempdir().unwrap();
@@ -207,9 +216,7 @@ fn a_failed_backup_removes_its_snapshot_and_keeps_the_base() {
     let r2 = backup_volume(&repo, &a, "pg", VolumeBackupOptions::default()).unwrap();
     assert!(r2.incremental);
     assert_eq!(r2.base.as_deref(), Some(r1.backup.meta.id.as_str()));
-    let snap2 = a.snapshot_contents("pg", &r2.volume_snapshot);
-    restore_to_volume(&repo, &a, &r2.backup.meta.id, "copy", VolumeRestoreOptions::default()).unwrap();
-    assert_eq!(blake(&a.contents("copy")), blake(&snap2));
+    assert_restores_to_its_snapshot(&repo, &a, &r2);
 }
 
 /// The key is derived while the volume is snapshotted and its changes read ahead; a
@@ -234,9 +241,7 @@ fn a_backup_whose_repository_does_not_open_leaves_no_snapshot() {
     let r2 = backup_volume_opening(open, &config, &a, "pg", VolumeBackupOptions::default()).unwrap();
     assert!(r2.incremental, "{}", brief(&r2));
     assert_eq!(r2.base.as_deref(), Some(r1.backup.meta.id.as_str()));
-    let snap2 = a.snapshot_contents("pg", &r2.volume_snapshot);
-    restore_to_volume(&repo, &a, &r2.backup.meta.id, "copy", VolumeRestoreOptions::default()).unwrap();
-    assert_eq!(blake(&a.contents("copy")), blake(&snap2));
+    assert_restores_to_its_snapshot(&repo, &a, &r2);
 }
 
 /// The changes read ahead are those since this repository's newest snapshot of the volume;
@@ -257,9 +262,7 @@ fn changes_read_ahead_from_a_snapshot_that_is_not_the_base_are_not_used() {
     assert!(r2.bytes_changed > 6 * MIB, "{}", brief(&r2));
     assert_eq!(r2.bytes_read, changed + r2.bytes_changed, "read ahead, then every allocated byte: {}", brief(&r2));
     assert_eq!(a.bytes_read.load(Ordering::Relaxed), r2.bytes_read);
-    let snap2 = a.snapshot_contents("pg", &r2.volume_snapshot);
-    restore_to_volume(&repo, &a, &r2.backup.meta.id, "copy", VolumeRestoreOptions::default()).unwrap();
-    assert_eq!(blake(&a.contents("copy")), blake(&snap2));
+    assert_restores_to_its_snapshot(&repo, &a, &r2);
 }
 
 #[test]

@@ -258,12 +258,12 @@ impl Prefetched {
     /// reads it itself, and reports its error).
     fn read(agent: &dyn VolumeAgent, snap: &VolumeSnapshot, changed: &[Range<u64>], budget: u64) -> Prefetched {
         let mut ranges = Vec::new();
-        let mut bytes = 0;
+        let mut planned = 0;
         for r in plan::merge_ranges(changed, 0, snap.size) {
-            if bytes + (r.end - r.start) > budget {
+            if planned + (r.end - r.start) > budget {
                 break;
             }
-            bytes += r.end - r.start;
+            planned += r.end - r.start;
             ranges.push(r);
         }
         let next = std::sync::atomic::AtomicUsize::new(0);
