@@ -5,7 +5,7 @@
 #   - during and after 4 KiB random writes to every volume at once (QD32 each),
 #   - during and after 1 MiB sequential writes to every volume at once (QD8 each),
 #   - idle IDLE seconds (default 15) after the load (the agent hands freed heap back to
-#     the system every 10 s).
+#     the system every 10 s, and its metadata memtables once its store is idle).
 # Prints a Markdown table. Needs fio with its nbd engine.
 #
 #   HLSTORE_BIN=target/release/hlstore ./benches/agent_memory.sh

@@ -170,7 +170,9 @@ sys.exit(0 if ok else 1)' "$@"; do sleep 0.25; done
 allocated() { hl volume show bench --json | python3 -c 'import json,sys; print(max(r["allocated_bytes"] for r in json.load(sys.stdin)["replicas"]))'; }
 N1_PID="$(cat "$CLUSTER/n1/node.pid")"
 rss_kib() { awk -v k="$2" '$1 == k":" {print $2}' "/proc/$1/status"; }
-sleep 2
+# Idle: the agent hands memory back once its store saw no change for a second (looked at
+# every second); 3 s after the last job it has.
+sleep 3
 echo "$(rss_kib "$N1_PID" VmRSS) $(rss_kib "$N1_PID" VmHWM)" >"$WORK/rss.txt"
 
 echo "  hlstore rebuild n3 -> n4 ..." >&2

@@ -94,6 +94,9 @@ fn main() -> anyhow::Result<()> {
     // runtime starts its threads.
     let io_flusher =
         matches!(cli.command, Command::Node(_) | Command::FuseAttach(_)).then(hlstore_csi::attach::set_io_flusher);
+    if matches!(cli.command, Command::Node(_)) {
+        hlstore_node::limit_malloc_arenas();
+    }
     tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run(cli, io_flusher))
 }
 

@@ -44,3 +44,44 @@ fn overwrites_reuse_slots_and_trims_return_space() {
     let used = s.disk_usage("v").unwrap();
     assert!(used <= 64 * BLOCK_SIZE + 64 * BLOCK_SIZE / 8 + 64 * 1024, "{used} bytes on disk after the trim");
 }
+
+/// An idle agent writes the metadata memtables out (their memory is freed only then):
+/// what the store holds is unchanged, before and after a reopen, and the activity count
+/// moves with changes only.
+#[test]
+fn an_idle_store_writes_its_memtables_out_and_keeps_every_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let block = |i: u64| vec![(i % 251) as u8 | 1; BLOCK_SIZE as usize];
+    {
+        let s = DiskStore::open(dir.path()).unwrap();
+        s.create(VolumeRecord::new("v", BLOCKS * BLOCK_SIZE)).unwrap();
+        s.open("v", Epoch(1)).unwrap();
+        for i in 0..BLOCKS {
+            let before = s.activity();
+            s.write("v", Epoch(1), Seq(i + 1), Offset(i * BLOCK_SIZE), &block(i), false).unwrap();
+            assert!(s.activity() > before, "a write is activity");
+            if i == BLOCKS / 2 {
+                s.flush("v", Epoch(1)).unwrap();
+            }
+        }
+        let idle = s.activity();
+        assert_eq!(s.read("v", Epoch(1), Offset(0), BLOCK_SIZE).unwrap(), block(0));
+        assert_eq!(s.activity(), idle, "a read is not activity");
+        // Below the threshold nothing is written out.
+        let held = s.release_idle_memory(u64::MAX).unwrap();
+        assert!(held > 0, "{BLOCKS} writes left nothing in the memtables");
+        assert_eq!(s.release_idle_memory(u64::MAX).unwrap(), held);
+        assert_eq!(s.release_idle_memory(0).unwrap(), held);
+        let after = s.release_idle_memory(u64::MAX).unwrap();
+        assert!(after < held / 4, "the memtables held {held} bytes before and {after} after being written out");
+        for i in 0..BLOCKS {
+            assert_eq!(s.read("v", Epoch(1), Offset(i * BLOCK_SIZE), BLOCK_SIZE).unwrap(), block(i), "block {i}");
+        }
+        s.flush("v", Epoch(1)).unwrap();
+    }
+    let s = DiskStore::open(dir.path()).unwrap();
+    s.open("v", Epoch(1)).unwrap();
+    for i in 0..BLOCKS {
+        assert_eq!(s.read("v", Epoch(1), Offset(i * BLOCK_SIZE), BLOCK_SIZE).unwrap(), block(i), "block {i} after a reopen");
+    }
+}

@@ -218,6 +218,32 @@ impl DiskStore {
         Ok(store)
     }
 
+    /// A number that grows with every metadata change (every write, trim, resync chunk,
+    /// flush, snapshot or record change commits a metadata batch): unchanged between two
+    /// looks means the store was idle in between.
+    pub fn activity(&self) -> u64 {
+        self.db.latest_sequence_number()
+    }
+
+    /// Hands back memory an idle store holds: writes the metadata memtables out to a table
+    /// file if they hold at least `min_bytes` (a memtable's arena is freed only once it is
+    /// written out; under load it grows to RocksDB's write buffer, 64 MiB, and an idle agent
+    /// would keep it until the next burst filled it). Returns the memtables' size before.
+    /// Durability is unchanged: what the memtables hold is in the write-ahead log already,
+    /// and the unsynced marks of blocks whose data is not synced are written out with the
+    /// rest (recovery treats them the same either way).
+    pub fn release_idle_memory(&self, min_bytes: u64) -> Result<u64> {
+        let size = self
+            .db
+            .property_int_value("rocksdb.cur-size-all-mem-tables")
+            .map_err(meta_err("reading the memtable size"))?
+            .unwrap_or(0);
+        if size >= min_bytes {
+            self.db.flush().map_err(meta_err("writing out the memtables"))?;
+        }
+        Ok(size)
+    }
+
     /// Flushes every volume with changes since its last flush (the flush protocol of
     /// `flush`, without an epoch check: it only makes durable what is already applied).
     /// Run periodically by the node agent, so freed slots become reusable (and seq-index
