@@ -82,6 +82,10 @@ fn an_idle_store_writes_its_memtables_out_and_keeps_every_block() {
     let s = DiskStore::open(dir.path()).unwrap();
     s.open("v", Epoch(1)).unwrap();
     for i in 0..BLOCKS {
-        assert_eq!(s.read("v", Epoch(1), Offset(i * BLOCK_SIZE), BLOCK_SIZE).unwrap(), block(i), "block {i} after a reopen");
+        assert_eq!(
+            s.read("v", Epoch(1), Offset(i * BLOCK_SIZE), BLOCK_SIZE).unwrap(),
+            block(i),
+            "block {i} after a reopen"
+        );
     }
 }

@@ -1176,7 +1176,7 @@ impl ReplicaStore for DiskStore {
 
     fn apply_resync(&self, name: &str, epoch: Epoch, chunks: &[ResyncChunk]) -> Result<ApplyStats> {
         let epoch = epoch.get();
-        self.with_io(name, epoch, |v, g| {
+        let stats = self.with_io(name, epoch, |v, g| {
             let mut stats = ApplyStats::default();
             // Data chunks of distinct blocks are applied with one metadata batch; a trim,
             // a zero block or a block seen again in the group commits the group first.
@@ -1248,7 +1248,19 @@ impl ReplicaStore for DiskStore {
             }
             self.commit_resync_group(v, g, &mut group)?;
             Ok(stats)
-        })
+        })?;
+        // Resync batches come back to back and end in a flush (a checkpoint or the end of
+        // the resync) that the engine waits for: the data's writeback starts now, behind
+        // the copy, instead of all of it in that flush (a 1 % resync spent a quarter of its
+        // time in the final fdatasync).
+        if stats.applied > 0 {
+            if let Err(e) = self.vol(name).and_then(|v| {
+                v.file.start_writeback().map_err(|e| Error::io(format!("volume {name}: starting writeback"), e))
+            }) {
+                tracing::debug!(volume.id = name, error = %e, "could not start the writeback of resync data");
+            }
+        }
+        Ok(stats)
     }
 
     fn create_snapshot(&self, name: &str, epoch: Epoch, snap: SnapshotInfo) -> Result<SnapshotInfo> {
