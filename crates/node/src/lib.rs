@@ -345,8 +345,11 @@ const BACKGROUND_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
 const MEMORY_TRIM: std::time::Duration = std::time::Duration::from_secs(10);
 /// How often the agent looks whether its store went idle.
 const IDLE_LOOK: std::time::Duration = std::time::Duration::from_secs(1);
-/// Metadata memtables smaller than this stay in memory when the store goes idle.
-const IDLE_MEMTABLE_MIN: u64 = 1 << 20;
+/// Metadata memtables smaller than this stay in memory when the store goes idle. RocksDB
+/// takes memtable memory in 1 MiB blocks, so one write makes a memtable of 1 MiB: below a
+/// few blocks, writing it out would only turn a light, bursty load into many small table
+/// files to compact.
+const IDLE_MEMTABLE_MIN: u64 = 4 << 20;
 
 /// Hands memory back to the system: freed heap every [`MEMORY_TRIM`] (the allocator keeps
 /// what bursts of large requests freed — 1 MiB writes, resync batches, across arenas: an
@@ -413,8 +416,8 @@ pub fn limit_malloc_arenas() {
 
 /// Returns freed heap memory of every malloc arena to the system.
 fn trim_heap() {
-    // SAFETY: malloc_trim only releases free memory of glibc's own arenas.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory of glibc's own arenas.
     unsafe {
         libc::malloc_trim(0);
     }
